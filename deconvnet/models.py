@@ -1,0 +1,185 @@
+"""ZFNet (Zeiler & Fergus 2014, Fig. 3), its variant b, and the paper's single-tower AlexNet baseline.
+
+Every model is a plain ``nn.Module`` with two ``nn.Sequential`` halves whose children carry the
+paper's layer names, so ``model.features.conv5`` or ``model.classifier.fc7`` mean what the paper means:
+
+    features:   conv1 relu1 [norm1] pool1  conv2 relu2 [norm2] pool2  conv3 relu3  conv4 relu4
+                conv5 relu5 pool5
+    classifier: fc6 relu6 drop6  fc7 relu7 drop7  fc8
+
+The defaults follow the public pretrained ZFNet weights (pytorchcv/imgclsmob ``zfnet``): conv1 padding 1,
+ReLU then LRN in stages 1 and 2, ceil-mode 3x3/2 max pools. ``pool_style="blog"`` gives the popular
+re-implementation's floor-mode pools (padding 1 in pools 1 and 2, none in pool5: same shapes, other
+windows).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ArchConfig",
+    "ConvNet",
+    "ARCHITECTURES",
+    "build_model",
+    "zfnet",
+    "zfnet_b",
+    "alexnet",
+]
+
+POOL_STYLES = ("ceil", "blog")
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """Everything needed to rebuild a model; stored in our checkpoints' metadata.
+
+    ``conv`` lists (out_channels, kernel, stride, padding) for conv1..conv5; pools follow conv1, conv2
+    and conv5 (the paper's layout); LRN follows the ReLU of conv1 and conv2 when ``lrn`` is true.
+    """
+
+    name: str = "zfnet"
+    conv: tuple[tuple[int, int, int, int], ...] = (
+        (96, 7, 2, 1),
+        (256, 5, 2, 0),
+        (384, 3, 1, 1),
+        (384, 3, 1, 1),
+        (256, 3, 1, 1),
+    )
+    fc: tuple[int, int] = (4096, 4096)
+    num_classes: int = 1000
+    lrn: bool = True
+    pool_style: str = "ceil"
+    dropout: float = 0.5
+    in_channels: int = 3
+    input_size: int = 224
+    # PyTorch's LocalResponseNorm divides alpha by size; alpha=5e-4 here is 1e-4 in the paper's convention.
+    lrn_params: dict[str, float] = field(default_factory=lambda: {"size": 5, "alpha": 5e-4, "beta": 0.75, "k": 2.0})
+
+    def __post_init__(self) -> None:
+        if self.pool_style not in POOL_STYLES:
+            raise ValueError(f"pool_style must be one of {POOL_STYLES}, got {self.pool_style!r}")
+        if len(self.conv) != 5:
+            raise ValueError(f"conv must describe exactly 5 layers, got {len(self.conv)}")
+        if len(self.fc) != 2:
+            raise ValueError(f"fc must give the widths of fc6 and fc7, got {self.fc!r}")
+        # dataclass(frozen) + JSON round trips turn tuples into lists; normalise once here.
+        object.__setattr__(self, "conv", tuple(tuple(int(v) for v in c) for c in self.conv))
+        object.__setattr__(self, "fc", tuple(int(v) for v in self.fc))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["conv"] = [list(c) for c in self.conv]
+        d["fc"] = list(self.fc)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ArchConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown architecture fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def with_(self, **changes: Any) -> "ArchConfig":
+        return replace(self, **changes)
+
+
+ARCHITECTURES: dict[str, ArchConfig] = {
+    # The paper's Fig. 3 with the pretrained weights' paddings.
+    "zfnet": ArchConfig(name="zfnet"),
+    # Table 2/3 variant b: layers 3, 4, 5 with 512, 1024, 512 maps.
+    "zfnet-b": ArchConfig(
+        name="zfnet-b",
+        conv=((96, 7, 2, 1), (256, 5, 2, 0), (512, 3, 1, 1), (1024, 3, 1, 1), (512, 3, 1, 1)),
+    ),
+    # Krizhevsky et al.'s layer sizes in one tower (the paper's baseline; pytorchcv's "alexnet").
+    "alexnet": ArchConfig(
+        name="alexnet",
+        conv=((96, 11, 4, 0), (256, 5, 1, 2), (384, 3, 1, 1), (384, 3, 1, 1), (256, 3, 1, 1)),
+    ),
+}
+
+
+class ConvNet(nn.Module):
+    """ZFNet/AlexNet-style network with paper layer names (see module docstring)."""
+
+    def __init__(self, config: ArchConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or ArchConfig()
+        c = self.config
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        in_ch = c.in_channels
+        for i, (out_ch, kernel, stride, padding) in enumerate(c.conv, start=1):
+            layers[f"conv{i}"] = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding)
+            layers[f"relu{i}"] = nn.ReLU(inplace=False)
+            if c.lrn and i in (1, 2):
+                layers[f"norm{i}"] = nn.LocalResponseNorm(**{k: c.lrn_params[k] for k in ("size", "alpha", "beta", "k")})
+            if i in (1, 2, 5):
+                if c.pool_style == "ceil":
+                    layers[f"pool{i}"] = nn.MaxPool2d(3, 2, padding=0, ceil_mode=True)
+                else:  # padding 1 keeps 55 and 13; pool5 unpadded keeps 6x6 for fc6's 9216 inputs
+                    layers[f"pool{i}"] = nn.MaxPool2d(3, 2, padding=1 if i < 5 else 0)
+            in_ch = out_ch
+        self.features = nn.Sequential(layers)
+        spatial = self.feature_shape()[1]
+        flat = in_ch * spatial * spatial
+        fc6, fc7 = c.fc
+        self.classifier = nn.Sequential(
+            OrderedDict(
+                fc6=nn.Linear(flat, fc6),
+                relu6=nn.ReLU(inplace=False),
+                drop6=nn.Dropout(c.dropout),
+                fc7=nn.Linear(fc6, fc7),
+                relu7=nn.ReLU(inplace=False),
+                drop7=nn.Dropout(c.dropout),
+                fc8=nn.Linear(fc7, c.num_classes),
+            )
+        )
+
+    def feature_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of pool5 for the configured input size."""
+        with torch.no_grad():
+            x = torch.zeros(1, self.config.in_channels, self.config.input_size, self.config.input_size)
+            y = self.features(x)
+        return tuple(y.shape[1:])  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return self.classifier(torch.flatten(x, 1))
+
+
+def build_model(arch: str | ArchConfig = "zfnet", **overrides: Any) -> ConvNet:
+    """Build a model by name (``zfnet``, ``zfnet-b``, ``alexnet``) or from a config, with overrides.
+
+    >>> model = build_model("zfnet", num_classes=10, fc=(1024, 1024), lrn=False)
+    """
+    if isinstance(arch, ArchConfig):
+        config = arch
+    else:
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+        config = ARCHITECTURES[arch]
+    if overrides:
+        config = config.with_(**overrides)
+    return ConvNet(config)
+
+
+def zfnet(**overrides: Any) -> ConvNet:
+    """ZFNet v1 (paper Fig. 3)."""
+    return build_model("zfnet", **overrides)
+
+
+def zfnet_b(**overrides: Any) -> ConvNet:
+    """ZFNet variant b (512/1024/512 maps in layers 3-5)."""
+    return build_model("zfnet-b", **overrides)
+
+
+def alexnet(**overrides: Any) -> ConvNet:
+    """Single-tower AlexNet, the paper's baseline."""
+    return build_model("alexnet", **overrides)

@@ -1,0 +1,445 @@
+"""Training with the paper's recipe (Sec. 3) on any ImageFolder, single process or under ``torchrun``.
+
+Every piece of the recipe is a field of ``TrainConfig`` (defaults = the paper), plus the options that
+make small-data training work (random-resized crops, weight decay, cosine/step schedules, warm-up,
+label smoothing, Kaiming init). A run directory holds::
+
+    checkpoint.pt        full state, rewritten atomically after every epoch (``resume=True`` continues)
+    metrics.jsonl        one JSON line per epoch: loss, top-1/top-5 (train and val), lr, time
+    curves.png           the training curves
+    snapshots/epoch-NNN.safetensors   weights at the chosen epochs (feature-evolution view)
+    model.safetensors    the final weights, loadable by every command
+
+Exact resumption: the data order and each sample's augmentation depend only on (seed, epoch, index),
+and the RNG state used by dropout is saved with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .data import AugmentedView, ImageFolderCache, Preprocessing, _mix, ten_crops
+from .errors import DeconvnetError
+from .models import ARCHITECTURES, ConvNet, build_model
+from .weights import save_weights
+from .wnids import english_names
+
+__all__ = ["TrainConfig", "train", "renormalize_filters", "init_weights", "evaluate_model", "resolve_device"]
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    arch: str = "zfnet"
+    fc: tuple[int, int] | None = None
+    lrn: bool = True
+    dropout: float = 0.5
+    epochs: int = 70
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    init: str = "paper"  # "paper": N(0, init_std) weights, zero biases; "kaiming": He-normal
+    init_std: float = 0.01
+    renorm_rms: float | None = 0.1  # paper: conv filters with RMS above this are rescaled to it
+    augment: str = "paper"  # "paper" (10 fixed sub-crops + flips) or "rrc" (random-resized crops)
+    rrc_scale: tuple[float, float] = (0.25, 1.0)
+    schedule: str = "plateau"  # plateau | cosine | step | constant
+    lr_factor: float = 0.1  # divide-by-10 at a plateau or step
+    plateau_patience: int = 3
+    step_epochs: tuple[int, ...] = ()
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    storage_size: int = 256  # decoded images: shorter side resized, center square kept
+    crop: int = 224
+    channels_last: bool = True
+    bf16: bool = False
+    cache: bool = True
+    workers: int = 1
+    seed: int = 0
+    snapshot_epochs: tuple[int, ...] = (1, 2, 5, 10, 20, 30, 40, 64)
+    device: str = "auto"
+    train_dir: str = "train"
+    val_dir: str = "val"
+    max_steps_per_epoch: int | None = None  # for smoke tests and benchmarks
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeconvnetError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise DeconvnetError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+def init_weights(model: nn.Module, scheme: str = "paper", std: float = 0.01) -> None:
+    """``paper``: every weight ~ N(0, std), biases 0 (Sec. 3). ``kaiming``: torchvision's VGG scheme
+    for nets without batch norm: He-normal (fan-out) conv filters, N(0, 0.01) linear layers."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if scheme == "paper" or (scheme == "kaiming" and isinstance(m, nn.Linear)):
+                nn.init.normal_(m.weight, 0.0, std)
+            elif scheme == "kaiming":
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                raise ValueError(f"init must be 'paper' or 'kaiming', got {scheme!r}")
+            nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def renormalize_filters(model: nn.Module, max_rms: float = 0.1) -> int:
+    """Rescale every conv filter (one output channel) whose RMS exceeds ``max_rms`` to exactly
+    ``max_rms`` (the paper's fix for one filter dominating layer 1). Returns how many were rescaled."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            w = m.weight
+            rms = w.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+            scale = (max_rms / rms).clamp(max=1.0)
+            count += int((scale < 1).sum())
+            w.mul_(scale)
+    return count
+
+
+class LRSchedule:
+    """Learning-rate factor per step: linear warm-up, then plateau / cosine / step / constant."""
+
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int) -> None:
+        self.cfg, self.steps_per_epoch = cfg, max(1, steps_per_epoch)
+        self.plateau_scale, self.best, self.bad_epochs = 1.0, math.inf, 0
+
+    def lr(self, epoch: int, step: int) -> float:
+        cfg = self.cfg
+        t = epoch + step / self.steps_per_epoch
+        factor = 1.0
+        if cfg.warmup_epochs > 0 and t < cfg.warmup_epochs:
+            factor = (t + 1.0 / self.steps_per_epoch) / cfg.warmup_epochs
+        if cfg.schedule == "cosine":
+            span = max(1e-9, cfg.epochs - cfg.warmup_epochs)
+            progress = min(1.0, max(0.0, (t - cfg.warmup_epochs) / span))
+            factor *= 0.5 * (1 + math.cos(math.pi * progress))
+        elif cfg.schedule == "step":
+            factor *= cfg.lr_factor ** sum(epoch >= e for e in cfg.step_epochs)
+        elif cfg.schedule == "plateau":
+            factor *= self.plateau_scale
+        elif cfg.schedule != "constant":
+            raise DeconvnetError(f"unknown schedule {cfg.schedule!r}; use plateau, cosine, step or constant")
+        return cfg.lr * factor
+
+    def end_epoch(self, val_error: float) -> None:
+        """Paper: anneal by hand when validation error plateaus; here: after ``plateau_patience`` epochs
+        without a new best, multiply by ``lr_factor``."""
+        if self.cfg.schedule != "plateau":
+            return
+        if val_error < self.best - 1e-4:
+            self.best, self.bad_epochs = val_error, 0
+        else:
+            self.bad_epochs += 1
+            if self.bad_epochs >= self.cfg.plateau_patience:
+                self.plateau_scale *= self.cfg.lr_factor
+                self.bad_epochs = 0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"plateau_scale": self.plateau_scale, "best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.plateau_scale, self.best, self.bad_epochs = state["plateau_scale"], state["best"], int(state["bad_epochs"])
+
+
+def _topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
+    k_max = min(max(ks), logits.shape[1])
+    pred = logits.topk(k_max, dim=1).indices
+    hits = pred.eq(target[:, None])
+    return [int(hits[:, : min(k, k_max)].any(dim=1).sum()) for k in ks]
+
+
+def _prepare(x: torch.Tensor, pre: Preprocessing, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = pre.normalize(x.to(device, non_blocking=True))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    dataset: ImageFolderCache,
+    preprocessing: Preprocessing,
+    device: torch.device,
+    ten_crop: bool = False,
+    batch_size: int = 100,
+    channels_last: bool = True,
+    bf16: bool = False,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = False,
+    desc: str = "eval",
+    class_map: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Center-crop (and optionally 10-crop) evaluation; returns counts and a confusion matrix.
+
+    The dataset holds ``resize x resize`` squares, so the center crop equals "resize the shorter
+    side, center crop", and the 10 crops are the paper's. Under DDP each rank takes a shard and the
+    counts are summed. ``class_map[i]`` is the model output index of dataset class ``i``.
+    """
+    from tqdm.auto import tqdm
+
+    model.eval()
+    n_classes = len(dataset.classes)
+    index_map = torch.tensor(class_map if class_map is not None else range(n_classes), device=device)
+    confusion = torch.zeros(n_classes, n_classes, dtype=torch.long, device=device)
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, top1, top5, 10c top1, 10c top5, n
+    indices = list(range(rank, len(dataset), world))
+    crop = preprocessing.crop
+    for start in tqdm(range(0, len(indices), batch_size), desc=desc, disable=not progress, unit="batch"):
+        chunk = indices[start : start + batch_size]
+        images = torch.stack([dataset.image(i) for i in chunk])
+        target = dataset.targets[chunk].to(device)
+        model_target = index_map[target]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            top = (images.shape[-1] - crop) // 2
+            center = images[..., top : top + crop, top : top + crop]
+            logits = model(_prepare(center, preprocessing, device, channels_last)).float()
+        sums[0] += F.cross_entropy(logits, model_target, reduction="sum")
+        c1, c5 = _topk_correct(logits, model_target)
+        sums[1] += c1
+        sums[2] += c5
+        # Confusion over the dataset's classes: predicted model index -> dataset class, where mapped.
+        restricted = logits[:, index_map]
+        confusion.index_put_((target, restricted.argmax(1)), torch.ones_like(target), accumulate=True)
+        if ten_crop:
+            crops = ten_crops(images, crop).flatten(0, 1)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = model(_prepare(crops, preprocessing, device, channels_last)).float()
+            probs = out.softmax(1).view(len(chunk), 10, -1).mean(1)
+            c1, c5 = _topk_correct(probs, model_target)
+            sums[3] += c1
+            sums[4] += c5
+        sums[5] += len(chunk)
+    if world > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(confusion)
+    n = float(sums[5])
+    result: dict[str, Any] = {
+        "images": int(n),
+        "loss": float(sums[0]) / n,
+        "top1": float(sums[1]) / n,
+        "top5": float(sums[2]) / n,
+        "confusion": confusion.cpu().tolist(),
+    }
+    if ten_crop:
+        result["top1_10crop"] = float(sums[3]) / n
+        result["top5_10crop"] = float(sums[4]) / n
+    return result
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _check_balance(counts: list[int], classes: list[str]) -> None:
+    if max(counts) > 3 * min(counts):
+        detail = ", ".join(f"{c}: {n}" for c, n in zip(classes, counts))
+        warnings.warn(f"unbalanced training set (largest class {max(counts)} images, smallest {min(counts)}): {detail}", stacklevel=3)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a training run; returns the last epoch's metrics. See the module docstring."""
+    from tqdm.auto import tqdm
+
+    rank, world, local_rank = _dist_info()
+    device = resolve_device(cfg.device)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    is_main = rank == 0
+    if cfg.batch_size % world:
+        raise DeconvnetError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    if cfg.arch not in ARCHITECTURES:
+        raise DeconvnetError(f"unknown --arch {cfg.arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    out = Path(cfg.out)
+    checkpoint_path = out / "checkpoint.pt"
+    if is_main:
+        (out / "snapshots").mkdir(parents=True, exist_ok=True)
+    data = Path(cfg.data)
+    train_root, val_root = data / cfg.train_dir, data / cfg.val_dir
+    for root in (train_root, val_root):
+        if not root.is_dir():
+            raise DeconvnetError(f"{root} not found: --data must hold {cfg.train_dir}/<class>/... and {cfg.val_dir}/<class>/...")
+
+    torch.manual_seed(cfg.seed)
+    train_set = ImageFolderCache(train_root, size=cfg.storage_size, cache=cfg.cache, progress=progress and is_main, num_workers=cfg.workers)
+    val_set = ImageFolderCache(val_root, size=cfg.storage_size, cache=cfg.cache, classes=train_set.classes, progress=progress and is_main, num_workers=cfg.workers)
+    _check_balance(train_set.class_counts(), train_set.classes)
+    classes = english_names(train_set.classes)
+    preprocessing = Preprocessing(resize=cfg.storage_size, crop=cfg.crop)
+
+    overrides: dict[str, Any] = {"num_classes": len(classes), "lrn": cfg.lrn, "dropout": cfg.dropout, "input_size": cfg.crop}
+    if cfg.fc:
+        overrides["fc"] = tuple(cfg.fc)
+    model = build_model(cfg.arch, **overrides)
+    init_weights(model, cfg.init, cfg.init_std)
+    if cfg.renorm_rms:
+        renormalize_filters(model, cfg.renorm_rms)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() == 1 else decay).append(p)
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+    )
+    steps_per_epoch = len(train_set) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise DeconvnetError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train_set)} images)")
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    schedule = LRSchedule(cfg, steps_per_epoch)
+    start_epoch = 0
+    history: list[dict[str, Any]] = []
+
+    if resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        saved_arch = state["config"]["arch"]
+        if saved_arch != cfg.arch or state["arch_config"] != model.config.to_dict():
+            raise DeconvnetError(f"{checkpoint_path} was written for architecture {saved_arch!r} with other settings; use another --out or the same options")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        start_epoch = state["epoch"]
+        history = state["history"]
+        if is_main and progress:
+            print(f"resuming {out} after epoch {start_epoch}")
+    elif resume and is_main:
+        print(f"no checkpoint in {out}: starting a new run")
+
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    view = AugmentedView(train_set, crop=cfg.crop, mode=cfg.augment, scale=tuple(cfg.rrc_scale), seed=cfg.seed)
+    local_batch = cfg.batch_size // world
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        net.train()
+        view.set_epoch(epoch)
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(_mix(cfg.seed, epoch)))
+        batches = [order[s * cfg.batch_size : (s + 1) * cfg.batch_size][rank::world].tolist() for s in range(steps_per_epoch)]
+        loader = torch.utils.data.DataLoader(view, batch_sampler=batches, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
+        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and is_main), unit="batch")
+        for step, (images, target) in enumerate(bar):
+            lr = schedule.lr(epoch, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = _prepare(images, preprocessing, device, cfg.channels_last)
+            target = target.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                logits = net(x)
+            loss = loss_fn(logits.float(), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if cfg.renorm_rms:
+                renormalize_filters(model, cfg.renorm_rms)
+            with torch.no_grad():
+                c1, c5 = _topk_correct(logits.float(), target)
+                sums += torch.tensor([loss.item() * len(target), c1, c5, len(target)], dtype=torch.float64, device=device)
+            if not math.isfinite(loss.item()):
+                raise DeconvnetError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}, step {step}; lower --lr")
+            bar.set_postfix(loss=f"{float(sums[0] / sums[3]):.3f}", lr=f"{lr:.2e}")
+        if world > 1:
+            dist.all_reduce(sums)
+        train_time = time.time() - t0
+        val = evaluate_model(model, val_set, preprocessing, device, batch_size=100, channels_last=cfg.channels_last, bf16=cfg.bf16, rank=rank, world=world)
+        schedule.end_epoch(1.0 - val["top1"])
+        n = float(sums[3])
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": float(sums[0]) / n,
+            "train_top1": float(sums[1]) / n,
+            "train_top5": float(sums[2]) / n,
+            "val_loss": val["loss"],
+            "val_top1": val["top1"],
+            "val_top5": val["top5"],
+            "train_images_per_s": n / train_time,
+            "epoch_time_s": time.time() - t0,
+        }
+        history.append(record)
+        if is_main:
+            if progress:
+                print(
+                    f"epoch {epoch + 1}: train loss {record['train_loss']:.3f} top-1 {record['train_top1']:.1%} | "
+                    f"val loss {record['val_loss']:.3f} top-1 {record['val_top1']:.1%} top-5 {record['val_top5']:.1%} | "
+                    f"{record['train_images_per_s']:.0f} img/s"
+                )
+            meta = {"epoch": epoch + 1, "class_folders": train_set.classes, "train_config": cfg.to_dict()}
+            if epoch + 1 in cfg.snapshot_epochs:
+                save_weights(model, out / "snapshots" / f"epoch-{epoch + 1:03d}.safetensors", classes, preprocessing, extra=meta)
+            _atomic_torch_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "config": cfg.to_dict(),
+                    "arch_config": model.config.to_dict(),
+                    "classes": classes,
+                    "class_folders": train_set.classes,
+                },
+                checkpoint_path,
+            )
+            _write_metrics(out / "metrics.jsonl", history)
+            from .render import plot_training_curves
+
+            plot_training_curves(history, out / "curves.png")
+    if is_main:
+        meta = {"epoch": cfg.epochs, "class_folders": train_set.classes, "train_config": cfg.to_dict(), "history": history}
+        save_weights(model, out / "model.safetensors", classes, preprocessing, extra=meta)
+    if world > 1:
+        dist.barrier()
+    return history[-1] if history else {}
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+    os.replace(tmp, path)
