@@ -1,7 +1,8 @@
 """The ``deconvnet`` command: a thin argparse layer over the library.
 
-Each sub-command parses its arguments, calls one library function and prints where its outputs went.
-A ``DeconvnetError`` (a user mistake) becomes one ``deconvnet: error: ...`` line and exit status 2.
+Sub-commands live in ``deconvnet.commands`` (one module each). A ``DeconvnetError`` (a user mistake)
+becomes one ``deconvnet: error: ...`` line on stderr and exit status 2; anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -9,112 +10,35 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
+from . import __version__
 from .errors import DeconvnetError
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
-
-
-def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
-    def register(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        COMMANDS[name] = fn
-        return fn
-
-    return register
-
-
-def _pair(text: str) -> tuple[int, int]:
-    parts = text.replace("x", ",").split(",")
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"expected two integers like 1024,1024, got {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v.strip())
-
-
-def _float_pair(text: str) -> tuple[float, float]:
-    lo, hi = (float(v) for v in text.split(","))
-    return lo, hi
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", default=None, help="registry name (zfnet-imagenette [default], zfnet-imagenet, ...) or a weights file")
-    p.add_argument("--arch", default=None, help="architecture when the file does not say (zfnet, zfnet-b, alexnet, tv-alexnet, tv-vgg16)")
-    p.add_argument("--device", default="auto", help="auto (GPU if available), cpu or cuda")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deconvnet", description="ZFNet and the DeconvNet of Zeiler & Fergus (ECCV 2014).")
-    parser.add_argument("--version", action="version", version=f"deconvnet {__import__('deconvnet').__version__}")
+    from .commands import command_modules
+
+    parser = argparse.ArgumentParser(
+        prog="deconvnet",
+        description="ZFNet and the DeconvNet of Zeiler & Fergus (ECCV 2014): see what each layer of a convnet has learned.",
+    )
+    parser.add_argument("--version", action="version", version=f"deconvnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("train", help="train a model on an ImageFolder dataset (the paper's recipe by default)")
-    p.add_argument("--data", required=True, help="folder with train/<class>/* and val/<class>/*")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, curves, weights)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--arch", default="zfnet", help="zfnet, zfnet-b or alexnet")
-    p.add_argument("--fc", type=_pair, default=None, help="widths of fc6,fc7 (default 4096,4096)")
-    p.add_argument("--no-lrn", dest="lrn", action="store_false", help="drop local response normalisation")
-    p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument("--epochs", type=int, default=70)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--nesterov", action="store_true")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--init", choices=("paper", "kaiming"), default="paper", help="paper: N(0, 0.01) weights, zero biases")
-    p.add_argument("--init-std", type=float, default=0.01)
-    p.add_argument("--renorm-rms", type=float, default=0.1, help="rescale conv filters whose RMS exceeds this (0 disables)")
-    p.add_argument("--augment", choices=("paper", "rrc"), default="paper", help="paper: 10 fixed sub-crops with flips; rrc: random-resized crops")
-    p.add_argument("--rrc-scale", type=_float_pair, default=(0.25, 1.0), help="area range of random-resized crops, e.g. 0.25,1")
-    p.add_argument("--schedule", choices=("plateau", "cosine", "step", "constant"), default="plateau")
-    p.add_argument("--lr-factor", type=float, default=0.1, help="lr multiplier at a plateau or step")
-    p.add_argument("--plateau-patience", type=int, default=3)
-    p.add_argument("--step-epochs", type=_int_list, default=(), help="epochs at which --schedule step multiplies the lr")
-    p.add_argument("--warmup-epochs", type=float, default=0.0)
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--storage-size", type=int, default=256, help="images are decoded to squares of this size (paper: 256)")
-    p.add_argument("--crop", type=int, default=224, help="training crop and model input size (paper: 224)")
-    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fast only on CPUs/GPUs with bf16 units)")
-    p.add_argument("--no-cache", dest="cache", action="store_false", help="decode from disk every time instead of caching uint8 images in memory")
-    p.add_argument("--workers", type=int, default=1, help="data-loading processes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--snapshot-epochs", type=_int_list, default=(1, 2, 5, 10, 20, 30, 40, 64))
-    p.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    for module in command_modules():
+        module.register(sub)
     return parser
-
-
-@command("train")
-def cmd_train(args: argparse.Namespace) -> int:
-    from .training import TrainConfig, train
-
-    fields = TrainConfig.__dataclass_fields__
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    values["renorm_rms"] = args.renorm_rms or None
-    cfg = TrainConfig(**values)
-    last = train(cfg, resume=args.resume, progress=not args.quiet)
-    if last:
-        print(f"done: val top-1 {last['val_top1']:.1%}, top-5 {last['val_top5']:.1%}; weights in {Path(cfg.out) / 'model.safetensors'}")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.command:
+    if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    warnings.simplefilter("default")
     warnings.formatwarning = lambda message, category, *rest: f"deconvnet: warning: {message}\n"
     try:
-        return COMMANDS[args.command](args)
+        return int(args.func(args) or 0)
     except DeconvnetError as e:
         print(f"deconvnet: error: {e}", file=sys.stderr)
         return 2

@@ -15,13 +15,14 @@ import numpy as np  # noqa: E402
 
 def save_figure(fig: "plt.Figure", path: str | os.PathLike, dpi: int = 110) -> Path:
     """Save atomically (temp file + rename) and close the figure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    from .atomic import atomic_path
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
@@ -41,4 +42,56 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
         ax.legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def to_display(projection: "np.ndarray | Any") -> np.ndarray:
+    """Contrast-normalise a (3, H, W) projection for display: zero maps to mid-grey and the largest
+    absolute value to black or white, per projection (signs and relative strengths are kept)."""
+    arr = np.asarray(projection.detach().float().cpu() if hasattr(projection, "detach") else projection, dtype=np.float32)
+    scale = float(np.abs(arr).max())
+    out = 0.5 + arr / (2 * scale) if scale > 0 else np.full_like(arr, 0.5)
+    return np.clip(out.transpose(1, 2, 0), 0, 1)
+
+
+def crop_box(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """(H, W, C) array cropped to an end-exclusive (y0, x0, y1, x1) box."""
+    y0, x0, y1, x1 = box
+    return image[y0:y1, x0:x1]
+
+
+def _draw_box(ax: Any, box: tuple[int, int, int, int], color: str = "#ffcc00") -> None:
+    from matplotlib.patches import Rectangle
+
+    y0, x0, y1, x1 = box
+    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.2))
+
+
+def projection_figure(result: Any, path: str | os.PathLike, title: str | None = None) -> Path:
+    """The ``deconvnet project`` figure: the input, then per projection its full-frame view (receptive
+    field outlined), the projection cropped to the receptive field, and the image patch under it."""
+    image = np.asarray(result.image, dtype=np.float32) / 255.0
+    n = len(result.projections)
+    fig, axes = plt.subplots(3, n + 1, figsize=(1.9 * (n + 1), 6.2), squeeze=False)
+    axes[0, 0].imshow(image)
+    for p in result.projections:
+        _draw_box(axes[0, 0], p.box)
+    axes[0, 0].set_title("input", fontsize=9)
+    axes[1, 0].text(0.5, 0.5, "projection\ncropped to\nreceptive field", ha="center", va="center", fontsize=9)
+    axes[2, 0].text(0.5, 0.5, "image patch\nunder the\nreceptive field", ha="center", va="center", fontsize=9)
+    for i, p in enumerate(result.projections, start=1):
+        shown = to_display(p.image)
+        axes[0, i].imshow(shown)
+        _draw_box(axes[0, i], p.box)
+        sel = p.selection
+        what = "map" if sel.whole_map else f"({p.position[0]},{p.position[1]})"
+        axes[0, i].set_title(f"#{sel.channel} {what}\nact {p.value:.3g}", fontsize=8)
+        axes[1, i].imshow(crop_box(shown, p.box))
+        axes[2, i].imshow(crop_box(image, p.box))
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    fig.suptitle(title or f"deconvnet projections from {result.layer}", fontsize=11)
     return save_figure(fig, path)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import atomic_path, save_text
 from .data import AugmentedView, ImageFolderCache, Preprocessing, _mix, ten_crops
 from .errors import DeconvnetError
 from .models import ARCHITECTURES, ConvNet, build_model
@@ -251,9 +252,8 @@ def evaluate_model(
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -440,6 +440,4 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
 
 def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    os.replace(tmp, path)
+    save_text(path, "".join(json.dumps(r) + "\n" for r in history))

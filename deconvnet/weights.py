@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .atomic import atomic_path
 from .data import Preprocessing
 from .errors import DeconvnetError
 from .models import ARCHITECTURES, ArchConfig, ConvNet
@@ -215,14 +216,8 @@ def save_weights(
     }
     for key, value in (extra or {}).items():
         metadata[key] = value if isinstance(value, str) else json.dumps(value)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

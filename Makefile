@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` (install + run the main job) and `make test` (install + tests).
+# TORCH_SPEC pins the PyTorch build that this project is tested with; override it for another one,
+# e.g. `make demo TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cpu"`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+BIN := $(VENV)/bin
+
+.PHONY: demo test install install-test clean
+
+demo: $(VENV)/.installed
+	$(BIN)/deconvnet demo --out out/demo
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,79 @@
+"""``deconvnet classify`` and ``deconvnet project``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from .common import add_model_args, load_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("classify", help="top-k classes of images")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--top", type=int, default=5)
+    add_model_args(p)
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("project", help="project activations of one layer back to pixel space (deconvnet)")
+    p.add_argument("image", help="an image file")
+    p.add_argument("--layer", required=True, help="conv1..conv5 (rectified conv output) or pool1, pool2, pool5")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--feature", type=int, help="feature map index: project its strongest activation (or --position)")
+    what.add_argument("--whole-map", type=int, metavar="K", help="project all activations of map K together")
+    what.add_argument("--top-maps", type=int, metavar="N", help="the strongest activation of each of the N strongest maps, one projection each")
+    p.add_argument("--position", type=int, nargs=2, metavar=("Y", "X"), help="with --feature: this activation instead of the strongest")
+    p.add_argument("--no-lrn", action="store_true", help="remove LRN layers from the model (forward too)")
+    p.add_argument("--include-lrn", action="store_true", help="send the signal back through LRN's Jacobian instead of skipping it")
+    p.add_argument("--out", required=True, help="output folder for the PNG figure")
+    p.add_argument("--raw", help="also save the unnormalised projections as float32 (N, 3, H, W) .npy")
+    add_model_args(p)
+    p.set_defaults(func=cmd_project)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from ..errors import DeconvnetError
+    from ..inference import classify
+
+    if args.top < 1:
+        raise DeconvnetError("--top must be at least 1")
+    loaded = load_from_args(args)
+    for path, ranking in zip(args.images, classify(loaded, args.images, args.top)):
+        print(path)
+        for name, prob in ranking:
+            print(f"  {prob:7.2%}  {name}")
+    return 0
+
+
+def cmd_project(args: argparse.Namespace) -> int:
+    from ..inference import project_image
+    from ..render import projection_figure
+    from ..atomic import save_npy
+
+    loaded = load_from_args(args, lrn=False if args.no_lrn else None)
+    result = project_image(
+        loaded,
+        args.image,
+        args.layer,
+        feature=args.feature,
+        position=tuple(args.position) if args.position else None,
+        whole_map=args.whole_map,
+        top_maps=args.top_maps,
+        include_lrn=args.include_lrn,
+    )
+    out = Path(args.out)
+    if args.top_maps is not None:
+        tag = f"top{args.top_maps}"
+    elif args.whole_map is not None:
+        tag = f"map{args.whole_map}"
+    else:
+        tag = f"f{args.feature}" + (f"-y{args.position[0]}x{args.position[1]}" if args.position else "")
+    figure = projection_figure(result, out / f"{Path(args.image).stem}-{args.layer}-{tag}.png",
+                               title=f"{Path(args.image).name}: deconvnet projections from {args.layer} ({loaded.source})")
+    print(f"figure: {figure}")
+    if args.raw:
+        raw = result.raw().numpy().astype(np.float32)
+        print(f"raw projections {raw.shape}: {save_npy(args.raw, raw)}")
+    return 0

@@ -1,0 +1,89 @@
+"""Notebook-level API: load images for a model, classify them, project their activations.
+
+    from deconvnet import load_model, classify, project_image
+    loaded = load_model()                      # the bundled ZFNet (Imagenette)
+    print(classify(loaded, ["cat.jpg"]))
+    result = project_image(loaded, "cat.jpg", "conv5", top_maps=9)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from .deconv import DeconvNet, Projection, Selection
+from .errors import DeconvnetError
+from .weights import LoadedModel
+
+__all__ = ["prepare_images", "classify", "project_image", "ProjectionResult"]
+
+
+def prepare_images(loaded: LoadedModel, paths: Sequence[str | os.PathLike]) -> tuple[torch.Tensor, list[Image.Image]]:
+    """Files -> (batch of model inputs on the model's device, the cropped RGB images the model sees)."""
+    tensors, shown = [], []
+    for path in paths:
+        x, img = loaded.preprocessing.load(path)
+        tensors.append(x)
+        shown.append(img)
+    return torch.stack(tensors).to(loaded.device), shown
+
+
+@torch.no_grad()
+def classify(loaded: LoadedModel, images: Sequence[str | os.PathLike] | torch.Tensor, top: int = 5) -> list[list[tuple[str, float]]]:
+    """Top-``top`` (class name, probability) for each image (paths or a prepared batch)."""
+    batch = images if isinstance(images, torch.Tensor) else prepare_images(loaded, images)[0]
+    probs = loaded.model(batch).softmax(1)
+    k = min(top, probs.shape[1])
+    values, indices = probs.topk(k, dim=1)
+    return [[(loaded.classes[int(i)], float(v)) for v, i in zip(vs, ids)] for vs, ids in zip(values, indices)]
+
+
+@dataclass
+class ProjectionResult:
+    """Projections of one image, with what is needed to draw them."""
+
+    image: Image.Image  # the cropped RGB input
+    input: torch.Tensor  # (3, H, W) model input
+    layer: str
+    projections: list[Projection]
+
+    def raw(self) -> torch.Tensor:
+        """(N, 3, H, W) float32 projections in the model-input space (unnormalised)."""
+        return torch.stack([p.image.float().cpu() for p in self.projections])
+
+
+def project_image(
+    loaded: LoadedModel,
+    path: str | os.PathLike,
+    layer: str,
+    feature: int | None = None,
+    position: tuple[int, int] | None = None,
+    whole_map: int | None = None,
+    top_maps: int | None = None,
+    include_lrn: bool = False,
+) -> ProjectionResult:
+    """Project one image's activations of ``layer``: one feature (at ``position`` or its strongest
+    activation), a whole map, or the strongest activation of each of the ``top_maps`` strongest maps."""
+    chosen = [v is not None for v in (feature, whole_map, top_maps)]
+    if sum(chosen) != 1:
+        raise DeconvnetError("choose exactly one of feature, whole_map or top_maps")
+    if position is not None and feature is None:
+        raise DeconvnetError("a position needs a feature (--feature K --position Y X)")
+    engine = DeconvNet(loaded.model, include_lrn=include_lrn)
+    engine.layer(layer)  # clear error for an unknown layer before any work
+    batch, shown = prepare_images(loaded, [path])
+    if top_maps is not None:
+        if top_maps < 1:
+            raise DeconvnetError("--top-maps must be at least 1")
+        selections = engine.strongest(batch, layer, k=top_maps)
+    elif whole_map is not None:
+        selections = [Selection(0, layer, whole_map, whole_map=True)]
+    else:
+        assert feature is not None
+        selections = [Selection(0, layer, feature, position=position)]
+    projections = engine.project(batch, selections)
+    return ProjectionResult(shown[0], batch[0], layer, projections)
