@@ -1,0 +1,1 @@
+"""The paper's analyses, one module each (library functions returning arrays and tables)."""
