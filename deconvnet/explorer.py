@@ -1,0 +1,321 @@
+"""What the web explorer and the HTML report show, computed once per image and cached.
+
+A thin layer over the library (``Preprocessing``, ``DeconvNet``, ``render.to_display``) that turns
+an image into what a person looks at: the top-5 classes, each conv layer's maps sorted by strength
+(their maxima), and for one map the deconvnet projection of its strongest activation and of the whole
+map, with the unit's receptive field. Images arrive as bytes (an upload) or as a file, are decoded
+defensively (size and pixel limits, truncated files, decompression bombs) and are cached by an
+opaque id, with the forward pass and pooling switches of every layer already looked at, so that a
+click on a map costs one backward pass.
+
+    explorer = Explorer(load_model())
+    session = explorer.open_bytes(data, "cat.jpg")
+    maps = explorer.maps(session, "conv5")            # order, maxima, thumbnails
+    view = explorer.project(session, "conv5", maps.order[0])
+
+No file is written: everything stays in memory (PNG bytes are produced on request).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import secrets
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms.v2 import functional as TF
+
+from .data import to_rgb
+from .deconv import DeconvNet
+from .errors import DeconvnetError
+from .render import to_display
+from .weights import LoadedModel
+
+__all__ = [
+    "Explorer",
+    "ImageSession",
+    "LayerMaps",
+    "MapView",
+    "decode_image",
+    "png_bytes",
+    "data_uri",
+    "DEFAULT_MAX_PIXELS",
+]
+
+# A 50-megapixel photo or a decompression bomb is refused before its pixels are decoded.
+DEFAULT_MAX_PIXELS = 40_000_000
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+
+
+def decode_image(data: bytes, name: str = "upload", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes -> 8-bit RGB PIL image, or ``DeconvnetError`` with a one-line reason.
+
+    Only the header is read before the pixel count is checked, so a decompression bomb costs
+    nothing; truncated files are refused rather than padded with grey.
+    """
+    if not data:
+        raise DeconvnetError(f"{name}: empty file")
+    try:
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        raise DeconvnetError(f"{name}: not an image file (supported: JPEG, PNG, GIF, BMP, WebP, TIFF)") from None
+    except Image.DecompressionBombError:
+        raise DeconvnetError(f"{name}: image too large (decompression bomb guard)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DeconvnetError(f"{name}: cannot read image header ({e})") from None
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise DeconvnetError(f"{name}: image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise DeconvnetError(
+            f"{name}: image too large ({width}x{height} = {width * height / 1e6:.1f} megapixels; the limit is "
+            f"{max_pixels / 1e6:.0f}); resize it first"
+        )
+    try:
+        if img.format == "JPEG":
+            img.draft("RGB", (min(width, 1024), min(height, 1024)))  # decode at a reduced scale when large
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        return to_rgb(img)
+    except Image.DecompressionBombError:
+        raise DeconvnetError(f"{name}: image too large (decompression bomb guard)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DeconvnetError(f"{name}: cannot decode image ({e}); the file may be truncated or corrupt") from None
+
+
+def png_bytes(image: np.ndarray | Image.Image) -> bytes:
+    """(H, W[, 3]) array (uint8, or float in [0, 1]) or PIL image -> PNG bytes."""
+    if not isinstance(image, Image.Image):
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8)
+        image = Image.fromarray(arr)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def data_uri(png: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(png).decode('ascii')}"
+
+
+def _gray(fmap: torch.Tensor, scale: float | None = None) -> np.ndarray:
+    """A non-negative map -> uint8, 0 black and ``scale`` (default: its own max) white."""
+    arr = fmap.detach().float().cpu().numpy()
+    top = float(arr.max()) if scale is None else scale
+    if top <= 0:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    return (np.clip(arr / top, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+@dataclass
+class LayerMaps:
+    """One layer's maps for one image, strongest first."""
+
+    layer: str
+    channels: int
+    map_size: tuple[int, int]
+    order: list[int]  # channel indices, strongest first
+    maxima: list[float]  # maximum activation of each channel (indexed by channel)
+    sprite_cols: int
+    sprite_png: bytes = field(repr=False)  # maps in ``order``, row-major, each at its native size
+
+    def rank(self, channel: int) -> int:
+        return self.order.index(channel)
+
+
+@dataclass
+class MapView:
+    """What a click on a map shows."""
+
+    layer: str
+    channel: int
+    rank: int
+    value: float  # the map's maximum (its strongest activation)
+    position: tuple[int, int]  # where, in map coordinates
+    map_size: tuple[int, int]
+    box: tuple[int, int, int, int]  # receptive field (y0, x0, y1, x1) in input pixels, end-exclusive
+    rf_size: int
+    image_size: tuple[int, int]
+    projection_png: bytes = field(repr=False)  # strongest activation, projected
+    whole_map_png: bytes = field(repr=False)  # the whole map, projected
+    activation_png: bytes = field(repr=False)  # the map itself, grey
+    patch_png: bytes = field(repr=False)  # the input under the receptive field
+
+
+class ImageSession:
+    """One opened image: its model input, the crop it shows, its classification and, per layer
+    looked at, the forward activations and pooling switches."""
+
+    def __init__(self, image_id: str, name: str, shown: Image.Image, x: torch.Tensor, original_size: tuple[int, int]):
+        self.id = image_id
+        self.name = name
+        self.shown = shown
+        self.x = x  # (1, 3, H, W) on the model's device
+        self.original_size = original_size  # (H, W) before resizing/cropping
+        self.top: list[tuple[str, float]] = []
+        self.layers: dict[str, tuple[torch.Tensor, Any]] = {}
+        self.maps: dict[str, LayerMaps] = {}
+        self.views: OrderedDict[tuple[str, int], MapView] = OrderedDict()
+        self.extras: dict[str, Any] = {}  # analyses' results (occlusion...) by name
+        self._input_png: bytes | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.x.shape[-2]), int(self.x.shape[-1])
+
+    def input_png(self) -> bytes:
+        if self._input_png is None:
+            self._input_png = png_bytes(self.shown)
+        return self._input_png
+
+
+class Explorer:
+    """Model + deconvnet + an LRU cache of opened images (thread-safe; one computation at a time)."""
+
+    def __init__(self, loaded: LoadedModel, cache_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS, views_per_image: int = 64):
+        self.loaded = loaded
+        self.engine = DeconvNet(loaded.model)
+        self.conv_layers = [n for n in self.engine.layer_names if n.startswith("conv")]
+        if not self.conv_layers:
+            raise DeconvnetError("this model has no conv layers the deconvnet can name")
+        self.cache_size = max(1, cache_size)
+        self.max_pixels = max_pixels
+        self.views_per_image = views_per_image
+        self._sessions: OrderedDict[str, ImageSession] = OrderedDict()
+        self._lock = threading.Lock()  # the session table
+        self.compute_lock = threading.RLock()  # the model: one forward/backward at a time
+
+    # ------------------------------------------------------------------ images
+    def open_bytes(self, data: bytes, name: str = "upload") -> ImageSession:
+        return self.open_image(decode_image(data, name, self.max_pixels), name)
+
+    def open_path(self, path: str | Path, name: str | None = None) -> ImageSession:
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise DeconvnetError(f"cannot read {name or path.name} ({e.strerror})") from None
+        return self.open_bytes(data, name or path.name)
+
+    def open_image(self, image: Image.Image, name: str = "image") -> ImageSession:
+        """Preprocess as the model expects, classify, and cache under a new random id."""
+        pre = self.loaded.preprocessing
+        shown = pre.geometry()(image)
+        x = pre.normalize(TF.pil_to_tensor(shown)).unsqueeze(0).to(self.loaded.device)
+        session = ImageSession(secrets.token_hex(8), _clean_name(name), shown, x, (image.height, image.width))
+        with self.compute_lock, torch.no_grad():
+            probs = self.loaded.model(x).softmax(1)[0]
+        k = min(5, probs.numel())
+        values, indices = probs.topk(k)
+        session.top = [(self.loaded.classes[int(i)], float(v)) for v, i in zip(values, indices)]
+        with self._lock:
+            self._sessions[session.id] = session
+            while len(self._sessions) > self.cache_size:
+                self._sessions.popitem(last=False)
+        return session
+
+    def get(self, image_id: str) -> ImageSession:
+        with self._lock:
+            session = self._sessions.get(image_id)
+            if session is None:
+                raise KeyError(image_id)
+            self._sessions.move_to_end(image_id)
+            return session
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    # ------------------------------------------------------------------ layers
+    def check_layer(self, layer: str) -> str:
+        if layer not in self.conv_layers:
+            raise DeconvnetError(f"unknown layer {layer!r}; choose one of {', '.join(self.conv_layers)}")
+        return layer
+
+    def _forward(self, session: ImageSession, layer: str) -> tuple[torch.Tensor, Any]:
+        cached = session.layers.get(layer)
+        if cached is None:
+            with self.compute_lock:
+                cached = session.layers.get(layer)
+                if cached is None:
+                    cached = self.engine.forward(session.x, layer)
+                    session.layers[layer] = cached
+        return cached
+
+    def maps(self, session: ImageSession, layer: str) -> LayerMaps:
+        """The layer's maps sorted by their maximum, with a sprite of all of them (strongest first)."""
+        self.check_layer(layer)
+        found = session.maps.get(layer)
+        if found is not None:
+            return found
+        acts, _ = self._forward(session, layer)
+        fmaps = acts[0]
+        channels, h, w = fmaps.shape
+        maxima = fmaps.flatten(1).amax(1)
+        order = [int(c) for c in maxima.argsort(descending=True)]
+        cols = min(16, channels)
+        rows = -(-channels // cols)
+        sheet = np.zeros((rows * h, cols * w), dtype=np.uint8)
+        for rank, c in enumerate(order):
+            r, q = divmod(rank, cols)
+            sheet[r * h : (r + 1) * h, q * w : (q + 1) * w] = _gray(fmaps[c])
+        found = LayerMaps(layer, channels, (h, w), order, [float(v) for v in maxima], cols, png_bytes(sheet))
+        session.maps[layer] = found
+        return found
+
+    def project(self, session: ImageSession, layer: str, channel: int) -> MapView:
+        """Projection of the map's strongest activation and of the whole map (one batched backward pass)."""
+        self.check_layer(layer)
+        key = (layer, channel)
+        view = session.views.get(key)
+        if view is not None:
+            return view
+        maps = self.maps(session, layer)
+        if not 0 <= channel < maps.channels:
+            raise DeconvnetError(f"map {channel} out of range: {layer} has {maps.channels} maps (0..{maps.channels - 1})")
+        acts, rec = self._forward(session, layer)
+        fmap = acts[0, channel]
+        h, w = fmap.shape
+        y, x = divmod(int(fmap.argmax()), w)
+        seed = acts.new_zeros((2,) + tuple(acts.shape[1:]))
+        seed[0, channel, y, x] = fmap[y, x]
+        seed[1, channel] = fmap
+        with self.compute_lock:
+            down = self.engine.backward(seed, layer, rec, torch.zeros(2, dtype=torch.long, device=acts.device))
+        info = self.engine.layer(layer)
+        height, width = session.size
+        box = info.receptive_field(y, x, height, width)
+        image = np.asarray(session.shown)
+        view = MapView(
+            layer=layer,
+            channel=channel,
+            rank=maps.rank(channel),
+            value=float(fmap[y, x]),
+            position=(y, x),
+            map_size=(h, w),
+            box=box,
+            rf_size=info.rf_size,
+            image_size=(height, width),
+            projection_png=png_bytes(to_display(down[0])),
+            whole_map_png=png_bytes(to_display(down[1])),
+            activation_png=png_bytes(_gray(fmap)),
+            patch_png=png_bytes(image[box[0] : box[2], box[1] : box[3]]),
+        )
+        session.views[key] = view
+        while len(session.views) > self.views_per_image:
+            session.views.popitem(last=False)
+        return view
+
+
+def _clean_name(name: str) -> str:
+    """A display name: the last path component, printable, at most 80 characters."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(ch for ch in base if ch.isprintable()).strip() or "image"
+    return base[:80]

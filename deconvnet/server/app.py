@@ -1,0 +1,544 @@
+"""The explorer's FastAPI application: ``create_app(loaded, ...)``.
+
+Everything the page loads is served here (``/`` and ``/static/*``); the JSON API lives under
+``/api`` and is documented at ``/docs``. Errors are JSON ``{"error": "...", "status": N}`` with a 4xx
+status for anything a client can cause (bad image, unknown layer, map index out of range, unknown
+id, oversized body); the server keeps running.
+
+Images are held in memory by an opaque random id (see ``deconvnet.explorer``). Files are read only
+from the bundled samples and from the ``--images`` folder, and only by the id the server listed:
+a client never sends a path. Nothing is written to disk except what the multipart parser spools
+for a large upload, into the process's temp folder (``deconvnet serve`` points it at its own
+private folder and removes it on exit).
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from fastapi import FastAPI, File, HTTPException, Path as PathParam, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..errors import DeconvnetError
+from ..explorer import DEFAULT_MAX_PIXELS, Explorer, ImageSession, data_uri
+from ..weights import LoadedModel
+from . import integrations
+
+STATIC = Path(__file__).parent / "static"
+DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+# --------------------------------------------------------------------------- API models (OpenAPI)
+
+
+class ClassScore(BaseModel):
+    label: str
+    probability: float
+
+
+class LayerSummary(BaseModel):
+    name: str = Field(description="paper-style name: conv1..conv5")
+    channels: int
+    map_size: list[int] = Field(description="[height, width] of each map")
+    rf_size: int = Field(description="receptive field of one unit, input pixels")
+    rf_stride: int
+
+
+class ModelInfo(BaseModel):
+    source: str
+    arch: str
+    classes: list[str]
+    input_size: list[int] = Field(description="[height, width] of the model input (the preprocessing crop)")
+    layers: list[LayerSummary]
+    atlas: bool = Field(description="top-9 patches available for clicked units (--atlas)")
+    occlusion: bool = Field(description="the occlusion analysis is available")
+    max_upload_bytes: int
+    max_pixels: int
+    version: str
+
+
+class SourceInfo(BaseModel):
+    id: str = Field(description="opaque id to pass to POST /api/sources/{id}/open")
+    name: str
+    kind: str = Field(description="sample (bundled photo) or folder (from --images)")
+    thumbnail: str = Field(description="URL of a small JPEG preview")
+
+
+class ImageInfo(BaseModel):
+    id: str = Field(description="opaque id of the opened image, used by every /api/images/{id}/... call")
+    name: str
+    size: list[int] = Field(description="[height, width] of the model input (after resize and crop)")
+    original_size: list[int]
+    top5: list[ClassScore]
+    input_url: str = Field(description="PNG of the crop the model sees")
+    layers: list[str]
+
+
+class LayerMapsInfo(BaseModel):
+    image_id: str
+    layer: str
+    channels: int
+    map_size: list[int]
+    order: list[int] = Field(description="map indices, strongest (largest maximum) first")
+    maxima: list[float] = Field(description="maximum activation of each map, indexed by map index")
+    sprite_url: str = Field(description="PNG of all maps in `order`, row-major, `sprite_cols` per row, each at map_size")
+    sprite_cols: int
+    sprite_rows: int
+
+
+class AtlasPatch(BaseModel):
+    image: str = Field(description="data: URI (PNG) of the dataset patch")
+    projection: str | None = Field(default=None, description="data: URI of its projection, when the atlas has one")
+    value: float | None = None
+    label: str | None = None
+
+
+class MapViewInfo(BaseModel):
+    image_id: str
+    layer: str
+    index: int
+    rank: int = Field(description="0 = the strongest map of the layer for this image")
+    max: float = Field(description="the map's maximum activation")
+    position: list[int] = Field(description="[y, x] of the maximum in map coordinates")
+    map_size: list[int]
+    box: list[int] = Field(description="receptive field [y0, x0, y1, x1] in input pixels (end-exclusive, clipped)")
+    rf_size: int
+    image_size: list[int]
+    projection: str = Field(description="data: URI (PNG): deconvnet projection of the strongest activation")
+    whole_map: str = Field(description="data: URI (PNG): deconvnet projection of the whole map")
+    activation: str = Field(description="data: URI (PNG): the map itself (black 0, white its max)")
+    patch: str = Field(description="data: URI (PNG): the input under the receptive field")
+    atlas: list[AtlasPatch] | None = Field(default=None, description="the unit's top-9 dataset patches (with --atlas)")
+    elapsed_ms: float
+
+
+class JobInfo(BaseModel):
+    id: str
+    kind: str
+    image_id: str
+    status: str = Field(description="queued, running, done or error")
+    progress: float = Field(description="0..1")
+    message: str = ""
+    error: str | None = None
+    result: dict[str, Any] | None = None
+
+
+class ErrorInfo(BaseModel):
+    error: str
+    status: int
+
+
+ERRORS = {400: {"model": ErrorInfo}, 404: {"model": ErrorInfo}, 413: {"model": ErrorInfo}, 422: {"model": ErrorInfo}}
+
+
+# --------------------------------------------------------------------------- body size limit
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse request bodies over ``limit`` bytes with 413, whether announced by
+    Content-Length or streamed (chunked), before they are parsed or spooled."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope.get("headers", []):
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared < 0 or declared > self.limit:
+                    await self._refuse(send, declared)
+                    return
+        received = 0
+        started = False
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _TooLarge()
+            return message
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send, received)
+
+    async def _refuse(self, send: Callable, size: int) -> None:
+        what = "invalid Content-Length" if size < 0 else f"request body too large ({size:,} bytes; the limit is {self.limit:,})"
+        body = JSONResponse({"error": what, "status": 413}, status_code=413).body
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+# --------------------------------------------------------------------------- background jobs
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    image_id: str
+    status: str = "queued"
+    progress: float = 0.0
+    message: str = ""
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    created: float = field(default_factory=time.time)
+
+    def info(self) -> JobInfo:
+        return JobInfo(id=self.id, kind=self.kind, image_id=self.image_id, status=self.status, progress=self.progress,
+                       message=self.message, error=self.error, result=self.result)
+
+
+class Jobs:
+    """Long analyses run one at a time on a worker thread; clients poll their progress."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self.keep = keep
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._lock = threading.Lock()
+        self._run_lock = threading.Lock()
+
+    def submit(self, kind: str, image_id: str, work: Callable[[Callable[[float, str], None]], dict[str, Any]]) -> Job:
+        job = Job(uuid.uuid4().hex[:16], kind, image_id)
+        with self._lock:
+            self._jobs[job.id] = job
+            while len(self._jobs) > self.keep:
+                self._jobs.popitem(last=False)
+
+        def progress(fraction: float, message: str = "") -> None:
+            job.progress = float(min(1.0, max(0.0, fraction)))
+            if message:
+                job.message = message
+
+        def run() -> None:
+            with self._run_lock:
+                job.status = "running"
+                try:
+                    job.result = work(progress)
+                    job.progress = 1.0
+                    job.status = "done"
+                except DeconvnetError as e:
+                    job.error, job.status = str(e), "error"
+                except Exception as e:  # a bug: report it to the client, keep serving
+                    job.error, job.status = f"{type(e).__name__}: {e}", "error"
+
+        threading.Thread(target=run, name=f"job-{job.id}", daemon=True).start()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        return job
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def create_app(
+    loaded: LoadedModel,
+    images_dir: str | Path | None = None,
+    atlas_dir: str | Path | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    cache_size: int = 32,
+    samples: bool = True,
+) -> FastAPI:
+    """The explorer for one model. ``images_dir``: a folder whose images are offered by id;
+    ``atlas_dir``: the output of the atlas analysis for this model (top-9 patches per unit)."""
+    explorer = Explorer(loaded, cache_size=cache_size, max_pixels=max_pixels)
+    sources = _list_sources(images_dir, samples)
+    atlas = integrations.open_atlas(atlas_dir) if atlas_dir else None
+    jobs = Jobs()
+    thumbnails: dict[str, bytes] = {}
+
+    app = FastAPI(
+        title="deconvnet explorer",
+        version=__version__,
+        description=(
+            "Browse what each layer of a convnet responds to in an image: top-5 classes, activation maps "
+            "sorted by strength, deconvnet projections (Zeiler & Fergus 2014) of a map's strongest activation "
+            "and of the whole map with the unit's receptive field, the unit's top-9 dataset patches (atlas) and "
+            "the occlusion analysis. Open an image (a listed source or an upload), then use its id."
+        ),
+    )
+    app.state.explorer = explorer
+    app.state.jobs = jobs
+    app.add_middleware(BodySizeLimit, limit=max_upload_bytes + 64 * 1024)  # room for the multipart envelope
+
+    # ------------------------------------------------------------------ errors as JSON
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail), "status": exc.status_code}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors()[:3]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("path", "query", "body"))
+            parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
+        return JSONResponse({"error": "; ".join(parts) or "invalid request", "status": 422}, status_code=422)
+
+    @app.exception_handler(DeconvnetError)
+    async def _user_error(request: Request, exc: DeconvnetError) -> JSONResponse:
+        return JSONResponse({"error": str(exc), "status": 400}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": f"internal error ({type(exc).__name__})", "status": 500}, status_code=500)
+
+    def session_or_404(image_id: str) -> ImageSession:
+        try:
+            return explorer.get(image_id)
+        except KeyError:
+            raise HTTPException(404, f"no open image {image_id!r} (it may have expired from the cache: open it again)") from None
+
+    def layer_or_404(layer: str) -> str:
+        if layer not in explorer.conv_layers:
+            raise HTTPException(404, f"unknown layer {layer!r}; this model has {', '.join(explorer.conv_layers)}")
+        return layer
+
+    def image_info(session: ImageSession) -> ImageInfo:
+        return ImageInfo(
+            id=session.id,
+            name=session.name,
+            size=list(session.size),
+            original_size=list(session.original_size),
+            top5=[ClassScore(label=c, probability=p) for c, p in session.top],
+            input_url=f"/api/images/{session.id}/input.png",
+            layers=explorer.conv_layers,
+        )
+
+    # ------------------------------------------------------------------ page
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    # ------------------------------------------------------------------ model and sources
+    @app.get("/api/health", tags=["server"], summary="Liveness check")
+    def health() -> dict[str, Any]:
+        return {"ok": True, "open_images": len(explorer)}
+
+    @app.get("/api/model", response_model=ModelInfo, tags=["model"], summary="The model, its layers and the optional features")
+    def model_info() -> ModelInfo:
+        layers = []
+        size = loaded.preprocessing.crop
+        for name in explorer.conv_layers:
+            info = explorer.engine.layer(name)
+            shape = _layer_shapes(explorer, size)[name]
+            layers.append(LayerSummary(name=name, channels=shape[0], map_size=list(shape[1:]), rf_size=info.rf_size, rf_stride=info.rf_stride))
+        return ModelInfo(
+            source=loaded.source,
+            arch=loaded.arch,
+            classes=list(loaded.classes),
+            input_size=[size, size],
+            layers=layers,
+            atlas=atlas is not None,
+            occlusion=integrations.occlusion_available(),
+            max_upload_bytes=max_upload_bytes,
+            max_pixels=max_pixels,
+            version=__version__,
+        )
+
+    @app.get("/api/sources", response_model=list[SourceInfo], tags=["images"], summary="Images the server offers: bundled samples and --images")
+    def list_sources() -> list[SourceInfo]:
+        return [SourceInfo(id=sid, name=name, kind=kind, thumbnail=f"/api/sources/{sid}/thumbnail.jpg") for sid, (kind, name, _) in sources.items()]
+
+    def source_or_404(source_id: str) -> tuple[str, str, Path]:
+        found = sources.get(source_id)
+        if found is None:
+            raise HTTPException(404, f"no source {source_id!r}; GET /api/sources lists them")
+        return found
+
+    @app.get("/api/sources/{source_id}/thumbnail.jpg", tags=["images"], summary="Small preview of a listed image", responses=ERRORS,
+             response_class=Response)
+    def source_thumbnail(source_id: str = PathParam(pattern=ID_PATTERN)) -> Response:
+        kind, name, path = source_or_404(source_id)
+        if source_id not in thumbnails:
+            from ..explorer import decode_image
+
+            try:
+                img = decode_image(path.read_bytes(), name, max_pixels)
+            except OSError as e:
+                raise DeconvnetError(f"cannot read {name} ({e.strerror})") from None
+            img.thumbnail((160, 160))
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=85)
+            thumbnails[source_id] = buf.getvalue()
+        return Response(thumbnails[source_id], media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.post("/api/sources/{source_id}/open", response_model=ImageInfo, tags=["images"], responses=ERRORS,
+              summary="Open a listed image (sample or --images): classify it and return its id")
+    def open_source(source_id: str = PathParam(pattern=ID_PATTERN)) -> ImageInfo:
+        kind, name, path = source_or_404(source_id)
+        return image_info(explorer.open_path(path, name))
+
+    @app.post("/api/upload", response_model=ImageInfo, tags=["images"], responses=ERRORS,
+              summary="Upload an image (multipart field `file`): classify it and return its id")
+    def upload(file: UploadFile = File(description="an image file: JPEG, PNG, GIF, BMP, WebP or TIFF")) -> ImageInfo:
+        data = file.file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, f"file too large (over {max_upload_bytes:,} bytes)")
+        return image_info(explorer.open_bytes(data, file.filename or "upload"))
+
+    # ------------------------------------------------------------------ one image
+    @app.get("/api/images/{image_id}", response_model=ImageInfo, tags=["images"], responses=ERRORS, summary="An opened image's classification")
+    def get_image(image_id: str = PathParam(pattern=ID_PATTERN)) -> ImageInfo:
+        return image_info(session_or_404(image_id))
+
+    @app.get("/api/images/{image_id}/input.png", tags=["images"], responses=ERRORS, response_class=Response,
+             summary="The crop the model sees (PNG)")
+    def input_png(image_id: str = PathParam(pattern=ID_PATTERN)) -> Response:
+        return Response(session_or_404(image_id).input_png(), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/api/images/{image_id}/layers/{layer}", response_model=LayerMapsInfo, tags=["layers"], responses=ERRORS,
+             summary="A layer's activation maps for the image, sorted by strength")
+    def layer_maps(image_id: str = PathParam(pattern=ID_PATTERN), layer: str = PathParam(pattern=ID_PATTERN)) -> LayerMapsInfo:
+        session = session_or_404(image_id)
+        maps = explorer.maps(session, layer_or_404(layer))
+        return LayerMapsInfo(
+            image_id=session.id,
+            layer=layer,
+            channels=maps.channels,
+            map_size=list(maps.map_size),
+            order=maps.order,
+            maxima=maps.maxima,
+            sprite_url=f"/api/images/{session.id}/layers/{layer}/maps.png",
+            sprite_cols=maps.sprite_cols,
+            sprite_rows=-(-maps.channels // maps.sprite_cols),
+        )
+
+    @app.get("/api/images/{image_id}/layers/{layer}/maps.png", tags=["layers"], responses=ERRORS, response_class=Response,
+             summary="All maps of the layer in one PNG (strongest first, see `order`)")
+    def layer_sprite(image_id: str = PathParam(pattern=ID_PATTERN), layer: str = PathParam(pattern=ID_PATTERN)) -> Response:
+        session = session_or_404(image_id)
+        maps = explorer.maps(session, layer_or_404(layer))
+        return Response(maps.sprite_png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/api/images/{image_id}/layers/{layer}/maps/{index}", response_model=MapViewInfo, tags=["layers"], responses=ERRORS,
+             summary="Deconvnet projections of one map: its strongest activation and the whole map, with the receptive field")
+    def map_view(image_id: str = PathParam(pattern=ID_PATTERN), layer: str = PathParam(pattern=ID_PATTERN), index: int = PathParam(ge=0, le=1_000_000)) -> MapViewInfo:
+        started = time.perf_counter()
+        session = session_or_404(image_id)
+        layer_or_404(layer)
+        maps = explorer.maps(session, layer)
+        if index >= maps.channels:
+            raise HTTPException(404, f"map {index} out of range: {layer} has {maps.channels} maps (0..{maps.channels - 1})")
+        view = explorer.project(session, layer, index)
+        patches = None
+        if atlas is not None:
+            patches = [AtlasPatch(**p) for p in integrations.atlas_patches(atlas, layer, index)] or None
+        return MapViewInfo(
+            image_id=session.id,
+            layer=layer,
+            index=index,
+            rank=view.rank,
+            max=view.value,
+            position=list(view.position),
+            map_size=list(view.map_size),
+            box=list(view.box),
+            rf_size=view.rf_size,
+            image_size=list(view.image_size),
+            projection=data_uri(view.projection_png),
+            whole_map=data_uri(view.whole_map_png),
+            activation=data_uri(view.activation_png),
+            patch=data_uri(view.patch_png),
+            atlas=patches,
+            elapsed_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    # ------------------------------------------------------------------ occlusion
+    @app.post("/api/images/{image_id}/occlusion", response_model=JobInfo, tags=["analyses"], responses=ERRORS,
+              summary="Start the occlusion analysis (paper Fig. 7) on the image; poll GET /api/jobs/{id}")
+    def start_occlusion(image_id: str = PathParam(pattern=ID_PATTERN)) -> JobInfo:
+        session = session_or_404(image_id)
+        if not integrations.occlusion_available():
+            raise HTTPException(404, "the occlusion analysis is not available in this installation")
+
+        def work(progress: Callable[[float, str], None]) -> dict[str, Any]:
+            if "occlusion" not in session.extras:
+                session.extras["occlusion"] = integrations.occlusion_panels(explorer.loaded, session.x[0], session.shown, progress)
+            return session.extras["occlusion"]
+
+        return jobs.submit("occlusion", session.id, work).info()
+
+    @app.get("/api/jobs/{job_id}", response_model=JobInfo, tags=["analyses"], responses=ERRORS, summary="A background job's progress and result")
+    def get_job(job_id: str = PathParam(pattern=ID_PATTERN)) -> JobInfo:
+        return jobs.get(job_id).info()
+
+    return app
+
+
+def _layer_shapes(explorer: Explorer, size: int) -> dict[str, tuple[int, int, int]]:
+    cached = getattr(explorer, "_shapes", None)
+    if cached is None:
+        import torch
+
+        cached = {}
+        with explorer.compute_lock:
+            x = torch.zeros(1, 3, size, size, device=explorer.loaded.device)
+            for name in explorer.conv_layers:
+                cached[name] = tuple(explorer.engine.activations(x, name).shape[1:])
+        explorer._shapes = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def _list_sources(images_dir: str | Path | None, samples: bool) -> OrderedDict[str, tuple[str, str, Path]]:
+    """id -> (kind, display name, path). Ids are made here; clients only ever see the ids."""
+    out: OrderedDict[str, tuple[str, str, Path]] = OrderedDict()
+    if samples:
+        from ..samples import SAMPLES, sample_paths
+
+        try:
+            for name, path in zip(SAMPLES, sample_paths()):
+                if path.exists():
+                    out[f"sample-{name}"] = ("sample", name, path)
+        except DeconvnetError:
+            pass
+    if images_dir is not None:
+        from ..data import list_images
+
+        root = Path(images_dir).resolve()
+        if not root.is_dir():
+            raise DeconvnetError(f"--images {images_dir}: no such folder")
+        files = [p for p in list_images(root) if p.resolve().is_relative_to(root)][:10_000]
+        for i, path in enumerate(files):
+            out[f"img-{i:05d}"] = ("folder", str(path.relative_to(root)), path)
+    return out

@@ -1,0 +1,298 @@
+// deconvnet explorer: plain JavaScript over the JSON API (see /docs). No external code.
+"use strict";
+
+const THUMB = 44; // px, must match .map in app.css
+const state = { model: null, image: null, layer: null, maps: null, selected: null, request: 0 };
+const $ = (id) => document.getElementById(id);
+
+async function api(path, options = {}) {
+  const response = await fetch(path, options);
+  let body = null;
+  try { body = await response.json(); } catch (e) { body = null; }
+  if (!response.ok) {
+    const message = body && body.error ? body.error : `HTTP ${response.status}`;
+    throw new Error(message);
+  }
+  return body;
+}
+
+function setStatus(text, kind = "") {
+  const el = $("status");
+  el.textContent = text;
+  el.className = kind;
+}
+
+function fmt(v) { return Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(3); }
+
+function placeBox(el, box, size) {
+  const [y0, x0, y1, x1] = box, [h, w] = size;
+  el.style.top = `${(100 * y0) / h}%`;
+  el.style.left = `${(100 * x0) / w}%`;
+  el.style.height = `${(100 * (y1 - y0)) / h}%`;
+  el.style.width = `${(100 * (x1 - x0)) / w}%`;
+  el.hidden = false;
+}
+
+// ------------------------------------------------------------------ model and sources
+async function loadModel() {
+  const m = await api("/api/model");
+  state.model = m;
+  $("model-info").textContent = `model ${m.source} · ${m.arch} · ${m.classes.length} classes · input ${m.input_size[0]}×${m.input_size[1]} px`;
+  $("occlusion-panel").hidden = !m.occlusion;
+  const tabs = $("layer-tabs");
+  tabs.innerHTML = "";
+  for (const layer of m.layers) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = layer.name;
+    b.title = `${layer.channels} maps of ${layer.map_size.join("×")}, receptive field ${layer.rf_size} px`;
+    b.dataset.layer = layer.name;
+    b.addEventListener("click", () => showLayer(layer.name));
+    tabs.appendChild(b);
+  }
+}
+
+async function loadSources() {
+  const list = await api("/api/sources");
+  const box = $("source-list");
+  box.innerHTML = "";
+  for (const s of list) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "source";
+    b.dataset.id = s.id;
+    b.title = `${s.name} (${s.kind})`;
+    const img = document.createElement("img");
+    img.src = s.thumbnail; img.alt = s.name; img.loading = "lazy";
+    const label = document.createElement("span");
+    label.textContent = s.name;
+    b.append(img, label);
+    b.addEventListener("click", () => openSource(s.id, b));
+    box.appendChild(b);
+  }
+}
+
+async function openSource(id, button) {
+  document.querySelectorAll(".source").forEach((el) => el.classList.toggle("active", el === button));
+  await openWith(() => api(`/api/sources/${encodeURIComponent(id)}/open`, { method: "POST" }), button ? button.title : id);
+}
+
+async function upload(file) {
+  document.querySelectorAll(".source").forEach((el) => el.classList.remove("active"));
+  if (state.model && file.size > state.model.max_upload_bytes) {
+    setStatus(`${file.name}: too large (${(file.size / 1e6).toFixed(1)} MB; limit ${(state.model.max_upload_bytes / 1e6).toFixed(0)} MB)`, "error");
+    return;
+  }
+  const form = new FormData();
+  form.append("file", file, file.name);
+  await openWith(() => api("/api/upload", { method: "POST", body: form }), file.name);
+}
+
+async function openWith(request, what) {
+  const ticket = ++state.request;
+  setStatus(`opening ${what}…`, "busy");
+  try {
+    const info = await request();
+    if (ticket !== state.request) return;
+    state.image = info;
+    showImage(info);
+    setStatus("");
+    await showLayer(state.layer || info.layers[info.layers.length - 1]);
+  } catch (e) {
+    if (ticket === state.request) setStatus(e.message, "error");
+  }
+}
+
+function showImage(info) {
+  $("placeholder").hidden = true;
+  $("image-view").hidden = false;
+  $("layer-panel").hidden = false;
+  $("detail").hidden = true;
+  $("input-rf").hidden = true;
+  $("image-name").textContent = info.name;
+  $("input-img").src = info.input_url;
+  $("d-input").src = info.input_url;
+  $("image-size").textContent = `model input ${info.size[0]}×${info.size[1]} px (from ${info.original_size[1]}×${info.original_size[0]})`;
+  const ol = $("top5");
+  ol.innerHTML = "";
+  for (const c of info.top5) {
+    const li = document.createElement("li");
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    bar.style.width = `${(100 * c.probability).toFixed(1)}%`;
+    const name = document.createElement("span");
+    name.textContent = c.label;
+    const p = document.createElement("span");
+    p.textContent = `${(100 * c.probability).toFixed(1)} %`;
+    li.append(bar, name, p);
+    ol.appendChild(li);
+  }
+  $("occlusion-panels").innerHTML = "";
+  $("occlusion-progress").hidden = true;
+  $("occlusion-run").disabled = false;
+}
+
+// ------------------------------------------------------------------ layer browser
+async function showLayer(layer) {
+  if (!state.image) return;
+  state.layer = layer;
+  document.querySelectorAll("#layer-tabs button").forEach((b) => b.classList.toggle("active", b.dataset.layer === layer));
+  const imageId = state.image.id;
+  const grid = $("map-grid");
+  grid.setAttribute("aria-busy", "true");
+  try {
+    const maps = await api(`/api/images/${imageId}/layers/${layer}`);
+    if (!state.image || state.image.id !== imageId || state.layer !== layer) return;
+    state.maps = maps;
+    grid.innerHTML = "";
+    const size = `${maps.sprite_cols * THUMB}px ${maps.sprite_rows * THUMB}px`;
+    maps.order.forEach((channel, rank) => {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = "map";
+      b.dataset.index = channel;
+      b.dataset.max = maps.maxima[channel];
+      b.title = `map ${channel} · max ${fmt(maps.maxima[channel])}`;
+      b.setAttribute("aria-label", b.title);
+      b.style.backgroundImage = `url(${maps.sprite_url})`;
+      b.style.backgroundSize = size;
+      const col = rank % maps.sprite_cols, row = Math.floor(rank / maps.sprite_cols);
+      b.style.backgroundPosition = `${-col * THUMB}px ${-row * THUMB}px`;
+      b.addEventListener("mouseenter", () => hover(channel, rank));
+      b.addEventListener("focus", () => hover(channel, rank));
+      b.addEventListener("click", () => selectMap(channel, b));
+      grid.appendChild(b);
+    });
+    grid.removeAttribute("aria-busy");
+    $("map-hover").textContent = `${layer}: ${maps.channels} maps of ${maps.map_size.join("×")}, strongest first. Hover for index and maximum; click for its projection.`;
+    selectMap(maps.order[0], grid.firstChild);
+  } catch (e) {
+    setStatus(e.message, "error");
+  }
+}
+
+function hover(channel, rank) {
+  const m = state.maps;
+  $("map-hover").textContent = `${state.layer} map ${channel} · max ${fmt(m.maxima[channel])} · rank ${rank + 1} of ${m.channels}`;
+}
+
+async function selectMap(channel, button) {
+  document.querySelectorAll(".map.active").forEach((el) => el.classList.remove("active"));
+  if (button) button.classList.add("active");
+  const imageId = state.image.id, layer = state.layer;
+  const ticket = ++state.request;
+  state.selected = channel;
+  try {
+    const v = await api(`/api/images/${imageId}/layers/${layer}/maps/${channel}`);
+    if (ticket !== state.request) return;
+    $("detail").hidden = false;
+    $("detail-title").textContent = `${layer} · map ${channel} (rank ${v.rank + 1}) · max ${fmt(v.max)} at (${v.position.join(", ")})`;
+    $("d-projection").src = v.projection;
+    $("d-whole").src = v.whole_map;
+    $("d-activation").src = v.activation;
+    $("d-patch").src = v.patch;
+    placeBox($("d-input-rf"), v.box, v.image_size);
+    placeBox($("d-projection-rf"), v.box, v.image_size);
+    placeBox($("input-rf"), v.box, v.image_size);
+    $("detail-meta").textContent = `receptive field ${v.rf_size} px, box y ${v.box[0]}–${v.box[2]}, x ${v.box[1]}–${v.box[3]} · answered in ${v.elapsed_ms.toFixed(0)} ms`;
+    const atlas = $("atlas"), grid = $("atlas-grid");
+    grid.innerHTML = "";
+    if (v.atlas && v.atlas.length) {
+      for (const p of v.atlas) {
+        const fig = document.createElement("figure");
+        const img = document.createElement("img");
+        img.src = p.image; img.alt = "atlas patch";
+        fig.appendChild(img);
+        if (p.projection) { const pr = document.createElement("img"); pr.src = p.projection; pr.alt = "projection"; fig.appendChild(pr); }
+        if (p.label || p.value != null) {
+          const cap = document.createElement("figcaption");
+          cap.textContent = [p.label, p.value != null ? fmt(p.value) : null].filter(Boolean).join(" · ");
+          fig.appendChild(cap);
+        }
+        grid.appendChild(fig);
+      }
+      atlas.hidden = false;
+    } else {
+      atlas.hidden = true;
+    }
+  } catch (e) {
+    if (ticket === state.request) setStatus(e.message, "error");
+  }
+}
+
+// ------------------------------------------------------------------ occlusion
+async function runOcclusion() {
+  if (!state.image) return;
+  const imageId = state.image.id;
+  const button = $("occlusion-run"), bar = document.querySelector("#occlusion-progress progress");
+  button.disabled = true;
+  $("occlusion-progress").hidden = false;
+  $("occlusion-panels").innerHTML = "";
+  bar.value = 0;
+  $("occlusion-text").textContent = "starting…";
+  try {
+    let job = await api(`/api/images/${imageId}/occlusion`, { method: "POST" });
+    while (job.status === "queued" || job.status === "running") {
+      bar.value = job.progress;
+      $("occlusion-text").textContent = `${Math.round(100 * job.progress)} % ${job.message || ""}`;
+      await new Promise((r) => setTimeout(r, 250));
+      job = await api(`/api/jobs/${job.id}`);
+    }
+    if (!state.image || state.image.id !== imageId) return;
+    if (job.status === "error") throw new Error(job.error || "occlusion failed");
+    bar.value = 1;
+    $("occlusion-text").textContent = "done";
+    for (const p of job.result.panels) {
+      const fig = document.createElement("figure");
+      const img = document.createElement("img");
+      img.src = p.image; img.alt = p.title;
+      const cap = document.createElement("figcaption");
+      const strong = document.createElement("strong");
+      strong.textContent = p.title;
+      cap.append(strong, document.createTextNode(p.caption ? ` ${p.caption}` : ""));
+      fig.append(img, cap);
+      for (const item of p.legend || []) {
+        const key = document.createElement("span");
+        key.className = "legend";
+        const sw = document.createElement("i");
+        sw.style.background = item.color;
+        key.append(sw, document.createTextNode(item.label));
+        fig.appendChild(key);
+      }
+      $("occlusion-panels").appendChild(fig);
+    }
+  } catch (e) {
+    $("occlusion-text").textContent = "";
+    setStatus(e.message, "error");
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// ------------------------------------------------------------------ wiring
+function wire() {
+  const zone = $("dropzone"), input = $("file-input");
+  input.addEventListener("change", () => { if (input.files.length) upload(input.files[0]); input.value = ""; });
+  zone.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); } });
+  for (const type of ["dragenter", "dragover"]) zone.addEventListener(type, (e) => { e.preventDefault(); zone.classList.add("over"); });
+  for (const type of ["dragleave", "drop"]) zone.addEventListener(type, () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    const file = e.dataTransfer && e.dataTransfer.files[0];
+    if (file) upload(file);
+  });
+  // a drop outside the zone must not navigate away from the page
+  window.addEventListener("dragover", (e) => e.preventDefault());
+  window.addEventListener("drop", (e) => e.preventDefault());
+  $("occlusion-run").addEventListener("click", runOcclusion);
+}
+
+(async function main() {
+  wire();
+  try {
+    await loadModel();
+    await loadSources();
+  } catch (e) {
+    setStatus(`cannot reach the server: ${e.message}`, "error");
+  }
+})();
