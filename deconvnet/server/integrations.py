@@ -200,3 +200,16 @@ def open_atlas(atlas_dir: str | Path) -> Any:
 def atlas_patches(atlas: Any, layer: str, channel: int) -> list[dict[str, Any]]:
     """The unit's top-9 patches as [{"image": data URI, "projection": data URI | None, "value", "label"}]."""
     return []
+
+
+# --------------------------------------------------------------------------- invariance
+
+
+def invariance_available() -> bool:
+    # INTEGRATION POINT (invariance): filled in once deconvnet/analysis/invariance.py exists.
+    return False
+
+
+def invariance_panels(loaded: Any, path: Path, log: Callable[[str], None] | None = None) -> list[dict[str, Any]] | None:
+    """The invariance curves (paper Fig. 5) of one image file as panels, or None."""
+    return None

@@ -1,0 +1,393 @@
+"""``deconvnet report``: one self-contained HTML file that opens from disk with no server.
+
+Every image is inlined (base64), there is no script and nothing is loaded from elsewhere. Per image:
+the crop the model sees, its top-5 classes, and for each conv layer its strongest maps (by maximum
+activation) with the deconvnet projection of each map's strongest activation, the receptive field and
+the image patch under it; then the occlusion maps (paper Fig. 7) and the invariance curves (Fig. 5)
+where those analyses are installed. For the model: a summary (architecture, classes, training
+recipe and results from the weights' metadata, the model card for the bundled model) and its layer-1
+filters.
+
+    from deconvnet.report import build_report
+    build_report(load_model(), ["cat.jpg"], "out/report")   # -> out/report/report.html
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import io
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import __version__
+from .atomic import save_text
+from .errors import DeconvnetError
+from .explorer import Explorer, ImageSession, data_uri, png_bytes
+from .server import integrations
+from .weights import LoadedModel
+
+__all__ = ["build_report", "layer1_filters", "model_summary"]
+
+MODEL_CARD = Path(__file__).resolve().parents[1] / "docs" / "model-card.md"
+
+
+def _jpeg_uri(png_or_array: bytes | np.ndarray, quality: int = 88) -> str:
+    """Photo-like pictures as JPEG data URIs (projections are noisy: PNG would be 5x larger)."""
+    img = Image.open(io.BytesIO(png_or_array)) if isinstance(png_or_array, bytes) else Image.fromarray(png_or_array)
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return data_uri(buf.getvalue(), "image/jpeg")
+
+
+def _png_uri(data: bytes | np.ndarray) -> str:
+    return data_uri(data if isinstance(data, bytes) else png_bytes(data))
+
+
+def layer1_filters(loaded: LoadedModel, scale: int = 4, cols: int = 16) -> np.ndarray | None:
+    """The first conv layer's filters as one RGB grid (each filter contrast-normalised on its own,
+    0 mid-grey), or None when the first layer is not a 3-channel conv."""
+    from torch import nn
+
+    first = next((m for m in loaded.model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None or first.in_channels != 3:
+        return None
+    w = first.weight.detach().float().cpu().numpy()  # (C, 3, k, k)
+    c, _, kh, kw = w.shape
+    cols = min(cols, c)
+    rows = -(-c // cols)
+    cell_h, cell_w, pad = kh * scale, kw * scale, 2
+    grid = np.full((rows * (cell_h + pad) + pad, cols * (cell_w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i in range(c):
+        f = w[i].transpose(1, 2, 0)
+        m = float(np.abs(f).max())
+        f = 0.5 + f / (2 * m) if m > 0 else np.full_like(f, 0.5)
+        f = np.kron(f, np.ones((scale, scale, 1)))
+        r, q = divmod(i, cols)
+        y, x = pad + r * (cell_h + pad), pad + q * (cell_w + pad)
+        grid[y : y + cell_h, x : x + cell_w] = (np.clip(f, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return grid
+
+
+def model_summary(loaded: LoadedModel) -> list[tuple[str, str]]:
+    """(field, value) rows describing the model, from the loaded model and its weights' metadata."""
+    meta = loaded.metadata or {}
+    params = sum(p.numel() for p in loaded.model.parameters())
+    pre = loaded.preprocessing
+    rows = [
+        ("weights", loaded.source),
+        ("architecture", loaded.arch),
+        ("parameters", f"{params:,}"),
+        ("classes", f"{len(loaded.classes)}: " + ", ".join(loaded.classes[:12]) + (", ..." if len(loaded.classes) > 12 else "")),
+        ("input", f"resize shorter side to {pre.resize}, center crop {pre.crop}x{pre.crop}, mean/std {tuple(round(v, 3) for v in pre.mean)} / {tuple(round(v, 3) for v in pre.std)}"),
+    ]
+    arch = meta.get("arch")
+    if isinstance(arch, dict):
+        convs = ", ".join(f"{c[0]}@{c[1]}x{c[1]}/{c[2]}" for c in arch.get("conv", []))
+        rows.append(("layers", f"conv {convs}; fc {arch.get('fc')}; LRN {'on' if arch.get('lrn') else 'off'}; pools {arch.get('pool_style')}"))
+    cfg = meta.get("train_config")
+    if isinstance(cfg, dict):
+        keys = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "augment", "init", "renorm_rms", "label_smoothing", "dropout")
+        rows.append(("training", ", ".join(f"{k} {cfg[k]}" for k in keys if k in cfg)))
+        if cfg.get("data"):
+            rows.append(("data", Path(str(cfg["data"])).name))
+    history = meta.get("history")
+    if isinstance(history, list) and history and isinstance(history[-1], dict):
+        last = history[-1]
+        best = max((h for h in history if "val_top1" in h), key=lambda h: h["val_top1"], default=None)
+        parts = [f"after epoch {last.get('epoch')}: val top-1 {100 * last.get('val_top1', float('nan')):.1f} %, top-5 {100 * last.get('val_top5', float('nan')):.1f} %"]
+        if best is not None and best is not last:
+            parts.append(f"best val top-1 {100 * best['val_top1']:.1f} % (epoch {best.get('epoch')})")
+        rows.append(("results", "; ".join(parts)))
+    elif "epoch" in meta:
+        rows.append(("epoch", str(meta["epoch"])))
+    return rows
+
+
+def _history_plot(loaded: LoadedModel) -> str | None:
+    history = (loaded.metadata or {}).get("history")
+    if not isinstance(history, list) or not history or not all(isinstance(h, dict) and "val_top1" in h for h in history):
+        return None
+    import matplotlib.pyplot as plt
+
+    epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
+    fig, ax = plt.subplots(figsize=(5, 2.6))
+    for key, style in (("top1", "-"), ("top5", "--")):
+        if f"train_{key}" in history[0]:
+            ax.plot(epochs, [100 * h[f"train_{key}"] for h in history], "o" + style, ms=3, label=f"train {key}")
+        ax.plot(epochs, [100 * h[f"val_{key}"] for h in history], "s" + style, ms=3, label=f"val {key}")
+    ax.set(xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 100))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return data_uri(buf.getvalue())
+
+
+def _model_card_text(loaded: LoadedModel) -> str | None:
+    """The project's model card, shown for the bundled model only (it describes that model)."""
+    if loaded.source != "zfnet-imagenette" or not MODEL_CARD.is_file():
+        return None
+    return MODEL_CARD.read_text(encoding="utf-8", errors="replace")
+
+
+def _markdown(text: str) -> str:
+    """A small, safe Markdown subset (headings, paragraphs, lists, tables, code spans): everything is
+    escaped first, so the card cannot inject markup."""
+    import re
+
+    def inline(s: str) -> str:
+        s = html.escape(s)
+        s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+        s = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", s)
+        return s
+
+    out: list[str] = []
+    para: list[str] = []
+    in_list = in_table = in_code = False
+
+    def flush() -> None:
+        nonlocal in_list, in_table
+        if para:
+            out.append(f"<p>{inline(' '.join(para))}</p>")
+            para.clear()
+        if in_list:
+            out.append("</ul>")
+            in_list = False
+        if in_table:
+            out.append("</table>")
+            in_table = False
+
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("```"):
+            flush()
+            out.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+            continue
+        if in_code:
+            out.append(html.escape(line))
+            continue
+        if not stripped:
+            flush()
+        elif stripped.startswith("#"):
+            flush()
+            level = min(6, len(stripped) - len(stripped.lstrip("#")) + 2)
+            out.append(f"<h{level}>{inline(stripped.lstrip('#').strip())}</h{level}>")
+        elif stripped.startswith(("- ", "* ")):
+            if para:
+                out.append(f"<p>{inline(' '.join(para))}</p>")
+                para.clear()
+            if not in_list:
+                out.append("<ul>")
+                in_list = True
+            out.append(f"<li>{inline(stripped[2:])}</li>")
+        elif stripped.startswith("|"):
+            cells = [c.strip() for c in stripped.strip("|").split("|")]
+            if all(set(c) <= set("-: ") for c in cells):
+                continue
+            if not in_table:
+                flush()
+                out.append('<table class="card">')
+                in_table = True
+            out.append("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in cells) + "</tr>")
+        else:
+            if in_list:
+                out.append("</ul>")
+                in_list = False
+            para.append(stripped)
+    flush()
+    if in_code:
+        out.append("</pre>")
+    return "\n".join(out)
+
+
+CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 0; color: #1d1f21; background: #f6f6f4; }
+header { background: #24292f; color: #fff; padding: .8rem 1.2rem; }
+header h1 { margin: 0; font-size: 1.3rem; } header p { margin: .2rem 0 0; color: #c9d1d9; font-size: 12px; }
+main { padding: 1rem 1.2rem; max-width: 1250px; }
+section { background: #fff; border: 1px solid #dcdcd8; border-radius: 6px; padding: .8rem 1rem; margin-bottom: 1rem; }
+h2 { font-size: 1.1rem; margin: 0 0 .6rem; } h3 { font-size: .95rem; margin: .9rem 0 .4rem; }
+table.kv td { padding: 2px 10px 2px 0; vertical-align: top; } table.kv td:first-child { color: #6b6f75; white-space: nowrap; }
+table.card { border-collapse: collapse; font-size: 12px; } table.card td { border: 1px solid #dcdcd8; padding: 2px 6px; }
+.muted { color: #6b6f75; } .small { font-size: 12px; }
+.top { display: flex; gap: 1.2rem; align-items: flex-start; flex-wrap: wrap; }
+.top img.input { width: 224px; image-rendering: auto; }
+ol.top5 { list-style: none; margin: 0; padding: 0; min-width: 260px; }
+ol.top5 li { position: relative; padding: 2px 6px; margin: 2px 0; display: flex; justify-content: space-between; gap: 1rem; }
+ol.top5 li .bar { position: absolute; inset: 0 auto 0 0; background: #ffd8c2; z-index: 0; } ol.top5 li span { position: relative; }
+.maps { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: .7rem; }
+.unit { font-size: 11px; }
+.unit .row { display: grid; grid-template-columns: 1fr 1fr; gap: 3px; }
+.unit .row > * { aspect-ratio: 1; background: #eee; }
+.unit img { width: 100%; height: 100%; object-fit: contain; display: block; }
+.frame { position: relative; } .rf { position: absolute; border: 2px solid #ffcc00; box-shadow: 0 0 0 1px rgba(0,0,0,.6); }
+img.pixelated { image-rendering: pixelated; }
+.panels { display: grid; grid-template-columns: repeat(auto-fill, minmax(200px, 1fr)); gap: .8rem; }
+.panels img { width: 100%; display: block; }
+figure { margin: 0; } figcaption { font-size: 11px; color: #6b6f75; margin-top: 2px; }
+.legend { display: inline-flex; align-items: center; gap: 3px; font-size: 11px; margin-right: 6px; }
+.legend i { display: inline-block; width: 10px; height: 10px; border: 1px solid #0003; }
+img.filters { image-rendering: pixelated; max-width: 100%; }
+details summary { cursor: pointer; color: #0b5cad; }
+nav.toc a { margin-right: .8rem; }
+"""
+
+
+def _box_style(box: Sequence[int], size: Sequence[int]) -> str:
+    y0, x0, y1, x1 = box
+    h, w = size
+    return f"top:{100 * y0 / h:.2f}%;left:{100 * x0 / w:.2f}%;height:{100 * (y1 - y0) / h:.2f}%;width:{100 * (x1 - x0) / w:.2f}%"
+
+
+def _panels_html(panels: list[dict[str, Any]]) -> str:
+    out = ['<div class="panels">']
+    for p in panels:
+        legend = "".join(f'<span class="legend"><i style="background:{html.escape(item["color"])}"></i>{html.escape(item["label"])}</span>' for item in p.get("legend", []))
+        cls = ' class="pixelated"' if p.get("pixelated") else ""
+        out.append(
+            f'<figure><img{cls} src="{p["image"]}" alt="{html.escape(p["title"])}"><figcaption><strong>{html.escape(p["title"])}</strong> '
+            f'{html.escape(p.get("caption", ""))}</figcaption>{legend}</figure>'
+        )
+    out.append("</div>")
+    return "\n".join(out)
+
+
+def _image_section(explorer: Explorer, session: ImageSession, number: int, layers: list[str], top_maps: int,
+                   occlusion: bool, invariance: bool, path: Path, log: Callable[[str], None]) -> str:
+    esc = html.escape
+    parts = [f'<section id="image-{number}"><h2>{number}. {esc(session.name)}</h2>']
+    top = "".join(
+        f'<li><span class="bar" style="width:{100 * p:.1f}%"></span><span>{esc(c)}</span><span>{100 * p:.1f} %</span></li>' for c, p in session.top
+    )
+    h, w = session.size
+    parts.append(
+        f'<div class="top"><figure><img class="input" src="{_jpeg_uri(session.input_png())}" alt="input">'
+        f'<figcaption>model input {h}x{w} px (from {session.original_size[1]}x{session.original_size[0]})</figcaption></figure>'
+        f'<div><h3>Top-5 classes</h3><ol class="top5">{top}</ol></div></div>'
+    )
+    for layer in layers:
+        maps = explorer.maps(session, layer)
+        info = explorer.engine.layer(layer)
+        parts.append(
+            f'<h3>{esc(layer)}: the {min(top_maps, maps.channels)} strongest of {maps.channels} maps '
+            f'<span class="muted small">({maps.map_size[0]}x{maps.map_size[1]} maps, receptive field {info.rf_size} px)</span></h3><div class="maps">'
+        )
+        for channel in maps.order[:top_maps]:
+            v = explorer.project(session, layer, channel)
+            style = _box_style(v.box, v.image_size)
+            parts.append(
+                f'<div class="unit"><div class="row">'
+                f'<div class="frame"><img src="{_jpeg_uri(v.projection_png)}" alt="projection"><div class="rf" style="{style}"></div></div>'
+                f'<img src="{_jpeg_uri(v.patch_png)}" alt="patch"></div>'
+                f'<div class="row"><img class="pixelated" src="{_png_uri(v.activation_png)}" alt="activation map">'
+                f'<img src="{_jpeg_uri(v.whole_map_png)}" alt="whole-map projection"></div>'
+                f'<div>map {channel}: max {v.value:.3g} at ({v.position[0]}, {v.position[1]})</div></div>'
+            )
+        parts.append("</div>")
+    parts.append(
+        '<p class="muted small">Per map: the deconvnet projection of its strongest activation (receptive field outlined) and the '
+        "image patch under that field; below, the activation map itself (white = its maximum) and the projection of the whole map.</p>"
+    )
+    if occlusion:
+        if integrations.occlusion_available():
+            log(f"  occlusion: {session.name}")
+            result = integrations.occlusion_panels(explorer.loaded, session.x[0], session.shown)
+            s = result["settings"]
+            parts.append(
+                f'<h3>Occlusion <span class="muted small">(paper Fig. 7: a {s["size"]} px grey square moved by {s["stride"]} px, '
+                f'{s["positions"]} positions)</span></h3>'
+            )
+            parts.append(_panels_html(result["panels"]))
+        else:
+            parts.append('<h3>Occlusion</h3><p class="muted">not available in this installation.</p>')
+    if invariance:
+        panels = integrations.invariance_panels(explorer.loaded, path, log) if integrations.invariance_available() else None
+        if panels:
+            parts.append('<h3>Invariance <span class="muted small">(paper Fig. 5)</span></h3>')
+            parts.append(_panels_html(panels))
+        else:
+            parts.append('<h3>Invariance</h3><p class="muted">not available in this installation.</p>')
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def build_report(
+    loaded: LoadedModel,
+    images: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    layers: Sequence[str] | None = None,
+    top_maps: int = 6,
+    occlusion: bool = True,
+    invariance: bool = True,
+    title: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Write ``out_dir/report.html`` for ``images`` (files or folders of images) and return its path."""
+    from .data import list_images
+
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    if top_maps < 1:
+        raise DeconvnetError("--top-maps must be at least 1")
+    paths: list[Path] = []
+    for item in images:
+        p = Path(item)
+        paths.extend(list_images(p) if p.is_dir() else [p])
+    if not paths:
+        raise DeconvnetError("no images given (or the folders hold none)")
+    explorer = Explorer(loaded, cache_size=max(1, len(paths)))
+    chosen = list(layers) if layers else list(explorer.conv_layers)
+    for layer in chosen:
+        explorer.check_layer(layer)
+    started = time.perf_counter()
+    sessions = [explorer.open_path(p, p.name) for p in paths]  # decode everything first: fail before the slow part
+
+    esc = html.escape
+    body = []
+    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    body.append(f"<header><h1>{esc(title or 'deconvnet report')}</h1><p>{len(paths)} image(s) · {esc(loaded.source)} · "
+                f"deconvnet {__version__} · {when}</p></header><main>")
+    toc = " ".join(f'<a href="#image-{i}">{i}. {esc(s.name)}</a>' for i, s in enumerate(sessions, start=1))
+    body.append(f'<nav class="toc small"><a href="#model">the model</a> {toc}</nav>')
+
+    # the model
+    rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in model_summary(loaded))
+    model_parts = [f'<section id="model"><h2>The model</h2><table class="kv">{rows}</table>']
+    curve = _history_plot(loaded)
+    if curve:
+        model_parts.append(f'<h3>Training</h3><img src="{curve}" alt="training curves" style="max-width:480px">')
+    filters = layer1_filters(loaded)
+    if filters is not None:
+        model_parts.append(
+            f'<h3>Layer-1 filters</h3><img class="filters" src="{_png_uri(filters)}" alt="layer-1 filters">'
+            '<p class="muted small">Each filter contrast-normalised on its own (mid-grey = 0).</p>'
+        )
+    card = _model_card_text(loaded)
+    if card:
+        model_parts.append(f"<details><summary>Model card (docs/model-card.md)</summary>{_markdown(card)}</details>")
+    model_parts.append("</section>")
+    body.append("\n".join(model_parts))
+
+    for number, (session, path) in enumerate(zip(sessions, paths), start=1):
+        log(f"report: image {number}/{len(paths)} {session.name}")
+        body.append(_image_section(explorer, session, number, chosen, top_maps, occlusion, invariance, path, log))
+    body.append(f'<p class="muted small">Made by <code>deconvnet report</code> in {time.perf_counter() - started:.0f} s. '
+                "Projections: zero is mid-grey, each contrast-normalised on its own (Zeiler &amp; Fergus, Sec. 2.1).</p></main>")
+
+    document = (
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>{esc(title or 'deconvnet report')}</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+    out = Path(out_dir) / "report.html"
+    save_text(out, document)
+    out.chmod(0o644)  # the temp file it was renamed from is private
+    return out
