@@ -147,8 +147,12 @@ ERRORS = {400: {"model": ErrorInfo}, 404: {"model": ErrorInfo}, 413: {"model": E
 # --------------------------------------------------------------------------- body size limit
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(StarletteHTTPException):
+    """Raised while the body is read; an HTTPException so that the framework's body parsing passes it
+    through unchanged (it turns other exceptions into 400) and the JSON error handler answers 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body too large (over {limit:,} bytes)")
 
 
 class BodySizeLimit:
@@ -181,7 +185,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise _TooLarge()
+                    raise _TooLarge(self.limit)
             return message
 
         async def tracking_send(message: dict) -> None:

@@ -1,0 +1,173 @@
+"""The explorer page in headless Chromium (Debian's `chromium`, driven by Playwright), against
+`deconvnet serve` running as a real process: load, pick a sample, upload a photo (file chooser and
+drag and drop), hover and click a map, see the projection, switch layers, run occlusion; bad
+uploads show an error and the page keeps working. The report opens from disk with no request.
+
+Screenshots go to $DECONVNET_SCREENSHOTS (e.g. docs/screenshots) or a temp folder. The tests use the
+bundled model when it is installed, else a tiny random one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+from _server import CHROMIUM, CHROMIUM_ARGS, Server, photo_bytes, tiny_weights  # noqa: E402
+
+if not Path(CHROMIUM).exists():  # pragma: no cover - CI installs it (.ci/run)
+    pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium", allow_module_level=True)
+
+
+def _weights(base: Path) -> Path:
+    from deconvnet.weights import BUNDLED_DIR
+
+    bundled = BUNDLED_DIR / "zfnet-imagenette.safetensors"
+    return bundled if bundled.exists() else tiny_weights(base / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("browser")
+    work = base / "work"
+    work.mkdir()
+    srv = Server(_weights(base), work)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = Path(os.environ.get("DECONVNET_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def page(browser, server: Server):
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    pg = context.new_page()
+    errors: list[str] = []
+    outside: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("request", lambda r: r.url.startswith((server.url, "data:")) or outside.append(r.url))
+    pg.goto(server.url + "/")
+    pg.wait_for_selector(".source img")
+    yield pg
+    context.close()
+    assert not errors, errors
+    assert not outside, f"the page loaded something from elsewhere: {outside}"
+
+
+def _wait_detail(pg, timeout: float = 30_000) -> None:
+    pg.wait_for_selector("#detail:not([hidden])", timeout=timeout)
+    pg.wait_for_function("document.getElementById('d-projection').src.startsWith('data:image/png')", timeout=timeout)
+
+
+def test_sample_hover_click_project(page, shots: Path) -> None:
+    page.click(".source >> nth=0")
+    page.wait_for_selector("#top5 li")
+    assert page.locator("#top5 li").count() == min(5, len(page.evaluate("state.model.classes")))
+    _wait_detail(page)  # the strongest conv5 map is selected on opening
+    page.click("#layer-tabs button:has-text('conv2')")
+    page.wait_for_function("state.layer === 'conv2' && document.querySelectorAll('#map-grid .map').length === state.maps.channels")
+    # maps are sorted by strength
+    maxima = page.eval_on_selector_all("#map-grid .map", "els => els.map(e => parseFloat(e.dataset.max))")
+    assert maxima == sorted(maxima, reverse=True)
+    third = page.locator("#map-grid .map").nth(2)
+    third.hover()
+    index = third.get_attribute("data-index")
+    assert f"map {index} · max" in page.inner_text("#map-hover")
+    before = page.get_attribute("#d-projection", "src")
+    third.click()
+    page.wait_for_function(f"document.getElementById('detail-title').textContent.includes('map {index} ')")
+    _wait_detail(page)
+    assert page.get_attribute("#d-projection", "src") != before
+    assert page.is_visible("#d-input-rf") and page.is_visible("#d-projection-rf") and page.is_visible("#input-rf")
+    box = page.locator("#d-projection-rf").bounding_box()
+    assert box and box["width"] > 2 and box["height"] > 2
+    page.wait_for_timeout(200)
+    page.screenshot(path=str(shots / "explorer.png"))
+
+
+def test_upload_and_drop(page, shots: Path, tmp_path: Path) -> None:
+    photo = tmp_path / "my photo.jpg"
+    photo.write_bytes(photo_bytes("JPEG", (240, 180), seed=3))
+    page.set_input_files("#file-input", str(photo))
+    page.wait_for_function("document.getElementById('image-name').textContent === 'my photo.jpg'")
+    _wait_detail(page)
+    assert "128" in page.inner_text("#image-size") or "64" in page.inner_text("#image-size")
+    # drag and drop onto the drop zone
+    data = list(photo_bytes("PNG", (200, 200), seed=4))
+    page.evaluate(
+        """(bytes) => {
+            const file = new File([new Uint8Array(bytes)], "dropped.png", { type: "image/png" });
+            const dt = new DataTransfer();
+            dt.items.add(file);
+            document.getElementById("dropzone").dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+        }""",
+        data,
+    )
+    page.wait_for_function("document.getElementById('image-name').textContent === 'dropped.png'")
+    _wait_detail(page)
+    # a bad upload: an error line, and the page keeps working
+    bad = tmp_path / "notes.jpg"
+    bad.write_bytes(b"this is not a picture" * 20)
+    page.set_input_files("#file-input", str(bad))
+    page.wait_for_selector("#status.error")
+    assert "not an image" in page.inner_text("#status")
+    page.click("#layer-tabs button:has-text('conv1')")
+    page.locator("#map-grid .map").nth(1).click()
+    page.wait_for_function("document.getElementById('detail-title').textContent.startsWith('conv1')")
+    _wait_detail(page)
+
+
+def test_occlusion(page, shots: Path) -> None:
+    if not page.evaluate("state.model.occlusion"):
+        pytest.skip("deconvnet.analysis.occlusion is not installed")
+    page.click(".source >> nth=1")
+    _wait_detail(page)
+    page.click("#occlusion-run")
+    page.wait_for_selector("#occlusion-progress:not([hidden])")
+    page.wait_for_selector("#occlusion-panels figure", timeout=120_000)
+    assert page.inner_text("#occlusion-text").strip() == "done"
+    titles = page.eval_on_selector_all("#occlusion-panels figcaption strong", "els => els.map(e => e.textContent)")
+    assert any(t.startswith("(b)") for t in titles) and any(t.startswith("(d)") for t in titles)
+    page.wait_for_timeout(200)
+    page.screenshot(path=str(shots / "explorer-occlusion.png"), full_page=True)
+
+
+def test_report_opens_from_disk(browser, tmp_path: Path, shots: Path) -> None:
+    from deconvnet.report import build_report
+    from deconvnet.samples import sample_paths
+    from deconvnet.weights import load_model
+
+    loaded = load_model(str(tiny_weights(tmp_path / "tiny.safetensors")))
+    report = build_report(loaded, sample_paths(["coffee"]), tmp_path / "report", top_maps=3, occlusion=False, invariance=False, log=lambda m: None)
+    copy = tmp_path / "elsewhere" / "r.html"  # opens from any folder: nothing beside it is needed
+    copy.parent.mkdir()
+    shutil.copy(report, copy)
+    context = browser.new_context(viewport={"width": 1200, "height": 900}, offline=True)
+    pg = context.new_page()
+    requests: list[str] = []
+    pg.on("request", lambda r: r.url.startswith(("data:", "file:")) or requests.append(r.url))
+    pg.goto(copy.as_uri())
+    pg.wait_for_load_state("load")
+    broken = pg.evaluate("[...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).length")
+    assert broken == 0 and pg.evaluate("document.images.length") > 10
+    assert requests == []
+    context.close()

@@ -1,0 +1,79 @@
+"""`deconvnet report` and `deconvnet demo`: one self-contained HTML file (everything inlined)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from _server import photo_bytes, tiny_weights
+from deconvnet.cli import main
+from deconvnet.errors import DeconvnetError
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_weights(tmp_path_factory.mktemp("report") / "tiny.safetensors")
+
+
+def _check_self_contained(text: str) -> None:
+    assert text.startswith("<!doctype html>")
+    # every src/href is inline (data:) or an in-page anchor: nothing is fetched from anywhere
+    for attr in re.findall(r'(?:src|href)="([^"]*)"', text):
+        assert attr.startswith(("data:", "#")), attr[:80]
+    assert "<script" not in text
+    assert "url(" not in text.replace("url(data:", "")
+
+
+def test_report_cli(weights: Path, tmp_path: Path, sample_image_path: Path, capsys: pytest.CaptureFixture) -> None:
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(photo_bytes("JPEG", (200, 150)))
+    out = tmp_path / "out"
+    assert main(["report", str(sample_image_path), str(photo), "--weights", str(weights), "--out", str(out), "--top-maps", "3", "--device", "cpu"]) == 0
+    report = out / "report.html"
+    assert f"report: {report}" in capsys.readouterr().out
+    text = report.read_text()
+    _check_self_contained(text)
+    assert text.count('id="image-') == 2
+    for layer in ("conv1", "conv2", "conv3", "conv4", "conv5"):
+        assert f"{layer}: the 3 strongest of" in text
+    assert "Top-5 classes" in text and "Layer-1 filters" in text and "The model" in text
+    assert text.count('alt="projection"') == 2 * 5 * 3
+    assert "Occlusion" in text and "Invariance" in text
+
+
+def test_report_errors(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    assert main(["report", str(bad), "--weights", str(weights), "--out", str(tmp_path / "o")]) == 2
+    assert "not an image" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "report.html").exists()
+    assert main(["report", str(tmp_path / "missing.png"), "--weights", str(weights), "--out", str(tmp_path / "o")]) == 2
+    photo = tmp_path / "p.png"
+    photo.write_bytes(photo_bytes("PNG"))
+    assert main(["report", str(photo), "--weights", str(weights), "--out", str(tmp_path / "o"), "--layers", "conv9"]) == 2
+    assert "unknown layer" in capsys.readouterr().err
+
+
+def test_demo(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--weights", str(weights), "--out", str(out), "--top-maps", "2", "--no-occlusion", "--no-invariance"]) == 0
+    printed = capsys.readouterr().out
+    report = out / "report.html"
+    assert str(report.resolve()) in printed
+    text = report.read_text()
+    _check_self_contained(text)
+    for name in ("chelsea", "coffee", "astronaut", "rocket"):
+        assert f"{name}.png" in text or f"{name}.jpg" in text
+
+
+def test_model_summary_reads_metadata(weights: Path) -> None:
+    from deconvnet.report import layer1_filters, model_summary
+    from deconvnet.weights import load_model
+
+    loaded = load_model(str(weights))
+    rows = dict(model_summary(loaded))
+    assert rows["architecture"] == "zfnet" and "crop 64x64" in rows["input"]
+    grid = layer1_filters(loaded)
+    assert grid is not None and grid.shape[2] == 3

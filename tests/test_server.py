@@ -1,0 +1,279 @@
+"""`deconvnet serve` as a real process on 127.0.0.1: the JSON API, click latency, bad input (4xx JSON
+errors, the server stays up, nothing written outside its temp space) and the load test."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from _server import ROOT, Server, photo_bytes, tiny_weights  # noqa: E402
+
+MAX_UPLOAD_MB = 2
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("serve")
+    weights = tiny_weights(base / "tiny.safetensors")
+    images = base / "images"
+    (images / "sub").mkdir(parents=True)
+    (images / "a.jpg").write_bytes(photo_bytes("JPEG", seed=1))
+    (images / "sub" / "b.png").write_bytes(photo_bytes("PNG", seed=2))
+    (images / "notes.txt").write_text("not an image")
+    work = base / "work"
+    work.mkdir()
+    srv = Server(weights, work, ["--images", str(images), "--max-upload-mb", str(MAX_UPLOAD_MB)])
+    srv.images = images
+    srv.before = _snapshot(base)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def _snapshot(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime for p in root.rglob("*") if p.is_file() and not p.name.endswith(".log")}
+
+
+def _json_error(response: httpx.Response, *statuses: int) -> str:
+    assert response.status_code in statuses, (response.status_code, response.text[:300])
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert isinstance(body["error"], str) and body["error"]
+    return body["error"]
+
+
+def _open_sample(client: httpx.Client, name: str = "sample-chelsea") -> dict:
+    r = client.post(f"/api/sources/{name}/open")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _decode_uri(uri: str) -> Image.Image:
+    head, _, data = uri.partition(",")
+    assert head == "data:image/png;base64"
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+# --------------------------------------------------------------------------- the API
+
+
+def test_model_and_openapi(client: httpx.Client) -> None:
+    model = client.get("/api/model").json()
+    assert model["input_size"] == [64, 64]  # from the weights' preprocessing, never hard-coded
+    assert [layer["name"] for layer in model["layers"]] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    assert model["classes"] == ["cat", "dog", "cup", "rocket"]
+    schema = client.get("/openapi.json").json()
+    for path in ("/api/upload", "/api/sources", "/api/images/{image_id}/layers/{layer}/maps/{index}", "/api/images/{image_id}/occlusion", "/api/jobs/{job_id}"):
+        assert path in schema["paths"], path
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "deconvnet explorer" in page.text
+    for asset in ("/static/app.js", "/static/app.css"):
+        assert client.get(asset).status_code == 200
+    # nothing the page loads comes from elsewhere
+    assert "http://" not in page.text and "https://" not in page.text
+
+
+def test_sources_are_ids_not_paths(client: httpx.Client, server: Server) -> None:
+    sources = client.get("/api/sources").json()
+    kinds = {s["kind"] for s in sources}
+    assert kinds == {"sample", "folder"}
+    folder = sorted(s["name"] for s in sources if s["kind"] == "folder")
+    assert folder == ["a.jpg", "sub/b.png"]  # relative names only; the .txt is not offered
+    assert all(str(server.images) not in s["name"] and "/" not in s["id"] for s in sources)
+    img_id = next(s["id"] for s in sources if s["name"] == "sub/b.png")
+    info = client.post(f"/api/sources/{img_id}/open").json()
+    assert info["size"] == [64, 64] and info["name"] == "b.png"
+    thumb = client.get(sources[0]["thumbnail"])
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+
+
+def test_open_classify_layers_and_click(client: httpx.Client) -> None:
+    info = _open_sample(client)
+    assert len(info["top5"]) == 4  # 4 classes: top-5 is all of them
+    probs = [c["probability"] for c in info["top5"]]
+    assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
+    png = client.get(info["input_url"])
+    assert Image.open(io.BytesIO(png.content)).size == (64, 64)
+    for layer in info["layers"]:
+        maps = client.get(f"/api/images/{info['id']}/layers/{layer}").json()
+        maxima = [maps["maxima"][c] for c in maps["order"]]
+        assert maxima == sorted(maxima, reverse=True)
+        assert sorted(maps["order"]) == list(range(maps["channels"]))
+        sprite = Image.open(io.BytesIO(client.get(maps["sprite_url"]).content))
+        h, w = maps["map_size"]
+        assert sprite.size == (maps["sprite_cols"] * w, maps["sprite_rows"] * h)
+        strongest = maps["order"][0]
+        view = client.get(f"/api/images/{info['id']}/layers/{layer}/maps/{strongest}").json()
+        assert view["rank"] == 0 and abs(view["max"] - maxima[0]) < 1e-5
+        y0, x0, y1, x1 = view["box"]
+        assert 0 <= y0 < y1 <= 64 and 0 <= x0 < x1 <= 64
+        for key in ("projection", "whole_map"):
+            assert _decode_uri(view[key]).size == (64, 64)
+        assert _decode_uri(view["activation"]).size == (w, h)
+        assert _decode_uri(view["patch"]).size == (x1 - x0, y1 - y0)
+
+
+def test_click_latency(client: httpx.Client) -> None:
+    """A click on a map (not cached yet) answers well under a second; printed for the record."""
+    info = _open_sample(client, "sample-astronaut")
+    timings = []
+    for layer in ("conv1", "conv3", "conv5"):
+        maps = client.get(f"/api/images/{info['id']}/layers/{layer}").json()
+        for channel in maps["order"][1:4]:
+            start = time.perf_counter()
+            r = client.get(f"/api/images/{info['id']}/layers/{layer}/maps/{channel}")
+            timings.append(time.perf_counter() - start)
+            assert r.status_code == 200
+    timings.sort()
+    print(f"click latency (tiny model, 64 px): median {1000 * timings[len(timings) // 2]:.0f} ms, max {1000 * timings[-1]:.0f} ms")
+    assert timings[len(timings) // 2] < 0.5
+
+
+def test_upload(client: httpx.Client) -> None:
+    r = client.post("/api/upload", files={"file": ("photo.png", photo_bytes("PNG", (300, 200)), "image/png")})
+    assert r.status_code == 200, r.text
+    info = r.json()
+    assert info["original_size"] == [200, 300] and info["size"] == [64, 64]
+    assert client.get(f"/api/images/{info['id']}").json()["id"] == info["id"]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with a tiny (wrong) payload: a decompression bomb's header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def test_bad_uploads(client: httpx.Client, server: Server) -> None:
+    def upload(name: str, data: bytes, mime: str = "application/octet-stream") -> httpx.Response:
+        return client.post("/api/upload", files={"file": (name, data, mime)})
+
+    assert "not an image" in _json_error(upload("notes.txt", b"hello, I am text\n" * 50, "text/plain"), 400)
+    assert "empty" in _json_error(upload("empty.png", b""), 400)
+    jpeg = photo_bytes("JPEG", (400, 300))
+    assert "truncated" in _json_error(upload("cut.jpg", jpeg[: len(jpeg) // 2], "image/jpeg"), 400)
+    # decompression bomb: a 2 KB PNG claiming 50000 x 50000 pixels is refused from its header
+    assert "too large" in _json_error(upload("bomb.png", _png_header_only(50_000, 50_000), "image/png"), 400)
+    # a real 50-megapixel image (greyscale PNG, compresses to a few hundred KB)
+    big = io.BytesIO()
+    Image.new("L", (8660, 5774), 128).save(big, format="PNG", compress_level=1)
+    assert len(big.getvalue()) < MAX_UPLOAD_MB * 1024 * 1024
+    assert "megapixels" in _json_error(upload("big.png", big.getvalue(), "image/png"), 400)
+    # oversized bodies, announced (Content-Length) or streamed (chunked): 413 before parsing
+    blob = os.urandom(MAX_UPLOAD_MB * 1024 * 1024 + 200_000)
+    assert "too large" in _json_error(upload("huge.jpg", blob), 413)
+
+    def stream():  # a well-formed multipart start, then more file data than allowed, without Content-Length
+        yield b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="huge.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+        for i in range(0, len(blob), 256 * 1024):
+            yield blob[i : i + 256 * 1024]
+        yield b"\r\n--xyz--\r\n"
+
+    chunked = client.post("/api/upload", content=stream(), headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert "too large" in _json_error(chunked, 413)
+    # missing file field, wrong content type
+    _json_error(client.post("/api/upload", data={"nothing": "here"}), 422)
+    _json_error(client.post("/api/upload", content=b"raw", headers={"content-type": "image/png"}), 422)
+    assert server.alive()
+    assert client.get("/api/health").json()["ok"]
+
+
+def test_bad_requests(client: httpx.Client, server: Server) -> None:
+    info = _open_sample(client)
+    base = f"/api/images/{info['id']}"
+    assert "unknown layer" in _json_error(client.get(f"{base}/layers/conv9"), 404)
+    assert "unknown layer" in _json_error(client.get(f"{base}/layers/fc7/maps/0"), 404)
+    assert "out of range" in _json_error(client.get(f"{base}/layers/conv5/maps/24"), 404)  # conv5 has 24 maps
+    _json_error(client.get(f"{base}/layers/conv5/maps/-1"), 422)
+    _json_error(client.get(f"{base}/layers/conv5/maps/abc"), 422)
+    _json_error(client.get(f"{base}/layers/conv5/maps/99999999999999999999"), 422)
+    assert "no open image" in _json_error(client.get("/api/images/0123456789abcdef/layers/conv1"), 404)
+    _json_error(client.get("/api/jobs/nope"), 404)
+    _json_error(client.post("/api/sources/sample-nothing/open"), 404)
+    _json_error(client.get("/api/sources/img-99999/thumbnail.jpg"), 404)
+    # path-like names: never resolved as paths
+    for url in (
+        "/api/sources/..%2F..%2Fetc%2Fpasswd/open",
+        "/api/sources/%2Fetc%2Fpasswd/open",
+        "/api/images/..%2F..%2Fetc/input.png",
+        f"{base}/layers/..%2Fconv1",
+        "/static/..%2F..%2F..%2Fetc%2Fpasswd",
+        "/static/%2e%2e/%2e%2e/app.py",
+    ):
+        r = client.request("POST" if url.endswith("/open") else "GET", url)
+        assert 400 <= r.status_code < 500, (url, r.status_code)
+        assert "root:" not in r.text and "create_app" not in r.text
+    r = client.post("/api/upload", files={"file": ("../../escape.png", photo_bytes("PNG"), "image/png")})
+    assert r.status_code == 200 and r.json()["name"] == "escape.png"
+    assert not (server.workdir.parent / "escape.png").exists() and not (server.workdir / "escape.png").exists()
+    _json_error(client.get("/api/nothing-here"), 404)
+    _json_error(client.delete("/api/model"), 405)
+    assert server.alive()
+
+
+def test_occlusion_job(client: httpx.Client) -> None:
+    if not client.get("/api/model").json()["occlusion"]:
+        pytest.skip("deconvnet.analysis.occlusion is not installed")
+    info = _open_sample(client, "sample-coffee")
+    job = client.post(f"/api/images/{info['id']}/occlusion").json()
+    seen = set()
+    deadline = time.monotonic() + 120
+    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
+        seen.add(round(job["progress"], 2))
+        time.sleep(0.1)
+        job = client.get(f"/api/jobs/{job['id']}").json()
+    assert job["status"] == "done", job
+    assert job["progress"] == 1.0
+    titles = [p["title"] for p in job["result"]["panels"]]
+    assert any(t.startswith("(b)") for t in titles) and any(t.startswith("(d)") for t in titles)
+    for p in job["result"]["panels"]:
+        assert _decode_uri(p["image"]).size == (64, 64)
+
+
+def test_load(server: Server) -> None:
+    """benchmarks/load_test.py from a second process: 20 concurrent clients, bounded, no errors."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "load_test.py"), "--url", server.url, "--clients", "20", "--requests", "6", "--time-limit", "90"],
+        capture_output=True, text=True, timeout=180,
+    )
+    print(out.stdout)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "errors 0" in out.stdout and "p95" in out.stdout
+    assert server.alive()
+
+
+def test_nothing_written_outside_temp(server: Server, client: httpx.Client) -> None:
+    """Run last: after everything above, the server's folders hold what they held before, and its
+    temp folder holds only its own private folder."""
+    assert client.get("/api/health").json()["ok"]
+    after = _snapshot(server.workdir.parent)
+    created = sorted(set(after) - set(server.before))
+    changed = sorted(k for k in server.before if k in after and after[k] != server.before[k])
+    assert not changed, changed
+    assert all(k.startswith("work/tmp/deconvnet-serve-") for k in created), created
+    assert [p.name for p in server.tmpdir.iterdir() if not p.name.startswith("deconvnet-serve-")] == []
