@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 POOL_STYLES = ("ceil", "blog")
+PYTORCHCV_LRN = {"size": 5, "alpha": 1e-4, "beta": 0.75, "k": 2.0}
+ALEXNET_LRN = {"size": 5, "alpha": 5e-4, "beta": 0.75, "k": 2.0}
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,10 @@ class ArchConfig:
     dropout: float = 0.5
     in_channels: int = 3
     input_size: int = 224
-    # PyTorch's LocalResponseNorm divides alpha by size; alpha=5e-4 here is 1e-4 in the paper's convention.
-    lrn_params: dict[str, float] = field(default_factory=lambda: {"size": 5, "alpha": 5e-4, "beta": 0.75, "k": 2.0})
+    # In PyTorch's convention (alpha is divided by size). The default is what the pretrained pytorchcv
+    # weights were trained with, F.local_response_norm(x, size=5, k=2.0): alpha 1e-4, beta 0.75.
+    # AlexNet's published k=2, n=5, alpha=1e-4 (undivided) is alpha=5e-4 here: ALEXNET_LRN.
+    lrn_params: dict[str, float] = field(default_factory=lambda: dict(PYTORCHCV_LRN))
 
     def __post_init__(self) -> None:
         if self.pool_style not in POOL_STYLES:

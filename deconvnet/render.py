@@ -95,3 +95,23 @@ def projection_figure(result: Any, path: str | os.PathLike, title: str | None = 
             spine.set_visible(False)
     fig.suptitle(title or f"deconvnet projections from {result.layer}", fontsize=11)
     return save_figure(fig, path)
+
+
+def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: str | os.PathLike, title: str = "confusion matrix") -> Path:
+    """Row-normalised confusion matrix (rows: true class, columns: predicted), counts annotated."""
+    counts = np.asarray(confusion, dtype=np.float64)
+    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    n = len(classes)
+    size = max(5.0, 0.55 * n + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if counts[i, j]:
+                    ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7, color="white" if rates[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    return save_figure(fig, path)

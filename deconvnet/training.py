@@ -23,7 +23,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -37,7 +37,10 @@ from .models import ARCHITECTURES, ConvNet, build_model
 from .weights import save_weights
 from .wnids import english_names
 
-__all__ = ["TrainConfig", "train", "renormalize_filters", "init_weights", "evaluate_model", "resolve_device"]
+if TYPE_CHECKING:
+    from .weights import LoadedModel
+
+__all__ = ["TrainConfig", "train", "evaluate", "renormalize_filters", "init_weights", "evaluate_model", "resolve_device"]
 
 
 @dataclass
@@ -441,3 +444,47 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
 def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     save_text(path, "".join(json.dumps(r) + "\n" for r in history))
+
+
+def evaluate(
+    loaded: "LoadedModel",
+    root: str | os.PathLike,
+    ten_crop: bool = True,
+    batch_size: int = 50,
+    cache: bool = True,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Top-1/top-5 accuracy (center crop and, optionally, the paper's 10-crop average), per-class
+    accuracy and the confusion matrix of a model on an ImageFolder (``root/<class>/*``).
+
+    Folder names are matched to the model's classes by the ``class_folders`` its checkpoint records,
+    or else by sorted order when the counts agree (ImageNet's sorted WordNet ids are its index order).
+    """
+    pre = loaded.preprocessing
+    dataset = ImageFolderCache(root, size=pre.resize, cache=cache, progress=progress, num_workers=workers)
+    recorded = loaded.metadata.get("class_folders")
+    if recorded:
+        unknown = [c for c in dataset.classes if c not in recorded]
+        if unknown:
+            raise DeconvnetError(f"{root}: class folders {unknown[:5]} are not classes of this model ({', '.join(recorded[:10])})")
+        class_map = [recorded.index(c) for c in dataset.classes]
+    elif len(dataset.classes) == len(loaded.classes):
+        class_map = list(range(len(dataset.classes)))
+    else:
+        raise DeconvnetError(
+            f"{root} has {len(dataset.classes)} class folders but the model has {len(loaded.classes)} classes and records no folder names"
+        )
+    device = loaded.device
+    result = evaluate_model(
+        loaded.model, dataset, pre, device, ten_crop=ten_crop, batch_size=batch_size,
+        channels_last=device.type == "cpu", progress=progress, desc="evaluating", class_map=class_map,
+    )
+    confusion = torch.tensor(result["confusion"])
+    per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1).float()).tolist()
+    result["classes"] = [loaded.classes[i] for i in class_map]
+    result["class_folders"] = dataset.classes
+    result["per_class_top1"] = dict(zip(result["classes"], per_class))
+    result["skipped"] = [str(p) for p, _ in dataset.skipped]
+    result["weights"] = loaded.source
+    return result

@@ -46,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
+    register_eval(sub)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -58,4 +59,40 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = train(cfg, resume=args.resume, progress=not args.quiet)
     if last:
         print(f"done: val top-1 {last['val_top1']:.1%}, top-5 {last['val_top5']:.1%}; weights in {Path(cfg.out) / 'model.safetensors'}")
+    return 0
+
+
+def register_eval(sub: argparse._SubParsersAction) -> None:
+    from .common import add_model_args
+
+    p = sub.add_parser("eval", help="top-1/top-5 error (center crop and 10-crop), per-class accuracy, confusion matrix")
+    p.add_argument("data", help="an ImageFolder: <class>/<images> (e.g. imagenette-224/val)")
+    p.add_argument("--out", default=None, help="folder for metrics.json and confusion.png")
+    p.add_argument("--no-ten-crop", dest="ten_crop", action="store_false", help="center crop only")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--no-cache", dest="cache", action="store_false")
+    p.add_argument("--quiet", action="store_true")
+    add_model_args(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..atomic import save_json
+    from ..render import confusion_figure
+    from ..training import evaluate
+    from .common import load_from_args
+
+    loaded = load_from_args(args)
+    result = evaluate(loaded, args.data, ten_crop=args.ten_crop, batch_size=args.batch_size, cache=args.cache, progress=not args.quiet)
+    print(f"{result['images']} images, {len(result['classes'])} classes ({loaded.source})")
+    print(f"center crop: top-1 error {1 - result['top1']:.2%}  top-5 error {1 - result['top5']:.2%}  (top-1 acc {result['top1']:.2%})")
+    if args.ten_crop:
+        print(f"10-crop:     top-1 error {1 - result['top1_10crop']:.2%}  top-5 error {1 - result['top5_10crop']:.2%}  (top-1 acc {result['top1_10crop']:.2%})")
+    for name, acc in result["per_class_top1"].items():
+        print(f"  {acc:7.2%}  {name}")
+    if args.out:
+        out = Path(args.out)
+        save_json(out / "metrics.json", result)
+        confusion_figure(result["confusion"], result["classes"], out / "confusion.png", title=f"confusion (center crop), {Path(args.data).name}")
+        print(f"wrote {out / 'metrics.json'} and {out / 'confusion.png'}")
     return 0

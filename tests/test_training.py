@@ -1,0 +1,190 @@
+"""Training: recipe pieces, exact resume after a kill, 2-process DDP == 1 process, eval, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deconvnet.cli import main
+from deconvnet.models import build_model
+from deconvnet.training import LRSchedule, TrainConfig, init_weights, renormalize_filters
+
+from .imaging import make_image_folder, make_split_dataset
+
+TINY = [
+    "--storage-size", "72", "--crop", "64", "--fc", "32,32", "--batch-size", "8", "--lr", "0.01",
+    "--init", "kaiming", "--workers", "0", "--no-lrn", "--quiet", "--seed", "3",
+]
+
+
+def _run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "deconvnet", *args], env=env, capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_split_dataset(tmp_path_factory.mktemp("data"), classes=3, train=16, val=6, size=48)
+
+
+def test_renormalisation_caps_filter_rms_exactly():
+    model = build_model("zfnet", num_classes=3, fc=(8, 8), lrn=False)
+    init_weights(model, "paper", std=0.5)  # every filter far above 0.1
+    with torch.no_grad():
+        model.features.conv2.weight[0].mul_(1e-3)  # one small filter stays as it is
+    small = model.features.conv2.weight[0].clone()
+    count = renormalize_filters(model, 0.1)
+    for conv in (model.features.conv1, model.features.conv5):
+        rms = conv.weight.pow(2).mean(dim=(1, 2, 3)).sqrt()
+        torch.testing.assert_close(rms, torch.full_like(rms, 0.1))
+    assert torch.equal(model.features.conv2.weight[0], small)
+    assert count == 96 + 255 + 384 + 384 + 256
+
+
+def test_paper_init_is_n0_001_with_zero_bias():
+    model = build_model("zfnet", num_classes=10, fc=(256, 256))
+    init_weights(model, "paper", 0.01)
+    w = model.features.conv2.weight
+    assert abs(float(w.std()) - 0.01) < 5e-4 and abs(float(w.mean())) < 5e-4
+    assert all(float(m.bias.abs().max()) == 0 for m in model.modules() if hasattr(m, "bias") and m.bias is not None)
+
+
+def test_lr_schedules():
+    cfg = TrainConfig(data="", out="", epochs=10, lr=0.1, schedule="plateau", plateau_patience=2)
+    s = LRSchedule(cfg, steps_per_epoch=10)
+    for err in (0.5, 0.4, 0.41, 0.42):
+        s.end_epoch(err)
+    assert s.lr(4, 0) == pytest.approx(0.01)  # two epochs without improvement -> divided by 10
+    cos = LRSchedule(TrainConfig(data="", out="", epochs=10, lr=0.1, schedule="cosine", warmup_epochs=1), 10)
+    assert cos.lr(0, 0) == pytest.approx(0.01)  # warm-up starts at 1/10 of the first epoch's steps
+    assert cos.lr(5, 5) == pytest.approx(0.05)  # half way through the cosine
+    step = LRSchedule(TrainConfig(data="", out="", epochs=10, lr=0.1, schedule="step", step_epochs=(3, 6)), 10)
+    assert [round(step.lr(e, 0), 6) for e in (2, 3, 6)] == [0.1, 0.01, 0.001]
+
+
+def test_train_writes_metrics_curves_snapshots_and_weights(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(out), "--epochs", "2", "--snapshot-epochs", "1", *TINY]) == 0
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2]
+    assert {"train_loss", "train_top1", "train_top5", "val_top1", "val_top5", "lr", "epoch_time_s"} <= set(lines[0])
+    assert (out / "curves.png").stat().st_size > 1000
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["epoch-001.safetensors"]
+    from deconvnet.weights import load_model
+
+    loaded = load_model(out / "model.safetensors")
+    assert loaded.classes == ["class_0", "class_1", "class_2"] and loaded.preprocessing.crop == 64
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(tiny_data, tmp_path):
+    common = ["--data", str(tiny_data), "--epochs", "3", "--snapshot-epochs", "", *TINY]
+    straight = _run_cli("train", "--out", str(tmp_path / "a"), *common, timeout=600)
+    assert straight.returncode == 0, straight.stderr
+    # Kill a second run with SIGKILL as soon as epoch 1 is checkpointed, then resume it.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "deconvnet", "train", "--out", str(tmp_path / "b"), *common], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+    resumed = _run_cli("train", "--out", str(tmp_path / "b"), "--resume", *common, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+    history_a = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    history_b = [json.loads(l) for l in metrics.read_text().splitlines()]
+    assert [h["train_loss"] for h in history_b] == pytest.approx([h["train_loss"] for h in history_a], rel=1e-5)
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tiny_data, tmp_path):
+    common = ["--data", str(tiny_data), "--epochs", "1", "--dropout", "0", "--snapshot-epochs", "", *TINY]
+    single = _run_cli("train", "--out", str(tmp_path / "one"), *common, timeout=600)
+    assert single.returncode == 0, single.stderr
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "deconvnet",
+         "train", "--out", str(tmp_path / "two"), "--device", "cpu", *common],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = load_file(tmp_path / "one" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "model.safetensors")
+    moved = max(float((one[k] - two[k]).abs().max()) for k in one)
+    # Same samples, same augmentations; only the order of float additions differs (all-reduce of two
+    # half-batch gradients vs one full batch), so weights agree to float32 rounding.
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+    history_one = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])
+    history_two = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])
+    assert history_two["val_top1"] == pytest.approx(history_one["val_top1"])
+    assert moved < 1e-4
+
+
+def test_eval_reports_center_and_ten_crop_and_confusion(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), "--epochs", "1", "--snapshot-epochs", "", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tiny_data / "val"), "--weights", str(run / "model.safetensors"), "--out", str(tmp_path / "ev"), "--quiet", "--device", "cpu"]) == 0
+    result = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert result["images"] == 18 and sum(map(sum, result["confusion"])) == 18
+    # the center-crop top-1 equals the confusion matrix's trace
+    trace = sum(result["confusion"][i][i] for i in range(3))
+    assert result["top1"] == pytest.approx(trace / 18)
+    assert 0 <= result["top1_10crop"] <= 1 and result["top5"] == 1.0  # 3 classes: top-5 is always right
+    assert (tmp_path / "ev" / "confusion.png").stat().st_size > 1000
+    # and equals the training run's own last validation (same center crop)
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert result["top1"] == pytest.approx(last["val_top1"])
+
+
+def test_bad_training_input_is_clear(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "train" / "a").mkdir(parents=True)
+    (empty / "val" / "a").mkdir(parents=True)
+    assert main(["train", "--data", str(empty), "--out", str(tmp_path / "o"), *TINY]) == 2
+    assert "class folder(s) with no images: a" in capsys.readouterr().err
+    mismatch = tmp_path / "mismatch"
+    make_image_folder(mismatch / "train", classes=2, per_class=8)
+    make_image_folder(mismatch / "val", classes=3, per_class=2)
+    assert main(["train", "--data", str(mismatch), "--out", str(tmp_path / "o2"), *TINY]) == 2
+    assert "classes differ from the training set" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o3"), *TINY]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_unreadable_and_unbalanced_images_warn_and_are_skipped(tmp_path, capsys):
+    data = make_split_dataset(tmp_path / "d", classes=2, train=16, val=2)
+    (data / "train" / "class_0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    for j in range(12):  # class_0 now has 16, class_1 only 4 -> unbalanced
+        (data / "train" / "class_1" / f"img_{j}.png").unlink(missing_ok=True)
+    with pytest.warns(UserWarning) as record:
+        assert main(["train", "--data", str(data), "--out", str(tmp_path / "o"), "--epochs", "1", "--snapshot-epochs", "", *TINY]) == 0
+    messages = " ".join(str(w.message) for w in record)
+    assert "skipped 1 unreadable image(s)" in messages and "broken.png" in messages
+    assert "unbalanced training set" in messages
+
+
+def test_resuming_with_another_architecture_is_refused(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(out), "--epochs", "1", "--snapshot-epochs", "", *TINY]) == 0
+    capsys.readouterr()
+    other = [a if a != "32,32" else "16,16" for a in TINY]
+    assert main(["train", "--data", str(tiny_data), "--out", str(out), "--epochs", "2", "--resume", *other]) == 2
+    assert "was written for architecture" in capsys.readouterr().err
