@@ -1,0 +1,155 @@
+"""Feature evolution during training (the paper's Fig. 4): for the snapshots of one training run, the
+strongest activation over a set of images of a few maps of each layer, projected to pixel space with
+each snapshot's own weights; one column per epoch.
+
+The paper uses all training images and epochs 1, 2, 5, 10, 20, 30, 40, 64; here the images are any
+folder (e.g. a validation set) and the epochs are whatever snapshots the run saved.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..deconv import DeconvNet
+from ..errors import DeconvnetError
+from ..weights import LoadedModel, load_model, read_metadata
+
+__all__ = ["Evolution", "snapshot_epoch", "feature_evolution", "evolution_figure"]
+
+
+@dataclass
+class Evolution:
+    """``tiles[layer]`` (maps, snapshots, t, t, 3) uint8: the projection of the strongest activation of
+    ``maps[layer][i]`` under snapshot j; ``values``/``images`` the activation and its image index."""
+
+    epochs: list[int]
+    snapshots: list[str]
+    layers: list[str]
+    maps: dict[str, list[int]]
+    tiles: dict[str, np.ndarray]
+    values: dict[str, np.ndarray]  # (maps, snapshots)
+    images: dict[str, np.ndarray]  # (maps, snapshots)
+    files: list[str]
+
+
+def snapshot_epoch(path: str | os.PathLike) -> int:
+    """The epoch of a training snapshot: its metadata, else the ``epoch-NNN`` in its name."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            epoch = read_metadata(path).get("epoch")
+            if epoch is not None:
+                return int(epoch)
+        except Exception:  # noqa: BLE001 - fall back to the file name
+            pass
+    m = re.search(r"(\d+)", path.stem)
+    if not m:
+        raise DeconvnetError(f"{path}: cannot tell its epoch (no 'epoch' metadata, no number in the name)")
+    return int(m.group(1))
+
+
+def feature_evolution(
+    snapshots: Sequence[str | os.PathLike],
+    files: Sequence[str | os.PathLike],
+    layers: Sequence[str] | str | None = None,
+    maps: dict[str, Sequence[int]] | None = None,
+    maps_per_layer: int = 3,
+    tile: int = 64,
+    batch_size: int = 32,
+    device: str = "cpu",
+    progress: bool = True,
+    arch: str | None = None,
+    explicit_maps: Sequence[int] | None = None,
+) -> Evolution:
+    """Scan ``files`` once per snapshot (top-1 per map) and project the strongest activation of the
+    chosen maps. Maps default to, per layer, the ``maps_per_layer`` maps whose strongest activation is
+    largest under the LAST snapshot (the trained features), so every column shows the same maps;
+    ``maps`` (per layer) or ``explicit_maps`` (the same indices for every layer) choose them instead."""
+    from .atlas import parse_layers, project_atlas, scan_atlas
+
+    if not snapshots:
+        raise DeconvnetError("give at least one snapshot")
+    if maps_per_layer < 1:
+        raise DeconvnetError("--maps-per-layer must be at least 1")
+    files = [str(f) for f in files]
+    if not files:
+        raise DeconvnetError("no images given")
+    ordered = sorted(((snapshot_epoch(s), str(s)) for s in snapshots), key=lambda t: t[0])
+    epochs = [e for e, _ in ordered]
+    paths = [p for _, p in ordered]
+    loaded_models: list[LoadedModel] = []
+    scans = []
+    layer_names: list[str] | None = None
+    for path in paths:
+        loaded = load_model(path, arch=arch, device=device, progress=progress)
+        engine = DeconvNet(loaded.model)
+        names = parse_layers(layers, engine)
+        if layer_names is not None and names != layer_names:
+            raise DeconvnetError(f"{path}: its layers differ from the other snapshots'; they must come from one run")
+        layer_names = names
+        scans.append(scan_atlas(loaded, files, names, k=1, batch_size=batch_size, progress=progress))
+        loaded_models.append(loaded)
+    assert layer_names is not None
+    chosen: dict[str, list[int]] = {}
+    for layer in layer_names:
+        channels = scans[-1].values[layer].shape[0]
+        if (maps and layer in maps) or explicit_maps:
+            chosen[layer] = [int(m) for m in (maps[layer] if maps and layer in maps else explicit_maps)]
+            bad = [m for m in chosen[layer] if not 0 <= m < channels]
+            if bad:
+                raise DeconvnetError(f"--maps: {layer} has {channels} maps (0..{channels - 1}); {bad} out of range")
+        else:
+            top = scans[-1].values[layer][:, 0]
+            chosen[layer] = sorted(int(i) for i in np.argsort(-top, kind="stable")[:maps_per_layer])
+    tiles: dict[str, list[np.ndarray]] = {l: [] for l in layer_names}
+    values: dict[str, list[np.ndarray]] = {l: [] for l in layer_names}
+    images: dict[str, list[np.ndarray]] = {l: [] for l in layer_names}
+    for loaded, scan in zip(loaded_models, scans):
+        projected = project_atlas(loaded, scan, layer_names, chosen, tile=tile, progress=False)
+        for layer in layer_names:
+            tiles[layer].append(projected[layer].tiles[:, 0, 0])
+            values[layer].append(projected[layer].values[:, 0])
+            images[layer].append(projected[layer].images[:, 0])
+    return Evolution(
+        epochs=epochs,
+        snapshots=paths,
+        layers=layer_names,
+        maps=chosen,
+        tiles={l: np.stack(tiles[l], 1) for l in layer_names},
+        values={l: np.stack(values[l], 1) for l in layer_names},
+        images={l: np.stack(images[l], 1) for l in layer_names},
+        files=files,
+    )
+
+
+def evolution_figure(evo: Evolution, path: str | os.PathLike, title: str = "") -> Path:
+    """Rows: the chosen maps, grouped by layer; columns: epochs. Each cell is the projection of the
+    map's strongest activation under that snapshot (zero = grey, cropped to the receptive field)."""
+    import matplotlib.pyplot as plt
+
+    from ..render import save_figure
+
+    rows = [(layer, i) for layer in evo.layers for i in range(len(evo.maps[layer]))]
+    cols = len(evo.epochs)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.05 * cols + 1.2, 1.05 * len(rows) + 0.8), squeeze=False)
+    for r, (layer, i) in enumerate(rows):
+        for j in range(cols):
+            ax = axes[r, j]
+            ax.imshow(evo.tiles[layer][i, j], interpolation="nearest" if evo.tiles[layer].shape[2] < 32 else "antialiased")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if r == 0:
+                ax.set_title(f"epoch {evo.epochs[j]}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"{layer} #{evo.maps[layer][i]}", fontsize=7)
+    fig.suptitle(title or "Feature evolution: strongest activation of each map, projected with each epoch's weights", fontsize=9)
+    fig.subplots_adjust(wspace=0.05, hspace=0.08)
+    return save_figure(fig, path)

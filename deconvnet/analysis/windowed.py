@@ -1,0 +1,204 @@
+"""Receptive-field-windowed deconvnet projections: the atlas's fast path.
+
+A projection of ONE unit is zero outside the unit's receptive field at every level of the network, so
+the way down only needs, at each layer, the window of that layer's grid that the unit can reach. The
+window of a unit of layer L is 1x1 at L and grows exactly like the receptive field on the way down:
+``h_below = (h - 1) * stride + dilation * (kernel - 1) + 1`` with origin ``origin * stride - padding``.
+Windows are not clipped to the maps (cells outside a map are masked to zero), so every selection of a
+layer has the same window sizes and many selections of many images go down in one batch.
+
+Compared with :meth:`deconvnet.deconv.DeconvNet.project` (same arithmetic, whole maps), this
+
+* computes only inside the receptive field (large savings for low layers / large images);
+* needs no forward pass above the highest pooling layer below the selected layer (only the switches
+  are needed on the way down; the seed value comes from the scan);
+* keeps the result as the receptive-field window (``rf_size`` square, origin ``rf_start + pos*stride``)
+  instead of a full-size image.
+
+Results equal the generic engine's to float rounding (tested in ``tests/test_atlas.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..deconv import DeconvNet, LayerInfo, _pair
+from ..errors import DeconvnetError
+
+__all__ = ["WindowedProjections", "WindowedProjector", "last_pool_below"]
+
+
+@dataclass
+class WindowedProjections:
+    """``windows[s]`` is selection s's projection on the input-pixel window whose top-left corner is
+    ``origins[s]`` = (y, x) in input coordinates (may be negative); cells outside the image are zero."""
+
+    windows: torch.Tensor  # (S, C, R, R)
+    origins: torch.Tensor  # (S, 2) int64
+
+
+def last_pool_below(engine: DeconvNet, layer: LayerInfo) -> int:
+    """Index of the last layer whose forward pass the projection from ``layer`` needs (its switches or
+    LRN inputs); -1 if none (e.g. conv1: no forward pass needed at all)."""
+    needed = -1
+    for info in engine.layers[: layer.index + 1]:
+        if isinstance(info.module, nn.MaxPool2d) or (engine.include_lrn and isinstance(info.module, nn.LocalResponseNorm)):
+            needed = info.index
+    return needed
+
+
+class WindowedProjector:
+    """Windowed projections of single units for a :class:`DeconvNet` (see module docstring)."""
+
+    def __init__(self, engine: DeconvNet) -> None:
+        self.engine = engine
+        for info in engine.layers:
+            m = info.module
+            if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+                raise DeconvnetError(f"conv with padding_mode={m.padding_mode!r} is not supported")
+        self._shapes: dict[tuple[int, int], dict[int, tuple[int, int]]] = {}
+
+    def forward(self, images: torch.Tensor, upto: int):
+        """The record (switches, shapes) the way down needs, for layers ``0..upto``."""
+        if upto < 0:
+            from ..deconv import _Record
+
+            return _Record()
+        return self.engine.forward(images, upto)[1]
+
+    @torch.no_grad()
+    def project(
+        self,
+        rec,
+        input_shape: tuple[int, int],
+        layer: str,
+        image_index: torch.Tensor,
+        channels: torch.Tensor,
+        positions: torch.Tensor,
+        values: torch.Tensor,
+    ) -> WindowedProjections:
+        """Project S single units of ``layer`` (``channels[s]`` at ``positions[s]`` = (y, x), seeded
+        with ``values[s]``) of the recorded images ``image_index[s]``."""
+        engine = self.engine
+        info = engine.layer(layer)
+        n = int(channels.shape[0])
+        device = values.device
+        image_index = image_index.to(device)
+        num_channels = self._channels(info)
+        x = torch.zeros(n, num_channels, 1, 1, dtype=values.dtype, device=device)
+        x[torch.arange(n, device=device), channels.to(device), 0, 0] = values
+        origin = positions.to(device=device, dtype=torch.long).clone()  # (S, 2)
+        height, width = input_shape
+        for below in reversed(engine.layers[: info.index + 1]):
+            m = below.module
+            if isinstance(m, nn.ReLU):
+                x = F.relu(x)
+            elif isinstance(m, nn.Conv2d):
+                s, p, d = _pair(m.stride), _pair(m.padding), _pair(m.dilation)
+                x = F.conv_transpose2d(x, m.weight, None, s, 0, 0, m.groups, d)
+                origin = origin * torch.tensor(s, device=device) - torch.tensor(p, device=device)
+                x = self._mask(x, origin, self._in_size(rec, below, input_shape))
+            elif isinstance(m, nn.MaxPool2d):
+                x, origin = self._unpool(x, origin, rec, below, m, input_shape, image_index)
+            elif isinstance(m, nn.LocalResponseNorm):
+                if engine.include_lrn:
+                    x = self._lrn(x, origin, rec, below, m, image_index)
+            elif isinstance(m, nn.BatchNorm2d):
+                scale = m.weight / torch.sqrt(m.running_var + m.eps) if m.affine else torch.rsqrt(m.running_var + m.eps)
+                x = x * scale.view(1, -1, 1, 1)
+        return WindowedProjections(x, origin)
+
+    # ------------------------------------------------------------------ pieces
+    def _channels(self, info: LayerInfo) -> int:
+        for below in reversed(self.engine.layers[: info.index + 1]):
+            if isinstance(below.module, nn.Conv2d):
+                return below.module.out_channels
+        raise DeconvnetError(f"{info.name}: no conv layer at or below it")
+
+    def shapes(self, input_shape: tuple[int, int]) -> dict[int, tuple[int, int]]:
+        """Spatial size of every layer's INPUT for images of ``input_shape`` (cached per size)."""
+        key = (int(input_shape[0]), int(input_shape[1]))
+        if key not in self._shapes:
+            channels = next(m.in_channels for m in (i.module for i in self.engine.layers) if isinstance(m, nn.Conv2d))
+            try:
+                probe = torch.empty(1, channels, *key, device="meta")
+                rec = self.engine.forward(probe, len(self.engine.layers) - 1, record=False)[1]
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - meta kernels missing
+                probe = torch.zeros(1, channels, *key, device=next(self.engine.model.parameters()).device)
+                rec = self.engine.forward(probe, len(self.engine.layers) - 1, record=False)[1]
+            self._shapes[key] = {i: (int(s[-2]), int(s[-1])) for i, s in rec.shapes.items()}
+        return self._shapes[key]
+
+    def _in_size(self, rec, info: LayerInfo, input_shape: tuple[int, int]) -> tuple[int, int]:
+        return self.shapes(input_shape)[info.index]
+
+    @staticmethod
+    def _mask(x: torch.Tensor, origin: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Zero the window cells outside [0, H) x [0, W)."""
+        h, w = x.shape[-2:]
+        ys = origin[:, :1] + torch.arange(h, device=x.device)  # (S, h)
+        xs = origin[:, 1:] + torch.arange(w, device=x.device)
+        inside_y = (ys >= 0) & (ys < size[0])
+        inside_x = (xs >= 0) & (xs < size[1])
+        if bool(inside_y.all()) and bool(inside_x.all()):
+            return x
+        mask = (inside_y[:, :, None] & inside_x[:, None, :]).to(x.dtype)
+        return x * mask[:, None]
+
+    def switch_codes(self, rec, info: LayerInfo, input_shape: tuple[int, int]) -> torch.Tensor:
+        """The switches of pooling layer ``info`` as offsets inside their pooling window,
+        ``dy * span + dx`` (uint8 when it fits), cached on the record. Independent of any window."""
+        cache = rec.__dict__.setdefault("_codes", {})
+        if info.index not in cache:
+            m = info.module
+            k, s, p, d = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding), _pair(m.dilation)
+            in_w = self._in_size(rec, info, input_shape)[1]
+            idx = rec.switches[info.index]
+            hp, wp = idx.shape[-2:]
+            span = d[1] * (k[1] - 1) + 1
+            dy = torch.div(idx, in_w, rounding_mode="floor") - (torch.arange(hp, device=idx.device) * s[0] - p[0]).view(-1, 1)
+            dx = idx % in_w - (torch.arange(wp, device=idx.device) * s[1] - p[1])
+            code = dy * span + dx
+            cache[info.index] = code.to(torch.uint8) if (d[0] * (k[0] - 1) + 1) * span <= 256 else code.to(torch.int32)
+        return cache[info.index]
+
+    def _unpool(self, x: torch.Tensor, origin: torch.Tensor, rec, info: LayerInfo, m: nn.MaxPool2d, input_shape, image_index: torch.Tensor):
+        k, s, p, d = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding), _pair(m.dilation)
+        codes = self.switch_codes(rec, info, input_shape)  # (N, C, Hp, Wp)
+        n, c, h, w = x.shape
+        hp, wp = codes.shape[-2:]
+        dev = x.device
+        ys = origin[:, :1] + torch.arange(h, device=dev)  # (S, h) pooled-grid rows
+        xs = origin[:, 1:] + torch.arange(w, device=dev)
+        valid = ((ys >= 0) & (ys < hp))[:, :, None] & ((xs >= 0) & (xs < wp))[:, None, :]  # (S, h, w)
+        ysc, xsc = ys.clamp(0, hp - 1), xs.clamp(0, wp - 1)
+        code = codes[image_index[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], ysc[:, None, :, None], xsc[:, None, None, :]]
+        new_origin = origin * torch.tensor(s, device=dev) - torch.tensor(p, device=dev)
+        out_h = (h - 1) * s[0] + d[0] * (k[0] - 1) + 1
+        out_w = (w - 1) * s[1] + d[1] * (k[1] - 1) + 1
+        span_y, span_x = d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1
+        # window-local index = (r * s + dy) * out_w + (c * s + dx): a fixed base plus a per-code offset
+        codes_range = torch.arange(span_y * span_x, device=dev)
+        lut = torch.div(codes_range, span_x, rounding_mode="floor") * out_w + codes_range % span_x
+        base = (torch.arange(h, device=dev) * s[0] * out_w).view(-1, 1) + torch.arange(w, device=dev) * s[1]
+        local = lut[code.long()] + base
+        signal = x if bool(valid.all()) else x * valid[:, None].to(x.dtype)
+        out = x.new_zeros(n, c, out_h * out_w)
+        out.scatter_add_(2, local.view(n, c, -1), signal.reshape(n, c, -1))
+        return out.view(n, c, out_h, out_w), new_origin
+
+    def _lrn(self, x: torch.Tensor, origin: torch.Tensor, rec, info: LayerInfo, m: nn.LocalResponseNorm, image_index):
+        inputs = rec.lrn_inputs[info.index]  # (N, C, H, W)
+        n, c, h, w = x.shape
+        hh, ww = inputs.shape[-2:]
+        ys = (origin[:, :1] + torch.arange(h, device=x.device)).clamp(0, hh - 1)
+        xs = (origin[:, 1:] + torch.arange(w, device=x.device)).clamp(0, ww - 1)
+        window = inputs[image_index[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None], ys[:, None, :, None], xs[:, None, None, :]]
+        with torch.enable_grad():
+            inp = window.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(m(inp), inp, x)
+        return grad  # x is zero outside the map, so the clamped (repeated) cells contribute nothing

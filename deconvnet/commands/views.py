@@ -1,0 +1,191 @@
+"""``deconvnet atlas``, ``deconvnet filters`` and ``deconvnet evolution``: the paper's Figs. 2, 6 and 4."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+from .common import add_model_args, load_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "atlas",
+        help="top-k activations of every feature map over a folder of images, projected (paper Fig. 2)",
+        description="Scan a folder (recursively) for the k strongest activations of every map of the chosen layers, "
+        "project each with the deconvnet, and write per-layer PNG sheets (3x3 projections beside 3x3 image patches) "
+        "and index.html. Resumable (re-run the same command); runs under torchrun (each process scans a shard).",
+    )
+    p.add_argument("images", help="folder of images (searched recursively; unreadable files are skipped and listed)")
+    p.add_argument("--out", required=True, help="output folder: atlas.npz, <layer>/maps-*.png, index.html")
+    p.add_argument("--layers", default="all", help="e.g. conv1..conv5 (default: every convI), conv2,conv5 or pool5")
+    p.add_argument("--top", type=int, default=9, help="activations kept per map (default 9)")
+    p.add_argument("--allow-repeats", action="store_true", help="allow several of a map's top-k from the same image (default: k distinct images)")
+    p.add_argument("--maps", default=None, help="render only these maps of every layer, e.g. 0-15,40 (the scan keeps all)")
+    p.add_argument("--random-maps", type=int, default=None, metavar="N", help="render N random maps per layer, like the paper's figure")
+    p.add_argument("--seed", type=int, default=0, help="for --random-maps")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=1, help="image-decoding processes (0: decode in the main process)")
+    p.add_argument("--checkpoint-every", type=int, default=512, metavar="N", help="save the scan state every N images")
+    p.add_argument("--restart", action="store_true", help="ignore a saved scan in --out and start over")
+    p.add_argument("--no-render", dest="render", action="store_false", help="only scan (write atlas.npz)")
+    p.add_argument("--tile", type=int, default=64, help="largest tile side in pixels (receptive fields are resized down to it)")
+    p.add_argument("--per-page", type=int, default=16, help="maps per PNG sheet")
+    p.add_argument("--columns", type=int, default=4, help="maps per row of a sheet")
+    p.add_argument("--cache-mb", type=float, default=1024, help="memory for the pixels/switches of images in the top-k lists (saves a second forward pass)")
+    p.add_argument("--no-lrn", action="store_true", help="remove LRN layers from the model (forward too)")
+    p.add_argument("--include-lrn", action="store_true", help="send the signal back through LRN's Jacobian instead of skipping it")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_model_args(p)
+    p.set_defaults(func=cmd_atlas)
+
+    p = sub.add_parser(
+        "filters",
+        help="layer-1 filter mosaic, per-filter RMS and dead filters; two models side by side (paper Fig. 6)",
+        description="Dead filter: RMS below --dead-ratio x the median RMS of the layer's filters. With --compare, the two "
+        "models side by side (e.g. ZFNet vs AlexNet); with --images, also each model's strongest conv2 projections.",
+    )
+    p.add_argument("--out", required=True, help="output folder: filters.png, filter-stats.json")
+    p.add_argument("--compare", default=None, metavar="WEIGHTS", help="second model (registry name or file), e.g. alexnet-imagenet")
+    p.add_argument("--compare-arch", default=None, help="architecture of --compare when its file does not say")
+    p.add_argument("--images", default=None, help="folder of images for the top conv2 projections")
+    p.add_argument("--max-images", type=int, default=500, help="use at most this many images of --images (default 500)")
+    p.add_argument("--layer2-maps", type=int, default=36, help="how many conv2 maps to show (the strongest)")
+    p.add_argument("--dead-ratio", type=float, default=0.2, help="dead: RMS < this x median RMS (default 0.2)")
+    p.add_argument("--quiet", action="store_true")
+    add_model_args(p)
+    p.set_defaults(func=cmd_filters)
+
+    p = sub.add_parser(
+        "evolution",
+        help="strongest activation of a few maps per layer, projected with each training snapshot (paper Fig. 4)",
+    )
+    p.add_argument("snapshots", nargs="+", help="snapshot files of one run (e.g. runs/x/snapshots/epoch-*.safetensors)")
+    p.add_argument("--images", required=True, help="folder of images to take the strongest activations from")
+    p.add_argument("--out", required=True, help="output folder: evolution.png, evolution.json")
+    p.add_argument("--layers", default="all", help="e.g. conv1..conv5 (default: every convI)")
+    p.add_argument("--maps-per-layer", type=int, default=3, help="maps shown per layer: the strongest under the last snapshot")
+    p.add_argument("--maps", default=None, help="explicit maps for every layer instead, e.g. 0,5,9")
+    p.add_argument("--max-images", type=int, default=None, help="use at most this many images (evenly spread over the sorted list)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--tile", type=int, default=64)
+    p.add_argument("--arch", default=None, help="architecture for snapshot files that do not say")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_evolution)
+
+
+def _subset(files: list, limit: int | None) -> list:
+    if limit is None or limit >= len(files):
+        return files
+    if limit < 1:
+        from ..errors import DeconvnetError
+
+        raise DeconvnetError("--max-images must be at least 1")
+    step = len(files) / limit
+    return [files[int(i * step)] for i in range(limit)]
+
+
+def _image_files(folder: str) -> list:
+    from ..data import list_images
+    from ..errors import DeconvnetError
+
+    files = list_images(folder)
+    if not files:
+        raise DeconvnetError(f"{folder}: no image files found (searched recursively)")
+    return files
+
+
+def cmd_atlas(args: argparse.Namespace) -> int:
+    from ..analysis.atlas import build_atlas, dist_info, parse_layers, parse_maps
+    from ..deconv import DeconvNet
+    from ..errors import DeconvnetError
+
+    if args.maps and args.random_maps:
+        raise DeconvnetError("choose --maps or --random-maps, not both")
+    rank, world = dist_info()
+    loaded = load_from_args(args, lrn=False if args.no_lrn else None, announce=rank == 0)
+    engine = DeconvNet(loaded.model, include_lrn=args.include_lrn)
+    layers = parse_layers(args.layers, engine)
+    maps = None
+    if args.maps or args.random_maps:
+        from ..analysis.atlas import _layer_channels
+
+        maps = {}
+        rng = random.Random(args.seed)
+        for layer in layers:
+            channels = _layer_channels(engine, engine.layer(layer))
+            if args.maps:
+                maps[layer] = parse_maps(args.maps, channels, layer)
+            else:
+                maps[layer] = sorted(rng.sample(range(channels), min(args.random_maps, channels)))
+    result = build_atlas(
+        loaded, args.images, args.out, layers=layers, k=args.top, distinct=not args.allow_repeats, maps=maps,
+        batch_size=args.batch_size, workers=args.workers, checkpoint_every=args.checkpoint_every, restart=args.restart,
+        tile=args.tile, per_page=args.per_page, columns=args.columns, render=args.render, progress=not args.quiet,
+        cache_mb=args.cache_mb, include_lrn=args.include_lrn,
+    )
+    if rank == 0:
+        scan = result.scan
+        times = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
+        print(f"atlas: {len(scan.files) - len(scan.skipped)} images scanned, {len(scan.skipped)} skipped"
+              f"{' (listed in ' + str(Path(args.out) / 'skipped.txt') + ')' if scan.skipped else ''}; "
+              f"layers {', '.join(scan.layers)}; top-{scan.k}; {times}")
+        index = Path(args.out) / "index.html"
+        print(f"scan results: {Path(args.out) / 'atlas.npz'}" + (f"; browse: {index}" if args.render else ""))
+    return 0
+
+
+def cmd_filters(args: argparse.Namespace) -> int:
+    from ..analysis.filters import filters_figure, layer2_top_projections
+    from ..atomic import save_json
+    from ..weights import load_model
+
+    loaded = load_from_args(args)
+    models = [(Path(str(loaded.source)).stem + f" ({loaded.arch})", loaded)]
+    if args.compare:
+        other = load_model(args.compare, arch=args.compare_arch, device=loaded.device)
+        print(f"compare: {other.source} ({other.arch})", file=sys.stderr)
+        models.append((Path(str(other.source)).stem + f" ({other.arch})", other))
+    layer2 = None
+    if args.images:
+        files = _subset(_image_files(args.images), args.max_images)
+        layer2 = {name: layer2_top_projections(lm, files, count=args.layer2_maps, progress=not args.quiet) for name, lm in models}
+    out = Path(args.out)
+    path, stats = filters_figure(models, out / "filters.png", dead_ratio=args.dead_ratio, layer2=layer2)
+    save_json(out / "filter-stats.json", {name: st.to_dict() for (name, _), st in zip(models, stats)})
+    for (name, _), st in zip(models, stats):
+        print(f"{name}: {st.summary()}")
+    print(f"figure: {path}\nstats: {out / 'filter-stats.json'}")
+    return 0
+
+
+def cmd_evolution(args: argparse.Namespace) -> int:
+    from ..analysis.evolution import evolution_figure, feature_evolution
+    from ..atomic import save_json
+    from ..errors import DeconvnetError
+    from ..training import resolve_device
+
+    files = _subset(_image_files(args.images), args.max_images)
+    maps = None
+    if args.maps:
+        try:
+            explicit = [int(v) for v in args.maps.split(",") if v.strip()]
+        except ValueError:
+            raise DeconvnetError(f"--maps: expected comma-separated integers, got {args.maps!r}") from None
+        maps = explicit
+    device = resolve_device(args.device)
+    evo = feature_evolution(args.snapshots, files, layers=args.layers, maps=None, maps_per_layer=args.maps_per_layer,
+                            tile=args.tile, batch_size=args.batch_size, device=str(device), progress=not args.quiet,
+                            arch=args.arch, explicit_maps=maps)
+    out = Path(args.out)
+    path = evolution_figure(evo, out / "evolution.png")
+    save_json(out / "evolution.json", {
+        "epochs": evo.epochs, "snapshots": evo.snapshots, "images": len(files),
+        "maps": evo.maps, "values": {l: evo.values[l].tolist() for l in evo.layers},
+        "image_files": {l: [[evo.files[i] for i in row] for row in evo.images[l].tolist()] for l in evo.layers},
+    })
+    print(f"epochs {evo.epochs}; {len(files)} images; maps {evo.maps}\nfigure: {path}")
+    return 0
