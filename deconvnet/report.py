@@ -30,7 +30,7 @@ from PIL import Image
 from . import __version__
 from .atomic import save_text
 from .errors import DeconvnetError
-from .explorer import Explorer, ImageSession, data_uri, png_bytes
+from .explorer import Explorer, ImageSession, data_uri, decode_image, png_bytes
 from .server import integrations
 from .weights import LoadedModel
 
@@ -234,6 +234,7 @@ ol.top5 li .bar { position: absolute; inset: 0 auto 0 0; background: #ffd8c2; z-
 img.pixelated { image-rendering: pixelated; }
 .panels { display: grid; grid-template-columns: repeat(auto-fill, minmax(200px, 1fr)); gap: .8rem; }
 .panels img { width: 100%; display: block; }
+.panels figure.wide { grid-column: 1 / -1; } .panels figure.wide img { width: auto; max-width: 100%; }
 figure { margin: 0; } figcaption { font-size: 11px; color: #6b6f75; margin-top: 2px; }
 .legend { display: inline-flex; align-items: center; gap: 3px; font-size: 11px; margin-right: 6px; }
 .legend i { display: inline-block; width: 10px; height: 10px; border: 1px solid #0003; }
@@ -254,8 +255,9 @@ def _panels_html(panels: list[dict[str, Any]]) -> str:
     for p in panels:
         legend = "".join(f'<span class="legend"><i style="background:{html.escape(item["color"])}"></i>{html.escape(item["label"])}</span>' for item in p.get("legend", []))
         cls = ' class="pixelated"' if p.get("pixelated") else ""
+        wide = ' class="wide"' if p.get("wide") else ""
         out.append(
-            f'<figure><img{cls} src="{p["image"]}" alt="{html.escape(p["title"])}"><figcaption><strong>{html.escape(p["title"])}</strong> '
+            f'<figure{wide}><img{cls} src="{p["image"]}" alt="{html.escape(p["title"])}"><figcaption><strong>{html.escape(p["title"])}</strong> '
             f'{html.escape(p.get("caption", ""))}</figcaption>{legend}</figure>'
         )
     out.append("</div>")
@@ -311,7 +313,12 @@ def _image_section(explorer: Explorer, session: ImageSession, number: int, layer
         else:
             parts.append('<h3>Occlusion</h3><p class="muted">not available in this installation.</p>')
     if invariance:
-        panels = integrations.invariance_panels(explorer.loaded, path, log) if integrations.invariance_available() else None
+        if integrations.invariance_available():
+            log(f"  invariance: {session.name}")
+            original = decode_image(path.read_bytes(), session.name, explorer.max_pixels)
+            panels = integrations.invariance_panels(explorer.loaded, original)
+        else:
+            panels = None
         if panels:
             parts.append('<h3>Invariance <span class="muted small">(paper Fig. 5)</span></h3>')
             parts.append(_panels_html(panels))
@@ -365,11 +372,12 @@ def build_report(
     curve = _history_plot(loaded)
     if curve:
         model_parts.append(f'<h3>Training</h3><img src="{curve}" alt="training curves" style="max-width:480px">')
-    filters = layer1_filters(loaded)
+    mosaic = integrations.layer1_mosaic(loaded)
+    filters, stats = mosaic if mosaic is not None else (layer1_filters(loaded), "")
     if filters is not None:
         model_parts.append(
             f'<h3>Layer-1 filters</h3><img class="filters" src="{_png_uri(filters)}" alt="layer-1 filters">'
-            '<p class="muted small">Each filter contrast-normalised on its own (mid-grey = 0).</p>'
+            f'<p class="muted small">Each filter contrast-normalised on its own (mid-grey = 0). {esc(stats)}</p>'
         )
     card = _model_card_text(loaded)
     if card:

@@ -19,7 +19,10 @@ pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from _server import CHROMIUM, CHROMIUM_ARGS, Server, photo_bytes, tiny_weights  # noqa: E402
+try:  # tests/ as a package or as a plain folder
+    from tests._server import CHROMIUM, CHROMIUM_ARGS, Server, photo_bytes, tiny_weights
+except ImportError:  # pragma: no cover
+    from _server import CHROMIUM, CHROMIUM_ARGS, Server, photo_bytes, tiny_weights  # type: ignore[no-redef]
 
 if not Path(CHROMIUM).exists():  # pragma: no cover - CI installs it (.ci/run)
     pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium", allow_module_level=True)

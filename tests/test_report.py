@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from _server import photo_bytes, tiny_weights
+try:  # tests/ as a package or as a plain folder
+    from tests._server import photo_bytes, tiny_weights
+except ImportError:  # pragma: no cover
+    from _server import photo_bytes, tiny_weights  # type: ignore[no-redef]
 from deconvnet.cli import main
 from deconvnet.errors import DeconvnetError
 

@@ -19,7 +19,10 @@ from PIL import Image
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from _server import ROOT, Server, photo_bytes, tiny_weights  # noqa: E402
+try:  # tests/ as a package or as a plain folder
+    from tests._server import ROOT, Server, photo_bytes, tiny_weights
+except ImportError:  # pragma: no cover
+    from _server import ROOT, Server, photo_bytes, tiny_weights  # type: ignore[no-redef]
 
 MAX_UPLOAD_MB = 2
 
@@ -33,9 +36,13 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     (images / "a.jpg").write_bytes(photo_bytes("JPEG", seed=1))
     (images / "sub" / "b.png").write_bytes(photo_bytes("PNG", seed=2))
     (images / "notes.txt").write_text("not an image")
+    extra = ["--images", str(images), "--max-upload-mb", str(MAX_UPLOAD_MB)]
+    atlas = _tiny_atlas(weights, base)
+    if atlas is not None:
+        extra += ["--atlas", str(atlas)]
     work = base / "work"
     work.mkdir()
-    srv = Server(weights, work, ["--images", str(images), "--max-upload-mb", str(MAX_UPLOAD_MB)])
+    srv = Server(weights, work, extra)
     srv.images = images
     srv.before = _snapshot(base)
     yield srv
@@ -46,6 +53,22 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 def client(server: Server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
+
+
+def _tiny_atlas(weights: Path, base: Path) -> Path | None:
+    """An atlas (top-9 of conv2 and conv5 over 12 synthetic photos) made by the atlas analysis, if installed."""
+    try:
+        from deconvnet.analysis.atlas import build_atlas
+    except ImportError:
+        return None
+    from deconvnet.weights import load_model
+
+    folder = base / "atlas-images"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"photo-{i:02d}.png").write_bytes(photo_bytes("PNG", (90, 80), seed=10 + i))
+    build_atlas(load_model(str(weights)), folder, base / "atlas", layers=["conv2", "conv5"], k=9, render=False, progress=False)
+    return base / "atlas"
 
 
 def _snapshot(root: Path) -> dict[str, float]:
@@ -234,6 +257,27 @@ def test_bad_requests(client: httpx.Client, server: Server) -> None:
     _json_error(client.get("/api/nothing-here"), 404)
     _json_error(client.delete("/api/model"), 405)
     assert server.alive()
+
+
+def test_atlas(client: httpx.Client) -> None:
+    model = client.get("/api/model").json()
+    if not model["atlas"]:
+        pytest.skip("deconvnet.analysis.atlas is not installed")
+    assert model["atlas_layers"] == ["conv2", "conv5"]
+    info = _open_sample(client)
+    view = client.get(f"/api/images/{info['id']}/layers/conv5/maps/3").json()
+    assert view["atlas_url"] == "/api/atlas/conv5/3"
+    atlas = client.get(view["atlas_url"]).json()
+    assert 1 <= len(atlas["patches"]) <= 9
+    values = [p["value"] for p in atlas["patches"]]
+    assert values == sorted(values, reverse=True)
+    for p in atlas["patches"]:
+        assert _decode_uri(p["image"]).size == _decode_uri(p["projection"]).size
+        assert p["label"].startswith("photo-")
+    assert client.get(f"/api/images/{info['id']}/layers/conv1/maps/0").json()["atlas_url"] is None
+    assert "does not cover" in _json_error(client.get("/api/atlas/conv1/0"), 404)
+    assert "out of range" in _json_error(client.get("/api/atlas/conv5/24"), 404)
+    _json_error(client.get("/api/atlas/..%2Fconv5/1"), 404)
 
 
 def test_occlusion_job(client: httpx.Client) -> None:

@@ -64,6 +64,7 @@ class ModelInfo(BaseModel):
     input_size: list[int] = Field(description="[height, width] of the model input (the preprocessing crop)")
     layers: list[LayerSummary]
     atlas: bool = Field(description="top-9 patches available for clicked units (--atlas)")
+    atlas_layers: list[str] = Field(default_factory=list, description="layers the atlas covers")
     occlusion: bool = Field(description="the occlusion analysis is available")
     max_upload_bytes: int
     max_pixels: int
@@ -121,8 +122,14 @@ class MapViewInfo(BaseModel):
     whole_map: str = Field(description="data: URI (PNG): deconvnet projection of the whole map")
     activation: str = Field(description="data: URI (PNG): the map itself (black 0, white its max)")
     patch: str = Field(description="data: URI (PNG): the input under the receptive field")
-    atlas: list[AtlasPatch] | None = Field(default=None, description="the unit's top-9 dataset patches (with --atlas)")
+    atlas_url: str | None = Field(default=None, description="where the unit's top-9 dataset patches are (with --atlas and when the atlas covers this layer)")
     elapsed_ms: float
+
+
+class AtlasInfo(BaseModel):
+    layer: str
+    index: int
+    patches: list[AtlasPatch] = Field(description="strongest first: the dataset patch under the unit's receptive field and its projection")
 
 
 class JobInfo(BaseModel):
@@ -287,7 +294,7 @@ def create_app(
     ``atlas_dir``: the output of the atlas analysis for this model (top-9 patches per unit)."""
     explorer = Explorer(loaded, cache_size=cache_size, max_pixels=max_pixels)
     sources = _list_sources(images_dir, samples)
-    atlas = integrations.open_atlas(atlas_dir) if atlas_dir else None
+    atlas = integrations.open_atlas(atlas_dir, loaded) if atlas_dir else None
     jobs = Jobs()
     thumbnails: dict[str, bytes] = {}
 
@@ -375,6 +382,7 @@ def create_app(
             input_size=[size, size],
             layers=layers,
             atlas=atlas is not None,
+            atlas_layers=atlas.layers if atlas is not None else [],
             occlusion=integrations.occlusion_available(),
             max_upload_bytes=max_upload_bytes,
             max_pixels=max_pixels,
@@ -466,9 +474,7 @@ def create_app(
         if index >= maps.channels:
             raise HTTPException(404, f"map {index} out of range: {layer} has {maps.channels} maps (0..{maps.channels - 1})")
         view = explorer.project(session, layer, index)
-        patches = None
-        if atlas is not None:
-            patches = [AtlasPatch(**p) for p in integrations.atlas_patches(atlas, layer, index)] or None
+        atlas_url = f"/api/atlas/{layer}/{index}" if atlas is not None and layer in atlas.layers else None
         return MapViewInfo(
             image_id=session.id,
             layer=layer,
@@ -484,9 +490,24 @@ def create_app(
             whole_map=data_uri(view.whole_map_png),
             activation=data_uri(view.activation_png),
             patch=data_uri(view.patch_png),
-            atlas=patches,
+            atlas_url=atlas_url,
             elapsed_ms=(time.perf_counter() - started) * 1000,
         )
+
+    @app.get("/api/atlas/{layer}/{index}", response_model=AtlasInfo, tags=["layers"], responses=ERRORS,
+             summary="A unit's top-9 patches over the dataset the atlas was computed on (needs --atlas)")
+    def atlas_view(layer: str = PathParam(pattern=ID_PATTERN), index: int = PathParam(ge=0, le=1_000_000)) -> AtlasInfo:
+        if atlas is None:
+            raise HTTPException(404, "no atlas: start the server with --atlas DIR (made by `deconvnet atlas`)")
+        layer_or_404(layer)
+        if layer not in atlas.layers:
+            raise HTTPException(404, f"the atlas does not cover {layer} (it has {', '.join(atlas.layers)})")
+        channels = atlas.scan.values[layer].shape[0]
+        if index >= channels:
+            raise HTTPException(404, f"map {index} out of range: {layer} has {channels} maps (0..{channels - 1})")
+        with explorer.compute_lock:
+            patches = integrations.atlas_patches(atlas, loaded, layer, index)
+        return AtlasInfo(layer=layer, index=index, patches=[AtlasPatch(**p) for p in patches])
 
     # ------------------------------------------------------------------ occlusion
     @app.post("/api/images/{image_id}/occlusion", response_model=JobInfo, tags=["analyses"], responses=ERRORS,

@@ -188,28 +188,157 @@ def _draw_box(image: np.ndarray, box: tuple[int, int, int, int], colour: tuple[i
 # --------------------------------------------------------------------------- atlas
 
 
-def open_atlas(atlas_dir: str | Path) -> Any:
-    """Open an atlas folder written by the atlas analysis (top-9 patches per unit)."""
+class Atlas:
+    """An atlas folder written by ``deconvnet.analysis.atlas`` (its ``atlas.npz`` scan): the top-k
+    activations of every map over a dataset. A unit's tiles are projected on first request (reading
+    the k images the scan names, never a client-given path) and cached."""
+
+    def __init__(self, scan: Any, folder: Path, module: Any) -> None:
+        self.scan = scan
+        self.folder = folder
+        self.module = module
+        self.cache: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        self.lock = threading.Lock()
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.scan.layers)
+
+
+def open_atlas(atlas_dir: str | Path, loaded: Any | None = None) -> Atlas:
+    """Open an atlas folder (``atlas.npz`` inside) and check that it fits ``loaded``."""
     path = Path(atlas_dir)
     if not path.is_dir():
         raise DeconvnetError(f"--atlas {atlas_dir}: no such folder")
-    # INTEGRATION POINT (atlas): filled in once deconvnet/analysis/atlas.py exists.
-    raise DeconvnetError("the atlas view is not available in this installation (deconvnet.analysis.atlas is missing)")
+    mod = _module("atlas")
+    if mod is None or not hasattr(mod, "AtlasScan"):
+        raise DeconvnetError("the atlas view is not available in this installation (deconvnet.analysis.atlas is missing)")
+    npz = path / "atlas.npz"
+    if not npz.is_file():
+        raise DeconvnetError(f"--atlas {atlas_dir}: no atlas.npz inside; make one with `deconvnet atlas --out {atlas_dir} ...`")
+    scan = mod.AtlasScan.load(npz)
+    if loaded is not None:
+        crop = loaded.preprocessing.crop
+        if tuple(scan.input_size) != (crop, crop):
+            raise DeconvnetError(f"--atlas {atlas_dir} was computed for {scan.input_size[0]} px inputs; this model takes {crop} px")
+        from ..deconv import DeconvNet
+
+        engine = DeconvNet(loaded.model)
+        for layer in scan.layers:
+            info = engine.layer(layer)
+            channels = next(m.out_channels for m in (i.module for i in reversed(engine.layers[: info.index + 1])) if hasattr(m, "out_channels"))
+            if scan.values[layer].shape[0] != channels:
+                raise DeconvnetError(f"--atlas {atlas_dir}: {layer} has {scan.values[layer].shape[0]} maps there, {channels} in this model")
+    return Atlas(scan, path, mod)
 
 
-def atlas_patches(atlas: Any, layer: str, channel: int) -> list[dict[str, Any]]:
-    """The unit's top-9 patches as [{"image": data URI, "projection": data URI | None, "value", "label"}]."""
-    return []
+def atlas_patches(atlas: Atlas, loaded: Any, layer: str, channel: int, tile: int = 64) -> list[dict[str, Any]]:
+    """The unit's top-k patches, strongest first: [{"image", "projection" (data URIs), "value", "label"}];
+    [] when the atlas has no such layer or map."""
+    from ..explorer import data_uri, png_bytes
+
+    if layer not in atlas.scan.layers or not 0 <= channel < atlas.scan.values[layer].shape[0]:
+        return []
+    key = (layer, channel)
+    with atlas.lock:
+        if key in atlas.cache:
+            return atlas.cache[key]
+        tiles = atlas.module.project_atlas(loaded, atlas.scan, [layer], {layer: [channel]}, tile=tile, progress=False)[layer]
+        out = []
+        for r in range(tiles.filled.shape[1]):
+            if not tiles.filled[0, r]:
+                continue
+            gid = int(tiles.images[0, r])
+            name = Path(atlas.scan.files[gid]).name if 0 <= gid < len(atlas.scan.files) else str(gid)
+            out.append({
+                "image": data_uri(png_bytes(tiles.tiles[0, r, 1])),
+                "projection": data_uri(png_bytes(tiles.tiles[0, r, 0])),
+                "value": float(tiles.values[0, r]),
+                "label": name,
+            })
+        atlas.cache[key] = out
+        if len(atlas.cache) > 2048:
+            atlas.cache.pop(next(iter(atlas.cache)))
+        return out
+
+
+# --------------------------------------------------------------------------- filters
+
+
+def layer1_mosaic(loaded: Any) -> tuple[np.ndarray, str] | None:
+    """(RGB uint8 mosaic of the first conv layer's filters, one-line statistics) from
+    ``deconvnet.analysis.filters``, or None when that module is missing or the layer is not RGB."""
+    mod = _module("filters")
+    if mod is None or not hasattr(mod, "filter_mosaic"):
+        return None
+    from ..deconv import DeconvNet
+
+    first = next(n for n in DeconvNet(loaded.model).layer_names if n.startswith("conv"))
+    try:
+        mosaic = mod.filter_mosaic(loaded.model, first, columns=16, scale=4)
+        summary = mod.filter_stats(loaded.model, first).summary() if hasattr(mod, "filter_stats") else ""
+    except DeconvnetError:
+        return None
+    return (np.clip(mosaic, 0, 1) * 255 + 0.5).astype(np.uint8), summary
 
 
 # --------------------------------------------------------------------------- invariance
 
 
 def invariance_available() -> bool:
-    # INTEGRATION POINT (invariance): filled in once deconvnet/analysis/invariance.py exists.
-    return False
+    mod = _module("invariance")
+    return mod is not None and hasattr(mod, "invariance_curves") and hasattr(mod, "prepare_uncropped")
 
 
-def invariance_panels(loaded: Any, path: Path, log: Callable[[str], None] | None = None) -> list[dict[str, Any]] | None:
-    """The invariance curves (paper Fig. 5) of one image file as panels, or None."""
-    return None
+def invariance_panels(loaded: Any, image: Image.Image, label: int | None = None) -> list[dict[str, Any]] | None:
+    """The paper's Fig. 5 for one image: relative feature distance at layers 1 and 7 and the
+    probability of ``label`` (default: the top class of the untransformed image) under vertical
+    translation, scaling and rotation, drawn as one figure. None when the analysis is missing."""
+    if not invariance_available():
+        return None
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..explorer import data_uri
+
+    mod = _module("invariance")
+    pre = loaded.preprocessing
+    uncropped = mod.prepare_uncropped(pre, image)
+    if label is None:
+        with torch.no_grad():
+            x = pre(image)[None].to(loaded.device)
+            label = int(loaded.model(x).argmax(1))
+    classes = list(loaded.classes)
+    name = classes[label] if label < len(classes) else str(label)
+    layers = ("layer1", "layer7")
+    fig, axes = plt.subplots(2, 3, figsize=(9.6, 4.6), sharex="col")
+    units = {"translate": "vertical shift (px)", "scale": "scale factor", "rotate": "rotation (degrees)"}
+    for col, transform in enumerate(("translate", "scale", "rotate")):
+        curves = mod.invariance_curves(loaded.model, [uncropped.to(loaded.device)], [label], transform, pre.crop, layers=layers)
+        for layer, colour in zip(layers, ("tab:blue", "tab:red")):
+            axes[0, col].plot(curves.values, curves.distances[layer][0], "o-", ms=3, color=colour, label=layer)
+        axes[1, col].plot(curves.values, curves.probability[0], "o-", ms=3, color="tab:green")
+        axes[0, col].set_title(transform, fontsize=10)
+        axes[1, col].set_xlabel(units[transform], fontsize=9)
+        axes[1, col].set_ylim(-0.02, 1.02)
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=8)
+    axes[0, 0].set_ylabel("relative feature\ndistance", fontsize=9)
+    axes[1, 0].set_ylabel(f"p({name})", fontsize=9)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return [{
+        "title": "Invariance (paper Fig. 5)",
+        "caption": f"||f(Tx) - f(x)|| / ||f(x)|| at layers 1 and 7, and the probability of {name} (the top class of the untransformed image), "
+                   "under vertical translation, scale and rotation",
+        "image": data_uri(buf.getvalue()),
+        "wide": True,
+    }]

@@ -197,23 +197,23 @@ async function selectMap(channel, button) {
     $("detail-meta").textContent = `receptive field ${v.rf_size} px, box y ${v.box[0]}–${v.box[2]}, x ${v.box[1]}–${v.box[3]} · answered in ${v.elapsed_ms.toFixed(0)} ms`;
     const atlas = $("atlas"), grid = $("atlas-grid");
     grid.innerHTML = "";
-    if (v.atlas && v.atlas.length) {
-      for (const p of v.atlas) {
+    atlas.hidden = true;
+    if (v.atlas_url) {
+      const a = await api(v.atlas_url);
+      if (ticket !== state.request) return;
+      for (const p of a.patches) {
         const fig = document.createElement("figure");
+        const pr = document.createElement("img");
+        pr.src = p.projection; pr.alt = "projection"; pr.className = "pixelated";
         const img = document.createElement("img");
-        img.src = p.image; img.alt = "atlas patch";
-        fig.appendChild(img);
-        if (p.projection) { const pr = document.createElement("img"); pr.src = p.projection; pr.alt = "projection"; fig.appendChild(pr); }
-        if (p.label || p.value != null) {
-          const cap = document.createElement("figcaption");
-          cap.textContent = [p.label, p.value != null ? fmt(p.value) : null].filter(Boolean).join(" · ");
-          fig.appendChild(cap);
-        }
+        img.src = p.image; img.alt = "dataset patch"; img.className = "pixelated";
+        const cap = document.createElement("figcaption");
+        cap.textContent = [p.value != null ? fmt(p.value) : null, p.label].filter(Boolean).join(" · ");
+        cap.title = cap.textContent;
+        fig.append(pr, img, cap);
         grid.appendChild(fig);
       }
-      atlas.hidden = false;
-    } else {
-      atlas.hidden = true;
+      atlas.hidden = a.patches.length === 0;
     }
   } catch (e) {
     if (ticket === state.request) setStatus(e.message, "error");
