@@ -1,0 +1,158 @@
+"""Invariance of the features to translation, scale and rotation (Zeiler & Fergus Fig. 5).
+
+Each image is resized as the model's preprocessing says (shorter side to ``resize``), transformed
+about its centre, then centre-cropped to the model's input size, so that content from outside the
+crop moves in where the image has some; pixels that come from outside the image are the dataset
+mean (0 in normalised input space). Transformations:
+
+* ``translate``: vertical shift by ``v`` pixels of the model input (positive = down). The paper's
+  -60..+60 px at 224 px is ``-60*crop/224 .. +60*crop/224`` here (about +-34 px at 128 px).
+* ``scale``: zoom in by ``v`` (1 .. 1.8) about the centre.
+* ``rotate``: rotation by ``v`` degrees (0 .. 350), counter-clockwise.
+
+For each transformed image we record, per layer, the Euclidean distance between its feature vector
+and that of the untransformed image, divided by the norm of the untransformed image's feature vector
+(a relative distance: 0 = unchanged, 1 = as far as the feature vector is long), and the probability
+of the true class. Bilinear interpolation throughout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
+
+from ..data import Preprocessing
+from ..errors import DeconvnetError
+from ._common import LayerTaps
+
+__all__ = ["TRANSFORMS", "InvarianceCurves", "default_values", "prepare_uncropped", "transform_batch", "invariance_curves"]
+
+TRANSFORMS = ("translate", "scale", "rotate")
+
+
+@dataclass
+class InvarianceCurves:
+    """One transformation applied to N images at T values."""
+
+    transform: str
+    values: np.ndarray  # (T,)
+    layers: list[str]
+    distances: dict[str, np.ndarray]  # layer -> (N, T) relative distance ||f(Tx) - f(x)|| / ||f(x)||
+    raw_distances: dict[str, np.ndarray]  # layer -> (N, T) Euclidean distance
+    probability: np.ndarray  # (N, T) probability of labels[n]
+    top_class: np.ndarray  # (N, T) most probable class
+    labels: list[int]
+
+    def to_dict(self, classes: Sequence[str] | None = None, names: Sequence[str] | None = None) -> dict:
+        d = {
+            "transform": self.transform,
+            "values": self.values.tolist(),
+            "layers": self.layers,
+            "distance_definition": "||f(T x) - f(x)||_2 / ||f(x)||_2",
+            "relative_distance": {k: np.round(v, 6).tolist() for k, v in self.distances.items()},
+            "euclidean_distance": {k: np.round(v, 6).tolist() for k, v in self.raw_distances.items()},
+            "true_class_probability": np.round(self.probability, 6).tolist(),
+            "top_class": self.top_class.tolist(),
+            "labels": self.labels,
+        }
+        if classes is not None:
+            d["label_names"] = [classes[i] for i in self.labels]
+        if names is not None:
+            d["images"] = list(names)
+        return d
+
+
+def default_values(transform: str, crop: int) -> np.ndarray:
+    """The paper's ranges, translation scaled from its 224 px input to ``crop``."""
+    if transform == "translate":
+        top = 60 * crop / 224
+        return np.round(np.linspace(-top, top, 13), 2)
+    if transform == "scale":
+        return np.round(np.linspace(1.0, 1.8, 9), 3)
+    if transform == "rotate":
+        return np.arange(0, 360, 10, dtype=np.float64)
+    raise DeconvnetError(f"unknown transformation {transform!r}; choose from {', '.join(TRANSFORMS)}")
+
+
+def prepare_uncropped(pre: Preprocessing, image: Image.Image) -> torch.Tensor:
+    """PIL image -> normalised (3, h, w) tensor resized like the model's input but NOT cropped."""
+    resized = T.Resize(pre.resize, interpolation=T.InterpolationMode(pre.interpolation), antialias=True)(image)
+    return pre.normalize(TF.pil_to_tensor(resized)) if not pre.pixel_mean else _per_channel(pre, resized)
+
+
+def _per_channel(pre: Preprocessing, image: Image.Image) -> torch.Tensor:
+    # a per-pixel mean image only fits the crop; outside it use the per-channel mean
+    x = TF.pil_to_tensor(image).float() / 255.0
+    mean = torch.tensor(pre.mean).view(3, 1, 1)
+    std = torch.tensor(pre.std).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def transform_batch(uncropped: torch.Tensor, transform: str, values: Sequence[float], crop: int) -> torch.Tensor:
+    """(3, h, w) normalised image -> (T, 3, crop, crop): each value's transform, then the centre crop."""
+    out = []
+    for v in values:
+        v = float(v)
+        if transform == "translate":
+            img = uncropped if v == 0 else TF.affine(uncropped, angle=0.0, translate=[0.0, v], scale=1.0, shear=[0.0, 0.0], interpolation=T.InterpolationMode.BILINEAR, fill=0.0)
+        elif transform == "scale":
+            if v <= 0:
+                raise DeconvnetError(f"scale factors must be positive, got {v}")
+            img = uncropped if v == 1 else TF.affine(uncropped, angle=0.0, translate=[0.0, 0.0], scale=v, shear=[0.0, 0.0], interpolation=T.InterpolationMode.BILINEAR, fill=0.0)
+        elif transform == "rotate":
+            img = uncropped if v % 360 == 0 else TF.rotate(uncropped, v, interpolation=T.InterpolationMode.BILINEAR, fill=0.0)
+        else:
+            raise DeconvnetError(f"unknown transformation {transform!r}; choose from {', '.join(TRANSFORMS)}")
+        out.append(TF.center_crop(img, [crop, crop]))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def invariance_curves(
+    model: torch.nn.Module,
+    images: Sequence[torch.Tensor],
+    labels: Sequence[int],
+    transform: str,
+    crop: int,
+    values: Sequence[float] | None = None,
+    layers: Sequence[str] = ("layer1", "layer7"),
+    progress: bool = False,
+) -> InvarianceCurves:
+    """Distances and probabilities for ``images`` (uncropped normalised tensors from
+    ``prepare_uncropped``) under one transformation; see the module docstring."""
+    from tqdm.auto import tqdm
+
+    if len(images) != len(labels):
+        raise DeconvnetError(f"{len(images)} images but {len(labels)} labels")
+    vals = default_values(transform, crop) if values is None else np.asarray(values, dtype=np.float64)
+    taps = LayerTaps(model)
+    layers = list(layers)
+    device = next(model.parameters()).device
+    n, t = len(images), len(vals)
+    dist = {l: np.zeros((n, t)) for l in layers}
+    raw = {l: np.zeros((n, t)) for l in layers}
+    prob = np.zeros((n, t))
+    top = np.zeros((n, t), dtype=np.int64)
+    for i, (img, label) in enumerate(tqdm(list(zip(images, labels)), desc=f"invariance ({transform})", disable=not progress, unit="img")):
+        if min(img.shape[-2:]) < crop:
+            raise DeconvnetError(f"image {i} is smaller ({tuple(img.shape[-2:])}) than the model's input ({crop})")
+        batch = transform_batch(img, transform, vals, crop).to(device)
+        original = TF.center_crop(img, [crop, crop])[None].to(device)
+        feats = taps(torch.cat([original, batch]), [*layers, "fc8"])
+        probs = feats["fc8"].float().softmax(1)
+        if not 0 <= label < probs.shape[1]:
+            raise DeconvnetError(f"label {label} out of range (the model has {probs.shape[1]} classes)")
+        prob[i] = probs[1:, label].cpu().numpy()
+        top[i] = probs[1:].argmax(1).cpu().numpy()
+        for layer in layers:
+            f = feats[layer].flatten(1).double()
+            d = (f[1:] - f[:1]).norm(dim=1)
+            raw[layer][i] = d.cpu().numpy()
+            dist[layer][i] = (d / f[0].norm().clamp_min(1e-12)).cpu().numpy()
+    return InvarianceCurves(transform, vals, layers, dist, raw, prob, top, [int(l) for l in labels])

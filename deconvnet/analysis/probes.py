@@ -1,0 +1,233 @@
+"""Linear probes of each layer (Zeiler & Fergus Sec. 5.2, Table 7).
+
+The model is frozen; every image goes through it once and the output of each requested layer
+(layers 1..7, see ``deconvnet.analysis._common``) is kept as a feature vector:
+
+* conv layers (1..5): the maps are average-pooled to at most ``grid x grid`` cells
+  (``adaptive_avg_pool2d``; maps already smaller are kept as they are) and flattened, so every
+  layer gives a few thousand features (layer 1 at 128 px: 96 x 4 x 4 = 1,536; layer 5: 256 x 3 x 3);
+* fc layers (6, 7): the vector after the ReLU.
+
+For each layer, each number N of training images per class and each seed, N images per class are
+drawn from the training set (seeded), the features are standardised with the training images'
+mean and standard deviation, and a linear classifier is trained: a softmax (multinomial logistic
+regression, L2 penalty, ``C``) and/or a linear SVM (one-vs-rest, squared hinge, ``C``), both from
+scikit-learn. The score is the mean per-class accuracy on the whole test set (the paper's measure
+for Caltech); the table gives its mean and standard deviation over seeds. With N equal to all the
+training images of each class, the seeds draw the same images (spread from the solver only).
+
+``train_from_scratch`` trains the same architecture on the training images alone, the paper's
+"non-pretrained" baseline.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import DeconvnetError
+from ._common import LayerTaps
+
+__all__ = [
+    "extract_features",
+    "sample_per_class",
+    "mean_per_class_accuracy",
+    "fit_linear",
+    "ProbeRow",
+    "probe_layers",
+    "train_from_scratch",
+    "evaluate_accuracy",
+]
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module, images: torch.Tensor, layers: Sequence[str], grid: int = 4, batch_size: int = 64, progress: bool = False
+) -> dict[str, np.ndarray]:
+    """Features (N, D) float32 of every layer for (N, 3, H, W) model inputs (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    if grid < 1:
+        raise DeconvnetError("--grid must be at least 1")
+    taps = LayerTaps(model)
+    device = next(model.parameters()).device
+    chunks: dict[str, list[np.ndarray]] = {l: [] for l in layers}
+    for start in tqdm(range(0, images.shape[0], batch_size), desc="features", disable=not progress, unit="batch"):
+        out = taps(images[start : start + batch_size].to(device), layers)
+        for l, v in out.items():
+            if v.dim() == 4 and (v.shape[-1] > grid or v.shape[-2] > grid):
+                v = F.adaptive_avg_pool2d(v, (min(grid, v.shape[-2]), min(grid, v.shape[-1])))
+            chunks[l].append(v.flatten(1).float().cpu().numpy())
+    return {l: np.concatenate(c) for l, c in chunks.items()}
+
+
+def sample_per_class(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of ``n`` items of every class, drawn without replacement with ``seed`` (sorted)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < n:
+            raise DeconvnetError(f"class {c} has only {len(idx)} training images; cannot draw {n} per class")
+        out.append(rng.choice(idx, size=n, replace=False))
+    return np.sort(np.concatenate(out))
+
+
+def mean_per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean over the classes present in ``y_true`` of the fraction of that class predicted right."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    classes = np.unique(y_true)
+    return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in classes]))
+
+
+def fit_linear(kind: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, C: float, seed: int = 0) -> np.ndarray:
+    """Standardise with the training statistics, fit a softmax or linear SVM, predict ``x_test``."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import LinearSVC
+
+    mean = x_train.mean(0)
+    std = x_train.std(0)
+    std[std < 1e-8] = 1.0
+    a, b = (x_train - mean) / std, (x_test - mean) / std
+    if kind == "softmax":
+        clf = LogisticRegression(C=C, max_iter=2000, random_state=seed)
+    elif kind == "svm":
+        clf = LinearSVC(C=C, max_iter=5000, random_state=seed)
+    else:
+        raise DeconvnetError(f"unknown classifier {kind!r}; choose softmax or svm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(a, y_train)
+    return clf.predict(b)
+
+
+@dataclass
+class ProbeRow:
+    model: str
+    layer: str
+    classifier: str
+    train_per_class: int
+    mean: float
+    std: float
+    accuracies: list[float]
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "layer": self.layer,
+            "classifier": self.classifier,
+            "train_per_class": self.train_per_class,
+            "mean_per_class_accuracy": self.mean,
+            "std": self.std,
+            "accuracies": self.accuracies,
+        }
+
+
+def probe_layers(
+    train_feats: dict[str, np.ndarray],
+    y_train: np.ndarray,
+    test_feats: dict[str, np.ndarray],
+    y_test: np.ndarray,
+    per_class: Sequence[int] = (15, 30, 60),
+    seeds: int = 3,
+    classifiers: Sequence[str] = ("softmax", "svm"),
+    C: dict[str, float] | None = None,
+    model_name: str = "model",
+    progress: bool = False,
+) -> list[ProbeRow]:
+    """One row per (layer, classifier, N): mean per-class test accuracy over ``seeds`` draws."""
+    from tqdm.auto import tqdm
+
+    C = {"softmax": 1.0, "svm": 0.01, **(C or {})}
+    if seeds < 1:
+        raise DeconvnetError("--seeds must be at least 1")
+    rows = []
+    jobs = [(l, k, n) for l in train_feats for k in classifiers for n in per_class]
+    for layer, kind, n in tqdm(jobs, desc=f"probes ({model_name})", disable=not progress, unit="fit"):
+        accs = []
+        for seed in range(seeds):
+            idx = sample_per_class(y_train, n, seed)
+            pred = fit_linear(kind, train_feats[layer][idx], y_train[idx], test_feats[layer], C[kind], seed)
+            accs.append(mean_per_class_accuracy(y_test, pred))
+        rows.append(ProbeRow(model_name, layer, kind, int(n), float(np.mean(accs)), float(np.std(accs)), accs))
+    return rows
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: np.ndarray, batch_size: int = 100) -> float:
+    """Mean per-class accuracy of the model's own classifier."""
+    model.eval()
+    device = next(model.parameters()).device
+    preds = [model(images[s : s + batch_size].to(device)).argmax(1).cpu().numpy() for s in range(0, len(images), batch_size)]
+    return mean_per_class_accuracy(labels, np.concatenate(preds))
+
+
+def train_from_scratch(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    crop: int,
+    normalize,
+    epochs: int = 30,
+    batch_size: int = 32,
+    lr: float = 0.02,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Train ``model`` (freshly initialised by the caller) on uint8 squares ``images`` (N, 3, S, S)
+    with random ``crop`` x ``crop`` crops and horizontal flips; SGD with Nesterov momentum 0.9,
+    cosine learning rate, label smoothing 0.1. ``normalize`` maps uint8 crops to model inputs.
+    Returns a small log (loss per epoch, seconds)."""
+    from tqdm.auto import tqdm
+
+    if images.shape[-1] < crop:
+        raise DeconvnetError(f"training images ({images.shape[-1]} px) are smaller than the crop ({crop} px)")
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    y = torch.as_tensor(labels, dtype=torch.long)
+    steps_per_epoch = max(1, int(np.ceil(len(images) / batch_size)))
+    total = epochs * steps_per_epoch
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, total) / total)) * min(1.0, (s + 1) / steps_per_epoch))
+    log = {"loss": [], "seconds": 0.0}
+    t0 = time.perf_counter()
+    margin = images.shape[-1] - crop
+    bar = tqdm(total=total, desc="from scratch", disable=not progress, unit="step")
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(images), generator=g)
+        losses = []
+        for s in range(0, len(images), batch_size):
+            idx = order[s : s + batch_size]
+            tops = torch.randint(0, margin + 1, (len(idx),), generator=g)
+            lefts = torch.randint(0, margin + 1, (len(idx),), generator=g)
+            flips = torch.rand(len(idx), generator=g) < 0.5
+            crops = []
+            for i, t, l, f in zip(idx.tolist(), tops.tolist(), lefts.tolist(), flips.tolist()):
+                c = images[i, :, t : t + crop, l : l + crop]
+                crops.append(c.flip(-1) if f else c)
+            x = normalize(torch.stack(crops)).to(device)
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(x), y[idx].to(device), label_smoothing=0.1)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            sched.step()
+            losses.append(float(loss))
+            bar.update(1)
+        log["loss"].append(float(np.mean(losses)))
+    bar.close()
+    model.eval()
+    log["seconds"] = time.perf_counter() - t0
+    return log
