@@ -1023,6 +1023,8 @@ def build_atlas(
             part = merge_scans(gathered)
         else:
             part = merge_scans([part])
+        if len(part.skipped) >= len(files):
+            raise DeconvnetError(f"none of the {len(files)} image file(s) could be read; first: {part.skipped[0][0]} ({part.skipped[0][1]})")
         scan = part if existing is None else _combine(existing, part)
         if rank == 0:
             scan.save(atlas_path)

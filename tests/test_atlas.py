@@ -1,0 +1,372 @@
+"""The top-k atlas (paper Fig. 2): receptive fields, windowed projections, streaming top-k, resume,
+torchrun sharding, rendering, bad input. Small random models and small images throughout."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import OrderedDict
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from deconvnet.analysis.atlas import (
+    AtlasScan,
+    SwitchCache,
+    build_atlas,
+    merge_scans,
+    naive_topk,
+    parse_layers,
+    parse_maps,
+    project_atlas,
+    scan_atlas,
+)
+from deconvnet.analysis.windowed import WindowedProjector, last_pool_below
+from deconvnet.data import Preprocessing
+from deconvnet.deconv import DeconvNet, Selection
+from deconvnet.errors import DeconvnetError
+from deconvnet.models import build_model
+from deconvnet.weights import LoadedModel, save_weights
+
+TINY_CONV = ((8, 7, 2, 1), (12, 5, 2, 0), (12, 3, 1, 1), (12, 3, 1, 1), (8, 3, 1, 1))
+
+
+def tiny_loaded(seed: int = 0, lrn: bool = False, crop: int = 48, pool_style: str = "ceil") -> LoadedModel:
+    torch.manual_seed(seed)
+    model = build_model("zfnet", conv=TINY_CONV, fc=(8, 8), num_classes=3, lrn=lrn, input_size=crop, pool_style=pool_style).eval()
+    return LoadedModel(model, ["a", "b", "c"], Preprocessing(resize=crop + 6, crop=crop), "zfnet", f"tiny-{seed}")
+
+
+def write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """Random-texture photos of varied sizes and formats (some in a sub-folder: the scan recurses)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        h, w = 50 + (i * 7) % 30, 54 + (i * 5) % 30
+        base = rng.integers(0, 255, (h // 6 + 1, w // 6 + 1, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize((w, h), Image.BILINEAR)
+        sub = folder / ("sub" if i % 3 == 0 else "")
+        sub.mkdir(exist_ok=True)
+        path = sub / f"img{i:03d}.{'png' if i % 2 else 'jpg'}"
+        img.save(path)
+        paths.append(path)
+    return paths
+
+
+def batch_of(loaded: LoadedModel, files) -> torch.Tensor:
+    return torch.stack([loaded.preprocessing.load(f)[0] for f in files])
+
+
+# --------------------------------------------------------------------------- receptive fields
+
+
+def _probe_model(pool_style: str) -> nn.Module:
+    """The tiny ZFNet with max pools replaced by average pools of the same geometry, ReLUs by
+    identities and all-positive weights: a linear map in which every input pixel of a unit's
+    receptive field (inside the image) has a nonzero effect on it, and no other pixel has."""
+    loaded = tiny_loaded(pool_style=pool_style, crop=56)
+    feats = loaded.model.features
+    layers = []
+    for name, m in feats.named_children():
+        if isinstance(m, nn.MaxPool2d):
+            m = nn.AvgPool2d(m.kernel_size, m.stride, m.padding, ceil_mode=m.ceil_mode, count_include_pad=False)
+        elif isinstance(m, nn.ReLU):
+            m = nn.Identity()
+        elif isinstance(m, nn.Conv2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.0)
+                m.bias.zero_()
+        layers.append((name, m))
+    return nn.Sequential(OrderedDict(layers)), DeconvNet(loaded.model)
+
+
+@pytest.mark.parametrize("pool_style", ["ceil", "blog"])
+def test_receptive_field_matches_a_brute_force_probe(pool_style):
+    probe, engine = _probe_model(pool_style)
+    size = 40
+    probe = probe.double()
+    size = 56
+    base = torch.ones(1, 3, size, size, dtype=torch.float64)
+    # one perturbed image per input pixel (all channels at once), run as one batch
+    perturbed = base.repeat(size * size, 1, 1, 1)
+    idx = torch.arange(size * size)
+    perturbed[idx, :, idx // size, idx % size] += 1.0
+    outputs, ref_outputs = {}, {}
+    with torch.no_grad():
+        x, r = perturbed, base
+        for name, module in probe.named_children():
+            x, r = module(x), module(r)
+            outputs[name], ref_outputs[name] = x[:, 0], r[0, 0]
+    for layer in ["conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5"]:
+        info = engine.layer(layer)
+        name = info.path.rsplit(".", 1)[-1]  # convI is the relu after the conv: an identity in the probe
+        out, ref = outputs[name], ref_outputs[name]
+        h, w = out.shape[-2:]
+        for y, x in {(0, 0), (h - 1, w - 1), (h // 2, w // 2), (0, w - 1)}:
+            changed = ((out[:, y, x] - ref[y, x]).abs() > 1e-10 * ref[y, x].abs()).view(size, size)
+            ys, xs = torch.nonzero(changed, as_tuple=True)
+            box = (int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1)
+            assert box == info.receptive_field(y, x, size, size), (layer, y, x)
+            assert bool(changed[box[0] : box[2], box[1] : box[3]].all()), (layer, y, x)  # a full box, no holes
+
+
+@pytest.mark.parametrize("lrn", [False, True])
+def test_windowed_projections_equal_the_generic_engine(lrn):
+    loaded = tiny_loaded(seed=3, lrn=lrn, crop=56)
+    engine = DeconvNet(loaded.model, include_lrn=lrn)
+    projector = WindowedProjector(engine)
+    torch.manual_seed(3)
+    images = torch.randn(3, 3, 56, 56)
+    for layer in ["conv1", "pool1", "conv2", "pool2", "conv3", "conv5", "pool5"]:
+        info = engine.layer(layer)
+        acts = engine.activations(images, layer)
+        c, h, w = acts.shape[1:]
+        sel = [(i % 3, (5 * i) % c, (i * 3) % h, (i * 5 + 1) % w) for i in range(7)] + [(1, 0, 0, 0), (2, 1, h - 1, w - 1)]
+        rec = projector.forward(images, last_pool_below(engine, info))
+        res = projector.project(
+            rec, (56, 56), layer,
+            torch.tensor([s[0] for s in sel]), torch.tensor([s[1] for s in sel]),
+            torch.tensor([[s[2], s[3]] for s in sel]), torch.stack([acts[s[0], s[1], s[2], s[3]] for s in sel]),
+        )
+        assert res.windows.shape[-1] == info.rf_size
+        generic = engine.project(images, [Selection(i, layer, ch, position=(y, x)) for i, ch, y, x in sel])
+        for s, (i, ch, y, x) in enumerate(sel):
+            oy, ox = res.origins[s].tolist()
+            assert (oy, ox) == (info.rf_start + y * info.rf_stride, info.rf_start + x * info.rf_stride)
+            pad = info.rf_size
+            full = torch.zeros(3, 56 + 2 * pad, 56 + 2 * pad)
+            full[:, oy + pad : oy + pad + pad, ox + pad : ox + pad + pad] = res.windows[s]
+            assert full[:, :pad].abs().max() == 0 and full[:, :, :pad].abs().max() == 0  # nothing outside the image
+            full = full[:, pad : pad + 56, pad : pad + 56]
+            ref = generic[s].image
+            scale = ref.abs().max().clamp_min(1e-12)
+            assert ((full - ref).abs().max() / scale) < 1e-5, (layer, s)
+
+
+# --------------------------------------------------------------------------- scan
+
+
+def test_parse_layers_and_maps():
+    engine = DeconvNet(tiny_loaded().model)
+    assert parse_layers("conv1..conv5", engine) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    assert parse_layers(None, engine) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    assert parse_layers("conv3,pool5,conv1", engine) == ["conv1", "conv3", "pool5"]
+    with pytest.raises(DeconvnetError, match="unknown layer 'conv9'"):
+        parse_layers("conv1..conv9", engine)
+    assert parse_maps("0-2,7", 8) == [0, 1, 2, 7]
+    with pytest.raises(DeconvnetError, match="out of range"):
+        parse_maps("0,9", 8, "conv1")
+
+
+@pytest.mark.parametrize("distinct", [True, False])
+def test_streaming_topk_equals_a_naive_scan(tmp_path, distinct):
+    loaded = tiny_loaded(seed=1)
+    files = write_images(tmp_path / "imgs", 11)
+    scan = scan_atlas(loaded, files, "conv1..conv5", k=4, distinct=distinct, batch_size=3, progress=False, channels_last=False)
+    assert scan.complete and scan.processed == 11
+    engine = DeconvNet(loaded.model)
+    images = batch_of(loaded, files)
+    for layer in scan.layers:
+        v, i, p = naive_topk(engine, images, layer, 4, distinct=distinct)
+        np.testing.assert_array_equal(scan.images[layer], i, err_msg=layer)
+        np.testing.assert_array_equal(scan.positions[layer], p, err_msg=layer)
+        np.testing.assert_allclose(scan.values[layer], v, rtol=1e-5, atol=1e-6)
+        if distinct:  # k distinct images per map
+            assert all(len(set(row)) == len(row) for row in scan.images[layer].tolist())
+    # exact merge: the top-k of two halves merged equals the top-k of the whole
+    halves = [scan_atlas(loaded, files, "conv1..conv5", k=4, distinct=distinct, batch_size=4, progress=False, rank=r, world=2)
+              for r in range(2)]
+    merged = merge_scans(halves)
+    for layer in scan.layers:
+        np.testing.assert_array_equal(merged.images[layer], scan.images[layer])
+        np.testing.assert_array_equal(merged.positions[layer], scan.positions[layer])
+
+
+def test_scan_memory_is_bounded_by_k_times_maps(tmp_path):
+    loaded = tiny_loaded(seed=2)
+    files = write_images(tmp_path / "imgs", 16)
+    sizes = []
+    cache = SwitchCache(limit_mb=64)
+    for n in (4, 16):
+        scan = scan_atlas(loaded, files[:n], "conv1..conv3", k=2, batch_size=4, progress=False, cache=cache)
+        sizes.append(sum(a.nbytes for d in (scan.values, scan.images, scan.positions) for a in d.values()))
+        referenced = set(scan.referenced_images().tolist())
+        assert set(cache.entries) <= referenced  # only images still in some top-k list are kept
+        assert len(cache) <= 2 * (8 + 12 + 12)
+    assert sizes[0] == sizes[1]  # the state does not grow with the number of images
+
+
+def test_interrupted_scan_resumes_to_the_same_atlas(tmp_path):
+    loaded = tiny_loaded(seed=4)
+    files = write_images(tmp_path / "imgs", 13)
+    state = tmp_path / "scan.npz"
+    whole = scan_atlas(loaded, files, None, k=3, batch_size=4, progress=False)
+    part = scan_atlas(loaded, files, None, k=3, batch_size=4, progress=False, state_path=state, checkpoint_every=4, max_images=6)
+    assert not part.complete and part.processed == 6 and state.exists()
+    saved = AtlasScan.load(state)
+    assert saved.processed == 6 and not saved.complete
+    resumed = scan_atlas(loaded, files, None, k=3, batch_size=4, progress=False, state_path=state)
+    assert resumed.complete and resumed.processed == 13
+    for layer in whole.layers:
+        np.testing.assert_array_equal(resumed.images[layer], whole.images[layer])
+        np.testing.assert_array_equal(resumed.positions[layer], whole.positions[layer])
+        np.testing.assert_allclose(resumed.values[layer], whole.values[layer], rtol=1e-6)
+    # a saved state of other images is refused, not silently mixed in
+    with pytest.raises(DeconvnetError, match="other images"):
+        scan_atlas(loaded, files[:5], None, k=3, progress=False, state_path=state)
+
+
+def test_build_atlas_resume_and_reuse(tmp_path):
+    loaded = tiny_loaded(seed=5)
+    write_images(tmp_path / "imgs", 9)
+    out = tmp_path / "out"
+    first = build_atlas(loaded, tmp_path / "imgs", out, k=2, batch_size=2, checkpoint_every=2, max_images=4, progress=False)
+    assert not first.scan.complete and not (out / "atlas.npz").exists()
+    assert list(out.glob("scan-*.npz"))  # the interrupted scan's state
+    second = build_atlas(loaded, tmp_path / "imgs", out, k=2, batch_size=2, progress=False, render=False)
+    assert second.scan.complete and (out / "atlas.npz").exists() and not list(out.glob("scan-*.npz"))
+    fresh = build_atlas(loaded, tmp_path / "imgs", tmp_path / "fresh", k=2, progress=False, render=False)
+    for layer in fresh.scan.layers:
+        np.testing.assert_array_equal(second.scan.images[layer], fresh.scan.images[layer])
+    # adding a layer scans only that layer and keeps the others
+    third = build_atlas(loaded, tmp_path / "imgs", out, layers="conv2,pool5", k=2, progress=False, render=False)
+    assert "pool5" in third.scan.layers and "conv1" in third.scan.layers
+    np.testing.assert_array_equal(third.scan.images["conv2"], fresh.scan.images["conv2"])
+
+
+# --------------------------------------------------------------------------- projection + rendering
+
+
+def test_projected_tiles_match_the_generic_engine(tmp_path):
+    loaded = tiny_loaded(seed=6, crop=48)
+    files = write_images(tmp_path / "imgs", 6)
+    cache = SwitchCache()
+    scan = scan_atlas(loaded, files, "conv2,conv4", k=2, batch_size=4, progress=False, cache=cache)
+    with_cache = project_atlas(loaded, scan, tile=1000, cache=cache, progress=False)
+    without = project_atlas(loaded, scan, tile=1000, cache=None, progress=False)
+    engine = DeconvNet(loaded.model)
+    images = batch_of(loaded, files)
+    from deconvnet.render import to_display
+
+    for layer in ("conv2", "conv4"):
+        t = with_cache[layer]
+        assert t.filled.all()
+        np.testing.assert_array_equal(t.tiles, without[layer].tiles)
+        info = engine.layer(layer)
+        m, r = 3, 1
+        gid = int(t.images[m, r])
+        y, x = (int(v) for v in t.positions[m, r])
+        proj = engine.project(images, [Selection(gid, layer, m, position=(y, x))])[0]
+        y0, x0, y1, x1 = proj.box
+        shown = (to_display(proj.image) * 255 + 0.5).astype(np.uint8)[y0:y1, x0:x1]
+        oy, ox = info.rf_start + y * info.rf_stride, info.rf_start + x * info.rf_stride
+        tile = t.tiles[m, r, 0][y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+        assert np.abs(tile.astype(int) - shown.astype(int)).max() <= 1
+        patch = t.tiles[m, r, 1][y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+        pixels = np.asarray(loaded.preprocessing.load(files[gid])[1])[y0:y1, x0:x1]
+        np.testing.assert_array_equal(patch, pixels)
+
+
+def test_rendering_writes_the_expected_layout(tmp_path):
+    loaded = tiny_loaded(seed=7)
+    write_images(tmp_path / "imgs", 7)
+    out = tmp_path / "atlas"
+    res = build_atlas(loaded, tmp_path / "imgs", out, layers="conv1,conv3", k=4, per_page=5, columns=3, progress=False,
+                      maps={"conv1": [0, 1, 2, 3, 4, 5, 6], "conv3": [2, 9]})
+    sheets = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+    assert sheets == ["conv1/maps-0000-0004.png", "conv1/maps-0005-0006.png", "conv3/maps-0002-0009.png"]
+    page = Image.open(out / "conv1/maps-0000-0004.png")
+    assert page.width > page.height > 100  # 2 rows of 3 blocks, each block 2 grids of 2x2 tiles side by side
+    index = (out / "index.html").read_text()
+    for sheet in sheets:
+        assert f"src='{sheet}'" in index
+    for m in range(7):
+        assert f"id='conv1-m{m}'" in index
+    assert "id='conv3-m9'" in index and "id='conv3-m3'" not in index
+    assert res.tiles["conv3"].tiles.shape[:3] == (2, 4, 2)
+    assert (out / "atlas.npz").exists() and not (out / "skipped.txt").exists()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_empty_and_unreadable_input(tmp_path):
+    loaded = tiny_loaded()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DeconvnetError, match="no image files"):
+        build_atlas(loaded, tmp_path / "empty", tmp_path / "o1", progress=False)
+    with pytest.raises(DeconvnetError, match="no such folder"):
+        build_atlas(loaded, tmp_path / "missing", tmp_path / "o2", progress=False)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"not a jpeg")
+    (bad / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.warns(UserWarning, match="skipped 2 unreadable"), pytest.raises(DeconvnetError, match="none of the 2 image"):
+        build_atlas(loaded, bad, tmp_path / "o3", progress=False)
+    mixed = tmp_path / "mixed"
+    write_images(mixed, 4)
+    (mixed / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image\(s\): .*broken\.jpg"):
+        res = build_atlas(loaded, mixed, tmp_path / "o4", k=2, progress=False, render=False)
+    assert [Path(p).name for p, _ in res.scan.skipped] == ["broken.jpg"]
+    assert "broken.jpg" in (tmp_path / "o4" / "skipped.txt").read_text()
+    assert int(res.scan.images["conv1"].max()) < 5 and len(res.scan.files) == 5
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    loaded = tiny_loaded()
+    weights = save_weights(loaded.model, tmp_path / "tiny.safetensors", loaded.classes, loaded.preprocessing)
+    (tmp_path / "empty").mkdir()
+    run = subprocess.run([sys.executable, "-m", "deconvnet", "atlas", str(tmp_path / "empty"), "--out", str(tmp_path / "o"),
+                          "--weights", str(weights), "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("deconvnet: error: ") and "no image files" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_processes_give_the_same_atlas_as_one(tmp_path):
+    loaded = tiny_loaded(seed=8)
+    weights = save_weights(loaded.model, tmp_path / "tiny.safetensors", loaded.classes, loaded.preprocessing)
+    write_images(tmp_path / "imgs", 10)
+    (tmp_path / "imgs" / "zz-broken.png").write_bytes(b"broken")
+    common = ["atlas", str(tmp_path / "imgs"), "--weights", str(weights), "--device", "cpu", "--top", "3", "--workers", "0",
+              "--quiet", "--per-page", "8", "--batch-size", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    one = subprocess.run([sys.executable, "-m", "deconvnet", *common, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                          "--master_port", str(_free_port()), "-m", "deconvnet", *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = AtlasScan.load(tmp_path / "one" / "atlas.npz"), AtlasScan.load(tmp_path / "two" / "atlas.npz")
+    assert a.layers == b.layers and a.files == b.files and a.skipped == b.skipped and len(a.skipped) == 1
+    for layer in a.layers:
+        np.testing.assert_array_equal(a.images[layer], b.images[layer])
+        np.testing.assert_array_equal(a.positions[layer], b.positions[layer])
+        np.testing.assert_allclose(a.values[layer], b.values[layer], rtol=1e-5)
+    sheets_a = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png"))
+    sheets_b = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.png"))
+    assert sheets_a == sheets_b and sheets_a
+    for rel in sheets_a:
+        pa = np.asarray(Image.open(tmp_path / "one" / rel).convert("RGB")).astype(int)
+        pb = np.asarray(Image.open(tmp_path / "two" / rel).convert("RGB")).astype(int)
+        assert pa.shape == pb.shape and np.abs(pa - pb).max() <= 2, rel
+    assert not list((tmp_path / "two").glob("scan-*.npz"))
