@@ -161,7 +161,8 @@ class ImageSession:
         self.x = x  # (1, 3, H, W) on the model's device
         self.original_size = original_size  # (H, W) before resizing/cropping
         self.top: list[tuple[str, float]] = []
-        self.layers: dict[str, tuple[torch.Tensor, Any]] = {}
+        self.record: Any = None  # switches and shapes of one forward pass up to the top conv layer
+        self.layers: dict[str, torch.Tensor] = {}  # activations (1, C, h, w) per layer looked at
         self.maps: dict[str, LayerMaps] = {}
         self.views: OrderedDict[tuple[str, int], MapView] = OrderedDict()
         self.extras: dict[str, Any] = {}  # analyses' results (occlusion...) by name
@@ -240,14 +241,20 @@ class Explorer:
         return layer
 
     def _forward(self, session: ImageSession, layer: str) -> tuple[torch.Tensor, Any]:
-        cached = session.layers.get(layer)
-        if cached is None:
+        """The layer's activations and the record (pooling switches) of one forward pass to the top
+        conv layer, which serves the way down from every layer below it (computed once per image)."""
+        acts = session.layers.get(layer)
+        if acts is None or session.record is None:
             with self.compute_lock:
-                cached = session.layers.get(layer)
-                if cached is None:
-                    cached = self.engine.forward(session.x, layer)
-                    session.layers[layer] = cached
-        return cached
+                if session.record is None:
+                    top = self.conv_layers[-1]
+                    top_acts, session.record = self.engine.forward(session.x, top)
+                    session.layers.setdefault(top, top_acts)
+                acts = session.layers.get(layer)
+                if acts is None:
+                    acts = self.engine.activations(session.x, layer)
+                    session.layers[layer] = acts
+        return acts, session.record
 
     def maps(self, session: ImageSession, layer: str) -> LayerMaps:
         """The layer's maps sorted by their maximum, with a sprite of all of them (strongest first)."""

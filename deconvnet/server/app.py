@@ -148,7 +148,7 @@ class ErrorInfo(BaseModel):
     status: int
 
 
-ERRORS = {400: {"model": ErrorInfo}, 404: {"model": ErrorInfo}, 413: {"model": ErrorInfo}, 422: {"model": ErrorInfo}}
+ERRORS = {400: {"model": ErrorInfo}, 404: {"model": ErrorInfo}, 413: {"model": ErrorInfo}, 422: {"model": ErrorInfo}, 429: {"model": ErrorInfo}}
 
 
 # --------------------------------------------------------------------------- body size limit
@@ -243,9 +243,17 @@ class Jobs:
         self._lock = threading.Lock()
         self._run_lock = threading.Lock()
 
-    def submit(self, kind: str, image_id: str, work: Callable[[Callable[[float, str], None]], dict[str, Any]]) -> Job:
-        job = Job(uuid.uuid4().hex[:16], kind, image_id)
+    def submit(self, kind: str, image_id: str, work: Callable[[Callable[[float, str], None]], dict[str, Any]], max_pending: int = 4) -> Job:
+        """Queue ``work``; the same analysis of the same image already queued or running is returned
+        instead of a new job, and at most ``max_pending`` jobs wait or run at once (else 429)."""
         with self._lock:
+            pending = [j for j in self._jobs.values() if j.status in ("queued", "running")]
+            for j in pending:
+                if j.kind == kind and j.image_id == image_id:
+                    return j
+            if len(pending) >= max_pending:
+                raise HTTPException(429, f"{len(pending)} analyses are already queued or running; try again when one is done")
+            job = Job(uuid.uuid4().hex[:16], kind, image_id)
             self._jobs[job.id] = job
             while len(self._jobs) > self.keep:
                 self._jobs.popitem(last=False)
