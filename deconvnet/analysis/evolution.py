@@ -93,7 +93,10 @@ def feature_evolution(
         if layer_names is not None and names != layer_names:
             raise DeconvnetError(f"{path}: its layers differ from the other snapshots'; they must come from one run")
         layer_names = names
-        scans.append(scan_atlas(loaded, files, names, k=1, batch_size=batch_size, progress=progress))
+        scan = scan_atlas(loaded, files, names, k=1, batch_size=batch_size, progress=progress)
+        if scans and any(scan.values[l].shape != scans[0].values[l].shape for l in names):
+            raise DeconvnetError(f"{path}: its layers have other numbers of maps than {paths[0]}'s; the snapshots must come from one run")
+        scans.append(scan)
         loaded_models.append(loaded)
     assert layer_names is not None
     chosen: dict[str, list[int]] = {}

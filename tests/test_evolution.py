@@ -1,0 +1,82 @@
+"""Feature evolution (paper Fig. 4): one column per snapshot, each projected with its own weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deconvnet.analysis.evolution import evolution_figure, feature_evolution, snapshot_epoch
+from deconvnet.data import Preprocessing
+from deconvnet.deconv import DeconvNet
+from deconvnet.errors import DeconvnetError
+from deconvnet.models import build_model
+from deconvnet.weights import load_model, save_weights
+
+CONV = ((8, 7, 2, 1), (12, 5, 2, 0), (12, 3, 1, 1), (12, 3, 1, 1), (8, 3, 1, 1))
+
+
+def _snapshots(tmp_path, epochs=(1, 4, 2), conv=CONV, names=None):
+    paths = []
+    for j, epoch in enumerate(epochs):
+        torch.manual_seed(epoch)
+        model = build_model("zfnet", conv=conv, fc=(8, 8), num_classes=3, lrn=False, input_size=48)
+        name = names[j] if names else f"epoch-{epoch:03d}.safetensors"
+        paths.append(save_weights(model, tmp_path / name, ["a", "b", "c"], Preprocessing(resize=54, crop=48), extra={"epoch": epoch}))
+    return paths
+
+
+def _images(folder, n=6):
+    rng = np.random.default_rng(1)
+    folder.mkdir()
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (60, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return sorted(folder.iterdir())
+
+
+def test_snapshot_epoch_from_metadata_or_name(tmp_path):
+    meta, plain = _snapshots(tmp_path, epochs=(7,), names=["weights-final.safetensors"])[0], tmp_path / "epoch-012.pth"
+    assert snapshot_epoch(meta) == 7  # the metadata wins over the name
+    assert snapshot_epoch(plain) == 12
+    with pytest.raises(DeconvnetError, match="cannot tell its epoch"):
+        snapshot_epoch(tmp_path / "final.pth")
+
+
+def test_columns_are_epochs_each_with_its_own_weights(tmp_path):
+    paths = _snapshots(tmp_path)
+    files = _images(tmp_path / "imgs")
+    evo = feature_evolution(paths, files, layers="conv1,conv3", maps_per_layer=2, tile=32, progress=False)
+    assert evo.epochs == [1, 2, 4]  # sorted, whatever the order given
+    assert evo.tiles["conv1"].shape == (2, 3, 7, 7, 3) and evo.tiles["conv3"].shape[:2] == (2, 3)
+    # maps: the strongest under the last snapshot; values: each snapshot's own maximum over the images
+    last = load_model(evo.snapshots[-1])
+    batch = torch.stack([last.preprocessing.load(f)[0] for f in files])
+    acts = DeconvNet(last.model).activations(batch, "conv3").amax((0, 2, 3))
+    assert evo.maps["conv3"] == sorted(acts.argsort(descending=True)[:2].tolist())
+    for j, path in enumerate(evo.snapshots):
+        model = load_model(path).model
+        acts = DeconvNet(model).activations(batch, "conv1").amax((2, 3))  # (images, maps)
+        for i, m in enumerate(evo.maps["conv1"]):
+            assert evo.values["conv1"][i, j] == pytest.approx(float(acts[:, m].max()), rel=1e-5)
+            assert evo.images["conv1"][i, j] == int(acts[:, m].argmax())
+    # different weights give different pictures
+    assert not np.array_equal(evo.tiles["conv1"][:, 0], evo.tiles["conv1"][:, 1])
+    out = evolution_figure(evo, tmp_path / "evo.png")
+    assert Image.open(out).width > 100
+
+
+def test_explicit_maps_and_mismatched_snapshots(tmp_path):
+    paths = _snapshots(tmp_path, epochs=(1, 2))
+    files = _images(tmp_path / "imgs", 3)
+    evo = feature_evolution(paths, files, layers="conv2", explicit_maps=[0, 5], progress=False)
+    assert evo.maps == {"conv2": [0, 5]}
+    with pytest.raises(DeconvnetError, match="out of range"):
+        feature_evolution(paths, files, layers="conv2", explicit_maps=[40], progress=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    wide = _snapshots(other, epochs=(3,), conv=((8, 7, 2, 1), (16, 5, 2, 0), (12, 3, 1, 1), (12, 3, 1, 1), (8, 3, 1, 1)))
+    with pytest.raises(DeconvnetError, match="one run"):
+        feature_evolution(paths + wide, files, layers="conv1,conv2", progress=False)
+    with pytest.raises(DeconvnetError, match="give at least one snapshot"):
+        feature_evolution([], files)

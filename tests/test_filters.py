@@ -1,0 +1,91 @@
+"""Filters view (paper Fig. 6): per-filter RMS, dead filters, mosaic, side-by-side figure and CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deconvnet.analysis.filters import filter_mosaic, filter_stats, filters_figure, layer2_top_projections
+from deconvnet.data import Preprocessing
+from deconvnet.errors import DeconvnetError
+from deconvnet.models import build_model
+from deconvnet.weights import LoadedModel, save_weights
+
+
+def _tiny(arch: str = "zfnet", seed: int = 0) -> LoadedModel:
+    torch.manual_seed(seed)
+    if arch == "zfnet":
+        conv, crop = ((8, 7, 2, 1), (12, 5, 2, 0), (12, 3, 1, 1), (12, 3, 1, 1), (8, 3, 1, 1)), 48
+    else:  # AlexNet geometry: 11x11 stride 4 first layer
+        conv, crop = ((8, 11, 4, 0), (12, 5, 1, 2), (12, 3, 1, 1), (12, 3, 1, 1), (8, 3, 1, 1)), 96
+    model = build_model(arch, conv=conv, fc=(8, 8), num_classes=3, lrn=False, input_size=crop).eval()
+    return LoadedModel(model, ["a", "b", "c"], Preprocessing(resize=crop + 8, crop=crop), arch, f"tiny-{arch}")
+
+
+def _images(folder, n=5):
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (70, 80, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return sorted(folder.iterdir())
+
+
+def test_rms_and_dead_filters():
+    loaded = _tiny()
+    conv1 = loaded.model.features.conv1
+    with torch.no_grad():
+        conv1.weight[2].mul_(0.05)  # far below its siblings: dead
+        conv1.weight[5].zero_()
+    st = filter_stats(loaded.model, "conv1")
+    manual = conv1.weight.detach().flatten(1).pow(2).mean(1).sqrt().numpy()
+    np.testing.assert_allclose(st.rms, manual, rtol=1e-6)
+    assert st.dead_count == 2 and list(np.flatnonzero(st.dead)) == [2, 5]
+    assert st.threshold == pytest.approx(0.2 * np.median(manual))
+    assert filter_stats(loaded.model, "conv1", dead_ratio=0.0).dead_count == 0
+    d = st.to_dict()
+    assert d["dead"] == [2, 5] and "median" in d["dead_rule"] and len(d["rms"]) == 8
+    assert "dead (RMS < 0.2 x median" in st.summary()
+
+
+def test_mosaic_layout_and_scaling():
+    loaded = _tiny()
+    mosaic = filter_mosaic(loaded.model, "conv1", columns=4, scale=2)
+    assert mosaic.shape == (2 * 14 + 1, 4 * 14 + 3, 3)  # 8 filters of 7x7, x2, 4 per row, 1-px gaps
+    assert mosaic.min() >= 0 and mosaic.max() <= 1
+    w = loaded.model.features.conv1.weight.detach()
+    tile = mosaic[:14:2, :14:2]  # filter 0, back at 1x
+    expected = (0.5 + w[0] / (2 * w[0].abs().max())).permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(tile, expected, atol=1e-6)
+    with pytest.raises(DeconvnetError, match="RGB"):
+        filter_mosaic(loaded.model, "conv2")
+
+
+def test_side_by_side_figure_with_layer2_projections(tmp_path):
+    files = _images(tmp_path / "imgs")
+    zf, alex = _tiny("zfnet"), _tiny("alexnet", seed=1)
+    layer2 = {name: layer2_top_projections(lm, files, count=6, tile=24, progress=False) for name, lm in (("zf", zf), ("alex", alex))}
+    tiles, maps = layer2["zf"]
+    assert tiles.shape[0] == 6 and tiles.dtype == np.uint8 and len(set(maps)) == 6
+    path, stats = filters_figure([("zf", zf), ("alex", alex)], tmp_path / "f.png", layer2=layer2)
+    assert path.exists() and Image.open(path).width > Image.open(path).height / 2
+    assert [s.shape[-1] for s in stats] == [7, 11]
+
+
+def test_cli_filters_compare(tmp_path):
+    zf, alex = _tiny("zfnet"), _tiny("alexnet", seed=1)
+    with torch.no_grad():
+        alex.model.features.conv1.weight[0].zero_()
+    a = save_weights(zf.model, tmp_path / "zf.safetensors", zf.classes, zf.preprocessing)
+    b = save_weights(alex.model, tmp_path / "alex.safetensors", alex.classes, alex.preprocessing)
+    run = subprocess.run([sys.executable, "-m", "deconvnet", "filters", "--weights", str(a), "--compare", str(b), "--device", "cpu",
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    stats = json.loads((tmp_path / "out" / "filter-stats.json").read_text())
+    assert [v["dead_count"] for v in stats.values()] == [0, 1]
+    assert (tmp_path / "out" / "filters.png").exists() and "dead" in run.stdout
