@@ -3,8 +3,8 @@
 drag and drop), hover and click a map, see the projection, switch layers, run occlusion; bad
 uploads show an error and the page keeps working. The report opens from disk with no request.
 
-Screenshots go to $DECONVNET_SCREENSHOTS (e.g. docs/screenshots) or a temp folder. The tests use the
-bundled model when it is installed, else a tiny random one.
+Screenshots go to $DECONVNET_SCREENSHOTS (e.g. docs/screenshots) or a temp folder. The tests use
+$DECONVNET_BROWSER_WEIGHTS if set, else the bundled model when it is installed, else a tiny random one.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ if not Path(CHROMIUM).exists():  # pragma: no cover - CI installs it (.ci/run)
 def _weights(base: Path) -> Path:
     from deconvnet.weights import BUNDLED_DIR
 
+    if os.environ.get("DECONVNET_BROWSER_WEIGHTS"):
+        return Path(os.environ["DECONVNET_BROWSER_WEIGHTS"])
     bundled = BUNDLED_DIR / "zfnet-imagenette.safetensors"
     return bundled if bundled.exists() else tiny_weights(base / "tiny.safetensors")
 
@@ -76,6 +78,16 @@ def page(browser, server: Server):
     assert not outside, f"the page loaded something from elsewhere: {outside}"
 
 
+def _screenshot(pg, path: Path, **kwargs) -> None:
+    """Save a screenshot as a small palette PNG (256 colours: about a quarter of the size)."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(pg.screenshot(**kwargs))).convert("RGB")
+    image.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(path, optimize=True)
+
+
 def _wait_detail(pg, timeout: float = 30_000) -> None:
     pg.wait_for_selector("#detail:not([hidden])", timeout=timeout)
     pg.wait_for_function("document.getElementById('d-projection').src.startsWith('data:image/png')", timeout=timeout)
@@ -104,7 +116,7 @@ def test_sample_hover_click_project(page, shots: Path) -> None:
     box = page.locator("#d-projection-rf").bounding_box()
     assert box and box["width"] > 2 and box["height"] > 2
     page.wait_for_timeout(200)
-    page.screenshot(path=str(shots / "explorer.png"))
+    _screenshot(page, shots / "explorer.png")
 
 
 def test_upload_and_drop(page, shots: Path, tmp_path: Path) -> None:
@@ -151,7 +163,7 @@ def test_occlusion(page, shots: Path) -> None:
     titles = page.eval_on_selector_all("#occlusion-panels figcaption strong", "els => els.map(e => e.textContent)")
     assert any(t.startswith("(b)") for t in titles) and any(t.startswith("(d)") for t in titles)
     page.wait_for_timeout(200)
-    page.screenshot(path=str(shots / "explorer-occlusion.png"), full_page=True)
+    _screenshot(page, shots / "explorer-occlusion.png", full_page=True)
 
 
 def test_report_opens_from_disk(browser, tmp_path: Path, shots: Path) -> None:
