@@ -53,7 +53,7 @@ def test_renormalisation_caps_filter_rms_exactly():
 def test_paper_init_is_n0_001_with_zero_bias():
     model = build_model("zfnet", num_classes=10, fc=(256, 256))
     init_weights(model, "paper", 0.01)
-    w = model.features.conv2.weight
+    w = model.features.conv2.weight.detach()
     assert abs(float(w.std()) - 0.01) < 5e-4 and abs(float(w.mean())) < 5e-4
     assert all(float(m.bias.abs().max()) == 0 for m in model.modules() if hasattr(m, "bias") and m.bias is not None)
 

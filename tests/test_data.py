@@ -1,0 +1,98 @@
+"""Image loading must just work for every common mode, and fail clearly for non-images."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deconvnet.data import AugmentedView, ImageFolderCache, Preprocessing, load_image, ten_crops
+from deconvnet.errors import DeconvnetError
+
+from .imaging import make_image_folder
+
+
+def _rgb(size=(40, 30)):
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "I;16", "LA", "1"])
+def test_every_mode_loads_as_8bit_rgb(tmp_path, mode):
+    img = _rgb()
+    if mode == "I;16":
+        arr = (np.asarray(img.convert("L"), dtype=np.uint16) * 257)
+        img = Image.fromarray(arr)
+        assert img.mode == "I;16"
+        path = tmp_path / "x.png"
+    elif mode == "CMYK":
+        img = img.convert("CMYK")
+        path = tmp_path / "x.jpg"
+    else:
+        img = img.convert(mode)
+        path = tmp_path / ("x.png" if mode != "1" else "x.bmp")
+    img.save(path)
+    out = load_image(path)
+    assert out.mode == "RGB" and out.size == (40, 30)
+    if mode == "I;16":  # 16-bit values are rescaled, not clipped to white
+        assert 60 < np.asarray(out).mean() < 200
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    rgba.save(tmp_path / "t.png")
+    assert np.asarray(load_image(tmp_path / "t.png"))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_bad_files_are_clear_errors(tmp_path):
+    with pytest.raises(DeconvnetError, match="no such file"):
+        load_image(tmp_path / "missing.jpg")
+    (tmp_path / "text.jpg").write_text("hello")
+    with pytest.raises(DeconvnetError, match="not an image file"):
+        load_image(tmp_path / "text.jpg")
+    _rgb((200, 200)).save(tmp_path / "full.jpg")
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])
+    with pytest.raises(DeconvnetError, match="truncated or corrupt"):
+        load_image(tmp_path / "cut.jpg")
+    with pytest.raises(DeconvnetError, match="is a folder"):
+        load_image(tmp_path)
+
+
+def test_preprocessing_resizes_crops_and_normalises():
+    pre = Preprocessing(resize=64, crop=56)
+    img = _rgb((128, 96))
+    x = pre(img)
+    assert x.shape == (3, 56, 56)
+    back = pre.denormalize(x)
+    assert back.min() >= 0 and back.max() <= 1
+    torch.testing.assert_close(pre.normalize(back), x, rtol=1e-4, atol=1e-4)
+
+
+def test_ten_crops_are_corners_center_and_mirrors():
+    images = torch.arange(2 * 3 * 8 * 8).view(2, 3, 8, 8)
+    crops = ten_crops(images, 6)
+    assert crops.shape == (2, 10, 3, 6, 6)
+    assert torch.equal(crops[:, 0], images[..., :6, :6])
+    assert torch.equal(crops[:, 3], images[..., 2:, 2:])
+    assert torch.equal(crops[:, 4], images[..., 1:7, 1:7])
+    assert torch.equal(crops[:, 5], crops[:, 0].flip(-1))
+
+
+def test_augmentation_is_deterministic_per_seed_epoch_index(tmp_path):
+    data = ImageFolderCache(make_image_folder(tmp_path / "d", classes=2, per_class=3), size=40, progress=False)
+    for mode in ("paper", "rrc"):
+        view = AugmentedView(data, crop=32, mode=mode, seed=1)
+        a = view[2][0]
+        assert torch.equal(a, view[2][0])
+        view.set_epoch(1)
+        assert a.shape == (3, 32, 32)
+        assert any(not torch.equal(a, AugmentedView(data, crop=32, mode=mode, seed=s)[2][0]) for s in range(2, 8))
+
+
+def test_cache_and_disk_give_the_same_images(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=2, per_class=3, fmt="jpg")
+    cached = ImageFolderCache(root, size=40, progress=False)
+    lazy = ImageFolderCache(root, size=40, cache=False, progress=False)
+    assert cached.classes == lazy.classes == ["class_0", "class_1"]
+    for i in range(len(cached)):
+        assert torch.equal(cached[i][0], lazy[i][0])
