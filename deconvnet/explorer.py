@@ -198,9 +198,11 @@ class Explorer:
     def open_bytes(self, data: bytes, name: str = "upload") -> ImageSession:
         return self.open_image(decode_image(data, name, self.max_pixels), name)
 
-    def open_path(self, path: str | Path, name: str | None = None) -> ImageSession:
+    def open_path(self, path: str | Path, name: str | None = None, max_bytes: int = 256 * 1024 * 1024) -> ImageSession:
         path = Path(path)
         try:
+            if path.stat().st_size > max_bytes:
+                raise DeconvnetError(f"{name or path.name}: file too large ({path.stat().st_size:,} bytes; the limit is {max_bytes:,})")
             data = path.read_bytes()
         except OSError as e:
             raise DeconvnetError(f"cannot read {name or path.name} ({e.strerror})") from None

@@ -321,3 +321,32 @@ def test_nothing_written_outside_temp(server: Server, client: httpx.Client) -> N
     assert not changed, changed
     assert all(k.startswith("work/tmp/deconvnet-serve-") for k in created), created
     assert [p.name for p in server.tmpdir.iterdir() if not p.name.startswith("deconvnet-serve-")] == []
+
+
+def test_jobs_are_deduplicated_and_bounded() -> None:
+    """In-process: the same analysis of the same image is one job; too many pending ones get 429."""
+    import threading
+
+    from fastapi import HTTPException
+
+    from deconvnet.server.app import Jobs
+
+    release = threading.Event()
+
+    def slow(progress):
+        progress(0.5, "half")
+        release.wait(10)
+        return {"ok": True}
+
+    jobs = Jobs()
+    first = jobs.submit("occlusion", "img-a", slow, max_pending=2)
+    assert jobs.submit("occlusion", "img-a", slow, max_pending=2) is first
+    jobs.submit("occlusion", "img-b", slow, max_pending=2)
+    with pytest.raises(HTTPException) as refused:
+        jobs.submit("occlusion", "img-c", slow, max_pending=2)
+    assert refused.value.status_code == 429
+    release.set()
+    deadline = time.monotonic() + 10
+    while first.status != "done" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert first.status == "done" and first.result == {"ok": True} and first.progress == 1.0

@@ -81,7 +81,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"deconvnet: warning: listening on {args.host}: anyone who can reach this machine can use the explorer", file=sys.stderr)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"deconvnet explorer on http://{shown}:{args.port}/  (API docs: /docs; Ctrl-C stops it)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    # at most 128 connections at once (more get 503 at once instead of piling up)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, limit_concurrency=128)
     return 0
 
 
