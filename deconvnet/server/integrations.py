@@ -27,11 +27,9 @@ def _module(name: str) -> Any | None:
 
 # --------------------------------------------------------------------------- occlusion
 
-# Occluder size and stride are not stated in the paper; relative to the model's input they are the
-# same for every model: a square of 15 % of the side, moved by 1/32 of the side (19 px / 4 px on the
-# bundled 128 px model, 34 px / 7 px on a 224 px ImageNet model).
-OCCLUDER_FRACTION = 0.15
-STRIDE_FRACTION = 1 / 32
+# Occluder size and stride are not stated in the paper; the defaults of `deconvnet occlusion` are used:
+# a square of 1/6 of the input side moved by 1/32 of it (21 px / 4 px on the bundled 128 px model,
+# 37 px / 7 px on a 224 px ImageNet model).
 _SECONDS_PER_POSITION: dict[str, float] = {}  # measured throughput, per model source: drives the progress estimate
 
 
@@ -41,8 +39,9 @@ def occlusion_available() -> bool:
 
 
 def occlusion_settings(crop: int) -> tuple[int, int]:
-    """(occluder size, stride) in input pixels for a model whose input is ``crop`` pixels square."""
-    return max(4, round(crop * OCCLUDER_FRACTION)), max(1, round(crop * STRIDE_FRACTION))
+    """(occluder size, stride) in input pixels for a model whose input is ``crop`` pixels square
+    (the same as ``deconvnet occlusion``'s defaults)."""
+    return max(1, crop // 6), max(1, crop // 32)
 
 
 def run_occlusion(loaded: Any, x: torch.Tensor, progress: Callable[[float, str], None] | None = None) -> Any:
