@@ -33,7 +33,7 @@ from torch import nn
 from .atomic import atomic_path, save_text
 from .data import AugmentedView, ImageFolderCache, Preprocessing, _mix, ten_crops
 from .errors import DeconvnetError
-from .models import ARCHITECTURES, ConvNet, build_model
+from .models import ARCHITECTURES, ArchConfig, ConvNet, build_model
 from .weights import save_weights
 from .wnids import english_names
 
@@ -333,7 +333,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         saved_arch = state["config"]["arch"]
-        if saved_arch != cfg.arch or state["arch_config"] != model.config.to_dict():
+        if saved_arch != cfg.arch or not ArchConfig.from_dict(state["arch_config"]).same_network(model.config):
             raise DeconvnetError(f"{checkpoint_path} was written for architecture {saved_arch!r} with other settings; use another --out or the same options")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
