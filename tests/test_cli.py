@@ -89,3 +89,17 @@ def test_odd_image_modes_just_work(weights, tmp_path, capsys):
     files = [str(tmp_path / n) for n in ("grey.png", "rgba.png", "cmyk.jpg", "deep.png")]
     assert main(["classify", *files, "--weights", weights]) == 0
     assert capsys.readouterr().out.count("%") == 4 * 4
+
+
+def test_convert_writes_loadable_fp16_safetensors(weights, tmp_path):
+    from deconvnet.weights import load_model, read_metadata
+
+    out = tmp_path / "half.safetensors"
+    assert main(["convert", "--weights", weights, "--out", str(out), "--fp16"]) == 0
+    meta = read_metadata(out)
+    assert meta["classes"] == ["cat", "cup", "rocket", "person"]
+    a, b = load_model(weights), load_model(out)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(b.model(x), a.model(x), rtol=2e-2, atol=2e-3)  # fp16 rounding of weights
+    assert main(["convert", "--weights", weights, "--out", str(tmp_path / "x.pth")]) == 2

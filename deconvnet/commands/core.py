@@ -32,6 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.set_defaults(func=cmd_project)
 
+    p = sub.add_parser("convert", help="save any supported weights (pytorchcv .pth, checkpoint) as deconvnet safetensors")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--fp16", action="store_true", help="store float16 (half the size; logits change by ~1e-3)")
+    add_model_args(p)
+    p.set_defaults(func=cmd_convert)
+
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from ..errors import DeconvnetError
@@ -76,4 +82,23 @@ def cmd_project(args: argparse.Namespace) -> int:
     if args.raw:
         raw = result.raw().numpy().astype(np.float32)
         print(f"raw projections {raw.shape}: {save_npy(args.raw, raw)}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..errors import DeconvnetError
+    from ..models import ConvNet
+    from ..weights import save_weights
+
+    if not args.out.endswith(".safetensors"):
+        raise DeconvnetError("--out must end with .safetensors")
+    loaded = load_from_args(args)
+    if not isinstance(loaded.model, ConvNet):
+        raise DeconvnetError(f"{loaded.arch} is a torchvision model; only ZFNet/AlexNet (deconvnet.models) are stored in our format")
+    keep = {k: v for k, v in loaded.metadata.items() if k not in ("format", "arch", "classes", "preprocessing")}
+    path = save_weights(loaded.model, args.out, loaded.classes, loaded.preprocessing,
+                        dtype=torch.float16 if args.fp16 else None, extra=keep)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
