@@ -119,6 +119,19 @@ def test_sample_hover_click_project(page, shots: Path) -> None:
     _screenshot(page, shots / "explorer.png")
 
 
+def test_api_docs_page(browser, server: Server) -> None:
+    pg = browser.new_page()
+    outside: list[str] = []
+    pg.on("request", lambda r: r.url.startswith(server.url) or outside.append(r.url))
+    pg.goto(server.url + "/docs")
+    pg.wait_for_selector("#paths section")
+    text = pg.inner_text("#paths")
+    assert "/api/images/{image_id}/layers/{layer}/maps/{index}" in text and "/api/upload" in text
+    assert pg.locator("#schemas section").count() >= 5
+    assert not outside
+    pg.close()
+
+
 def test_upload_and_drop(page, shots: Path, tmp_path: Path) -> None:
     photo = tmp_path / "my photo.jpg"
     photo.write_bytes(photo_bytes("JPEG", (240, 180), seed=3))

@@ -106,7 +106,10 @@ def test_model_and_openapi(client: httpx.Client) -> None:
     schema = client.get("/openapi.json").json()
     for path in ("/api/upload", "/api/sources", "/api/images/{image_id}/layers/{layer}/maps/{index}", "/api/images/{image_id}/occlusion", "/api/jobs/{job_id}"):
         assert path in schema["paths"], path
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")  # our own page over /openapi.json: no CDN
+    assert docs.status_code == 200 and "openapi.json" in docs.text
+    assert "http://" not in docs.text and "https://" not in docs.text
+    assert client.get("/redoc").status_code == 404
     page = client.get("/")
     assert page.status_code == 200 and "deconvnet explorer" in page.text
     for asset in ("/static/app.js", "/static/app.css"):

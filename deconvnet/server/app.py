@@ -148,6 +148,10 @@ class ErrorInfo(BaseModel):
     status: int
 
 
+def _image(mime: str) -> dict:
+    return {200: {"content": {mime: {}}, "description": f"the picture ({mime})"}, 404: {"model": ErrorInfo}}
+
+
 ERRORS = {400: {"model": ErrorInfo}, 404: {"model": ErrorInfo}, 413: {"model": ErrorInfo}, 422: {"model": ErrorInfo}, 429: {"model": ErrorInfo}}
 
 
@@ -313,8 +317,11 @@ def create_app(
             "Browse what each layer of a convnet responds to in an image: top-5 classes, activation maps "
             "sorted by strength, deconvnet projections (Zeiler & Fergus 2014) of a map's strongest activation "
             "and of the whole map with the unit's receptive field, the unit's top-9 dataset patches (atlas) and "
-            "the occlusion analysis. Open an image (a listed source or an upload), then use its id."
+            "the occlusion analysis. Open an image (a listed source or an upload), then use its id. "
+            "Errors are JSON objects {\"error\": message, \"status\": code}."
         ),
+        docs_url=None,  # FastAPI's Swagger/ReDoc pages load their scripts from a CDN: /docs is our own page
+        redoc_url=None,
     )
     app.state.explorer = explorer
     app.state.jobs = jobs
@@ -368,6 +375,10 @@ def create_app(
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    @app.get("/docs", include_in_schema=False)
+    def api_docs() -> FileResponse:
+        return FileResponse(STATIC / "api.html", media_type="text/html")
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     # ------------------------------------------------------------------ model and sources
@@ -407,7 +418,7 @@ def create_app(
             raise HTTPException(404, f"no source {source_id!r}; GET /api/sources lists them")
         return found
 
-    @app.get("/api/sources/{source_id}/thumbnail.jpg", tags=["images"], summary="Small preview of a listed image", responses=ERRORS,
+    @app.get("/api/sources/{source_id}/thumbnail.jpg", tags=["images"], summary="Small preview of a listed image", responses=_image("image/jpeg"),
              response_class=Response)
     def source_thumbnail(source_id: str = PathParam(pattern=ID_PATTERN)) -> Response:
         kind, name, path = source_or_404(source_id)
@@ -443,7 +454,7 @@ def create_app(
     def get_image(image_id: str = PathParam(pattern=ID_PATTERN)) -> ImageInfo:
         return image_info(session_or_404(image_id))
 
-    @app.get("/api/images/{image_id}/input.png", tags=["images"], responses=ERRORS, response_class=Response,
+    @app.get("/api/images/{image_id}/input.png", tags=["images"], responses=_image("image/png"), response_class=Response,
              summary="The crop the model sees (PNG)")
     def input_png(image_id: str = PathParam(pattern=ID_PATTERN)) -> Response:
         return Response(session_or_404(image_id).input_png(), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
@@ -465,7 +476,7 @@ def create_app(
             sprite_rows=-(-maps.channels // maps.sprite_cols),
         )
 
-    @app.get("/api/images/{image_id}/layers/{layer}/maps.png", tags=["layers"], responses=ERRORS, response_class=Response,
+    @app.get("/api/images/{image_id}/layers/{layer}/maps.png", tags=["layers"], responses=_image("image/png"), response_class=Response,
              summary="All maps of the layer in one PNG (strongest first, see `order`)")
     def layer_sprite(image_id: str = PathParam(pattern=ID_PATTERN), layer: str = PathParam(pattern=ID_PATTERN)) -> Response:
         session = session_or_404(image_id)
