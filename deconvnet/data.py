@@ -181,7 +181,8 @@ class ImageFolderCache(torch.utils.data.Dataset):
     """An ImageFolder whose images are decoded once into ``size x size`` uint8 squares.
 
     Images are resized (shorter side ``size``) and center-cropped, the paper's "center 256x256" step.
-    With ``cache=True`` they are all held in one uint8 tensor (about 196 KB an image at 256 px); with
+    With ``cache=True`` they are all held in one uint8 tensor (about 196 KB an image at 256 px) when
+    that fits in half the available memory (else a warning, and decoding from disk); with
     ``cache=False`` every access decodes from disk. Unreadable files are skipped with a warning
     naming them (``self.skipped``).
     """
@@ -210,6 +211,16 @@ class ImageFolderCache(torch.utils.data.Dataset):
         self.samples = found
         self.skipped: list[tuple[Path, str]] = []
         self.images: torch.Tensor | None = None
+        if cache:
+            needed = len(self.samples) * 3 * size * size
+            available = _available_memory()
+            if available is not None and needed > available // 2:
+                warnings.warn(
+                    f"{self.root}: caching {len(self.samples)} images needs {needed / 2**30:.1f} GiB, more than half of the "
+                    f"{available / 2**30:.1f} GiB available; decoding from disk instead",
+                    stacklevel=2,
+                )
+                cache = False
         if cache:
             self._fill_cache(num_workers, progress)
         else:
@@ -263,6 +274,14 @@ class ImageFolderCache(torch.utils.data.Dataset):
 
     def class_counts(self) -> list[int]:
         return torch.bincount(self.targets, minlength=len(self.classes)).tolist()
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available now (Linux/macOS), or None where unknown."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class _Decoder(torch.utils.data.Dataset):
