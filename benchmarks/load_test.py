@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="a running server (127.0.0.1 only); default: start one")
     p.add_argument("--weights", default=None, help="weights for the server this script starts (default: the bundled model)")
+    p.add_argument("--parallel", type=int, default=None, help="--parallel for the server this script starts")
     p.add_argument("--clients", type=int, default=24)
     p.add_argument("--requests", type=int, default=10, help="rounds (layer + click) per client")
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds for the whole run")
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "deconvnet", "serve", "--port", str(port), "--device", "cpu"]
         if args.weights:
             cmd += ["--weights", args.weights]
+        if args.parallel:
+            cmd += ["--parallel", str(args.parallel)]
         proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1])
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120

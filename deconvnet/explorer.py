@@ -167,6 +167,7 @@ class ImageSession:
         self.views: OrderedDict[tuple[str, int], MapView] = OrderedDict()
         self.extras: dict[str, Any] = {}  # analyses' results (occlusion...) by name
         self._input_png: bytes | None = None
+        self.lock = threading.Lock()  # computing this image's forward passes
 
     @property
     def size(self) -> tuple[int, int]:
@@ -181,7 +182,8 @@ class ImageSession:
 class Explorer:
     """Model + deconvnet + an LRU cache of opened images (thread-safe; one computation at a time)."""
 
-    def __init__(self, loaded: LoadedModel, cache_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS, views_per_image: int = 64):
+    def __init__(self, loaded: LoadedModel, cache_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS, views_per_image: int = 64,
+                 parallel: int = 1):
         self.loaded = loaded
         self.engine = DeconvNet(loaded.model)
         self.conv_layers = [n for n in self.engine.layer_names if n.startswith("conv")]
@@ -192,7 +194,8 @@ class Explorer:
         self.views_per_image = views_per_image
         self._sessions: OrderedDict[str, ImageSession] = OrderedDict()
         self._lock = threading.Lock()  # the session table
-        self.compute_lock = threading.RLock()  # the model: one forward/backward at a time
+        # the model: at most ``parallel`` forward/backward passes at once (1: PyTorch's own threads do the rest)
+        self.compute_lock = threading.BoundedSemaphore(max(1, parallel))
 
     # ------------------------------------------------------------------ images
     def open_bytes(self, data: bytes, name: str = "upload") -> ImageSession:
@@ -247,7 +250,7 @@ class Explorer:
         conv layer, which serves the way down from every layer below it (computed once per image)."""
         acts = session.layers.get(layer)
         if acts is None or session.record is None:
-            with self.compute_lock:
+            with session.lock, self.compute_lock:
                 if session.record is None:
                     top = self.conv_layers[-1]
                     top_acts, session.record = self.engine.forward(session.x, top)

@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-megapixels", type=float, default=40.0, help="largest accepted image (default 40 megapixels)")
     p.add_argument("--cache", type=int, default=32, help="opened images kept in memory (default 32)")
     p.add_argument("--no-samples", action="store_true", help="do not offer the bundled sample photos")
+    p.add_argument("--parallel", type=int, default=1, help="forward/backward passes run at once (default 1; PyTorch threads split the cores among them)")
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -67,6 +68,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     atexit.register(shutil.rmtree, private, ignore_errors=True)
     tempfile.tempdir = private
 
+    if args.parallel < 1:
+        raise DeconvnetError("--parallel must be at least 1")
+    if args.parallel > 1:
+        import os
+
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.parallel))
     loaded = load_from_args(args)
     app = create_app(
         loaded,
@@ -76,6 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_pixels=int(args.max_megapixels * 1_000_000),
         cache_size=args.cache,
         samples=not args.no_samples,
+        parallel=args.parallel,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"deconvnet: warning: listening on {args.host}: anyone who can reach this machine can use the explorer", file=sys.stderr)

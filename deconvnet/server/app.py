@@ -301,10 +301,11 @@ def create_app(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     cache_size: int = 32,
     samples: bool = True,
+    parallel: int = 1,
 ) -> FastAPI:
     """The explorer for one model. ``images_dir``: a folder whose images are offered by id;
     ``atlas_dir``: the output of the atlas analysis for this model (top-9 patches per unit)."""
-    explorer = Explorer(loaded, cache_size=cache_size, max_pixels=max_pixels)
+    explorer = Explorer(loaded, cache_size=cache_size, max_pixels=max_pixels, parallel=parallel)
     sources = _list_sources(images_dir, samples)
     atlas = integrations.open_atlas(atlas_dir, loaded) if atlas_dir else None
     jobs = Jobs()
