@@ -396,7 +396,7 @@ def create_app(
             shape = _layer_shapes(explorer, size)[name]
             layers.append(LayerSummary(name=name, channels=shape[0], map_size=list(shape[1:]), rf_size=info.rf_size, rf_stride=info.rf_stride))
         return ModelInfo(
-            source=loaded.source,
+            source=Path(str(loaded.source)).name,  # a registry name, or a file's name: the server's paths stay private
             arch=loaded.arch,
             classes=list(loaded.classes),
             input_size=[size, size],
