@@ -4,7 +4,8 @@ drag and drop), hover and click a map, see the projection, switch layers, run oc
 uploads show an error and the page keeps working. The report opens from disk with no request.
 
 Screenshots go to $DECONVNET_SCREENSHOTS (e.g. docs/screenshots) or a temp folder. The tests use
-$DECONVNET_BROWSER_WEIGHTS if set, else the bundled model when it is installed, else a tiny random one.
+$DECONVNET_BROWSER_WEIGHTS if set, else the bundled model when it is installed, else a tiny random one;
+with $DECONVNET_BROWSER_IMAGES (a folder) the screenshots show its first two images instead of samples.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("browser")
     work = base / "work"
     work.mkdir()
-    srv = Server(_weights(base), work)
+    folder = os.environ.get("DECONVNET_BROWSER_IMAGES")  # photos for the README screenshots (offered via --images)
+    srv = Server(_weights(base), work, ["--images", folder] if folder else [])
     yield srv
     srv.stop()
 
@@ -88,13 +90,19 @@ def _screenshot(pg, path: Path, **kwargs) -> None:
     image.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(path, optimize=True)
 
 
+def _pick(pg, n: int) -> None:
+    """Open the n-th image of the --images folder if the server offers one, else the n-th sample."""
+    folder = pg.locator(".source[title$='(folder)']")
+    (folder.nth(n) if folder.count() > n else pg.locator(".source").nth(n)).click()
+
+
 def _wait_detail(pg, timeout: float = 30_000) -> None:
     pg.wait_for_selector("#detail:not([hidden])", timeout=timeout)
     pg.wait_for_function("document.getElementById('d-projection').src.startsWith('data:image/png')", timeout=timeout)
 
 
 def test_sample_hover_click_project(page, shots: Path) -> None:
-    page.click(".source >> nth=0")
+    _pick(page, 0)
     page.wait_for_selector("#top5 li")
     assert page.locator("#top5 li").count() == min(5, len(page.evaluate("state.model.classes")))
     _wait_detail(page)  # the strongest conv5 map is selected on opening
@@ -167,7 +175,7 @@ def test_upload_and_drop(page, shots: Path, tmp_path: Path) -> None:
 def test_occlusion(page, shots: Path) -> None:
     if not page.evaluate("state.model.occlusion"):
         pytest.skip("deconvnet.analysis.occlusion is not installed")
-    page.click(".source >> nth=1")
+    _pick(page, 1)
     _wait_detail(page)
     page.click("#occlusion-run")
     page.wait_for_selector("#occlusion-progress:not([hidden])")
