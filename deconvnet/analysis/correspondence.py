@@ -200,6 +200,7 @@ class CorrespondenceRow:
     pairs: int
     draws: int = 1
     spread_pairs: float | None = None  # random: std over all pairs of all draws
+    changed: float | None = None  # mean fraction of features that change at all (eps != 0)
     per_pair: list[float] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -211,6 +212,7 @@ class CorrespondenceRow:
             "spread_over_pairs": self.spread_pairs if self.spread_pairs is not None else self.spread,
             "pairs": self.pairs,
             "draws": self.draws,
+            "changed_fraction": self.changed,
         }
 
 
@@ -247,6 +249,7 @@ def correspondence(
     rng = np.random.default_rng(seed)
     random_pairs: dict[str, list[np.ndarray]] = {l: [] for l in layers}
     random_deltas: dict[str, list[float]] = {l: [] for l in layers}
+    random_changed: dict[str, list[float]] = {l: [] for l in layers}
     part_rows: list[CorrespondenceRow] = []
     rand_rows: list[CorrespondenceRow] = []
     for part in parts:
@@ -254,10 +257,12 @@ def correspondence(
         used["parts"][part] = part_boxes
         masked = feats(torch.stack([mask(images[i], part_boxes[i], fill) for i in range(n)]))
         for l in layers:
-            h = pairwise_hamming(base[l] - masked[l])
-            part_rows.append(CorrespondenceRow(part, l, float(h.mean()), float(h.std()), len(h), 1, None, h.tolist()))
+            eps = base[l] - masked[l]
+            h = pairwise_hamming(eps)
+            part_rows.append(CorrespondenceRow(part, l, float(h.mean()), float(h.std()), len(h), 1, None, float(np.mean(eps != 0)), h.tolist()))
         sizes = [(b[2] - b[0], b[3] - b[1]) for b in part_boxes]
         per_draw: dict[str, list[np.ndarray]] = {l: [] for l in layers}
+        changed: dict[str, list[float]] = {l: [] for l in layers}
         used["random"][part] = []
         for _ in range(draws):
             rb = random_boxes(sizes, crop, rng)
@@ -265,17 +270,19 @@ def correspondence(
             masked = feats(torch.stack([mask(images[i], rb[i], fill) for i in range(n)]))
             for l in layers:
                 per_draw[l].append(pairwise_hamming(base[l] - masked[l]))
+                changed[l].append(float(np.mean(base[l] != masked[l])))
         for l in layers:
             d = np.array([h.mean() for h in per_draw[l]])
             allp = np.concatenate(per_draw[l])
-            rand_rows.append(CorrespondenceRow(f"random ({part} size)", l, float(d.mean()), float(d.std()), len(per_draw[l][0]), draws, float(allp.std())))
+            rand_rows.append(CorrespondenceRow(f"random ({part} size)", l, float(d.mean()), float(d.std()), len(per_draw[l][0]), draws, float(allp.std()), float(np.mean(changed[l]))))
             random_pairs[l].extend(per_draw[l])
             random_deltas[l].extend(d.tolist())
+            random_changed[l].extend(changed[l])
     rows = part_rows + rand_rows
     for l in layers:
         d = np.array(random_deltas[l])
         allp = np.concatenate(random_pairs[l])
-        rows.append(CorrespondenceRow("random", l, float(d.mean()), float(d.std()), len(random_pairs[l][0]), len(d), float(allp.std())))
+        rows.append(CorrespondenceRow("random", l, float(d.mean()), float(d.std()), len(random_pairs[l][0]), len(d), float(allp.std()), float(np.mean(random_changed[l]))))
     return rows, used
 
 

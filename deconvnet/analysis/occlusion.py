@@ -247,7 +247,7 @@ class _Incremental:
                     new = m(new)  # everything changed already: the ordinary layer on whole maps
                 elif sy.length == sy.out_size:
                     # the whole output changes: paste the changed window into the unoccluded input
-                    canvas = self.acts[sy.info.index].expand(B, -1, -1, -1).contiguous()
+                    canvas = self.acts[sy.info.index].repeat(B, 1, 1, 1)
                     new = m(_paste(canvas, new, r0, c0))
                     r0, c0, full = np.zeros(B, dtype=np.int64), np.zeros(B, dtype=np.int64), True
                 else:
@@ -268,7 +268,7 @@ class _Incremental:
                     base_win = torch.stack([base_map[r : r + n, c : c + n] for r, c in zip(r0.tolist(), c0.tolist())])
                     total = base_map.sum() + new[:, channel].sum((1, 2)) - base_win.sum((1, 2))
             if not full:  # paste the last window into the unoccluded top-layer output
-                new = _paste(self.final.expand(B, -1, -1, -1).contiguous(), new, r0, c0)
+                new = _paste(self.final.repeat(B, 1, 1, 1), new, r0, c0)
             logits = model_head(self.model, new)
         assert total is not None
         return logits, total

@@ -224,7 +224,7 @@ def train_from_scratch(
                 loss.backward()
                 opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.update(1)
         log["loss"].append(float(np.mean(losses)))
     bar.close()

@@ -1,0 +1,134 @@
+"""Occlusion (Fig. 7): incremental inference equals the full recomputation; the maps mean what they say."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests._analysis_helpers import run_cli, tiny_model, tiny_weights, write_image
+from deconvnet.analysis.occlusion import (
+    _Incremental,
+    fill_value,
+    max_difference,
+    occlude,
+    occlusion_maps,
+    occlusion_positions,
+)
+from deconvnet.deconv import DeconvNet
+from deconvnet.errors import DeconvnetError
+
+
+@pytest.mark.parametrize(
+    "lrn,pool_style,size,stride",
+    [(False, "ceil", 9, 5), (True, "ceil", 16, 7), (False, "blog", 12, 6), (False, "ceil", 64, 1), (False, "ceil", 1, 11)],
+)
+def test_incremental_equals_full_recompute(lrn, pool_style, size, stride):
+    model = tiny_model(64, lrn=lrn, pool_style=pool_style)
+    image = torch.randn(3, 64, 64)
+    fill = torch.tensor([0.3, -0.2, 0.1])
+    a = occlusion_maps(model, image, size, stride, fill=fill, keep_logits=True, batch_size=17)
+    b = occlusion_maps(model, image, size, stride, fill=fill, method="full", keep_logits=True, batch_size=17)
+    diff = max_difference(a, b)
+    assert diff["logits"] < 1e-4
+    assert diff["activation_relative"] < 1e-5
+    assert diff["top_class_disagreements"] == 0
+    assert a.activation.shape == (len(a.ys), len(a.xs))
+    assert a.channel == b.channel and a.target == b.target
+
+
+def test_full_method_matches_occluding_by_hand():
+    model = tiny_model(64)
+    image = torch.randn(3, 64, 64)
+    maps = occlusion_maps(model, image, 10, 20, method="full", layer="conv5", channel=3, target=1)
+    y, x = maps.ys[1], maps.xs[2]
+    occluded = occlude(image, int(y), int(x), 10, 0.0)
+    with torch.no_grad():
+        p = model(occluded[None]).softmax(1)[0, 1].item()
+        act = DeconvNet(model).activations(occluded[None], "conv5")[0, 3].sum().item()
+    assert maps.probability[1, 2] == pytest.approx(p, abs=1e-6)
+    assert maps.activation[1, 2] == pytest.approx(act, rel=1e-5)
+
+
+def test_occluding_with_the_image_own_value_changes_nothing():
+    # a constant image occluded with its own colour is unchanged: every map equals the unoccluded value
+    model = tiny_model(64)
+    image = torch.full((3, 64, 64), 0.25)
+    maps = occlusion_maps(model, image, 13, 6, fill=0.25)
+    assert np.allclose(maps.activation, maps.base_activation, rtol=1e-5)
+    assert np.allclose(maps.probability, maps.base_probability, atol=1e-6)
+    assert (maps.top_class == maps.base_top_class).all()
+
+
+def test_plan_windows_contain_every_changed_unit_and_far_units_are_untouched():
+    model = tiny_model(64)
+    engine = DeconvNet(model)
+    image = torch.randn(3, 64, 64)
+    size = 8
+    ys, xs = occlusion_positions(64, 64, size, 8)
+    runner = _Incremental(model, image, size, ys, xs, engine.layer("conv5").index)
+    for i in (0, len(ys) // 2, len(ys) - 1):
+        occluded = occlude(image, int(ys[i]), int(xs[i]), size, 5.0)
+        for step_y, step_x in zip(runner.steps_y, runner.steps_x):
+            with torch.no_grad():
+                before = engine.activations(image[None], step_y.info.index)[0]
+                after = engine.activations(occluded[None], step_y.info.index)[0]
+            changed = (before != after).any(0).nonzero()
+            if len(changed):
+                r0, c0 = step_y.start[i], step_x.start[i]
+                assert changed[:, 0].min() >= r0 and changed[:, 0].max() < r0 + step_y.length, step_y.info.name
+                assert changed[:, 1].min() >= c0 and changed[:, 1].max() < c0 + step_x.length, step_y.info.name
+    # a conv1 unit whose receptive field misses the occluder does not change
+    info = engine.layer("conv1")
+    y0, x0, y1, x1 = info.receptive_field(0, 0, 64, 64)
+    occluded = occlude(image, 64 - size, 64 - size, size, 5.0)
+    assert y1 <= 64 - size and x1 <= 64 - size
+    with torch.no_grad():
+        a = engine.activations(image[None], "conv1")[0, :, 0, 0]
+        b = engine.activations(occluded[None], "conv1")[0, :, 0, 0]
+    assert torch.equal(a, b)
+
+
+def test_positions_and_fill():
+    ys, xs = occlusion_positions(64, 48, 16, 8)
+    assert ys.tolist() == [0, 8, 16, 24, 32, 40, 48] and xs.tolist() == [0, 8, 16, 24, 32]
+    assert torch.allclose(fill_value(None, (0.5,) * 3, (0.2,) * 3), torch.zeros(3))
+    assert torch.allclose(fill_value(0.7, (0.5,) * 3, (0.2,) * 3), torch.ones(3))
+    with pytest.raises(DeconvnetError, match="stride"):
+        occlusion_positions(64, 64, 8, 0)
+    with pytest.raises(DeconvnetError, match="larger than"):
+        occlusion_positions(64, 64, 65, 4)
+    with pytest.raises(DeconvnetError, match="grey level"):
+        fill_value(1.5, (0.5,) * 3, (0.2,) * 3)
+
+
+def test_cli_writes_figure_and_maps(tmp_path, capsys):
+    weights = tiny_weights(tmp_path)
+    image = write_image(tmp_path / "img.png")
+    code, out, err = run_cli(["occlusion", image, "--weights", weights, "--size", "16", "--stride", "8", "--label", "dog",
+                              "--check", "--quiet", "--out", tmp_path / "out", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "max difference vs full" in out
+    import json
+
+    data = json.loads((tmp_path / "out" / "img-occlusion.json").read_text())
+    assert data["target_name"] == "dog" and len(data["probability"]) == len(data["ys"]) == 7
+    assert data["check"]["probability"] < 1e-5
+    assert (tmp_path / "out" / "img-occlusion.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--size", "65"], "larger than the model's input"),
+        (["--stride", "0"], "stride must be at least 1"),
+        (["--label", "zebra"], "unknown class 'zebra'"),
+        (["--gray", "dark"], "--gray must be"),
+        (["--layer", "conv9"], "unknown layer"),
+    ],
+)
+def test_cli_bad_input(tmp_path, capsys, extra, message):
+    weights = tiny_weights(tmp_path)
+    image = write_image(tmp_path / "img.png")
+    code, out, err = run_cli(["occlusion", image, "--weights", weights, "--quiet", "--out", tmp_path / "out", "--device", "cpu", *extra], capsys)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 2  # the weights line and the error
