@@ -63,6 +63,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise DeconvnetError(f"the explorer needs FastAPI and uvicorn ({e.name} is missing): pip install fastapi uvicorn python-multipart") from None
 
+    import socket
+
+    try:  # a clear one-line error for a port in use (uvicorn would log a traceback-like message)
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((args.host, args.port))
+    except OSError as e:
+        raise DeconvnetError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port") from None
+
     # The server's own temp space: large uploads are spooled here by the multipart parser, nowhere else.
     private = tempfile.mkdtemp(prefix="deconvnet-serve-")
     atexit.register(shutil.rmtree, private, ignore_errors=True)
