@@ -80,3 +80,12 @@ def test_model_summary_reads_metadata(weights: Path) -> None:
     assert rows["architecture"] == "zfnet" and "crop 64x64" in rows["input"]
     grid = layer1_filters(loaded)
     assert grid is not None and grid.shape[2] == 3
+
+
+def test_markdown_is_escaped() -> None:
+    from deconvnet.report import _markdown
+
+    out = _markdown("# Card <script>alert(1)</script>\n\n| a | b |\n|---|---|\n| `x<y` | **bold** |\n\n- item <img src=x onerror=alert(1)>\n")
+    assert "<script>" not in out and "<img" not in out
+    assert "&lt;script&gt;" in out and "<code>x&lt;y</code>" in out and "<strong>bold</strong>" in out
+    assert "<table" in out and "<li>" in out

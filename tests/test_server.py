@@ -353,3 +353,24 @@ def test_jobs_are_deduplicated_and_bounded() -> None:
     while first.status != "done" and time.monotonic() < deadline:
         time.sleep(0.02)
     assert first.status == "done" and first.result == {"ok": True} and first.progress == 1.0
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "I;16", "CMYK", "1"])
+def test_decode_any_mode(mode: str) -> None:
+    """Uploads in any PIL mode become 8-bit RGB (in-process, no server)."""
+    from deconvnet.explorer import decode_image
+
+    img = Image.new(mode, (40, 30))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG" if mode == "CMYK" else ("TIFF" if mode == "LA" else "PNG"))
+    out = decode_image(buf.getvalue(), f"x-{mode}")
+    assert out.mode == "RGB" and out.size == (40, 30)
+
+
+def test_decode_animated_gif_uses_first_frame() -> None:
+    from deconvnet.explorer import decode_image
+
+    frames = [Image.new("P", (20, 10), i) for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    assert decode_image(buf.getvalue()).size == (20, 10)
