@@ -11,12 +11,38 @@ The public API, importable from the package root::
 
 __version__ = "0.1.0"
 
-from .data import Preprocessing, load_image
-from .deconv import DeconvNet, Projection, Selection
-from .errors import DeconvnetError
-from .inference import classify, prepare_images, project_image
-from .models import ArchConfig, ConvNet, alexnet, build_model, zfnet, zfnet_b
-from .weights import LoadedModel, load_model, save_weights
+import importlib
+from typing import Any
+
+# Names resolve lazily (PEP 562) so that `deconvnet --help` and error paths do not pay for importing
+# torch/torchvision before they need them.
+_EXPORTS = {
+    "Preprocessing": "data",
+    "load_image": "data",
+    "DeconvNet": "deconv",
+    "Projection": "deconv",
+    "Selection": "deconv",
+    "DeconvnetError": "errors",
+    "classify": "inference",
+    "prepare_images": "inference",
+    "project_image": "inference",
+    "ArchConfig": "models",
+    "ConvNet": "models",
+    "alexnet": "models",
+    "build_model": "models",
+    "zfnet": "models",
+    "zfnet_b": "models",
+    "LoadedModel": "weights",
+    "load_model": "weights",
+    "save_weights": "weights",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'deconvnet' has no attribute {name!r}")
+
 
 __all__ = [
     "ArchConfig",

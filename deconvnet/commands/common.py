@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from ..weights import LoadedModel
+if TYPE_CHECKING:  # imported lazily: parsing arguments must not pay for torch
+    from ..weights import LoadedModel
 
 
 def add_model_args(p: argparse.ArgumentParser, arch: bool = True) -> None:
@@ -16,7 +18,7 @@ def add_model_args(p: argparse.ArgumentParser, arch: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto (a GPU if PyTorch sees one), cpu or cuda")
 
 
-def load_from_args(args: argparse.Namespace, lrn: bool | None = None, announce: bool = True) -> LoadedModel:
+def load_from_args(args: argparse.Namespace, lrn: bool | None = None, announce: bool = True) -> "LoadedModel":
     from ..training import resolve_device
     from ..weights import load_model
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 from .common import add_model_args, load_from_args
 
 
@@ -80,6 +78,8 @@ def cmd_project(args: argparse.Namespace) -> int:
                                title=f"{Path(args.image).name}: deconvnet projections from {args.layer} ({loaded.source})")
     print(f"figure: {figure}")
     if args.raw:
+        import numpy as np
+
         raw = result.raw().numpy().astype(np.float32)
         print(f"raw projections {raw.shape}: {save_npy(args.raw, raw)}")
     return 0
