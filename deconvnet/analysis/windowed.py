@@ -61,6 +61,17 @@ class WindowedProjector:
             if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
                 raise DeconvnetError(f"conv with padding_mode={m.padding_mode!r} is not supported")
         self._shapes: dict[tuple[int, int], dict[int, tuple[int, int]]] = {}
+        self._weights: dict[tuple[int, bool], torch.Tensor] = {}
+        self.channels_last = True  # faster transposed convolutions on CPU (same results to rounding)
+
+    def _weight(self, info: LayerInfo, cl: bool) -> torch.Tensor:
+        w = info.module.weight
+        key = (info.index, cl)
+        cached = self._weights.get(key)
+        if cached is None or cached.data_ptr() == 0 or cached._version != w._version or cached.shape != w.shape:
+            cached = w.detach().contiguous(memory_format=torch.channels_last) if cl else w.detach()
+            self._weights[key] = cached
+        return cached
 
     def forward(self, images: torch.Tensor, upto: int):
         """The record (switches, shapes) the way down needs, for layers ``0..upto``."""
@@ -93,13 +104,16 @@ class WindowedProjector:
         x[torch.arange(n, device=device), channels.to(device), 0, 0] = values
         origin = positions.to(device=device, dtype=torch.long).clone()  # (S, 2)
         height, width = input_shape
+        cl = self.channels_last and device.type == "cpu"
         for below in reversed(engine.layers[: info.index + 1]):
             m = below.module
             if isinstance(m, nn.ReLU):
-                x = F.relu(x)
+                x = x.relu_()
             elif isinstance(m, nn.Conv2d):
                 s, p, d = _pair(m.stride), _pair(m.padding), _pair(m.dilation)
-                x = F.conv_transpose2d(x, m.weight, None, s, 0, 0, m.groups, d)
+                if cl:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                x = F.conv_transpose2d(x, self._weight(below, cl), None, s, 0, 0, m.groups, d)
                 origin = origin * torch.tensor(s, device=device) - torch.tensor(p, device=device)
                 x = self._mask(x, origin, self._in_size(rec, below, input_shape))
             elif isinstance(m, nn.MaxPool2d):
@@ -140,14 +154,16 @@ class WindowedProjector:
     def _mask(x: torch.Tensor, origin: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Zero the window cells outside [0, H) x [0, W)."""
         h, w = x.shape[-2:]
+        lo = origin.min(0).values.tolist()
+        hi = origin.max(0).values.tolist()
+        if lo[0] >= 0 and lo[1] >= 0 and hi[0] + h <= size[0] and hi[1] + w <= size[1]:
+            return x
         ys = origin[:, :1] + torch.arange(h, device=x.device)  # (S, h)
         xs = origin[:, 1:] + torch.arange(w, device=x.device)
         inside_y = (ys >= 0) & (ys < size[0])
         inside_x = (xs >= 0) & (xs < size[1])
-        if bool(inside_y.all()) and bool(inside_x.all()):
-            return x
         mask = (inside_y[:, :, None] & inside_x[:, None, :]).to(x.dtype)
-        return x * mask[:, None]
+        return x.mul_(mask[:, None])
 
     def switch_codes(self, rec, info: LayerInfo, input_shape: tuple[int, int]) -> torch.Tensor:
         """The switches of pooling layer ``info`` as offsets inside their pooling window,
@@ -166,30 +182,44 @@ class WindowedProjector:
             cache[info.index] = code.to(torch.uint8) if (d[0] * (k[0] - 1) + 1) * span <= 256 else code.to(torch.int32)
         return cache[info.index]
 
+    def _offsets(self, rec, info: LayerInfo, input_shape, out_w: int) -> torch.Tensor:
+        """(N, Hp, Wp, C) int64: for each pooled cell, ``dy * out_w + dx`` of its switch inside its
+        pooling window, for windows ``out_w`` wide (cached on the record per pool and width)."""
+        cache = rec.__dict__.setdefault("_offsets", {})
+        key = (info.index, out_w)
+        if key not in cache:
+            m = info.module
+            k, d = _pair(m.kernel_size), _pair(m.dilation)
+            span_y, span_x = d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1
+            codes = self.switch_codes(rec, info, input_shape)
+            r = torch.arange(span_y * span_x, device=codes.device)
+            lut = torch.div(r, span_x, rounding_mode="floor") * out_w + r % span_x
+            cache[key] = lut[codes.permute(0, 2, 3, 1).contiguous().long()].contiguous()
+        return cache[key]
+
     def _unpool(self, x: torch.Tensor, origin: torch.Tensor, rec, info: LayerInfo, m: nn.MaxPool2d, input_shape, image_index: torch.Tensor):
         k, s, p, d = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding), _pair(m.dilation)
-        codes = self.switch_codes(rec, info, input_shape)  # (N, C, Hp, Wp)
         n, c, h, w = x.shape
-        hp, wp = codes.shape[-2:]
         dev = x.device
-        ys = origin[:, :1] + torch.arange(h, device=dev)  # (S, h) pooled-grid rows
-        xs = origin[:, 1:] + torch.arange(w, device=dev)
-        valid = ((ys >= 0) & (ys < hp))[:, :, None] & ((xs >= 0) & (xs < wp))[:, None, :]  # (S, h, w)
-        ysc, xsc = ys.clamp(0, hp - 1), xs.clamp(0, wp - 1)
-        code = codes[image_index[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], ysc[:, None, :, None], xsc[:, None, None, :]]
         new_origin = origin * torch.tensor(s, device=dev) - torch.tensor(p, device=dev)
         out_h = (h - 1) * s[0] + d[0] * (k[0] - 1) + 1
         out_w = (w - 1) * s[1] + d[1] * (k[1] - 1) + 1
-        span_y, span_x = d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1
-        # window-local index = (r * s + dy) * out_w + (c * s + dx): a fixed base plus a per-code offset
-        codes_range = torch.arange(span_y * span_x, device=dev)
-        lut = torch.div(codes_range, span_x, rounding_mode="floor") * out_w + codes_range % span_x
+        offsets = self._offsets(rec, info, input_shape, out_w)  # (N, Hp, Wp, C)
+        hp, wp = offsets.shape[1:3]
+        # the window of every selection, cut out of its image's offsets; cells outside the pooled map
+        # keep offset 0 (their signal is zero: the window was masked on the way down)
+        local = torch.zeros(n, h, w, c, dtype=torch.long, device=dev)
+        for i, ((oy, ox), img) in enumerate(zip(origin.tolist(), image_index.tolist())):
+            y0, y1, x0, x1 = max(oy, 0), min(oy + h, hp), max(ox, 0), min(ox + w, wp)
+            if y0 < y1 and x0 < x1:
+                local[i, y0 - oy : y1 - oy, x0 - ox : x1 - ox] = offsets[img, y0:y1, x0:x1]
+        # window-local index = (r * s + dy) * out_w + (c * s + dx): a fixed base plus the offset
         base = (torch.arange(h, device=dev) * s[0] * out_w).view(-1, 1) + torch.arange(w, device=dev) * s[1]
-        local = lut[code.long()] + base
-        signal = x if bool(valid.all()) else x * valid[:, None].to(x.dtype)
-        out = x.new_zeros(n, c, out_h * out_w)
-        out.scatter_add_(2, local.view(n, c, -1), signal.reshape(n, c, -1))
-        return out.view(n, c, out_h, out_w), new_origin
+        local += base.view(1, h, w, 1)
+        signal = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view when x is channels-last
+        out = x.new_zeros(n, out_h * out_w, c)
+        out.scatter_add_(1, local.view(n, h * w, c), signal)
+        return out.view(n, out_h, out_w, c).permute(0, 3, 1, 2), new_origin
 
     def _lrn(self, x: torch.Tensor, origin: torch.Tensor, rec, info: LayerInfo, m: nn.LocalResponseNorm, image_index):
         inputs = rec.lrn_inputs[info.index]  # (N, C, H, W)
