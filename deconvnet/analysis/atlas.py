@@ -961,6 +961,7 @@ def build_atlas(
     render: bool = True,
     progress: bool = True,
     cache_mb: float = 1024.0,
+    project: bool | None = None,
     include_lrn: bool = False,
     max_images: int | None = None,
 ) -> AtlasResult:
@@ -970,8 +971,10 @@ def build_atlas(
     ``out_dir/<layer>/maps-*.png`` and ``out_dir/index.html``. Under torchrun every process scans and
     projects its own shard; process 0 merges, renders and returns the tiles (others return ``None``).
     A completed ``atlas.npz`` is reused: rendering other maps or re-rendering does not rescan, and
-    requested layers that it lacks are scanned alone and added to it.
+    requested layers that it lacks are scanned alone and added to it. ``render=False`` stops after the
+    scan unless ``project=True`` (then the tiles are computed and returned, not drawn).
     """
+    project = render if project is None else (project or render)
     rank, world = dist_info()
     out_dir = Path(out_dir)
     if isinstance(image_dir, (str, os.PathLike)):
@@ -1033,7 +1036,7 @@ def build_atlas(
         state_path.unlink(missing_ok=True)
     assert scan is not None
     timings["scan"] = time.perf_counter() - t0
-    if not render:
+    if not project:
         return AtlasResult(scan, None, [atlas_path], timings)
     t0 = time.perf_counter()
     own = (lambda gid: gid % world == rank) if world > 1 else None
@@ -1049,7 +1052,7 @@ def build_atlas(
             tiles = _merge_tiles(gathered_tiles)
     timings["project"] = time.perf_counter() - t0
     written: list[Path] = []
-    if rank == 0:
+    if rank == 0 and render:
         t0 = time.perf_counter()
         written = render_atlas(tiles, out_dir, per_page=per_page, columns=columns, title=Path(str(loaded.source)).stem,
                                files=scan.files, progress=progress)

@@ -1,0 +1,195 @@
+"""Benchmark of the top-k atlas (issue 4, "Performance").
+
+(a) Full atlas (scan + projection of every kept activation; rendering timed separately) vs a plain
+    inference pass (decode, preprocess, forward to the logits) over the same images, same loader, same
+    batch size, same memory format. Target: ratio <= 2.
+(b) Projections: the atlas's receptive-field-windowed, image-grouped, batched projections vs a generic
+    autograd-hook deconvnet (ReLU backward hooks that rectify the gradient; max-pool/conv backward by
+    autograd), one call per selection, on the same top-k selections (a random subset of maps of every
+    layer), both from the same preloaded image tensors and both including their forward passes.
+    Target: >= 10x, identical results (max relative difference printed).
+
+    python benchmarks/bench_atlas.py IMAGE_DIR [--weights W] [--limit N] [--out DIR] [--hook-maps 8]
+
+Prints the numbers and the machine. The page cache is warmed (every file read once) before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from deconvnet.analysis.atlas import AtlasScan, _collate, _Images, build_atlas, parse_layers
+from deconvnet.analysis.windowed import WindowedProjector, last_pool_below
+from deconvnet.data import list_images
+from deconvnet.deconv import DeconvNet, _Record
+from deconvnet.weights import load_model
+
+
+def plain_inference(loaded, files, batch_size: int, workers: int, channels_last: bool) -> float:
+    dataset = _Images([str(f) for f in files], range(len(files)), loaded.preprocessing.geometry())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    if channels_last:
+        loaded.model.to(memory_format=torch.channels_last)
+    t0 = time.perf_counter()
+    n = 0
+    with torch.no_grad():
+        for batch in loader:
+            pixels = torch.stack([t for _, t, _ in batch if t is not None])
+            x = loaded.preprocessing.normalize(pixels.to(loaded.device))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            loaded.model(x).argmax(1)
+            n += len(pixels)
+    return time.perf_counter() - t0
+
+
+class HookDeconvNet:
+    """The usual generic implementation: autograd through the feature extractor with backward hooks on
+    every ReLU that replace its gradient by the rectified incoming gradient. One call per selection."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.engine = DeconvNet(model)  # only for layer names -> module index
+        self.features = model.features
+        self.handles = [m.register_full_backward_hook(lambda mod, gin, gout: (gout[0].clamp(min=0),))
+                        for m in self.features if isinstance(m, nn.ReLU)]
+
+    def project(self, image: torch.Tensor, layer: str, channel: int, y: int, x: int) -> torch.Tensor:
+        index = self.engine.layer(layer).index
+        inp = image.unsqueeze(0).clone().requires_grad_(True)
+        out = self.features[: index + 1](inp)
+        seed = torch.zeros_like(out)
+        seed[0, channel, y, x] = out[0, channel, y, x].detach()
+        (grad,) = torch.autograd.grad(out, inp, seed)
+        return grad[0]
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def ours(loaded, scan: AtlasScan, selections, images: dict[int, torch.Tensor], per_batch_images: int = 32) -> dict:
+    """The atlas's projection path on preloaded images (forward for switches included, no cache)."""
+    engine = DeconvNet(loaded.model)
+    projector = WindowedProjector(engine)
+    height, width = scan.input_size
+    by_image: dict[int, list] = {}
+    for s in selections:
+        by_image.setdefault(s[0], []).append(s)
+    out = {}
+    ids = sorted(by_image)
+    for start in range(0, len(ids), per_batch_images):
+        chunk = ids[start : start + per_batch_images]
+        batch = torch.stack([images[g] for g in chunk])
+        upto = max(last_pool_below(engine, engine.layer(s[1])) for g in chunk for s in by_image[g])
+        rec = projector.forward(batch.contiguous(memory_format=torch.channels_last), upto)
+        per_layer: dict[str, list] = {}
+        for b, g in enumerate(chunk):
+            for s in by_image[g]:
+                per_layer.setdefault(s[1], []).append((b, s))
+        for layer, items in per_layer.items():
+            for s0 in range(0, len(items), 64):
+                part = items[s0 : s0 + 64]
+                res = projector.project(
+                    rec, (height, width), layer, torch.tensor([b for b, _ in part]), torch.tensor([s[2] for _, s in part]),
+                    torch.tensor([[s[3], s[4]] for _, s in part]), torch.tensor([s[5] for _, s in part], dtype=torch.float32))
+                for q, (_, s) in enumerate(part):
+                    out[s] = (res.windows[q], res.origins[q])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images")
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--layers", default="all")
+    parser.add_argument("--top", type=int, default=9)
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N images (sorted)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--out", default="out/bench-atlas")
+    parser.add_argument("--hook-maps", type=int, default=8, help="maps per layer for benchmark (b)")
+    parser.add_argument("--skip-full", action="store_true", help="only (b), on the atlas.npz already in --out")
+    parser.add_argument("--render", action="store_true", help="also render the sheets (timed separately)")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    loaded = load_model(args.weights, device="cpu")
+    files = list_images(args.images)
+    if args.limit:
+        files = files[: args.limit]
+    print(f"# {time.strftime('%Y-%m-%d %H:%M %Z')}  {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"# command: {' '.join(sys.argv)}")
+    print(f"# model {loaded.source} ({loaded.arch}), input {loaded.preprocessing.crop} px; {len(files)} images")
+    for f in files:  # warm the page cache so that neither pass pays for the first read
+        Path(f).read_bytes()
+    out = Path(args.out)
+
+    if not args.skip_full:
+        t_inf = plain_inference(loaded, files, args.batch_size, args.workers, channels_last=True)
+        print(f"(a) plain inference: {t_inf:.1f} s ({len(files) / t_inf:.1f} images/s)")
+        res = build_atlas(loaded, [str(f) for f in files], out, layers=args.layers, k=args.top, batch_size=args.batch_size,
+                          workers=args.workers, restart=True, render=args.render, project=True, progress=False)
+        maps = sum(v.shape[0] for v in res.scan.values.values())
+        t_scan = res.timings["scan"]
+        print(f"    atlas scan: {t_scan:.1f} s; layers {','.join(res.scan.layers)}: {maps} maps, top-{res.scan.k}")
+        for key, value in res.timings.items():
+            if key != "scan":
+                print(f"    {key}: {value:.1f} s")
+        t_atlas = t_scan + res.timings["project"]
+        print(f"    full atlas (scan + projections): {t_atlas:.1f} s  ->  ratio to plain inference {t_atlas / t_inf:.2f}")
+        if "render" in res.timings:
+            print(f"    with rendering: {t_atlas + res.timings['render']:.1f} s  ->  ratio {(t_atlas + res.timings['render']) / t_inf:.2f}")
+
+    scan = AtlasScan.load(out / "atlas.npz")
+    rng = random.Random(0)
+    selections = []
+    for layer in scan.layers:
+        channels = scan.values[layer].shape[0]
+        for m in sorted(rng.sample(range(channels), min(args.hook_maps, channels))):
+            for r in range(scan.k):
+                gid = int(scan.images[layer][m, r])
+                if gid >= 0:
+                    y, x = (int(v) for v in scan.positions[layer][m, r])
+                    selections.append((gid, layer, m, y, x, float(scan.values[layer][m, r])))
+    needed = sorted({s[0] for s in selections})
+    images = {g: loaded.preprocessing.load(scan.files[g])[0] for g in needed}
+    loaded.model.to(memory_format=torch.contiguous_format)
+    hook = HookDeconvNet(loaded.model)
+    hook.project(images[needed[0]], "conv1", 0, 0, 0)  # warm-up
+    t0 = time.perf_counter()
+    reference = {s: hook.project(images[s[0]], s[1], s[2], s[3], s[4]) for s in selections}
+    t_hook = time.perf_counter() - t0
+    hook.close()
+    loaded.model.to(memory_format=torch.channels_last)
+    t0 = time.perf_counter()
+    mine = ours(loaded, scan, selections, images)
+    t_ours = time.perf_counter() - t0
+    height, width = scan.input_size
+    worst = 0.0
+    for s in selections:
+        window, (oy, ox) = mine[s]
+        size = window.shape[-1]
+        full = torch.zeros(3, height + 2 * size, width + 2 * size)
+        full[:, oy + size : oy + 2 * size, ox + size : ox + 2 * size] = window
+        full = full[:, size : size + height, size : size + width]
+        ref = reference[s]
+        worst = max(worst, float((full - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
+    print(f"(b) {len(selections)} top-{scan.k} selections ({args.hook_maps} random maps x {len(scan.layers)} layers, {len(needed)} images)")
+    print(f"    autograd-hook deconvnet, one call per selection: {t_hook:.2f} s ({len(selections) / t_hook:.1f} projections/s)")
+    print(f"    atlas projections (windowed, grouped, batched):  {t_ours:.2f} s ({len(selections) / t_ours:.1f} projections/s)")
+    print(f"    speed-up {t_hook / t_ours:.1f}x; max relative difference {worst:.2e}")
+
+
+if __name__ == "__main__":
+    main()
