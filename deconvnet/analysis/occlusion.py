@@ -334,6 +334,8 @@ def occlusion_maps(
     flat_y, flat_x = grid_y.ravel(), grid_x.ravel()
     logits_all = torch.empty(len(flat_y), num_classes)
     totals_all = torch.empty(len(flat_y))
+    first = next(model.parameters())
+    channels_last = first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
     runner = None
     if method == "incremental":
         runner = _Incremental(model, image, size, ys, xs, watch.index)
@@ -347,6 +349,8 @@ def occlusion_maps(
             view = fill_t.view(-1, 1, 1)
             for b, (i, j) in enumerate(zip(by, bx)):
                 batch[b, :, ys[i] : ys[i] + size, xs[j] : xs[j] + size] = view
+            if channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
                 acts = batch
                 for info in engine.layers:

@@ -68,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--c-svm", type=float, default=0.01, help="C of the linear SVM (default 0.01)")
     p.add_argument("--scratch-epochs", type=int, default=0, help="also train the same architecture from scratch on each training sample for this many epochs (0: skip)")
     p.add_argument("--scratch-lr", type=float, default=0.02)
+    p.add_argument("--scratch-only", action="store_true", help="only the from-scratch rows (--weights then only gives the architecture and preprocessing)")
     p.add_argument("--out", required=True, help="output folder (table as MD/CSV/JSON + PNG)")
     p.add_argument("--quiet", action="store_true")
     add_model_args(p)
@@ -307,9 +308,13 @@ def cmd_probe(args: argparse.Namespace) -> int:
     y_train, y_test = train.targets.numpy(), test.targets.numpy()
     C = {"softmax": args.c_softmax, "svm": args.c_svm}
     name = Path(loaded.source).stem if "/" in loaded.source else loaded.source
-    f_train = extract_features(loaded.model, x_train, layers, grid=args.grid, progress=not args.quiet)
-    f_test = extract_features(loaded.model, x_test, layers, grid=args.grid)
-    rows = probe_layers(f_train, y_train, f_test, y_test, args.train_per_class, args.seeds, kinds, C, f"{name} (frozen)", progress=not args.quiet)
+    if args.scratch_only and args.scratch_epochs < 1:
+        raise DeconvnetError("--scratch-only needs --scratch-epochs N (N >= 1)")
+    rows = []
+    if not args.scratch_only:
+        f_train = extract_features(loaded.model, x_train, layers, grid=args.grid, progress=not args.quiet)
+        f_test = extract_features(loaded.model, x_test, layers, grid=args.grid)
+        rows = probe_layers(f_train, y_train, f_test, y_test, args.train_per_class, args.seeds, kinds, C, f"{name} (frozen)", progress=not args.quiet)
     scratch_info: dict[int, dict] = {}
     extra: dict[str, dict[int, float]] = {}
     if args.scratch_epochs > 0:

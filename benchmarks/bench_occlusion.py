@@ -1,0 +1,118 @@
+"""Benchmark of occlusion maps (issue 5, "Performance"): incremental inference vs the full recomputation.
+
+Baseline: every occluded image built and run through the whole network in batches (the same batch
+size), in whichever memory format (NCHW or channels_last) is faster on this machine; timed end to end
+through ``occlusion_maps(method="full")``. Candidate: ``occlusion_maps(method="incremental")``. Both
+produce the same outputs (the watched map's total activation, every class probability); the largest
+differences are printed. Target: >= 3x.
+
+Configurations: the bundled model's architecture (ZFNet v1 without LRN, FC 1024, 10 classes, 128 px
+input; its weights if installed, else random) for several occluder sizes/strides, and the paper's
+geometry (ZFNet v1 with LRN, FC 4096, 224 px input, random weights).
+
+    python benchmarks/bench_occlusion.py [--quick] [--repeats 1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deconvnet.analysis.occlusion import max_difference, occlusion_maps, occlusion_positions  # noqa: E402
+from deconvnet.models import build_model  # noqa: E402
+
+CONFIGS_128 = [(8, 4), (16, 4), (16, 8), (24, 4), (32, 8), (48, 8)]
+CONFIGS_224 = [(32, 16), (48, 16)]
+
+
+def bundled_or_random():
+    from deconvnet.weights import BUNDLED_DIR, load_model
+
+    if (BUNDLED_DIR / "zfnet-imagenette.safetensors").exists():
+        loaded = load_model("zfnet-imagenette")
+        return loaded.model.eval(), "zfnet-imagenette (bundled weights)"
+    torch.manual_seed(0)
+    return build_model("zfnet", num_classes=10, fc=(1024, 1024), lrn=False, input_size=128).eval(), "zfnet 128 px, no LRN, FC 1024 (random weights)"
+
+
+def timed(fn, repeats):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def run(model, label, size_px, configs, repeats, batch_size, rows):
+    torch.manual_seed(1)
+    image = torch.randn(3, size_px, size_px)
+    # baseline memory format: whichever runs the full network faster here
+    x = image[None].repeat(batch_size, 1, 1, 1)
+    with torch.no_grad():
+        t_nchw, _ = timed(lambda: model(x), 2)
+        model_cl = model.to(memory_format=torch.channels_last)
+        t_cl, _ = timed(lambda: model_cl(x.contiguous(memory_format=torch.channels_last)), 2)
+    use_cl = t_cl < t_nchw
+    for size, stride in configs:
+        ys, xs = occlusion_positions(size_px, size_px, size, stride)
+        n = len(ys) * len(xs)
+        model.to(memory_format=torch.channels_last if use_cl else torch.contiguous_format)
+        t_full, full = timed(lambda: occlusion_maps(model, image, size, stride,
+                                                    method="full", batch_size=batch_size, keep_logits=True), repeats)
+        model.to(memory_format=torch.contiguous_format)
+        t_inc, inc = timed(lambda: occlusion_maps(model, image, size, stride, batch_size=batch_size, keep_logits=True), repeats)
+        diff = max_difference(inc, full)
+        row = {
+            "model": label, "input": size_px, "size": size, "stride": stride, "positions": n,
+            "full_s": round(t_full, 2), "incremental_s": round(t_inc, 2), "ratio": round(t_full / t_inc, 2),
+            "baseline_format": "channels_last" if use_cl else "NCHW",
+            "max_abs_diff_activation": diff["activation"], "max_rel_diff_activation": diff["activation_relative"],
+            "max_abs_diff_probability": diff["probability"], "max_abs_diff_logits": diff["logits"],
+            "top_class_disagreements": diff["top_class_disagreements"],
+        }
+        rows.append(row)
+        print(f"| {label} | {size_px} | {size} | {stride} | {n} | {t_full:.2f} | {t_inc:.2f} | **{t_full / t_inc:.2f}x** | "
+              f"{diff['activation_relative']:.1e} | {diff['probability']:.1e} |", flush=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="two configurations only")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per method (best is kept)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-224", action="store_true", help="skip the paper-geometry (224 px) model")
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, batch {args.batch_size}, {time.strftime('%Y-%m-%d %H:%M')}")
+    print("| model | input px | occluder | stride | positions | full (s) | incremental (s) | speed-up | max rel. diff (activation) | max abs. diff (probability) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows: list[dict] = []
+    model, label = bundled_or_random()
+    configs = CONFIGS_128[1:3] if args.quick else CONFIGS_128
+    run(model, label, 128, configs, args.repeats, args.batch_size, rows)
+    if not args.no_224:
+        torch.manual_seed(0)
+        paper = build_model("zfnet", num_classes=1000, lrn=True, input_size=224).eval()
+        run(paper, "zfnet 224 px, LRN, FC 4096 (random)", 224, CONFIGS_224[:1] if args.quick else CONFIGS_224, args.repeats, args.batch_size, rows)
+    ratios = [r["ratio"] for r in rows]
+    print(f"speed-up: min {min(ratios):.2f}x, median {float(np.median(ratios)):.2f}x, max {max(ratios):.2f}x over {len(rows)} configurations")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
