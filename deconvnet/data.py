@@ -298,6 +298,20 @@ class _Decoder(torch.utils.data.Dataset):
             return index, None, str(e).split(": ", 1)[-1]
 
 
+def compute_pixel_mean(dataset: "ImageFolderCache", crop: int, path: str | os.PathLike | None = None) -> np.ndarray:
+    """The paper's per-pixel mean: the average (3, crop, crop) center crop of a dataset's images, in
+    [0, 1]. With ``path`` it is also saved as .npy, for ``Preprocessing(pixel_mean=path)``."""
+    total = torch.zeros(3, crop, crop, dtype=torch.float64)
+    for i in range(len(dataset)):
+        total += TF.center_crop(dataset.image(i), crop).double()
+    mean = (total / (255.0 * len(dataset))).float().numpy()
+    if path is not None:
+        from .atomic import save_npy
+
+        save_npy(path, mean)
+    return mean
+
+
 def ten_crop_boxes(size: int, crop: int) -> list[tuple[int, int]]:
     """Top-left corners of the 4 corner crops and the center crop (the paper's 5 positions)."""
     m = size - crop

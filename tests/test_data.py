@@ -96,3 +96,16 @@ def test_cache_and_disk_give_the_same_images(tmp_path):
     assert cached.classes == lazy.classes == ["class_0", "class_1"]
     for i in range(len(cached)):
         assert torch.equal(cached[i][0], lazy[i][0])
+
+
+def test_per_pixel_mean_preprocessing_centres_every_pixel(tmp_path):
+    from deconvnet.data import compute_pixel_mean
+
+    data = ImageFolderCache(make_image_folder(tmp_path / "d", classes=2, per_class=4, size=40), size=36, progress=False)
+    mean = compute_pixel_mean(data, 32, tmp_path / "mean.npy")
+    assert mean.shape == (3, 32, 32) and (tmp_path / "mean.npy").exists()
+    pre = Preprocessing(resize=36, crop=32, std=(1.0, 1.0, 1.0), pixel_mean=str(tmp_path / "mean.npy"))
+    batch = torch.stack([pre.normalize(data.image(i)[:, 2:34, 2:34]) for i in range(len(data))])
+    assert batch.mean(0).abs().max() < 1e-5  # zero mean at every pixel and channel
+    assert batch.std(0).mean() > 0.01
+    torch.testing.assert_close(pre.denormalize(batch[0]), data.image(0)[:, 2:34, 2:34].float() / 255)
