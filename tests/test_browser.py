@@ -5,7 +5,8 @@ uploads show an error and the page keeps working. The report opens from disk wit
 
 Screenshots go to $DECONVNET_SCREENSHOTS (e.g. docs/screenshots) or a temp folder. The tests use
 $DECONVNET_BROWSER_WEIGHTS if set, else the bundled model when it is installed, else a tiny random one;
-with $DECONVNET_BROWSER_IMAGES (a folder) the screenshots show its first two images instead of samples.
+with $DECONVNET_BROWSER_IMAGES (a folder) the screenshots show its first two images instead of samples,
+and with $DECONVNET_BROWSER_ATLAS (an atlas folder of that model) the clicked unit's top-9.
 """
 
 from __future__ import annotations
@@ -43,8 +44,12 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("browser")
     work = base / "work"
     work.mkdir()
-    folder = os.environ.get("DECONVNET_BROWSER_IMAGES")  # photos for the README screenshots (offered via --images)
-    srv = Server(_weights(base), work, ["--images", folder] if folder else [])
+    extra = []
+    if os.environ.get("DECONVNET_BROWSER_IMAGES"):  # photos for the README screenshots (offered via --images)
+        extra += ["--images", os.environ["DECONVNET_BROWSER_IMAGES"]]
+    if os.environ.get("DECONVNET_BROWSER_ATLAS"):  # an atlas of the model (`deconvnet atlas`) for the screenshots
+        extra += ["--atlas", os.environ["DECONVNET_BROWSER_ATLAS"]]
+    srv = Server(_weights(base), work, extra)
     yield srv
     srv.stop()
 
@@ -66,7 +71,7 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def page(browser, server: Server):
-    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    context = browser.new_context(viewport={"width": 1280, "height": 940})
     pg = context.new_page()
     errors: list[str] = []
     outside: list[str] = []
@@ -107,7 +112,7 @@ def test_sample_hover_click_project(page, shots: Path) -> None:
     assert page.locator("#top5 li").count() == min(5, len(page.evaluate("state.model.classes")))
     _wait_detail(page)  # the strongest conv5 map is selected on opening
     page.click("#layer-tabs button:has-text('conv2')")
-    page.wait_for_function("state.layer === 'conv2' && document.querySelectorAll('#map-grid .map').length === state.maps.channels")
+    page.wait_for_function("state.maps && state.maps.layer === 'conv2' && document.querySelectorAll('#map-grid .map').length === state.maps.channels")
     # maps are sorted by strength
     maxima = page.eval_on_selector_all("#map-grid .map", "els => els.map(e => parseFloat(e.dataset.max))")
     assert maxima == sorted(maxima, reverse=True)
@@ -123,6 +128,8 @@ def test_sample_hover_click_project(page, shots: Path) -> None:
     assert page.is_visible("#d-input-rf") and page.is_visible("#d-projection-rf") and page.is_visible("#input-rf")
     box = page.locator("#d-projection-rf").bounding_box()
     assert box and box["width"] > 2 and box["height"] > 2
+    if "conv2" in page.evaluate("state.model.atlas_layers"):
+        page.wait_for_selector("#atlas:not([hidden]) .atlas-half img", timeout=60_000)
     page.wait_for_timeout(200)
     _screenshot(page, shots / "explorer.png")
 
@@ -167,6 +174,7 @@ def test_upload_and_drop(page, shots: Path, tmp_path: Path) -> None:
     page.wait_for_selector("#status.error")
     assert "not an image" in page.inner_text("#status")
     page.click("#layer-tabs button:has-text('conv1')")
+    page.wait_for_function("state.maps && state.maps.layer === 'conv1'")
     page.locator("#map-grid .map").nth(1).click()
     page.wait_for_function("document.getElementById('detail-title').textContent.startsWith('conv1')")
     _wait_detail(page)

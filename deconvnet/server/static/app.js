@@ -160,12 +160,12 @@ async function showLayer(layer) {
       b.style.backgroundPosition = `${-col * THUMB}px ${-row * THUMB}px`;
       b.addEventListener("mouseenter", () => hover(channel, rank));
       b.addEventListener("focus", () => hover(channel, rank));
-      b.addEventListener("click", () => selectMap(channel, b));
+      b.addEventListener("click", () => selectMap(layer, channel, b));
       grid.appendChild(b);
     });
     grid.removeAttribute("aria-busy");
     $("map-hover").textContent = `${layer}: ${maps.channels} maps of ${maps.map_size.join("×")}, strongest first. Hover for index and maximum; click for its projection.`;
-    selectMap(maps.order[0], grid.firstChild);
+    selectMap(layer, maps.order[0], grid.firstChild);
   } catch (e) {
     setStatus(e.message, "error");
   }
@@ -176,10 +176,11 @@ function hover(channel, rank) {
   $("map-hover").textContent = `${state.layer} map ${channel} · max ${fmt(m.maxima[channel])} · rank ${rank + 1} of ${m.channels}`;
 }
 
-async function selectMap(channel, button) {
+async function selectMap(layer, channel, button) {
+  if (layer !== state.layer) return; // a click on the grid of a layer being replaced
   document.querySelectorAll(".map.active").forEach((el) => el.classList.remove("active"));
   if (button) button.classList.add("active");
-  const imageId = state.image.id, layer = state.layer;
+  const imageId = state.image.id;
   const ticket = ++state.request;
   state.selected = channel;
   try {
@@ -201,17 +202,16 @@ async function selectMap(channel, button) {
     if (v.atlas_url) {
       const a = await api(v.atlas_url);
       if (ticket !== state.request) return;
+      // the paper's Fig. 2 layout: the 3x3 projections beside the 3x3 image patches, strongest first
+      const halves = [document.createElement("div"), document.createElement("div")];
+      halves.forEach((h) => { h.className = "atlas-half"; grid.appendChild(h); });
       for (const p of a.patches) {
-        const fig = document.createElement("figure");
-        const pr = document.createElement("img");
-        pr.src = p.projection; pr.alt = "projection"; pr.className = "pixelated";
-        const img = document.createElement("img");
-        img.src = p.image; img.alt = "dataset patch"; img.className = "pixelated";
-        const cap = document.createElement("figcaption");
-        cap.textContent = [p.value != null ? fmt(p.value) : null, p.label].filter(Boolean).join(" · ");
-        cap.title = cap.textContent;
-        fig.append(pr, img, cap);
-        grid.appendChild(fig);
+        const label = [p.value != null ? `max ${fmt(p.value)}` : null, p.label].filter(Boolean).join(" · ");
+        [[p.projection, "projection"], [p.image, "dataset patch"]].forEach(([src, alt], i) => {
+          const img = document.createElement("img");
+          img.src = src; img.alt = alt; img.title = label;
+          halves[i].appendChild(img);
+        });
       }
       atlas.hidden = a.patches.length === 0;
     }
