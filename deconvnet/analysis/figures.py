@@ -64,7 +64,7 @@ def occlusion_figure(
     y0, x0, y1, x1 = box
     if (y1 - y0) < H or (x1 - x0) < W:  # at deep layers the receptive field often covers everything
         ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="#ffcc00", linewidth=1.2))
-    ax.set_title(f"(c) deconvnet projection of map #{maps.channel}\n(its strongest activation)", fontsize=8)
+    ax.set_title(f"(c) deconvnet projection of map #{maps.channel}\n(its strongest activation; yellow: receptive field)", fontsize=8)
     ax = axes[3]
     im = ax.imshow(maps.probability, extent=extent, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
     colorbar(im, ax)
@@ -108,7 +108,7 @@ def invariance_figure(
     for i, (t, v) in enumerate(zip(thumbnails, thumb_values)):
         ax = fig.add_subplot(gs[0, i])
         ax.imshow(t)
-        ax.set_title(f"{v:g}", fontsize=8)
+        ax.set_title(f"{v:.3g}" if abs(v) < 10 else f"{v:.0f}", fontsize=8)
         _clean(ax)
     sub = gs[1, :].subgridspec(1, n_plots, wspace=0.28)
     colors = plt.get_cmap("tab10")

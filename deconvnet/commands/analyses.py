@@ -206,7 +206,7 @@ def cmd_invariance(args: argparse.Namespace) -> int:
     for transform in transforms:
         curves = invariance_curves(loaded.model, uncropped, labels, transform, pre.crop, layers=layers, progress=not args.quiet)
         vals = default_values(transform, pre.crop)
-        pick = vals[np.linspace(0, len(vals) - 1, 6).round().astype(int)]
+        pick = vals[::6] if transform == "rotate" else vals[np.linspace(0, len(vals) - 1, 5).round().astype(int)]
         thumbs = transform_batch(uncropped[0], transform, pick, pre.crop).numpy()
         thumbs = [np.clip(t * std + mean, 0, 1).transpose(1, 2, 0) for t in thumbs]
         figure = invariance_figure(curves, thumbs, pick, names, loaded.classes, labels_text, out / f"invariance-{transform}.png",
