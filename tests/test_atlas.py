@@ -254,25 +254,29 @@ def test_projected_tiles_match_the_generic_engine(tmp_path):
     without = project_atlas(loaded, scan, tile=1000, cache=None, progress=False)
     engine = DeconvNet(loaded.model)
     images = batch_of(loaded, files)
-    from deconvnet.render import to_display
+    from deconvnet.analysis.atlas import display_scale
 
     for layer in ("conv2", "conv4"):
         t = with_cache[layer]
         assert t.filled.all()
         np.testing.assert_array_equal(t.tiles, without[layer].tiles)
-        info = engine.layer(layer)
-        m, r = 3, 1
-        gid = int(t.images[m, r])
-        y, x = (int(v) for v in t.positions[m, r])
-        proj = engine.project(images, [Selection(gid, layer, m, position=(y, x))])[0]
-        y0, x0, y1, x1 = proj.box
-        shown = (to_display(proj.image) * 255 + 0.5).astype(np.uint8)[y0:y1, x0:x1]
-        oy, ox = info.rf_start + y * info.rf_stride, info.rf_start + x * info.rf_stride
-        tile = t.tiles[m, r, 0][y0 - oy : y1 - oy, x0 - ox : x1 - ox]
-        assert np.abs(tile.astype(int) - shown.astype(int)).max() <= 1
-        patch = t.tiles[m, r, 1][y0 - oy : y1 - oy, x0 - ox : x1 - ox]
-        pixels = np.asarray(loaded.preprocessing.load(files[gid])[1])[y0:y1, x0:x1]
-        np.testing.assert_array_equal(patch, pixels)
+        for m, r in ((3, 1), (0, 0), (11, 1)):
+            gid = int(t.images[m, r])
+            y, x = (int(v) for v in t.positions[m, r])
+            proj = engine.project(images, [Selection(gid, layer, m, position=(y, x))])[0]
+            y0, x0, y1, x1 = proj.box  # receptive field clipped at the image border
+            crop = proj.image[:, y0:y1, x0:x1]
+            scale = display_scale(crop[None], [(0, 0, y1 - y0, x1 - x0)])[0]
+            shown = ((0.5 + crop / (2 * scale)).clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+            size = t.tiles.shape[3]
+            assert size == engine.layer(layer).rf_size  # fields smaller than the tile keep their pixel size
+            oy, ox = (size - (y1 - y0)) // 2, (size - (x1 - x0)) // 2  # centred
+            tile = t.tiles[m, r, 0][oy : oy + y1 - y0, ox : ox + x1 - x0]
+            assert np.abs(tile.astype(int) - shown.astype(int)).max() <= 1
+            patch = t.tiles[m, r, 1][oy : oy + y1 - y0, ox : ox + x1 - x0]
+            pixels = np.asarray(loaded.preprocessing.load(files[gid])[1])[y0:y1, x0:x1]
+            np.testing.assert_array_equal(patch, pixels)
+            assert (t.tiles[m, r, :, :oy] == 255).all() and (t.tiles[m, r, :, :, :ox] == 255).all()  # white around
 
 
 def test_rendering_writes_the_expected_layout(tmp_path):

@@ -59,6 +59,7 @@ __all__ = [
     "merge_scans",
     "naive_topk",
     "project_atlas",
+    "display_scale",
     "render_atlas",
     "build_atlas",
     "dist_info",
@@ -614,9 +615,11 @@ def naive_topk(engine: DeconvNet, images: torch.Tensor, layer: str, k: int, dist
 @dataclass
 class AtlasTiles:
     """Display tiles of one layer: ``tiles[m, r, 0]`` is the projection of map ``maps[m]``'s r-th
-    strongest activation (cropped to its receptive field, zero = grey), ``tiles[m, r, 1]`` the image
-    patch under it; uint8 (t, t, 3). Cells outside the image are dark grey. ``filled[m, r]`` says
-    whether the slot holds an activation at all."""
+    strongest activation, ``tiles[m, r, 1]`` the image patch under it; uint8 (t, t, 3). Both are cropped
+    to the unit's receptive field clipped at the image border and fitted (aspect kept, centred, white
+    around) into the tile; fields larger than the tile are scaled down, smaller ones keep their pixel
+    size. Projections: zero = mid-grey, the 99.5th percentile of |value| (``display_scale``) = black or
+    white. ``filled[m, r]`` says whether the slot holds an activation at all."""
 
     layer: str
     maps: list[int]
@@ -628,20 +631,45 @@ class AtlasTiles:
     rf_size: int
 
 
-OUTSIDE = 40  # grey level of receptive-field cells that fall outside the image
+DISPLAY_QUANTILE = 0.995  # projections: this quantile of |value| maps to black/white (a few extreme pixels clip)
 
 
-def _display(windows: torch.Tensor) -> torch.Tensor:
-    """Per projection: zero -> 0.5, largest magnitude -> 0 or 1 (``render.to_display``, batched)."""
-    scale = windows.abs().flatten(1).amax(1).clamp_min(1e-30).view(-1, 1, 1, 1)
-    return (0.5 + windows / (2 * scale)).clamp(0, 1)
+def display_scale(windows: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], quantile: float = DISPLAY_QUANTILE) -> torch.Tensor:
+    """Per projection, the contrast scale used for display: the ``quantile`` of |value| over the part of
+    its window inside the image (``boxes``: window-local y0, x0, y1, x1); the maximum if that is 0."""
+    scales = []
+    for w, (y0, x0, y1, x1) in zip(windows, boxes):
+        a = w[:, y0:y1, x0:x1].abs().flatten()
+        q = torch.quantile(a, quantile) if a.numel() > 1 else a.max()
+        scales.append(q if q > 0 else a.max())
+    return torch.stack(scales).clamp_min(1e-30) if scales else windows.new_zeros(0)
 
 
-def _inside_mask(origins: torch.Tensor, size: int, height: int, width: int) -> torch.Tensor:
-    r = torch.arange(size, device=origins.device)
-    ys = origins[:, :1] + r
-    xs = origins[:, 1:] + r
-    return (((ys >= 0) & (ys < height))[:, :, None] & ((xs >= 0) & (xs < width))[:, None, :]).unsqueeze(1)
+def _fit(x: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], tile: int) -> np.ndarray:
+    """Crop each (3, R, R) float image in [0, 1] to its box (the receptive field clipped at the image
+    border) and fit it, aspect kept, into a ``tile`` square (centred, white around it): uint8 HWC."""
+    out = np.full((len(x), tile, tile, 3), 255, dtype=np.uint8)
+    rf = x.shape[-1]
+    for i, (img, (y0, x0, y1, x1)) in enumerate(zip(x, boxes)):
+        crop = img[:, y0:y1, x0:x1]
+        h, w = crop.shape[-2:]
+        if h == 0 or w == 0:
+            continue
+        scale = tile / rf if rf <= tile else tile / max(h, w)  # small fields keep their pixel size
+        nh, nw = max(1, min(tile, round(h * scale))), max(1, min(tile, round(w * scale)))
+        if (nh, nw) != (h, w):
+            crop = F.interpolate(crop[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+        oy, ox = (tile - nh) // 2, (tile - nw) // 2
+        out[i, oy : oy + nh, ox : ox + nw] = (crop.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    return out
+
+
+def _boxes(origins: torch.Tensor, size: int, height: int, width: int) -> list[tuple[int, int, int, int]]:
+    """Window-local boxes of the part of each window inside the image."""
+    out = []
+    for oy, ox in origins.tolist():
+        out.append((max(0, -oy), max(0, -ox), min(size, height - oy), min(size, width - ox)))
+    return out
 
 
 def _patches(pixels: torch.Tensor, which: torch.Tensor, origins: torch.Tensor, size: int) -> torch.Tensor:
@@ -652,13 +680,6 @@ def _patches(pixels: torch.Tensor, which: torch.Tensor, origins: torch.Tensor, s
     xs = (origins[:, 1:] + r).clamp(0, w - 1)
     out = pixels[which[:, None, None, None], torch.arange(c)[None, :, None, None], ys[:, None, :, None], xs[:, None, None, :]]
     return out.float() / 255.0
-
-
-def _to_tiles(x: torch.Tensor, inside: torch.Tensor, tile: int) -> np.ndarray:
-    x = torch.where(inside, x, torch.full_like(x, OUTSIDE / 255.0))
-    if x.shape[-1] > tile:
-        x = F.interpolate(x, size=(tile, tile), mode="bilinear", antialias=True, align_corners=False)
-    return (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def project_atlas(
@@ -779,9 +800,10 @@ def project_atlas(
                 windows = res.windows.float().cpu()
                 origins = res.origins.cpu()
                 size = windows.shape[-1]
-                inside = _inside_mask(origins, size, height, width)
-                proj_tiles = _to_tiles(_display(windows), inside, t.tiles.shape[3])
-                patch_tiles = _to_tiles(_patches(pix, b_idx, origins, size), inside, t.tiles.shape[3])
+                boxes = _boxes(origins, size, height, width)
+                scale = display_scale(windows, boxes).view(-1, 1, 1, 1)
+                proj_tiles = _fit(0.5 + windows / (2 * scale), boxes, t.tiles.shape[3])
+                patch_tiles = _fit(_patches(pix, b_idx, origins, size), boxes, t.tiles.shape[3])
                 for q, (_, slot, r) in enumerate(part):
                     t.tiles[slot, r, 0] = proj_tiles[q]
                     t.tiles[slot, r, 1] = patch_tiles[q]
@@ -903,7 +925,7 @@ def _write_index(out_dir: Path, tiles: dict[str, AtlasTiles], pages, title: str,
         f"<h1>Top-k atlas {esc(title)}</h1>",
         "<p>For every feature map: its strongest activations over the scanned images, each projected to pixel "
         "space with the deconvnet and cropped to the unit's receptive field (left grid), beside the image patch "
-        "under that receptive field (right grid); strongest first, row by row. Dark grey: outside the image. "
+        "under that receptive field (right grid); strongest first, row by row. Receptive fields are clipped at the image border. "
         "Zeiler &amp; Fergus 2014, Fig. 2.</p>",
         "<nav>" + "".join(f"<a href='#{esc(l)}'>{esc(l)} ({len(t.maps)} maps)</a>" for l, t in tiles.items()) + "</nav>",
     ]
