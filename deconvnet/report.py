@@ -139,74 +139,91 @@ def _model_card_text(loaded: LoadedModel) -> str | None:
     return MODEL_CARD.read_text(encoding="utf-8", errors="replace")
 
 
-def _markdown(text: str) -> str:
-    """A small, safe Markdown subset (headings, paragraphs, lists, tables, code spans): everything is
-    escaped first, so the card cannot inject markup."""
+def _markdown(text: str, base: Path | None = None) -> str:
+    """A small, safe Markdown subset (headings, paragraphs, lists with continuation lines, tables,
+    code blocks and spans, bold, links as text, images under ``base`` inlined): everything is escaped
+    first, so the card cannot inject markup, and nothing is linked or loaded from elsewhere."""
     import re
 
     def inline(s: str) -> str:
-        s = html.escape(s)
+        s = html.escape(s, quote=False)
         s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
         s = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", s)
+        s = re.sub(r"(?<![!\w])\[([^\]]+)\]\([^)]*\)", r"\1", s)  # links: their text only
         return s
+
+    def image(alt: str, target: str) -> str:
+        if base is None or "://" in target:
+            return ""
+        path = (base / target).resolve()
+        if not path.is_file() or not path.is_relative_to(base.resolve()) or path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+            return ""
+        mime = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
+        return f'<p><img src="{data_uri(path.read_bytes(), mime)}" alt="{html.escape(alt)}" style="max-width:100%"></p>'
 
     out: list[str] = []
     para: list[str] = []
-    in_list = in_table = in_code = False
+    items: list[list[str]] = []
+    rows: list[list[str]] = []
+    code: list[str] | None = None
 
     def flush() -> None:
-        nonlocal in_list, in_table
         if para:
             out.append(f"<p>{inline(' '.join(para))}</p>")
             para.clear()
-        if in_list:
-            out.append("</ul>")
-            in_list = False
-        if in_table:
-            out.append("</table>")
-            in_table = False
+        if items:
+            out.append("<ul>" + "".join(f"<li>{inline(' '.join(i))}</li>" for i in items) + "</ul>")
+            items.clear()
+        if rows:
+            out.append('<table class="card">' + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+            rows.clear()
 
     for line in text.splitlines():
         stripped = line.strip()
         if stripped.startswith("```"):
-            flush()
-            out.append("</pre>" if in_code else "<pre>")
-            in_code = not in_code
+            if code is None:
+                flush()
+                code = []
+            else:
+                out.append("<pre>" + html.escape("\n".join(code)) + "</pre>")
+                code = None
             continue
-        if in_code:
-            out.append(html.escape(line))
+        if code is not None:
+            code.append(line)
             continue
+        picture = re.fullmatch(r"!\[([^\]]*)\]\(([^)\s]+)\)", stripped)
         if not stripped:
             flush()
+        elif picture:
+            flush()
+            out.append(image(picture.group(1), picture.group(2)))
         elif stripped.startswith("#"):
             flush()
             level = min(6, len(stripped) - len(stripped.lstrip("#")) + 2)
             out.append(f"<h{level}>{inline(stripped.lstrip('#').strip())}</h{level}>")
         elif stripped.startswith(("- ", "* ")):
-            if para:
-                out.append(f"<p>{inline(' '.join(para))}</p>")
-                para.clear()
-            if not in_list:
-                out.append("<ul>")
-                in_list = True
-            out.append(f"<li>{inline(stripped[2:])}</li>")
+            if para or rows:
+                keep = list(items)
+                items.clear()
+                flush()
+                items.extend(keep)
+            items.append([stripped[2:]])
+        elif items and line[:1].isspace():
+            items[-1].append(stripped)  # continuation of the list item
         elif stripped.startswith("|"):
             cells = [c.strip() for c in stripped.strip("|").split("|")]
             if all(set(c) <= set("-: ") for c in cells):
                 continue
-            if not in_table:
+            if not rows:
                 flush()
-                out.append('<table class="card">')
-                in_table = True
-            out.append("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in cells) + "</tr>")
+            rows.append(cells)
         else:
-            if in_list:
-                out.append("</ul>")
-                in_list = False
+            if items or rows:
+                flush()
             para.append(stripped)
     flush()
-    if in_code:
-        out.append("</pre>")
+    if code is not None:
+        out.append("<pre>" + html.escape("\n".join(code)) + "</pre>")
     return "\n".join(out)
 
 
@@ -381,7 +398,7 @@ def build_report(
         )
     card = _model_card_text(loaded)
     if card:
-        model_parts.append(f"<details><summary>Model card (docs/model-card.md)</summary>{_markdown(card)}</details>")
+        model_parts.append(f"<details><summary>Model card (docs/model-card.md)</summary>{_markdown(card, MODEL_CARD.parent)}</details>")
     model_parts.append("</section>")
     body.append("\n".join(model_parts))
 

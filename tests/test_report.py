@@ -89,3 +89,18 @@ def test_markdown_is_escaped() -> None:
     assert "<script>" not in out and "<img" not in out
     assert "&lt;script&gt;" in out and "<code>x&lt;y</code>" in out and "<strong>bold</strong>" in out
     assert "<table" in out and "<li>" in out
+
+
+def test_markdown_lists_images_links(tmp_path: Path) -> None:
+    from deconvnet.report import _markdown
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(photo_bytes("PNG", (8, 8)))
+    out = _markdown(
+        "- first item\n  continues **here**\n- second [link](https://example.org)\n\n"
+        "![fig](images/a.png)\n![gone](../outside.png)\n![remote](https://example.org/x.png)\n",
+        tmp_path,
+    )
+    assert "<li>first item continues <strong>here</strong></li>" in out
+    assert "<li>second link</li>" in out and "example.org" not in out
+    assert out.count("<img") == 1 and 'src="data:image/png;base64,' in out
