@@ -103,3 +103,17 @@ def test_convert_writes_loadable_fp16_safetensors(weights, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(b.model(x), a.model(x), rtol=2e-2, atol=2e-3)  # fp16 rounding of weights
     assert main(["convert", "--weights", weights, "--out", str(tmp_path / "x.pth")]) == 2
+
+
+def test_layers_lists_names_shapes_and_receptive_fields(weights, capsys):
+    from deconvnet.deconv import DeconvNet
+    from deconvnet.weights import load_model
+
+    assert main(["layers", "--weights", weights]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line[:4] in ("conv", "pool", "norm")}
+    assert list(rows) == ["conv1", "norm1", "pool1", "conv2", "norm2", "pool2", "conv3", "conv4", "conv5", "pool5"]
+    engine = DeconvNet(load_model(weights).model)
+    pool5 = engine.activations(torch.zeros(1, 3, 96, 96), "pool5").shape[1:]
+    assert " x ".join(map(str, pool5)) in rows["pool5"]
+    assert f"{engine.layer('conv5').rf_size} px" in rows["conv5"]

@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.set_defaults(func=cmd_project)
 
+    p = sub.add_parser("layers", help="the model's layers: names to use with --layer, output shapes, receptive fields")
+    add_model_args(p)
+    p.set_defaults(func=cmd_layers)
+
     p = sub.add_parser("convert", help="save any supported weights (pytorchcv .pth, checkpoint) as deconvnet safetensors")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--fp16", action="store_true", help="store float16 (half the size; logits change by ~1e-3)")
@@ -101,4 +105,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
     path = save_weights(loaded.model, args.out, loaded.classes, loaded.preprocessing,
                         dtype=torch.float16 if args.fp16 else None, extra=keep)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..deconv import DeconvNet
+
+    loaded = load_from_args(args)
+    engine = DeconvNet(loaded.model)
+    size = loaded.preprocessing.crop
+    x = torch.zeros(1, 3, size, size, device=loaded.device)
+    print(f"{'layer':8} {'module':28} {'output (C x H x W)':20} {'receptive field':>16} {'stride':>7}")
+    for info in engine.layers:
+        if not info.name.startswith(("conv", "pool", "norm")):
+            continue
+        shape = tuple(engine.activations(x, info.name).shape[1:])
+        print(f"{info.name:8} {info.path + ' (' + info.kind + ')':28} {' x '.join(map(str, shape)):20} {info.rf_size:>13} px {info.rf_stride:>6}")
+    print(f"input {size} x {size}; --layer takes these names (convN = rectified conv output) or the module paths")
     return 0
