@@ -30,7 +30,7 @@ from torch import nn
 
 from deconvnet.analysis.atlas import AtlasScan, _collate, _Images, build_atlas, parse_layers
 from deconvnet.analysis.windowed import WindowedProjector, last_pool_below
-from deconvnet.data import list_images
+from deconvnet.data import list_images, load_image
 from deconvnet.deconv import DeconvNet, _Record
 from deconvnet.weights import load_model
 
@@ -65,7 +65,7 @@ class HookDeconvNet:
 
     def project(self, image: torch.Tensor, layer: str, channel: int, y: int, x: int) -> torch.Tensor:
         index = self.engine.layer(layer).index
-        inp = image.unsqueeze(0).clone().requires_grad_(True)
+        inp = image.unsqueeze(0).contiguous(memory_format=torch.channels_last).requires_grad_(True)
         out = self.features[: index + 1](inp)
         seed = torch.zeros_like(out)
         seed[0, channel, y, x] = out[0, channel, y, x].detach()
@@ -164,17 +164,47 @@ def main() -> None:
                     selections.append((gid, layer, m, y, x, float(scan.values[layer][m, r])))
     needed = sorted({s[0] for s in selections})
     images = {g: loaded.preprocessing.load(scan.files[g])[0] for g in needed}
-    loaded.model.to(memory_format=torch.contiguous_format)
+    # both paths run the same channels-last model, so that max-pool switches are chosen by the same
+    # kernel: where a window holds equal values (e.g. all-zero after a ReLU) memory formats may pick
+    # different (equally valid) positions, which changes a projection
+    loaded.model.to(memory_format=torch.channels_last)
     hook = HookDeconvNet(loaded.model)
     hook.project(images[needed[0]], "conv1", 0, 0, 0)  # warm-up
     t0 = time.perf_counter()
     reference = {s: hook.project(images[s[0]], s[1], s[2], s[3], s[4]) for s in selections}
     t_hook = time.perf_counter() - t0
     hook.close()
-    loaded.model.to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
     mine = ours(loaded, scan, selections, images)
     t_ours = time.perf_counter() - t0
+    # as the atlas runs it: switches (uint8 codes) and pixels kept from the scan's forward pass
+    from deconvnet.analysis.atlas import SwitchCache, project_atlas, scan_atlas
+
+    from torchvision.transforms.v2 import functional as TF
+
+    from deconvnet.analysis.atlas import _forward_collect, _pools_below
+
+    cache = SwitchCache(8192)
+    sub = scan
+    engine = DeconvNet(loaded.model)
+    projector = WindowedProjector(engine)
+    top = max(engine.layer(l).index for l in sub.layers)
+    for start in range(0, len(needed), args.batch_size):  # what the scan keeps for the images in the top-k lists
+        chunk = needed[start : start + args.batch_size]
+        pixels = torch.stack([TF.pil_to_tensor(loaded.preprocessing.geometry()(load_image(sub.files[g]))) for g in chunk])
+        x = loaded.preprocessing.normalize(pixels).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            _, rec = _forward_collect(engine, x, {}, top, switches=True)
+        codes = {pi: projector.switch_codes(rec, engine.layers[pi], sub.input_size) for pi in _pools_below(engine, top)}
+        for b, g in enumerate(chunk):
+            cache.add(g, pixels[b], {pi: c[b] for pi, c in codes.items()})
+    maps = {}
+    for s in selections:
+        maps.setdefault(s[1], set()).add(s[2])
+    t0 = time.perf_counter()
+    project_atlas(loaded, sub, sub.layers, {l: sorted(v) for l, v in maps.items()}, cache=cache, progress=False)
+    t_atlas_path = time.perf_counter() - t0
+    cached = sum(1 for g in needed if g in cache.entries)
     height, width = scan.input_size
     worst = 0.0
     for s in selections:
@@ -189,6 +219,8 @@ def main() -> None:
     print(f"    autograd-hook deconvnet, one call per selection: {t_hook:.2f} s ({len(selections) / t_hook:.1f} projections/s)")
     print(f"    atlas projections (windowed, grouped, batched):  {t_ours:.2f} s ({len(selections) / t_ours:.1f} projections/s)")
     print(f"    speed-up {t_hook / t_ours:.1f}x; max relative difference {worst:.2e}")
+    print(f"    as in the atlas (switches kept from the scan for {cached}/{len(needed)} images, display tiles included): "
+          f"{t_atlas_path:.2f} s ({len(selections) / t_atlas_path:.1f} projections/s), speed-up {t_hook / t_atlas_path:.1f}x")
 
 
 if __name__ == "__main__":

@@ -182,21 +182,6 @@ class WindowedProjector:
             cache[info.index] = code.to(torch.uint8) if (d[0] * (k[0] - 1) + 1) * span <= 256 else code.to(torch.int32)
         return cache[info.index]
 
-    def _offsets(self, rec, info: LayerInfo, input_shape, out_w: int) -> torch.Tensor:
-        """(N, Hp, Wp, C) int64: for each pooled cell, ``dy * out_w + dx`` of its switch inside its
-        pooling window, for windows ``out_w`` wide (cached on the record per pool and width)."""
-        cache = rec.__dict__.setdefault("_offsets", {})
-        key = (info.index, out_w)
-        if key not in cache:
-            m = info.module
-            k, d = _pair(m.kernel_size), _pair(m.dilation)
-            span_y, span_x = d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1
-            codes = self.switch_codes(rec, info, input_shape)
-            r = torch.arange(span_y * span_x, device=codes.device)
-            lut = torch.div(r, span_x, rounding_mode="floor") * out_w + r % span_x
-            cache[key] = lut[codes.permute(0, 2, 3, 1).contiguous().long()].contiguous()
-        return cache[key]
-
     def _unpool(self, x: torch.Tensor, origin: torch.Tensor, rec, info: LayerInfo, m: nn.MaxPool2d, input_shape, image_index: torch.Tensor):
         k, s, p, d = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding), _pair(m.dilation)
         n, c, h, w = x.shape
@@ -204,15 +189,18 @@ class WindowedProjector:
         new_origin = origin * torch.tensor(s, device=dev) - torch.tensor(p, device=dev)
         out_h = (h - 1) * s[0] + d[0] * (k[0] - 1) + 1
         out_w = (w - 1) * s[1] + d[1] * (k[1] - 1) + 1
-        offsets = self._offsets(rec, info, input_shape, out_w)  # (N, Hp, Wp, C)
-        hp, wp = offsets.shape[1:3]
-        # the window of every selection, cut out of its image's offsets; cells outside the pooled map
-        # keep offset 0 (their signal is zero: the window was masked on the way down)
+        codes = self.switch_codes(rec, info, input_shape).permute(0, 2, 3, 1)  # (N, Hp, Wp, C) view
+        hp, wp = codes.shape[1:3]
+        span_y, span_x = d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1
+        r = torch.arange(span_y * span_x, device=dev)
+        lut = torch.div(r, span_x, rounding_mode="floor") * out_w + r % span_x  # code -> dy * out_w + dx
+        # the window of every selection, cut out of its image's switch codes; cells outside the pooled
+        # map keep offset 0 (their signal is zero: the window was masked on the way down)
         local = torch.zeros(n, h, w, c, dtype=torch.long, device=dev)
         for i, ((oy, ox), img) in enumerate(zip(origin.tolist(), image_index.tolist())):
             y0, y1, x0, x1 = max(oy, 0), min(oy + h, hp), max(ox, 0), min(ox + w, wp)
             if y0 < y1 and x0 < x1:
-                local[i, y0 - oy : y1 - oy, x0 - ox : x1 - ox] = offsets[img, y0:y1, x0:x1]
+                local[i, y0 - oy : y1 - oy, x0 - ox : x1 - ox] = lut[codes[img, y0:y1, x0:x1].long()]
         # window-local index = (r * s + dy) * out_w + (c * s + dx): a fixed base plus the offset
         base = (torch.arange(h, device=dev) * s[0] * out_w).view(-1, 1) + torch.arange(w, device=dev) * s[1]
         local += base.view(1, h, w, 1)
