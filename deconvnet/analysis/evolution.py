@@ -140,7 +140,8 @@ def evolution_figure(evo: Evolution, path: str | os.PathLike, title: str = "") -
 
     rows = [(layer, i) for layer in evo.layers for i in range(len(evo.maps[layer]))]
     cols = len(evo.epochs)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.05 * cols + 1.2, 1.05 * len(rows) + 0.8), squeeze=False)
+    height = 1.05 * len(rows) + 0.8
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.05 * cols + 1.2, height), squeeze=False)
     for r, (layer, i) in enumerate(rows):
         for j in range(cols):
             ax = axes[r, j]
@@ -153,6 +154,6 @@ def evolution_figure(evo: Evolution, path: str | os.PathLike, title: str = "") -
                 ax.set_title(f"epoch {evo.epochs[j]}", fontsize=8)
             if j == 0:
                 ax.set_ylabel(f"{layer} #{evo.maps[layer][i]}", fontsize=7)
-    fig.suptitle(title or "Feature evolution: strongest activation of each map, projected with each epoch's weights", fontsize=9)
-    fig.subplots_adjust(wspace=0.05, hspace=0.08)
+    fig.suptitle(title or "Feature evolution: strongest activation of each map, projected with each epoch's weights", fontsize=9, y=1 - 0.15 / height)
+    fig.subplots_adjust(top=1 - 0.7 / height, bottom=0.1 / height, wspace=0.05, hspace=0.08)
     return save_figure(fig, path)
