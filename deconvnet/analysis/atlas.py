@@ -46,6 +46,7 @@ from ..data import list_images, load_image
 from ..deconv import DeconvNet
 from ..errors import DeconvnetError
 from ..weights import LoadedModel
+from ..deconv import _Record
 from .windowed import WindowedProjector, last_pool_below
 
 __all__ = [
@@ -530,10 +531,12 @@ def scan_atlas(
                     referenced = torch.unique(torch.cat([tops[l][1].flatten() for l in layers]))
                     entering = set(referenced.tolist()) & set(gids.tolist())
                     if entering:
-                        codes = {pi: projector.switch_codes(rec, engine.layers[pi], input_size).cpu() for pi in pools}
-                        for b, gid in enumerate(gids.tolist()):
-                            if gid in entering:
-                                cache.add(gid, pixels[b], {pi: c[b] for pi, c in codes.items()})
+                        rows = [b for b, gid in enumerate(gids.tolist()) if gid in entering]
+                        sub = _Record()
+                        sub.switches = {pi: rec.switches[pi][rows] for pi in pools}
+                        codes = {pi: projector.switch_codes(sub, engine.layers[pi], input_size) for pi in pools}
+                        for j, b in enumerate(rows):
+                            cache.add(int(gids[b]), pixels[b], {pi: c[j] for pi, c in codes.items()})
                     cache.keep_only(referenced.tolist())
             state.processed += len(batch)
             since_checkpoint += len(batch)

@@ -175,11 +175,14 @@ class WindowedProjector:
             in_w = self._in_size(rec, info, input_shape)[1]
             idx = rec.switches[info.index]
             hp, wp = idx.shape[-2:]
-            span = d[1] * (k[1] - 1) + 1
-            dy = torch.div(idx, in_w, rounding_mode="floor") - (torch.arange(hp, device=idx.device) * s[0] - p[0]).view(-1, 1)
-            dx = idx % in_w - (torch.arange(wp, device=idx.device) * s[1] - p[1])
-            code = dy * span + dx
-            cache[info.index] = code.to(torch.uint8) if (d[0] * (k[0] - 1) + 1) * span <= 256 else code.to(torch.int32)
+            span_y, span = d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1
+            # idx - (flat index of the window's first cell) = dy * in_w + dx with 0 <= dx < span: map it
+            # to dy * span + dx with a small table (no integer division over the whole tensor)
+            first = (torch.arange(hp, device=idx.device) * s[0] - p[0]).view(-1, 1) * in_w + (torch.arange(wp, device=idx.device) * s[1] - p[1])
+            rel = torch.arange((span_y - 1) * in_w + span, device=idx.device)
+            table = torch.div(rel, in_w, rounding_mode="floor") * span + rel % in_w
+            code = table[idx - first]
+            cache[info.index] = code.to(torch.uint8) if span_y * span <= 256 else code.to(torch.int32)
         return cache[info.index]
 
     def _unpool(self, x: torch.Tensor, origin: torch.Tensor, rec, info: LayerInfo, m: nn.MaxPool2d, input_shape, image_index: torch.Tensor):
