@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--hook-maps", type=int, default=8, help="maps per layer for benchmark (b)")
     parser.add_argument("--skip-full", action="store_true", help="only (b), on the atlas.npz already in --out")
     parser.add_argument("--render", action="store_true", help="also render the sheets (timed separately)")
+    parser.add_argument("--skip-hook", action="store_true", help="only (a)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -148,9 +149,15 @@ def main() -> None:
                 print(f"    {key}: {value:.1f} s")
         t_atlas = t_scan + res.timings["project"]
         print(f"    full atlas (scan + projections): {t_atlas:.1f} s  ->  ratio to plain inference {t_atlas / t_inf:.2f}")
+        t_inf2 = plain_inference(loaded, files, args.batch_size, args.workers, channels_last=True)
+        mean = (t_inf + t_inf2) / 2
+        print(f"    plain inference again after the atlas: {t_inf2:.1f} s; ratio to the mean of both inference passes "
+              f"({mean:.1f} s): {t_atlas / mean:.2f}")
         if "render" in res.timings:
             print(f"    with rendering: {t_atlas + res.timings['render']:.1f} s  ->  ratio {(t_atlas + res.timings['render']) / t_inf:.2f}")
 
+    if args.skip_hook:
+        return
     scan = AtlasScan.load(out / "atlas.npz")
     rng = random.Random(0)
     selections = []
