@@ -193,7 +193,7 @@ def correspondence_figure(
     return save_figure(fig, path, dpi=80)
 
 
-def probe_figure(rows: Sequence[Any], layers: Sequence[str], layer_labels: dict[str, str], path: str | os.PathLike, title: str | None = None, extra: dict[str, dict[int, float]] | None = None) -> Path:
+def probe_figure(rows: Sequence[Any], layers: Sequence[str], layer_labels: dict[str, str], path: str | os.PathLike, title: str | None = None, extra: dict[str, dict[int, float]] | None = None, chance: float | None = None) -> Path:
     """Mean per-class accuracy against the layer, one panel per classifier; colour = training images
     per class, line style = model; ``extra`` adds horizontal marks (e.g. end-to-end accuracy)."""
     kinds = sorted({r.classifier for r in rows}, key=lambda k: ["softmax", "svm"].index(k) if k in ("softmax", "svm") else 9)
@@ -217,7 +217,11 @@ def probe_figure(rows: Sequence[Any], layers: Sequence[str], layer_labels: dict[
         ax.set_xticklabels([layer_labels.get(l, l) for l in layers], fontsize=8)
         ax.set_title(f"{kind} on frozen features", fontsize=9)
         ax.set_ylabel("mean per-class accuracy (%)", fontsize=8)
-        ax.set_ylim(0, 100)
+        top = max([100 * (r.mean + r.std) for r in rows] + [100 * v for e in (extra or {}).values() for v in e.values()] + [10])
+        ax.set_ylim(0, min(100, 10 * np.ceil(top / 10 + 0.5)))
+        if chance:
+            ax.axhline(100 * chance, color="grey", lw=0.8, ls="--")
+            ax.text(len(layers) - 1, 100 * chance, "chance", fontsize=7, color="grey", ha="right", va="bottom")
         ax.grid(alpha=0.3)
     axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     if title:

@@ -350,7 +350,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
         "layer_modules": {l: taps.describe(l) for l in layers}, "grid": args.grid, "C": C, "seeds": args.seeds,
         "rows": [r.to_dict() for r in rows], "from_scratch": scratch_info,
     })
-    figure = probe_figure(rows, layers, labels, out / "probe.png", title=f"linear probes on {data.name} ({loaded.source}); dotted: end-to-end from scratch", extra=extra)
+    note = "; dotted: end-to-end accuracy of the from-scratch models" if extra else ""
+    figure = probe_figure(rows, layers, labels, out / "probe.png", title=f"linear probes on {data.name} ({loaded.source}){note}", extra=extra,
+                          chance=1 / len(train.classes))
     _say(f"table: {out / 'probe.md'}\nfigure: {figure}")
     return 0
 
