@@ -55,7 +55,7 @@ def test_paper_init_is_n0_001_with_zero_bias():
     init_weights(model, "paper", 0.01)
     w = model.features.conv2.weight.detach()
     assert abs(float(w.std()) - 0.01) < 5e-4 and abs(float(w.mean())) < 5e-4
-    assert all(float(m.bias.abs().max()) == 0 for m in model.modules() if hasattr(m, "bias") and m.bias is not None)
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in model.modules() if hasattr(m, "bias") and m.bias is not None)
 
 
 def test_lr_schedules():
