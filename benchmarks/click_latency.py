@@ -13,12 +13,12 @@ be downloadable here. Pass --weights for any other model (e.g. the bundled 128 p
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _serve import start_server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,24 +41,12 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.manual_seed(0)
         weights = str(save_weights(build_model("zfnet"), Path(tmp.name) / "zfnet-224-random.safetensors", imagenet_classes(), Preprocessing()))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "deconvnet", "serve", "--port", str(port), "--device", "cpu", "--weights", weights],
-                            cwd=Path(__file__).resolve().parents[1])
+    started = start_server(["--weights", weights])
+    if started is None:
+        tmp.cleanup()
+        return 2
+    proc, url = started
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                print("the server did not start", file=sys.stderr)
-                return 2
-            time.sleep(0.3)
         with httpx.Client(base_url=url, timeout=60) as http:
             model = http.get("/api/model").json()
             t0 = time.perf_counter()

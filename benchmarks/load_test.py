@@ -15,11 +15,12 @@ import argparse
 import asyncio
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
+
+from _serve import start_server
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -131,32 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     proc = None
     url = args.url
     if url is None:
-        import socket
-
-        import httpx
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "deconvnet", "serve", "--port", str(port), "--device", "cpu"]
-        if args.weights:
-            cmd += ["--weights", args.weights]
+        extra = ["--weights", args.weights] if args.weights else []
         if args.parallel:
-            cmd += ["--parallel", str(args.parallel)]
-        proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1])
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                print("the server did not start", file=sys.stderr)
-                proc.kill()
-                return 2
-            time.sleep(0.3)
+            extra += ["--parallel", str(args.parallel)]
+        started = start_server(extra, timeout=120)
+        if started is None:
+            return 2
+        proc, url = started
     try:
         return asyncio.run(run(url, args.clients, args.requests, args.time_limit, args.seed))
     finally:
