@@ -23,7 +23,7 @@ order); ``max_difference`` measures it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -141,7 +141,9 @@ class _Step:
     spatial: bool  # False for point-wise modules (ReLU, LRN, batch norm, dropout)
     in_size: int
     out_size: int
-    start: np.ndarray  # (P,) window start (output coords) for each occluder position along one axis
+    lo: np.ndarray  # (P,) first output row/col that the occluder at each position can change (one axis)
+    hi: np.ndarray  # (P,) last one, inclusive (hi < lo: nothing changes)
+    start: np.ndarray  # (P,) start of a fixed-length window containing [lo, hi] (window recompute)
     length: int  # window length (same for all positions)
 
 
@@ -163,42 +165,61 @@ def _geometry(info: LayerInfo) -> tuple[int, int, int, float, bool]:
 
 
 def _plan(engine: DeconvNet, shapes: list[int], positions: np.ndarray, size: int, last: int) -> list[_Step]:
-    """Per layer: which output window each occluder position must recompute (one axis; the
-    occluder and the maps are square, so the same plan serves rows and columns)."""
+    """Per layer: which outputs each occluder position can change (exactly: the units whose receptive
+    field meets the occluder), along one axis; the occluder and the maps are square, so the same plan
+    serves rows and columns."""
     steps: list[_Step] = []
-    lo, hi = positions.astype(np.int64), positions.astype(np.int64) + size - 1  # affected input range, inclusive
+    lo, hi = positions.astype(np.int64), positions.astype(np.int64) + size - 1  # changed input range, inclusive
     for info in engine.layers[: last + 1]:
         k, s, p, pad_value, spatial = _geometry(info)
         in_size, out_size = shapes[info.index], shapes[info.index + 1]
         if spatial:
+            empty = hi < lo
             lo = np.maximum(0, -((-(lo + p - k + 1)) // s))  # ceil division
             hi = np.minimum(out_size - 1, (hi + p) // s)
-        length = int((hi - lo + 1).max())
+            empty |= hi < lo  # (a pool whose windows skip the changed inputs)
+            lo, hi = np.where(empty, 0, lo), np.where(empty, -1, hi)
+        length = max(1, int((hi - lo + 1).max()))
         start = np.clip(lo, 0, out_size - length)
-        steps.append(_Step(info, k, s, p, pad_value, spatial, in_size, out_size, start, length))
-        if spatial:  # the recomputed window becomes the next layer's affected range
-            lo, hi = start, start + length - 1
+        steps.append(_Step(info, k, s, p, pad_value, spatial, in_size, out_size, lo, hi, start, length))
     return steps
 
 
-def _paste(canvas: torch.Tensor, new: torch.Tensor, off_r: np.ndarray, off_c: np.ndarray) -> torch.Tensor:
-    """Write ``new[b]`` (C, n, n) into ``canvas[b]`` (C, L, L) with its top-left at (off_r[b], off_c[b])
-    in canvas coordinates, in place; parts falling outside the canvas are dropped. (A loop of slice
-    copies: far cheaper on a CPU than one advanced-index scatter.)"""
-    n, L = new.shape[-1], canvas.shape[-1]
-    for b in range(new.shape[0]):
-        r, c = int(off_r[b]), int(off_c[b])
-        r_lo, c_lo = max(0, -r), max(0, -c)
-        r_hi, c_hi = min(n, L - r), min(n, L - c)
-        if r_lo < r_hi and c_lo < c_hi:
-            canvas[b, :, r + r_lo : r + r_hi, c + c_lo : c + c_hi] = new[b, :, r_lo:r_hi, c_lo:c_hi]
-    return canvas
+def _rect(lo_r: np.ndarray, hi_r: np.ndarray, lo_c: np.ndarray, hi_c: np.ndarray, n_r: int, n_c: int) -> np.ndarray:
+    """Flat indices ``b * n_r * n_c + r * n_c + c`` of every (r, c) in sample b's rectangle
+    [lo_r, hi_r] x [lo_c, hi_c], sorted; two calls with shifted bounds enumerate the same units in the
+    same order (what lets a window's units be matched with the whole map's)."""
+    rows = (np.arange(n_r) >= lo_r[:, None]) & (np.arange(n_r) <= hi_r[:, None])
+    cols = (np.arange(n_c) >= lo_c[:, None]) & (np.arange(n_c) <= hi_c[:, None])
+    return np.flatnonzero(rows[:, :, None] & cols[:, None, :])
+
+
+def _as_rows(a: torch.Tensor) -> torch.Tensor:
+    """(1, C, H, W) -> (H * W, C): one row of channels per unit (channels-last order)."""
+    return a[0].permute(1, 2, 0).reshape(-1, a.shape[1]).contiguous()
 
 
 class _Incremental:
-    """Everything about the unoccluded image that the occluded ones reuse."""
+    """Everything about the unoccluded image that the occluded ones reuse.
 
-    def __init__(self, model: nn.Module, image: torch.Tensor, size: int, ys: np.ndarray, xs: np.ndarray, watch: int) -> None:
+    A batch of occluded images is carried through the layers as the units that can differ from the
+    unoccluded image (a rectangle per image, from ``_plan``), as rows ``(units, channels)``; everything
+    else is the unoccluded activation. Per layer:
+
+    * point-wise modules run on the rows;
+    * stride-1 convolutions (conv3-conv5 in ZFNet) add the convolution of the CHANGE: conv is linear, so
+      conv(a + d) = conv(a) + conv_without_bias(d), and d, non-zero on the changed input units only, is
+      scattered through the filters (one GEMM per filter tap, then a scatter-add: a transposed
+      convolution of the changed units), costing changed-inputs x k^2 instead of window-outputs x k^2;
+    * strided convolutions and max pools recompute a fixed-size output window from a patch of the
+      unoccluded input with the changed units pasted in (cheaper there: an output unit costs k^2 while a
+      changed input reaches only (k / stride)^2 outputs).
+    """
+
+    def __init__(
+        self, model: nn.Module, image: torch.Tensor, size: int, ys: np.ndarray, xs: np.ndarray, watch: int,
+        delta: bool | None = None,
+    ) -> None:
         self.model = model
         self.engine = DeconvNet(model)
         self.size = size
@@ -208,7 +229,8 @@ class _Incremental:
         with torch.no_grad():
             h = image[None]
             for info in self.engine.layers:
-                h = info.module(h)
+                # not in place: a conv's output (pre-ReLU) is kept for the delta updates
+                h = torch.relu(h) if isinstance(info.module, nn.ReLU) else info.module(h)
                 acts.append(h)
         if any(a.shape[-1] != a.shape[-2] for a in acts):
             raise DeconvnetError("incremental occlusion needs square inputs and feature maps; use method='full'")
@@ -216,76 +238,134 @@ class _Incremental:
         self.steps_y = _plan(self.engine, shapes, ys, size, last)
         self.steps_x = _plan(self.engine, shapes, xs, size, last)
         self.acts = acts
-        self.padded: list[torch.Tensor | None] = []
-        for sy in self.steps_y:
-            a = acts[sy.info.index][0]
-            if sy.spatial:
-                extra = max(0, (sy.out_size - 1) * sy.stride + sy.kernel - sy.padding - sy.in_size)
-                self.padded.append(F.pad(a, (sy.padding, extra, sy.padding, extra), value=sy.pad_value))
-            else:
-                self.padded.append(None)
+        self.rows = [_as_rows(a) for a in acts]
         self.watch = watch
         self.final = acts[-1]
-        # channels-last copies of the conv filters: on CPUs (oneDNN) convolutions of channels-last
-        # tensors are much faster, and so is the baseline when run that way
-        self.cl = torch.channels_last
-        self.filters = {
-            s.info.index: s.info.module.weight.detach().contiguous(memory_format=self.cl)
-            for s in self.steps_y
-            if isinstance(s.info.module, nn.Conv2d)
-        }
+        # per step: "point", "delta" or "window", and what that needs
+        self.mode: list[str] = []
+        self.padded: dict[int, tuple[torch.Tensor, int]] = {}  # window steps: padded input as rows, padded width
+        self.taps: dict[int, torch.Tensor] = {}  # delta steps: filters as (k*k, C_in, C_out)
+        self.canvas: dict[int, tuple[int, int]] = {}  # delta steps: scatter canvas height, width
+        self.filters: dict[int, torch.Tensor] = {}  # window convs: channels-last filters (faster on CPUs, oneDNN)
+        prev_y = (ys.astype(np.int64), ys.astype(np.int64) + size - 1)
+        prev_x = (xs.astype(np.int64), xs.astype(np.int64) + size - 1)
+        for i, (sy, sx) in enumerate(zip(self.steps_y, self.steps_x)):
+            m = sy.info.module
+            a = acts[i][0]
+            mode = "point" if not sy.spatial else "window"
+            if isinstance(m, nn.Conv2d) and sy.stride == 1 and m.groups == 1:
+                # the change's transposed convolution costs (C_in + scatter) per changed input and tap,
+                # the window recompute C_in per window output and tap; the scatter is worth ~32 C_in
+                area_in = np.maximum(0, prev_y[1] - prev_y[0] + 1).mean() * np.maximum(0, prev_x[1] - prev_x[0] + 1).mean()
+                c_in = m.in_channels
+                wanted = area_in * (c_in + 32) < sy.length * sx.length * c_in
+                mode = "delta" if (wanted if delta is None else delta) else "window"
+            if mode == "window":
+                extra = max(0, (sy.out_size - 1) * sy.stride + sy.kernel - sy.padding - sy.in_size)
+                p = F.pad(a, (sy.padding, extra, sy.padding, extra), value=sy.pad_value)
+                self.padded[i] = (_as_rows(p[None]), p.shape[-1])
+                if isinstance(m, nn.Conv2d):
+                    self.filters[i] = m.weight.detach().contiguous(memory_format=torch.channels_last)
+            elif mode == "delta":
+                k, pad = sy.kernel, sy.padding
+                w = m.weight.detach()
+                self.taps[i] = w.permute(2, 3, 1, 0).reshape(k * k, w.shape[1], w.shape[0]).contiguous()
+                # canvas coordinate of output unit y: y - window start + k - 1 (>= 0 for every change)
+                dims = []
+                for (plo, phi), st in ((prev_y, sy), (prev_x, sx)):
+                    ok = phi >= plo
+                    assert (plo[ok] + pad - st.start[ok] >= 0).all()
+                    dims.append(int((phi[ok] + pad - st.start[ok] + k - 1).max(initial=k - 1)) + 1)
+                self.canvas[i] = (dims[0], dims[1])
+            self.mode.append(mode)
+            prev_y, prev_x = (sy.lo, sy.hi), (sx.lo, sx.hi)
 
-    def _apply(self, step: _Step, x: torch.Tensor, padding: int | None = None) -> torch.Tensor:
-        """The step's conv / max pool on ``x``, with the module's own padding or ``padding``."""
-        m = step.info.module
-        x = x.contiguous(memory_format=self.cl)
+    def _index(self, idx: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(idx).to(self.final.device)
+
+    def _window(self, i: int, by: np.ndarray, bx: np.ndarray, pos: np.ndarray, val: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """Recompute step i's output window from the unoccluded input patch with the changed units pasted in."""
+        sy, sx = self.steps_y[i], self.steps_x[i]
+        m = sy.info.module
+        B = len(by)
+        s, k, p = sy.stride, sy.kernel, sy.padding
+        oy, ox = sy.start[by], sx.start[bx]
+        span_y, span_x = (sy.length - 1) * s + k, (sx.length - 1) * s + k
+        top, left = oy * s, ox * s  # patch origin in padded input coordinates
+        padded, wp = self.padded[i]
+        rows = (top[:, None] + np.arange(span_y))[:, :, None] * wp + (left[:, None] + np.arange(span_x))[:, None, :]
+        patch = padded.index_select(0, self._index(rows.ravel()))
+        n_in = sy.in_size
+        b, rem = np.divmod(pos, n_in * n_in)
+        pi, pj = rem // n_in + p - top[b], rem % n_in + p - left[b]
+        inside = (pi >= 0) & (pi < span_y) & (pj >= 0) & (pj < span_x)
+        dst = b * (span_y * span_x) + pi * span_x + pj
+        if inside.all():
+            patch.index_copy_(0, self._index(dst), val)
+        else:
+            patch.index_copy_(0, self._index(dst[inside]), val.index_select(0, self._index(np.flatnonzero(inside))))
+        x = patch.view(B, span_y, span_x, -1).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
         if isinstance(m, nn.Conv2d):
-            p = m.padding if padding is None else padding
-            return F.conv2d(x, self.filters[step.info.index], m.bias, m.stride, p, 1, m.groups)
-        if padding is None:
-            return m(x)
-        return F.max_pool2d(x, step.kernel, step.stride, padding)
+            out = F.conv2d(x, self.filters[i], m.bias, m.stride, 0, 1, m.groups)
+        else:
+            out = F.max_pool2d(x, k, s, 0)
+        out = out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])  # a view when conv/pool kept channels-last
+        n = sy.out_size
+        lo_r, hi_r, lo_c, hi_c = sy.lo[by], sy.hi[by], sx.lo[bx], sx.hi[bx]
+        local = _rect(lo_r - oy, hi_r - oy, lo_c - ox, hi_c - ox, sy.length, sx.length)
+        return _rect(lo_r, hi_r, lo_c, hi_c, n, n), out.index_select(0, self._index(local))
+
+    def _delta(self, i: int, by: np.ndarray, bx: np.ndarray, pos: np.ndarray, val: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """Stride-1 convolution: unoccluded output + the transposed convolution of the input change."""
+        sy, sx = self.steps_y[i], self.steps_x[i]
+        B = len(by)
+        k, p = sy.kernel, sy.padding
+        n_in, n = sy.in_size, sy.out_size
+        oy, ox = sy.start[by], sx.start[bx]
+        hc, wc = self.canvas[i]
+        b, rem = np.divmod(pos, n_in * n_in)
+        change = val - self.rows[i].index_select(0, self._index(rem))  # exactly 0 where nothing changed
+        taps = self.taps[i]
+        canvas = val.new_zeros(B * hc * wc, taps.shape[2])
+        origin = b * (hc * wc) + (rem // n_in + p + k - 1 - oy[b]) * wc + (rem % n_in + p + k - 1 - ox[b])
+        for t in range(k * k):  # input unit y reaches output y + p - dy through tap dy
+            dy, dx = divmod(t, k)
+            canvas.index_add_(0, self._index(origin - dy * wc - dx), change @ taps[t])
+        lo_r, hi_r, lo_c, hi_c = sy.lo[by], sy.hi[by], sx.lo[bx], sx.hi[bx]
+        out = _rect(lo_r, hi_r, lo_c, hi_c, n, n)
+        local = _rect(lo_r - oy + k - 1, hi_r - oy + k - 1, lo_c - ox + k - 1, hi_c - ox + k - 1, hc, wc)
+        new = self.rows[i + 1].index_select(0, self._index(out % (n * n))) + canvas.index_select(0, self._index(local))
+        return out, new
 
     def run(self, idx_y: np.ndarray, idx_x: np.ndarray, fill: torch.Tensor, channel: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, classes) and the total activation of ``channel`` at layer ``watch`` (B,) for the
         occluder positions ``(ys[idx_y[b]], xs[idx_x[b]])``."""
-        dev = self.final.device
+        dev, dtype = self.final.device, self.final.dtype
         B = len(idx_y)
-        # before the first layer, the changed window is the occluder itself
-        r0, c0 = self.ys[idx_y], self.xs[idx_x]
-        new = fill.to(dev, self.final.dtype).view(1, -1, 1, 1).expand(B, -1, self.size, self.size).contiguous()
-        full = False  # does `new` hold the whole map (r0 = c0 = 0)?
+        n = self.acts[0].shape[-1]
+        # before the first layer, the changed units are the occluder's pixels
+        r0, c0 = self.ys[idx_y].astype(np.int64), self.xs[idx_x].astype(np.int64)
+        pos = _rect(r0, r0 + self.size - 1, c0, c0 + self.size - 1, n, n)
+        val = fill.to(dev, dtype).view(1, -1).expand(len(pos), -1)
         total = None
         with torch.no_grad():
-            for sy, sx, padded in zip(self.steps_y, self.steps_x, self.padded):
-                m = sy.info.module
-                if not sy.spatial:
-                    # point-wise (ReLU, LRN across channels, batch norm, dropout): same window
-                    new = torch.relu_(new) if isinstance(m, nn.ReLU) else m(new)
-                elif full and sy.length == sy.out_size:
-                    new = self._apply(sy, new)  # everything changed already: the ordinary layer on whole maps
-                elif sy.length == sy.out_size:
-                    # the whole output changes: paste the changed window into the unoccluded input
-                    canvas = self.acts[sy.info.index].repeat(B, 1, 1, 1)
-                    new = self._apply(sy, _paste(canvas, new, r0, c0))
-                    r0, c0, full = np.zeros(B, dtype=np.int64), np.zeros(B, dtype=np.int64), True
+            for i, mode in enumerate(self.mode):
+                m = self.steps_y[i].info.module
+                if mode == "point":  # ReLU, LRN (across channels), batch norm, dropout: unit by unit
+                    val = torch.relu(val) if isinstance(m, nn.ReLU) else m(val[:, :, None, None]).flatten(1)
+                elif mode == "delta":
+                    pos, val = self._delta(i, idx_y, idx_x, pos, val)
                 else:
-                    assert padded is not None
-                    oy, ox = sy.start[idx_y], sx.start[idx_x]
-                    span = (sy.length - 1) * sy.stride + sy.kernel
-                    top, left = oy * sy.stride, ox * sx.stride  # patch origin, padded input coordinates
-                    patch = torch.stack([padded[:, t : t + span, l : l + span] for t, l in zip(top.tolist(), left.tolist())])
-                    patch = _paste(patch, new, r0 + sy.padding - top, c0 + sx.padding - left)
-                    new = self._apply(sy, patch, padding=0)
-                    r0, c0 = oy, ox
-                if sy.info.index == self.watch:
-                    base_map = self.acts[sy.info.index + 1][0, channel]
-                    n = new.shape[-1]
-                    base_win = torch.stack([base_map[r : r + n, c : c + n] for r, c in zip(r0.tolist(), c0.tolist())])
-                    total = base_map.sum() + new[:, channel].sum((1, 2)) - base_win.sum((1, 2))
-            if not full:  # paste the last window into the unoccluded top-layer output
-                new = _paste(self.final.repeat(B, 1, 1, 1), new, r0, c0)
-            logits = model_head(self.model, new)
+                    pos, val = self._window(i, idx_y, idx_x, pos, val)
+                if i == self.watch:
+                    hw = self.acts[i + 1].shape[-1] ** 2
+                    b, rem = np.divmod(pos, hw)
+                    change = val[:, channel] - self.rows[i + 1][:, channel].index_select(0, self._index(rem))
+                    total = self.acts[i + 1][0, channel].sum() + torch.zeros(B, dtype=dtype, device=dev).index_add_(0, self._index(b), change)
+            # the top layer's output: unoccluded maps with the changed units written in
+            n = self.final.shape[-1]
+            feats = self.rows[-1].repeat(B, 1).index_copy_(0, self._index(pos), val)
+            logits = model_head(self.model, feats.view(B, n, n, -1).permute(0, 3, 1, 2))
         assert total is not None
         return logits, total
 
@@ -307,12 +387,15 @@ def occlusion_maps(
     batch_size: int = 64,
     progress: bool = False,
     keep_logits: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> OcclusionMaps:
     """Occlusion maps of one (C, H, W) model input (see the module docstring).
 
     ``channel`` defaults to the map of ``layer`` with the largest total activation on the unoccluded
     image (the paper's "strongest feature map"); ``target`` to the top class of the unoccluded image;
-    ``fill`` to 0 (the dataset mean in normalised input space).
+    ``fill`` to 0 (the dataset mean in normalised input space). ``progress`` shows a console bar;
+    ``on_progress(done, total)`` is called with the occluder positions computed so far after each batch
+    (for callers with their own display, e.g. a web page).
     """
     from tqdm.auto import tqdm
 
@@ -377,6 +460,8 @@ def occlusion_maps(
         logits_all[start : start + len(by)] = logits.float().cpu()
         totals_all[start : start + len(by)] = tot.float().cpu()
         bar.update(len(by))
+        if on_progress is not None:
+            on_progress(start + len(by), len(flat_y))
     bar.close()
     probs = logits_all.softmax(1)
     shape = (len(ys), len(xs))
