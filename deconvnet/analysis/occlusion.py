@@ -199,6 +199,80 @@ def _as_rows(a: torch.Tensor) -> torch.Tensor:
     return a[0].permute(1, 2, 0).reshape(-1, a.shape[1]).contiguous()
 
 
+class _DeltaConv:
+    """The transposed convolution (no bias) of a change that is non-zero on a few input units, as a
+    scatter: input unit (y, x) reaches output ((y + p - dy) / s, (x + p - dx) / s) through tap (dy, dx)
+    when s divides both; so the inputs fall into s^2 classes by (y + p) mod s, (x + p) mod s, and each
+    class is one GEMM with its taps' filters side by side, then one scatter-add of the rows into a
+    canvas that covers the output window (plus what falls off the map)."""
+
+    def __init__(self, m: nn.Conv2d, sy: _Step, sx: _Step, prev_y: tuple[np.ndarray, np.ndarray], prev_x: tuple[np.ndarray, np.ndarray]) -> None:
+        k, s, p = sy.kernel, sy.stride, sy.padding
+        self.k, self.s, self.p = k, s, p
+        w = m.weight.detach()  # (C_out, C_in, k, k)
+        self.c_out = w.shape[0]
+        # canvas coordinate of output unit y: y - window start + off; (off, size) cover every reached unit
+        dims = []
+        for (plo, phi), st in ((prev_y, sy), (prev_x, sx)):
+            ok = phi >= plo
+            first = -((-(plo[ok] + p - k + 1)) // s)  # ceil: first output (maybe off the map) reached
+            last = (phi[ok] + p) // s
+            off = int(max(0, (st.start[ok] - first).max(initial=0)))
+            dims.append((off, int((last - st.start[ok]).max(initial=0)) + off + 1))
+        (self.off_y, self.hc), (self.off_x, self.wc) = dims
+        # per residue class (ry, rx): the taps dy = ry, ry + s, ... and dx likewise, filters side by side
+        self.classes: list[tuple[torch.Tensor, np.ndarray]] = []
+        for ry in range(s):
+            for rx in range(s):
+                taps = [(dy, dx) for dy in range(ry, k, s) for dx in range(rx, k, s)]
+                weights = torch.cat([w[:, :, dy, dx].t() for dy, dx in taps], 1).contiguous() if taps else w.new_zeros(w.shape[1], 0)
+                # canvas row offset of each tap relative to the tap (ry, rx)
+                shift = np.array([((dy - ry) // s) * self.wc + (dx - rx) // s for dy, dx in taps], dtype=np.int64)
+                self.classes.append((weights, shift))
+
+    def scatter(
+        self, change: torch.Tensor, pos: np.ndarray, n_in: int, oy: np.ndarray, ox: np.ndarray, batch: int, work: "_Workspace"
+    ) -> torch.Tensor:
+        """(batch * hc * wc, C_out) canvas rows holding the transposed convolution of ``change``
+        (rows at the flat units ``pos`` of (batch, n_in, n_in)), origin at each sample's window."""
+        canvas = work.get("canvas", batch * self.hc * self.wc * self.c_out, change).view(-1, self.c_out).zero_()
+        s, p = self.s, self.p
+        b, rem = np.divmod(pos, n_in * n_in)
+        y, x = rem // n_in + p, rem % n_in + p  # padded coordinates
+        ry, rx = y % s, x % s
+        # canvas row of each input through the tap (ry, rx)
+        origin = b * (self.hc * self.wc) + ((y - ry) // s - oy[b] + self.off_y) * self.wc + ((x - rx) // s - ox[b] + self.off_x)
+        cls = ry * s + rx
+        dev = change.device
+        for c, (weights, shift) in enumerate(self.classes):
+            if not len(shift):
+                continue
+            sel = None if s == 1 else np.flatnonzero(cls == c)
+            if sel is not None and not len(sel):
+                continue
+            rows = change if sel is None else change.index_select(0, torch.from_numpy(sel).to(dev))
+            o = origin if sel is None else origin[sel]
+            target = (o[:, None] - shift[None, :]).ravel()
+            prod = work.get("product", rows.shape[0] * weights.shape[1], change).view(rows.shape[0], -1)
+            torch.mm(rows, weights, out=prod)
+            canvas.index_add_(0, torch.from_numpy(target).to(dev), prod.view(-1, self.c_out))
+        return canvas
+
+
+class _Workspace:
+    """Buffers reused from batch to batch and layer to layer: a fresh tensor of tens of MB costs page
+    faults on every use, more than the memory traffic itself."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.device != like.device or buf.dtype != like.dtype:
+            buf = self.buffers[name] = like.new_empty(numel)
+        return buf[:numel]
+
+
 class _Incremental:
     """Everything about the unoccluded image that the occluded ones reuse.
 
@@ -207,13 +281,13 @@ class _Incremental:
     else is the unoccluded activation. Per layer:
 
     * point-wise modules run on the rows;
-    * stride-1 convolutions (conv3-conv5 in ZFNet) add the convolution of the CHANGE: conv is linear, so
+    * convolutions (conv2-conv5 in ZFNet) add the convolution of the CHANGE: conv is linear, so
       conv(a + d) = conv(a) + conv_without_bias(d), and d, non-zero on the changed input units only, is
-      scattered through the filters (one GEMM per filter tap, then a scatter-add: a transposed
-      convolution of the changed units), costing changed-inputs x k^2 instead of window-outputs x k^2;
-    * strided convolutions and max pools recompute a fixed-size output window from a patch of the
-      unoccluded input with the changed units pasted in (cheaper there: an output unit costs k^2 while a
-      changed input reaches only (k / stride)^2 outputs).
+      scattered through the filters (``_DeltaConv``: a transposed convolution of the changed units),
+      costing changed-inputs x (k / stride)^2 taps instead of window-outputs x k^2; after it, ReLU etc.
+      run on the changed units and the next change is new - unoccluded, exactly 0 outside them;
+    * max pools, and convolutions where that does not pay (conv1: 3 input channels), recompute a
+      fixed-size output window from a patch of the unoccluded input with the changed units pasted in.
     """
 
     def __init__(
@@ -244,8 +318,8 @@ class _Incremental:
         # per step: "point", "delta" or "window", and what that needs
         self.mode: list[str] = []
         self.padded: dict[int, tuple[torch.Tensor, int]] = {}  # window steps: padded input as rows, padded width
-        self.taps: dict[int, torch.Tensor] = {}  # delta steps: filters as (k*k, C_in, C_out)
-        self.canvas: dict[int, tuple[int, int]] = {}  # delta steps: scatter canvas height, width
+        self.deltas: dict[int, _DeltaConv] = {}
+        self.work = _Workspace()
         self.filters: dict[int, torch.Tensor] = {}  # window convs: channels-last filters (faster on CPUs, oneDNN)
         prev_y = (ys.astype(np.int64), ys.astype(np.int64) + size - 1)
         prev_x = (xs.astype(np.int64), xs.astype(np.int64) + size - 1)
@@ -253,12 +327,13 @@ class _Incremental:
             m = sy.info.module
             a = acts[i][0]
             mode = "point" if not sy.spatial else "window"
-            if isinstance(m, nn.Conv2d) and sy.stride == 1 and m.groups == 1:
-                # the change's transposed convolution costs (C_in + scatter) per changed input and tap,
-                # the window recompute C_in per window output and tap; the scatter is worth ~32 C_in
+            if isinstance(m, nn.Conv2d) and m.groups == 1:
+                # the change's transposed convolution costs (C_in + scatter) per changed input and
+                # (k / stride)^2 taps; the window recompute C_in per window output and k^2 taps. The
+                # scatter (a memory-bound add per output channel and tap) is worth about 32 C_in.
                 area_in = np.maximum(0, prev_y[1] - prev_y[0] + 1).mean() * np.maximum(0, prev_x[1] - prev_x[0] + 1).mean()
                 c_in = m.in_channels
-                wanted = area_in * (c_in + 32) < sy.length * sx.length * c_in
+                wanted = area_in * (c_in + 32) < sy.length * sx.length * sy.stride**2 * c_in
                 mode = "delta" if (wanted if delta is None else delta) else "window"
             if mode == "window":
                 extra = max(0, (sy.out_size - 1) * sy.stride + sy.kernel - sy.padding - sy.in_size)
@@ -267,16 +342,7 @@ class _Incremental:
                 if isinstance(m, nn.Conv2d):
                     self.filters[i] = m.weight.detach().contiguous(memory_format=torch.channels_last)
             elif mode == "delta":
-                k, pad = sy.kernel, sy.padding
-                w = m.weight.detach()
-                self.taps[i] = w.permute(2, 3, 1, 0).reshape(k * k, w.shape[1], w.shape[0]).contiguous()
-                # canvas coordinate of output unit y: y - window start + k - 1 (>= 0 for every change)
-                dims = []
-                for (plo, phi), st in ((prev_y, sy), (prev_x, sx)):
-                    ok = phi >= plo
-                    assert (plo[ok] + pad - st.start[ok] >= 0).all()
-                    dims.append(int((phi[ok] + pad - st.start[ok] + k - 1).max(initial=k - 1)) + 1)
-                self.canvas[i] = (dims[0], dims[1])
+                self.deltas[i] = _DeltaConv(m, sy, sx, prev_y, prev_x)
             self.mode.append(mode)
             prev_y, prev_x = (sy.lo, sy.hi), (sx.lo, sx.hi)
 
@@ -316,24 +382,17 @@ class _Incremental:
         return _rect(lo_r, hi_r, lo_c, hi_c, n, n), out.index_select(0, self._index(local))
 
     def _delta(self, i: int, by: np.ndarray, bx: np.ndarray, pos: np.ndarray, val: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-        """Stride-1 convolution: unoccluded output + the transposed convolution of the input change."""
+        """Convolution: unoccluded output + the transposed convolution of the input change."""
         sy, sx = self.steps_y[i], self.steps_x[i]
-        B = len(by)
-        k, p = sy.kernel, sy.padding
         n_in, n = sy.in_size, sy.out_size
-        oy, ox = sy.start[by], sx.start[bx]
-        hc, wc = self.canvas[i]
-        b, rem = np.divmod(pos, n_in * n_in)
+        rem = pos % (n_in * n_in)
         change = val - self.rows[i].index_select(0, self._index(rem))  # exactly 0 where nothing changed
-        taps = self.taps[i]
-        canvas = val.new_zeros(B * hc * wc, taps.shape[2])
-        origin = b * (hc * wc) + (rem // n_in + p + k - 1 - oy[b]) * wc + (rem % n_in + p + k - 1 - ox[b])
-        for t in range(k * k):  # input unit y reaches output y + p - dy through tap dy
-            dy, dx = divmod(t, k)
-            canvas.index_add_(0, self._index(origin - dy * wc - dx), change @ taps[t])
+        oy, ox = sy.start[by], sx.start[bx]
+        canvas = self.deltas[i].scatter(change, pos, n_in, oy, ox, len(by), self.work)
+        d = self.deltas[i]
         lo_r, hi_r, lo_c, hi_c = sy.lo[by], sy.hi[by], sx.lo[bx], sx.hi[bx]
         out = _rect(lo_r, hi_r, lo_c, hi_c, n, n)
-        local = _rect(lo_r - oy + k - 1, hi_r - oy + k - 1, lo_c - ox + k - 1, hi_c - ox + k - 1, hc, wc)
+        local = _rect(lo_r - oy + d.off_y, hi_r - oy + d.off_y, lo_c - ox + d.off_x, hi_c - ox + d.off_x, d.hc, d.wc)
         new = self.rows[i + 1].index_select(0, self._index(out % (n * n))) + canvas.index_select(0, self._index(local))
         return out, new
 
