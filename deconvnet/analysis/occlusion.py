@@ -244,6 +244,14 @@ class _DeltaConv:
         origin = b * (self.hc * self.wc) + ((y - ry) // s - oy[b] + self.off_y) * self.wc + ((x - rx) // s - ox[b] + self.off_x)
         cls = ry * s + rx
         dev = change.device
+        live = None
+        if change.shape[1] >= 64:
+            # input channels whose change is 0 on every changed unit of the batch (ReLU: negative before
+            # and after) add nothing: leave them out of the GEMMs (often 5-40 % of them in conv3-conv5)
+            nz = change.ne(0).any(0)
+            if int(nz.sum()) < 0.9 * change.shape[1]:
+                live = nz.nonzero().squeeze(1)
+                change = change.index_select(1, live)
         for c, (weights, shift) in enumerate(self.classes):
             if not len(shift):
                 continue
@@ -253,6 +261,8 @@ class _DeltaConv:
             rows = change if sel is None else change.index_select(0, torch.from_numpy(sel).to(dev))
             o = origin if sel is None else origin[sel]
             target = (o[:, None] - shift[None, :]).ravel()
+            if live is not None:
+                weights = weights.index_select(0, live)
             prod = work.get("product", rows.shape[0] * weights.shape[1], change).view(rows.shape[0], -1)
             torch.mm(rows, weights, out=prod)
             canvas.index_add_(0, torch.from_numpy(target).to(dev), prod.view(-1, self.c_out))
