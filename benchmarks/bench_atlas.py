@@ -121,8 +121,13 @@ def main() -> None:
     parser.add_argument("--skip-full", action="store_true", help="only (b), on the atlas.npz already in --out")
     parser.add_argument("--render", action="store_true", help="also render the sheets (timed separately)")
     parser.add_argument("--skip-hook", action="store_true", help="only (a)")
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator settings alone (the CLI tunes them)")
     args = parser.parse_args()
 
+    if not args.default_malloc:
+        from deconvnet.runtime import keep_freed_memory
+
+        keep_freed_memory()  # as the CLI does; applies to every pass below, baselines included
     torch.manual_seed(0)
     loaded = load_model(args.weights, device="cpu")
     files = list_images(args.images)

@@ -37,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     warnings.formatwarning = lambda message, category, *rest: f"deconvnet: warning: {message}\n"
+    from .runtime import keep_freed_memory
+
+    keep_freed_memory()  # a command is a whole process: reuse freed tensor memory (see deconvnet.runtime)
     try:
         return int(args.func(args) or 0)
     except DeconvnetError as e:

@@ -638,34 +638,64 @@ class AtlasTiles:
 DISPLAY_QUANTILE = 0.995  # projections: this quantile of |value| maps to black/white (a few extreme pixels clip)
 
 
+def _same_size_groups(boxes: Sequence[tuple[int, int, int, int]]) -> dict[tuple[int, int], list[int]]:
+    """Indices of the boxes, grouped by box size (so that each group is processed as one batch)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (y0, x0, y1, x1) in enumerate(boxes):
+        groups.setdefault((y1 - y0, x1 - x0), []).append(i)
+    return groups
+
+
+def _crops(x: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], idx: list[int]) -> torch.Tensor:
+    y0, x0, y1, x1 = boxes[idx[0]]
+    if all(boxes[i] == boxes[idx[0]] for i in idx):  # one slice for the whole group (no copy)
+        return x[idx if len(idx) < len(x) else slice(None), :, y0:y1, x0:x1]
+    return torch.stack([x[i, :, boxes[i][0] : boxes[i][2], boxes[i][1] : boxes[i][3]] for i in idx])
+
+
 def display_scale(windows: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], quantile: float = DISPLAY_QUANTILE) -> torch.Tensor:
     """Per projection, the contrast scale used for display: the ``quantile`` of |value| over the part of
-    its window inside the image (``boxes``: window-local y0, x0, y1, x1); the maximum if that is 0."""
-    scales = []
-    for w, (y0, x0, y1, x1) in zip(windows, boxes):
-        a = w[:, y0:y1, x0:x1].abs().flatten()
-        q = torch.quantile(a, quantile) if a.numel() > 1 else a.max()
-        scales.append(q if q > 0 else a.max())
-    return torch.stack(scales).clamp_min(1e-30) if scales else windows.new_zeros(0)
-
-
-def _fit(x: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], tile: int) -> np.ndarray:
-    """Crop each (3, R, R) float image in [0, 1] to its box (the receptive field clipped at the image
-    border) and fit it, aspect kept, into a ``tile`` square (centred, white around it): uint8 HWC."""
-    out = np.full((len(x), tile, tile, 3), 255, dtype=np.uint8)
-    rf = x.shape[-1]
-    for i, (img, (y0, x0, y1, x1)) in enumerate(zip(x, boxes)):
-        crop = img[:, y0:y1, x0:x1]
-        h, w = crop.shape[-2:]
-        if h == 0 or w == 0:
+    its window inside the image (``boxes``: window-local y0, x0, y1, x1; linear interpolation between
+    order statistics, as ``torch.quantile``); the maximum if that is 0."""
+    scales = windows.new_zeros(len(windows))
+    for (h, w), idx in _same_size_groups(boxes).items():
+        if h <= 0 or w <= 0:
             continue
+        a = _crops(windows, boxes, idx).abs().flatten(1)  # (G, L)
+        n = a.shape[1]
+        pos = quantile * (n - 1)
+        lo = int(pos)
+        # the two order statistics around pos, from the top (a partial sort: far cheaper than a full one)
+        top = torch.topk(a, n - lo, dim=1).values  # descending; top[:, n - 1 - j] is the j-th smallest
+        below = top[:, n - 1 - lo]
+        above = top[:, n - 2 - lo] if lo + 1 < n else below
+        q = torch.lerp(below, above, pos - lo)
+        scales[idx] = torch.where(q > 0, q, a.max(1).values)
+    return scales.clamp_min(1e-30)
+
+
+def _fit(x: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], tile: int, rf: int | None = None) -> np.ndarray:
+    """Crop each (3, R, R) float image in [0, 1] to its box (the receptive field clipped at the image
+    border) and fit it, aspect kept, into a ``tile`` square (centred, white around it): uint8 HWC.
+    ``rf``: the receptive-field size (default R)."""
+    out = np.full((len(x), tile, tile, 3), 255, dtype=np.uint8)
+    rf = x.shape[-1] if rf is None else rf
+    for (h, w), idx in _same_size_groups(boxes).items():
+        if h <= 0 or w <= 0:
+            continue
+        crops = _crops(x, boxes, idx)
         scale = tile / rf if rf <= tile else tile / max(h, w)  # small fields keep their pixel size
         nh, nw = max(1, min(tile, round(h * scale))), max(1, min(tile, round(w * scale)))
         if (nh, nw) != (h, w):
-            crop = F.interpolate(crop[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+            crops = F.interpolate(crops, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
         oy, ox = (tile - nh) // 2, (tile - nw) // 2
-        out[i, oy : oy + nh, ox : ox + nw] = (crop.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+        out[idx, oy : oy + nh, ox : ox + nw] = (crops.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out
+
+
+def _clipped_size(info, position, height: int, width: int) -> tuple[int, int]:
+    y0, x0, y1, x1 = info.receptive_field(int(position[0]), int(position[1]), height, width)
+    return (y1 - y0, x1 - x0)
 
 
 def _boxes(origins: torch.Tensor, size: int, height: int, width: int) -> list[tuple[int, int, int, int]]:
@@ -693,7 +723,8 @@ def project_atlas(
     maps: dict[str, Sequence[int]] | None = None,
     tile: int = 64,
     cache: SwitchCache | None = None,
-    images_per_batch: int = 32,
+    images_per_batch: int = 512,
+    forward_batch: int = 64,
     selections_per_batch: int = 64,
     include_lrn: bool = False,
     progress: bool = True,
@@ -766,15 +797,22 @@ def project_atlas(
 
         rec = _Record()
         rec._codes = {}  # type: ignore[attr-defined]
+        fresh_codes: dict[int, torch.Tensor] = {}
+        lrn: dict = {}
         if missing and upto >= 0:
-            x = loaded.preprocessing.normalize(pix[missing].to(device))
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            fresh = projector.forward(x, upto)
-            fresh_codes = {pi: projector.switch_codes(fresh, engine.layers[pi], (height, width)) for pi in pools}
-            lrn = fresh.lrn_inputs
-        else:
-            fresh_codes, lrn = {}, {}
+            # forward passes for the images whose switches were not kept, a few at a time (bounded
+            # memory); with LRN the whole chunk at once (its inputs are needed as one record)
+            step = len(missing) if include_lrn else forward_batch
+            parts_codes: dict[int, list[torch.Tensor]] = {pi: [] for pi in pools}
+            for f0 in range(0, len(missing), step):
+                x = loaded.preprocessing.normalize(pix[missing[f0 : f0 + step]].to(device))
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                fresh = projector.forward(x, upto)
+                for pi in pools:
+                    parts_codes[pi].append(projector.switch_codes(fresh, engine.layers[pi], (height, width)))
+                lrn = fresh.lrn_inputs
+            fresh_codes = {pi: torch.cat(v) for pi, v in parts_codes.items()}
         for pi in pools:
             parts = []
             j = 0
@@ -794,6 +832,10 @@ def project_atlas(
                 per_layer.setdefault(layer, []).append((local[gid], slot, r))
         for layer, items in per_layer.items():
             t = out[layer]
+            info = engine.layer(layer)
+            # units with receptive fields of the same clipped size go down together: the projector
+            # then cuts all their windows to the image alike (less work at the borders)
+            items.sort(key=lambda p: _clipped_size(info, t.positions[p[1], p[2]], height, width))
             for s0 in range(0, len(items), selections_per_batch):
                 part = items[s0 : s0 + selections_per_batch]
                 b_idx = torch.tensor([p[0] for p in part])
