@@ -13,11 +13,14 @@ fully inside the image). For every position we record
 
 Incremental inference (``method="incremental"``, the default) gives the same numbers as running each
 occluded image through the whole network (``method="full"``), several times faster: an occluder only
-changes the part of each layer's output that its receptive fields reach, so for every layer we
-recompute a window of fixed size around that part, from the unoccluded image's activations with the
-previous layer's recomputed window pasted in, and reuse the unoccluded activations elsewhere. The
-results agree with the full computation to float32 round-off (the convolution sums run in another
-order); ``max_difference`` measures it.
+changes the units of each layer whose receptive field it meets (a rectangle per layer, computed
+exactly), so only those are carried from layer to layer, on top of the unoccluded image's
+activations. Convolutions add the convolution of the change (linear: conv(a + d) = conv(a) +
+conv_without_bias(d), with d non-zero on the changed units only), as a scatter through the filters;
+max pools (and convolutions where that does not pay) recompute a small window. ``_Incremental``
+describes the details. The results agree with the full computation to float32 round-off (the sums
+run in another order; about 5e-7 relative on the watched activation, 2e-7 on a probability);
+``max_difference`` measures it.
 """
 
 from __future__ import annotations
@@ -248,7 +251,7 @@ class _DeltaConv:
         if change.shape[1] >= 64:
             # input channels whose change is 0 on every changed unit of the batch (ReLU: negative before
             # and after) add nothing: leave them out of the GEMMs (often 5-40 % of them in conv3-conv5)
-            nz = change.ne(0).any(0)
+            nz = change.any(0)
             if int(nz.sum()) < 0.9 * change.shape[1]:
                 live = nz.nonzero().squeeze(1)
                 change = change.index_select(1, live)
