@@ -34,13 +34,15 @@ from deconvnet.data import list_images, load_image
 from deconvnet.deconv import DeconvNet, _Record
 from deconvnet.weights import load_model
 
+clock = time.perf_counter  # wall-clock; process CPU time with --threads 1 (robust to other jobs)
+
 
 def plain_inference(loaded, files, batch_size: int, workers: int, channels_last: bool) -> float:
     dataset = _Images([str(f) for f in files], range(len(files)), loaded.preprocessing.geometry())
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     if channels_last:
         loaded.model.to(memory_format=torch.channels_last)
-    t0 = time.perf_counter()
+    t0 = clock()
     n = 0
     with torch.no_grad():
         for batch in loader:
@@ -50,7 +52,21 @@ def plain_inference(loaded, files, batch_size: int, workers: int, channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             loaded.model(x).argmax(1)
             n += len(pixels)
-    return time.perf_counter() - t0
+    return clock() - t0
+
+
+def at_input_size(loaded, size: int):
+    """The same trained convolutional layers on ``size`` px inputs (resize = size * 256 / 224)."""
+    import dataclasses
+
+    from deconvnet.models import ConvNet
+    from deconvnet.weights import LoadedModel
+
+    torch.manual_seed(0)
+    model = ConvNet(dataclasses.replace(loaded.model.config, input_size=size)).eval()
+    model.features.load_state_dict(loaded.model.features.state_dict())
+    prep = dataclasses.replace(loaded.preprocessing, crop=size, resize=round(size * 256 / 224))
+    return LoadedModel(model, loaded.classes, prep, loaded.arch, f"{loaded.source} (conv layers at {size} px)")
 
 
 class HookDeconvNet:
@@ -121,6 +137,13 @@ def main() -> None:
     parser.add_argument("--skip-full", action="store_true", help="only (b), on the atlas.npz already in --out")
     parser.add_argument("--render", action="store_true", help="also render the sheets (timed separately)")
     parser.add_argument("--skip-hook", action="store_true", help="only (a)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads; with 1, images are decoded in-process (--workers 0) and every time is "
+                             "process CPU time, which other jobs on the machine hardly disturb")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="run the model's convolutional layers on N px inputs instead of its own size (e.g. 224, the "
+                             "paper's); the classifier, which the atlas does not use, is rebuilt for the new pool5 size "
+                             "with seeded random weights (it only takes part in the plain-inference timing)")
     parser.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator settings alone (the CLI tunes them)")
     args = parser.parse_args()
 
@@ -128,13 +151,20 @@ def main() -> None:
         from deconvnet.runtime import keep_freed_memory
 
         keep_freed_memory()  # as the CLI does; applies to every pass below, baselines included
+    global clock
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        if args.threads == 1:
+            clock, args.workers = time.process_time, 0
     torch.manual_seed(0)
     loaded = load_model(args.weights, device="cpu")
+    if args.input_size and args.input_size != loaded.preprocessing.crop:
+        loaded = at_input_size(loaded, args.input_size)
     files = list_images(args.images)
     if args.limit:
         files = files[: args.limit]
     print(f"# {time.strftime('%Y-%m-%d %H:%M %Z')}  {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads; times: {'process CPU' if clock is time.process_time else 'wall-clock'})")
     print(f"# command: {' '.join(sys.argv)}")
     print(f"# model {loaded.source} ({loaded.arch}), input {loaded.preprocessing.crop} px; {len(files)} images")
     for f in files:  # warm the page cache so that neither pass pays for the first read
@@ -144,8 +174,12 @@ def main() -> None:
     if not args.skip_full:
         t_inf = plain_inference(loaded, files, args.batch_size, args.workers, channels_last=True)
         print(f"(a) plain inference: {t_inf:.1f} s ({len(files) / t_inf:.1f} images/s)")
+        t_build = clock()
         res = build_atlas(loaded, [str(f) for f in files], out, layers=args.layers, k=args.top, batch_size=args.batch_size,
                           workers=args.workers, restart=True, render=args.render, project=True, progress=False)
+        t_build = clock() - t_build
+        if clock is time.process_time:  # build_atlas's own timings are wall-clock: use the CPU-time total
+            res.timings = {"scan": t_build - sum(v for k, v in res.timings.items() if k != "scan"), **{k: v for k, v in res.timings.items() if k != "scan"}}
         maps = sum(v.shape[0] for v in res.scan.values.values())
         t_scan = res.timings["scan"]
         print(f"    atlas scan: {t_scan:.1f} s; layers {','.join(res.scan.layers)}: {maps} maps, top-{res.scan.k}")
@@ -182,13 +216,13 @@ def main() -> None:
     loaded.model.to(memory_format=torch.channels_last)
     hook = HookDeconvNet(loaded.model)
     hook.project(images[needed[0]], "conv1", 0, 0, 0)  # warm-up
-    t0 = time.perf_counter()
+    t0 = clock()
     reference = {s: hook.project(images[s[0]], s[1], s[2], s[3], s[4]) for s in selections}
-    t_hook = time.perf_counter() - t0
+    t_hook = clock() - t0
     hook.close()
-    t0 = time.perf_counter()
+    t0 = clock()
     mine = ours(loaded, scan, selections, images)
-    t_ours = time.perf_counter() - t0
+    t_ours = clock() - t0
     # as the atlas runs it: switches (uint8 codes) and pixels kept from the scan's forward pass
     from deconvnet.analysis.atlas import SwitchCache, project_atlas, scan_atlas
 
@@ -213,9 +247,9 @@ def main() -> None:
     maps = {}
     for s in selections:
         maps.setdefault(s[1], set()).add(s[2])
-    t0 = time.perf_counter()
+    t0 = clock()
     project_atlas(loaded, sub, sub.layers, {l: sorted(v) for l, v in maps.items()}, cache=cache, progress=False)
-    t_atlas_path = time.perf_counter() - t0
+    t_atlas_path = clock() - t0
     cached = sum(1 for g in needed if g in cache.entries)
     height, width = scan.input_size
     worst = 0.0

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+import torch.nn.functional as F
 
 from deconvnet.analysis.atlas import (
     AtlasScan,
@@ -374,3 +375,51 @@ def test_two_torchrun_processes_give_the_same_atlas_as_one(tmp_path):
         pb = np.asarray(Image.open(tmp_path / "two" / rel).convert("RGB")).astype(int)
         assert pa.shape == pb.shape and np.abs(pa - pb).max() <= 2, rel
     assert not list((tmp_path / "two").glob("scan-*.npz"))
+
+
+# --------------------------------------------------------------------------- projector internals
+
+
+@pytest.mark.parametrize("cin,cout,k,s", [(8, 3, 7, 2), (16, 3, 5, 2), (6, 3, 11, 4), (4, 2, 3, 2)])
+def test_polyphase_transposed_conv_equals_conv_transpose2d(cin, cout, k, s):
+    """The first layer's transposed convolution runs as a stride-1 convolution + pixel shuffle: the
+    same sums in another order (float32 round-off)."""
+    torch.manual_seed(k * 10 + s)
+    conv = nn.Conv2d(cout, cin, k, s)  # the forward conv maps cout -> cin; its transpose cin -> cout
+    model = nn.Sequential(OrderedDict([("conv1", conv), ("relu1", nn.ReLU())]))
+    projector = WindowedProjector(DeconvNet(model))
+    x = torch.relu(torch.randn(5, cin, 9, 11))
+    for cl in (False, True):
+        got = projector._transposed(projector.engine.layer("conv1"), x, cl)
+        ref = F.conv_transpose2d(x, conv.weight.detach(), None, s)
+        assert got.shape == ref.shape
+        assert ((got - ref).abs().max() / ref.abs().max()) < 1e-6
+
+
+def test_windows_cut_to_the_map_keep_every_on_map_value():
+    """`_fit_to_map` moves every window inside the map with one common size; all cells that were on
+    the map keep their values, the cells gained are zero, nothing is lost."""
+    torch.manual_seed(0)
+    projector = WindowedProjector(DeconvNet(tiny_loaded().model))
+    size = (13, 11)
+    for h, w in ((7, 7), (15, 16), (13, 11), (20, 9)):
+        x = torch.randn(6, 2, h, w)
+        origin = torch.stack([torch.randint(-h + 1, size[0], (6,)), torch.randint(-w + 1, size[1], (6,))], 1)
+        origin[0] = torch.tensor([-(h // 2), -(w // 2)])
+        if h <= size[0]:
+            origin[1, 0] = size[0] - h  # one window entirely on the map along y: no cut possible there
+        before = projector._mask(x.clone(), origin, size)
+
+        def on_map(t, o):
+            canvas = torch.zeros(t.shape[0], t.shape[1], size[0] + 2 * 40, size[1] + 2 * 40)
+            for b, (oy, ox) in enumerate(o.tolist()):
+                canvas[b, :, oy + 40 : oy + 40 + t.shape[-2], ox + 40 : ox + 40 + t.shape[-1]] += t[b]
+            return canvas[:, :, 40 : 40 + size[0], 40 : 40 + size[1]]
+
+        cut, new_origin = projector._fit_to_map(x.clone(), origin.clone(), size, cl=False)
+        assert cut.shape[-2] <= min(h, size[0]) and cut.shape[-1] <= min(w, size[1])
+        if cut.shape == x.shape:  # no window could shrink: kept in place, cells off the map zeroed
+            assert torch.equal(new_origin, origin)
+        else:
+            assert (new_origin >= 0).all() and (new_origin + torch.tensor(cut.shape[-2:]) <= torch.tensor(size)).all()
+        torch.testing.assert_close(on_map(cut, new_origin), on_map(before, origin), rtol=0, atol=0)
