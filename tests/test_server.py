@@ -374,3 +374,24 @@ def test_decode_animated_gif_uses_first_frame() -> None:
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
     assert decode_image(buf.getvalue()).size == (20, 10)
+
+
+def test_occlusion_progress_reports_real_positions() -> None:
+    """The job's progress comes from occlusion_maps' on_progress (positions done after each batch),
+    not from a time estimate: increasing fractions, ending at exactly 1."""
+    from deconvnet.server import integrations
+    from deconvnet.weights import load_model
+
+    if not integrations.occlusion_available():
+        pytest.skip("deconvnet.analysis.occlusion is not installed")
+    loaded = load_model(None)
+    from deconvnet.samples import sample_paths
+
+    x, _ = loaded.preprocessing.load(sample_paths(["coffee"])[0])
+    seen: list[tuple[float, str]] = []
+    result = integrations.run_occlusion(loaded, x, lambda fraction, message: seen.append((fraction, message)))
+    fractions = [f for f, _ in seen]
+    positions = result.activation.size
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert fractions == sorted(fractions) and len(fractions) == 2 + (positions - 1) // 64
+    assert seen[-1][1].startswith(f"{positions} of {positions} occluder positions")

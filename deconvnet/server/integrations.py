@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +29,6 @@ def _module(name: str) -> Any | None:
 # Occluder size and stride are not stated in the paper; the defaults of `deconvnet occlusion` are used:
 # a square of 1/6 of the input side moved by 1/32 of it (21 px / 4 px on the bundled 128 px model,
 # 37 px / 7 px on a 224 px ImageNet model).
-_SECONDS_PER_POSITION: dict[str, float] = {}  # measured throughput, per model source: drives the progress estimate
 
 
 def occlusion_available() -> bool:
@@ -46,8 +44,7 @@ def occlusion_settings(crop: int) -> tuple[int, int]:
 
 def run_occlusion(loaded: Any, x: torch.Tensor, progress: Callable[[float, str], None] | None = None) -> Any:
     """``deconvnet.analysis.occlusion.occlusion_maps`` on one (3, H, W) model input with this
-    module's settings. Its own progress reporting is a console bar, so the fraction passed to
-    ``progress`` is an estimate from the positions to compute and the throughput of earlier runs."""
+    module's settings; ``progress`` gets the fraction of occluder positions done after each batch."""
     mod = _module("occlusion")
     if mod is None or not hasattr(mod, "occlusion_maps"):
         raise DeconvnetError("the occlusion analysis is not available in this installation")
@@ -55,30 +52,15 @@ def run_occlusion(loaded: Any, x: torch.Tensor, progress: Callable[[float, str],
     size, stride = occlusion_settings(min(height, width))
     ys, xs = mod.occlusion_positions(height, width, size, stride)
     positions = len(ys) * len(xs)
-    key = str(getattr(loaded, "source", "model"))
-    per_position = _SECONDS_PER_POSITION.get(key, 0.01)
-    done = threading.Event()
-    started = time.perf_counter()
-
-    def tick() -> None:
-        while not done.wait(0.2):
-            elapsed = time.perf_counter() - started
-            fraction = min(0.97, elapsed / max(1e-3, per_position * positions))
-            progress(fraction, f"{positions} occluder positions ({size} px square, stride {stride} px), estimated")
-
-    ticker = None
+    label = f"{positions} occluder positions ({size} px square, stride {stride} px)"
     if progress is not None:
-        progress(0.0, f"{positions} occluder positions")
-        ticker = threading.Thread(target=tick, daemon=True)
-        ticker.start()
-    try:
-        result = mod.occlusion_maps(loaded.model, x, size, stride)
-    finally:
-        done.set()
-        if ticker is not None:
-            ticker.join()
-    _SECONDS_PER_POSITION[key] = (time.perf_counter() - started) / max(1, positions)
-    return result
+        progress(0.0, label)
+
+    def on_progress(done: int, total: int) -> None:
+        if progress is not None:
+            progress(done / max(1, total), f"{done} of {label}")
+
+    return mod.occlusion_maps(loaded.model, x, size, stride, on_progress=on_progress)
 
 
 def occlusion_panels(loaded: Any, x: torch.Tensor, shown: Image.Image, progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
