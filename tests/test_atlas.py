@@ -423,3 +423,34 @@ def test_windows_cut_to_the_map_keep_every_on_map_value():
         else:
             assert (new_origin >= 0).all() and (new_origin + torch.tensor(cut.shape[-2:]) <= torch.tensor(size)).all()
         torch.testing.assert_close(on_map(cut, new_origin), on_map(before, origin), rtol=0, atol=0)
+
+
+def test_candidates_take_each_maps_first_maximum():
+    """The scan's per-map maximum (a global max pool) picks the lowest flat position among equal
+    values, like argmax: all-zero maps after a ReLU and plateaus are common."""
+    from deconvnet.analysis.atlas import _candidates
+
+    torch.manual_seed(0)
+    acts = torch.relu(torch.randn(4, 6, 5, 7)).round()  # many ties
+    acts[0, 1] = 0  # an all-zero map
+    acts[2, 3] = 2.0  # a plateau
+    for x in (acts, acts.contiguous(memory_format=torch.channels_last)):
+        val, img, pos = _candidates(x, torch.arange(10, 14), k=3, distinct=True)
+        flat = acts.reshape(4, 6, -1)
+        assert torch.equal(pos, flat.argmax(2).t())
+        assert torch.equal(val, flat.amax(2).t())
+        assert torch.equal(img, torch.arange(10, 14).expand(6, 4))
+    assert pos[1, 0] == 0 and pos[3, 2] == 0
+
+
+def test_scan_keeps_a_scanned_pre_activation_intact():
+    """The scan's forward pass rectifies in place, except where the conv output itself is scanned."""
+    from deconvnet.analysis.atlas import _forward_collect
+
+    loaded = tiny_loaded()
+    engine = DeconvNet(loaded.model)
+    pre, post = engine.layer("features.conv1").index, engine.layer("conv1").index
+    torch.manual_seed(0)
+    outs, _ = _forward_collect(engine, torch.randn(2, 3, 48, 48), {pre: "features.conv1", post: "conv1"}, post, False)
+    assert bool((outs["features.conv1"] < 0).any())
+    assert torch.equal(outs["conv1"], outs["features.conv1"].relu())
