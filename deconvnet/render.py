@@ -37,7 +37,8 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
         axes[1].plot(epochs, [100 * h[f"val_{key}"] for h in history], "s" + style, label=f"val {key}")
     axes[1].set(title="accuracy (%)", xlabel="epoch", ylim=(0, 100))
     axes[2].plot(epochs, [h["lr"] for h in history], "o-")
-    axes[2].set(title="learning rate (end of epoch)", xlabel="epoch", yscale="log")
+    positive = any(h["lr"] > 0 for h in history)  # a log axis needs a positive value (lr 0: frozen runs)
+    axes[2].set(title="learning rate (end of epoch)", xlabel="epoch", yscale="log" if positive else "linear")
     for ax in axes[:2]:
         ax.legend(fontsize=8)
     for ax in axes:

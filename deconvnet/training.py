@@ -40,7 +40,7 @@ from .wnids import english_names
 if TYPE_CHECKING:
     from .weights import LoadedModel
 
-__all__ = ["TrainConfig", "train", "evaluate", "renormalize_filters", "init_weights", "evaluate_model", "resolve_device"]
+__all__ = ["TrainConfig", "train", "evaluate", "renormalize_filters", "init_weights", "init_from_weights", "evaluate_model", "resolve_device"]
 
 
 @dataclass
@@ -59,6 +59,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     init: str = "paper"  # "paper": N(0, init_std) weights, zero biases; "kaiming": He-normal
     init_std: float = 0.01
+    init_from: str | None = None  # weights (name or file) whose tensors of matching name and shape start the run
     renorm_rms: float | None = 0.1  # paper: conv filters with RMS above this are rescaled to it
     augment: str = "paper"  # "paper" (10 fixed sub-crops + flips) or "rrc" (random-resized crops)
     rrc_scale: tuple[float, float] = (0.25, 1.0)
@@ -83,6 +84,25 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def init_from_weights(model: nn.Module, weights: str) -> tuple[list[str], list[str]]:
+    """Copy into ``model`` every tensor of ``weights`` (a registry name or a file ``load_model``
+    reads) whose name and shape match: e.g. the convolutional layers of a model trained at another
+    input size or on other classes (fine-tuning). Returns (copied names, names left as they were)."""
+    from .weights import load_model
+
+    source = load_model(weights, progress=False).model.state_dict()
+    target = model.state_dict()
+    copied = [k for k, v in target.items() if k in source and source[k].shape == v.shape]
+    if not copied:
+        raise DeconvnetError(f"no tensor of {weights} matches this architecture by name and shape; "
+                             f"its layers: {', '.join(list(source)[:6])}...")
+    with torch.no_grad():
+        for k in copied:
+            target[k].copy_(source[k].to(target[k].dtype))
+    kept = [k for k in target if k not in copied and not k.endswith("num_batches_tracked")]
+    return copied, kept
 
 
 def resolve_device(device: str) -> torch.device:
@@ -308,6 +328,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         overrides["fc"] = tuple(cfg.fc)
     model = build_model(cfg.arch, **overrides)
     init_weights(model, cfg.init, cfg.init_std)
+    if cfg.init_from and not (resume and checkpoint_path.exists()):
+        copied, kept = init_from_weights(model, cfg.init_from)
+        if is_main and progress:
+            print(f"initialised {len(copied)} tensors from {cfg.init_from}" + (f"; new initialisation for {', '.join(kept)}" if kept else ""))
     if cfg.renorm_rms:
         renormalize_filters(model, cfg.renorm_rms)
     model.to(device)

@@ -188,3 +188,31 @@ def test_resuming_with_another_architecture_is_refused(tiny_data, tmp_path, caps
     other = [a if a != "32,32" else "16,16" for a in TINY]
     assert main(["train", "--data", str(tiny_data), "--out", str(out), "--epochs", "2", "--resume", *other]) == 2
     assert "was written for architecture" in capsys.readouterr().err
+
+
+def test_init_from_copies_the_matching_tensors_only(tiny_data, tmp_path, capsys):
+    """Fine-tuning at another input size: the conv layers come from the given weights, the classifier
+    (whose first layer changes shape with the input size) keeps its fresh initialisation."""
+    first = tmp_path / "first"
+    assert main(["train", "--data", str(tiny_data), "--out", str(first), "--epochs", "1", "--snapshot-epochs", "", *TINY]) == 0
+    second = tmp_path / "second"
+    args = [a for a in TINY if a != "--quiet"]
+    args[args.index("--crop") + 1] = "88"  # pool5 2x2 instead of 1x1: fc6 grows
+    args[args.index("--storage-size") + 1] = "96"
+    args[args.index("--lr") + 1] = "0"  # no update: what the run saves is what it started from
+    assert main(["train", "--data", str(tiny_data), "--out", str(second), "--epochs", "1", "--snapshot-epochs", "",
+                 "--renorm-rms", "0", "--init-from", str(first / "model.safetensors"), *args]) == 0
+    out = capsys.readouterr().out
+    # every tensor but fc6 weight matches (fc6's bias, fc7 and fc8 keep their shapes)
+    assert "initialised 15 tensors from" in out and out.split("new initialisation for ")[1].startswith("classifier.fc6.weight\n")
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    conv = [k for k in a if k.startswith("features.")]
+    assert len(conv) == 10 and all(torch.equal(a[k], b[k]) for k in conv)
+    assert a["classifier.fc6.weight"].shape != b["classifier.fc6.weight"].shape
+    # nothing in common: a clear error, not a silent fresh start
+    other = tmp_path / "other.safetensors"
+    from deconvnet.weights import save_weights
+
+    save_weights(build_model("zfnet", conv=((4, 3, 1, 1),) * 5, fc=(8, 8), num_classes=5, lrn=False, input_size=32), other, list("abcde"))
+    assert main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "third"), "--epochs", "1", "--init-from", str(other), *TINY]) == 2
+    assert "no tensor of" in capsys.readouterr().err

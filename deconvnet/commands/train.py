@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--init", choices=("paper", "kaiming"), default="paper", help="paper: N(0, 0.01) weights, zero biases")
     p.add_argument("--init-std", type=float, default=0.01)
+    p.add_argument("--init-from", default=None, metavar="WEIGHTS",
+                   help="start from these weights (a name or a file) wherever a tensor's name and shape match, e.g. "
+                        "the conv layers of a model trained at another --crop or on other classes (fine-tuning)")
     p.add_argument("--renorm-rms", type=float, default=0.1, help="rescale conv filters whose RMS exceeds this (0 disables)")
     p.add_argument("--augment", choices=("paper", "rrc"), default="paper", help="paper: 10 fixed sub-crops with flips; rrc: random-resized crops")
     p.add_argument("--rrc-scale", type=float_pair, default=(0.25, 1.0), help="area range of random-resized crops, e.g. 0.25,1")
