@@ -676,12 +676,11 @@ def display_scale(windows: torch.Tensor, boxes: Sequence[tuple[int, int, int, in
     return scales.clamp_min(1e-30)
 
 
-def _fit(x: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], tile: int, rf: int | None = None) -> np.ndarray:
+def _fit(x: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], tile: int) -> np.ndarray:
     """Crop each (3, R, R) float image in [0, 1] to its box (the receptive field clipped at the image
-    border) and fit it, aspect kept, into a ``tile`` square (centred, white around it): uint8 HWC.
-    ``rf``: the receptive-field size (default R)."""
+    border) and fit it, aspect kept, into a ``tile`` square (centred, white around it): uint8 HWC."""
     out = np.full((len(x), tile, tile, 3), 255, dtype=np.uint8)
-    rf = x.shape[-1] if rf is None else rf
+    rf = x.shape[-1]
     for (h, w), idx in _same_size_groups(boxes).items():
         if h <= 0 or w <= 0:
             continue

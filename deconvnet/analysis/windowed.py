@@ -78,6 +78,7 @@ class WindowedProjector:
                 raise DeconvnetError(f"conv with padding_mode={m.padding_mode!r} is not supported")
         self._shapes: dict[tuple[int, int], dict[int, tuple[int, int]]] = {}
         self._weights: dict[tuple[int, bool], torch.Tensor] = {}
+        self._polyphase_weights: dict[tuple[int, bool], tuple[torch.Tensor, int, int]] = {}  # (filters, taps, weight version)
         self.channels_last = True  # faster transposed convolutions on CPU (same results to rounding)
 
     def _weight(self, info: LayerInfo, cl: bool) -> torch.Tensor:
@@ -170,8 +171,8 @@ class WindowedProjector:
         output phase (py, px) of colour c is the correlation of the input with the taps
         ``w[:, c, py::s, px::s]`` flipped (zero-padded to ``taps`` per axis)."""
         w = info.module.weight
-        key = (info.index, cl, "polyphase")
-        cached = self._weights.get(key)
+        key = (info.index, cl)
+        cached = self._polyphase_weights.get(key)
         if cached is not None and cached[2] == w._version:
             return cached[0], cached[1]
         s = _pair(info.module.stride)[0]
@@ -187,7 +188,7 @@ class WindowedProjector:
         poly = poly.reshape(cout * s * s, cin, taps, taps)
         if cl:
             poly = poly.contiguous(memory_format=torch.channels_last)
-        self._weights[key] = (poly, taps, w._version)  # type: ignore[assignment]
+        self._polyphase_weights[key] = (poly, taps, w._version)
         return poly, taps
 
     def _fit_to_map(self, x: torch.Tensor, origin: torch.Tensor, size: tuple[int, int], cl: bool) -> tuple[torch.Tensor, torch.Tensor]:
