@@ -16,6 +16,8 @@ test: $(VENV)/.installed-test
 
 install: $(VENV)/.installed
 
+install-test: $(VENV)/.installed-test
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

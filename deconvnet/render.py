@@ -41,8 +41,11 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
     axes[2].set(title="learning rate (end of epoch)", xlabel="epoch", yscale="log" if positive else "linear")
     for ax in axes[:2]:
         ax.legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     return save_figure(fig, path)
 
 

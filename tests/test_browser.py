@@ -39,6 +39,13 @@ def _weights(base: Path) -> Path:
     return bundled if bundled.exists() else tiny_weights(base / "tiny.safetensors")
 
 
+def _model_input_size(server: Server) -> int:
+    """The square input size of the model the server runs (from its weights' metadata)."""
+    from deconvnet.weights import load_model
+
+    return load_model(str(server.weights)).preprocessing.crop
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("browser")
@@ -153,7 +160,8 @@ def test_upload_and_drop(page, shots: Path, tmp_path: Path) -> None:
     page.set_input_files("#file-input", str(photo))
     page.wait_for_function("document.getElementById('image-name').textContent === 'my photo.jpg'")
     _wait_detail(page)
-    assert "128" in page.inner_text("#image-size") or "64" in page.inner_text("#image-size")
+    crop = _model_input_size(server)
+    assert f"model input {crop}×{crop} px" in page.inner_text("#image-size")
     # drag and drop onto the drop zone
     data = list(photo_bytes("PNG", (200, 200), seed=4))
     page.evaluate(
