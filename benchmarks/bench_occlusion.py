@@ -17,9 +17,10 @@ rate, and about the most an exact method that only computes what the occluder ch
 the incremental method already spends one multiply-add per (changed input, reached output, channel
 pair), the minimum such a method needs.
 
-Configurations: the bundled model's architecture (ZFNet v1 without LRN, FC 1024, 10 classes, 128 px
-input; its weights if installed, else random) for several occluder sizes/strides, and the paper's
-geometry (ZFNet v1 with LRN, FC 4096, 224 px input, random weights).
+Configurations: the bundled model (ZFNet v1 without LRN, FC 1024, 10 classes, at its own input size,
+224 px; its weights if installed, else random) for several occluder sizes/strides (42/7 is what
+docs/analyses.md uses), and the paper's geometry (ZFNet v1 with LRN, FC 4096, 224 px input, random
+weights).
 
     python benchmarks/bench_occlusion.py [--quick] [--repeats 1] [--json out.json]
 """
@@ -44,7 +45,8 @@ from torch import nn  # noqa: E402
 from deconvnet.analysis.occlusion import _Incremental, max_difference, occlusion_maps, occlusion_positions  # noqa: E402
 from deconvnet.models import build_model  # noqa: E402
 
-CONFIGS_128 = [(8, 4), (16, 4), (24, 4), (32, 8), (48, 8)]
+# (occluder size, stride) for the bundled model, by its input size (128: the earlier bundled model)
+CONFIGS_BUNDLED = {128: [(8, 4), (16, 4), (24, 4), (32, 8), (48, 8)], 224: [(16, 8), (32, 8), (42, 7), (48, 8), (48, 16)]}
 CONFIGS_224 = [(32, 16), (48, 16)]
 
 
@@ -53,9 +55,10 @@ def bundled_or_random():
 
     if (BUNDLED_DIR / "zfnet-imagenette.safetensors").exists():
         loaded = load_model("zfnet-imagenette")
-        return loaded.model.eval(), "zfnet-imagenette (bundled weights)"
+        return loaded.model.eval(), "zfnet-imagenette (bundled weights)", loaded.preprocessing.crop
     torch.manual_seed(0)
-    return build_model("zfnet", num_classes=10, fc=(1024, 1024), lrn=False, input_size=128).eval(), "zfnet 128 px, no LRN, FC 1024 (random weights)"
+    model = build_model("zfnet", num_classes=10, fc=(1024, 1024), lrn=False, input_size=224).eval()
+    return model, "zfnet 224 px, no LRN, FC 1024 (random weights)", 224
 
 
 def timed(fn, repeats):
@@ -150,9 +153,9 @@ def main() -> int:
     print("| model | input px | occluder | stride | positions | full (CPU s) | incremental (CPU s) | speed-up (CPU time) | speed-up (wall) | work ratio | max rel. diff (activation) | max abs. diff (probability) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows: list[dict] = []
-    model, label = bundled_or_random()
-    configs = CONFIGS_128[1:3] if args.quick else CONFIGS_128
-    run(model, label, 128, configs, args.repeats, args.batch_size, rows)
+    model, label, size_px = bundled_or_random()
+    configs = CONFIGS_BUNDLED.get(size_px, CONFIGS_BUNDLED[224])
+    run(model, label, size_px, configs[1:3] if args.quick else configs, args.repeats, args.batch_size, rows)
     if not args.no_224:
         torch.manual_seed(0)
         paper = build_model("zfnet", num_classes=1000, lrn=True, input_size=224).eval()
