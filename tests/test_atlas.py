@@ -243,6 +243,24 @@ def test_build_atlas_resume_and_reuse(tmp_path):
     np.testing.assert_array_equal(third.scan.images["conv2"], fresh.scan.images["conv2"])
 
 
+def test_atlas_made_from_a_relative_folder_is_usable_from_elsewhere(tmp_path, monkeypatch):
+    """The scan stores absolute paths: the explorer (`serve --atlas`) reads the images again from
+    another working folder; a moved image folder is a clear error there, not a broken page."""
+    from deconvnet.server.integrations import open_atlas
+
+    loaded = tiny_loaded(seed=2)
+    write_images(tmp_path / "data" / "imgs", 5)
+    monkeypatch.chdir(tmp_path / "data")
+    res = build_atlas(loaded, "imgs", tmp_path / "out", layers="conv2", k=2, progress=False, render=False)
+    assert all(Path(f).is_absolute() and Path(f).is_file() for f in res.scan.files)
+    monkeypatch.chdir(tmp_path)
+    atlas = open_atlas(tmp_path / "out", loaded)
+    assert atlas.scan.files == res.scan.files
+    (tmp_path / "data" / "imgs").rename(tmp_path / "data" / "moved")
+    with pytest.raises(DeconvnetError, match="images its top-k lists refer to are missing"):
+        open_atlas(tmp_path / "out", loaded)
+
+
 # --------------------------------------------------------------------------- projection + rendering
 
 

@@ -449,7 +449,7 @@ def scan_atlas(
 
     if k < 1:
         raise DeconvnetError("--top must be at least 1")
-    files = [str(f) for f in files]
+    files = [os.path.abspath(f) for f in files]  # absolute: the scan is usable from any folder
     if not files:
         raise DeconvnetError("no images to scan")
     env_rank, env_world = dist_info()
@@ -1050,11 +1050,11 @@ def build_atlas(
         root = Path(image_dir)
         if not root.exists():
             raise DeconvnetError(f"no such folder: {root}")
-        files = [str(p) for p in list_images(root)]
+        files = [os.path.abspath(p) for p in list_images(root)]  # absolute: the atlas works from any folder
         if not files:
             raise DeconvnetError(f"{root}: no image files found (looked for {', '.join(('.jpg', '.png', '.bmp', '...'))}, recursively)")
     else:
-        files = [str(p) for p in image_dir]
+        files = [os.path.abspath(p) for p in image_dir]
         if not files:
             raise DeconvnetError("no image files given")
     engine = DeconvNet(loaded.model, include_lrn=include_lrn)
