@@ -154,7 +154,7 @@ def test_api_docs_page(browser, server: Server) -> None:
     pg.close()
 
 
-def test_upload_and_drop(page, shots: Path, tmp_path: Path) -> None:
+def test_upload_and_drop(page, server: Server, shots: Path, tmp_path: Path) -> None:
     photo = tmp_path / "my photo.jpg"
     photo.write_bytes(photo_bytes("JPEG", (240, 180), seed=3))
     page.set_input_files("#file-input", str(photo))

@@ -13,6 +13,7 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -395,3 +396,19 @@ def test_occlusion_progress_reports_real_positions() -> None:
     assert fractions[0] == 0.0 and fractions[-1] == 1.0
     assert fractions == sorted(fractions) and len(fractions) == 2 + (positions - 1) // 64
     assert seen[-1][1].startswith(f"{positions} of {positions} occluder positions")
+
+
+@pytest.mark.parametrize("size,thickness", [(128, 1), (224, 2)])
+def test_drawn_box_is_the_border_of_the_box(size: int, thickness: int) -> None:
+    """Occlusion panel (c): the box's border, thicker on large inputs (the page downsamples them with
+    nearest-neighbour sampling, which would drop 1 px lines), nothing inside or outside it."""
+    from deconvnet.server.integrations import _draw_box
+
+    image = np.zeros((size, size, 3), dtype=np.uint8)
+    y0, x0, y1, x1 = 10, 20, 70, 100
+    drawn = _draw_box(image, (y0, x0, y1, x1)).any(axis=2)
+    expected = np.zeros((size, size), dtype=bool)
+    expected[y0:y1, x0:x1] = True
+    expected[y0 + thickness : y1 - thickness, x0 + thickness : x1 - thickness] = False
+    np.testing.assert_array_equal(drawn, expected)
+    assert not image.any()  # the input is not modified

@@ -5,7 +5,7 @@ The model is frozen; every image goes through it once and the output of each req
 
 * conv layers (1..5): the maps are average-pooled to at most ``grid x grid`` cells
   (``adaptive_avg_pool2d``; maps already smaller are kept as they are) and flattened, so every
-  layer gives a few thousand features (layer 1 at 128 px: 96 x 4 x 4 = 1,536; layer 5: 256 x 3 x 3);
+  layer gives a few thousand features (at 224 px, layer 1: 96 x 4 x 4 = 1,536; layer 5: 256 x 4 x 4 = 4,096);
 * fc layers (6, 7): the vector after the ReLU.
 
 For each layer, each number N of training images per class and each seed, N images per class are

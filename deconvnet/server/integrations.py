@@ -5,7 +5,9 @@ feature is unavailable; nothing else in the interfaces depends on those modules'
 
 from __future__ import annotations
 
+
 import importlib
+import os
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -27,8 +29,8 @@ def _module(name: str) -> Any | None:
 # --------------------------------------------------------------------------- occlusion
 
 # Occluder size and stride are not stated in the paper; the defaults of `deconvnet occlusion` are used:
-# a square of 1/6 of the input side moved by 1/32 of it (21 px / 4 px on the bundled 128 px model,
-# 37 px / 7 px on a 224 px ImageNet model).
+# a square of 1/6 of the input side moved by 1/32 of it (37 px / 7 px on a 224 px model such as the
+# bundled one; 21 px / 4 px on a 128 px one).
 
 
 def occlusion_available() -> bool:
@@ -153,16 +155,19 @@ def _overlay(image: np.ndarray, cells: np.ndarray, result: Any) -> np.ndarray:
 
 
 def _draw_box(image: np.ndarray, box: tuple[int, int, int, int], colour: tuple[int, int, int] = (255, 204, 0)) -> np.ndarray:
+    """The box (y0, x0, y1, x1; y1/x1 exclusive) drawn on a copy of an HxWx3 image. Lines are 1 px per
+    112 px of image, so that they survive the page's pixelated downscaling of large inputs."""
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
         arr = (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8)
     arr = arr.copy()
+    t = max(1, round(max(arr.shape[:2]) / 112))
     y0, x0, y1, x1 = box
-    y1, x1 = max(y0, y1 - 1), max(x0, x1 - 1)
-    arr[y0, x0 : x1 + 1] = colour
-    arr[y1, x0 : x1 + 1] = colour
-    arr[y0 : y1 + 1, x0] = colour
-    arr[y0 : y1 + 1, x1] = colour
+    y1, x1 = max(y0 + 1, y1), max(x0 + 1, x1)
+    arr[y0 : min(y0 + t, y1), x0:x1] = colour
+    arr[max(y1 - t, y0) : y1, x0:x1] = colour
+    arr[y0:y1, x0 : min(x0 + t, x1)] = colour
+    arr[y0:y1, max(x1 - t, x0) : x1] = colour
     return arr
 
 
@@ -198,6 +203,12 @@ def open_atlas(atlas_dir: str | Path, loaded: Any | None = None) -> Atlas:
     if not npz.is_file():
         raise DeconvnetError(f"--atlas {atlas_dir}: no atlas.npz inside; make one with `deconvnet atlas --out {atlas_dir} ...`")
     scan = mod.AtlasScan.load(npz)
+    # the patches are cut from the images again on demand: they must still be where the scan saw them
+    missing = [scan.files[i] for i in scan.referenced_images() if not os.path.isfile(scan.files[i])]
+    if missing:
+        raise DeconvnetError(
+            f"--atlas {atlas_dir}: {len(missing)} of the images its top-k lists refer to are missing, first {missing[0]} "
+            "(relative paths are taken from the current folder); run the server where the images are, or re-run `deconvnet atlas`")
     if loaded is not None:
         crop = loaded.preprocessing.crop
         if tuple(scan.input_size) != (crop, crop):
