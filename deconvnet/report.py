@@ -95,7 +95,16 @@ def model_summary(loaded: LoadedModel) -> list[tuple[str, str]]:
     cfg = meta.get("train_config")
     if isinstance(cfg, dict):
         keys = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "augment", "init", "renorm_rms", "label_smoothing", "dropout")
-        rows.append(("training", ", ".join(f"{k} {cfg[k]}" for k in keys if k in cfg)))
+        text = ", ".join(f"{k} {cfg[k]}" for k in keys if k in cfg)
+        if cfg.get("crop"):
+            text += f", input {cfg['crop']} px"
+        rows.append(("training", text))
+        pre = meta.get("pretraining")
+        if isinstance(pre, dict) and isinstance(pre.get("train_config"), dict):
+            pcfg, phist = pre["train_config"], pre.get("history") or []
+            done = f" (val top-1 {100 * phist[-1]['val_top1']:.1f} %)" if phist and "val_top1" in phist[-1] else ""
+            rows.append(("started from", f"a run of {pcfg.get('epochs')} epochs from scratch at {pcfg.get('crop')} px{done}, "
+                                         "whose tensors of matching shape initialised the run above (fine-tuning)"))
         if cfg.get("data"):
             rows.append(("data", Path(str(cfg["data"])).name))
     history = meta.get("history")
@@ -111,14 +120,40 @@ def model_summary(loaded: LoadedModel) -> list[tuple[str, str]]:
     return rows
 
 
+def _usable_history(h: Any) -> bool:
+    return isinstance(h, list) and bool(h) and all(isinstance(e, dict) and "val_top1" in e for e in h)
+
+
+def training_history(meta: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+    """(per-epoch records, epochs of an earlier run): with a ``pretraining`` history in the metadata
+    (a fine-tuned model), the earlier run's epochs first and this run's renumbered after them."""
+    history = meta.get("history")
+    if not _usable_history(history):
+        return [], 0
+    pre = meta.get("pretraining")
+    earlier = pre.get("history") if isinstance(pre, dict) else None
+    if not _usable_history(earlier) or not all(k in earlier[0] for k in history[0] if k.startswith(("train_top", "val_top"))):
+        return list(history), 0
+    offset = int(earlier[-1].get("epoch", len(earlier)))
+    return list(earlier) + [dict(h, epoch=offset + h.get("epoch", i + 1)) for i, h in enumerate(history)], offset
+
+
 def _history_plot(loaded: LoadedModel) -> str | None:
-    history = (loaded.metadata or {}).get("history")
-    if not isinstance(history, list) or not history or not all(isinstance(h, dict) and "val_top1" in h for h in history):
+    """Accuracy per epoch (both runs of a fine-tuned model, a line where the second starts)."""
+    meta = loaded.metadata or {}
+    history, offset = training_history(meta)
+    if not history:
         return None
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
     fig, ax = plt.subplots(figsize=(5, 2.6))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if offset:
+        crop = (meta.get("train_config") or {}).get("crop")
+        ax.axvline(offset + 0.5, color="grey", lw=1, ls=":")
+        ax.text(offset + 0.6, 4, f"fine-tuning{f' at {crop} px' if crop else ''}", fontsize=7, color="grey")
     for key, style in (("top1", "-"), ("top5", "--")):
         if f"train_{key}" in history[0]:
             ax.plot(epochs, [100 * h[f"train_{key}"] for h in history], "o" + style, ms=3, label=f"train {key}")

@@ -82,6 +82,38 @@ def test_model_summary_reads_metadata(weights: Path) -> None:
     assert grid is not None and grid.shape[2] == 3
 
 
+def test_model_summary_of_a_fine_tuned_model(tmp_path: Path) -> None:
+    """A model fine-tuned from another run (the bundled one: 128 px, then 224 px) says so, and its
+    accuracy plot shows both runs, the second one's epochs after the first's."""
+    import torch
+
+    from deconvnet.data import Preprocessing
+    from deconvnet.models import build_model
+    from deconvnet.report import _history_plot, model_summary, training_history
+    from deconvnet.weights import load_model, save_weights
+
+    def history(n: int, start: float) -> list[dict]:
+        return [{"epoch": e, "train_top1": start + 0.01 * e, "val_top1": start + 0.02 * e, "train_top5": 0.9, "val_top5": 0.95} for e in range(1, n + 1)]
+
+    torch.manual_seed(0)
+    model = build_model("zfnet", conv=((8, 7, 2, 1), (8, 5, 2, 0), (8, 3, 1, 1), (8, 3, 1, 1), (8, 3, 1, 1)), fc=(8, 8), num_classes=2, input_size=64)
+    extra = {
+        "train_config": {"epochs": 2, "lr": 0.005, "crop": 64, "init_from": "earlier.safetensors"},
+        "history": history(2, 0.6),
+        "pretraining": {"train_config": {"epochs": 3, "crop": 48}, "history": history(3, 0.5)},
+    }
+    path = save_weights(model, tmp_path / "ft.safetensors", ["a", "b"], Preprocessing(resize=73, crop=64), extra=extra)
+    loaded = load_model(str(path))
+    rows = dict(model_summary(loaded))
+    assert "input 64 px" in rows["training"]
+    assert rows["started from"].startswith("a run of 3 epochs from scratch at 48 px (val top-1 56.0 %)")
+    assert rows["results"].startswith("after epoch 2: val top-1 64.0 %")
+    records, offset = training_history(loaded.metadata)
+    assert offset == 3 and [r["epoch"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["val_top1"] for r in records] == pytest.approx([0.52, 0.54, 0.56, 0.62, 0.64])
+    assert _history_plot(loaded).startswith("data:image/png;base64,")
+
+
 def test_markdown_is_escaped() -> None:
     from deconvnet.report import _markdown
 
