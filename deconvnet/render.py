@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -41,8 +42,6 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
     axes[2].set(title="learning rate (end of epoch)", xlabel="epoch", yscale="log" if positive else "linear")
     for ax in axes[:2]:
         ax.legend(fontsize=8)
-    from matplotlib.ticker import MaxNLocator
-
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers

@@ -103,7 +103,8 @@ def model_summary(loaded: LoadedModel) -> list[tuple[str, str]]:
         if isinstance(pre, dict) and isinstance(pre.get("train_config"), dict):
             pcfg, phist = pre["train_config"], pre.get("history") or []
             done = f" (val top-1 {100 * phist[-1]['val_top1']:.1f} %)" if phist and "val_top1" in phist[-1] else ""
-            rows.append(("started from", f"a run of {pcfg.get('epochs')} epochs from scratch at {pcfg.get('crop')} px{done}, "
+            origin = f"from {pcfg['init_from']}" if pcfg.get("init_from") else "from scratch"
+            rows.append(("started from", f"a run of {pcfg.get('epochs')} epochs {origin} at {pcfg.get('crop')} px{done}, "
                                          "whose tensors of matching shape initialised the run above (fine-tuning)"))
         if cfg.get("data"):
             rows.append(("data", Path(str(cfg["data"])).name))

@@ -5,7 +5,6 @@ feature is unavailable; nothing else in the interfaces depends on those modules'
 
 from __future__ import annotations
 
-
 import importlib
 import os
 import threading
