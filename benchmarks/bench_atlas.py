@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from deconvnet.analysis.atlas import AtlasScan, _collate, _Images, build_atlas, parse_layers
-from deconvnet.analysis.windowed import WindowedProjector, last_pool_below
+from deconvnet.engine.windowed import WindowedProjector, last_pool_below
 from deconvnet.data import list_images, load_image
-from deconvnet.deconv import DeconvNet, _Record
+from deconvnet.engine import ChainRecord, DeconvNet
 from deconvnet.weights import load_model
 
 clock = time.perf_counter  # wall-clock; process CPU time with --threads 1 (robust to other jobs)

@@ -186,7 +186,7 @@ class Explorer:
                  parallel: int = 1):
         self.loaded = loaded
         self.engine = DeconvNet(loaded.model)
-        self.conv_layers = [n for n in self.engine.layer_names if n.startswith("conv")]
+        self.conv_layers = self.engine.map_layers
         if not self.conv_layers:
             raise DeconvnetError("this model has no conv layers the deconvnet can name")
         self.cache_size = max(1, cache_size)
@@ -252,9 +252,10 @@ class Explorer:
         if acts is None or session.record is None:
             with session.lock, self.compute_lock:
                 if session.record is None:
-                    top = self.conv_layers[-1]
-                    top_acts, session.record = self.engine.forward(session.x, top)
-                    session.layers.setdefault(top, top_acts)
+                    # every layer the page shows, in one pass; its record serves the way down from each
+                    session.record = self.engine.forward(session.x, self.conv_layers)
+                    for name in self.conv_layers:
+                        session.layers.setdefault(name, session.record.values[name])
                 acts = session.layers.get(layer)
                 if acts is None:
                     acts = self.engine.activations(session.x, layer)

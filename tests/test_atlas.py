@@ -29,7 +29,7 @@ from deconvnet.analysis.atlas import (
     project_atlas,
     scan_atlas,
 )
-from deconvnet.analysis.windowed import WindowedProjector, last_pool_below
+from deconvnet.engine.windowed import WindowedProjector, last_pool_below
 from deconvnet.data import Preprocessing
 from deconvnet.deconv import DeconvNet, Selection
 from deconvnet.errors import DeconvnetError

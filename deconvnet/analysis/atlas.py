@@ -14,7 +14,7 @@ Three phases, each usable alone:
    projection phase needs no second forward pass for them (bounded by k x maps images and by
    ``cache_mb``; anything not cached is recomputed).
 2. :func:`project_atlas` projects every kept activation with the receptive-field-windowed deconvnet
-   (:mod:`deconvnet.analysis.windowed`), grouping selections by image, and returns display tiles
+   (:mod:`deconvnet.engine.windowed`), grouping selections by image, and returns display tiles
    (projection and image patch, cropped to the receptive field, resized to at most ``tile`` pixels).
 3. :func:`render_atlas` writes per-layer PNG sheets (3x3 projections beside the 3x3 patches per map,
    ``per_page`` maps a sheet) and one ``index.html``.
@@ -43,11 +43,10 @@ from torch import nn
 
 from ..atomic import atomic_path, save_text
 from ..data import list_images, load_image
-from ..deconv import DeconvNet
+from ..engine import ChainRecord, DeconvNet, chain_forward
 from ..errors import DeconvnetError
 from ..weights import LoadedModel
-from ..deconv import _Record
-from .windowed import WindowedProjector, last_pool_below
+from ..engine.windowed import WindowedProjector, last_pool_below
 
 __all__ = [
     "AtlasScan",
@@ -386,9 +385,7 @@ class SwitchCache:
 def _forward_collect(engine: DeconvNet, x: torch.Tensor, wanted: dict[int, str], upto: int, switches: bool):
     """One forward pass to layer ``upto``: the outputs of the ``wanted`` layers and (optionally) a
     record with the pooling switches and input shapes."""
-    from ..deconv import _Record
-
-    rec = _Record()
+    rec = ChainRecord()
     outputs: dict[str, torch.Tensor] = {}
     for info in engine.layers[: upto + 1]:
         m = info.module
@@ -535,7 +532,7 @@ def scan_atlas(
                     entering = set(referenced.tolist()) & set(gids.tolist())
                     if entering:
                         rows = [b for b, gid in enumerate(gids.tolist()) if gid in entering]
-                        sub = _Record()
+                        sub = ChainRecord()
                         sub.switches = {pi: rec.switches[pi][rows] for pi in pools}
                         codes = {pi: projector.switch_codes(sub, engine.layers[pi], input_size) for pi in pools}
                         for j, b in enumerate(rows):
@@ -587,7 +584,7 @@ def _layer_channels(engine: DeconvNet, info) -> int:
 
 def _out_grid(engine: DeconvNet, index: int, input_size: tuple[int, int]) -> tuple[int, int]:
     channels = next(m.in_channels for m in (i.module for i in engine.layers) if isinstance(m, nn.Conv2d))
-    out = engine.forward(torch.zeros(1, channels, *input_size, device=next(engine.model.parameters()).device), index, record=False)[0]
+    out = chain_forward(engine.chain, torch.zeros(1, channels, *input_size, device=next(engine.model.parameters()).device), index, record=False)[0]
     return int(out.shape[-2]), int(out.shape[-1])
 
 
@@ -794,10 +791,7 @@ def project_atlas(
                 codes.append(None)
                 missing.append(len(pixels) - 1)
         pix = torch.stack(pixels)
-        from ..deconv import _Record
-
-        rec = _Record()
-        rec._codes = {}  # type: ignore[attr-defined]
+        rec = ChainRecord()
         fresh_codes: dict[int, torch.Tensor] = {}
         lrn: dict = {}
         if missing and upto >= 0:
@@ -823,7 +817,7 @@ def project_atlas(
                     j += 1
                 else:
                     parts.append(cd[pi].to(device))
-            rec._codes[pi] = torch.stack(parts)
+            rec.codes[pi] = torch.stack(parts)
         if include_lrn and lrn:
             rec.lrn_inputs = lrn  # only complete when nothing came from the cache (cache is off with LRN)
         local = {gid: b for b, gid in enumerate(chunk)}

@@ -7,7 +7,7 @@ window of a unit of layer L is 1x1 at L and grows exactly like the receptive fie
 Windows are not clipped to the maps (cells outside a map are masked to zero), so every selection of a
 layer has the same window sizes and many selections of many images go down in one batch.
 
-Compared with :meth:`deconvnet.deconv.DeconvNet.project` (same arithmetic, whole maps), this
+Compared with :func:`deconvnet.engine.reverse.run_backward` (same arithmetic, whole maps), this
 
 * computes only inside the receptive field (large savings for low layers / large images);
 * needs no forward pass above the highest pooling layer below the selected layer (only the switches
@@ -26,17 +26,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..deconv import DeconvNet, LayerInfo, _pair
-from ..errors import DeconvnetError
+from typing import TYPE_CHECKING
 
-__all__ = ["WindowedProjections", "WindowedProjector", "last_pool_below"]
+from ..errors import DeconvnetError
+from .chain import ChainRecord, LayerInfo, chain_forward
+from .graph import _pair
+
+if TYPE_CHECKING:
+    from .core import DeconvNet
+
+__all__ = ["WindowedProjections", "WindowedProjector", "last_pool_below", "paste"]
 
 # transposed convolutions with stride > 1 and at most this many (output channels x stride^2) run as a
 # stride-1 convolution + pixel shuffle (see WindowedProjector._transposed)
 POLYPHASE_MAX_CHANNELS = 48
 
 
-def _paste(canvas: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def paste(canvas: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Add-free copy of ``x[b]`` into ``canvas[b]`` with its top-left corner at ``offsets[b]`` = (y, x)
     in canvas cells (may be negative); parts outside the canvas are dropped. In place; returns canvas."""
     h, w = x.shape[-2:]
@@ -61,7 +67,7 @@ def last_pool_below(engine: DeconvNet, layer: LayerInfo) -> int:
     """Index of the last layer whose forward pass the projection from ``layer`` needs (its switches or
     LRN inputs); -1 if none (e.g. conv1: no forward pass needed at all)."""
     needed = -1
-    for info in engine.layers[: layer.index + 1]:
+    for info in engine.chain[: layer.index + 1]:
         if isinstance(info.module, nn.MaxPool2d) or (engine.include_lrn and isinstance(info.module, nn.LocalResponseNorm)):
             needed = info.index
     return needed
@@ -72,7 +78,7 @@ class WindowedProjector:
 
     def __init__(self, engine: DeconvNet) -> None:
         self.engine = engine
-        for info in engine.layers:
+        for info in engine.chain:
             m = info.module
             if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
                 raise DeconvnetError(f"conv with padding_mode={m.padding_mode!r} is not supported")
@@ -90,13 +96,11 @@ class WindowedProjector:
             self._weights[key] = cached
         return cached
 
-    def forward(self, images: torch.Tensor, upto: int):
+    def forward(self, images: torch.Tensor, upto: int) -> ChainRecord:
         """The record (switches, shapes) the way down needs, for layers ``0..upto``."""
         if upto < 0:
-            from ..deconv import _Record
-
-            return _Record()
-        return self.engine.forward(images, upto)[1]
+            return ChainRecord()
+        return chain_forward(self.engine.chain, images, upto, include_lrn=self.engine.include_lrn)[1]
 
     @torch.no_grad()
     def project(
@@ -123,7 +127,7 @@ class WindowedProjector:
         nominal = origin.clone()  # where the receptive-field window starts (the result's contract)
         height, width = input_shape
         cl = self.channels_last and device.type == "cpu"
-        for below in reversed(engine.layers[: info.index + 1]):
+        for below in reversed(engine.chain[: info.index + 1]):
             m = below.module
             if isinstance(m, nn.ReLU):
                 x = x.relu_()
@@ -146,7 +150,7 @@ class WindowedProjector:
         size = info.rf_size
         if x.shape[-1] != size or x.shape[-2] != size or not torch.equal(origin, nominal):
             # windows were cut to the maps on the way down: put them back into the receptive-field frame
-            x = _paste(x.new_zeros(n, x.shape[1], size, size), x, origin - nominal)
+            x = paste(x.new_zeros(n, x.shape[1], size, size), x, origin - nominal)
         return WindowedProjections(x.contiguous(), nominal)
 
     def _transposed(self, info: LayerInfo, x: torch.Tensor, cl: bool) -> torch.Tensor:
@@ -215,11 +219,11 @@ class WindowedProjector:
             return torch.stack([x[b, :, -oy : -oy + new_h, -ox : -ox + new_w] for b, (oy, ox) in enumerate(shift.tolist())]), new_origin
         fmt = torch.channels_last if cl else torch.contiguous_format
         out = x.new_zeros(n, x.shape[1], new_h, new_w).contiguous(memory_format=fmt)
-        return _paste(out, x, shift), new_origin
+        return paste(out, x, shift), new_origin
 
     # ------------------------------------------------------------------ pieces
     def _channels(self, info: LayerInfo) -> int:
-        for below in reversed(self.engine.layers[: info.index + 1]):
+        for below in reversed(self.engine.chain[: info.index + 1]):
             if isinstance(below.module, nn.Conv2d):
                 return below.module.out_channels
         raise DeconvnetError(f"{info.name}: no conv layer at or below it")
@@ -228,13 +232,13 @@ class WindowedProjector:
         """Spatial size of every layer's INPUT for images of ``input_shape`` (cached per size)."""
         key = (int(input_shape[0]), int(input_shape[1]))
         if key not in self._shapes:
-            channels = next(m.in_channels for m in (i.module for i in self.engine.layers) if isinstance(m, nn.Conv2d))
+            channels = next(m.in_channels for m in (i.module for i in self.engine.chain) if isinstance(m, nn.Conv2d))
             try:
                 probe = torch.empty(1, channels, *key, device="meta")
-                rec = self.engine.forward(probe, len(self.engine.layers) - 1, record=False)[1]
+                rec = chain_forward(self.engine.chain, probe, len(self.engine.chain) - 1, record=False)[1]
             except (NotImplementedError, RuntimeError):  # pragma: no cover - meta kernels missing
                 probe = torch.zeros(1, channels, *key, device=next(self.engine.model.parameters()).device)
-                rec = self.engine.forward(probe, len(self.engine.layers) - 1, record=False)[1]
+                rec = chain_forward(self.engine.chain, probe, len(self.engine.chain) - 1, record=False)[1]
             self._shapes[key] = {i: (int(s[-2]), int(s[-1])) for i, s in rec.shapes.items()}
         return self._shapes[key]
 
@@ -259,7 +263,7 @@ class WindowedProjector:
     def switch_codes(self, rec, info: LayerInfo, input_shape: tuple[int, int]) -> torch.Tensor:
         """The switches of pooling layer ``info`` as offsets inside their pooling window,
         ``dy * span + dx`` (uint8 when it fits), cached on the record. Independent of any window."""
-        cache = rec.__dict__.setdefault("_codes", {})
+        cache = rec.codes
         if info.index not in cache:
             m = info.module
             k, s, p, d = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding), _pair(m.dilation)

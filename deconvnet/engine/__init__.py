@@ -1,0 +1,20 @@
+"""The projection engine: any traced CNN, three rules, batched, with a receptive-field fast path.
+
+* :mod:`.graph`    the model as a graph of reversible ops (torch.fx), layer names, receptive fields
+* :mod:`.record`   the forward pass and its public record (switches, ReLU masks, shapes)
+* :mod:`.reverse`  one reverse rule per op; the deconvnet / guided / gradient rectifiers
+* :mod:`.chain`    chain models (a `features` nn.Sequential): the paper's layer names, the chain walk
+* :mod:`.windowed` the way down inside a unit's receptive field only (chain models' fast path)
+* :mod:`.core`     ``DeconvNet``: ``project``, ``strongest``, ``forward``/``backward``
+"""
+
+from .chain import ChainRecord, LayerInfo, chain_forward, feature_layers, is_chain
+from .core import DeconvNet, Projection, Selection
+from .graph import KINDS, Field, ModelGraph, trace
+from .record import ForwardRecord
+from .reverse import RULES, unpool_sum
+
+__all__ = [
+    "DeconvNet", "Selection", "Projection", "RULES", "ForwardRecord", "LayerInfo", "Field", "ModelGraph", "KINDS",
+    "ChainRecord", "chain_forward", "feature_layers", "is_chain", "trace", "unpool_sum",
+]

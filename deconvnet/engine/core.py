@@ -1,0 +1,357 @@
+"""The projection engine: ``DeconvNet(model).project(images, selections)`` for any traced CNN.
+
+One forward pass records what the way down needs (max-pooling switches, ReLU masks); then any number
+of selections (of many images and layers) go down together in batches, each op reversed by the rule of
+:mod:`deconvnet.engine.reverse`. ``Projection.image`` is (3, H, W): the activation value times the
+rule's backward signal of that unit.
+
+Chain models (a ``features`` ``nn.Sequential``: ZFNet, AlexNet, VGG) keep the paper's layer names
+(conv1..conv5, pool1, pool2, pool5) and take a fast path for single units under the deconvnet rule:
+the way down is computed only inside the unit's receptive field (:mod:`deconvnet.engine.windowed`),
+with results equal to the whole-image path to float rounding (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import DeconvnetError
+from .chain import LayerInfo, chain_forward, feature_layers, is_chain
+from .graph import Field, ModelGraph, trace
+from .record import ForwardRecord, run_forward
+from .reverse import RULES, check_rule, run_backward
+from .windowed import WindowedProjector, paste
+
+__all__ = ["Selection", "Projection", "DeconvNet", "RULES"]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What to project: one activation (``position``), the strongest activation of a map
+    (``position=None``), or a whole map (``whole_map=True``) of ``channel`` in ``layer`` of ``image``.
+    For a layer with no spatial grid (a linear layer), ``channel`` is the unit."""
+
+    image: int
+    layer: str
+    channel: int
+    position: tuple[int, int] | None = None
+    whole_map: bool = False
+
+
+@dataclass
+class Projection:
+    """A projection to pixel space, in the model-input space (same shape as one input image)."""
+
+    selection: Selection
+    value: float
+    position: tuple[int, int]
+    box: tuple[int, int, int, int]
+    image: torch.Tensor = field(repr=False)
+    rule: str = "deconvnet"
+
+
+class DeconvNet:
+    """Projection engine attached to a model (see the module docstring).
+
+    ``rule``: ``"deconvnet"`` (the paper, default), ``"guided"`` (guided backpropagation) or
+    ``"gradient"`` (plain backpropagation); every method takes ``rule=`` to override it per call.
+    ``include_lrn``: reverse LRN by its Jacobian instead of skipping it. The model is never modified.
+    """
+
+    def __init__(self, model: nn.Module, include_lrn: bool = False, rule: str = "deconvnet", fast_path: bool = True) -> None:
+        self.model = model
+        self.include_lrn = include_lrn
+        self.rule = check_rule(rule)
+        self.fast_path = fast_path
+        self.graph: ModelGraph = trace(model)
+        self.chain: list[LayerInfo] | None = feature_layers(model) if is_chain(model) else None
+        self._fields: dict[tuple[int, int], dict[str, Field]] = {}
+        self._projector: WindowedProjector | None = None
+        self._aliases: dict[str, str] = {}  # chain names -> traced op
+        if self.chain is not None:
+            for info in self.chain:
+                op = self.graph.resolve(info.path)
+                self._aliases[info.name] = op.name
+        self._infos: dict[str, LayerInfo] = {}
+        if self.chain is not None:
+            for info in self.chain:
+                info = LayerInfo(info.index, info.name, info.path, info.module, info.rf_size, info.rf_stride, info.rf_start, self._aliases[info.name])
+                self._infos[info.name] = info
+                self._infos.setdefault(info.path, info)
+                self._infos.setdefault(info.path.rsplit(".", 1)[-1], info)
+            self.chain = [self._infos[i.name] for i in self.chain]
+
+    # ------------------------------------------------------------------ layers
+    @property
+    def is_chain(self) -> bool:
+        return self.chain is not None
+
+    @property
+    def layers(self) -> list[LayerInfo]:
+        """Chain models: every layer of the chain in order (the fast paths walk it). Graph models:
+        the main layers (see ``layer_names``)."""
+        if self.chain is not None:
+            return self.chain
+        return [self.layer(n) for n in self.layer_names]
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The layers a user picks from. Chain models: the paper's names (convI, poolI, normI).
+        Graph models: the top-level modules and the blocks of top-level containers that output maps
+        (e.g. ``conv1 ... layer1 layer1.0 ... layer4.2`` on a ResNet); ``all_layer_names`` has every
+        selectable name."""
+        if self.chain is not None:
+            return [i.name for i in self.chain if i.name.startswith(("conv", "pool", "norm"))]
+        shapes = self._shapes(self._probe_size())
+        out = []
+        for path, module in self.model.named_modules():
+            if not path or path.count(".") > 1:
+                continue
+            if path.count(".") == 1:
+                parent = self.model.get_submodule(path.rsplit(".", 1)[0])
+                if not isinstance(parent, (nn.Sequential, nn.ModuleDict, nn.ModuleList)):
+                    continue
+            try:
+                op = self.graph.resolve(path)
+            except KeyError:
+                continue
+            shape = shapes.get(op.name)
+            # maps only, and not a conv or batch norm whose rectified output follows as its own layer
+            if shape is not None and len(shape) == 4 and op.kind not in ("bn", "conv"):
+                out.append(path)
+        return out
+
+    @property
+    def map_layers(self) -> list[str]:
+        """The layers whose maps a page shows: chain models' convI, graph models' ``layer_names``
+        whose units have a local receptive field (not after global pooling)."""
+        if self.chain is not None:
+            return [n for n in self.layer_names if n.startswith("conv")]
+        return [n for n in self.layer_names if not self.layer(n).covers_image]
+
+    @property
+    def all_layer_names(self) -> list[str]:
+        """Every selectable name: the chain's paper names, module paths and traced op names, in
+        forward order."""
+        names = dict.fromkeys(self._aliases)
+        ordered = sorted(self.graph.names.items(), key=lambda kv: (self.graph.order[kv[1]], kv[0].count(".") * -1))
+        names.update(dict.fromkeys(n for n, _ in ordered))
+        return list(names)
+
+    def _op_name(self, layer: str) -> str:
+        if layer in self._aliases:
+            return self._aliases[layer]
+        if layer in self._infos:
+            return self._infos[layer].op
+        try:
+            return self.graph.resolve(layer).name
+        except KeyError:
+            shown = ", ".join(self.layer_names)
+            raise DeconvnetError(f"unknown layer {layer!r}; this model has {shown} (`deconvnet layers --all` lists every name)") from None
+
+    def layer(self, name: str) -> LayerInfo:
+        """The layer a name means (paper name, module path or traced op name)."""
+        if name in self._infos:
+            return self._infos[name]
+        op = self.graph.by_name[self._op_name(name)]
+        f = self.fields(self._probe_size()).get(op.name, Field(None))
+        size = None if f.size is None else max(f.size)
+        path = name if name in dict(self.model.named_modules()) else (op.module_path or op.qualname)
+        return LayerInfo(self.graph.order[op.name], name, path, op.module, size, f.stride[0], f.start[0], op.name)
+
+    def _probe_size(self) -> tuple[int, int]:
+        size = getattr(getattr(self.model, "config", None), "input_size", None) or 224
+        return int(size), int(size)
+
+    def _shapes(self, input_size: tuple[int, int]) -> dict[str, torch.Size]:
+        return self._trace_shapes(input_size)[0]
+
+    def _trace_shapes(self, input_size: tuple[int, int]):
+        key = (int(input_size[0]), int(input_size[1]))
+        if key not in self._fields:
+            channels = next((m.in_channels for m in self.model.modules() if isinstance(m, nn.Conv2d)), 3)
+            param = next(self.model.parameters(), None)
+            probe = torch.zeros(1, channels, *key, device=param.device if param is not None else "cpu")
+            last = [op.name for op in self.graph.ops if op.kind not in ("constant",)][-1]
+            targets = [op.name for op in self.graph.ops if op.kind not in ("constant", "input", "split")]
+            try:
+                record = run_forward(self.graph, probe, [last] if last in targets else targets[-1:])
+            except RuntimeError as e:
+                raise DeconvnetError(f"a {key[0]}x{key[1]} input does not fit this model ({str(e).splitlines()[0]})") from None
+            self._fields[key] = (record.shapes, self.graph.fields(record.shapes))  # type: ignore[assignment]
+        return self._fields[key]  # type: ignore[return-value]
+
+    def fields(self, input_size: tuple[int, int]) -> dict[str, Field]:
+        """Receptive field of every traced op for images of ``input_size``."""
+        return self._trace_shapes(input_size)[1]
+
+    def output_shape(self, layer: str, input_size: tuple[int, int]) -> tuple[int, ...]:
+        """Shape of one image's output of ``layer`` (without the batch axis)."""
+        return tuple(self._shapes(input_size)[self._op_name(layer)][1:])
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: torch.Tensor, layers: str | Sequence[str], rule: str | None = None) -> ForwardRecord:
+        """One forward pass up to ``layers``; the record's ``values`` hold their outputs by the names
+        given, and it serves the way down from any layer below them."""
+        names = [layers] if isinstance(layers, str) else list(layers)
+        ops = [self._op_name(n) for n in names]
+        for name, op in zip(names, ops):
+            self.graph.check_reversible(op, name)
+        rule = check_rule(rule or self.rule)
+        record = run_forward(self.graph, images, ops, keep_masks=rule != "deconvnet", keep_lrn_inputs=self.include_lrn)
+        for name, op in zip(names, ops):
+            record.values[name] = record.values[op]
+        return record
+
+    def activations(self, images: torch.Tensor, layer: str | int) -> torch.Tensor:
+        """The output of ``layer`` for ``images`` (chain models also take a chain index)."""
+        if self.chain is not None and isinstance(layer, int):
+            return chain_forward(self.chain, images, layer, record=False)[0]
+        if self.chain is not None and layer in self._infos:
+            return chain_forward(self.chain, images, self._infos[str(layer)].index, record=False)[0]
+        op = self._op_name(str(layer))
+        return run_forward(self.graph, images, [op]).values[op]
+
+    # ------------------------------------------------------------------ backward
+    def backward(
+        self, signal: torch.Tensor, layer: str, record: ForwardRecord, image_index: torch.Tensor, rule: str | None = None
+    ) -> torch.Tensor:
+        """Send ``signal`` (S, ...) at ``layer`` down to pixel space. ``image_index[s]`` says which
+        recorded image's switches (and masks) the s-th signal uses."""
+        rule = check_rule(rule or self.rule)
+        op = self._op_name(layer)
+        if rule != "deconvnet" and not record.masks and any(o.kind == "relu" for o in self.graph.below(op)):
+            raise DeconvnetError(f"the record was made for the deconvnet rule; call forward(..., rule={rule!r}) first")
+        return run_backward(self.graph, record, op, signal, image_index.to(signal.device), rule, self.include_lrn)
+
+    # ------------------------------------------------------------------ projections
+    def project(
+        self, images: torch.Tensor, selections: Sequence[Selection], batch_size: int = 64, rule: str | None = None
+    ) -> list[Projection]:
+        """Project every selection to pixel space: one forward pass for all layers, batched way down.
+
+        ``images`` is a (N, C, H, W) batch of model inputs; ``Selection.image`` indexes it. Returns one
+        ``Projection`` per selection, in order; ``Projection.image`` is (C, H, W) on the model's device.
+        """
+        rule = check_rule(rule or self.rule)
+        if images.dim() != 4:
+            raise DeconvnetError(f"images must be a (N, C, H, W) batch, got shape {tuple(images.shape)}")
+        if batch_size < 1:
+            raise DeconvnetError(f"batch_size must be at least 1, got {batch_size}")
+        by_layer: dict[str, list[int]] = {}
+        for i, sel in enumerate(selections):
+            self._op_name(sel.layer)
+            if not 0 <= sel.image < images.shape[0]:
+                raise DeconvnetError(f"selection {i}: image index {sel.image} out of range (batch of {images.shape[0]})")
+            by_layer.setdefault(sel.layer, []).append(i)
+        if not selections:
+            return []
+        height, width = images.shape[-2:]
+        results: list[Projection | None] = [None] * len(selections)
+        record: ForwardRecord | None = None
+        fast_layers = self.fast_path and self.chain is not None and rule == "deconvnet" and all(n in self._infos for n in by_layer)
+        if fast_layers:
+            # one chain walk gives the seeds and the switches of the windowed way down
+            assert self.chain is not None
+            keep: dict[int, torch.Tensor] = {self._infos[n].index: images for n in by_layer}
+            _, chain_record = chain_forward(self.chain, images, max(keep), include_lrn=self.include_lrn, keep=keep)
+            acts_by_layer = {n: keep[self._infos[n].index] for n in by_layer}
+        else:
+            record = self.forward(images, list(by_layer), rule=rule)
+            acts_by_layer = {n: record.values[n] for n in by_layer}
+        for layer, members in by_layer.items():
+            acts = acts_by_layer[layer]
+            seeds = dict(zip(members, self._seeds(acts, [selections[i] for i in members], layer)))
+            info = self.layer(layer)
+            fast = [i for i in members if not selections[i].whole_map] if fast_layers else []
+            if fast:
+                self._project_windowed(images, chain_record, layer, fast, selections, seeds, results)
+            slow = [i for i in members if results[i] is None]
+            if slow and record is None:
+                record = self.forward(images, list(by_layer), rule=rule)
+            for start in range(0, len(slow), batch_size):
+                chunk = slow[start : start + batch_size]
+                signal = acts.new_zeros((len(chunk), *acts.shape[1:]))
+                for r, i in enumerate(chunk):
+                    value, pos = seeds[i]
+                    sel = selections[i]
+                    if acts.dim() == 2:
+                        signal[r, sel.channel] = value
+                    elif sel.whole_map:
+                        signal[r, sel.channel] = acts[sel.image, sel.channel]
+                    else:
+                        signal[r, sel.channel, pos[0], pos[1]] = value
+                image_index = torch.tensor([selections[i].image for i in chunk], device=acts.device)
+                assert record is not None
+                down = run_backward(self.graph, record, self._op_name(layer), signal, image_index, rule, self.include_lrn)
+                for r, i in enumerate(chunk):
+                    value, pos = seeds[i]
+                    results[i] = Projection(selections[i], value, pos, info.receptive_field(*pos, height, width), down[r], rule)
+        return [r for r in results if r is not None]
+
+    def _seeds(self, acts: torch.Tensor, sels: list[Selection], layer: str) -> list[tuple[float, tuple[int, int]]]:
+        """(value, position) of each selection's seed, with the range checks."""
+        channels = acts.shape[1]
+        out = []
+        if acts.dim() == 4:
+            h, w = acts.shape[-2:]
+            flat = acts.flatten(2).argmax(2)  # strongest position of every map, first maximum
+        elif acts.dim() != 2:
+            raise DeconvnetError(f"layer {layer!r} outputs shape {tuple(acts.shape[1:])}; projections start from maps (C, H, W) or units (F)")
+        for sel in sels:
+            if not 0 <= sel.channel < channels:
+                raise DeconvnetError(f"feature {sel.channel} out of range: {layer} has {channels} maps (0..{channels - 1})")
+            if acts.dim() == 2:
+                if sel.position is not None or sel.whole_map:
+                    raise DeconvnetError(f"layer {layer!r} has no spatial grid: select a unit by channel only")
+                out.append((float(acts[sel.image, sel.channel]), (0, 0)))
+                continue
+            if sel.position is not None:
+                y, x = sel.position
+                if not (0 <= y < h and 0 <= x < w):
+                    raise DeconvnetError(f"position ({y}, {x}) outside {layer}'s {h}x{w} maps")
+            else:
+                y, x = divmod(int(flat[sel.image, sel.channel]), w)
+            out.append((float(acts[sel.image, sel.channel, y, x]), (y, x)))
+        return out
+
+    # ------------------------------------------------------------------ fast path (chain models)
+    def projector(self) -> "WindowedProjector":
+        """The receptive-field-windowed projector of this engine (chain models)."""
+        if self.chain is None:
+            raise DeconvnetError("the receptive-field-windowed projector needs a chain model (a `features` nn.Sequential)")
+        if self._projector is None:
+            self._projector = WindowedProjector(self)
+        return self._projector
+
+    def _project_windowed(self, images, chain_record, layer, fast, selections, seeds, results) -> None:
+        """Single units of a chain layer, the way down inside their receptive fields only, pasted
+        back into full-size images (zero outside the field)."""
+        info = self._infos[layer]
+        height, width = images.shape[-2:]
+        device = images.device
+        values = torch.tensor([seeds[i][0] for i in fast], dtype=images.dtype, device=device)
+        positions = torch.tensor([seeds[i][1] for i in fast], dtype=torch.long, device=device)
+        channels = torch.tensor([selections[i].channel for i in fast], device=device)
+        image_index = torch.tensor([selections[i].image for i in fast], device=device)
+        out = self.projector().project(chain_record, (height, width), layer, image_index, channels, positions, values)
+        canvas = paste(images.new_zeros(len(fast), images.shape[1], height, width), out.windows, out.origins)
+        for r, i in enumerate(fast):
+            value, pos = seeds[i]
+            results[i] = Projection(selections[i], value, pos, info.receptive_field(*pos, height, width), canvas[r], "deconvnet")
+
+    def strongest(self, images: torch.Tensor, layer: str, k: int | None = None) -> list[Selection]:
+        """Selections for the strongest activation of each map (or of the ``k`` maps whose maximum is
+        largest), per image, strongest first."""
+        acts = self.activations(images, layer)
+        maxima = acts.flatten(2).amax(2) if acts.dim() > 2 else acts
+        out = []
+        for n in range(acts.shape[0]):
+            order = maxima[n].argsort(descending=True, stable=True)
+            chosen = order[:k] if k is not None else torch.arange(acts.shape[1])
+            out.extend(Selection(n, layer, int(c)) for c in chosen)
+        return out

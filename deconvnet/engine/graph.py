@@ -1,0 +1,381 @@
+"""The model as a graph of reversible operations (torch.fx), with names and receptive fields.
+
+``trace(model)`` runs torchvision's fx tracer (``NodePathTracer``: it names every node by its module
+path, e.g. ``layer3.1.relu_1``, ``features.denseblock2.cat``) and classifies each node into one of the
+operation kinds the reverse pass knows (:data:`KINDS`). Nodes that do not depend on the input image
+(parameters, shape queries such as ``x.size(0)``) are constants of the way down.
+
+Selectable layers: every node's qualified name, and every module path (``layer3``, ``layer4.0``,
+``features.denseblock2``), which means the last node computed inside that module (torchvision's
+feature-extraction convention). An operation the engine cannot reverse (GELU, attention, a product of
+two signals...) is recorded as ``unsupported`` with its module path; selecting a layer above it is an
+error naming it.
+
+Receptive fields, per axis, as (size, stride, start): a conv/pool of kernel k, stride s, padding p,
+dilation d maps (n, j, r) to (n + d(k-1) j, j s, r - p j); element-wise operations keep it; an
+operation with several inputs (addition, concatenation) takes the union of its inputs' fields (the
+largest over all paths); global operations (linear, adaptive pooling, means) see the whole image.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..errors import DeconvnetError
+
+__all__ = ["Op", "ModelGraph", "Field", "trace", "KINDS"]
+
+# Operation kinds and how the way down treats them (see deconvnet.engine.reverse).
+KINDS = {
+    "input": "the image",
+    "conv": "transposed convolution with the same filters, no bias",
+    "linear": "transposed weight matrix, no bias",
+    "maxpool": "switch unpooling (sums where overlapping windows chose the same input)",
+    "relu": "the rule's rectifier (deconvnet: ReLU of the signal; gradient: forward mask; guided: both)",
+    "bn": "batch norm in eval: its per-channel scale",
+    "lrn": "skipped, or its Jacobian at the recorded input (include_lrn)",
+    "add": "the signal goes down every branch",
+    "reshape": "reshaped back to the input's shape",
+    "split": "pieces concatenated back (zeros for pieces not used)",
+    "getitem": "one piece of a split",
+    "identity": "passed through (dropout in eval, identity, contiguous, clone)",
+    "linear_op": "its exact transpose (autograd of a linear map: pooling averages, concatenation, slicing, padding...)",
+    "constant": "not on the image's path",
+    "unsupported": "cannot be reversed",
+}
+
+_IDENTITY_MODULES = (nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout, nn.Identity)
+_LINEAR_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.ZeroPad2d, nn.Upsample)
+_RESHAPE_MODULES = (nn.Flatten, nn.Unflatten)
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
+_ADD_FUNCTIONS = {operator.add, torch.add, operator.iadd}
+_LINEAR_FUNCTIONS = {
+    torch.cat, torch.concat, torch.stack, operator.getitem, operator.sub, torch.sub, operator.neg, torch.neg,
+    F.avg_pool2d, F.adaptive_avg_pool2d, F.avg_pool1d, F.adaptive_avg_pool1d, F.pad, F.interpolate,
+    torch.mean, torch.sum, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, torch.narrow,
+}
+_SCALE_FUNCTIONS = {operator.mul, torch.mul, operator.truediv, torch.div}  # linear when one side is a constant
+_IDENTITY_FUNCTIONS = {F.dropout, F.dropout2d, F.dropout1d, F.alpha_dropout, torch.clone}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
+_SPLIT_FUNCTIONS = {torch.split, torch.chunk, torch.tensor_split}
+_METHOD_KINDS = {
+    "relu": "relu", "relu_": "relu",
+    "add": "add", "add_": "add",
+    "view": "reshape", "reshape": "reshape", "flatten": "reshape",
+    "contiguous": "identity", "clone": "identity",
+    "split": "split", "chunk": "split", "tensor_split": "split",
+    "mean": "linear_op", "sum": "linear_op", "permute": "linear_op", "transpose": "linear_op",
+    "squeeze": "linear_op", "unsqueeze": "linear_op", "narrow": "linear_op", "sub": "linear_op", "neg": "linear_op",
+    "mul": "scale", "mul_": "scale", "div": "scale", "div_": "scale",
+}
+# spatial geometry of the linear operations that keep a local field
+_GLOBAL = None
+
+
+@dataclass(frozen=True)
+class Field:
+    """Receptive field of one unit, per axis (y, x): ``size`` pixels, ``stride`` pixels between
+    neighbouring units, ``start`` = first input pixel of unit 0's field (negative over the padding).
+    ``size`` None: every unit sees the whole image."""
+
+    size: tuple[int, int] | None
+    stride: tuple[int, int] = (1, 1)
+    start: tuple[int, int] = (0, 0)
+
+    def box(self, y: int, x: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Input box (y0, x0, y1, x1), end-exclusive and clipped to the image, that unit (y, x) sees."""
+        if self.size is None:
+            return 0, 0, height, width
+        y0 = self.start[0] + y * self.stride[0]
+        x0 = self.start[1] + x * self.stride[1]
+        return max(0, y0), max(0, x0), min(height, y0 + self.size[0]), min(width, x0 + self.size[1])
+
+    @property
+    def covers_image(self) -> bool:
+        return self.size is None
+
+
+@dataclass
+class Op:
+    """One node of the traced model."""
+
+    name: str  # the fx node's name (unique)
+    qualname: str  # torchvision-style qualified name, e.g. "layer3.1.relu_1"
+    kind: str
+    node: fx.Node = field(repr=False)
+    module: nn.Module | None = field(default=None, repr=False)
+    module_path: str | None = None  # the innermost module the node belongs to
+    scopes: tuple[str, ...] = ()  # every module path it lies in (outermost first)
+    inputs: tuple[str, ...] = ()  # names of the signal-path nodes it reads
+    reason: str = ""  # for unsupported ops: what it is
+
+    @property
+    def where(self) -> str:
+        return self.module_path or self.qualname
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _describe_target(node: fx.Node, root: nn.Module) -> str:
+    if node.op == "call_module":
+        return type(root.get_submodule(str(node.target))).__name__
+    target = node.target
+    return getattr(target, "__name__", str(target))
+
+
+class ModelGraph:
+    """A traced model: ops in forward order, selectable names, receptive fields."""
+
+    def __init__(self, model: nn.Module, graph_module: fx.GraphModule, qualnames: dict[fx.Node, str]) -> None:
+        self.model = model
+        self.graph_module = graph_module
+        self.ops: list[Op] = []
+        self.by_name: dict[str, Op] = {}
+        self.input_name: str | None = None
+        on_path: set[str] = set()
+        for node in graph_module.graph.nodes:
+            op = self._classify(node, qualnames.get(node, node.name), on_path)
+            self.ops.append(op)
+            self.by_name[op.name] = op
+            if op.kind not in ("constant",) and node.op != "output":
+                on_path.add(op.name)
+        if self.input_name is None:
+            raise DeconvnetError(f"{type(model).__name__}: the traced model has no input")
+        self.order = {op.name: i for i, op in enumerate(self.ops)}
+        self._names = self._selectable_names()
+
+    # ------------------------------------------------------------------ classification
+    def _classify(self, node: fx.Node, qualname: str, on_path: set[str]) -> Op:
+        # the modules a node lies in: the prefixes of its qualified name (torchvision's NodePathTracer
+        # names a node by the module path it was traced in, e.g. "layer1.0.add", "layer1.0.relu_1")
+        parts = qualname.split(".")
+        scopes = tuple(".".join(parts[:i]) for i in range(1, len(parts)))
+        module_path = scopes[-1] if scopes else None
+        inputs = tuple(n.name for n in node.all_input_nodes if n.name in on_path)
+        base = dict(name=node.name, qualname=qualname, node=node, module_path=module_path, scopes=scopes, inputs=inputs)
+        if node.op == "placeholder":
+            if self.input_name is not None:
+                return Op(kind="constant", **base)  # extra arguments with defaults
+            self.input_name = node.name
+            return Op(kind="input", **base)
+        if node.op == "output":
+            return Op(kind="constant", **base)
+        if not inputs:
+            return Op(kind="constant", **base)  # parameters, shapes, anything not computed from the image
+        if node.op == "call_module":
+            module = self.model.get_submodule(str(node.target))
+            path = str(node.target)
+            base.update(module_path=path, scopes=scopes if path in scopes else (*scopes, path))
+            kind, reason = self._module_kind(module)
+            return Op(kind=kind, module=module, reason=reason, **base)
+        if node.op == "call_function":
+            kind = self._function_kind(node, on_path)
+        elif node.op == "call_method":
+            kind = _METHOD_KINDS.get(str(node.target), "unsupported")
+            if kind == "scale":
+                kind = "linear_op" if self._one_signal(node, on_path) else "unsupported"
+        else:
+            kind = "unsupported"
+        reason = "" if kind != "unsupported" else f"{node.op} {_describe_target(node, self.graph_module)}"
+        if kind == "unsupported" and len(inputs) > 1 and str(_describe_target(node, self.graph_module)) in ("mul", "matmul", "bmm", "truediv"):
+            reason += " of two signals (not a linear map of the image's path)"
+        return Op(kind=kind, reason=reason, **base)
+
+    @staticmethod
+    def _module_kind(module: nn.Module) -> tuple[str, str]:
+        if isinstance(module, nn.Conv2d):
+            if module.padding_mode != "zeros" or isinstance(module.padding, str):
+                return "unsupported", f"Conv2d with padding {module.padding!r} / padding_mode {module.padding_mode!r}"
+            return "conv", ""
+        if isinstance(module, nn.Linear):
+            return "linear", ""
+        if isinstance(module, nn.ReLU):
+            return "relu", ""
+        if isinstance(module, nn.MaxPool2d):
+            return "maxpool", ""
+        if isinstance(module, nn.BatchNorm2d):
+            return "bn", ""
+        if isinstance(module, nn.LocalResponseNorm):
+            return "lrn", ""
+        if isinstance(module, _IDENTITY_MODULES):
+            return "identity", ""
+        if isinstance(module, _RESHAPE_MODULES):
+            return "reshape", ""
+        if isinstance(module, _LINEAR_MODULES):
+            if isinstance(module, nn.Upsample) and module.mode not in ("nearest", "bilinear", "linear", "bicubic"):
+                return "unsupported", f"Upsample mode {module.mode}"
+            return "linear_op", ""
+        return "unsupported", type(module).__name__
+
+    def _function_kind(self, node: fx.Node, on_path: set[str]) -> str:
+        target = node.target
+        if target in _RELU_FUNCTIONS:
+            return "relu"
+        if target in _ADD_FUNCTIONS:
+            return "add"
+        if target is F.max_pool2d:
+            return "maxpool"
+        if target in _IDENTITY_FUNCTIONS:
+            return "identity"
+        if target in _RESHAPE_FUNCTIONS:
+            return "reshape"
+        if target in _SPLIT_FUNCTIONS:
+            return "split"
+        if target is operator.getitem and node.args and isinstance(node.args[0], fx.Node):
+            producer = self.by_name.get(node.args[0].name)
+            if producer is not None and producer.kind == "split":
+                return "getitem"
+        if target is F.pad and node.kwargs.get("mode", "constant") != "constant":
+            return "unsupported"
+        if target in _LINEAR_FUNCTIONS:
+            return "linear_op"
+        if target in _SCALE_FUNCTIONS:
+            return "linear_op" if self._one_signal(node, on_path) else "unsupported"
+        return "unsupported"
+
+    @staticmethod
+    def _one_signal(node: fx.Node, on_path: set[str]) -> bool:
+        """A product/quotient is linear in the image's path when only one operand is on it (and it is
+        not the divisor)."""
+        on = [a for a in node.all_input_nodes if a.name in on_path]
+        if len(on) != 1:
+            return False
+        if str(node.target) in ("div", "div_") or node.target in (operator.truediv, torch.div):
+            return isinstance(node.args[0], fx.Node) and node.args[0].name in on_path
+        return True
+
+    # ------------------------------------------------------------------ names
+    def _selectable_names(self) -> dict[str, str]:
+        """name -> op name: every qualified name of a tensor op on the image's path, and every module
+        path (its last op)."""
+        names: dict[str, str] = {}
+        for op in self.ops:
+            if op.kind in ("constant", "input", "split"):
+                continue
+            names.setdefault(op.qualname, op.name)
+            for scope in op.scopes:
+                names[scope] = op.name  # later ops overwrite: the module's last op
+        return names
+
+    @property
+    def names(self) -> dict[str, str]:
+        return dict(self._names)
+
+    def resolve(self, name: str) -> Op:
+        """The op a layer name means (qualified node name or module path)."""
+        if name in self._names:
+            return self.by_name[self._names[name]]
+        raise KeyError(name)
+
+    def below(self, target: str) -> list[Op]:
+        """Ops on the image's path from the input to ``target`` (ancestors), in forward order."""
+        needed: set[str] = set()
+        stack = [target]
+        while stack:
+            name = stack.pop()
+            if name in needed:
+                continue
+            needed.add(name)
+            stack.extend(self.by_name[name].inputs)
+        return [op for op in self.ops if op.name in needed]
+
+    def check_reversible(self, target: str, layer: str) -> None:
+        for op in self.below(target):
+            if op.kind == "unsupported":
+                raise DeconvnetError(
+                    f"the deconvnet cannot reverse {op.reason} at {op.where} (below layer {layer!r}); "
+                    "supported: conv, linear, max/avg pooling, ReLU, batch norm, LRN, addition, concatenation, "
+                    "split, reshape, dropout, padding; choose a layer below it"
+                )
+
+    # ------------------------------------------------------------------ receptive fields
+    def fields(self, shapes: dict[str, torch.Size]) -> dict[str, Field]:
+        """Receptive field of every op on the image's path (``shapes``: each op's output shape)."""
+        out: dict[str, Field] = {}
+        for op in self.ops:
+            if op.kind == "input":
+                out[op.name] = Field((1, 1))
+                continue
+            if op.kind in ("constant",) or not op.inputs:
+                continue
+            ins = [out[i] for i in op.inputs if i in out]
+            if not ins:
+                continue
+            out[op.name] = self._field(op, ins, shapes)
+        return out
+
+    def _field(self, op: Op, ins: list[Field], shapes: dict[str, torch.Size]) -> Field:
+        if any(f.size is None for f in ins):
+            return Field(None)
+        if len(ins) > 1:  # union of the fields of all paths
+            stride = tuple(max(f.stride[a] for f in ins) for a in range(2))
+            start = tuple(min(f.start[a] for f in ins) for a in range(2))
+            end = tuple(max(f.start[a] + f.size[a] for f in ins) for a in range(2))  # type: ignore[index]
+            return Field((end[0] - start[0], end[1] - start[1]), stride, start)  # type: ignore[arg-type]
+        f = ins[0]
+        geometry = self._window_geometry(op)
+        if geometry is None:
+            if op.kind in ("relu", "bn", "lrn", "add", "identity", "getitem", "split") or self._keeps_grid(op, shapes):
+                return f
+            return Field(None)
+        k, s, p, d = geometry
+        size = tuple(f.size[a] + d[a] * (k[a] - 1) * f.stride[a] for a in range(2))  # type: ignore[index]
+        start = tuple(f.start[a] - p[a] * f.stride[a] for a in range(2))
+        stride = tuple(f.stride[a] * s[a] for a in range(2))
+        return Field(size, stride, start)  # type: ignore[arg-type]
+
+    def _window_geometry(self, op: Op):
+        m = op.module
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            d = _pair(getattr(m, "dilation", 1))
+            return _pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding), d
+        if op.kind in ("maxpool", "linear_op") and op.node.target in (F.max_pool2d, F.avg_pool2d):
+            args = list(op.node.args) + [None] * 5
+            kw = op.node.kwargs
+            k = kw.get("kernel_size", args[1])
+            s = kw.get("stride", args[2]) or k
+            p = kw.get("padding", args[3]) or 0
+            d = kw.get("dilation", args[4] if op.node.target is F.max_pool2d else 1) or 1
+            return _pair(k), _pair(s), _pair(p), _pair(d)
+        return None
+
+    def _keeps_grid(self, op: Op, shapes: dict[str, torch.Size]) -> bool:
+        """Channel-wise linear ops (concatenation, channel slices) and adaptive pooling that does not
+        change the grid keep the field."""
+        out_shape = shapes.get(op.name)
+        in_shape = shapes.get(op.inputs[0]) if op.inputs else None
+        if out_shape is None or in_shape is None or len(out_shape) != 4 or len(in_shape) != 4:
+            return False
+        if op.node.target in (torch.cat, torch.concat):
+            return True
+        return tuple(out_shape[-2:]) == tuple(in_shape[-2:]) and op.node.target not in (F.pad,) and not isinstance(op.module, nn.ZeroPad2d)
+
+
+def trace(model: nn.Module) -> ModelGraph:
+    """Trace ``model`` with torchvision's ``NodePathTracer`` (torch.fx). Raises ``DeconvnetError``
+    when the model does not trace (data-dependent control flow)."""
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    tracer = NodePathTracer()
+    was_training = model.training
+    try:
+        model.eval()  # trace the inference graph (no auxiliary heads, dropout off)
+        graph = tracer.trace(model)
+    except Exception as e:  # fx raises many types for untraceable Python; all mean "cannot trace"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DeconvnetError(
+            f"{type(model).__name__} does not trace with torch.fx ({first}); the engine needs a model whose "
+            "forward pass has no data-dependent Python control flow"
+        ) from None
+    finally:
+        model.train(was_training)
+    graph_module = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return ModelGraph(model, graph_module, dict(tracer.node_to_qualname))

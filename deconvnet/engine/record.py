@@ -1,0 +1,157 @@
+"""The forward pass the way down needs, and its public record.
+
+``run_forward(graph, images, targets)`` evaluates only the ops below the ``targets`` (their ancestors on
+the image's path), never in place (the model's in-place ReLUs are computed out of place here, so every
+recorded value stays what the forward pass saw, and the caller's tensors are untouched), under
+``torch.no_grad`` with the model in eval mode (restored afterwards). It keeps:
+
+* ``values``: the output of each op the caller asked for (the selected layers);
+* ``switches``: max-pooling argmax indices (flat per map), the deconvnet's switches;
+* ``masks``: where each ReLU's output is positive (used by the guided and gradient rules);
+* ``lrn_inputs``: inputs of LRN layers (for ``include_lrn``);
+* ``shapes``: every op's output shape; ``constants``: values not computed from the image.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .graph import ModelGraph, Op
+
+__all__ = ["ForwardRecord", "run_forward"]
+
+_OUT_OF_PLACE_METHODS = {"relu_": "relu", "add_": "add", "mul_": "mul", "div_": "div", "sub_": "sub"}
+
+
+@dataclass
+class ForwardRecord:
+    """What one forward pass over N images leaves for the way down (see the module docstring)."""
+
+    input_shape: torch.Size
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    switches: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    lrn_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    shapes: dict[str, torch.Size] = field(default_factory=dict)
+    constants: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.input_shape[0])
+
+
+def _fetch_attr(model: nn.Module, target: str) -> Any:
+    obj: Any = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def run_forward(
+    graph: ModelGraph,
+    images: torch.Tensor,
+    targets: list[str],
+    keep_masks: bool = False,
+    keep_lrn_inputs: bool = False,
+) -> ForwardRecord:
+    """Evaluate the ops below ``targets`` (op names) for ``images``; see the module docstring."""
+    needed = {op.name for t in targets for op in graph.below(t)}
+    record = ForwardRecord(images.shape)
+    env: dict[str, Any] = {}
+    model = graph.model
+    was_training = model.training
+    model.eval()
+    last = max(graph.order[t] for t in targets)
+    last_use: dict[str, int] = {}  # free each value after its last reader (memory of one layer, not all)
+    for i, op in enumerate(graph.ops[: last + 1]):
+        for n in op.node.all_input_nodes:
+            last_use[n.name] = i
+    keep = set(targets)
+    try:
+        with torch.no_grad():
+            for op in graph.ops[: last + 1]:
+                node = op.node
+                if op.kind == "constant":
+                    if node.op == "output":
+                        continue
+                    if any(n.name not in env for n in node.all_input_nodes):
+                        continue  # a constant feeding only ops above the targets
+                    env[op.name] = _evaluate_constant(model, node, env)
+                    record.constants[op.name] = env[op.name]
+                    continue
+                if op.name not in needed:
+                    continue
+                if op.kind == "input":
+                    out = images
+                else:
+                    out = _evaluate(op, env, record, keep_lrn_inputs)
+                env[op.name] = out
+                if isinstance(out, torch.Tensor):
+                    record.shapes[op.name] = out.shape
+                if op.kind == "relu" and keep_masks:
+                    record.masks[op.name] = out > 0
+                for n in op.node.all_input_nodes:
+                    if last_use.get(n.name) == graph.order[op.name] and n.name not in keep and n.name in env:
+                        if graph.by_name[n.name].kind != "constant":
+                            del env[n.name]
+            for t in targets:
+                record.values[t] = env[t]
+    finally:
+        model.train(was_training)
+    return record
+
+
+def _args(node: fx.Node, env: dict[str, Any]) -> tuple[tuple, dict]:
+    args = fx.node.map_arg(node.args, lambda n: env[n.name])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
+    return args, dict(kwargs)  # type: ignore[arg-type]
+
+
+def _evaluate_constant(model: nn.Module, node: fx.Node, env: dict[str, Any]) -> Any:
+    if node.op == "get_attr":
+        return _fetch_attr(model, str(node.target))
+    if node.op == "placeholder":
+        return node.args[0] if node.args else None  # default value of an extra argument
+    args, kwargs = _args(node, env)
+    if node.op == "call_module":
+        return model.get_submodule(str(node.target))(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)  # type: ignore[operator]
+
+
+def _evaluate(op: Op, env: dict[str, Any], record: ForwardRecord, keep_lrn_inputs: bool) -> Any:
+    node = op.node
+    args, kwargs = _args(node, env)
+    kwargs.pop("inplace", None)  # never in place: recorded values must stay as computed
+    if op.kind == "relu":
+        return F.relu(args[0])
+    if op.kind == "maxpool":
+        if isinstance(op.module, nn.MaxPool2d):
+            m = op.module
+            out, idx = F.max_pool2d(args[0], m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode, return_indices=True)
+        else:
+            kwargs["return_indices"] = True
+            out, idx = F.max_pool2d(*args, **kwargs)
+        record.switches[op.name] = idx
+        return out
+    if op.kind == "lrn" and keep_lrn_inputs:
+        record.lrn_inputs[op.name] = args[0]
+    if node.op == "call_module":
+        module = op.module
+        if isinstance(module, nn.ReLU):  # pragma: no cover - classified as relu above
+            return F.relu(args[0])
+        return module(*args, **kwargs)  # type: ignore[misc]
+    if node.op == "call_method":
+        method = _OUT_OF_PLACE_METHODS.get(str(node.target), str(node.target))
+        return getattr(args[0], method)(*args[1:], **kwargs)
+    target = node.target
+    if target is operator.iadd:
+        target = operator.add
+    return target(*args, **kwargs)  # type: ignore[operator]

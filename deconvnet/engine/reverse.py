@@ -1,0 +1,227 @@
+"""The way down: one reverse rule per operation (see ``KINDS`` in :mod:`deconvnet.engine.graph`).
+
+A signal of shape (S, ...) at the selected op goes down to the input through every op below it, in
+reverse order; where an op feeds several others (a residual branch, a dense block) the signals coming
+down from them are summed. ``image_index[s]`` says which recorded image selection s belongs to: its
+switches and ReLU masks are used.
+
+* conv:     ``conv_transpose2d`` with the same filters (grouped, dilated, any stride/padding), no bias
+* linear:   the transposed weight matrix, no bias
+* max pool: switch unpooling that SUMS where overlapping windows chose the same input
+* ReLU:     ``deconvnet`` (Zeiler & Fergus 2014): ReLU of the signal coming down;
+            ``gradient`` (Simonyan et al. 2014): the signal where the forward output was positive;
+            ``guided`` (Springenberg et al. 2015): both;
+* batch norm (eval): multiply by weight / sqrt(running_var + eps)
+* LRN:      skipped, or its Jacobian-transpose at the recorded input (``include_lrn``)
+* addition: the signal goes down every branch; concatenation / split / slicing / reshape: the matching
+  pieces; other linear maps (average and adaptive-average pooling, padding, means, scaling by a
+  constant): their exact transpose, computed by autograd on the map itself (a linear map's
+  vector-Jacobian product does not depend on where it is taken).
+
+With the ``gradient`` rule the result is the gradient of the selected activation's seed with respect to
+the input (max pooling's gradient is exactly switch unpooling), i.e. plain backpropagation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..errors import DeconvnetError
+from .graph import ModelGraph, Op, _pair
+from .record import ForwardRecord
+
+__all__ = ["RULES", "check_rule", "unpool_sum", "run_backward", "relu_rule"]
+
+RULES = ("deconvnet", "guided", "gradient")
+
+
+def check_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise DeconvnetError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+    return rule
+
+
+def unpool_sum(signal: torch.Tensor, indices: torch.Tensor, input_shape: Sequence[int]) -> torch.Tensor:
+    """Switch unpooling: each pooled value goes back to the input position that won its window;
+    positions chosen by several (overlapping) windows receive the SUM. ``indices`` are
+    ``max_pool2d(..., return_indices=True)``'s flat per-map input indices."""
+    n, c = signal.shape[:2]
+    height, width = input_shape[-2:]
+    out = signal.new_zeros(n, c, height * width)
+    out.scatter_add_(2, indices.reshape(n, c, -1), signal.reshape(n, c, -1))
+    return out.view(n, c, height, width)
+
+
+def relu_rule(signal: torch.Tensor, rule: str, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rectifier on the way down for ``rule`` (``mask``: forward output > 0, per selection)."""
+    if rule == "deconvnet":
+        return F.relu(signal)
+    assert mask is not None, "the guided and gradient rules need the forward masks"
+    if rule == "gradient":
+        return signal * mask
+    return F.relu(signal) * mask
+
+
+def conv_transpose(x: torch.Tensor, conv: nn.Conv2d, input_shape: Sequence[int]) -> torch.Tensor:
+    """The conv's transposed filters (no bias) applied to ``x``, back to ``input_shape``'s grid."""
+    stride, padding, dilation = _pair(conv.stride), _pair(conv.padding), _pair(conv.dilation)
+    k = _pair(conv.kernel_size)
+    output_padding = tuple(
+        int(input_shape[2 + i]) - ((x.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k[i] - 1) + 1)
+        for i in range(2)
+    )
+    return F.conv_transpose2d(x, conv.weight, None, stride, padding, output_padding, conv.groups, dilation)
+
+
+def batchnorm_scale(m: nn.BatchNorm2d) -> torch.Tensor:
+    if m.running_var is None:
+        raise DeconvnetError("batch norm without running statistics (track_running_stats=False) cannot be reversed")
+    return m.weight / torch.sqrt(m.running_var + m.eps) if m.affine else torch.rsqrt(m.running_var + m.eps)
+
+
+def lrn_vjp(m: nn.Module, inputs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    with torch.enable_grad():
+        inp = inputs.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(m(inp), inp, x)
+    return grad
+
+
+def _accumulate(signals: dict[str, Any], name: str, value: torch.Tensor) -> None:
+    if name in signals:
+        signals[name] = signals[name] + value
+    else:
+        signals[name] = value
+
+
+def _batched_shape(shape: torch.Size, rows: int) -> tuple[int, ...]:
+    return (rows, *shape[1:])
+
+
+def _linear_vjp(op: Op, graph: ModelGraph, record: ForwardRecord, signal: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Transpose of a linear map of the signal-path inputs, by autograd on the map itself (evaluated
+    at zero inputs with S rows; constants as recorded)."""
+    node = op.node
+    rows = signal.shape[0]
+    leaves: dict[str, torch.Tensor] = {}
+
+    def value(n: fx.Node) -> Any:
+        if n.name in op.inputs:
+            if n.name not in leaves:
+                leaves[n.name] = signal.new_zeros(_batched_shape(record.shapes[n.name], rows)).requires_grad_(True)
+            return leaves[n.name]
+        return record.constants[n.name]
+
+    args = fx.node.map_arg(node.args, value)
+    kwargs = dict(fx.node.map_arg(node.kwargs, value))
+    kwargs.pop("inplace", None)
+    with torch.enable_grad():
+        if node.op == "call_module":
+            out = op.module(*args, **kwargs)  # type: ignore[misc]
+        elif node.op == "call_method":
+            method = str(node.target).rstrip("_")
+            out = getattr(args[0], method)(*args[1:], **kwargs)
+        else:
+            out = node.target(*args, **kwargs)  # type: ignore[operator]
+        names = list(leaves)
+        grads = torch.autograd.grad(out, [leaves[n] for n in names], signal, allow_unused=True)
+    return {n: g for n, g in zip(names, grads) if g is not None}
+
+
+def _split_back(op: Op, record: ForwardRecord, pieces: dict[int, torch.Tensor], rows: int, like: torch.Tensor) -> torch.Tensor:
+    """A split's output pieces (some possibly unused) back to the tensor it split."""
+    node = op.node
+    source = op.inputs[0]
+    full = like.new_zeros(_batched_shape(record.shapes[source], rows))
+    with torch.enable_grad():
+        leaf = full.requires_grad_(True)
+        args = fx.node.map_arg(node.args, lambda n: leaf if n.name == source else record.constants[n.name])
+        kwargs = dict(fx.node.map_arg(node.kwargs, lambda n: leaf if n.name == source else record.constants[n.name]))
+        if node.op == "call_method":
+            outs = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        else:
+            outs = node.target(*args, **kwargs)  # type: ignore[operator]
+        chosen = [outs[i] for i in pieces]
+        (grad,) = torch.autograd.grad(chosen, [leaf], [pieces[i] for i in pieces])
+    return grad
+
+
+def run_backward(
+    graph: ModelGraph,
+    record: ForwardRecord,
+    target: str,
+    signal: torch.Tensor,
+    image_index: torch.Tensor,
+    rule: str = "deconvnet",
+    include_lrn: bool = False,
+) -> torch.Tensor:
+    """Send ``signal`` (S, ...) at op ``target`` down to the input; returns (S, C, H, W)."""
+    ops = graph.below(target)
+    signals: dict[str, Any] = {target: signal}
+    split_pieces: dict[str, dict[int, torch.Tensor]] = {}
+    rows = signal.shape[0]
+    with torch.no_grad():
+        for op in reversed(ops):
+            if op.kind == "split":
+                pieces = split_pieces.pop(op.name, None)
+                if pieces:
+                    _accumulate(signals, op.inputs[0], _split_back(op, record, pieces, rows, signal))
+                continue
+            if op.name not in signals:
+                continue
+            if op.kind == "input":
+                break
+            x = signals.pop(op.name)
+            kind = op.kind
+            if kind == "relu":
+                mask = record.masks[op.name][image_index] if rule != "deconvnet" else None
+                _accumulate(signals, op.inputs[0], relu_rule(x, rule, mask))
+            elif kind == "maxpool":
+                _accumulate(signals, op.inputs[0], unpool_sum(x, record.switches[op.name][image_index], record.shapes[op.inputs[0]]))
+            elif kind == "conv":
+                _accumulate(signals, op.inputs[0], conv_transpose(x, op.module, record.shapes[op.inputs[0]]))  # type: ignore[arg-type]
+            elif kind == "linear":
+                _accumulate(signals, op.inputs[0], x @ op.module.weight)  # type: ignore[union-attr]
+            elif kind == "bn":
+                scale = batchnorm_scale(op.module)  # type: ignore[arg-type]
+                _accumulate(signals, op.inputs[0], x * scale.view(1, -1, *([1] * (x.dim() - 2))))
+            elif kind == "lrn":
+                y = lrn_vjp(op.module, record.lrn_inputs[op.name][image_index], x) if include_lrn else x  # type: ignore[arg-type]
+                _accumulate(signals, op.inputs[0], y)
+            elif kind == "add":
+                for name in op.inputs:
+                    _accumulate(signals, name, _sum_to(x, record.shapes[name], rows))
+            elif kind == "identity":
+                _accumulate(signals, op.inputs[0], x)
+            elif kind == "reshape":
+                _accumulate(signals, op.inputs[0], x.reshape(_batched_shape(record.shapes[op.inputs[0]], rows)))
+            elif kind == "getitem":
+                index = op.node.args[1]
+                if not isinstance(index, int):
+                    raise DeconvnetError(f"{op.where}: indexing a split by {index!r} is not supported")
+                split_pieces.setdefault(op.inputs[0], {})
+                pieces = split_pieces[op.inputs[0]]
+                pieces[index] = pieces[index] + x if index in pieces else x
+            elif kind == "linear_op":
+                for name, g in _linear_vjp(op, graph, record, x).items():
+                    _accumulate(signals, name, g)
+            else:
+                raise DeconvnetError(f"the deconvnet cannot reverse {op.reason or op.kind} at {op.where}")
+    result = signals.get(graph.input_name)  # type: ignore[arg-type]
+    if result is None:  # the selection does not depend on the image (cannot happen for a traced path)
+        result = signal.new_zeros(_batched_shape(record.input_shape, rows))
+    return result
+
+
+def _sum_to(x: torch.Tensor, shape: torch.Size, rows: int) -> torch.Tensor:
+    """Undo broadcasting of an addition operand (e.g. a (1, C, 1, 1) bias added to a map)."""
+    target = _batched_shape(shape, rows) if len(shape) == x.dim() and shape[0] != 1 else tuple(shape)
+    if tuple(x.shape) == tuple(target):
+        return x
+    while x.dim() > len(target):
+        x = x.sum(0)
+    dims = [i for i, (a, b) in enumerate(zip(x.shape, target)) if b == 1 and a != 1]
+    return x.sum(dims, keepdim=True) if dims else x

@@ -1,0 +1,216 @@
+"""The graph engine against the independent autograd formulation (tests/reference.py), for the three
+rules, on torchvision's CNNs (random weights) and ZFNet; batching, model untouched, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from deconvnet.engine import RULES, DeconvNet, Selection
+from deconvnet.errors import DeconvnetError
+from deconvnet.models import build_model
+
+from .reference import reference_projection
+
+# relative to the reference's largest magnitude: float32 sums over up to ~10^5 terms in a different
+# order (transposed convs vs autograd's kernels) differ by ~1e-6 of the largest value
+TOLERANCE = 1e-5
+
+
+def _randomize_batchnorm(model: nn.Module) -> None:
+    """Non-trivial eval statistics, so that batch norm's scale matters."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def _build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
+    _randomize_batchnorm(model)
+    return model
+
+
+CASES = {
+    "resnet18": (["layer1.0", "layer2", "layer3.1.conv1"], 64),
+    "resnet50": (["layer2.1", "layer3"], 64),
+    "resnext50_32x4d": (["layer2.0", "layer3.2"], 64),
+    "densenet121": (["features.denseblock1", "features.transition2", "features.denseblock3.denselayer4"], 64),
+    "googlenet": (["inception3b", "maxpool3", "inception4a.branch2"], 64),
+    "vgg16": (["conv8", "pool10", "features.27"], 64),
+    "alexnet": (["conv2", "pool5"], 96),
+}
+
+
+def _module(model: nn.Module, engine: DeconvNet, layer: str) -> nn.Module:
+    info = engine.layer(layer)
+    path = info.path if engine.is_chain and layer in engine.layer_names else layer
+    return model.get_submodule(path)
+
+
+def _close(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    scale = ref.abs().max().clamp_min(1e-12)
+    return float((ours - ref).abs().max() / scale)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_rule_equals_autograd_with_the_rules_relu_backward(name):
+    model = _build(name)
+    layers, size = CASES[name]
+    image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
+    engine = DeconvNet(model)
+    for layer in layers:
+        acts = engine.activations(image, layer)
+        channel = int(acts[0].flatten(1).amax(1).argmax())  # a map that is alive
+        for rule in RULES:
+            ours = engine.project(image, [Selection(0, layer, channel)], rule=rule)[0]
+            ref = reference_projection(model, image, _module(model, engine, layer), channel, ours.position, rule)
+            assert ref.abs().max() > 0, f"{name} {layer} {rule}: degenerate reference"
+            assert _close(ours.image, ref) < TOLERANCE, f"{name} {layer} {rule}"
+
+
+def test_whole_map_and_linear_units_equal_the_reference():
+    model = _build("resnet18")
+    image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    engine = DeconvNet(model)
+    for rule in RULES:
+        (ours,) = engine.project(image, [Selection(0, "layer2", 5, whole_map=True)], rule=rule)
+        ref = reference_projection(model, image, model.layer2, 5, None, rule, whole_map=True)
+        assert _close(ours.image, ref) < TOLERANCE
+        (unit,) = engine.project(image, [Selection(0, "fc", 7)], rule=rule)
+        ref = reference_projection(model, image, model.fc, 7, None, rule)
+        assert _close(unit.image, ref) < TOLERANCE
+        assert unit.box == (0, 0, 64, 64)  # a linear unit sees the whole image
+
+
+def test_gradient_rule_is_plain_backpropagation():
+    model = _build("resnet18")
+    image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    engine = DeconvNet(model, rule="gradient")
+    (ours,) = engine.project(image, [Selection(0, "layer3", 9, position=(1, 2))])
+    x = image.clone().requires_grad_(True)
+    out = torchvision.models.feature_extraction.create_feature_extractor(model, ["layer3"])(x)["layer3"]
+    (grad,) = torch.autograd.grad(out[0, 9, 1, 2] * out[0, 9, 1, 2].detach(), x)
+    assert _close(ours.image, grad[0]) < TOLERANCE
+
+
+@pytest.mark.parametrize("lrn", [False, True])
+def test_zfnet_all_rules_and_the_fast_path_equal_the_reference(lrn):
+    torch.manual_seed(0)
+    model = build_model("zfnet", lrn=lrn, input_size=128).eval()
+    image = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(5))
+    engine = DeconvNet(model, include_lrn=True)
+    slow = DeconvNet(model, include_lrn=True, fast_path=False)
+    for layer in ["conv2", "pool2", "conv5"]:
+        sels = engine.strongest(image, layer, k=2)
+        for rule in RULES:
+            ours = engine.project(image, sels, rule=rule)
+            whole = slow.project(image, sels, rule=rule)
+            for p, q in zip(ours, whole):
+                ref = reference_projection(model, image[p.selection.image : p.selection.image + 1],
+                                           model.features.get_submodule(engine.layer(layer).path.split(".", 1)[1]),
+                                           p.selection.channel, p.position, rule)
+                assert _close(p.image, ref) < TOLERANCE, (layer, rule)
+                assert _close(q.image, ref) < TOLERANCE, (layer, rule)
+
+
+def test_batched_many_images_layers_and_rules_equal_one_at_a_time():
+    model = _build("resnet18")
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    engine = DeconvNet(model)
+    sels = [Selection(n, layer, c, whole_map=(c % 2 == 1)) for n in range(3) for layer in ("layer1", "layer2.0", "layer3") for c in (0, 3)]
+    for rule in RULES:
+        batched = engine.project(images, sels, batch_size=4, rule=rule)
+        for p in batched:
+            s = p.selection
+            (one,) = engine.project(images, [s], rule=rule)  # alone: same forward pass, way down unbatched
+            assert _close(p.image, one.image) < TOLERANCE
+            assert (p.value, p.position, p.rule) == (one.value, one.position, rule)
+
+
+def test_the_model_is_left_as_it_was():
+    model = _build("resnet50")
+    model.train()
+    inplace = {n: m.inplace for n, m in model.named_modules() if isinstance(m, nn.ReLU)}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+    image = torch.randn(2, 3, 64, 64)
+    original = image.clone()
+    engine = DeconvNet(model)
+    for rule in RULES:
+        engine.project(image, engine.strongest(image, "layer2", k=2), rule=rule)
+    assert model.training
+    assert all(m.training for m in model.modules())
+    assert {n: m.inplace for n, m in model.named_modules() if isinstance(m, nn.ReLU)} == inplace
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # running stats untouched
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()) == hooks
+    assert torch.equal(image, original)
+
+
+class _WithGelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3)
+        self.act = nn.GELU()
+        self.conv2 = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        return self.conv2(self.act(self.conv1(x)))
+
+
+class _WithAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.gate = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return y * torch.sigmoid(self.gate(y))  # a product of two signals
+
+
+def test_unsupported_operations_are_named_in_a_clear_error():
+    x = torch.randn(1, 3, 16, 16)
+    engine = DeconvNet(_WithGelu())
+    engine.project(x, [Selection(0, "conv1", 0)])  # below the GELU: fine
+    with pytest.raises(DeconvnetError, match=r"GELU at act"):
+        engine.project(x, [Selection(0, "conv2", 0)])
+    with pytest.raises(DeconvnetError, match=r"sigmoid|mul"):
+        DeconvNet(_WithAttention()).project(x, [Selection(0, "mul", 0)])
+
+
+def test_untraceable_model_and_bad_selections_are_clear_errors():
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else x
+
+    with pytest.raises(DeconvnetError, match="does not trace"):
+        DeconvNet(DataDependent())
+    engine = DeconvNet(_build("resnet18"))
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.raises(DeconvnetError, match="unknown layer 'layer9'"):
+        engine.project(x, [Selection(0, "layer9", 0)])
+    with pytest.raises(DeconvnetError, match="out of range"):
+        engine.project(x, [Selection(0, "layer1", 64)])
+    with pytest.raises(DeconvnetError, match="unknown rule"):
+        engine.project(x, [Selection(0, "layer1", 0)], rule="lrp")
+
+
+def test_receptive_fields_of_resnet_layers():
+    engine = DeconvNet(_build("resnet18"))
+    # conv1 7x7/2 p3 -> 7; maxpool 3x3/2 p1 -> 11; every BasicBlock adds two 3x3 convs
+    assert engine.layer("maxpool").rf_size == 11 and engine.layer("maxpool").rf_stride == 4
+    assert engine.layer("layer1").rf_size == 11 + 4 * 2 * 2 * 2
+    assert engine.layer("layer3").rf_size == 211 and engine.layer("layer3").rf_stride == 16
+    assert engine.layer("avgpool").covers_image
