@@ -287,7 +287,8 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], origi
     """``model.load_state_dict(state)`` with a one-line ``DeconvnetError`` naming the first missing,
     unexpected or mis-shaped keys."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
+    # Files saved before PyTorch 0.4.1 lack batch norm's step counter; load_state_dict fills it in.
+    missing = [k for k in expected if k not in state and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise DeconvnetError(
@@ -296,6 +297,6 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], origi
             f"{'...' if len(unexpected) > 4 else ''})"
         )
     for key, value in expected.items():
-        if tuple(state[key].shape) != tuple(value.shape):
+        if key in state and tuple(state[key].shape) != tuple(value.shape):
             raise DeconvnetError(f"{origin}: {key} has shape {tuple(state[key].shape)}, the model expects {tuple(value.shape)}")
     model.load_state_dict(state)
