@@ -163,7 +163,9 @@ def torchvision_weights(spec: str) -> tuple["WeightsEnum", str]:
             f"unknown torchvision weights {text!r}{known}; the form is torchvision:ResNet50_Weights.IMAGENET1K_V2 "
             "(`deconvnet models resnet50` lists an architecture's weights)"
         ) from None
-    builder = next(b for b in torchvision_builders() if tvm.get_model_weights(b) is type(weights))
+    builder = next((b for b in torchvision_builders() if tvm.get_model_weights(b) is type(weights)), None)
+    if builder is None:  # detection, segmentation, video or quantized weights
+        raise DeconvnetError(f"{text} are not weights of a torchvision classification model; `deconvnet models` lists those")
     return weights, builder
 
 

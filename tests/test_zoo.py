@@ -160,6 +160,8 @@ def test_torchvision_weights_enum_loads_through_torchvisions_cache(torch_home, s
 def test_torchvision_weights_errors_are_clear(torch_home):
     with pytest.raises(DeconvnetError, match="unknown torchvision weights 'ResNet18_Weights.IMAGENET1K_V9'; ResNet18_Weights has torchvision:ResNet18_Weights.IMAGENET1K_V1"):
         load_model("torchvision:ResNet18_Weights.IMAGENET1K_V9")
+    with pytest.raises(DeconvnetError, match="not weights of a torchvision classification model"):
+        load_model("torchvision:FasterRCNN_ResNet50_FPN_Weights.DEFAULT")
     with pytest.raises(DeconvnetError, match="are weights for torchvision's resnet18, not tv-resnet50"):
         load_model("torchvision:ResNet18_Weights.DEFAULT", arch="resnet50")
 
