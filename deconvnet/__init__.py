@@ -2,7 +2,9 @@
 
 The public API, importable from the package root::
 
-    load_model, save_weights          weights in and out (registry names or files)
+    load_model, save_weights          weights in and out (registry names, files, torchvision weights)
+    wrap_model                        any classification nn.Module as a LoadedModel
+    list_models, create_model         architectures by name: ours, torchvision's, timm's
     build_model, zfnet, zfnet_b, alexnet, ArchConfig, ConvNet
     DeconvNet, Selection, Projection  the deconvnet engine
     classify, prepare_images, project_image
@@ -35,6 +37,9 @@ _EXPORTS = {
     "LoadedModel": "weights",
     "load_model": "weights",
     "save_weights": "weights",
+    "wrap_model": "weights",
+    "create_model": "zoo",
+    "list_models": "zoo",
 }
 
 
@@ -56,11 +61,14 @@ __all__ = [
     "alexnet",
     "build_model",
     "classify",
+    "create_model",
+    "list_models",
     "load_image",
     "load_model",
     "prepare_images",
     "project_image",
     "save_weights",
+    "wrap_model",
     "zfnet",
     "zfnet_b",
 ]

@@ -1,9 +1,11 @@
-"""Weights in and out: our safetensors checkpoints, pytorchcv's ZFNet/AlexNet files, torchvision's
-AlexNet/VGG state dicts, and a small registry of named weights downloaded on first use.
+"""Weights in and out: our safetensors checkpoints, pytorchcv's ZFNet/AlexNet files, torchvision state
+dicts and published weights (``torchvision:ResNet50_Weights.IMAGENET1K_V2``), timm checkpoints, and a
+small registry of named weights downloaded on first use.
 
 ``load_model("zfnet-imagenette")`` or ``load_model("path/to/file")`` returns a ``LoadedModel``: the
 ``nn.Module`` in eval mode plus the class names and preprocessing it expects. The file format is
-detected from the keys, so ``--weights`` takes any of them.
+detected from the keys, so ``--weights`` takes any of them; ``arch`` (``--arch``, see ``deconvnet.zoo``)
+names the architecture of a file that does not say, or alone builds it untrained.
 """
 
 from __future__ import annotations
@@ -27,6 +29,16 @@ from .atomic import atomic_path
 from .data import Preprocessing
 from .errors import DeconvnetError
 from .models import ARCHITECTURES, ArchConfig, ConvNet
+from .zoo import (
+    ArchName,
+    create_model,
+    default_preprocessing,
+    load_state_strict,
+    model_from_state_dict,
+    preprocessing_from_weights,
+    resolve_arch,
+    torchvision_weights,
+)
 
 FORMAT_TAG = "deconvnet/1"
 BUNDLED_DIR = Path(__file__).parent / "assets"
@@ -39,6 +51,7 @@ __all__ = [
     "DEFAULT_WEIGHTS",
     "register_weights",
     "load_model",
+    "wrap_model",
     "save_weights",
     "read_metadata",
     "fetch_weights",
@@ -58,6 +71,8 @@ class LoadedModel:
     arch: str
     source: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    # With ``arch``, what rebuilds a torchvision/timm model: ``create_model(arch, **arch_kwargs)``.
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def to(self, device: str | torch.device) -> "LoadedModel":
         self.model.to(device)
@@ -192,28 +207,47 @@ def _download(url: str, path: Path, progress: bool) -> None:
 
 
 def save_weights(
-    model: ConvNet,
+    model: nn.Module,
     path: str | os.PathLike,
     classes: list[str],
     preprocessing: Preprocessing | None = None,
     dtype: torch.dtype | None = None,
     extra: Mapping[str, Any] | None = None,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a safetensors file that ``load_model`` can rebuild alone (architecture, classes and
-    preprocessing in its metadata). Written to a temp file and renamed, so never half-written."""
+    preprocessing in its metadata). Written to a temp file and renamed, so never half-written.
+
+    A ``ConvNet`` carries its architecture; any other model needs ``arch`` (a ``deconvnet.zoo`` name:
+    ``tv-resnet50``, ``timm:resnet50``) and the ``arch_kwargs`` that rebuild it with ``create_model``
+    (``LoadedModel.arch`` and ``LoadedModel.arch_kwargs``). ``dtype`` converts floating-point tensors only.
+    """
     from safetensors.torch import save_file
 
-    if not isinstance(model, ConvNet):
-        raise TypeError("save_weights stores deconvnet.models.ConvNet models; use torch.save for others")
+    if isinstance(model, ConvNet):
+        arch_meta = json.dumps(model.config.to_dict())
+    elif arch is None:
+        raise TypeError("save_weights needs arch= (a torchvision/timm name, see deconvnet.zoo) for models other than ConvNet")
+    else:
+        name = resolve_arch(arch)
+        if name.family == "deconvnet":
+            raise TypeError(f"{arch!r} is one of our ConvNet architectures, but the model is a {type(model).__name__}")
+        arch_meta = name.canonical
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.detach().to("cpu", dtype or v.dtype)).contiguous() for k, v in model.state_dict().items()}
+    tensors = {
+        k: v.detach().to("cpu", dtype if (dtype is not None and v.is_floating_point()) else v.dtype).contiguous()
+        for k, v in model.state_dict().items()
+    }
     metadata = {
         "format": FORMAT_TAG,
-        "arch": json.dumps(model.config.to_dict()),
+        "arch": arch_meta,
         "classes": json.dumps(list(classes)),
         "preprocessing": json.dumps((preprocessing or Preprocessing()).to_dict()),
     }
+    if not isinstance(model, ConvNet):
+        metadata["arch_kwargs"] = json.dumps(dict(arch_kwargs or {}))
     for key, value in (extra or {}).items():
         metadata[key] = value if isinstance(value, str) else json.dumps(value)
     with atomic_path(path) as tmp:
@@ -248,21 +282,33 @@ def load_model(
 ) -> LoadedModel:
     """Load named weights or a file (safetensors / .pth / .pt) into the matching model, in eval mode.
 
-    ``arch`` forces an architecture where the file does not say (e.g. a raw state dict);
+    ``weights`` is a registry name (default: the bundled ZFNet), a file, or torchvision's published
+    weights as ``torchvision:ResNet50_Weights.IMAGENET1K_V2`` (``.DEFAULT`` too; downloaded into
+    torchvision's cache, ``$TORCH_HOME``, on first use). ``arch`` names the architecture of a file that
+    does not say (a raw state dict: ``resnet50``, ``timm:resnet50``, ...; see ``deconvnet.zoo``); with
+    ``weights=None`` it builds that architecture untrained (``source="untrained"``).
     ``lrn=False`` drops LRN layers from a ZFNet/AlexNet (a different function: use knowingly).
     """
-    spec = str(weights) if weights is not None else DEFAULT_WEIGHTS
-    if spec in REGISTRY:
-        path = fetch_weights(spec, progress=progress)
-        source = spec
+    resolved = resolve_arch(arch) if arch is not None else None
+    if weights is None and resolved is not None:
+        loaded = _untrained(resolved)
+    elif str(weights).startswith("torchvision:"):
+        loaded = _load_torchvision_weights(str(weights), resolved, progress)
     else:
-        path = Path(spec)
-        source = str(path)
-        if not path.exists():
-            names = ", ".join(sorted(REGISTRY))
-            raise DeconvnetError(f"--weights {spec!r} is neither a file nor a known name ({names})")
-    loaded = _load_file(path, arch)
-    loaded.source = source
+        spec = str(weights) if weights is not None else DEFAULT_WEIGHTS
+        if spec in REGISTRY:
+            path = fetch_weights(spec, progress=progress)
+            source = spec
+        else:
+            path = Path(spec)
+            source = str(path)
+            if not path.exists():
+                names = ", ".join(sorted(REGISTRY))
+                raise DeconvnetError(
+                    f"--weights {spec!r} is neither a file nor a known name ({names}, or torchvision:ResNet50_Weights.DEFAULT and the like)"
+                )
+        loaded = _load_file(path, resolved)
+        loaded.source = source
     if lrn is False and isinstance(loaded.model, ConvNet) and loaded.model.config.lrn:
         state = loaded.model.state_dict()
         loaded.model = ConvNet(loaded.model.config.with_(lrn=False))
@@ -271,7 +317,90 @@ def load_model(
     return loaded
 
 
-def _load_file(path: Path, arch: str | None) -> LoadedModel:
+def wrap_model(
+    module: nn.Module,
+    classes: list[str] | None = None,
+    preprocessing: Preprocessing | None = None,
+    arch: str | None = None,
+) -> LoadedModel:
+    """Bring your own network: any classification ``nn.Module`` (put in eval mode) as a ``LoadedModel``.
+
+    ``classes`` default to ImageNet's names for 1000 outputs, else ``class 0``, ``class 1``...
+    (the number of outputs is read from the last ``nn.Linear``, or from one forward pass);
+    ``preprocessing`` defaults to resize 256, crop 224, ImageNet mean and std.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"wrap_model takes a torch.nn.Module, got {type(module).__name__}")
+    preprocessing = preprocessing or Preprocessing()
+    module.eval()
+    if classes is None:
+        classes = _class_names(_num_outputs(module, preprocessing.crop))
+    return LoadedModel(model=module, classes=list(classes), preprocessing=preprocessing,
+                       arch=arch or type(module).__name__, source="user model")
+
+
+def _num_outputs(module: nn.Module, crop: int) -> int:
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if linears:
+        return linears[-1].out_features
+    parameter = next(module.parameters(), None)
+    with torch.no_grad():
+        out = module(torch.zeros(1, 3, crop, crop, device=parameter.device if parameter is not None else "cpu"))
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise DeconvnetError("cannot tell the number of classes of this model (its output is not (batch, classes)); pass classes=[...]")
+    return int(out.shape[1])
+
+
+def _class_names(num_classes: int) -> list[str]:
+    return imagenet_classes() if num_classes == 1000 else [f"class {i}" for i in range(num_classes)]
+
+
+def _untrained(arch: ArchName) -> LoadedModel:
+    model = create_model(arch.canonical)
+    return LoadedModel(
+        model=model,
+        classes=_class_names(_num_outputs(model, 224)),
+        preprocessing=default_preprocessing(arch, model),
+        arch=arch.canonical,
+        source="untrained",
+    )
+
+
+def _load_torchvision_weights(spec: str, arch: ArchName | None, progress: bool) -> LoadedModel:
+    import urllib.error
+
+    weights, builder = torchvision_weights(spec)
+    full_name = f"torchvision:{type(weights).__name__}.{weights.name}"
+    if arch is not None and arch != ArchName("torchvision", builder):
+        raise DeconvnetError(f"{full_name} are weights for torchvision's {builder}, not {arch.canonical}; drop --arch or pass --arch {builder}")
+    filename = weights.url.rsplit("/", 1)[-1]
+    try:
+        # check_hash: the file name carries a prefix of its sha256, verified on download, as torchvision does.
+        state = weights.get_state_dict(progress=progress, check_hash=True, weights_only=True)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        from torch.hub import get_dir
+
+        reason = getattr(e, "reason", None) or e
+        raise DeconvnetError(
+            f"could not download {full_name} from {weights.url} ({reason}); if you are offline, download the file "
+            f"elsewhere and pass it with --weights /path/to/{filename} --arch {builder}, or place it in {Path(get_dir()) / 'checkpoints'}"
+        ) from None
+    except RuntimeError as e:  # a damaged download (hash mismatch) or an unreadable cached file
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DeconvnetError(f"{full_name}: {first_line}; delete the file from torchvision's cache and try again") from None
+    model, kwargs, _ = model_from_state_dict(ArchName("torchvision", builder), state, full_name, weights=weights)
+    return LoadedModel(
+        model=model,
+        classes=list(weights.meta["categories"]),
+        preprocessing=preprocessing_from_weights(weights),
+        arch=ArchName("torchvision", builder).canonical,
+        source=full_name,
+        metadata={"torchvision_weights": full_name, "url": weights.url},
+        arch_kwargs=kwargs,
+    )
+
+
+def _load_file(path: Path, arch: ArchName | None) -> LoadedModel:
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -282,16 +411,26 @@ def _load_file(path: Path, arch: str | None) -> LoadedModel:
         except (SafetensorError, OSError, ValueError) as e:
             raise DeconvnetError(f"{path}: not a readable safetensors file ({e})") from None
         if metadata.get("format") == FORMAT_TAG:
-            config = ArchConfig.from_dict(metadata["arch"])
-            model = ConvNet(config)
-            _load_state(model, {k: v.float() for k, v in state.items()}, path)
+            state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+            if isinstance(metadata["arch"], str):  # a torchvision/timm model: its name and builder arguments
+                stored = resolve_arch(metadata["arch"])
+                kwargs = dict(metadata.get("arch_kwargs") or {})
+                model = create_model(stored.canonical, **kwargs)
+                load_state_strict(model, state, str(path))
+                arch_name = stored.canonical
+            else:
+                config = ArchConfig.from_dict(metadata["arch"])
+                model = ConvNet(config)
+                load_state_strict(model, state, str(path))
+                arch_name, kwargs = config.name, {}
             return LoadedModel(
                 model=model,
                 classes=list(metadata["classes"]),
                 preprocessing=Preprocessing.from_dict(metadata["preprocessing"]),
-                arch=config.name,
+                arch=arch_name,
                 source=str(path),
                 metadata=metadata,
+                arch_kwargs=kwargs,
             )
     else:
         try:
@@ -306,31 +445,20 @@ def _load_file(path: Path, arch: str | None) -> LoadedModel:
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise DeconvnetError(f"{path}: expected a state dict (name -> tensor), found {type(state).__name__}")
         state = {k.removeprefix("module."): v for k, v in state.items()}
-    model, arch_name = convert_state_dict(state, arch, str(path))
-    num_classes = _num_classes(model)
-    classes = imagenet_classes() if num_classes == 1000 else [f"class {i}" for i in range(num_classes)]
-    return LoadedModel(model=model, classes=classes, preprocessing=Preprocessing(), arch=arch_name, source=str(path))
-
-
-def _num_classes(model: nn.Module) -> int:
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    return last.out_features
-
-
-def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise DeconvnetError(
-            f"{path}: keys do not match the model (missing: {', '.join(missing[:4]) or 'none'}"
-            f"{'...' if len(missing) > 4 else ''}; unexpected: {', '.join(unexpected[:4]) or 'none'}"
-            f"{'...' if len(unexpected) > 4 else ''})"
-        )
-    for key, value in expected.items():
-        if tuple(state[key].shape) != tuple(value.shape):
-            raise DeconvnetError(f"{path}: {key} has shape {tuple(state[key].shape)}, the model expects {tuple(value.shape)}")
-    model.load_state_dict(state)
+    origin = str(path)
+    if arch is None or arch.family == "deconvnet":
+        tv = _torchvision_layout(state, arch.name if arch else None, origin)
+        if tv is None:
+            model, arch_name = convert_state_dict(state, arch.name if arch else None, origin)
+            return LoadedModel(model=model, classes=_class_names(_num_outputs(model, 224)), preprocessing=Preprocessing(),
+                               arch=arch_name, source=origin)
+        arch = tv
+    model, kwargs, weights = model_from_state_dict(arch, state, origin, filename=path.name)
+    if weights is not None:  # the file is torchvision's own download: its classes and transforms
+        classes, preprocessing = list(weights.meta["categories"]), preprocessing_from_weights(weights)
+    else:
+        classes, preprocessing = _class_names(kwargs["num_classes"]), default_preprocessing(arch, model)
+    return LoadedModel(model=model, classes=classes, preprocessing=preprocessing, arch=arch.canonical, source=origin, arch_kwargs=kwargs)
 
 
 PYTORCHCV_KEYS = {
@@ -347,7 +475,8 @@ PYTORCHCV_KEYS = {
 
 def convert_state_dict(state: Mapping[str, torch.Tensor], arch: str | None = None, origin: str = "state dict") -> tuple[nn.Module, str]:
     """Build the model a foreign state dict belongs to and load it: pytorchcv ZFNet/AlexNet,
-    torchvision AlexNet/VGG, or a raw state dict of our ``ConvNet``."""
+    torchvision AlexNet/VGG, or a raw state dict of our ``ConvNet``. (Other torchvision and timm models
+    need their name: ``deconvnet.zoo.model_from_state_dict``.)"""
     keys = set(state)
     if "features.stage1.unit1.conv.weight" in keys:
         renamed = {}
@@ -361,14 +490,16 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], arch: str | None = Non
     if "features.conv1.weight" in keys:
         config = _infer_config(state, arch, origin)
         model = ConvNet(config)
-        _load_state(model, state, origin)
+        load_state_strict(model, state, origin)
         return model, config.name
-    if "features.0.weight" in keys and any(k.startswith("classifier.") for k in keys):
-        return _torchvision_model(state, arch, origin)
+    tv = _torchvision_layout(state, arch, origin)
+    if tv is not None:
+        return model_from_state_dict(tv, state, origin)[0], tv.canonical
     sample = ", ".join(sorted(keys)[:3])
     raise DeconvnetError(
         f"{origin}: unrecognised weights layout (first keys: {sample}); supported: deconvnet safetensors, "
-        "pytorchcv zfnet/zfnetb/alexnet, torchvision alexnet/vgg*"
+        "pytorchcv zfnet/zfnetb/alexnet, torchvision alexnet/vgg*; for any other torchvision or timm model pass "
+        "--arch NAME (e.g. --arch resnet50, --arch timm:resnet50)"
     )
 
 
@@ -399,23 +530,23 @@ def _infer_config(state: Mapping[str, torch.Tensor], arch: str | None, origin: s
     return base.with_(conv=conv, fc=fc, num_classes=num_classes)
 
 
-def _torchvision_model(state: Mapping[str, torch.Tensor], arch: str | None, origin: str) -> tuple[nn.Module, str]:
-    import torchvision.models as tvm
-
+def _torchvision_layout(state: Mapping[str, torch.Tensor], arch: str | None, origin: str) -> ArchName | None:
+    """The torchvision AlexNet/VGG a file in their layout (``features.N`` + ``classifier.N`` keys) is, else None."""
+    keys = set(state)
+    if "features.0.weight" not in keys or not any(k.startswith("classifier.") for k in keys):
+        return None
+    if arch == "alexnet":  # our single-tower AlexNet's name, but this layout only fits torchvision's
+        return ArchName("torchvision", "alexnet")
+    if arch is not None:
+        name = resolve_arch(arch)
+        if name.family != "torchvision":
+            raise DeconvnetError(f"{origin} is in torchvision's layout (features.N, classifier.N), not {arch!r}'s; pass --arch tv-alexnet, tv-vgg16...")
+        return name
     conv_keys = [k for k in state if k.startswith("features.") and k.endswith(".weight") and state[k].dim() == 4]
+    if len(conv_keys) == 5:
+        return ArchName("torchvision", "alexnet")
+    depth = {8: "vgg11", 10: "vgg13", 13: "vgg16", 16: "vgg19"}.get(len(conv_keys))
+    if depth is None:
+        raise DeconvnetError(f"{origin}: torchvision-style file with {len(conv_keys)} conv layers matches no AlexNet/VGG; pass --arch NAME")
     batchnorm = any(k.endswith("running_mean") for k in state)
-    num_classes = int(state[max((k for k in state if k.startswith("classifier.") and k.endswith(".weight")), key=lambda k: int(k.split(".")[1]))].shape[0])
-    if arch is None:
-        if len(conv_keys) == 5:
-            arch = "tv-alexnet"
-        else:
-            depth = {8: "vgg11", 10: "vgg13", 13: "vgg16", 16: "vgg19"}.get(len(conv_keys))
-            if depth is None:
-                raise DeconvnetError(f"{origin}: torchvision-style file with {len(conv_keys)} conv layers matches no AlexNet/VGG")
-            arch = f"tv-{depth}{'_bn' if batchnorm else ''}"
-    builder = getattr(tvm, arch.removeprefix("tv-"), None)
-    if builder is None:
-        raise DeconvnetError(f"unknown torchvision architecture {arch!r}")
-    model = builder(weights=None, num_classes=num_classes)
-    _load_state(model, state, origin)
-    return model, arch
+    return ArchName("torchvision", f"{depth}_bn" if batchnorm else depth)

@@ -12,13 +12,17 @@ if TYPE_CHECKING:  # imported lazily: parsing arguments must not pay for torch
 
 def add_model_args(p: argparse.ArgumentParser, arch: bool = True) -> None:
     """--weights / --arch / --device / --no-lrn, the same on every command."""
-    p.add_argument("--weights", default=None, help="registry name (default: zfnet-imagenette, the bundled model; zfnet-imagenet, ...) or a weights file (.safetensors/.pth)")
+    p.add_argument("--weights", default=None, help="registry name (default: zfnet-imagenette, the bundled model; zfnet-imagenet, ...), "
+                   "a weights file (.safetensors/.pth) or torchvision's published weights (torchvision:ResNet50_Weights.DEFAULT)")
     if arch:
-        p.add_argument("--arch", default=None, help="architecture for files that do not say (zfnet, zfnet-b, alexnet, tv-alexnet, tv-vgg16)")
+        p.add_argument("--arch", default=None, help="architecture of a file that does not say (zfnet, alexnet, resnet50, tv-alexnet, timm:resnet50...; "
+                       "`deconvnet models` lists them); without --weights: that architecture untrained")
     p.add_argument("--device", default="auto", help="auto (a GPU if PyTorch sees one), cpu or cuda")
 
 
-def load_from_args(args: argparse.Namespace, lrn: bool | None = None, announce: bool = True) -> "LoadedModel":
+def load_from_args(args: argparse.Namespace, lrn: bool | None = None, announce: bool = True, untrained_ok: bool = False) -> "LoadedModel":
+    """The model the arguments name; a one-line warning for an untrained one unless ``untrained_ok``
+    (``deconvnet layers`` only needs the architecture)."""
     from ..training import resolve_device
     from ..weights import load_model
 
@@ -26,6 +30,8 @@ def load_from_args(args: argparse.Namespace, lrn: bool | None = None, announce: 
     loaded = load_model(args.weights, arch=getattr(args, "arch", None), device=device, lrn=lrn)
     if announce:
         print(f"weights: {loaded.source} ({loaded.arch}, {len(loaded.classes)} classes) on {device}", file=sys.stderr)
+    if loaded.source == "untrained" and not untrained_ok:
+        print(f"deconvnet: warning: {loaded.arch} has random weights (no --weights given): its outputs mean nothing", file=sys.stderr)
     return loaded
 
 

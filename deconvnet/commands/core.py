@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.set_defaults(func=cmd_layers)
 
-    p = sub.add_parser("convert", help="save any supported weights (pytorchcv .pth, checkpoint) as deconvnet safetensors")
+    p = sub.add_parser("convert", help="save any supported weights (pytorchcv/torchvision/timm .pth, checkpoint) as deconvnet safetensors")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--fp16", action="store_true", help="store float16 (half the size; logits change by ~1e-3)")
     add_model_args(p)
@@ -93,17 +93,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
     from ..errors import DeconvnetError
-    from ..models import ConvNet
     from ..weights import save_weights
 
     if not args.out.endswith(".safetensors"):
         raise DeconvnetError("--out must end with .safetensors")
     loaded = load_from_args(args)
-    if not isinstance(loaded.model, ConvNet):
-        raise DeconvnetError(f"{loaded.arch} is a torchvision model; only ZFNet/AlexNet (deconvnet.models) are stored in our format")
-    keep = {k: v for k, v in loaded.metadata.items() if k not in ("format", "arch", "classes", "preprocessing")}
+    keep = {k: v for k, v in loaded.metadata.items() if k not in ("format", "arch", "arch_kwargs", "classes", "preprocessing")}
+    # A torchvision/timm model is stored by name + builder arguments, so load_model rebuilds it alone.
     path = save_weights(loaded.model, args.out, loaded.classes, loaded.preprocessing,
-                        dtype=torch.float16 if args.fp16 else None, extra=keep)
+                        dtype=torch.float16 if args.fp16 else None, extra=keep, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
@@ -113,7 +111,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
     from ..deconv import DeconvNet
 
-    loaded = load_from_args(args)
+    loaded = load_from_args(args, untrained_ok=True)
     engine = DeconvNet(loaded.model)
     size = loaded.preprocessing.crop
     x = torch.zeros(1, 3, size, size, device=loaded.device)
