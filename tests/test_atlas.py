@@ -398,22 +398,6 @@ def test_two_torchrun_processes_give_the_same_atlas_as_one(tmp_path):
 # --------------------------------------------------------------------------- projector internals
 
 
-@pytest.mark.parametrize("cin,cout,k,s", [(8, 3, 7, 2), (16, 3, 5, 2), (6, 3, 11, 4), (4, 2, 3, 2)])
-def test_polyphase_transposed_conv_equals_conv_transpose2d(cin, cout, k, s):
-    """The first layer's transposed convolution runs as a stride-1 convolution + pixel shuffle: the
-    same sums in another order (float32 round-off)."""
-    torch.manual_seed(k * 10 + s)
-    conv = nn.Conv2d(cout, cin, k, s)  # the forward conv maps cout -> cin; its transpose cin -> cout
-    model = nn.Sequential(OrderedDict([("conv1", conv), ("relu1", nn.ReLU())]))
-    projector = WindowedProjector(DeconvNet(model))
-    x = torch.relu(torch.randn(5, cin, 9, 11))
-    for cl in (False, True):
-        got = projector._transposed(projector.engine.layer("conv1"), x, cl)
-        ref = F.conv_transpose2d(x, conv.weight.detach(), None, s)
-        assert got.shape == ref.shape
-        assert ((got - ref).abs().max() / ref.abs().max()) < 1e-6
-
-
 def test_windows_cut_to_the_map_keep_every_on_map_value():
     """`_fit_to_map` moves every window inside the map with one common size; all cells that were on
     the map keep their values, the cells gained are zero, nothing is lost."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 from deconvnet.engine import RULES, DeconvNet, Selection
+from deconvnet.engine.reverse import TransposedFilters, batchnorm_scale, conv_transpose
 from deconvnet.errors import DeconvnetError
 from deconvnet.models import build_model
 
@@ -214,3 +216,23 @@ def test_receptive_fields_of_resnet_layers():
     assert engine.layer("layer1").rf_size == 11 + 4 * 2 * 2 * 2
     assert engine.layer("layer3").rf_size == 211 and engine.layer("layer3").rf_stride == 16
     assert engine.layer("avgpool").covers_image
+
+
+@pytest.mark.parametrize("cin,cout,k,s,p", [(8, 3, 7, 2, 3), (16, 3, 5, 2, 0), (6, 3, 11, 4, 2), (4, 2, 3, 2, 1), (12, 20, 3, 1, 1)])
+def test_prepared_transposed_filters_equal_conv_transpose2d(cin, cout, k, s, p):
+    """The way down's transposed convolution (polyphase form for few outputs, channels-last, batch
+    norm folded into the filters) is the same sum as one ``conv_transpose2d``: float32 round-off."""
+    torch.manual_seed(k * 10 + s)
+    conv = nn.Conv2d(cout, cin, k, s, p)  # the forward conv maps cout -> cin; its transpose cin -> cout
+    bn = nn.BatchNorm2d(cin).eval()
+    _randomize_batchnorm(bn)
+    filters = TransposedFilters()
+    x = torch.relu(torch.randn(5, cin, 9, 11))
+    input_shape = (5, cout, (9 - 1) * s + k - 2 * p + (s - 1), (11 - 1) * s + k - 2 * p)
+    for cl in (False, True):
+        got = filters.apply(x, conv, cl)
+        ref = F.conv_transpose2d(x, conv.weight.detach(), None, s)
+        assert got.shape == ref.shape and _close(got, ref) < 1e-6
+        got = filters.to_input(x, conv, input_shape, cl, bn)
+        ref = conv_transpose(x * batchnorm_scale(bn).view(1, -1, 1, 1), conv, input_shape)
+        assert got.shape == ref.shape == input_shape and _close(got, ref) < 1e-6

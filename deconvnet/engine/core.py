@@ -13,6 +13,7 @@ with results equal to the whole-image path to float rounding (tested).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -23,10 +24,15 @@ from ..errors import DeconvnetError
 from .chain import LayerInfo, chain_forward, feature_layers, is_chain
 from .graph import Field, ModelGraph, trace
 from .record import ForwardRecord, run_forward
-from .reverse import RULES, check_rule, run_backward
+from .reverse import RULES, TransposedFilters, check_rule, run_backward
 from .windowed import WindowedProjector, paste
 
-__all__ = ["Selection", "Projection", "DeconvNet", "RULES"]
+__all__ = ["Selection", "Projection", "DeconvNet", "RULES", "CPU_PASS_BYTES"]
+
+# on a CPU, a way down over whole maps carries at most this many bytes in its largest map
+CPU_PASS_BYTES = 4 * 1024 * 1024
+# single units per receptive-field-windowed pass (chain models)
+WINDOWED_CHUNK = 16  # measured: 8-16 fastest on a 2-core CPU (conv5: 5.7 s at 8, 10.8 s unchunked)
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class DeconvNet:
         self.chain: list[LayerInfo] | None = feature_layers(model) if is_chain(model) else None
         self._fields: dict[tuple[int, int], dict[str, Field]] = {}
         self._projector: WindowedProjector | None = None
+        self.filters = TransposedFilters()  # prepared transposed filters, shared by both ways down
         self._aliases: dict[str, str] = {}  # chain names -> traced op
         if self.chain is not None:
             for info in self.chain:
@@ -226,7 +233,7 @@ class DeconvNet:
         op = self._op_name(layer)
         if rule != "deconvnet" and not record.masks and any(o.kind == "relu" for o in self.graph.below(op)):
             raise DeconvnetError(f"the record was made for the deconvnet rule; call forward(..., rule={rule!r}) first")
-        return run_backward(self.graph, record, op, signal, image_index.to(signal.device), rule, self.include_lrn)
+        return run_backward(self.graph, record, op, signal, image_index.to(signal.device), rule, self.include_lrn, self.filters)
 
     # ------------------------------------------------------------------ projections
     def project(
@@ -273,8 +280,9 @@ class DeconvNet:
             slow = [i for i in members if results[i] is None]
             if slow and record is None:
                 record = self.forward(images, list(by_layer), rule=rule)
-            for start in range(0, len(slow), batch_size):
-                chunk = slow[start : start + batch_size]
+            rows = self._rows_per_pass(record, layer, batch_size, images.device)
+            for start in range(0, len(slow), rows):
+                chunk = slow[start : start + rows]
                 signal = acts.new_zeros((len(chunk), *acts.shape[1:]))
                 for r, i in enumerate(chunk):
                     value, pos = seeds[i]
@@ -287,11 +295,21 @@ class DeconvNet:
                         signal[r, sel.channel, pos[0], pos[1]] = value
                 image_index = torch.tensor([selections[i].image for i in chunk], device=acts.device)
                 assert record is not None
-                down = run_backward(self.graph, record, self._op_name(layer), signal, image_index, rule, self.include_lrn)
+                down = run_backward(self.graph, record, self._op_name(layer), signal, image_index, rule, self.include_lrn, self.filters)
                 for r, i in enumerate(chunk):
                     value, pos = seeds[i]
                     results[i] = Projection(selections[i], value, pos, info.receptive_field(*pos, height, width), down[r], rule)
         return [r for r in results if r is not None]
+
+    def _rows_per_pass(self, record: ForwardRecord | None, layer: str, batch_size: int, device: torch.device) -> int:
+        """Selections per way down: ``batch_size``, and on a CPU at most as many as keep the largest
+        map of one pass within ``CPU_PASS_BYTES`` (cache-sized passes: measured 1.4x faster per
+        selection on ResNet-50 than passes of 16)."""
+        if device.type != "cpu" or record is None:
+            return batch_size
+        op = self._op_name(layer)
+        largest = max((math.prod(record.shapes[o.name][1:]) for o in self.graph.below(op) if o.name in record.shapes), default=1)
+        return max(1, min(batch_size, CPU_PASS_BYTES // (4 * largest)))
 
     def _seeds(self, acts: torch.Tensor, sels: list[Selection], layer: str) -> list[tuple[float, tuple[int, int]]]:
         """(value, position) of each selection's seed, with the range checks."""
@@ -338,11 +356,17 @@ class DeconvNet:
         positions = torch.tensor([seeds[i][1] for i in fast], dtype=torch.long, device=device)
         channels = torch.tensor([selections[i].channel for i in fast], device=device)
         image_index = torch.tensor([selections[i].image for i in fast], device=device)
-        out = self.projector().project(chain_record, (height, width), layer, image_index, channels, positions, values)
-        canvas = paste(images.new_zeros(len(fast), images.shape[1], height, width), out.windows, out.origins)
-        for r, i in enumerate(fast):
-            value, pos = seeds[i]
-            results[i] = Projection(selections[i], value, pos, info.receptive_field(*pos, height, width), canvas[r], "deconvnet")
+        # units with receptive fields of the same clipped size go down together: the projector then
+        # cuts all their windows to the image alike (less work at the borders)
+        order = sorted(range(len(fast)), key=lambda r: info.receptive_field(*seeds[fast[r]][1], height, width)[2:])
+        for start in range(0, len(order), WINDOWED_CHUNK):
+            part = torch.tensor(order[start : start + WINDOWED_CHUNK], device=device)
+            out = self.projector().project(chain_record, (height, width), layer, image_index[part], channels[part], positions[part], values[part])
+            canvas = paste(images.new_zeros(len(part), images.shape[1], height, width), out.windows, out.origins)
+            for r, k in enumerate(part.tolist()):
+                i = fast[k]
+                value, pos = seeds[i]
+                results[i] = Projection(selections[i], value, pos, info.receptive_field(*pos, height, width), canvas[r], "deconvnet")
 
     def strongest(self, images: torch.Tensor, layer: str, k: int | None = None) -> list[Selection]:
         """Selections for the strongest activation of each map (or of the ``k`` maps whose maximum is

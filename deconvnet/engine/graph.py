@@ -150,6 +150,15 @@ class ModelGraph:
         if self.input_name is None:
             raise DeconvnetError(f"{type(model).__name__}: the traced model has no input")
         self.order = {op.name: i for i, op in enumerate(self.ops)}
+        self.users: dict[str, list[str]] = {op.name: [u.name for u in op.node.users] for op in self.ops}
+        # a batch norm right after a conv that feeds nothing else: the way down folds its scale into
+        # the transposed filters (conv op name -> its batch norm module)
+        self.folded_bn: dict[str, nn.Module] = {
+            op.inputs[0]: op.module  # type: ignore[misc]
+            for op in self.ops
+            if op.kind == "bn" and len(op.inputs) == 1 and self.by_name[op.inputs[0]].kind == "conv"
+            and self.users[op.inputs[0]] == [op.name]
+        }
         self._names = self._selectable_names()
 
     # ------------------------------------------------------------------ classification

@@ -34,7 +34,7 @@ from ..errors import DeconvnetError
 from .graph import ModelGraph, Op, _pair
 from .record import ForwardRecord
 
-__all__ = ["RULES", "check_rule", "unpool_sum", "run_backward", "relu_rule"]
+__all__ = ["RULES", "check_rule", "unpool_sum", "run_backward", "relu_rule", "TransposedFilters", "conv_transpose"]
 
 RULES = ("deconvnet", "guided", "gradient")
 
@@ -66,8 +66,93 @@ def relu_rule(signal: torch.Tensor, rule: str, mask: torch.Tensor | None) -> tor
     return F.relu(signal) * mask
 
 
+# transposed convolutions with stride > 1 and at most this many (output channels x stride^2) run as a
+# stride-1 convolution + pixel shuffle (see TransposedFilters.apply)
+POLYPHASE_MAX_CHANNELS = 48
+
+
+class TransposedFilters:
+    """The filters of the way down, prepared once per weight version: channels-last copies, the
+    polyphase form of strided transposed convolutions with few outputs (a network's first layer),
+    and filters with the batch norm after the conv folded in (``convT(x * s) = convT_{W * s}(x)``,
+    one elementwise pass less)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, tuple[torch.Tensor, int, tuple[int, ...]]] = {}
+
+    def _get(self, key: tuple, versions: tuple[int, ...], make):
+        hit = self._cache.get(key)
+        if hit is not None and hit[2] == versions:
+            return hit[0], hit[1]
+        value, extra = make()
+        self._cache[key] = (value, extra, versions)
+        return value, extra
+
+    def weight(self, conv: nn.Conv2d, cl: bool, bn: nn.BatchNorm2d | None = None) -> torch.Tensor:
+        """The conv's weight (channels-last if ``cl``), scaled per output channel by ``bn``'s eval scale."""
+        versions = (conv.weight._version,) + ((bn.weight._version, bn.running_var._version) if bn is not None and bn.affine else ())  # type: ignore[union-attr]
+
+        def make():
+            w = conv.weight.detach()
+            if bn is not None:
+                w = w * batchnorm_scale(bn).detach().view(-1, 1, 1, 1)
+            return (w.contiguous(memory_format=torch.channels_last) if cl else w.contiguous()), 0
+
+        return self._get(("w", id(conv), id(bn), cl), versions, make)[0]
+
+    def polyphase(self, conv: nn.Conv2d, cl: bool, bn: nn.BatchNorm2d | None = None) -> tuple[torch.Tensor, int]:
+        """Filters of the stride-1 convolution whose pixel-shuffled output is the transposed conv:
+        output phase (py, px) of input channel c is the correlation of the signal with the taps
+        ``w[:, c, py::s, px::s]`` flipped (zero-padded to ``taps`` per axis)."""
+        w = self.weight(conv, False, bn)
+        versions = (conv.weight._version,) + ((bn.weight._version, bn.running_var._version) if bn is not None and bn.affine else ())  # type: ignore[union-attr]
+
+        def make():
+            s = _pair(conv.stride)[0]
+            cin, cout, k = w.shape[0], w.shape[1], w.shape[-1]  # conv weight (out, in, k, k): the way down maps out -> in
+            taps = -(-k // s)
+            poly = w.new_zeros(cout, s, s, cin, taps, taps)
+            for py in range(s):
+                for px in range(s):
+                    sub = w[:, :, py::s, px::s]  # (cin, cout, a, b)
+                    a, b = sub.shape[-2:]
+                    poly[:, py, px, :, taps - a :, taps - b :] = sub.flip(-1, -2).permute(1, 0, 2, 3)
+            poly = poly.reshape(cout * s * s, cin, taps, taps)
+            return (poly.contiguous(memory_format=torch.channels_last) if cl else poly), taps
+
+        return self._get(("poly", id(conv), id(bn), cl), versions, make)
+
+    def apply(self, x: torch.Tensor, conv: nn.Conv2d, cl: bool, bn: nn.BatchNorm2d | None = None) -> torch.Tensor:
+        """The conv's transposed filters (no bias) applied to ``x`` WITHOUT padding: output size
+        ``(h - 1) * stride + dilation * (k - 1) + 1`` per axis."""
+        s, d, k = _pair(conv.stride), _pair(conv.dilation), _pair(conv.kernel_size)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if s[0] > 1 and s[0] == s[1] and d == (1, 1) and conv.groups == 1 and conv.in_channels * s[0] * s[1] <= POLYPHASE_MAX_CHANNELS:
+            # few output channels (the first layer: RGB): CPU transposed-conv kernels run at a third
+            # of their usual speed there, while the same sum as a stride-1 convolution with one
+            # output channel per (colour, phase), then a pixel shuffle, runs ~1.5x faster
+            weight, taps = self.polyphase(conv, cl, bn)
+            out_h, out_w = (x.shape[-2] - 1) * s[0] + k[0], (x.shape[-1] - 1) * s[1] + k[1]
+            y = F.conv2d(x, weight, None, 1, taps - 1)
+            return F.pixel_shuffle(y, s[0])[:, :, :out_h, :out_w]
+        return F.conv_transpose2d(x, self.weight(conv, cl, bn), None, s, 0, 0, conv.groups, d)
+
+    def to_input(self, x: torch.Tensor, conv: nn.Conv2d, input_shape: Sequence[int], cl: bool, bn: nn.BatchNorm2d | None = None) -> torch.Tensor:
+        """The transposed conv back onto the conv's input grid (``input_shape``): the unpadded result
+        cut by the padding (and zero-extended where the forward conv ignored the last rows)."""
+        full = self.apply(x, conv, cl, bn)
+        p = _pair(conv.padding)
+        h, w = int(input_shape[-2]), int(input_shape[-1])
+        out = full[:, :, p[0] : p[0] + h, p[1] : p[1] + w]
+        if out.shape[-2] < h or out.shape[-1] < w:  # rows the strided conv never reached get zero
+            out = F.pad(out, (0, w - out.shape[-1], 0, h - out.shape[-2]))
+        return out
+
+
 def conv_transpose(x: torch.Tensor, conv: nn.Conv2d, input_shape: Sequence[int]) -> torch.Tensor:
-    """The conv's transposed filters (no bias) applied to ``x``, back to ``input_shape``'s grid."""
+    """The conv's transposed filters (no bias) applied to ``x``, back to ``input_shape``'s grid
+    (the reference form: one ``conv_transpose2d`` with output padding)."""
     stride, padding, dilation = _pair(conv.stride), _pair(conv.padding), _pair(conv.dilation)
     k = _pair(conv.kernel_size)
     output_padding = tuple(
@@ -157,11 +242,19 @@ def run_backward(
     image_index: torch.Tensor,
     rule: str = "deconvnet",
     include_lrn: bool = False,
+    filters: TransposedFilters | None = None,
 ) -> torch.Tensor:
-    """Send ``signal`` (S, ...) at op ``target`` down to the input; returns (S, C, H, W)."""
+    """Send ``signal`` (S, ...) at op ``target`` down to the input; returns (S, C, H, W).
+
+    ``filters``: the engine's prepared transposed filters (made here if not given)."""
     ops = graph.below(target)
+    filters = filters or TransposedFilters()
+    cl = signal.device.type == "cpu"  # channels-last: faster transposed convolutions on CPU (same sums)
+    if cl and signal.dim() == 4:
+        signal = signal.contiguous(memory_format=torch.channels_last)
     signals: dict[str, Any] = {target: signal}
     split_pieces: dict[str, dict[int, torch.Tensor]] = {}
+    folding: set[str] = set()  # convs whose batch norm (passed on the way down) they apply
     rows = signal.shape[0]
     with torch.no_grad():
         for op in reversed(ops):
@@ -182,12 +275,17 @@ def run_backward(
             elif kind == "maxpool":
                 _accumulate(signals, op.inputs[0], unpool_sum(x, record.switches[op.name][image_index], record.shapes[op.inputs[0]]))
             elif kind == "conv":
-                _accumulate(signals, op.inputs[0], conv_transpose(x, op.module, record.shapes[op.inputs[0]]))  # type: ignore[arg-type]
+                bn = graph.folded_bn.get(op.name) if op.name in folding else None
+                _accumulate(signals, op.inputs[0], filters.to_input(x, op.module, record.shapes[op.inputs[0]], cl, bn))  # type: ignore[arg-type]
             elif kind == "linear":
                 _accumulate(signals, op.inputs[0], x @ op.module.weight)  # type: ignore[union-attr]
             elif kind == "bn":
-                scale = batchnorm_scale(op.module)  # type: ignore[arg-type]
-                _accumulate(signals, op.inputs[0], x * scale.view(1, -1, *([1] * (x.dim() - 2))))
+                if op.inputs[0] in graph.folded_bn:  # the conv below applies the scale with its filters
+                    folding.add(op.inputs[0])
+                    _accumulate(signals, op.inputs[0], x)
+                else:
+                    scale = batchnorm_scale(op.module)  # type: ignore[arg-type]
+                    _accumulate(signals, op.inputs[0], x * scale.view(1, -1, *([1] * (x.dim() - 2))))
             elif kind == "lrn":
                 y = lrn_vjp(op.module, record.lrn_inputs[op.name][image_index], x) if include_lrn else x  # type: ignore[arg-type]
                 _accumulate(signals, op.inputs[0], y)

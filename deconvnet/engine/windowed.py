@@ -37,10 +37,6 @@ if TYPE_CHECKING:
 
 __all__ = ["WindowedProjections", "WindowedProjector", "last_pool_below", "paste"]
 
-# transposed convolutions with stride > 1 and at most this many (output channels x stride^2) run as a
-# stride-1 convolution + pixel shuffle (see WindowedProjector._transposed)
-POLYPHASE_MAX_CHANNELS = 48
-
 
 def paste(canvas: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Add-free copy of ``x[b]`` into ``canvas[b]`` with its top-left corner at ``offsets[b]`` = (y, x)
@@ -83,18 +79,7 @@ class WindowedProjector:
             if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
                 raise DeconvnetError(f"conv with padding_mode={m.padding_mode!r} is not supported")
         self._shapes: dict[tuple[int, int], dict[int, tuple[int, int]]] = {}
-        self._weights: dict[tuple[int, bool], torch.Tensor] = {}
-        self._polyphase_weights: dict[tuple[int, bool], tuple[torch.Tensor, int, int]] = {}  # (filters, taps, weight version)
         self.channels_last = True  # faster transposed convolutions on CPU (same results to rounding)
-
-    def _weight(self, info: LayerInfo, cl: bool) -> torch.Tensor:
-        w = info.module.weight
-        key = (info.index, cl)
-        cached = self._weights.get(key)
-        if cached is None or cached.data_ptr() == 0 or cached._version != w._version or cached.shape != w.shape:
-            cached = w.detach().contiguous(memory_format=torch.channels_last) if cl else w.detach()
-            self._weights[key] = cached
-        return cached
 
     def forward(self, images: torch.Tensor, upto: int) -> ChainRecord:
         """The record (switches, shapes) the way down needs, for layers ``0..upto``."""
@@ -155,45 +140,7 @@ class WindowedProjector:
 
     def _transposed(self, info: LayerInfo, x: torch.Tensor, cl: bool) -> torch.Tensor:
         """The conv's transposed filters (no bias) applied to ``x``, without padding."""
-        m = info.module
-        s, d = _pair(m.stride), _pair(m.dilation)
-        if cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if s[0] > 1 and s == s[::-1] and d == (1, 1) and m.groups == 1 and m.in_channels * s[0] * s[1] <= POLYPHASE_MAX_CHANNELS:
-            # few output channels (the first layer: RGB): CPU transposed-conv kernels run at a third
-            # of their usual speed there, while the same sum as a stride-1 convolution with one
-            # output channel per (colour, phase), then a pixel shuffle, runs ~1.5x faster
-            weight, taps = self._polyphase(info, cl)
-            k = _pair(m.kernel_size)
-            out_h, out_w = (x.shape[-2] - 1) * s[0] + k[0], (x.shape[-1] - 1) * s[1] + k[1]
-            y = F.conv2d(x, weight, None, 1, taps - 1)
-            return F.pixel_shuffle(y, s[0])[:, :, :out_h, :out_w]
-        return F.conv_transpose2d(x, self._weight(info, cl), None, s, 0, 0, m.groups, d)
-
-    def _polyphase(self, info: LayerInfo, cl: bool) -> tuple[torch.Tensor, int]:
-        """Filters of the stride-1 convolution whose pixel-shuffled output is the transposed conv:
-        output phase (py, px) of colour c is the correlation of the input with the taps
-        ``w[:, c, py::s, px::s]`` flipped (zero-padded to ``taps`` per axis)."""
-        w = info.module.weight
-        key = (info.index, cl)
-        cached = self._polyphase_weights.get(key)
-        if cached is not None and cached[2] == w._version:
-            return cached[0], cached[1]
-        s = _pair(info.module.stride)[0]
-        cin, cout, k = w.shape[0], w.shape[1], w.shape[-1]  # conv weight (out, in, k, k): the transposed op maps out -> in
-        taps = -(-k // s)
-        poly = w.new_zeros(cout, s, s, cin, taps, taps)
-        with torch.no_grad():
-            for py in range(s):
-                for px in range(s):
-                    sub = w.detach()[:, :, py::s, px::s]  # (cin, cout, a, b)
-                    a, b = sub.shape[-2:]
-                    poly[:, py, px, :, taps - a :, taps - b :] = sub.flip(-1, -2).permute(1, 0, 2, 3)
-        poly = poly.reshape(cout * s * s, cin, taps, taps)
-        if cl:
-            poly = poly.contiguous(memory_format=torch.channels_last)
-        self._polyphase_weights[key] = (poly, taps, w._version)
-        return poly, taps
+        return self.engine.filters.apply(x, info.module, cl)  # type: ignore[arg-type]
 
     def _fit_to_map(self, x: torch.Tensor, origin: torch.Tensor, size: tuple[int, int], cl: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Cut the windows to the part that lies on the map, so that no work is done outside it below.

@@ -1,0 +1,101 @@
+"""Benchmark: the public ``DeconvNet.project`` against Captum, one selection per call (issue 11).
+
+Workloads (Captum's ``NeuronDeconvolution`` / ``NeuronGuidedBackprop`` / ``NeuronGradient``: a forward
+and a backward pass per selection, the peers' way; it is an optional benchmark dependency,
+``pip install captum``):
+
+* the bundled model, 2 real images, the strongest activation of every map of conv2, conv3 and conv5;
+* ResNet-50 at 224 px (random weights), 256 selections (strongest activations of 128 maps x 2 images)
+  at ``layer3`` and at ``layer4``.
+
+Captum's rate is measured on ``--loop-limit`` selections and extrapolated (its cost per selection does
+not depend on which). Every timed Captum result is compared with ours (Captum's attribution is the
+gradient; ours is the activation value times it): the max difference relative to each projection's
+largest magnitude is printed. Timing is process CPU time when ``--threads 1`` (robust on a shared
+machine), wall-clock otherwise.
+
+    python benchmarks/bench_engine.py [--rule deconvnet] [--loop-limit 24] [--threads 1] [--skip-resnet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torchvision
+
+from deconvnet.engine import DeconvNet, Selection
+from deconvnet.samples import sample_paths
+from deconvnet.weights import load_model
+
+
+def _clock(threads: int):
+    return time.process_time if threads == 1 else time.perf_counter
+
+
+def _captum(rule: str):
+    from captum.attr import NeuronDeconvolution, NeuronGradient, NeuronGuidedBackprop
+
+    return {"deconvnet": NeuronDeconvolution, "guided": NeuronGuidedBackprop, "gradient": NeuronGradient}[rule]
+
+
+def compare(model, images, layer: str, module, selections, rule: str, loop_limit: int, clock, label: str) -> float:
+    engine = DeconvNet(model)
+    engine.project(images, selections[:2], rule=rule)  # warm-up (trace, kernels)
+    t0 = clock()
+    ours = engine.project(images, selections, rule=rule)
+    t_ours = clock() - t0
+    method = _captum(rule)(model, module)
+    worst = 0.0
+    step = max(1, len(selections) // loop_limit)
+    timed = ours[::step][:loop_limit]
+    method.attribute(images[:1].clone().requires_grad_(True), neuron_selector=(0, 0, 0) if images.dim() == 4 else 0)
+    t0 = clock()
+    for p in timed:
+        x = images[p.selection.image : p.selection.image + 1].clone().requires_grad_(True)
+        attr = method.attribute(x, neuron_selector=(p.selection.channel, *p.position))
+        scale = float(p.image.abs().max()) or 1.0
+        worst = max(worst, float((attr[0] * p.value - p.image).abs().max()) / scale)
+    t_captum = (clock() - t0) / len(timed) * len(selections)
+    ratio = t_captum / t_ours
+    print(f"  {label:<28} {len(selections):5d} selections   ours {t_ours:7.2f} s   captum {t_captum:8.2f} s "
+          f"(from {len(timed)})   speed-up {ratio:7.1f}x   max rel diff {worst:.1e}")
+    return ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rule", default="deconvnet", choices=("deconvnet", "guided", "gradient"))
+    parser.add_argument("--loop-limit", type=int, default=24, help="Captum calls timed per workload (rate extrapolated)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: process CPU time)")
+    parser.add_argument("--skip-resnet", action="store_true")
+    parser.add_argument("--weights", default=None, help="ZFNet-style weights (default: the bundled model)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    clock = _clock(args.threads)
+    import warnings
+
+    warnings.filterwarnings("ignore", module="captum")
+    loaded = load_model(args.weights)
+    x = torch.stack([loaded.preprocessing.load(p)[0] for p in sample_paths()[:2]])
+    engine = DeconvNet(loaded.model)
+    print(f"bundled model {loaded.source} ({x.shape[-1]} px), rule {args.rule}, {args.threads} thread(s)")
+    for layer in ("conv2", "conv3", "conv5"):
+        sels = engine.strongest(x, layer)
+        module = loaded.model.get_submodule(engine.layer(layer).path)
+        compare(loaded.model, x, layer, module, sels, args.rule, args.loop_limit, clock, f"{layer} (every map)")
+    if args.skip_resnet:
+        return
+    resnet = torchvision.models.resnet50(weights=None).eval()
+    xr = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    engine = DeconvNet(resnet)
+    print("ResNet-50 (random weights), 224 px")
+    for layer in ("layer3", "layer4"):
+        sels = engine.strongest(xr, layer, k=128)
+        compare(resnet, xr, layer, resnet.get_submodule(layer), sels, args.rule, args.loop_limit, clock, f"{layer} (128 maps x 2)")
+
+
+if __name__ == "__main__":
+    main()
