@@ -65,15 +65,17 @@ def project_image(
     whole_map: int | None = None,
     top_maps: int | None = None,
     include_lrn: bool = False,
+    rule: str = "deconvnet",
 ) -> ProjectionResult:
     """Project one image's activations of ``layer``: one feature (at ``position`` or its strongest
-    activation), a whole map, or the strongest activation of each of the ``top_maps`` strongest maps."""
+    activation), a whole map, or the strongest activation of each of the ``top_maps`` strongest maps,
+    with ``rule`` (deconvnet, guided or gradient)."""
     chosen = [v is not None for v in (feature, whole_map, top_maps)]
     if sum(chosen) != 1:
         raise DeconvnetError("choose exactly one of feature, whole_map or top_maps")
     if position is not None and feature is None:
         raise DeconvnetError("a position needs a feature (--feature K --position Y X)")
-    engine = DeconvNet(loaded.model, include_lrn=include_lrn)
+    engine = DeconvNet(loaded.model, include_lrn=include_lrn, rule=rule)
     engine.layer(layer)  # clear error for an unknown layer before any work
     batch, shown = prepare_images(loaded, [path])
     if top_maps is not None:

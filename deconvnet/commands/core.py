@@ -17,7 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("project", help="project activations of one layer back to pixel space (deconvnet)")
     p.add_argument("image", help="an image file")
-    p.add_argument("--layer", required=True, help="conv1..conv5 (rectified conv output) or pool1, pool2, pool5")
+    p.add_argument("--layer", required=True, help="conv1..conv5 (rectified conv output), pool1, pool2, pool5, or any module path "
+                   "(layer3, features.denseblock2; `deconvnet layers` lists them)")
+    p.add_argument("--rule", choices=("deconvnet", "guided", "gradient"), default="deconvnet",
+                   help="how ReLUs are passed on the way down: deconvnet (the paper), guided backpropagation, or plain gradient")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--feature", type=int, help="feature map index: project its strongest activation (or --position)")
     what.add_argument("--whole-map", type=int, metavar="K", help="project all activations of map K together")
@@ -31,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_project)
 
     p = sub.add_parser("layers", help="the model's layers: names to use with --layer, output shapes, receptive fields")
+    p.add_argument("--all", action="store_true", help="every selectable name (each module path and traced operation), not only the main layers")
     add_model_args(p)
     p.set_defaults(func=cmd_layers)
 
@@ -70,6 +74,7 @@ def cmd_project(args: argparse.Namespace) -> int:
         whole_map=args.whole_map,
         top_maps=args.top_maps,
         include_lrn=args.include_lrn,
+        rule=args.rule,
     )
     out = Path(args.out)
     if args.top_maps is not None:
@@ -79,7 +84,7 @@ def cmd_project(args: argparse.Namespace) -> int:
     else:
         tag = f"f{args.feature}" + (f"-y{args.position[0]}x{args.position[1]}" if args.position else "")
     figure = projection_figure(result, out / f"{Path(args.image).stem}-{args.layer}-{tag}.png",
-                               title=f"{Path(args.image).name}: deconvnet projections from {args.layer} ({loaded.source})")
+                               title=f"{Path(args.image).name}: {args.rule} projections from {args.layer} ({loaded.source})")
     print(f"figure: {figure}")
     if args.raw:
         import numpy as np
@@ -107,19 +112,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..deconv import DeconvNet
+    from ..engine import DeconvNet
 
     loaded = load_from_args(args, untrained_ok=True)
     engine = DeconvNet(loaded.model)
-    size = loaded.preprocessing.crop
-    x = torch.zeros(1, 3, size, size, device=loaded.device)
-    print(f"{'layer':8} {'module':28} {'output (C x H x W)':20} {'receptive field':>16} {'stride':>7}")
-    for info in engine.layers:
-        if not info.name.startswith(("conv", "pool", "norm")):
-            continue
-        shape = tuple(engine.activations(x, info.name).shape[1:])
-        print(f"{info.name:8} {info.path + ' (' + info.kind + ')':28} {' x '.join(map(str, shape)):20} {info.rf_size:>13} px {info.rf_stride:>6}")
-    print(f"input {size} x {size}; --layer takes these names (convN = rectified conv output) or the module paths")
+    size = (loaded.preprocessing.crop, loaded.preprocessing.crop)
+    names = engine.all_layer_names if args.all else engine.layer_names
+    modules = dict(loaded.model.named_modules())
+    width = max(8, *(len(n) for n in names))
+    print(f"{'layer':{width}} {'operation':34} {'output':18} {'receptive field':>16} {'stride':>7}")
+    for name in names:
+        info = engine.layer(name)
+        shape = " x ".join(map(str, engine.output_shape(name, size)))
+        if name in modules:
+            what = type(modules[name]).__name__
+        else:
+            what = f"{info.path} ({info.kind})" if info.path != name else info.kind
+        field = "whole image" if info.rf_size is None else f"{info.rf_size} px"
+        stride = "" if info.rf_size is None else str(info.rf_stride)
+        print(f"{name:{width}} {what[:34]:34} {shape:18} {field:>16} {stride:>7}")
+    print(f"input {size[0]} x {size[1]}; --layer takes these names" + ("" if args.all else
+          f" or any of the {len(engine.all_layer_names)} module paths and operations (`deconvnet layers --all`)")
+          + ("; convN = rectified conv output" if engine.is_chain else "; on a graph the receptive field is the largest over all paths"))
     return 0
