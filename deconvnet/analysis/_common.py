@@ -11,6 +11,10 @@ i.e. what the next layer reads:
 
 Deconvnet names (``conv1``, ``pool1``, ``norm2``...) are accepted too, as are ``fc6``/``fc7``
 (meaning after the ReLU) and ``fc8`` (the logits).
+
+Other models (ResNet, DenseNet, GoogLeNet...: a graph, not a chain) have no paper numbering: their
+layers are named by module path (``layer3``, ``features.denseblock2``, ``avgpool``, ``fc``), and
+``LayerTaps.default_layers`` gives the analyses' defaults in those terms.
 """
 
 from __future__ import annotations
@@ -79,15 +83,52 @@ class LayerTaps:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.engine = DeconvNet(model)
-        self.fc = _classifier_taps(model)
+        self.graph = not self.engine.is_chain  # named by module path, no paper numbers
+        self.fc = _classifier_taps(model) if not self.graph else {}
+        if self.graph:
+            self.stage_end: dict[int, int] = {}
+            return
         convs = [i.index for i in self.engine.layers if isinstance(i.module, nn.Conv2d)]
         # layer k ends with the last module before conv k+1 (the last module overall for the top stage)
         self.stage_end: dict[int, int] = {
             k: (convs[k] - 1 if k < len(convs) else len(self.engine.layers) - 1) for k in range(1, len(convs) + 1)
         }
 
+    def default_layers(self, paper: str) -> list[str]:
+        """The layers an analysis uses by default: the paper's numbers (``"1,7"``) on chain models; on a
+        graph, the stem's output stands for layer 1, the last maps for layer 5 and the pooled features
+        before the classifier for layer 7 (all main layers for ``"1..7"``)."""
+        if not self.graph:
+            return parse_layers(paper)
+        maps = self.engine.map_layers
+        pooled = [n for n in self.engine.layer_names if n not in maps]
+        top = pooled[-1] if pooled else maps[-1]
+        picks = {"1": maps[min(1, len(maps) - 1)], "5": self.engine.default_layer, "7": top}
+        if ".." in paper:
+            return [n for n in self.engine.layer_names if "." not in n or n in (picks["1"], top)]
+        return [picks.get(p.strip(), p.strip()) for p in paper.split(",")]
+
+    def parse(self, text: str) -> list[str]:
+        """``--layers`` text: the paper's numbers on chain models, names on a graph."""
+        if not self.graph:
+            return parse_layers(text)
+        names = [p.strip() for p in text.split(",") if p.strip()]
+        for name in names:
+            if name.isdigit() or ".." in name:
+                raise DeconvnetError(
+                    f"layer {name!r}: the paper's layer numbers apply to chain models (ZFNet, AlexNet, VGG); name this "
+                    f"model's layers instead, e.g. {', '.join(self.engine.layer_names[:4])} (`deconvnet layers` lists them)"
+                )
+            self.engine.layer(name)
+        if not names:
+            raise DeconvnetError("no layers given")
+        return names
+
     def resolve(self, layer: str) -> tuple[str, int]:
-        """-> ("features", index into the deconvnet layers) or ("classifier", child index)."""
+        """-> ("features", index into the deconvnet layers) or ("classifier", child index); on a graph
+        ("graph", op index)."""
+        if self.graph:
+            return "graph", self.engine.layer(layer).index
         key = layer.strip().lower()
         if key.startswith("layer") and key[5:].isdigit():
             k = int(key[5:])
@@ -104,6 +145,8 @@ class LayerTaps:
     def describe(self, layer: str) -> str:
         """Human-readable module for a layer name, e.g. ``layer1`` -> ``pool1``."""
         where, idx = self.resolve(layer)
+        if where == "graph":
+            return layer
         if where == "features":
             return self.engine.layers[idx].name
         name = [k for k, v in self.fc.items() if v == idx][0]
@@ -111,6 +154,12 @@ class LayerTaps:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        if self.graph:
+            logits = "fc8" in layers
+            outs = self.engine.outputs(x, [l for l in layers if l != "fc8"], logits=logits)
+            if logits:
+                outs["fc8"] = outs.pop("logits")
+            return {layer: outs[layer] for layer in layers}
         wanted = {layer: self.resolve(layer) for layer in layers}
         feat_idx = {i for w, i in wanted.values() if w == "features"}
         need_head = any(w == "classifier" for w, _ in wanted.values())

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..atomic import atomic_path, save_text
 from ..data import list_images, load_image
-from ..engine import ChainRecord, DeconvNet, chain_forward
+from ..engine import ChainRecord, DeconvNet, Selection
 from ..errors import DeconvnetError
 from ..weights import LoadedModel
 from ..engine.windowed import WindowedProjector, last_pool_below
@@ -76,6 +76,8 @@ def parse_layers(spec: str | Sequence[str] | None, engine: DeconvNet) -> list[st
     in forward order; unknown names are a ``DeconvnetError`` listing the valid ones."""
     names = engine.layer_names
     convs = [n for n in names if re.fullmatch(r"conv\d+", n)]
+    if not engine.is_chain:  # a graph: its top-level layers with maps (e.g. relu, maxpool, layer1..layer4)
+        convs = [n for n in engine.map_layers if "." not in n]
     if spec is None or spec == "all" or spec == []:
         return convs
     parts: list[str] = []
@@ -91,16 +93,21 @@ def parse_layers(spec: str | Sequence[str] | None, engine: DeconvNet) -> list[st
                 i, j = names.index(engine.layer(lo).name), names.index(engine.layer(hi).name)
                 if i > j:
                     raise DeconvnetError(f"layer range {piece!r} runs backwards")
-                parts.extend(n for n in names[i : j + 1] if n.startswith("conv") or n in (lo, hi))
+                parts.extend(n for n in names[i : j + 1] if n in convs or n in (lo, hi))
             else:
                 parts.append(engine.layer(piece).name)
     if not parts:
         raise DeconvnetError("no layers chosen")
-    order = {n: i for i, n in enumerate(names)}
+    if engine.is_chain:
+        order = {n: i for i, n in enumerate(names)}
+        for p in parts:
+            if p not in order:
+                raise DeconvnetError(f"layer {p!r} cannot be used in the atlas; choose from {', '.join(names)}")
+        return sorted(set(parts), key=order.__getitem__)
     for p in parts:
-        if p not in order:
-            raise DeconvnetError(f"layer {p!r} cannot be used in the atlas; choose from {', '.join(names)}")
-    return sorted(set(parts), key=order.__getitem__)
+        if len(engine.output_shape(p, engine.probe_size)) != 3:
+            raise DeconvnetError(f"layer {p!r} has no maps (output {engine.output_shape(p, engine.probe_size)}); the atlas needs a layer with maps")
+    return sorted(set(parts), key=lambda n: engine.layer(n).index)
 
 
 def parse_maps(spec: str | None, channels: int, layer: str = "") -> list[int]:
@@ -233,8 +240,12 @@ class AtlasScan:
 def _fingerprint(loaded: LoadedModel, engine: DeconvNet, files: Sequence[str], k: int, distinct: bool, include_lrn: bool) -> str:
     """Identifies what a scan depends on: weights, preprocessing, file list, k, distinctness."""
     h = hashlib.sha1()
-    for info in engine.layers:
-        for p in info.module.parameters(recurse=False):
+    if engine.is_chain:
+        for info in engine.layers:
+            for p in info.module.parameters(recurse=False):
+                h.update(p.detach().float().cpu().numpy().tobytes())
+    else:
+        for p in loaded.model.state_dict().values():
             h.update(p.detach().float().cpu().numpy().tobytes())
     h.update(json.dumps(loaded.preprocessing.to_dict(), sort_keys=True).encode())
     h.update("\n".join(files).encode())
@@ -457,16 +468,8 @@ def scan_atlas(
     model_device = loaded.device
     crop = loaded.preprocessing.crop
     input_size = (crop, crop)
-    projector = WindowedProjector(engine)
-    shapes = projector.shapes(input_size)
     infos = [engine.layer(l) for l in layers]
-    grid = {}
-    for info in infos:
-        nxt = engine.layers[info.index + 1].index if info.index + 1 < len(engine.layers) else None
-        if nxt is not None:
-            grid[info.name] = shapes[nxt]
-        else:
-            grid[info.name] = _out_grid(engine, info.index, input_size)
+    grid = {info.name: tuple(engine.output_shape(info.name, input_size)[1:]) for info in infos}
     fingerprint = _fingerprint(loaded, engine, files, k, distinct, include_lrn)
 
     state: AtlasScan | None = None
@@ -480,7 +483,7 @@ def scan_atlas(
     if state is None:
         values, images, positions = {}, {}, {}
         for info in infos:
-            c = _layer_channels(engine, info)
+            c = engine.output_shape(info.name, input_size)[0]
             v, i, p = _empty_topk(c, k)
             values[info.name], images[info.name] = v.numpy(), i.numpy()
             positions[info.name] = np.zeros((c, k, 2), dtype=np.int32)
@@ -498,8 +501,10 @@ def scan_atlas(
             for l in layers}
     wanted = {engine.layer(l).index: l for l in layers}
     upto = max(wanted)
-    pools = _pools_below(engine, upto)
-    use_cache = cache is not None and not include_lrn
+    pools = _pools_below(engine, upto) if engine.is_chain else []
+    # pixels and switches of the images in some top-k list, kept for the projections (chain models)
+    use_cache = cache is not None and not include_lrn and engine.is_chain
+    projector = WindowedProjector(engine) if use_cache else None
     if channels_last and model_device.type == "cpu":
         loaded.model.to(memory_format=torch.channels_last)
     dataset = _Images(files, todo, loaded.preprocessing.geometry())
@@ -521,7 +526,10 @@ def scan_atlas(
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.no_grad():
-                    outs, rec = _forward_collect(engine, x, wanted, upto, switches=use_cache)
+                    if engine.is_chain:
+                        outs, rec = _forward_collect(engine, x, wanted, upto, switches=use_cache)
+                    else:
+                        outs = engine.outputs(x, layers)
                 for layer in layers:
                     gh, gw = grid[layer]
                     cv, ci, cp = _candidates(outs[layer].cpu(), gids, k, distinct)
@@ -534,6 +542,7 @@ def scan_atlas(
                         rows = [b for b, gid in enumerate(gids.tolist()) if gid in entering]
                         sub = ChainRecord()
                         sub.switches = {pi: rec.switches[pi][rows] for pi in pools}
+                        assert projector is not None
                         codes = {pi: projector.switch_codes(sub, engine.layers[pi], input_size) for pi in pools}
                         for j, b in enumerate(rows):
                             cache.add(int(gids[b]), pixels[b], {pi: c[j] for pi, c in codes.items()})
@@ -571,21 +580,6 @@ def _warn_skipped(skipped: Sequence[tuple[str, str]]) -> None:
     listed = "; ".join(f"{p} ({why})" for p, why in skipped[:10])
     more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
     warnings.warn(f"skipped {len(skipped)} unreadable image(s): {listed}{more}", stacklevel=3)
-
-
-def _layer_channels(engine: DeconvNet, info) -> int:
-    for below in reversed(engine.layers[: info.index + 1]):
-        if isinstance(below.module, nn.Conv2d):
-            return below.module.out_channels
-        if isinstance(below.module, nn.BatchNorm2d):
-            return below.module.num_features
-    raise DeconvnetError(f"{info.name}: no conv layer at or below it")
-
-
-def _out_grid(engine: DeconvNet, index: int, input_size: tuple[int, int]) -> tuple[int, int]:
-    channels = next(m.in_channels for m in (i.module for i in engine.layers) if isinstance(m, nn.Conv2d))
-    out = chain_forward(engine.chain, torch.zeros(1, channels, *input_size, device=next(engine.model.parameters()).device), index, record=False)[0]
-    return int(out.shape[-2]), int(out.shape[-1])
 
 
 def naive_topk(engine: DeconvNet, images: torch.Tensor, layer: str, k: int, distinct: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -631,7 +625,17 @@ class AtlasTiles:
     values: np.ndarray  # (M, k)
     images: np.ndarray  # (M, k)
     positions: np.ndarray  # (M, k, 2)
-    rf_size: int
+    rf_size: int | None  # None: every unit sees the whole image
+    image_size: int = 0  # the model input's larger side
+
+    @property
+    def field_note(self) -> str:
+        """What the sheet says about the units' receptive fields."""
+        if self.rf_size is None:
+            return "every unit's receptive field covers the whole image"
+        if self.image_size and self.rf_size >= self.image_size:
+            return f"receptive field {self.rf_size} px, larger than the {self.image_size} px image: patches show most or all of it"
+        return f"receptive field {self.rf_size} px"
 
 
 DISPLAY_QUANTILE = 0.995  # projections: this quantile of |value| maps to black/white (a few extreme pixels clip)
@@ -736,7 +740,7 @@ def project_atlas(
     from tqdm.auto import tqdm
 
     engine = DeconvNet(loaded.model, include_lrn=include_lrn)
-    projector = WindowedProjector(engine)
+    projector = WindowedProjector(engine) if engine.is_chain else None
     layers = list(layers or scan.layers)
     for l in layers:
         if l not in scan.layers:
@@ -749,7 +753,7 @@ def project_atlas(
     for layer in layers:
         info = engine.layer(layer)
         chosen = list(maps[layer]) if maps and layer in maps else list(range(scan.values[layer].shape[0]))
-        size = min(info.rf_size, tile)
+        size = tile if info.rf_size is None else min(info.rf_size, tile)
         out[layer] = AtlasTiles(
             layer=layer,
             maps=chosen,
@@ -759,6 +763,7 @@ def project_atlas(
             images=scan.images[layer][chosen],
             positions=scan.positions[layer][chosen],
             rf_size=info.rf_size,
+            image_size=max(height, width),
         )
         for slot, m in enumerate(chosen):
             for r in range(scan.k):
@@ -770,6 +775,9 @@ def project_atlas(
     for gid, layer, slot, r in todo:
         by_image.setdefault(gid, []).append((layer, slot, r))
     image_ids = sorted(by_image)
+    if not engine.is_chain:
+        _project_graph(loaded, engine, scan, out, by_image, image_ids, progress)
+        return out
     needs = {l: last_pool_below(engine, engine.layer(l)) for l in layers}
     if channels_last and device.type == "cpu":
         loaded.model.to(memory_format=torch.channels_last)
@@ -803,6 +811,7 @@ def project_atlas(
                 x = loaded.preprocessing.normalize(pix[missing[f0 : f0 + step]].to(device))
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
+                assert projector is not None
                 fresh = projector.forward(x, upto)
                 for pi in pools:
                     parts_codes[pi].append(projector.switch_codes(fresh, engine.layers[pi], (height, width)))
@@ -837,6 +846,7 @@ def project_atlas(
                 maps_idx = torch.tensor([t.maps[p[1]] for p in part])
                 pos = torch.tensor(np.stack([t.positions[p[1], p[2]] for p in part]).astype(np.int64))
                 vals = torch.tensor(np.array([t.values[p[1], p[2]] for p in part], dtype=np.float32))
+                assert projector is not None
                 res = projector.project(rec, (height, width), layer, b_idx.to(device), maps_idx.to(device), pos.to(device), vals.to(device))
                 windows = res.windows.float().cpu()
                 origins = res.origins.cpu()
@@ -851,6 +861,61 @@ def project_atlas(
                     t.filled[slot, r] = True
                 bar.update(len(part))
     bar.close()
+    return out
+
+
+def _project_graph(loaded: LoadedModel, engine: DeconvNet, scan: AtlasScan, out: dict[str, AtlasTiles],
+                   by_image: dict[int, list[tuple[str, int, int]]], image_ids: list[int], progress: bool,
+                   images_per_batch: int = 8) -> None:
+    """Graph models (ResNet, DenseNet...): the engine's whole-image way down for every kept activation
+    of a few images at a time (one forward pass each), cut to the unit's receptive field (the whole
+    image where the field covers it)."""
+    from torchvision.transforms.v2 import functional as TF
+    from tqdm.auto import tqdm
+
+    height, width = scan.input_size
+    geometry = loaded.preprocessing.geometry()
+    bar = tqdm(total=sum(len(v) for v in by_image.values()), desc="atlas projections", unit="proj", disable=not progress)
+    for start in range(0, len(image_ids), images_per_batch):
+        chunk = image_ids[start : start + images_per_batch]
+        pix = torch.stack([TF.pil_to_tensor(geometry(load_image(scan.files[gid]))) for gid in chunk])
+        x = loaded.preprocessing.normalize(pix.to(loaded.device))
+        items = [(b, layer, slot, r) for b, gid in enumerate(chunk) for layer, slot, r in by_image[gid]]
+        selections = [Selection(b, layer, out[layer].maps[slot], tuple(int(v) for v in out[layer].positions[slot, r]))
+                      for b, layer, slot, r in items]
+        projections = engine.project(x, selections)
+        for layer in dict.fromkeys(layer for _, layer, _, _ in items):
+            t = out[layer]
+            info = engine.layer(layer)
+            rows = [q for q, item in enumerate(items) if item[1] == layer]
+            size = max(height, width) if info.rf_size is None else info.rf_size
+            origins = torch.tensor([[0, 0] if info.rf_size is None else
+                                    [info.rf_start + int(t.positions[items[q][2], items[q][3]][a]) * info.rf_stride for a in (0, 1)]
+                                    for q in rows])
+            full = torch.stack([projections[q].image.float().cpu() for q in rows])
+            which = torch.tensor([items[q][0] for q in rows])
+            windows = _window_cut(full, origins, size)
+            boxes = _boxes(origins, size, height, width)
+            scale = display_scale(windows, boxes).view(-1, 1, 1, 1)
+            proj_tiles = _fit(0.5 + windows / (2 * scale), boxes, t.tiles.shape[3])
+            patch_tiles = _fit(_patches(pix, which, origins, size), boxes, t.tiles.shape[3])
+            for j, q in enumerate(rows):
+                _, _, slot, r = items[q]
+                t.tiles[slot, r, 0] = proj_tiles[j]
+                t.tiles[slot, r, 1] = patch_tiles[j]
+                t.filled[slot, r] = True
+            bar.update(len(rows))
+    bar.close()
+
+
+def _window_cut(full: torch.Tensor, origins: torch.Tensor, size: int) -> torch.Tensor:
+    """(S, C, size, size) windows of full-size projections at ``origins`` (zero outside the image)."""
+    n, c, h, w = full.shape
+    out = full.new_zeros(n, c, size, size)
+    for s, (oy, ox) in enumerate(origins.tolist()):
+        y0, x0, y1, x1 = max(0, oy), max(0, ox), min(h, oy + size), min(w, ox + size)
+        if y0 < y1 and x0 < x1:
+            out[s, :, y0 - oy : y1 - oy, x0 - ox : x1 - ox] = full[s, :, y0:y1, x0:x1]
     return out
 
 
@@ -944,7 +1009,7 @@ def render_atlas(
                         f"{layer} #{t.maps[slot]}   max {top:.3g}", fontsize=8, va="bottom", ha="left")
             ax.set_axis_off()
             first, last = t.maps[slots[0]], t.maps[slots[-1]]
-            fig.suptitle(f"{title}{' - ' if title else ''}{layer}: top-{t.tiles.shape[1]} projections (left) and image patches (right)",
+            fig.suptitle(f"{title}{' - ' if title else ''}{layer}: top-{t.tiles.shape[1]} projections (left) and image patches (right); {t.field_note}",
                          fontsize=9, y=1.0, va="top")
             name = f"maps-{first:04d}-{last:04d}.png"
             written.append(save_figure(fig, out_dir / layer / name, dpi=dpi))
@@ -971,7 +1036,7 @@ def _write_index(out_dir: Path, tiles: dict[str, AtlasTiles], pages, title: str,
         "<nav>" + "".join(f"<a href='#{esc(l)}'>{esc(l)} ({len(t.maps)} maps)</a>" for l, t in tiles.items()) + "</nav>",
     ]
     for layer, t in tiles.items():
-        parts.append(f"<h2 id='{esc(layer)}'>{esc(layer)} - receptive field {t.rf_size} px, {len(t.maps)} maps</h2>")
+        parts.append(f"<h2 id='{esc(layer)}'>{esc(layer)} - {esc(t.field_note)}, {len(t.maps)} maps</h2>")
         parts.append("<p class='maps'>maps: " + "".join(
             f"<a href='#{esc(layer)}-p{i}'>{m}</a>" for i, (_, ms) in enumerate(pages[layer]) for m in ms) + "</p>")
         for i, (src, ms) in enumerate(pages[layer]):

@@ -65,12 +65,19 @@ class FilterStats:
 
 
 def _conv(model: nn.Module, layer: str) -> nn.Conv2d:
+    """The convolution of ``layer`` (the nearest one at or below it); ``conv1`` on a model without
+    such a name means its first convolution (e.g. DenseNet's ``features.conv0``)."""
     engine = DeconvNet(model)
+    if layer == "conv1" and "conv1" not in engine.all_layer_names:
+        first = next((op.module for op in engine.graph.ops if op.kind == "conv"), None)
+        if first is None:
+            raise DeconvnetError(f"{type(model).__name__} has no convolution")
+        return first  # type: ignore[return-value]
     info = engine.layer(layer)
-    for below in reversed(engine.layers[: info.index + 1]):
-        if isinstance(below.module, nn.Conv2d):
-            return below.module
-    raise DeconvnetError(f"{layer}: no conv layer at or below it")
+    convs = [op.module for op in engine.graph.below(info.op or engine.graph.resolve(layer).name) if op.kind == "conv"]
+    if not convs:
+        raise DeconvnetError(f"{layer}: no conv layer at or below it")
+    return convs[-1]  # type: ignore[return-value]
 
 
 def filter_stats(model: nn.Module, layer: str = "conv1", dead_ratio: float = DEAD_RATIO) -> FilterStats:

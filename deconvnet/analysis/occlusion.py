@@ -451,7 +451,7 @@ def occlusion_maps(
     image: torch.Tensor,
     size: int,
     stride: int,
-    layer: str = "conv5",
+    layer: str | None = None,
     channel: int | None = None,
     target: int | None = None,
     fill: torch.Tensor | float | None = None,
@@ -463,6 +463,9 @@ def occlusion_maps(
 ) -> OcclusionMaps:
     """Occlusion maps of one (C, H, W) model input (see the module docstring).
 
+    ``layer`` defaults to conv5 (the paper's models) or the model's last layer with maps. The
+    incremental method applies to chain models (ZFNet, AlexNet, VGG); other models (ResNet, DenseNet...)
+    run every occluded image through the whole network in batches (``method`` is then ``"full"``).
     ``channel`` defaults to the map of ``layer`` with the largest total activation on the unoccluded
     image (the paper's "strongest feature map"); ``target`` to the top class of the unoccluded image;
     ``fill`` to 0 (the dataset mean in normalised input space). ``progress`` shows a console bar;
@@ -479,7 +482,9 @@ def occlusion_maps(
         raise DeconvnetError("batch size must be at least 1")
     model.eval()
     engine = DeconvNet(model)
-    watch = engine.layer(layer)
+    watch = engine.layer(layer or engine.default_layer)
+    if not engine.is_chain:
+        method = "full"  # incremental inference walks a chain of layers
     height, width = image.shape[-2:]
     ys, xs = occlusion_positions(height, width, size, stride)
     fill_t = torch.zeros(image.shape[0]) if fill is None else torch.as_tensor(fill, dtype=image.dtype).flatten()
@@ -523,12 +528,8 @@ def occlusion_maps(
             if channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
-                acts = batch
-                for info in engine.layers:
-                    acts = info.module(acts)
-                    if info.index == watch.index:
-                        tot = acts[:, channel].flatten(1).sum(1)
-                logits = model_head(model, acts)
+                outs = engine.outputs(batch, [watch.name], logits=True)
+                tot, logits = outs[watch.name][:, channel].flatten(1).sum(1), outs["logits"]
         logits_all[start : start + len(by)] = logits.float().cpu()
         totals_all[start : start + len(by)] = tot.float().cpu()
         bar.update(len(by))

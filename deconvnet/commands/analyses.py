@@ -17,13 +17,18 @@ from .common import add_model_args, int_list, load_from_args
 LAYER_LABELS = {f"layer{i}": f"layer {i}" for i in range(1, 9)}
 
 
+def _layer_label(taps, layer: str) -> str:
+    """``layer 5 (pool5)`` for the paper's numbers; a graph model's module path as it is."""
+    return layer if taps.graph else f"{LAYER_LABELS.get(layer, layer)} ({taps.describe(layer)})"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("occlusion", help="occlusion sensitivity maps (the paper's Fig. 7)")
     p.add_argument("image", help="an image file")
     p.add_argument("--label", help="true class (name, folder name/WordNet id or index); default: taken from a class-named parent folder, else the top class")
     p.add_argument("--size", type=int, default=None, help="occluder side in pixels of the model input (default: input size / 6)")
     p.add_argument("--stride", type=int, default=None, help="occluder step in pixels (default: input size / 32)")
-    p.add_argument("--layer", default="conv5", help="layer of the watched map (default conv5, rectified)")
+    p.add_argument("--layer", default=None, help="layer of the watched map (default conv5, rectified; on other models their last layer with maps)")
     p.add_argument("--feature", type=int, default=None, help="map to watch (default: the one with the largest total activation on the unoccluded image)")
     p.add_argument("--gray", default="mean", help="occluder colour: 'mean' (the dataset mean, default) or a grey level in [0, 1]")
     p.add_argument("--method", choices=("incremental", "full"), default="incremental", help="incremental inference (default) or every occluded image through the whole network")
@@ -38,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--label", nargs="+", default=None, help="true class of each image (default: from class-named parent folders, else the top class)")
     p.add_argument("--transforms", default="translate,scale,rotate", help="comma-separated subset of translate, scale, rotate")
-    p.add_argument("--layers", default="1,7", help="layers to compare (paper: 1,7); numbers are the paper's layers, or names like conv1, pool5, fc7")
+    p.add_argument("--layers", default=None, help="layers to compare (default: the paper's 1,7); numbers are the paper's layers, or names like conv1, pool5, fc7 "
+                   "(models other than ZFNet/AlexNet/VGG: module paths such as layer1, avgpool)")
     p.add_argument("--out", required=True, help="output folder (one PNG + one JSON per transformation)")
     p.add_argument("--quiet", action="store_true")
     add_model_args(p)
@@ -48,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--boxes", required=True, help="JSON boxes file (layout of shared/data/dogs/annotations.json)")
     p.add_argument("--parts", default=None, help="comma-separated parts to mask (default: every part annotated in all images)")
-    p.add_argument("--layers", default="5,7", help="layers (paper: 5,7)")
+    p.add_argument("--layers", default=None, help="layers (default: the paper's 5,7; other models: their last maps and pooled features)")
     p.add_argument("--draws", type=int, default=10, help="random-region draws per part (default 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (table as MD/CSV/JSON + PNG)")
@@ -59,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="folder with <train-dir>/<class>/* and <test-dir>/<class>/*")
     p.add_argument("--train-dir", default="train")
     p.add_argument("--test-dir", default="test")
-    p.add_argument("--layers", default="1..7", help="layers, e.g. 1..7 or 1,5,7")
+    p.add_argument("--layers", default=None, help="layers, e.g. 1..7 (default) or 1,5,7; other models: module paths (default: their main layers)")
     p.add_argument("--train-per-class", type=int_list, default=(15, 30, 60), help="training images per class, e.g. 15,30,60")
     p.add_argument("--seeds", type=int, default=3, help="seeded draws of the training images (default 3)")
     p.add_argument("--classifiers", default="softmax,svm", help="softmax, svm or both")
@@ -167,7 +173,7 @@ def cmd_invariance(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from ..analysis._common import LayerTaps, parse_layers
+    from ..analysis._common import LayerTaps
     from ..analysis.figures import invariance_figure
     from ..analysis.invariance import TRANSFORMS, default_values, invariance_curves, prepare_uncropped, transform_batch
     from ..atomic import save_json
@@ -182,9 +188,9 @@ def cmd_invariance(args: argparse.Namespace) -> int:
         raise DeconvnetError(f"{len(args.images)} images but {len(args.label)} labels: give one --label per image, in order")
     loaded = load_from_args(args)
     pre = loaded.preprocessing
-    layers = parse_layers(args.layers)
     taps = LayerTaps(loaded.model)
-    labels_text = {l: f"{LAYER_LABELS.get(l, l)} ({taps.describe(l)})" for l in layers}
+    layers = taps.parse(args.layers) if args.layers else taps.default_layers("1,7")
+    labels_text = {l: _layer_label(taps, l) for l in layers}
     uncropped, labels, names = [], [], []
     for i, path in enumerate(args.images):
         img = load_image(path)
@@ -237,10 +243,12 @@ def cmd_correspondence(args: argparse.Namespace) -> int:
 
     parts = [p.strip() for p in args.parts.split(",") if p.strip()] if args.parts else None
     annotated, parts = load_boxes(args.images, args.boxes, parts)  # validates before loading the model
-    layers = parse_layers(args.layers)
+    if args.layers:
+        parse_layers(args.layers)  # the text's form, before loading the model
     loaded = load_from_args(args)
     taps = LayerTaps(loaded.model)
-    labels = {l: f"{LAYER_LABELS.get(l, l)} ({taps.describe(l)})" for l in layers}
+    layers = taps.parse(args.layers) if args.layers else taps.default_layers("5,7")
+    labels = {l: _layer_label(taps, l) for l in layers}
     for l in layers:
         taps.resolve(l)
     images, boxes, shown = load_inputs(annotated, parts, loaded.preprocessing)
@@ -286,11 +294,13 @@ def cmd_probe(args: argparse.Namespace) -> int:
         raise DeconvnetError("--train-per-class needs positive numbers, e.g. 15,30,60")
     if args.seeds < 1:
         raise DeconvnetError("--seeds must be at least 1")
-    layers = parse_layers(args.layers)
+    if args.layers:
+        parse_layers(args.layers)  # the text's form, before loading the model
     data = Path(args.data)
     loaded = load_from_args(args)
     taps = LayerTaps(loaded.model)
-    labels = {l: LAYER_LABELS.get(l, l) for l in layers}
+    layers = taps.parse(args.layers) if args.layers else taps.default_layers("1..7")
+    labels = {l: l if taps.graph else LAYER_LABELS.get(l, l) for l in layers}
     for l in layers:
         taps.resolve(l)
     pre = loaded.preprocessing

@@ -111,12 +111,10 @@ def cmd_atlas(args: argparse.Namespace) -> int:
     layers = parse_layers(args.layers, engine)
     maps = None
     if args.maps or args.random_maps:
-        from ..analysis.atlas import _layer_channels
-
         maps = {}
         rng = random.Random(args.seed)
         for layer in layers:
-            channels = _layer_channels(engine, engine.layer(layer))
+            channels = engine.output_shape(layer, (loaded.preprocessing.crop, loaded.preprocessing.crop))[0]
             if args.maps:
                 maps[layer] = parse_maps(args.maps, channels, layer)
             else:

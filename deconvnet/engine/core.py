@@ -113,7 +113,7 @@ class DeconvNet:
         selectable name."""
         if self.chain is not None:
             return [i.name for i in self.chain if i.name.startswith(("conv", "pool", "norm"))]
-        shapes = self._shapes(self._probe_size())
+        shapes = self._shapes(self.probe_size)
         out = []
         for path, module in self.model.named_modules():
             if not path or path.count(".") > 1:
@@ -165,12 +165,14 @@ class DeconvNet:
         if name in self._infos:
             return self._infos[name]
         op = self.graph.by_name[self._op_name(name)]
-        f = self.fields(self._probe_size()).get(op.name, Field(None))
+        f = self.fields(self.probe_size).get(op.name, Field(None))
         size = None if f.size is None else max(f.size)
         path = name if name in dict(self.model.named_modules()) else (op.module_path or op.qualname)
         return LayerInfo(self.graph.order[op.name], name, path, op.module, size, f.stride[0], f.start[0], op.name)
 
-    def _probe_size(self) -> tuple[int, int]:
+    @property
+    def probe_size(self) -> tuple[int, int]:
+        """The input size used to read shapes and receptive fields: the model's configured size, else 224."""
         size = getattr(getattr(self.model, "config", None), "input_size", None) or 224
         return int(size), int(size)
 
@@ -213,6 +215,32 @@ class DeconvNet:
         for name, op in zip(names, ops):
             record.values[name] = record.values[op]
         return record
+
+    def outputs(self, images: torch.Tensor, layers: Sequence[str], logits: bool = False) -> dict[str, torch.Tensor]:
+        """The outputs of ``layers`` (and, with ``logits``, the model's output under the key
+        ``"logits"``) from one forward pass, for analyses that read features without projecting."""
+        ops = [self._op_name(n) for n in layers]
+        if logits:
+            if self.graph.output_name is None:
+                raise DeconvnetError(f"{type(self.model).__name__} does not return one tensor of logits")
+            ops.append(self.graph.output_name)
+        record = run_forward(self.graph, images, ops)
+        out = {name: record.values[op] for name, op in zip(layers, ops)}
+        if logits:
+            out["logits"] = record.values[self.graph.output_name]  # type: ignore[index]
+        return out
+
+    @property
+    def default_layer(self) -> str:
+        """The layer analyses watch by default: conv5 on the paper's models, else the last layer with
+        maps (the top of the convolutional part)."""
+        maps = self.map_layers
+        if "conv5" in maps:
+            return "conv5"
+        if not maps:
+            raise DeconvnetError(f"{type(self.model).__name__} has no layer with maps")
+        top = [n for n in maps if "." not in n]  # a top-level module (layer4) rather than its last block
+        return (top or maps)[-1]
 
     def activations(self, images: torch.Tensor, layer: str | int) -> torch.Tensor:
         """The output of ``layer`` for ``images`` (chain models also take a chain index)."""

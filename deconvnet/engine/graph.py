@@ -151,6 +151,10 @@ class ModelGraph:
             raise DeconvnetError(f"{type(model).__name__}: the traced model has no input")
         self.order = {op.name: i for i, op in enumerate(self.ops)}
         self.users: dict[str, list[str]] = {op.name: [u.name for u in op.node.users] for op in self.ops}
+        outputs = [op for op in self.ops if op.node.op == "output"]
+        result = outputs[0].node.args[0] if outputs else None
+        # the op whose value the model returns (its logits), when it returns one tensor
+        self.output_name: str | None = result.name if isinstance(result, fx.Node) and result.name in on_path else None
         # a batch norm right after a conv that feeds nothing else: the way down folds its scale into
         # the transposed filters (conv op name -> its batch norm module)
         self.folded_bn: dict[str, nn.Module] = {

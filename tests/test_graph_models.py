@@ -1,0 +1,85 @@
+"""The paper's views and analyses on graph models (ResNet, DenseNet): the atlas, occlusion, the
+analyses' layer taps and the first-layer filters go through the graph engine (random weights, 64 px
+inputs, images generated and decoded from disk)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from deconvnet.analysis._common import LayerTaps
+from deconvnet.analysis.atlas import build_atlas
+from deconvnet.analysis.filters import filter_stats
+from deconvnet.analysis.occlusion import occlude, occlusion_maps
+from deconvnet.data import Preprocessing, list_images
+from deconvnet.engine import DeconvNet, Selection
+from deconvnet.errors import DeconvnetError
+from deconvnet.weights import wrap_model
+
+from .imaging import make_image_folder
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=5).eval()
+    return wrap_model(model, preprocessing=Preprocessing(resize=72, crop=64))
+
+
+def test_atlas_of_a_resnet_keeps_the_true_top_activations_and_projects_them(resnet, tmp_path):
+    folder = make_image_folder(tmp_path / "images", classes=2, per_class=3, size=72)
+    result = build_atlas(resnet, folder, tmp_path / "atlas", layers="layer2,layer4", k=2, maps={"layer2": [0, 1, 2], "layer4": [5, 6]},
+                         progress=False)
+    scan = result.scan
+    engine = DeconvNet(resnet.model)
+    files = [str(p) for p in list_images(folder)]
+    x = torch.stack([resnet.preprocessing.load(f)[0] for f in files])
+    for layer in ("layer2", "layer4"):
+        acts = engine.activations(x, layer)
+        best = acts.flatten(2).amax(2).amax(0)  # each map's strongest activation over the folder
+        assert np.allclose(scan.values[layer][:, 0], best.numpy(), rtol=1e-5)
+    tiles = result.tiles["layer4"]
+    assert tiles.filled.all() and tiles.rf_size is not None and tiles.rf_size > 64
+    assert "larger than the 64 px image" in (tmp_path / "atlas" / "index.html").read_text()
+    assert list((tmp_path / "atlas" / "layer2").glob("maps-*.png"))
+    # a kept activation's projection tile shows the engine's projection of that very unit
+    m, r = 0, 0
+    gid, (y, x_) = int(tiles.images[m, r]), tiles.positions[m, r]
+    (proj,) = engine.project(x[gid : gid + 1], [Selection(0, "layer4", tiles.maps[m], (int(y), int(x_)))])
+    assert proj.value == pytest.approx(float(tiles.values[m, r]), rel=1e-5)
+    assert tiles.tiles[m, r, 0].std() > 0  # not a blank tile
+
+
+def test_occlusion_on_a_resnet_runs_every_occluded_image_through_the_network(resnet):
+    image = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(1))
+    maps = occlusion_maps(resnet.model, image, size=16, stride=16)
+    assert maps.method == "full" and maps.layer == "layer4"  # the last layer with maps
+    i, j = 1, 2
+    with torch.no_grad():
+        occluded = occlude(image, int(maps.ys[i]), int(maps.xs[j]), 16, 0.0)
+        probs = resnet.model(occluded[None]).softmax(1)[0]
+        acts = DeconvNet(resnet.model).activations(occluded[None], "layer4")[0, maps.channel].sum()
+    assert maps.probability[i, j] == pytest.approx(float(probs[maps.target]), rel=1e-4)
+    assert maps.activation[i, j] == pytest.approx(float(acts), rel=1e-4)
+
+
+def test_layer_taps_name_a_graphs_layers_by_module_path(resnet):
+    taps = LayerTaps(resnet.model)
+    assert taps.default_layers("1,7") == ["maxpool", "avgpool"]
+    assert taps.default_layers("5,7") == ["layer4", "avgpool"]
+    feats = taps(torch.randn(2, 3, 64, 64), ["layer3", "avgpool", "fc8"])
+    assert feats["layer3"].shape == (2, 256, 4, 4) and feats["avgpool"].shape == (2, 512, 1, 1) and feats["fc8"].shape == (2, 5)
+    with pytest.raises(DeconvnetError, match="paper's layer numbers apply to chain models"):
+        taps.parse("1,7")
+    assert taps.parse("layer1,layer3.1") == ["layer1", "layer3.1"]
+
+
+def test_first_layer_filters_of_graph_models():
+    dense = torchvision.models.densenet121(weights=None)
+    stats = filter_stats(dense, "conv1")  # DenseNet's first convolution is features.conv0
+    assert stats.shape == tuple(dense.features.conv0.weight.shape)
+    res = torchvision.models.resnet18(weights=None)
+    assert filter_stats(res, "conv1").shape == (64, 3, 7, 7)
+    assert filter_stats(res, "layer1.0").shape == tuple(res.layer1[0].conv2.weight.shape)  # nearest conv below
