@@ -89,3 +89,20 @@ def test_cli_filters_compare(tmp_path):
     stats = json.loads((tmp_path / "out" / "filter-stats.json").read_text())
     assert [v["dead_count"] for v in stats.values()] == [0, 1]
     assert (tmp_path / "out" / "filters.png").exists() and "dead" in run.stdout
+
+
+def test_filter_structure_separates_noise_from_edges_and_gratings():
+    from deconvnet.analysis.filters import filter_structure
+
+    rng = np.random.default_rng(0)
+    noise = filter_structure(rng.standard_normal((200, 3, 7, 7)))
+    assert 0.20 < np.median(noise) < 0.27  # energy spread over 48 frequencies
+    # a pure 2-D cosine (one DCT frequency) in all colours: all non-DC energy in one frequency
+    n = np.arange(7)
+    basis = np.outer(np.cos(np.pi * (2 * n + 1) * 1 / 14), np.cos(np.pi * (2 * n + 1) * 2 / 14))
+    grating = np.stack([basis * c for c in (1.0, -0.5, 0.25)])[None] + 0.3  # plus a DC offset, ignored
+    assert filter_structure(grating)[0] == pytest.approx(1.0, abs=1e-9)
+    ys, xs = np.mgrid[-3:4, -3:4]
+    edge = np.exp(-(xs**2 + ys**2) / 8.0) * np.sign(xs)  # a smooth vertical edge detector
+    assert filter_structure(np.stack([edge] * 3)[None])[0] > 0.7
+    assert filter_structure(np.zeros((1, 3, 7, 7)))[0] == 0.0

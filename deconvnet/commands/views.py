@@ -53,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", default=None, help="folder of images for the top conv2 projections")
     p.add_argument("--max-images", type=int, default=500, help="use at most this many images of --images (default 500)")
     p.add_argument("--layer2-maps", type=int, default=36, help="how many conv2 maps to show (the strongest)")
+    p.add_argument("--per-filter", action="store_true", help="print every filter's RMS and structure (share of its non-DC energy in its 4 strongest DCT frequencies)")
     p.add_argument("--dead-ratio", type=float, default=0.2, help="dead: RMS < this x median RMS (default 0.2)")
     p.add_argument("--quiet", action="store_true")
     add_model_args(p)
@@ -156,6 +157,10 @@ def cmd_filters(args: argparse.Namespace) -> int:
     save_json(out / "filter-stats.json", {name: st.to_dict() for (name, _), st in zip(models, stats)})
     for (name, _), st in zip(models, stats):
         print(f"{name}: {st.summary()}")
+        if args.per_filter:
+            print(f"  {'filter':>6} {'RMS':>9} {'structure':>9}")
+            for i, (rms, structure, dead) in enumerate(zip(st.rms, st.structure, st.dead)):
+                print(f"  {i:>6} {rms:>9.4g} {structure:>9.3f}{'  dead' if dead else ''}")
     print(f"figure: {path}\nstats: {out / 'filter-stats.json'}")
     return 0
 
