@@ -228,7 +228,8 @@ def main() -> None:
 
     from torchvision.transforms.v2 import functional as TF
 
-    from deconvnet.analysis.atlas import _forward_collect, _pools_below
+    from deconvnet.analysis.atlas import _pools_below
+    from deconvnet.engine import chain_forward
 
     cache = SwitchCache(8192)
     sub = scan
@@ -240,7 +241,7 @@ def main() -> None:
         pixels = torch.stack([TF.pil_to_tensor(loaded.preprocessing.geometry()(load_image(sub.files[g]))) for g in chunk])
         x = loaded.preprocessing.normalize(pixels).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            _, rec = _forward_collect(engine, x, {}, top, switches=True)
+            _, rec = chain_forward(engine.chain, x, top, record=True, inplace_relu=True)
         codes = {pi: projector.switch_codes(rec, engine.layers[pi], sub.input_size) for pi in _pools_below(engine, top)}
         for b, g in enumerate(chunk):
             cache.add(g, pixels[b], {pi: c[b] for pi, c in codes.items()})

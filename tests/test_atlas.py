@@ -447,12 +447,17 @@ def test_candidates_take_each_maps_first_maximum():
 
 def test_scan_keeps_a_scanned_pre_activation_intact():
     """The scan's forward pass rectifies in place, except where the conv output itself is scanned."""
-    from deconvnet.analysis.atlas import _forward_collect
+    from deconvnet.engine import chain_forward
 
     loaded = tiny_loaded()
     engine = DeconvNet(loaded.model)
     pre, post = engine.layer("features.conv1").index, engine.layer("conv1").index
     torch.manual_seed(0)
-    outs, _ = _forward_collect(engine, torch.randn(2, 3, 48, 48), {pre: "features.conv1", post: "conv1"}, post, False)
-    assert bool((outs["features.conv1"] < 0).any())
-    assert torch.equal(outs["conv1"], outs["features.conv1"].relu())
+    x = torch.randn(2, 3, 48, 48)
+    keep = dict.fromkeys((pre, post), x)
+    chain_forward(engine.chain, x, post, record=False, keep=keep, inplace_relu=True)
+    assert bool((keep[pre] < 0).any())
+    assert torch.equal(keep[post], keep[pre].relu())
+    only_post = {post: x}
+    chain_forward(engine.chain, x, post, record=False, keep=only_post, inplace_relu=True)  # in place here
+    assert torch.equal(only_post[post], keep[post])

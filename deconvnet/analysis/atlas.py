@@ -43,7 +43,7 @@ from torch import nn
 
 from ..atomic import atomic_path, save_text
 from ..data import list_images, load_image
-from ..engine import ChainRecord, DeconvNet, Selection
+from ..engine import ChainRecord, DeconvNet, Selection, chain_forward
 from ..errors import DeconvnetError
 from ..weights import LoadedModel
 from ..engine.windowed import WindowedProjector, last_pool_below
@@ -393,32 +393,6 @@ class SwitchCache:
         return len(self.entries)
 
 
-def _forward_collect(engine: DeconvNet, x: torch.Tensor, wanted: dict[int, str], upto: int, switches: bool):
-    """One forward pass to layer ``upto``: the outputs of the ``wanted`` layers and (optionally) a
-    record with the pooling switches and input shapes."""
-    rec = ChainRecord()
-    outputs: dict[str, torch.Tensor] = {}
-    for info in engine.layers[: upto + 1]:
-        m = info.module
-        rec.shapes[info.index] = x.shape
-        if isinstance(m, nn.MaxPool2d):
-            if switches:
-                x, idx = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode, return_indices=True)
-                rec.switches[info.index] = idx
-            else:
-                x = m(x)
-        elif isinstance(m, nn.ReLU):
-            # in place unless the pre-activation is itself a scanned layer (e.g. "features.conv1")
-            x = F.relu(x, inplace=info.index > 0 and (info.index - 1) not in wanted)
-        else:
-            if isinstance(m, nn.LocalResponseNorm) and engine.include_lrn:
-                rec.lrn_inputs[info.index] = x
-            x = m(x)
-        if info.index in wanted:
-            outputs[wanted[info.index]] = x
-    return outputs, rec
-
-
 def _pools_below(engine: DeconvNet, upto: int) -> list[int]:
     return [i.index for i in engine.layers[: upto + 1] if isinstance(i.module, nn.MaxPool2d)]
 
@@ -527,7 +501,9 @@ def scan_atlas(
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.no_grad():
                     if engine.is_chain:
-                        outs, rec = _forward_collect(engine, x, wanted, upto, switches=use_cache)
+                        keep: dict[int, torch.Tensor] = dict.fromkeys(wanted, x)
+                        _, rec = chain_forward(engine.chain, x, upto, record=use_cache, include_lrn=engine.include_lrn, keep=keep, inplace_relu=True)
+                        outs = {wanted[i]: keep[i] for i in wanted}
                     else:
                         outs = engine.outputs(x, layers)
                 for layer in layers:

@@ -149,20 +149,26 @@ def feature_layers(model: nn.Module) -> list[LayerInfo]:
 def chain_forward(
     layers: list[LayerInfo], images: torch.Tensor, upto: int, record: bool = True, include_lrn: bool = False,
     keep: dict[int, torch.Tensor] | None = None,
+    inplace_relu: bool = False,
 ) -> tuple[torch.Tensor, ChainRecord]:
-    """Run ``images`` through ``layers[: upto + 1]``; return the output and the record. ``keep``: a
-    dict whose keys are layer indices; their outputs are stored in it."""
+    """Run ``images`` through ``layers[: upto + 1]``; return the output and the record (switches only
+    with ``record``). ``keep``: a dict whose keys are layer indices; their outputs are stored in it.
+    ``inplace_relu``: rectify in place where the pre-activation is neither the caller's input nor kept
+    (saves a copy of every map; a scan's hot loop)."""
     rec = ChainRecord()
     x = images
     for info in layers[: upto + 1]:
         m = info.module
         rec.shapes[info.index] = x.shape
         if isinstance(m, nn.MaxPool2d):
-            x, idx = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode, return_indices=True)
             if record:
+                x, idx = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode, return_indices=True)
                 rec.switches[info.index] = idx
+            else:
+                x = m(x)
         elif isinstance(m, nn.ReLU):
-            x = F.relu(x)  # never in place: the caller's tensors stay intact
+            inplace = inplace_relu and info.index > 0 and (keep is None or (info.index - 1) not in keep)
+            x = F.relu(x, inplace=inplace)  # otherwise never in place: the caller's tensors stay intact
         else:
             if isinstance(m, nn.LocalResponseNorm) and record and include_lrn:
                 rec.lrn_inputs[info.index] = x
