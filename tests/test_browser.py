@@ -135,6 +135,9 @@ def test_sample_hover_click_project(page, shots: Path) -> None:
     assert page.is_visible("#d-input-rf") and page.is_visible("#d-projection-rf") and page.is_visible("#input-rf")
     box = page.locator("#d-projection-rf").bounding_box()
     assert box and box["width"] > 2 and box["height"] > 2
+    # the same unit under the three rules, side by side
+    page.wait_for_function(f"document.getElementById('rules-meta').textContent.startsWith('(conv2 map {index},')")
+    assert page.eval_on_selector_all("#rules-grid figure", "els => els.map(e => e.dataset.rule)") == ["deconvnet", "guided", "gradient"]
     if "conv2" in page.evaluate("state.model.atlas_layers"):
         page.wait_for_selector("#atlas:not([hidden]) .atlas-half img", timeout=60_000)
     page.wait_for_timeout(200)
