@@ -21,9 +21,9 @@ import pytest
 from PIL import Image
 
 try:  # tests/ as a package or as a plain folder
-    from tests._server import CHROMIUM, CHROMIUM_ARGS, Server, photo_bytes
+    from tests._server import CHROMIUM, CHROMIUM_ARGS, Server, photo_bytes, save_screenshot
 except ImportError:  # pragma: no cover
-    from _server import CHROMIUM, CHROMIUM_ARGS, Server, photo_bytes  # type: ignore[no-redef]
+    from _server import CHROMIUM, CHROMIUM_ARGS, Server, photo_bytes, save_screenshot  # type: ignore[no-redef]
 from deconvnet.cli import main
 
 RULES = ["deconvnet", "guided", "gradient"]
@@ -203,6 +203,6 @@ def test_page_click_a_layer3_map_shows_the_three_rules(server: Server, tmp_path_
         assert "receptive field" in page.inner_text("#detail-meta") and "None" not in page.inner_text("#detail-meta")
         assert not page.is_visible("#occlusion-panel")
         page.wait_for_timeout(200)
-        page.screenshot(path=str(shots / "explorer-resnet50-rules.png"), full_page=True)
+        save_screenshot(page, shots / "explorer-resnet50-rules.png", full_page=True)
         browser.close()
     assert not errors, errors
