@@ -1,9 +1,10 @@
 """What the web explorer and the HTML report show, computed once per image and cached.
 
 A thin layer over the library (``Preprocessing``, ``DeconvNet``, ``render.to_display``) that turns
-an image into what a person looks at: the top-5 classes, each conv layer's maps sorted by strength
+an image into what a person looks at: the top-5 classes, each layer's maps sorted by strength
 (their maxima), and for one map the deconvnet projection of its strongest activation and of the whole
-map, with the unit's receptive field. Images arrive as bytes (an upload) or as a file, are decoded
+map, with the unit's receptive field, and the same unit under the three rules side by side
+(deconvnet, guided backpropagation, plain gradient). Images arrive as bytes (an upload) or as a file, are decoded
 defensively (size and pixel limits, truncated files, decompression bombs) and are cached by an
 opaque id, with the forward pass and pooling switches of every layer already looked at, so that a
 click on a map costs one backward pass.
@@ -12,6 +13,7 @@ click on a map costs one backward pass.
     session = explorer.open_bytes(data, "cat.jpg")
     maps = explorer.maps(session, "conv5")            # order, maxima, thumbnails
     view = explorer.project(session, "conv5", maps.order[0])
+    rules = explorer.compare_rules(session, "conv5", maps.order[0])   # rules.images["guided"]: PNG
 
 No file is written: everything stays in memory (PNG bytes are produced on request).
 """
@@ -25,7 +27,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +36,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from .data import to_rgb
 from .deconv import DeconvNet
+from .engine import RULES
+from .engine.reverse import check_rule
 from .errors import DeconvnetError
 from .render import to_display
 from .weights import LoadedModel
@@ -43,6 +47,8 @@ __all__ = [
     "ImageSession",
     "LayerMaps",
     "MapView",
+    "RuleComparison",
+    "RULE_TITLES",
     "decode_image",
     "png_bytes",
     "data_uri",
@@ -52,6 +58,8 @@ __all__ = [
 # A 50-megapixel photo or a decompression bomb is refused before its pixels are decoded.
 DEFAULT_MAX_PIXELS = 40_000_000
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+# what a page calls each rule of the engine
+RULE_TITLES = {"deconvnet": "deconvnet (Zeiler & Fergus)", "guided": "guided backpropagation", "gradient": "gradient (plain backpropagation)"}
 
 
 def decode_image(data: bytes, name: str = "upload", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -142,12 +150,26 @@ class MapView:
     position: tuple[int, int]  # where, in map coordinates
     map_size: tuple[int, int]
     box: tuple[int, int, int, int]  # receptive field (y0, x0, y1, x1) in input pixels, end-exclusive
-    rf_size: int
+    rf_size: int | None  # None: every unit of the layer sees the whole image
     image_size: tuple[int, int]
     projection_png: bytes = field(repr=False)  # strongest activation, projected
     whole_map_png: bytes = field(repr=False)  # the whole map, projected
     activation_png: bytes = field(repr=False)  # the map itself, grey
     patch_png: bytes = field(repr=False)  # the input under the receptive field
+
+
+@dataclass
+class RuleComparison:
+    """One unit (a map's strongest activation) projected by each rule of the engine."""
+
+    layer: str
+    channel: int
+    value: float
+    position: tuple[int, int]  # map coordinates
+    box: tuple[int, int, int, int]  # receptive field (y0, x0, y1, x1) in input pixels, end-exclusive
+    rf_size: int | None
+    image_size: tuple[int, int]
+    images: dict[str, bytes] = field(repr=False)  # rule -> PNG of its projection (each contrast-normalised on its own)
 
 
 class ImageSession:
@@ -162,9 +184,11 @@ class ImageSession:
         self.original_size = original_size  # (H, W) before resizing/cropping
         self.top: list[tuple[str, float]] = []
         self.record: Any = None  # switches and shapes of one forward pass up to the top conv layer
+        self.record_has_masks = False  # the record also keeps the ReLU masks (guided and gradient rules)
         self.layers: dict[str, torch.Tensor] = {}  # activations (1, C, h, w) per layer looked at
         self.maps: dict[str, LayerMaps] = {}
         self.views: OrderedDict[tuple[str, int], MapView] = OrderedDict()
+        self.comparisons: OrderedDict[tuple[str, int], RuleComparison] = OrderedDict()
         self.extras: dict[str, Any] = {}  # analyses' results (occlusion...) by name
         self._input_png: bytes | None = None
         self.lock = threading.Lock()  # computing this image's forward passes
@@ -189,6 +213,10 @@ class Explorer:
         self.conv_layers = self.engine.map_layers
         if not self.conv_layers:
             raise DeconvnetError("this model has no conv layers the deconvnet can name")
+        # a page's default: chain models' convI; graph models' top-level layers (a ResNet-50 has 22
+        # map layers with its blocks, 6 without: relu, maxpool, layer1..layer4)
+        top_level = [n for n in self.conv_layers if "." not in n]
+        self.overview_layers = self.conv_layers if self.engine.is_chain or not top_level else top_level
         self.cache_size = max(1, cache_size)
         self.max_pixels = max_pixels
         self.views_per_image = views_per_image
@@ -245,15 +273,18 @@ class Explorer:
             raise DeconvnetError(f"unknown layer {layer!r}; choose one of {', '.join(self.conv_layers)}")
         return layer
 
-    def _forward(self, session: ImageSession, layer: str) -> tuple[torch.Tensor, Any]:
+    def _forward(self, session: ImageSession, layer: str, masks: bool = False) -> tuple[torch.Tensor, Any]:
         """The layer's activations and the record (pooling switches) of one forward pass to the top
-        conv layer, which serves the way down from every layer below it (computed once per image)."""
+        conv layer, which serves the way down from every layer below it (computed once per image).
+        ``masks``: the record must also keep the ReLU masks (the guided and gradient rules); it is
+        then made again once, with them (the deconvnet rule ignores them)."""
         acts = session.layers.get(layer)
-        if acts is None or session.record is None:
+        if acts is None or session.record is None or (masks and not session.record_has_masks):
             with session.lock, self.compute_lock:
-                if session.record is None:
+                if session.record is None or (masks and not session.record_has_masks):
                     # every layer the page shows, in one pass; its record serves the way down from each
-                    session.record = self.engine.forward(session.x, self.conv_layers)
+                    session.record = self.engine.forward(session.x, self.conv_layers, rule="guided" if masks else "deconvnet")
+                    session.record_has_masks = masks
                     for name in self.conv_layers:
                         session.layers.setdefault(name, session.record.values[name])
                 acts = session.layers.get(layer)
@@ -325,6 +356,46 @@ class Explorer:
         while len(session.views) > self.views_per_image:
             session.views.popitem(last=False)
         return view
+
+    def compare_rules(self, session: ImageSession, layer: str, channel: int, rules: Sequence[str] = RULES) -> RuleComparison:
+        """The map's strongest activation projected by each of ``rules`` (default: deconvnet, guided,
+        gradient), from one forward record that keeps the ReLU masks."""
+        self.check_layer(layer)
+        rules = [check_rule(r) for r in dict.fromkeys(rules)]
+        if not rules:
+            raise DeconvnetError(f"no rule given; choose from {', '.join(RULES)}")
+        maps = self.maps(session, layer)
+        if not 0 <= channel < maps.channels:
+            raise DeconvnetError(f"map {channel} out of range: {layer} has {maps.channels} maps (0..{maps.channels - 1})")
+        key = (layer, channel)
+        found = session.comparisons.get(key)
+        if found is None or any(r not in found.images for r in rules):
+            acts, rec = self._forward(session, layer, masks=any(r != "deconvnet" for r in rules))
+            fmap = acts[0, channel]
+            h, w = fmap.shape
+            y, x = divmod(int(fmap.argmax()), w)
+            seed = acts.new_zeros((1,) + tuple(acts.shape[1:]))
+            seed[0, channel, y, x] = fmap[y, x]
+            images = dict(found.images) if found is not None else {}
+            view = session.views.get(key)
+            if view is not None and "deconvnet" in rules:  # the same unit under the same rule: already projected
+                images.setdefault("deconvnet", view.projection_png)
+            index = torch.zeros(1, dtype=torch.long, device=acts.device)
+            for rule in rules:
+                if rule not in images:
+                    with self.compute_lock:
+                        down = self.engine.backward(seed, layer, rec, index, rule=rule)
+                    images[rule] = png_bytes(to_display(down[0]))
+            info = self.engine.layer(layer)
+            height, width = session.size
+            found = RuleComparison(layer, channel, float(fmap[y, x]), (y, x), info.receptive_field(y, x, height, width), info.rf_size,
+                                   (height, width), images)
+            session.comparisons[key] = found
+            while len(session.comparisons) > self.views_per_image:
+                session.comparisons.popitem(last=False)
+        session.comparisons.move_to_end(key)
+        return RuleComparison(found.layer, found.channel, found.value, found.position, found.box, found.rf_size, found.image_size,
+                              {r: found.images[r] for r in rules})
 
 
 def _clean_name(name: str) -> str:

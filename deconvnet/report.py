@@ -1,10 +1,13 @@
 """``deconvnet report``: one self-contained HTML file that opens from disk with no server.
 
 Every image is inlined (base64), there is no script and nothing is loaded from elsewhere. Per image:
-the crop the model sees, its top-5 classes, and for each conv layer its strongest maps (by maximum
-activation) with the deconvnet projection of each map's strongest activation, the receptive field and
-the image patch under it; then the occlusion maps (paper Fig. 7) and the invariance curves (Fig. 5)
-where those analyses are installed. For the model: a summary (architecture, classes, training
+the crop the model sees, its top-5 classes, and for each layer shown (chain models: conv1..conv5;
+graph models such as ResNet: the top-level layers, e.g. relu, maxpool, layer1..layer4) its strongest
+maps (by maximum activation) with the deconvnet projection of each map's strongest activation, the
+receptive field and the image patch under it; the strongest unit of the top layer shown under the
+three rules side by side (deconvnet, guided backpropagation, gradient); then the occlusion maps
+(paper Fig. 7) and the invariance curves (Fig. 5) where those analyses are installed and the model is
+a chain (they walk a ``features`` nn.Sequential). For the model: a summary (architecture, classes, training
 recipe and results from the weights' metadata, the model card for the bundled model) and its layer-1
 filters.
 
@@ -30,7 +33,7 @@ from PIL import Image
 from . import __version__
 from .atomic import save_text
 from .errors import DeconvnetError
-from .explorer import Explorer, ImageSession, data_uri, decode_image, png_bytes
+from .explorer import RULE_TITLES, Explorer, ImageSession, data_uri, decode_image, png_bytes
 from .server import integrations
 from .weights import LoadedModel
 
@@ -281,6 +284,8 @@ ol.top5 li .bar { position: absolute; inset: 0 auto 0 0; background: #ffd8c2; z-
 .maps { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: .7rem; }
 .unit { font-size: 11px; }
 .unit .row { display: grid; grid-template-columns: 1fr 1fr; gap: 3px; }
+.rules { display: grid; grid-template-columns: repeat(4, minmax(0, 200px)); gap: .6rem; }
+.rules img { width: 100%; display: block; }
 .unit .row > * { aspect-ratio: 1; background: #eee; }
 .unit img { width: 100%; height: 100%; object-fit: contain; display: block; }
 .frame { position: relative; } .rf { position: absolute; border: 2px solid #ffcc00; box-shadow: 0 0 0 1px rgba(0,0,0,.6); }
@@ -303,6 +308,31 @@ def _box_style(box: Sequence[int], size: Sequence[int]) -> str:
     return f"top:{100 * y0 / h:.2f}%;left:{100 * x0 / w:.2f}%;height:{100 * (y1 - y0) / h:.2f}%;width:{100 * (x1 - x0) / w:.2f}%"
 
 
+def rf_text(rf_size: int | None) -> str:
+    """A layer's receptive field in words: "N px", or "covers the whole image" (after global pooling)."""
+    return "covers the whole image" if rf_size is None else f"{rf_size} px"
+
+
+def _rules_html(explorer: Explorer, session: ImageSession, layer: str) -> str:
+    """The strongest unit of ``layer`` (its strongest map's maximum) projected by each rule."""
+    esc = html.escape
+    maps = explorer.maps(session, layer)
+    channel = maps.order[0]
+    c = explorer.compare_rules(session, layer, channel)
+    style = _box_style(c.box, c.image_size)
+    figures = [f'<figure><div class="frame"><img src="{_jpeg_uri(session.input_png())}" alt="input"><div class="rf" style="{style}"></div></div>'
+               f'<figcaption>input, receptive field ({esc(rf_text(c.rf_size))})</figcaption></figure>']
+    for rule, png in c.images.items():
+        figures.append(f'<figure><div class="frame"><img src="{_jpeg_uri(png)}" alt="{esc(rule)} projection"><div class="rf" style="{style}"></div></div>'
+                       f'<figcaption><strong>{esc(RULE_TITLES.get(rule, rule))}</strong></figcaption></figure>')
+    return (
+        f'<h3>Three rules, one unit <span class="muted small">({esc(layer)} map {channel}, its strongest activation '
+        f'{c.value:.3g} at ({c.position[0]}, {c.position[1]}))</span></h3><div class="rules">' + "".join(figures) + "</div>"
+        '<p class="muted small">The same unit sent down by the deconvnet (ReLU on the signal), guided backpropagation (ReLU on the '
+        "signal and the forward pass's mask) and the plain gradient (the forward mask only); each contrast-normalised on its own.</p>"
+    )
+
+
 def _panels_html(panels: list[dict[str, Any]]) -> str:
     out = ['<div class="panels">']
     for p in panels:
@@ -318,7 +348,7 @@ def _panels_html(panels: list[dict[str, Any]]) -> str:
 
 
 def _image_section(explorer: Explorer, session: ImageSession, number: int, layers: list[str], top_maps: int,
-                   occlusion: bool, invariance: bool, path: Path, log: Callable[[str], None]) -> str:
+                   occlusion: bool, invariance: bool, path: Path, log: Callable[[str], None], rules: bool = True) -> str:
     esc = html.escape
     parts = [f'<section id="image-{number}"><h2>{number}. {esc(session.name)}</h2>']
     top = "".join(
@@ -335,7 +365,7 @@ def _image_section(explorer: Explorer, session: ImageSession, number: int, layer
         info = explorer.engine.layer(layer)
         parts.append(
             f'<h3>{esc(layer)}: the {min(top_maps, maps.channels)} strongest of {maps.channels} maps '
-            f'<span class="muted small">({maps.map_size[0]}x{maps.map_size[1]} maps, receptive field {info.rf_size} px)</span></h3><div class="maps">'
+            f'<span class="muted small">({maps.map_size[0]}x{maps.map_size[1]} maps, receptive field {rf_text(info.rf_size)})</span></h3><div class="maps">'
         )
         for channel in maps.order[:top_maps]:
             v = explorer.project(session, layer, channel)
@@ -353,8 +383,14 @@ def _image_section(explorer: Explorer, session: ImageSession, number: int, layer
         '<p class="muted small">Per map: the deconvnet projection of its strongest activation (receptive field outlined) and the '
         "image patch under that field; below, the activation map itself (white = its maximum) and the projection of the whole map.</p>"
     )
+    if rules:
+        log(f"  rules: {session.name} {layers[-1]}")
+        parts.append(_rules_html(explorer, session, layers[-1]))
     if occlusion:
-        if integrations.occlusion_available():
+        not_here = integrations.chain_only(explorer.loaded, "the occlusion analysis")
+        if not_here:
+            parts.append(f'<h3>Occlusion</h3><p class="muted">{esc(not_here)}.</p>')
+        elif integrations.occlusion_available():
             log(f"  occlusion: {session.name}")
             result = integrations.occlusion_panels(explorer.loaded, session.x[0], session.shown)
             s = result["settings"]
@@ -366,17 +402,17 @@ def _image_section(explorer: Explorer, session: ImageSession, number: int, layer
         else:
             parts.append('<h3>Occlusion</h3><p class="muted">not available in this installation.</p>')
     if invariance:
-        if integrations.invariance_available():
+        not_here = integrations.chain_only(explorer.loaded, "the invariance analysis")
+        panels = None
+        if not not_here and integrations.invariance_available():
             log(f"  invariance: {session.name}")
             original = decode_image(path.read_bytes(), session.name, explorer.max_pixels)
             panels = integrations.invariance_panels(explorer.loaded, original)
-        else:
-            panels = None
         if panels:
             parts.append('<h3>Invariance <span class="muted small">(paper Fig. 5)</span></h3>')
             parts.append(_panels_html(panels))
         else:
-            parts.append('<h3>Invariance</h3><p class="muted">not available in this installation.</p>')
+            parts.append(f'<h3>Invariance</h3><p class="muted">{esc(not_here or "not available in this installation")}.</p>')
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -391,8 +427,13 @@ def build_report(
     invariance: bool = True,
     title: str | None = None,
     log: Callable[[str], None] | None = None,
+    rules: bool = True,
 ) -> Path:
-    """Write ``out_dir/report.html`` for ``images`` (files or folders of images) and return its path."""
+    """Write ``out_dir/report.html`` for ``images`` (files or folders of images) and return its path.
+
+    ``layers``: default ``Explorer.overview_layers`` (chain models' conv layers, graph models'
+    top-level layers); any of ``Explorer.conv_layers`` may be chosen. ``rules``: the strongest unit
+    of the last layer shown under the three rules (deconvnet, guided, gradient)."""
     from .data import list_images
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
@@ -405,7 +446,7 @@ def build_report(
     if not paths:
         raise DeconvnetError("no images given (or the folders hold none)")
     explorer = Explorer(loaded, cache_size=max(1, len(paths)))
-    chosen = list(layers) if layers else list(explorer.conv_layers)
+    chosen = list(layers) if layers else list(explorer.overview_layers)
     for layer in chosen:
         explorer.check_layer(layer)
     started = time.perf_counter()
@@ -440,7 +481,7 @@ def build_report(
 
     for number, (session, path) in enumerate(zip(sessions, paths), start=1):
         log(f"report: image {number}/{len(paths)} {session.name}")
-        body.append(_image_section(explorer, session, number, chosen, top_maps, occlusion, invariance, path, log))
+        body.append(_image_section(explorer, session, number, chosen, top_maps, occlusion, invariance, path, log, rules))
     body.append(f'<p class="muted small">Made by <code>deconvnet report</code> in {time.perf_counter() - started:.0f} s. '
                 "Projections: zero is mid-grey, each contrast-normalised on its own (Zeiler &amp; Fergus, Sec. 2.1).</p></main>")
 

@@ -59,6 +59,12 @@ def photo_bytes(fmt: str = "JPEG", size: tuple[int, int] = (160, 120), seed: int
     return buf.getvalue()
 
 
+def save_screenshot(page, path: Path, **kwargs) -> None:
+    """Save a Playwright page's screenshot as a small palette PNG (256 colours: about a quarter of the size)."""
+    image = Image.open(io.BytesIO(page.screenshot(**kwargs))).convert("RGB")
+    image.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(path, optimize=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -22,9 +22,9 @@ pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 try:  # tests/ as a package or as a plain folder
-    from tests._server import CHROMIUM, CHROMIUM_ARGS, Server, photo_bytes, tiny_weights
+    from tests._server import CHROMIUM, CHROMIUM_ARGS, Server, photo_bytes, save_screenshot, tiny_weights
 except ImportError:  # pragma: no cover
-    from _server import CHROMIUM, CHROMIUM_ARGS, Server, photo_bytes, tiny_weights  # type: ignore[no-redef]
+    from _server import CHROMIUM, CHROMIUM_ARGS, Server, photo_bytes, save_screenshot, tiny_weights  # type: ignore[no-redef]
 
 if not Path(CHROMIUM).exists():  # pragma: no cover - CI installs it (.ci/run)
     pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium", allow_module_level=True)
@@ -92,16 +92,6 @@ def page(browser, server: Server):
     assert not outside, f"the page loaded something from elsewhere: {outside}"
 
 
-def _screenshot(pg, path: Path, **kwargs) -> None:
-    """Save a screenshot as a small palette PNG (256 colours: about a quarter of the size)."""
-    import io
-
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(pg.screenshot(**kwargs))).convert("RGB")
-    image.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(path, optimize=True)
-
-
 def _pick(pg, n: int) -> None:
     """Open the n-th image of the --images folder if the server offers one, else the n-th sample."""
     folder = pg.locator(".source[title$='(folder)']")
@@ -135,10 +125,13 @@ def test_sample_hover_click_project(page, shots: Path) -> None:
     assert page.is_visible("#d-input-rf") and page.is_visible("#d-projection-rf") and page.is_visible("#input-rf")
     box = page.locator("#d-projection-rf").bounding_box()
     assert box and box["width"] > 2 and box["height"] > 2
+    # the same unit under the three rules, side by side
+    page.wait_for_function(f"document.getElementById('rules-meta').textContent.startsWith('(conv2 map {index},')")
+    assert page.eval_on_selector_all("#rules-grid figure", "els => els.map(e => e.dataset.rule)") == ["deconvnet", "guided", "gradient"]
     if "conv2" in page.evaluate("state.model.atlas_layers"):
         page.wait_for_selector("#atlas:not([hidden]) .atlas-half img", timeout=60_000)
     page.wait_for_timeout(200)
-    _screenshot(page, shots / "explorer.png")
+    save_screenshot(page, shots / "explorer.png")
 
 
 def test_api_docs_page(browser, server: Server) -> None:
@@ -200,7 +193,7 @@ def test_occlusion(page, shots: Path) -> None:
     titles = page.eval_on_selector_all("#occlusion-panels figcaption strong", "els => els.map(e => e.textContent)")
     assert any(t.startswith("(b)") for t in titles) and any(t.startswith("(d)") for t in titles)
     page.wait_for_timeout(200)
-    _screenshot(page, shots / "explorer-occlusion.png", full_page=True)
+    save_screenshot(page, shots / "explorer-occlusion.png", full_page=True)
 
 
 def test_report_opens_from_disk(browser, tmp_path: Path, shots: Path) -> None:

@@ -137,6 +137,19 @@ def test_batched_many_images_layers_and_rules_equal_one_at_a_time():
             assert (p.value, p.position, p.rule) == (one.value, one.position, rule)
 
 
+def test_several_selections_of_one_image_go_down_together():
+    """A record of ONE image with several rows on the way down: the residual additions keep the rows
+    apart (a recorded batch of 1 is not a broadcast axis)."""
+    model = _build("resnet18")
+    image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    engine = DeconvNet(model)
+    sels = [Selection(0, "layer3", 1), Selection(0, "layer3", 2, whole_map=True), Selection(0, "layer2.1", 5)]
+    for rule in RULES:
+        for p in engine.project(image, sels, rule=rule):
+            (one,) = engine.project(image, [p.selection], rule=rule)
+            assert _close(p.image, one.image) < TOLERANCE, (p.selection, rule)
+
+
 def test_the_model_is_left_as_it_was():
     model = _build("resnet50")
     model.train()

@@ -43,6 +43,8 @@ def test_report_cli(weights: Path, tmp_path: Path, sample_image_path: Path, caps
         assert f"{layer}: the 3 strongest of" in text
     assert "Top-5 classes" in text and "Layer-1 filters" in text and "The model" in text
     assert text.count('alt="projection"') == 2 * 5 * 3
+    assert text.count("Three rules, one unit") == 2  # per image: conv5's strongest unit under each rule
+    assert text.count('alt="guided projection"') == 2 and text.count('alt="gradient projection"') == 2
     assert "Occlusion" in text and "Invariance" in text
 
 

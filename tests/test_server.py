@@ -159,6 +159,20 @@ def test_open_classify_layers_and_click(client: httpx.Client) -> None:
         assert _decode_uri(view["patch"]).size == (x1 - x0, y1 - y0)
 
 
+def test_rules_of_a_chain_model(client: httpx.Client) -> None:
+    """The three rules for one unit of the bundled-style ZFNet (the graph models' case is in test_graph_ui.py)."""
+    info = _open_sample(client)
+    view = client.get(f"/api/images/{info['id']}/layers/conv3/maps/2").json()
+    r = client.get(f"/api/images/{info['id']}/layers/conv3/maps/2/rules")
+    assert r.status_code == 200, r.text
+    c = r.json()
+    assert [p["rule"] for p in c["projections"]] == ["deconvnet", "guided", "gradient"]
+    assert c["projections"][0]["image"] == view["projection"] and (c["box"], c["max"]) == (view["box"], view["max"])
+    assert all(_decode_uri(p["image"]).size == (64, 64) for p in c["projections"])
+    assert "unknown rule" in _json_error(client.get(f"/api/images/{info['id']}/layers/conv3/maps/2/rules?rules=deconv"), 400)
+    assert "unknown layer" in _json_error(client.get(f"/api/images/{info['id']}/layers/fc7/maps/2/rules"), 404)
+
+
 def test_click_latency(client: httpx.Client) -> None:
     """A click on a map (not cached yet) answers well under a second; printed for the record."""
     info = _open_sample(client, "sample-astronaut")

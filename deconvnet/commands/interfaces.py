@@ -40,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-maps", type=int, default=6, help="strongest maps shown per layer (default 6)")
-    p.add_argument("--layers", default=None, help="comma-separated layers (default: all conv layers)")
+    p.add_argument("--layers", default=None, help="comma-separated layers (default: the conv layers of a chain model such as ZFNet; "
+                   "the top-level layers of a graph model, e.g. relu,maxpool,layer1,...,layer4 of a ResNet; blocks such as layer3.1 may be chosen)")
+    p.add_argument("--no-rules", action="store_true", help="skip the panel of the top layer's strongest unit under the three rules (deconvnet, guided, gradient)")
     p.add_argument("--no-occlusion", action="store_true", help="skip the occlusion maps")
     p.add_argument("--no-invariance", action="store_true", help="skip the invariance curves")
 
@@ -121,6 +123,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         top_maps=args.top_maps,
         occlusion=not args.no_occlusion,
         invariance=not args.no_invariance,
+        rules=not args.no_rules,
     )
     print(f"report: {path}")
     return 0
@@ -139,6 +142,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         top_maps=args.top_maps,
         occlusion=not args.no_occlusion,
         invariance=not args.no_invariance,
+        rules=not args.no_rules,
         title="deconvnet demo: the bundled model on the bundled sample photos",
     )
     print(f"report: {Path(path).resolve()}")

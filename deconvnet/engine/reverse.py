@@ -315,8 +315,10 @@ def run_backward(
 
 
 def _sum_to(x: torch.Tensor, shape: torch.Size, rows: int) -> torch.Tensor:
-    """Undo broadcasting of an addition operand (e.g. a (1, C, 1, 1) bias added to a map)."""
-    target = _batched_shape(shape, rows) if len(shape) == x.dim() and shape[0] != 1 else tuple(shape)
+    """Undo broadcasting of an addition operand (e.g. a map added to a (N, C, 1, 1) one). Operands are
+    on the image's path, so their first axis is the batch: the signal's rows, even when the record
+    holds one image (its recorded shape then starts with 1, like a broadcast axis)."""
+    target = _batched_shape(shape, rows) if len(shape) == x.dim() else tuple(shape)
     if tuple(x.shape) == tuple(target):
         return x
     while x.dim() > len(target):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fastapi import FastAPI, File, HTTPException, Path as PathParam, Request, UploadFile
+from fastapi import FastAPI, File, HTTPException, Path as PathParam, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -32,7 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import DeconvnetError
-from ..explorer import DEFAULT_MAX_PIXELS, Explorer, ImageSession, data_uri
+from ..engine import RULES
+from ..explorer import DEFAULT_MAX_PIXELS, RULE_TITLES, Explorer, ImageSession, data_uri
 from ..weights import LoadedModel
 from . import integrations
 
@@ -50,10 +51,10 @@ class ClassScore(BaseModel):
 
 
 class LayerSummary(BaseModel):
-    name: str = Field(description="paper-style name: conv1..conv5")
+    name: str = Field(description="chain models (ZFNet, AlexNet, VGG): the paper's conv1..conv5; graph models (ResNet...): a module path, e.g. layer3 or layer3.1")
     channels: int
     map_size: list[int] = Field(description="[height, width] of each map")
-    rf_size: int = Field(description="receptive field of one unit, input pixels")
+    rf_size: int | None = Field(description="receptive field of one unit, input pixels (null: every unit sees the whole image)")
     rf_stride: int
 
 
@@ -63,6 +64,8 @@ class ModelInfo(BaseModel):
     classes: list[str]
     input_size: list[int] = Field(description="[height, width] of the model input (the preprocessing crop)")
     layers: list[LayerSummary]
+    overview_layers: list[str] = Field(description="the layers a page shows first (graph models: the top-level ones, without their blocks)")
+    rules: list[str] = Field(description="projection rules of /api/images/{id}/layers/{layer}/maps/{index}/rules")
     atlas: bool = Field(description="top-9 patches available for clicked units (--atlas)")
     atlas_layers: list[str] = Field(default_factory=list, description="layers the atlas covers")
     occlusion: bool = Field(description="the occlusion analysis is available")
@@ -116,13 +119,32 @@ class MapViewInfo(BaseModel):
     position: list[int] = Field(description="[y, x] of the maximum in map coordinates")
     map_size: list[int]
     box: list[int] = Field(description="receptive field [y0, x0, y1, x1] in input pixels (end-exclusive, clipped)")
-    rf_size: int
+    rf_size: int | None = Field(description="null: every unit of the layer sees the whole image")
     image_size: list[int]
     projection: str = Field(description="data: URI (PNG): deconvnet projection of the strongest activation")
     whole_map: str = Field(description="data: URI (PNG): deconvnet projection of the whole map")
     activation: str = Field(description="data: URI (PNG): the map itself (black 0, white its max)")
     patch: str = Field(description="data: URI (PNG): the input under the receptive field")
     atlas_url: str | None = Field(default=None, description="where the unit's top-9 dataset patches are (with --atlas and when the atlas covers this layer)")
+    elapsed_ms: float
+
+
+class RuleProjection(BaseModel):
+    rule: str = Field(description="deconvnet, guided or gradient")
+    title: str
+    image: str = Field(description="data: URI (PNG) of the projection, contrast-normalised on its own (zero mid-grey)")
+
+
+class RuleComparisonInfo(BaseModel):
+    image_id: str
+    layer: str
+    index: int
+    max: float = Field(description="the map's maximum activation: the unit projected")
+    position: list[int] = Field(description="[y, x] of the maximum in map coordinates")
+    box: list[int] = Field(description="receptive field [y0, x0, y1, x1] in input pixels (end-exclusive, clipped)")
+    rf_size: int | None = Field(description="null: every unit of the layer sees the whole image")
+    image_size: list[int]
+    projections: list[RuleProjection] = Field(description="one per rule asked for, in that order")
     elapsed_ms: float
 
 
@@ -317,7 +339,7 @@ def create_app(
         description=(
             "Browse what each layer of a convnet responds to in an image: top-5 classes, activation maps "
             "sorted by strength, deconvnet projections (Zeiler & Fergus 2014) of a map's strongest activation "
-            "and of the whole map with the unit's receptive field, the unit's top-9 dataset patches (atlas) and "
+            "and of the whole map with the unit's receptive field, the same unit under guided backpropagation and the plain gradient, the unit's top-9 dataset patches (atlas) and "
             "the occlusion analysis. Open an image (a listed source or an upload), then use its id. "
             "Errors are JSON objects {\"error\": message, \"status\": code}."
         ),
@@ -393,7 +415,8 @@ def create_app(
         size = loaded.preprocessing.crop
         for name in explorer.conv_layers:
             info = explorer.engine.layer(name)
-            shape = _layer_shapes(explorer, size)[name]
+            with explorer.compute_lock:  # the first call traces the shapes with one forward pass
+                shape = explorer.engine.output_shape(name, (size, size))
             layers.append(LayerSummary(name=name, channels=shape[0], map_size=list(shape[1:]), rf_size=info.rf_size, rf_stride=info.rf_stride))
         return ModelInfo(
             source=Path(str(loaded.source)).name,  # a registry name, or a file's name: the server's paths stay private
@@ -401,9 +424,11 @@ def create_app(
             classes=list(loaded.classes),
             input_size=[size, size],
             layers=layers,
+            overview_layers=explorer.overview_layers,
+            rules=list(RULES),
             atlas=atlas is not None,
             atlas_layers=atlas.layers if atlas is not None else [],
-            occlusion=integrations.occlusion_available(),
+            occlusion=integrations.occlusion_available() and not integrations.chain_only(loaded, "occlusion"),
             max_upload_bytes=max_upload_bytes,
             max_pixels=max_pixels,
             version=__version__,
@@ -514,6 +539,34 @@ def create_app(
             elapsed_ms=(time.perf_counter() - started) * 1000,
         )
 
+    @app.get("/api/images/{image_id}/layers/{layer}/maps/{index}/rules", response_model=RuleComparisonInfo, tags=["layers"], responses=ERRORS,
+             summary="One map's strongest activation projected by each rule (deconvnet, guided backpropagation, gradient), side by side")
+    def rule_comparison(
+        image_id: str = PathParam(pattern=ID_PATTERN),
+        layer: str = PathParam(pattern=ID_PATTERN),
+        index: int = PathParam(ge=0, le=1_000_000),
+        rules: str = Query(",".join(RULES), max_length=100, description=f"comma-separated rules, of {', '.join(RULES)}"),
+    ) -> RuleComparisonInfo:
+        started = time.perf_counter()
+        session = session_or_404(image_id)
+        layer_or_404(layer)
+        maps = explorer.maps(session, layer)
+        if index >= maps.channels:
+            raise HTTPException(404, f"map {index} out of range: {layer} has {maps.channels} maps (0..{maps.channels - 1})")
+        c = explorer.compare_rules(session, layer, index, [r.strip() for r in rules.split(",") if r.strip()])
+        return RuleComparisonInfo(
+            image_id=session.id,
+            layer=layer,
+            index=index,
+            max=c.value,
+            position=list(c.position),
+            box=list(c.box),
+            rf_size=c.rf_size,
+            image_size=list(c.image_size),
+            projections=[RuleProjection(rule=r, title=RULE_TITLES[r], image=data_uri(png)) for r, png in c.images.items()],
+            elapsed_ms=(time.perf_counter() - started) * 1000,
+        )
+
     @app.get("/api/atlas/{layer}/{index}", response_model=AtlasInfo, tags=["layers"], responses=ERRORS,
              summary="A unit's top-9 patches over the dataset the atlas was computed on (needs --atlas)")
     def atlas_view(layer: str = PathParam(pattern=ID_PATTERN), index: int = PathParam(ge=0, le=1_000_000)) -> AtlasInfo:
@@ -536,6 +589,9 @@ def create_app(
         session = session_or_404(image_id)
         if not integrations.occlusion_available():
             raise HTTPException(404, "the occlusion analysis is not available in this installation")
+        not_here = integrations.chain_only(loaded, "the occlusion analysis")
+        if not_here:
+            raise HTTPException(404, not_here)
 
         def work(progress: Callable[[float, str], None]) -> dict[str, Any]:
             if "occlusion" not in session.extras:
@@ -549,20 +605,6 @@ def create_app(
         return jobs.get(job_id).info()
 
     return app
-
-
-def _layer_shapes(explorer: Explorer, size: int) -> dict[str, tuple[int, int, int]]:
-    cached = getattr(explorer, "_shapes", None)
-    if cached is None:
-        import torch
-
-        cached = {}
-        with explorer.compute_lock:
-            x = torch.zeros(1, 3, size, size, device=explorer.loaded.device)
-            for name in explorer.conv_layers:
-                cached[name] = tuple(explorer.engine.activations(x, name).shape[1:])
-        explorer._shapes = cached  # type: ignore[attr-defined]
-    return cached
 
 
 def _list_sources(images_dir: str | Path | None, samples: bool) -> OrderedDict[str, tuple[str, str, Path]]:

@@ -37,6 +37,17 @@ def occlusion_available() -> bool:
     return mod is not None and hasattr(mod, "occlusion_maps")
 
 
+def chain_only(loaded: Any, feature: str) -> str | None:
+    """None when ``loaded``'s model is a chain (a ``features`` nn.Sequential: ZFNet, AlexNet, VGG), else
+    the one-line reason why ``feature`` (occlusion, invariance, the atlas: they walk the chain layer by
+    layer) is not available for it."""
+    from ..engine import is_chain
+
+    if is_chain(loaded.model):
+        return None
+    return f"not available for {loaded.arch}: {feature} runs on chain models only (ZFNet, AlexNet, VGG: a features nn.Sequential)"
+
+
 def occlusion_settings(crop: int) -> tuple[int, int]:
     """(occluder size, stride) in input pixels for a model whose input is ``crop`` pixels square
     (the same as ``deconvnet occlusion``'s defaults)."""
@@ -49,6 +60,9 @@ def run_occlusion(loaded: Any, x: torch.Tensor, progress: Callable[[float, str],
     mod = _module("occlusion")
     if mod is None or not hasattr(mod, "occlusion_maps"):
         raise DeconvnetError("the occlusion analysis is not available in this installation")
+    reason = chain_only(loaded, "the occlusion analysis")
+    if reason:
+        raise DeconvnetError(reason)
     height, width = int(x.shape[-2]), int(x.shape[-1])
     size, stride = occlusion_settings(min(height, width))
     ys, xs = mod.occlusion_positions(height, width, size, stride)
@@ -212,6 +226,9 @@ def open_atlas(atlas_dir: str | Path, loaded: Any | None = None) -> Atlas:
         crop = loaded.preprocessing.crop
         if tuple(scan.input_size) != (crop, crop):
             raise DeconvnetError(f"--atlas {atlas_dir} was computed for {scan.input_size[0]} px inputs; this model takes {crop} px")
+        reason = chain_only(loaded, "the atlas")
+        if reason:
+            raise DeconvnetError(f"--atlas {atlas_dir}: {reason}")
         from ..deconv import DeconvNet
 
         engine = DeconvNet(loaded.model)
@@ -260,11 +277,13 @@ def layer1_mosaic(loaded: Any) -> tuple[np.ndarray, str] | None:
     """(RGB uint8 mosaic of the first conv layer's filters, one-line statistics) from
     ``deconvnet.analysis.filters``, or None when that module is missing or the layer is not RGB."""
     mod = _module("filters")
-    if mod is None or not hasattr(mod, "filter_mosaic"):
-        return None
+    if mod is None or not hasattr(mod, "filter_mosaic") or chain_only(loaded, "the filter mosaic"):
+        return None  # graph models: the report draws the first conv's filters itself
     from ..deconv import DeconvNet
 
-    first = next(n for n in DeconvNet(loaded.model).layer_names if n.startswith("conv"))
+    first = next((n for n in DeconvNet(loaded.model).layer_names if n.startswith("conv")), None)
+    if first is None:
+        return None
     try:
         mosaic = mod.filter_mosaic(loaded.model, first, columns=16, scale=4)
         summary = mod.filter_stats(loaded.model, first).summary() if hasattr(mod, "filter_stats") else ""
@@ -284,8 +303,9 @@ def invariance_available() -> bool:
 def invariance_panels(loaded: Any, image: Image.Image, label: int | None = None) -> list[dict[str, Any]] | None:
     """The paper's Fig. 5 for one image: relative feature distance at layers 1 and 7 and the
     probability of ``label`` (default: the top class of the untransformed image) under vertical
-    translation, scaling and rotation, drawn as one figure. None when the analysis is missing."""
-    if not invariance_available():
+    translation, scaling and rotation, drawn as one figure. None when the analysis is missing or the
+    model is not a chain."""
+    if not invariance_available() or chain_only(loaded, "invariance"):
         return None
     import io
 

@@ -22,6 +22,8 @@ function setStatus(text, kind = "") {
   el.className = kind;
 }
 
+function rfText(size) { return size == null ? "covers the whole image" : `${size} px`; }
+
 function fmt(v) { return Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(3); }
 
 function placeBox(el, box, size) {
@@ -45,8 +47,9 @@ async function loadModel() {
     const b = document.createElement("button");
     b.type = "button";
     b.textContent = layer.name;
-    b.title = `${layer.channels} maps of ${layer.map_size.join("×")}, receptive field ${layer.rf_size} px`;
+    b.title = `${layer.channels} maps of ${layer.map_size.join("×")}, receptive field ${rfText(layer.rf_size)}`;
     b.dataset.layer = layer.name;
+    if (!m.overview_layers.includes(layer.name)) b.className = "block"; // a block inside a top-level layer
     b.addEventListener("click", () => showLayer(layer.name));
     tabs.appendChild(b);
   }
@@ -97,7 +100,8 @@ async function openWith(request, what) {
     state.image = info;
     showImage(info);
     setStatus("");
-    await showLayer(state.layer || info.layers[info.layers.length - 1]);
+    const overview = state.model ? state.model.overview_layers : info.layers;
+    await showLayer(state.layer || overview[overview.length - 1]);
   } catch (e) {
     if (ticket === state.request) setStatus(e.message, "error");
   }
@@ -108,6 +112,8 @@ function showImage(info) {
   $("image-view").hidden = false;
   $("layer-panel").hidden = false;
   $("detail").hidden = true;
+  $("rules").hidden = true;
+  $("rules-grid").innerHTML = "";
   $("input-rf").hidden = true;
   $("image-name").textContent = info.name;
   $("input-img").src = info.input_url;
@@ -195,7 +201,11 @@ async function selectMap(layer, channel, button) {
     placeBox($("d-input-rf"), v.box, v.image_size);
     placeBox($("d-projection-rf"), v.box, v.image_size);
     placeBox($("input-rf"), v.box, v.image_size);
-    $("detail-meta").textContent = `receptive field ${v.rf_size} px, box y ${v.box[0]}–${v.box[2]}, x ${v.box[1]}–${v.box[3]} · answered in ${v.elapsed_ms.toFixed(0)} ms`;
+    $("detail-meta").textContent = `receptive field ${rfText(v.rf_size)}, box y ${v.box[0]}–${v.box[2]}, x ${v.box[1]}–${v.box[3]} · answered in ${v.elapsed_ms.toFixed(0)} ms`;
+    const rules = showRules(imageId, layer, channel, ticket).catch((e) => {
+      $("rules-meta").textContent = "";
+      if (ticket === state.request) setStatus(e.message, "error");
+    });
     const atlas = $("atlas"), grid = $("atlas-grid");
     grid.innerHTML = "";
     atlas.hidden = true;
@@ -215,9 +225,41 @@ async function selectMap(layer, channel, button) {
       }
       atlas.hidden = a.patches.length === 0;
     }
+    await rules;
   } catch (e) {
     if (ticket === state.request) setStatus(e.message, "error");
   }
+}
+
+// the same unit under each rule (deconvnet, guided, gradient), side by side; asked for after the main
+// view is shown (the rules take a way down each)
+async function showRules(imageId, layer, channel, ticket) {
+  const panel = $("rules"), grid = $("rules-grid");
+  panel.setAttribute("aria-busy", "true");
+  $("rules-meta").textContent = "(computing…)";
+  grid.querySelectorAll("img").forEach((img) => { img.style.opacity = "0.35"; });
+  const r = await api(`/api/images/${imageId}/layers/${layer}/maps/${channel}/rules`);
+  if (ticket !== state.request) return;
+  grid.innerHTML = "";
+  for (const p of r.projections) {
+    const fig = document.createElement("figure");
+    fig.dataset.rule = p.rule;
+    const frame = document.createElement("div");
+    frame.className = "frame";
+    const img = document.createElement("img");
+    img.src = p.image; img.alt = `${p.rule} projection`;
+    const box = document.createElement("div");
+    box.className = "rf";
+    frame.append(img, box);
+    placeBox(box, r.box, r.image_size);
+    const cap = document.createElement("figcaption");
+    cap.textContent = p.title;
+    fig.append(frame, cap);
+    grid.appendChild(fig);
+  }
+  $("rules-meta").textContent = `(${layer} map ${channel}, max ${fmt(r.max)} at (${r.position.join(", ")}) · ${r.elapsed_ms.toFixed(0)} ms)`;
+  panel.removeAttribute("aria-busy");
+  panel.hidden = false;
 }
 
 // ------------------------------------------------------------------ occlusion
