@@ -387,10 +387,7 @@ def _image_section(explorer: Explorer, session: ImageSession, number: int, layer
         log(f"  rules: {session.name} {layers[-1]}")
         parts.append(_rules_html(explorer, session, layers[-1]))
     if occlusion:
-        not_here = integrations.chain_only(explorer.loaded, "the occlusion analysis")
-        if not_here:
-            parts.append(f'<h3>Occlusion</h3><p class="muted">{esc(not_here)}.</p>')
-        elif integrations.occlusion_available():
+        if integrations.occlusion_available():
             log(f"  occlusion: {session.name}")
             result = integrations.occlusion_panels(explorer.loaded, session.x[0], session.shown)
             s = result["settings"]
@@ -402,9 +399,8 @@ def _image_section(explorer: Explorer, session: ImageSession, number: int, layer
         else:
             parts.append('<h3>Occlusion</h3><p class="muted">not available in this installation.</p>')
     if invariance:
-        not_here = integrations.chain_only(explorer.loaded, "the invariance analysis")
         panels = None
-        if not not_here and integrations.invariance_available():
+        if integrations.invariance_available():
             log(f"  invariance: {session.name}")
             original = decode_image(path.read_bytes(), session.name, explorer.max_pixels)
             panels = integrations.invariance_panels(explorer.loaded, original)
@@ -412,7 +408,7 @@ def _image_section(explorer: Explorer, session: ImageSession, number: int, layer
             parts.append('<h3>Invariance <span class="muted small">(paper Fig. 5)</span></h3>')
             parts.append(_panels_html(panels))
         else:
-            parts.append(f'<h3>Invariance</h3><p class="muted">{esc(not_here or "not available in this installation")}.</p>')
+            parts.append('<h3>Invariance</h3><p class="muted">not available in this installation.</p>')
     parts.append("</section>")
     return "\n".join(parts)
 

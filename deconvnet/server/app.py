@@ -428,7 +428,7 @@ def create_app(
             rules=list(RULES),
             atlas=atlas is not None,
             atlas_layers=atlas.layers if atlas is not None else [],
-            occlusion=integrations.occlusion_available() and not integrations.chain_only(loaded, "occlusion"),
+            occlusion=integrations.occlusion_available(),
             max_upload_bytes=max_upload_bytes,
             max_pixels=max_pixels,
             version=__version__,
@@ -589,9 +589,6 @@ def create_app(
         session = session_or_404(image_id)
         if not integrations.occlusion_available():
             raise HTTPException(404, "the occlusion analysis is not available in this installation")
-        not_here = integrations.chain_only(loaded, "the occlusion analysis")
-        if not_here:
-            raise HTTPException(404, not_here)
 
         def work(progress: Callable[[float, str], None]) -> dict[str, Any]:
             if "occlusion" not in session.extras:

@@ -37,17 +37,6 @@ def occlusion_available() -> bool:
     return mod is not None and hasattr(mod, "occlusion_maps")
 
 
-def chain_only(loaded: Any, feature: str) -> str | None:
-    """None when ``loaded``'s model is a chain (a ``features`` nn.Sequential: ZFNet, AlexNet, VGG), else
-    the one-line reason why ``feature`` (occlusion, invariance, the atlas: they walk the chain layer by
-    layer) is not available for it."""
-    from ..engine import is_chain
-
-    if is_chain(loaded.model):
-        return None
-    return f"not available for {loaded.arch}: {feature} runs on chain models only (ZFNet, AlexNet, VGG: a features nn.Sequential)"
-
-
 def occlusion_settings(crop: int) -> tuple[int, int]:
     """(occluder size, stride) in input pixels for a model whose input is ``crop`` pixels square
     (the same as ``deconvnet occlusion``'s defaults)."""
@@ -60,9 +49,6 @@ def run_occlusion(loaded: Any, x: torch.Tensor, progress: Callable[[float, str],
     mod = _module("occlusion")
     if mod is None or not hasattr(mod, "occlusion_maps"):
         raise DeconvnetError("the occlusion analysis is not available in this installation")
-    reason = chain_only(loaded, "the occlusion analysis")
-    if reason:
-        raise DeconvnetError(reason)
     height, width = int(x.shape[-2]), int(x.shape[-1])
     size, stride = occlusion_settings(min(height, width))
     ys, xs = mod.occlusion_positions(height, width, size, stride)
@@ -226,15 +212,11 @@ def open_atlas(atlas_dir: str | Path, loaded: Any | None = None) -> Atlas:
         crop = loaded.preprocessing.crop
         if tuple(scan.input_size) != (crop, crop):
             raise DeconvnetError(f"--atlas {atlas_dir} was computed for {scan.input_size[0]} px inputs; this model takes {crop} px")
-        reason = chain_only(loaded, "the atlas")
-        if reason:
-            raise DeconvnetError(f"--atlas {atlas_dir}: {reason}")
-        from ..deconv import DeconvNet
+        from ..engine import DeconvNet
 
         engine = DeconvNet(loaded.model)
         for layer in scan.layers:
-            info = engine.layer(layer)
-            channels = next(m.out_channels for m in (i.module for i in reversed(engine.layers[: info.index + 1])) if hasattr(m, "out_channels"))
+            channels = engine.output_shape(layer, (crop, crop))[0]
             if scan.values[layer].shape[0] != channels:
                 raise DeconvnetError(f"--atlas {atlas_dir}: {layer} has {scan.values[layer].shape[0]} maps there, {channels} in this model")
     return Atlas(scan, path, mod)
@@ -277,13 +259,9 @@ def layer1_mosaic(loaded: Any) -> tuple[np.ndarray, str] | None:
     """(RGB uint8 mosaic of the first conv layer's filters, one-line statistics) from
     ``deconvnet.analysis.filters``, or None when that module is missing or the layer is not RGB."""
     mod = _module("filters")
-    if mod is None or not hasattr(mod, "filter_mosaic") or chain_only(loaded, "the filter mosaic"):
-        return None  # graph models: the report draws the first conv's filters itself
-    from ..deconv import DeconvNet
-
-    first = next((n for n in DeconvNet(loaded.model).layer_names if n.startswith("conv")), None)
-    if first is None:
+    if mod is None or not hasattr(mod, "filter_mosaic"):
         return None
+    first = "conv1"  # the paper's name; on other models the analysis takes their first convolution
     try:
         mosaic = mod.filter_mosaic(loaded.model, first, columns=16, scale=4)
         summary = mod.filter_stats(loaded.model, first).summary() if hasattr(mod, "filter_stats") else ""
@@ -303,9 +281,8 @@ def invariance_available() -> bool:
 def invariance_panels(loaded: Any, image: Image.Image, label: int | None = None) -> list[dict[str, Any]] | None:
     """The paper's Fig. 5 for one image: relative feature distance at layers 1 and 7 and the
     probability of ``label`` (default: the top class of the untransformed image) under vertical
-    translation, scaling and rotation, drawn as one figure. None when the analysis is missing or the
-    model is not a chain."""
-    if not invariance_available() or chain_only(loaded, "invariance"):
+    translation, scaling and rotation, drawn as one figure. None when the analysis is missing."""
+    if not invariance_available():
         return None
     import io
 
@@ -325,7 +302,10 @@ def invariance_panels(loaded: Any, image: Image.Image, label: int | None = None)
             label = int(loaded.model(x).argmax(1))
     classes = list(loaded.classes)
     name = classes[label] if label < len(classes) else str(label)
-    layers = ("layer1", "layer7")
+    from ..analysis._common import LayerTaps
+
+    taps = LayerTaps(loaded.model)
+    layers = tuple(taps.default_layers("1,7"))  # the paper's layers 1 and 7; a graph's stem and pooled features
     fig, axes = plt.subplots(2, 3, figsize=(9.6, 4.6), sharex="col")
     units = {"translate": "vertical shift (px)", "scale": "scale factor", "rotate": "rotation (degrees)"}
     for col, transform in enumerate(("translate", "scale", "rotate")):
@@ -348,7 +328,7 @@ def invariance_panels(loaded: Any, image: Image.Image, label: int | None = None)
     plt.close(fig)
     return [{
         "title": "Invariance (paper Fig. 5)",
-        "caption": f"||f(Tx) - f(x)|| / ||f(x)|| at layers 1 and 7, and the probability of {name} (the top class of the untransformed image), "
+        "caption": f"||f(Tx) - f(x)|| / ||f(x)|| at {layers[0]} and {layers[1]} (the paper's layers 1 and 7), and the probability of {name} (the top class of the untransformed image), "
                    "under vertical translation, scale and rotation",
         "image": data_uri(buf.getvalue()),
         "wide": True,
