@@ -6,8 +6,7 @@ graph models such as ResNet: the top-level layers, e.g. relu, maxpool, layer1..l
 maps (by maximum activation) with the deconvnet projection of each map's strongest activation, the
 receptive field and the image patch under it; the strongest unit of the top layer shown under the
 three rules side by side (deconvnet, guided backpropagation, gradient); then the occlusion maps
-(paper Fig. 7) and the invariance curves (Fig. 5) where those analyses are installed and the model is
-a chain (they walk a ``features`` nn.Sequential). For the model: a summary (architecture, classes, training
+(paper Fig. 7) and the invariance curves (Fig. 5) where those analyses are installed. For the model: a summary (architecture, classes, training
 recipe and results from the weights' metadata, the model card for the bundled model) and its layer-1
 filters.
 
