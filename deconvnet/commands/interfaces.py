@@ -7,20 +7,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import add_model_args, load_from_args
+from .common import add_model_args, load_from_args, port, positive_float, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="start the web explorer (layers, maps, projections, occlusion) on 127.0.0.1")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000, help="TCP port (default 8000; 0: any free port, printed at start)")
     p.add_argument("--images", default=None, metavar="DIR", help="a folder whose images the page offers (by id; clients never send paths)")
     p.add_argument("--atlas", default=None, metavar="DIR", help="an atlas computed for this model: the top-9 patches of each clicked unit")
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default 20 MB)")
-    p.add_argument("--max-megapixels", type=float, default=40.0, help="largest accepted image (default 40 megapixels)")
-    p.add_argument("--cache", type=int, default=32, help="opened images kept in memory (default 32)")
+    p.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="largest accepted upload (default 20 MB)")
+    p.add_argument("--max-megapixels", type=positive_float, default=40.0, help="largest accepted image (default 40 megapixels)")
+    p.add_argument("--cache-images", "--cache", dest="cache", type=positive_int, default=128,
+                   help="opened images kept in memory, the least recently used dropped first (default 128, about 3 MB each at 224 px plus the layers looked at); "
+                        "GET /api/health shows how many are open and how many were dropped")
     p.add_argument("--no-samples", action="store_true", help="do not offer the bundled sample photos")
-    p.add_argument("--parallel", type=int, default=1, help="forward/backward passes run at once (default 1; PyTorch threads split the cores among them)")
+    p.add_argument("--parallel", type=positive_int, default=1, help="forward/backward passes run at once (default 1; PyTorch threads split the cores among them)")
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -39,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--top-maps", type=int, default=6, help="strongest maps shown per layer (default 6)")
+    p.add_argument("--top-maps", type=positive_int, default=6, help="strongest maps shown per layer (default 6)")
     p.add_argument("--layers", default=None, help="comma-separated layers (default: all conv layers)")
     p.add_argument("--no-occlusion", action="store_true", help="skip the occlusion maps")
     p.add_argument("--no-invariance", action="store_true", help="skip the invariance curves")
@@ -111,6 +113,9 @@ def _layers(text: str | None) -> list[str] | None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from ..report import build_report
+    from ..outputs import output_dir
+
+    output_dir(args.out)
 
     loaded = load_from_args(args)
     path = build_report(
@@ -129,6 +134,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..report import build_report
     from ..samples import sample_paths
+    from ..outputs import output_dir
+
+    output_dir(args.out)
 
     loaded = load_from_args(args)
     path = build_report(
