@@ -221,6 +221,14 @@ def save_weights(
     return path
 
 
+def _header_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape as a safetensors file's header declares them (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The decoded metadata of one of our safetensors files."""
     from safetensors import safe_open
@@ -276,23 +284,26 @@ def _load_file(path: Path, arch: str | None) -> LoadedModel:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        from .validation import check_finite, check_header_shapes, check_metadata
+
         try:
-            state = load_file(str(path))
             metadata = read_metadata(path)
+            shapes = _header_shapes(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise DeconvnetError(f"{path}: not a readable safetensors file ({e})") from None
-        if metadata.get("format") == FORMAT_TAG:
-            config = ArchConfig.from_dict(metadata["arch"])
+        tagged = metadata.get("format") == FORMAT_TAG
+        if tagged:  # everything checked before a byte of the model is allocated
+            config, classes, preprocessing = check_metadata(metadata, path)
+            check_header_shapes(shapes, config, path)
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DeconvnetError(f"{path}: not a readable safetensors file ({e})") from None
+        check_finite(state, path)
+        if tagged:
             model = ConvNet(config)
             _load_state(model, {k: v.float() for k, v in state.items()}, path)
-            return LoadedModel(
-                model=model,
-                classes=list(metadata["classes"]),
-                preprocessing=Preprocessing.from_dict(metadata["preprocessing"]),
-                arch=config.name,
-                source=str(path),
-                metadata=metadata,
-            )
+            return LoadedModel(model=model, classes=classes, preprocessing=preprocessing, arch=config.name, source=str(path), metadata=metadata)
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -306,7 +317,13 @@ def _load_file(path: Path, arch: str | None) -> LoadedModel:
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise DeconvnetError(f"{path}: expected a state dict (name -> tensor), found {type(state).__name__}")
         state = {k.removeprefix("module."): v for k, v in state.items()}
-    model, arch_name = convert_state_dict(state, arch, str(path))
+        from .validation import check_finite
+
+        check_finite(state, path)
+    try:
+        model, arch_name = convert_state_dict(state, arch, str(path))
+    except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as e:  # a layout that only looks familiar
+        raise DeconvnetError(f"{path}: unrecognised weights layout ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
     num_classes = _num_classes(model)
     classes = imagenet_classes() if num_classes == 1000 else [f"class {i}" for i in range(num_classes)]
     return LoadedModel(model=model, classes=classes, preprocessing=Preprocessing(), arch=arch_name, source=str(path))
