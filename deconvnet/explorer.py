@@ -25,7 +25,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -170,15 +170,26 @@ class Explorer:
             image = decode_image(data, name, self.max_pixels)
             return self._open_decoded(image, name)
 
+    def open_stream(self, stream: IO[bytes], name: str = "upload", max_bytes: int = 256 * 1024 * 1024) -> ImageSession:
+        """``open_bytes`` for a file object, read only once a slot of the worker pool is free."""
+        with self.compute_lock:
+            data = stream.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise DeconvnetError(f"{name}: file too large (over {max_bytes:,} bytes)")
+            image = decode_image(data, name, self.max_pixels)
+            del data
+            return self._open_decoded(image, name)
+
     def open_path(self, path: str | Path, name: str | None = None, max_bytes: int = 256 * 1024 * 1024) -> ImageSession:
         path = Path(path)
         try:
             if path.stat().st_size > max_bytes:
                 raise DeconvnetError(f"{name or path.name}: file too large ({path.stat().st_size:,} bytes; the limit is {max_bytes:,})")
-            data = path.read_bytes()
+            stream = open(path, "rb")
         except OSError as e:
             raise DeconvnetError(f"cannot read {name or path.name} ({e.strerror})") from None
-        return self.open_bytes(data, name or path.name)
+        with stream:
+            return self.open_stream(stream, name or path.name, max_bytes)
 
     def open_image(self, image: Image.Image, name: str = "image") -> ImageSession:
         """Preprocess as the model expects, classify, and cache under a new random id."""
