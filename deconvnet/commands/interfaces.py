@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="largest accepted upload (default 20 MB)")
     p.add_argument("--max-megapixels", type=positive_float, default=40.0, help="largest accepted image (default 40 megapixels)")
     p.add_argument("--cache-images", "--cache", dest="cache", type=positive_int, default=128,
-                   help="opened images kept in memory, the least recently used dropped first (default 128, about 3 MB each at 224 px plus the layers looked at); "
+                   help="opened images kept in memory, the least recently used dropped first (default 128; with the bundled model 0.5 MB an image, "
+                        "up to 9 MB once every layer was looked at: at most about 1.2 GB); "
                         "GET /api/health shows how many are open and how many were dropped")
     p.add_argument("--no-samples", action="store_true", help="do not offer the bundled sample photos")
     p.add_argument("--header-timeout", type=positive_float, default=10.0, help="seconds a client has to send a request's headers (default 10; then 408)")
