@@ -57,6 +57,8 @@ def output_file(path: str | os.PathLike, flag: str, suffix: str | None = None, a
     (``append_suffix``, what ``numpy.save`` does) or is refused. The file may exist (it is replaced
     atomically) but must not be a folder; its folder must be creatable and writable."""
     p = Path(path)
+    if p.is_dir():  # before any suffix is appended: the user named a folder
+        raise DeconvnetError(f"{flag} {p}: is a folder; give a file name, e.g. {p / ('output' + (suffix or ''))}")
     if suffix and p.suffix.lower() != suffix:
         if not append_suffix:
             raise DeconvnetError(f"{flag} {p}: the file name must end with {suffix}")
