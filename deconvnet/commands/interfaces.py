@@ -87,6 +87,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     private = tempfile.mkdtemp(prefix="deconvnet-serve-")
     tempfile.tempdir = private
     previous_term = signal.signal(signal.SIGTERM, _exit_on_signal)
+    from ..runtime import limit_malloc_arenas
+
+    limit_malloc_arenas(args.parallel)  # freed decode/model memory reused across worker threads
     try:
         if args.parallel > 1:
             import os
