@@ -2,7 +2,8 @@
 
 * ``guarded_protocol(...)``: uvicorn's h11 protocol with a deadline for the request head (a client
   that opens a connection and sends its headers a byte at a time is answered 408 and dropped after
-  ``header_timeout`` seconds) and a cap on open connections (more are closed at once). uvicorn's own
+  ``header_timeout`` seconds), a cap on open connections (more are closed at once) and a lingering
+  close (a refused body still being sent is read and dropped, so the client gets the 413). uvicorn's own
   ``limit_concurrency`` counts open connections, so a few hundred idle sockets would turn every real
   request into 503; here only requests actually being served count (``RequestLimits``).
 * ``RequestLimits``: ASGI middleware: at most ``max_in_flight`` requests in progress (more get 503
@@ -30,13 +31,44 @@ REQUEST_TIMEOUT = (
 )
 
 
+class _LingeringTransport:
+    """A transport whose ``close`` first half-closes (FIN after the pending response) and keeps
+    reading and discarding for up to ``linger`` seconds, like web servers' "lingering close": a
+    client still sending a body the server refused (413) then reads the answer instead of a
+    connection reset caused by unread data."""
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop, linger: float = 2.0) -> None:
+        self._transport, self._loop, self._linger = transport, loop, linger
+        self.lingering = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self.lingering or self._transport.is_closing():
+            return
+        self.lingering = True
+        try:
+            if self._transport.can_write_eof():
+                self._transport.write_eof()  # sent once the response is flushed
+                self._transport.resume_reading()
+                self._loop.call_later(self._linger, self._transport.close)
+                return
+        except (OSError, RuntimeError):
+            pass
+        self._transport.close()
+
+
 def guarded_protocol(header_timeout: float = 10.0, max_connections: int = 512) -> type[H11Protocol]:
     """An ``H11Protocol`` subclass (pass as ``uvicorn.Config(http=...)``) with a request-head deadline
     and a connection cap."""
 
     class GuardedH11Protocol(H11Protocol):
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+            super().connection_made(_LingeringTransport(transport, self.loop))
             self._head_deadline: asyncio.TimerHandle | None = None
             if len(self.connections) > max_connections:
                 transport.close()  # over the cap: refuse now rather than let it wait for a slot
@@ -61,6 +93,8 @@ def guarded_protocol(header_timeout: float = 10.0, max_connections: int = 512) -
                 self.transport.close()
 
         def data_received(self, data: bytes) -> None:
+            if self.transport.lingering:
+                return  # closing: what the client still sends is read and dropped
             super().data_received(data)
             if self.conn.their_state is not h11.IDLE:
                 self._disarm()  # the head is complete: the body has its own deadline (RequestLimits)
