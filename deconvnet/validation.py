@@ -159,8 +159,8 @@ def check_metadata(metadata: Mapping[str, Any], path: str | os.PathLike) -> tupl
     if len(classes) != config.num_classes:
         raise _fail(path, f"{len(classes)} class names for {config.num_classes} outputs")
     preprocessing = _preprocessing(path, metadata["preprocessing"])
-    if preprocessing.crop != config.input_size:
-        raise _fail(path, f"preprocessing.crop {preprocessing.crop} differs from the architecture's input_size {config.input_size}")
+    # preprocessing.crop may differ from arch.input_size: save_weights allows it, and the tensors are
+    # still usable (e.g. to initialise another run by name and shape)
     return config, list(classes), preprocessing
 
 
