@@ -12,28 +12,41 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .errors import DeconvnetError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success it replaces ``path``, on error it is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    if path.is_dir():
+        raise DeconvnetError(f"cannot write {path}: it is a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    except OSError as e:
+        raise DeconvnetError(f"cannot write {path} ({e.strerror or e})") from None
     os.close(fd)
     try:
         yield Path(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions of a new file
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise DeconvnetError(f"cannot write {path} ({e.strerror or e})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write ``array`` to exactly ``path`` (through a file object: ``np.save`` given a name without
+    ``.npy`` would append it and write beside the temp file)."""
     with atomic_path(path) as tmp:
-        np.save(tmp, array)
+        with open(tmp, "wb") as f:
+            np.save(f, array)
     return Path(path)
 
 

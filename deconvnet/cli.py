@@ -10,16 +10,24 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from . import __version__
 from .errors import DeconvnetError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house's error format: one ``deconvnet: error: ...`` line, exit status 2
+    (sub-command parsers are made of the same class)."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        self.exit(2, f"deconvnet: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .commands import command_modules
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="deconvnet",
         description="ZFNet and the DeconvNet of Zeiler & Fergus (ECCV 2014): see what each layer of a convnet has learned.",
     )
@@ -32,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse printed the help, the version or its one-line error
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -5,12 +5,16 @@ random-resized crops).
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
+import math
 import os
+import stat
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import IO, Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -23,42 +27,157 @@ from .errors import DeconvnetError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = tuple(sorted({e.lower() for e in IMG_EXTENSIONS} | {".jpe", ".jfif", ".tif"}))
+
+# The one list of image types every command, the atlas and the server accept: PIL format -> file
+# extensions. Decoding is restricted to these formats (PIL would otherwise try every plugin).
+IMAGE_FORMATS: dict[str, tuple[str, ...]] = {
+    "JPEG": (".jpg", ".jpeg", ".jpe", ".jfif"),
+    "PNG": (".png",),
+    "GIF": (".gif",),
+    "BMP": (".bmp",),
+    "WEBP": (".webp",),
+    "TIFF": (".tif", ".tiff"),
+    "PPM": (".ppm", ".pgm", ".pbm", ".pnm"),
+}
+IMAGE_EXTENSIONS = tuple(sorted({e for exts in IMAGE_FORMATS.values() for e in exts} | {e.lower() for e in IMG_EXTENSIONS}))
+SUPPORTED_TYPES = "JPEG, PNG, GIF, BMP, WebP, TIFF, PPM/PGM"
+
+# Bounds that make every path from a file to a tensor cost bounded memory, whatever the file says:
+# at most MAX_IMAGE_PIXELS decoded pixels (checked from the header, before decoding), and the long
+# side cut (centred) to MAX_ASPECT x the short side before any resize, so that resizing the short
+# side cannot blow up a thin strip (a 10000x10 PNG resized to short side 256 would be 256000x256).
+MAX_IMAGE_PIXELS = 40_000_000
+MAX_ASPECT = 2.0
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Preprocessing",
     "load_image",
+    "decode_image",
+    "check_image_file",
+    "limit_aspect",
     "list_images",
+    "IMAGE_EXTENSIONS",
+    "IMAGE_FORMATS",
+    "MAX_IMAGE_PIXELS",
     "ImageFolderCache",
     "scan_image_folder",
     "ten_crop_boxes",
 ]
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def _stat_error(path: Path, e: OSError) -> DeconvnetError:
+    if e.errno == errno.ELOOP:
+        return DeconvnetError(f"{path}: a symbolic link loop (the link points, through others, back to itself)")
+    if e.errno == errno.ENOENT:
+        return DeconvnetError(f"no such file: {path}")
+    if e.errno == errno.EACCES:
+        return DeconvnetError(f"{path}: permission denied")
+    return DeconvnetError(f"cannot read {path} ({e.strerror or e})")
+
+
+def _checked_file(path: Path) -> Path:
+    try:
+        info = path.stat()
+    except OSError as e:
+        raise _stat_error(path, e) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise DeconvnetError(f"{path} is a folder, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        raise DeconvnetError(f"{path} is not a regular file")
+    return path
+
+
+def _too_large(name: str, width: int, height: int, max_pixels: int) -> DeconvnetError:
+    return DeconvnetError(
+        f"{name}: image too large ({width}x{height} = {width * height / 1e6:.1f} megapixels; the limit is "
+        f"{max_pixels / 1e6:g} megapixels); resize it first"
+    )
+
+
+def _open_header(source: str | os.PathLike | IO[bytes], name: str, max_pixels: int) -> Image.Image:
+    """Open an image reading only its header; refuse unknown formats and oversized pixel counts."""
+    try:
+        img = Image.open(source, formats=tuple(IMAGE_FORMATS))
+    except UnidentifiedImageError:
+        raise DeconvnetError(f"{name}: not an image file (supported: {SUPPORTED_TYPES})") from None
+    except Image.DecompressionBombError:
+        # PIL's own guard (far above ours) fired before we could read the size: quote only our limit
+        raise DeconvnetError(f"{name}: image too large (over {max_pixels / 1e6:g} megapixels, the limit); resize it first") from None
+    except OSError as e:
+        if isinstance(source, (str, os.PathLike)) and e.errno is not None:
+            raise _stat_error(Path(source), e) from None
+        raise DeconvnetError(f"{name}: cannot read image header ({e})") from None
+    except (SyntaxError, ValueError, EOFError) as e:
+        raise DeconvnetError(f"{name}: cannot read image header ({e})") from None
+    width, height = img.size
+    if width < 1 or height < 1:
+        img.close()
+        raise DeconvnetError(f"{name}: image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        img.close()
+        raise _too_large(name, width, height, max_pixels)
+    return img
+
+
+def _decode(img: Image.Image, name: str, max_pixels: int) -> Image.Image:
+    try:
+        with img:
+            if img.format == "JPEG":
+                width, height = img.size
+                img.draft("RGB", (min(width, 1024), min(height, 1024)))  # decode at a reduced scale when large
+            img.load()
+            oriented = ImageOps.exif_transpose(img) or img
+            return to_rgb(oriented)
+    except Image.DecompressionBombError:
+        raise DeconvnetError(f"{name}: image too large (over {max_pixels / 1e6:g} megapixels, the limit); resize it first") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DeconvnetError(f"{name}: cannot decode image ({e}); the file may be truncated or corrupt") from None
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open any common image as 8-bit RGB, whatever its mode (greyscale, RGBA, palette, CMYK, 16-bit).
 
     EXIF orientation is applied (phone photos). Transparent pixels are composited on white. Raises
-    ``DeconvnetError`` with a one-line reason for a missing, unreadable or oversized file.
+    ``DeconvnetError`` with a one-line reason for a missing, unreadable, corrupt or oversized file
+    (more than ``max_pixels`` pixels: refused from the header, before anything is decoded).
     """
-    path = Path(path)
-    if not path.exists():
-        raise DeconvnetError(f"no such file: {path}")
-    if path.is_dir():
-        raise DeconvnetError(f"{path} is a folder, not an image file")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            return to_rgb(img)
-    except Image.DecompressionBombError as e:
-        raise DeconvnetError(f"{path}: image too large ({e}); resize it below {Image.MAX_IMAGE_PIXELS:,} pixels") from None
-    except UnidentifiedImageError:
-        raise DeconvnetError(f"{path}: not an image file PIL can read (supported: JPEG, PNG, BMP, GIF, TIFF, WebP)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DeconvnetError(f"{path}: cannot decode image ({e}); the file may be truncated or corrupt") from None
+    path = _checked_file(Path(path))
+    return _decode(_open_header(path, str(path), max_pixels), str(path), max_pixels)
+
+
+def decode_image(data: bytes, name: str = "upload", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Bytes -> 8-bit RGB PIL image, like ``load_image`` (same formats, limits and messages)."""
+    if not data:
+        raise DeconvnetError(f"{name}: empty file")
+    return _decode(_open_header(io.BytesIO(data), name, max_pixels), name, max_pixels)
+
+
+def check_image_file(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) of an image file from its header alone: the cheap check that lets a command
+    refuse a bad file among many before the slow part, without holding any pixels."""
+    path = _checked_file(Path(path))
+    with _open_header(path, str(path), max_pixels) as img:
+        return img.size
+
+
+def limit_aspect(img: Image.Image, max_aspect: float = MAX_ASPECT) -> Image.Image:
+    """Cut the long side (centred) to at most ``max_aspect`` x the short side.
+
+    Every preprocessing resizes the short side and keeps (at most) the centre, so this changes
+    nothing the model sees for ordinary images and bounds the resized size for thin strips.
+    """
+    width, height = img.size
+    short = min(width, height)
+    longest = max(1, int(math.ceil(short * max_aspect)))
+    if width > longest:
+        left = (width - longest) // 2
+        return img.crop((left, 0, left + longest, height))
+    if height > longest:
+        top = (height - longest) // 2
+        return img.crop((0, top, width, top + longest))
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -66,13 +185,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        # float32 and in place: a 40-megapixel 16-bit image costs 160 MB here, not 4 float64 copies
+        arr = np.asarray(img).astype(np.float32)
         if img.mode.startswith("I;16"):
-            arr = arr / 65535.0
+            arr *= 255.0 / 65535.0
         else:
             lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+            if hi > lo:
+                arr -= lo
+                arr *= 255.0 / (hi - lo)
+            else:
+                arr[...] = 0.0
+        arr += 0.5
+        np.clip(arr, 0, 255, out=arr)
+        grey = arr.astype(np.uint8)
+        del arr
+        return Image.fromarray(grey, "L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -121,7 +249,7 @@ class Preprocessing:
 
     def geometry(self) -> T.Compose:
         """PIL image -> cropped PIL image (what the model sees, before normalisation)."""
-        return T.Compose([T.Resize(self.resize, interpolation=self._interp(), antialias=True), T.CenterCrop(self.crop)])
+        return T.Compose([limit_aspect, T.Resize(self.resize, interpolation=self._interp(), antialias=True), T.CenterCrop(self.crop)])
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 or [0, 1] float tensor (..., 3, H, W) -> model input."""
@@ -173,7 +301,7 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Pa
 
 def square_uint8(img: Image.Image, size: int, interpolation: str = "bilinear") -> torch.Tensor:
     """Resize the shorter side to ``size`` and center-crop a square: (3, size, size) uint8."""
-    img = TF.resize(img, size, interpolation=T.InterpolationMode(interpolation), antialias=True)
+    img = TF.resize(limit_aspect(img), size, interpolation=T.InterpolationMode(interpolation), antialias=True)
     return TF.pil_to_tensor(TF.center_crop(img, size))
 
 

@@ -27,14 +27,14 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import IO, Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from .data import to_rgb
+from .data import MAX_IMAGE_PIXELS, decode_image
 from .deconv import DeconvNet
 from .engine import RULES
 from .engine.reverse import check_rule
@@ -55,47 +55,11 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
 ]
 
-# A 50-megapixel photo or a decompression bomb is refused before its pixels are decoded.
-DEFAULT_MAX_PIXELS = 40_000_000
-ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+# A 50-megapixel photo or a decompression bomb is refused before its pixels are decoded (the same
+# limit as every command: deconvnet.data.MAX_IMAGE_PIXELS).
+DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS
 # what a page calls each rule of the engine
 RULE_TITLES = {"deconvnet": "deconvnet (Zeiler & Fergus)", "guided": "guided backpropagation", "gradient": "gradient (plain backpropagation)"}
-
-
-def decode_image(data: bytes, name: str = "upload", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Bytes -> 8-bit RGB PIL image, or ``DeconvnetError`` with a one-line reason.
-
-    Only the header is read before the pixel count is checked, so a decompression bomb costs
-    nothing; truncated files are refused rather than padded with grey.
-    """
-    if not data:
-        raise DeconvnetError(f"{name}: empty file")
-    try:
-        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except UnidentifiedImageError:
-        raise DeconvnetError(f"{name}: not an image file (supported: JPEG, PNG, GIF, BMP, WebP, TIFF)") from None
-    except Image.DecompressionBombError:
-        raise DeconvnetError(f"{name}: image too large (decompression bomb guard)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DeconvnetError(f"{name}: cannot read image header ({e})") from None
-    width, height = img.size
-    if width < 1 or height < 1:
-        raise DeconvnetError(f"{name}: image has no pixels ({width}x{height})")
-    if width * height > max_pixels:
-        raise DeconvnetError(
-            f"{name}: image too large ({width}x{height} = {width * height / 1e6:.1f} megapixels; the limit is "
-            f"{max_pixels / 1e6:.0f}); resize it first"
-        )
-    try:
-        if img.format == "JPEG":
-            img.draft("RGB", (min(width, 1024), min(height, 1024)))  # decode at a reduced scale when large
-        img.load()
-        img = ImageOps.exif_transpose(img) or img
-        return to_rgb(img)
-    except Image.DecompressionBombError:
-        raise DeconvnetError(f"{name}: image too large (decompression bomb guard)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise DeconvnetError(f"{name}: cannot decode image ({e}); the file may be truncated or corrupt") from None
 
 
 def png_bytes(image: np.ndarray | Image.Image) -> bytes:
@@ -218,34 +182,55 @@ class Explorer:
         top_level = [n for n in self.conv_layers if "." not in n]
         self.overview_layers = self.conv_layers if self.engine.is_chain or not top_level else top_level
         self.cache_size = max(1, cache_size)
+        self.evicted = 0  # images dropped from the cache so far (least recently used first)
         self.max_pixels = max_pixels
         self.views_per_image = views_per_image
         self._sessions: OrderedDict[str, ImageSession] = OrderedDict()
         self._lock = threading.Lock()  # the session table
-        # the model: at most ``parallel`` forward/backward passes at once (1: PyTorch's own threads do the rest)
+        # The worker pool: at most ``parallel`` decodes or forward/backward passes at once (1: PyTorch's
+        # own threads do the rest). Decoding takes a slot too, so N concurrent uploads of the largest
+        # accepted image cost ``parallel`` decodes of memory, not N.
         self.compute_lock = threading.BoundedSemaphore(max(1, parallel))
 
     # ------------------------------------------------------------------ images
     def open_bytes(self, data: bytes, name: str = "upload") -> ImageSession:
-        return self.open_image(decode_image(data, name, self.max_pixels), name)
+        with self.compute_lock:
+            image = decode_image(data, name, self.max_pixels)
+            return self._open_decoded(image, name)
+
+    def open_stream(self, stream: IO[bytes], name: str = "upload", max_bytes: int = 256 * 1024 * 1024) -> ImageSession:
+        """``open_bytes`` for a file object, read only once a slot of the worker pool is free."""
+        with self.compute_lock:
+            data = stream.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise DeconvnetError(f"{name}: file too large (over {max_bytes:,} bytes)")
+            image = decode_image(data, name, self.max_pixels)
+            del data
+            return self._open_decoded(image, name)
 
     def open_path(self, path: str | Path, name: str | None = None, max_bytes: int = 256 * 1024 * 1024) -> ImageSession:
         path = Path(path)
         try:
             if path.stat().st_size > max_bytes:
                 raise DeconvnetError(f"{name or path.name}: file too large ({path.stat().st_size:,} bytes; the limit is {max_bytes:,})")
-            data = path.read_bytes()
+            stream = open(path, "rb")
         except OSError as e:
             raise DeconvnetError(f"cannot read {name or path.name} ({e.strerror})") from None
-        return self.open_bytes(data, name or path.name)
+        with stream:
+            return self.open_stream(stream, name or path.name, max_bytes)
 
     def open_image(self, image: Image.Image, name: str = "image") -> ImageSession:
         """Preprocess as the model expects, classify, and cache under a new random id."""
+        with self.compute_lock:
+            return self._open_decoded(image, name)
+
+    def _open_decoded(self, image: Image.Image, name: str) -> ImageSession:
+        """``open_image`` for a caller holding a slot of ``compute_lock``."""
         pre = self.loaded.preprocessing
         shown = pre.geometry()(image)
         x = pre.normalize(TF.pil_to_tensor(shown)).unsqueeze(0).to(self.loaded.device)
         session = ImageSession(secrets.token_hex(8), _clean_name(name), shown, x, (image.height, image.width))
-        with self.compute_lock, torch.no_grad():
+        with torch.no_grad():
             probs = self.loaded.model(x).softmax(1)[0]
         k = min(5, probs.numel())
         values, indices = probs.topk(k)
@@ -254,7 +239,13 @@ class Explorer:
             self._sessions[session.id] = session
             while len(self._sessions) > self.cache_size:
                 self._sessions.popitem(last=False)
+                self.evicted += 1
         return session
+
+    def forget(self, image_id: str) -> None:
+        """Drop an image from the cache (a caller that is done with it, e.g. the report)."""
+        with self._lock:
+            self._sessions.pop(image_id, None)
 
     def get(self, image_id: str) -> ImageSession:
         with self._lock:

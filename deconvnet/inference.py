@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -19,7 +19,10 @@ from .deconv import DeconvNet, Projection, Selection
 from .errors import DeconvnetError
 from .weights import LoadedModel
 
-__all__ = ["prepare_images", "classify", "project_image", "ProjectionResult"]
+__all__ = ["prepare_images", "classify", "iter_classify", "project_image", "ProjectionResult", "DEFAULT_BATCH_SIZE"]
+
+# Images per forward pass when classifying many: peak memory is that of one batch, whatever the count.
+DEFAULT_BATCH_SIZE = 32
 
 
 def prepare_images(loaded: LoadedModel, paths: Sequence[str | os.PathLike]) -> tuple[torch.Tensor, list[Image.Image]]:
@@ -33,13 +36,34 @@ def prepare_images(loaded: LoadedModel, paths: Sequence[str | os.PathLike]) -> t
 
 
 @torch.no_grad()
-def classify(loaded: LoadedModel, images: Sequence[str | os.PathLike] | torch.Tensor, top: int = 5) -> list[list[tuple[str, float]]]:
-    """Top-``top`` (class name, probability) for each image (paths or a prepared batch)."""
-    batch = images if isinstance(images, torch.Tensor) else prepare_images(loaded, images)[0]
+def _rank(loaded: LoadedModel, batch: torch.Tensor, top: int) -> list[list[tuple[str, float]]]:
     probs = loaded.model(batch).softmax(1)
     k = min(top, probs.shape[1])
     values, indices = probs.topk(k, dim=1)
     return [[(loaded.classes[int(i)], float(v)) for v, i in zip(vs, ids)] for vs, ids in zip(values, indices)]
+
+
+def iter_classify(
+    loaded: LoadedModel, paths: Sequence[str | os.PathLike], top: int = 5, batch_size: int = DEFAULT_BATCH_SIZE
+) -> Iterator[tuple[str | os.PathLike, list[tuple[str, float]]]]:
+    """(path, top-``top`` ranking) for each file, decoded and classified ``batch_size`` at a time:
+    memory stays that of one batch however many files there are."""
+    if batch_size < 1:
+        raise DeconvnetError("the batch size must be at least 1")
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        batch, _ = prepare_images(loaded, chunk)
+        yield from zip(chunk, _rank(loaded, batch, top))
+
+
+def classify(
+    loaded: LoadedModel, images: Sequence[str | os.PathLike] | torch.Tensor, top: int = 5, batch_size: int = DEFAULT_BATCH_SIZE
+) -> list[list[tuple[str, float]]]:
+    """Top-``top`` (class name, probability) for each image (paths, streamed in batches of
+    ``batch_size``, or a prepared batch)."""
+    if isinstance(images, torch.Tensor):
+        return _rank(loaded, images, top)
+    return [ranking for _, ranking in iter_classify(loaded, images, top, batch_size)]
 
 
 @dataclass

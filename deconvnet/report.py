@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from . import __version__
-from .atomic import save_text
+from .atomic import atomic_path
 from .errors import DeconvnetError
 from .explorer import RULE_TITLES, Explorer, ImageSession, data_uri, decode_image, png_bytes
 from .server import integrations
@@ -440,20 +440,25 @@ def build_report(
         paths.extend(list_images(p) if p.is_dir() else [p])
     if not paths:
         raise DeconvnetError("no images given (or the folders hold none)")
-    explorer = Explorer(loaded, cache_size=max(1, len(paths)))
+    from .data import check_image_file
+
+    for p in paths:  # headers only: a bad file fails before the slow part, and no pixels are held
+        check_image_file(p)
+    explorer = Explorer(loaded, cache_size=1)
     chosen = list(layers) if layers else list(explorer.overview_layers)
     for layer in chosen:
         explorer.check_layer(layer)
     started = time.perf_counter()
-    sessions = [explorer.open_path(p, p.name) for p in paths]  # decode everything first: fail before the slow part
 
     esc = html.escape
-    body = []
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    body.append(f"<header><h1>{esc(title or 'deconvnet report')}</h1><p>{len(paths)} image(s) · {esc(loaded.source)} · "
-                f"deconvnet {__version__} · {when}</p></header><main>")
-    toc = " ".join(f'<a href="#image-{i}">{i}. {esc(s.name)}</a>' for i, s in enumerate(sessions, start=1))
-    body.append(f'<nav class="toc small"><a href="#model">the model</a> {toc}</nav>')
+    head = (
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>{esc(title or 'deconvnet report')}</title><style>{CSS}</style></head><body>\n"
+        f"<header><h1>{esc(title or 'deconvnet report')}</h1><p>{len(paths)} image(s) · {esc(loaded.source)} · "
+        f"deconvnet {__version__} · {when}</p></header><main>"
+    )
+    toc = " ".join(f'<a href="#image-{i}">{i}. {esc(p.name)}</a>' for i, p in enumerate(paths, start=1))
 
     # the model
     rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in model_summary(loaded))
@@ -472,19 +477,21 @@ def build_report(
     if card:
         model_parts.append(f"<details><summary>Model card (docs/model-card.md)</summary>{_markdown(card, MODEL_CARD.parent)}</details>")
     model_parts.append("</section>")
-    body.append("\n".join(model_parts))
 
-    for number, (session, path) in enumerate(zip(sessions, paths), start=1):
-        log(f"report: image {number}/{len(paths)} {session.name}")
-        body.append(_image_section(explorer, session, number, chosen, top_maps, occlusion, invariance, path, log, rules))
-    body.append(f'<p class="muted small">Made by <code>deconvnet report</code> in {time.perf_counter() - started:.0f} s. '
-                "Projections: zero is mid-grey, each contrast-normalised on its own (Zeiler &amp; Fergus, Sec. 2.1).</p></main>")
-
-    document = (
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-        f"<title>{esc(title or 'deconvnet report')}</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
-    )
+    # Written as it is made, one image at a time (opened, drawn, forgotten): memory is that of one
+    # image, whatever their number; the file appears only when complete (atomic rename).
     out = Path(out_dir) / "report.html"
-    save_text(out, document)
-    out.chmod(0o644)  # the temp file it was renamed from is private
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(head + "\n")
+        f.write(f'<nav class="toc small"><a href="#model">the model</a> {toc}</nav>\n')
+        f.write("\n".join(model_parts) + "\n")
+        for number, path in enumerate(paths, start=1):
+            session = explorer.open_path(path, path.name)
+            log(f"report: image {number}/{len(paths)} {session.name}")
+            f.write(_image_section(explorer, session, number, chosen, top_maps, occlusion, invariance, path, log, rules) + "\n")
+            explorer.forget(session.id)
+        f.write(f'<p class="muted small">Made by <code>deconvnet report</code> in {time.perf_counter() - started:.0f} s. '
+                "Projections: zero is mid-grey, each contrast-normalised on its own (Zeiler &amp; Fergus, Sec. 2.1).</p></main>\n")
+        f.write("</body></html>\n")
+    out.chmod(0o644)
     return out

@@ -15,10 +15,11 @@ from __future__ import annotations
 import ctypes
 import platform
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "limit_malloc_arenas"]
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _applied = False
 
 
@@ -40,3 +41,19 @@ def keep_freed_memory(mmap_threshold_mb: int = 1024, trim_threshold_mb: int = 20
         return False
     _applied = ok
     return ok
+
+
+def limit_malloc_arenas(count: int) -> bool:
+    """Let all threads share at most ``count`` glibc malloc arenas.
+
+    glibc gives threads their own arenas (up to 8 per core), and memory freed in one arena is reused
+    only by threads of that arena. In a server whose worker threads take turns decoding large images,
+    with freed memory kept (``keep_freed_memory``), each arena would keep its own peak: six
+    concurrent 25-megapixel uploads grew the server by 1 GB instead of one decode (240 MB). Call
+    before the threads start. Returns whether it applied (glibc only)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, max(1, count)))
+    except (OSError, AttributeError):
+        return False

@@ -216,12 +216,15 @@ def evaluate_model(
     progress: bool = False,
     desc: str = "eval",
     class_map: Sequence[int] | None = None,
+    workers: int = 0,
 ) -> dict[str, Any]:
     """Center-crop (and optionally 10-crop) evaluation; returns counts and a confusion matrix.
 
     The dataset holds ``resize x resize`` squares, so the center crop equals "resize the shorter
     side, center crop", and the 10 crops are the paper's. Under DDP each rank takes a shard and the
-    counts are summed. ``class_map[i]`` is the model output index of dataset class ``i``.
+    counts are summed. ``class_map[i]`` is the model output index of dataset class ``i``. An uncached
+    dataset is decoded ``batch_size`` images at a time (by ``workers`` processes): memory is that of
+    one batch, whatever the number of images.
     """
     from tqdm.auto import tqdm
 
@@ -232,9 +235,8 @@ def evaluate_model(
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, top1, top5, 10c top1, 10c top5, n
     indices = list(range(rank, len(dataset), world))
     crop = preprocessing.crop
-    for start in tqdm(range(0, len(indices), batch_size), desc=desc, disable=not progress, unit="batch"):
-        chunk = indices[start : start + batch_size]
-        images = torch.stack([dataset.image(i) for i in chunk])
+    batches = _image_batches(dataset, indices, batch_size, workers)
+    for chunk, images in tqdm(batches, total=-(-len(indices) // batch_size), desc=desc, disable=not progress, unit="batch"):
         target = dataset.targets[chunk].to(device)
         model_target = index_map[target]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -274,6 +276,18 @@ def evaluate_model(
     return result
 
 
+def _image_batches(dataset: ImageFolderCache, indices: list[int], batch_size: int, workers: int):
+    """(indices, (B, 3, S, S) uint8 images) for consecutive chunks of ``indices``."""
+    chunks = [indices[s : s + batch_size] for s in range(0, len(indices), batch_size)]
+    if dataset.images is not None or workers == 0:
+        for chunk in chunks:
+            yield chunk, torch.stack([dataset.image(i) for i in chunk])
+        return
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=chunks, num_workers=workers)
+    for chunk, (images, _) in zip(chunks, loader):
+        yield chunk, images
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -290,9 +304,76 @@ def _check_balance(counts: list[int], classes: list[str]) -> None:
         warnings.warn(f"unbalanced training set (largest class {max(counts)} images, smallest {min(counts)}): {detail}", stacklevel=3)
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) a training run; returns the last epoch's metrics. See the module docstring."""
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "curves.png", "model.safetensors")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse settings that cannot train, in one line each, before any data is read."""
+    positive = {"epochs": cfg.epochs, "batch-size": cfg.batch_size, "storage-size": cfg.storage_size, "crop": cfg.crop,
+                "plateau-patience": cfg.plateau_patience}
+    for name, value in positive.items():
+        if int(value) < 1:
+            raise DeconvnetError(f"--{name} must be at least 1, got {value}")
+    if cfg.workers < 0:
+        raise DeconvnetError(f"--workers must be 0 or more, got {cfg.workers}")
+    for name, value in (("dropout", cfg.dropout), ("label-smoothing", cfg.label_smoothing), ("momentum", cfg.momentum)):
+        if not 0 <= value < 1:
+            raise DeconvnetError(f"--{name} must be at least 0 and below 1, got {value}")
+    if not cfg.lr >= 0 or not math.isfinite(cfg.lr):
+        raise DeconvnetError(f"--lr must be a number >= 0, got {cfg.lr}")
+    if cfg.arch not in ARCHITECTURES:
+        raise DeconvnetError(f"unknown --arch {cfg.arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    if cfg.crop > cfg.storage_size:
+        raise DeconvnetError(f"--crop {cfg.crop} is larger than --storage-size {cfg.storage_size} (images are stored as "
+                             f"{cfg.storage_size} px squares and crops are cut from them); lower --crop or raise --storage-size")
+    if not _accepts_input(ARCHITECTURES[cfg.arch], cfg.crop):
+        smallest = min_input_size(ARCHITECTURES[cfg.arch])
+        raise DeconvnetError(f"--crop {cfg.crop} is too small for {cfg.arch}: its layers need an input of at least {smallest} px")
+
+
+def _accepts_input(config: ArchConfig, size: int) -> bool:
+    """Whether the architecture's layers accept a ``size`` square input (shapes only: built on
+    PyTorch's meta device, nothing is allocated)."""
+    try:
+        with torch.device("meta"):
+            ConvNet(config.with_(input_size=size))
+        return True
+    except RuntimeError:
+        return False
+
+
+def min_input_size(config: ArchConfig, limit: int = 1024) -> int:
+    """The smallest square input the architecture's conv/pool layers accept."""
+    return next((size for size in range(1, limit + 1) if _accepts_input(config, size)), limit)
+
+
+def _prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """An existing run is continued (``resume``), replaced (``overwrite``) or refused, never silently
+    mixed with a new one."""
+    from .outputs import output_dir
+
+    output_dir(out)
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not resume and not overwrite:
+        raise DeconvnetError(f"{out} already holds a training run ({', '.join(found)}); pass --resume to continue it, "
+                             "--overwrite to replace it, or choose another --out")
+    if overwrite and not resume:
+        for name in found:
+            (out / name).unlink()
+        for snapshot in (out / "snapshots").glob("epoch-*.safetensors"):
+            snapshot.unlink()
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume) a training run; returns the last epoch's metrics. See the module docstring.
+
+    An ``out`` folder that already holds a run is refused unless ``resume`` (continue it) or
+    ``overwrite`` (delete its checkpoint, metrics, weights and snapshots first)."""
     from tqdm.auto import tqdm
+
+    if resume and overwrite:
+        raise DeconvnetError("--resume and --overwrite contradict each other; choose one")
+    check_config(cfg)
 
     rank, world, local_rank = _dist_info()
     device = resolve_device(cfg.device)
@@ -309,6 +390,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     out = Path(cfg.out)
     checkpoint_path = out / "checkpoint.pt"
     if is_main:
+        _prepare_run_folder(out, resume, overwrite)
         (out / "snapshots").mkdir(parents=True, exist_ok=True)
     data = Path(cfg.data)
     train_root, val_root = data / cfg.train_dir, data / cfg.val_dir
@@ -475,7 +557,7 @@ def evaluate(
     root: str | os.PathLike,
     ten_crop: bool = True,
     batch_size: int = 50,
-    cache: bool = True,
+    cache: bool = False,
     workers: int = 1,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -484,6 +566,7 @@ def evaluate(
 
     Folder names are matched to the model's classes by the ``class_folders`` its checkpoint records,
     or else by sorted order when the counts agree (ImageNet's sorted WordNet ids are its index order).
+    Images are streamed ``batch_size`` at a time unless ``cache`` (decode them all into memory first).
     """
     pre = loaded.preprocessing
     dataset = ImageFolderCache(root, size=pre.resize, cache=cache, progress=progress, num_workers=workers)
@@ -502,7 +585,7 @@ def evaluate(
     device = loaded.device
     result = evaluate_model(
         loaded.model, dataset, pre, device, ten_crop=ten_crop, batch_size=batch_size,
-        channels_last=device.type == "cpu", progress=progress, desc="evaluating", class_map=class_map,
+        channels_last=device.type == "cpu", progress=progress, desc="evaluating", class_map=class_map, workers=workers,
     )
     confusion = torch.tensor(result["confusion"])
     per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1).float()).tolist()

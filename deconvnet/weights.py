@@ -255,6 +255,14 @@ def save_weights(
     return path
 
 
+def _header_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape as a safetensors file's header declares them (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The decoded metadata of one of our safetensors files."""
     from safetensors import safe_open
@@ -405,33 +413,37 @@ def _load_file(path: Path, arch: ArchName | None) -> LoadedModel:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        from .validation import check_finite, check_header_shapes, check_metadata
+
         try:
-            state = load_file(str(path))
             metadata = read_metadata(path)
+            shapes = _header_shapes(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise DeconvnetError(f"{path}: not a readable safetensors file ({e})") from None
-        if metadata.get("format") == FORMAT_TAG:
+        tagged = metadata.get("format") == FORMAT_TAG
+        zoo = tagged and isinstance(metadata.get("arch"), str)  # a torchvision/timm model: its name and builder arguments
+        if tagged and not zoo:  # everything checked before a byte of the model is allocated
+            config, classes, preprocessing = check_metadata(metadata, path)
+            check_header_shapes(shapes, config, path)
+        elif zoo:
+            stored, kwargs, classes, preprocessing = _zoo_metadata(metadata, path)
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DeconvnetError(f"{path}: not a readable safetensors file ({e})") from None
+        check_finite(state, path)
+        if tagged:
             state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-            if isinstance(metadata["arch"], str):  # a torchvision/timm model: its name and builder arguments
-                stored = resolve_arch(metadata["arch"])
-                kwargs = dict(metadata.get("arch_kwargs") or {})
+            if zoo:
                 model = create_model(stored.canonical, **kwargs)
                 load_state_strict(model, state, str(path))
                 arch_name = stored.canonical
             else:
-                config = ArchConfig.from_dict(metadata["arch"])
                 model = ConvNet(config)
                 load_state_strict(model, state, str(path))
                 arch_name, kwargs = config.name, {}
-            return LoadedModel(
-                model=model,
-                classes=list(metadata["classes"]),
-                preprocessing=Preprocessing.from_dict(metadata["preprocessing"]),
-                arch=arch_name,
-                source=str(path),
-                metadata=metadata,
-                arch_kwargs=kwargs,
-            )
+            return LoadedModel(model=model, classes=classes, preprocessing=preprocessing, arch=arch_name, source=str(path),
+                               metadata=metadata, arch_kwargs=kwargs)
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -445,20 +457,50 @@ def _load_file(path: Path, arch: ArchName | None) -> LoadedModel:
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise DeconvnetError(f"{path}: expected a state dict (name -> tensor), found {type(state).__name__}")
         state = {k.removeprefix("module."): v for k, v in state.items()}
+        from .validation import check_finite
+
+        check_finite(state, path)
     origin = str(path)
-    if arch is None or arch.family == "deconvnet":
-        tv = _torchvision_layout(state, arch.name if arch else None, origin)
-        if tv is None:
-            model, arch_name = convert_state_dict(state, arch.name if arch else None, origin)
-            return LoadedModel(model=model, classes=_class_names(_num_outputs(model, 224)), preprocessing=Preprocessing(),
-                               arch=arch_name, source=origin)
-        arch = tv
-    model, kwargs, weights = model_from_state_dict(arch, state, origin, filename=path.name)
-    if weights is not None:  # the file is torchvision's own download: its classes and transforms
-        classes, preprocessing = list(weights.meta["categories"]), preprocessing_from_weights(weights)
-    else:
-        classes, preprocessing = _class_names(kwargs["num_classes"]), default_preprocessing(arch, model)
-    return LoadedModel(model=model, classes=classes, preprocessing=preprocessing, arch=arch.canonical, source=origin, arch_kwargs=kwargs)
+    try:
+        if arch is None or arch.family == "deconvnet":
+            tv = _torchvision_layout(state, arch.name if arch else None, origin)
+            if tv is None:
+                model, arch_name = convert_state_dict(state, arch.name if arch else None, origin)
+                return LoadedModel(model=model, classes=_class_names(_num_outputs(model, 224)), preprocessing=Preprocessing(),
+                                   arch=arch_name, source=origin)
+            arch = tv
+        model, kwargs, weights = model_from_state_dict(arch, state, origin, filename=path.name)
+        if weights is not None:  # the file is torchvision's own download: its classes and transforms
+            classes, preprocessing = list(weights.meta["categories"]), preprocessing_from_weights(weights)
+        else:
+            classes, preprocessing = _class_names(kwargs["num_classes"]), default_preprocessing(arch, model)
+        return LoadedModel(model=model, classes=classes, preprocessing=preprocessing, arch=arch.canonical, source=origin, arch_kwargs=kwargs)
+    except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as e:  # a layout that only looks familiar
+        raise DeconvnetError(f"{path}: unrecognised weights layout ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
+def _zoo_metadata(metadata: Mapping[str, Any], path: Path) -> tuple[ArchName, dict[str, Any], list[str], Preprocessing]:
+    """A stored torchvision/timm model's name, builder arguments, classes and preprocessing, checked
+    before anything is built (builder arguments: plain numbers, strings and flags; at most 100,000
+    classes)."""
+    try:
+        stored = resolve_arch(metadata["arch"])
+    except DeconvnetError as e:
+        raise DeconvnetError(f"{path}: {e}") from None
+    kwargs = metadata.get("arch_kwargs") or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and isinstance(v, (bool, int, float, str)) for k, v in kwargs.items()):
+        raise DeconvnetError(f"{path}: 'arch_kwargs' must map names to numbers, strings or flags")
+    num_classes = kwargs.get("num_classes", 1000)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or not 1 <= num_classes <= 100_000:
+        raise DeconvnetError(f"{path}: num_classes {kwargs.get('num_classes')} is out of range (1..100000)")
+    classes = metadata.get("classes")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise DeconvnetError(f"{path}: 'classes' must be a list of names")
+    try:
+        preprocessing = Preprocessing.from_dict(metadata["preprocessing"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DeconvnetError(f"{path}: bad 'preprocessing' entry ({e})") from None
+    return stored, dict(kwargs), list(classes), preprocessing
 
 
 PYTORCHCV_KEYS = {

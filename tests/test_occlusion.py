@@ -182,7 +182,7 @@ def test_cli_writes_figure_and_maps(tmp_path, capsys):
     "extra,message",
     [
         (["--size", "65"], "larger than the model's input"),
-        (["--stride", "0"], "stride must be at least 1"),
+        (["--stride", "0"], "argument --stride: must be a positive integer"),
         (["--label", "zebra"], "unknown class 'zebra'"),
         (["--gray", "dark"], "--gray must be"),
         (["--layer", "conv9"], "unknown layer"),

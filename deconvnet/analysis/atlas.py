@@ -190,7 +190,8 @@ class AtlasScan:
             "seconds": self.seconds,
         }
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        arrays["files"] = np.frombuffer("\n".join(self.files).encode(), dtype=np.uint8)
+        # JSON survives any file name (a newline included); older scans stored "\n"-joined names under "files"
+        arrays["files_json"] = np.frombuffer(json.dumps(self.files).encode(), dtype=np.uint8)
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
@@ -201,7 +202,10 @@ class AtlasScan:
         try:
             with np.load(path) as z:
                 meta = json.loads(bytes(z["meta"]).decode())
-                files = bytes(z["files"]).decode().split("\n") if z["files"].size else []
+                if "files_json" in z.files:
+                    files = json.loads(bytes(z["files_json"]).decode())
+                else:  # written before file lists were JSON
+                    files = bytes(z["files"]).decode().split("\n") if z["files"].size else []
                 layers = meta["layers"]
                 values = {l: z[f"values/{l}"] for l in layers}
                 images = {l: z[f"images/{l}"] for l in layers}

@@ -27,7 +27,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
-from ..data import Preprocessing
+from ..data import Preprocessing, limit_aspect
 from ..errors import DeconvnetError
 from ._common import LayerTaps
 
@@ -81,8 +81,12 @@ def default_values(transform: str, crop: int) -> np.ndarray:
 
 
 def prepare_uncropped(pre: Preprocessing, image: Image.Image) -> torch.Tensor:
-    """PIL image -> normalised (3, h, w) tensor resized like the model's input but NOT cropped."""
-    resized = T.Resize(pre.resize, interpolation=T.InterpolationMode(pre.interpolation), antialias=True)(image)
+    """PIL image -> normalised (3, h, w) tensor resized like the model's input but NOT cropped.
+
+    The long side is first cut (centred) to ``MAX_ASPECT`` x the short side, so the result is at most
+    ``resize`` x 2 ``resize``: more context than any transformation here brings into the crop, and
+    bounded for a thin strip of an image."""
+    resized = T.Resize(pre.resize, interpolation=T.InterpolationMode(pre.interpolation), antialias=True)(limit_aspect(image))
     return pre.normalize(TF.pil_to_tensor(resized)) if not pre.pixel_mean else _per_channel(pre, resized)
 
 

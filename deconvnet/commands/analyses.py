@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .common import add_model_args, int_list, load_from_args
+from .common import add_model_args, load_from_args, nonnegative_int, positive_float, positive_int, positive_int_list
 
 LAYER_LABELS = {f"layer{i}": f"layer {i}" for i in range(1, 9)}
 
@@ -26,14 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("occlusion", help="occlusion sensitivity maps (the paper's Fig. 7)")
     p.add_argument("image", help="an image file")
     p.add_argument("--label", help="true class (name, folder name/WordNet id or index); default: taken from a class-named parent folder, else the top class")
-    p.add_argument("--size", type=int, default=None, help="occluder side in pixels of the model input (default: input size / 6)")
-    p.add_argument("--stride", type=int, default=None, help="occluder step in pixels (default: input size / 32)")
+    p.add_argument("--size", type=positive_int, default=None, help="occluder side in pixels of the model input (default: input size / 6)")
+    p.add_argument("--stride", type=positive_int, default=None, help="occluder step in pixels (default: input size / 32)")
     p.add_argument("--layer", default=None, help="layer of the watched map (default conv5, rectified; on other models their last layer with maps)")
-    p.add_argument("--feature", type=int, default=None, help="map to watch (default: the one with the largest total activation on the unoccluded image)")
+    p.add_argument("--feature", type=nonnegative_int, default=None, help="map to watch (default: the one with the largest total activation on the unoccluded image)")
     p.add_argument("--gray", default="mean", help="occluder colour: 'mean' (the dataset mean, default) or a grey level in [0, 1]")
     p.add_argument("--method", choices=("incremental", "full"), default="incremental", help="incremental inference (default) or every occluded image through the whole network")
     p.add_argument("--check", action="store_true", help="also run the full computation and print the largest difference")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--out", required=True, help="output folder (PNG figure + JSON maps)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_args(p)
@@ -55,8 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--boxes", required=True, help="JSON boxes file (layout of shared/data/dogs/annotations.json)")
     p.add_argument("--parts", default=None, help="comma-separated parts to mask (default: every part annotated in all images)")
     p.add_argument("--layers", default=None, help="layers (default: the paper's 5,7; other models: their last maps and pooled features)")
-    p.add_argument("--draws", type=int, default=10, help="random-region draws per part (default 10)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--draws", type=positive_int, default=10, help="random-region draws per part (default 10)")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--out", required=True, help="output folder (table as MD/CSV/JSON + PNG)")
     add_model_args(p)
     p.set_defaults(func=cmd_correspondence)
@@ -66,14 +66,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-dir", default="train")
     p.add_argument("--test-dir", default="test")
     p.add_argument("--layers", default=None, help="layers, e.g. 1..7 (default) or 1,5,7; other models: module paths (default: their main layers)")
-    p.add_argument("--train-per-class", type=int_list, default=(15, 30, 60), help="training images per class, e.g. 15,30,60")
-    p.add_argument("--seeds", type=int, default=3, help="seeded draws of the training images (default 3)")
+    p.add_argument("--train-per-class", type=positive_int_list, default=(15, 30, 60), help="training images per class, e.g. 15,30,60")
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeded draws of the training images (default 3)")
     p.add_argument("--classifiers", default="softmax,svm", help="softmax, svm or both")
-    p.add_argument("--grid", type=int, default=4, help="conv maps are average-pooled to at most GRID x GRID cells (default 4)")
-    p.add_argument("--c-softmax", type=float, default=1.0, help="inverse L2 penalty of the softmax (default 1)")
-    p.add_argument("--c-svm", type=float, default=0.01, help="C of the linear SVM (default 0.01)")
-    p.add_argument("--scratch-epochs", type=int, default=0, help="also train the same architecture from scratch on each training sample for this many epochs (0: skip)")
-    p.add_argument("--scratch-lr", type=float, default=0.02)
+    p.add_argument("--grid", type=positive_int, default=4, help="conv maps are average-pooled to at most GRID x GRID cells (default 4)")
+    p.add_argument("--c-softmax", type=positive_float, default=1.0, help="inverse L2 penalty of the softmax (default 1)")
+    p.add_argument("--c-svm", type=positive_float, default=0.01, help="C of the linear SVM (default 0.01)")
+    p.add_argument("--scratch-epochs", type=nonnegative_int, default=0, help="also train the same architecture from scratch on each training sample for this many epochs (0: skip)")
+    p.add_argument("--scratch-lr", type=positive_float, default=0.02)
     p.add_argument("--scratch-only", action="store_true", help="only the from-scratch rows (--weights then only gives the architecture and preprocessing)")
     p.add_argument("--out", required=True, help="output folder (table as MD/CSV/JSON + PNG)")
     p.add_argument("--quiet", action="store_true")
@@ -123,6 +123,9 @@ def cmd_occlusion(args: argparse.Namespace) -> int:
     from ..atomic import save_json
     from ..errors import DeconvnetError
     from ..inference import prepare_images
+    from ..outputs import output_dir
+
+    output_dir(args.out)
 
     loaded = load_from_args(args)
     pre = loaded.preprocessing
@@ -172,6 +175,9 @@ def cmd_occlusion(args: argparse.Namespace) -> int:
 def cmd_invariance(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
+    from ..outputs import output_dir
+
+    output_dir(args.out)
 
     from ..analysis._common import LayerTaps
     from ..analysis.figures import invariance_figure
@@ -240,6 +246,9 @@ def cmd_correspondence(args: argparse.Namespace) -> int:
     from ..analysis.correspondence import correspondence, load_boxes, load_inputs, table_text
     from ..analysis.figures import correspondence_figure
     from ..atomic import save_json, save_text
+    from ..outputs import output_dir
+
+    output_dir(args.out)
 
     parts = [p.strip() for p in args.parts.split(",") if p.strip()] if args.parts else None
     annotated, parts = load_boxes(args.images, args.boxes, parts)  # validates before loading the model
@@ -278,6 +287,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
     from torchvision.transforms.v2 import functional as TF
+    from ..outputs import output_dir
+
+    output_dir(args.out)
 
     from ..analysis._common import LayerTaps, parse_layers
     from ..analysis.figures import probe_figure

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_model_args, load_from_args
+from .common import add_model_args, load_from_args, nonnegative_int, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("classify", help="top-k classes of images")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=positive_int, default=5)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images decoded and classified at a time (memory does not grow with the number of images)")
     add_model_args(p)
     p.set_defaults(func=cmd_classify)
 
@@ -22,14 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rule", choices=("deconvnet", "guided", "gradient"), default="deconvnet",
                    help="how ReLUs are passed on the way down: deconvnet (the paper), guided backpropagation, or plain gradient")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--feature", type=int, help="feature map index: project its strongest activation (or --position)")
-    what.add_argument("--whole-map", type=int, metavar="K", help="project all activations of map K together")
-    what.add_argument("--top-maps", type=int, metavar="N", help="the strongest activation of each of the N strongest maps, one projection each")
-    p.add_argument("--position", type=int, nargs=2, metavar=("Y", "X"), help="with --feature: this activation instead of the strongest")
+    what.add_argument("--feature", type=nonnegative_int, help="feature map index: project its strongest activation (or --position)")
+    what.add_argument("--whole-map", type=nonnegative_int, metavar="K", help="project all activations of map K together")
+    what.add_argument("--top-maps", type=positive_int, metavar="N", help="the strongest activation of each of the N strongest maps, one projection each")
+    p.add_argument("--position", type=nonnegative_int, nargs=2, metavar=("Y", "X"), help="with --feature: this activation instead of the strongest")
     p.add_argument("--no-lrn", action="store_true", help="remove LRN layers from the model (forward too)")
     p.add_argument("--include-lrn", action="store_true", help="send the signal back through LRN's Jacobian instead of skipping it")
     p.add_argument("--out", required=True, help="output folder for the PNG figure")
-    p.add_argument("--raw", help="also save the unnormalised projections as float32 (N, 3, H, W) .npy")
+    p.add_argument("--raw", help="also save the unnormalised projections as float32 (N, 3, H, W) .npy (.npy is appended to a name without it)")
     add_model_args(p)
     p.set_defaults(func=cmd_project)
 
@@ -46,13 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from ..errors import DeconvnetError
-    from ..inference import classify
+    from ..data import check_image_file
+    from ..inference import iter_classify
 
-    if args.top < 1:
-        raise DeconvnetError("--top must be at least 1")
+    for path in args.images:  # headers only: a bad file among many fails before the slow part
+        check_image_file(path)
     loaded = load_from_args(args)
-    for path, ranking in zip(args.images, classify(loaded, args.images, args.top)):
+    for path, ranking in iter_classify(loaded, args.images, args.top, args.batch_size):
         print(path)
         for name, prob in ranking:
             print(f"  {prob:7.2%}  {name}")
@@ -60,10 +61,15 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_project(args: argparse.Namespace) -> int:
-    from ..inference import project_image
-    from ..render import projection_figure
     from ..atomic import save_npy
+    from ..data import check_image_file
+    from ..inference import project_image
+    from ..outputs import output_dir, output_file
+    from ..render import projection_figure
 
+    out = output_dir(args.out)
+    raw_path = output_file(args.raw, "--raw", suffix=".npy") if args.raw else None
+    check_image_file(args.image)
     loaded = load_from_args(args, lrn=False if args.no_lrn else None)
     result = project_image(
         loaded,
@@ -76,7 +82,6 @@ def cmd_project(args: argparse.Namespace) -> int:
         include_lrn=args.include_lrn,
         rule=args.rule,
     )
-    out = Path(args.out)
     if args.top_maps is not None:
         tag = f"top{args.top_maps}"
     elif args.whole_map is not None:
@@ -86,11 +91,11 @@ def cmd_project(args: argparse.Namespace) -> int:
     figure = projection_figure(result, out / f"{Path(args.image).stem}-{args.layer}-{tag}.png",
                                title=f"{Path(args.image).name}: {args.rule} projections from {args.layer} ({loaded.source})")
     print(f"figure: {figure}")
-    if args.raw:
+    if raw_path is not None:
         import numpy as np
 
         raw = result.raw().numpy().astype(np.float32)
-        print(f"raw projections {raw.shape}: {save_npy(args.raw, raw)}")
+        print(f"raw projections {raw.shape}: {save_npy(raw_path, raw)}")
     return 0
 
 
@@ -98,10 +103,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
     from ..errors import DeconvnetError
+    from ..outputs import output_file
     from ..weights import save_weights
 
-    if not args.out.endswith(".safetensors"):
-        raise DeconvnetError("--out must end with .safetensors")
+    output_file(args.out, "--out", suffix=".safetensors", append_suffix=False)
     loaded = load_from_args(args)
     keep = {k: v for k, v in loaded.metadata.items() if k not in ("format", "arch", "arch_kwargs", "classes", "preprocessing")}
     # A torchvision/timm model is stored by name + builder arguments, so load_model rebuilds it alone.

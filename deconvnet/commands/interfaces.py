@@ -7,20 +7,27 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import add_model_args, load_from_args
+from .common import add_model_args, load_from_args, port, positive_float, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="start the web explorer (layers, maps, projections, occlusion) on 127.0.0.1")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000, help="TCP port (default 8000; 0: any free port, printed at start)")
     p.add_argument("--images", default=None, metavar="DIR", help="a folder whose images the page offers (by id; clients never send paths)")
     p.add_argument("--atlas", default=None, metavar="DIR", help="an atlas computed for this model: the top-9 patches of each clicked unit")
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default 20 MB)")
-    p.add_argument("--max-megapixels", type=float, default=40.0, help="largest accepted image (default 40 megapixels)")
-    p.add_argument("--cache", type=int, default=32, help="opened images kept in memory (default 32)")
+    p.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="largest accepted upload (default 20 MB)")
+    p.add_argument("--max-megapixels", type=positive_float, default=40.0, help="largest accepted image (default 40 megapixels)")
+    p.add_argument("--cache-images", "--cache", dest="cache", type=positive_int, default=128,
+                   help="opened images kept in memory, the least recently used dropped first (default 128; with the bundled model 0.5 MB an image, "
+                        "up to 9 MB once every layer was looked at: at most about 1.2 GB); "
+                        "GET /api/health shows how many are open and how many were dropped")
     p.add_argument("--no-samples", action="store_true", help="do not offer the bundled sample photos")
-    p.add_argument("--parallel", type=int, default=1, help="forward/backward passes run at once (default 1; PyTorch threads split the cores among them)")
+    p.add_argument("--header-timeout", type=positive_float, default=10.0, help="seconds a client has to send a request's headers (default 10; then 408)")
+    p.add_argument("--body-timeout", type=positive_float, default=60.0, help="seconds a client has to send a request's body, e.g. an upload (default 60; then 408)")
+    p.add_argument("--max-connections", type=positive_int, default=512, help="open connections at most; more are closed at once (default 512)")
+    p.add_argument("--max-requests", type=positive_int, default=64, help="requests served at once at most; more get 503 at once (default 64)")
+    p.add_argument("--parallel", type=positive_int, default=1, help="forward/backward passes run at once (default 1; PyTorch threads split the cores among them)")
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -39,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--top-maps", type=int, default=6, help="strongest maps shown per layer (default 6)")
+    p.add_argument("--top-maps", type=positive_int, default=6, help="strongest maps shown per layer (default 6)")
     p.add_argument("--layers", default=None, help="comma-separated layers (default: the conv layers of a chain model such as ZFNet; "
                    "the top-level layers of a graph model, e.g. relu,maxpool,layer1,...,layer4 of a ResNet; blocks such as layer3.1 may be chosen)")
     p.add_argument("--no-rules", action="store_true", help="skip the panel of the top layer's strongest unit under the three rules (deconvnet, guided, gradient)")
@@ -48,63 +55,83 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import atexit
     import shutil
+    import signal
+    import socket
     import tempfile
 
     from ..errors import DeconvnetError
 
-    if not 0 <= args.port <= 65535:
-        raise DeconvnetError(f"--port {args.port}: must be 0..65535")
-    if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
-        raise DeconvnetError("--max-upload-mb and --max-megapixels must be positive")
     try:
         import uvicorn
 
         from ..server.app import create_app
+        from ..server.guard import guarded_protocol
     except ImportError as e:
         raise DeconvnetError(f"the explorer needs FastAPI and uvicorn ({e.name} is missing): pip install fastapi uvicorn python-multipart") from None
 
-    import socket
-
-    try:  # a clear one-line error for a port in use (uvicorn would log a traceback-like message)
-        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((args.host, args.port))
+    # Bind here, before the model loads: a port in use is one clear line, and --port 0 gets a free
+    # port whose number is printed (uvicorn serves this very socket).
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+        sock.listen(2048)
     except OSError as e:
+        sock.close()
         raise DeconvnetError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port") from None
+    port = sock.getsockname()[1]
 
-    # The server's own temp space: large uploads are spooled here by the multipart parser, nowhere else.
+    # The server's own temp space: large uploads are spooled here by the multipart parser, nowhere
+    # else. Removed however the server stops: Ctrl-C, SIGTERM (turned into SystemExit below, since
+    # uvicorn re-raises the signal after its graceful shutdown) or an error.
     private = tempfile.mkdtemp(prefix="deconvnet-serve-")
-    atexit.register(shutil.rmtree, private, ignore_errors=True)
     tempfile.tempdir = private
+    previous_term = signal.signal(signal.SIGTERM, _exit_on_signal)
+    from ..runtime import limit_malloc_arenas
 
-    if args.parallel < 1:
-        raise DeconvnetError("--parallel must be at least 1")
-    if args.parallel > 1:
-        import os
+    limit_malloc_arenas(args.parallel)  # freed decode/model memory reused across worker threads
+    try:
+        if args.parallel > 1:
+            import os
 
-        import torch
+            import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.parallel))
-    loaded = load_from_args(args)
-    app = create_app(
-        loaded,
-        images_dir=args.images,
-        atlas_dir=args.atlas,
-        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-        max_pixels=int(args.max_megapixels * 1_000_000),
-        cache_size=args.cache,
-        samples=not args.no_samples,
-        parallel=args.parallel,
-    )
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"deconvnet: warning: listening on {args.host}: anyone who can reach this machine can use the explorer", file=sys.stderr)
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"deconvnet explorer on http://{shown}:{args.port}/  (API docs: /docs; Ctrl-C stops it)", file=sys.stderr, flush=True)
-    # at most 128 connections at once (more get 503 at once instead of piling up)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, limit_concurrency=128)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.parallel))
+        loaded = load_from_args(args)
+        app = create_app(
+            loaded,
+            images_dir=args.images,
+            atlas_dir=args.atlas,
+            max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+            max_pixels=int(args.max_megapixels * 1_000_000),
+            cache_size=args.cache,
+            samples=not args.no_samples,
+            parallel=args.parallel,
+            max_in_flight=args.max_requests,
+            body_timeout=args.body_timeout,
+        )
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"deconvnet: warning: listening on {args.host}: anyone who can reach this machine can use the explorer", file=sys.stderr)
+        shown = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"deconvnet explorer on http://{shown}:{port}/  (API docs: /docs; Ctrl-C stops it)", file=sys.stderr, flush=True)
+        config = uvicorn.Config(
+            app, log_level="warning", access_log=False,
+            http=guarded_protocol(header_timeout=args.header_timeout, max_connections=args.max_connections),
+            timeout_keep_alive=5,  # idle kept-alive connections are closed after 5 s
+            limit_concurrency=None,  # counted per request by the app (RequestLimits), not per open socket
+        )
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        sock.close()
+        shutil.rmtree(private, ignore_errors=True)
     return 0
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _layers(text: str | None) -> list[str] | None:
@@ -113,6 +140,9 @@ def _layers(text: str | None) -> list[str] | None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from ..report import build_report
+    from ..outputs import output_dir
+
+    output_dir(args.out)
 
     loaded = load_from_args(args)
     path = build_report(
@@ -132,6 +162,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..report import build_report
     from ..samples import sample_paths
+    from ..outputs import output_dir
+
+    output_dir(args.out)
 
     loaded = load_from_args(args)
     path = build_report(

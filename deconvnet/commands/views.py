@@ -7,7 +7,7 @@ import random
 import sys
 from pathlib import Path
 
-from .common import add_model_args, load_from_args
+from .common import add_model_args, load_from_args, nonnegative_float, nonnegative_int, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,20 +21,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", help="folder of images (searched recursively; unreadable files are skipped and listed)")
     p.add_argument("--out", required=True, help="output folder: atlas.npz, <layer>/maps-*.png, index.html")
     p.add_argument("--layers", default="all", help="e.g. conv1..conv5 (default: every convI), conv2,conv5 or pool5")
-    p.add_argument("--top", type=int, default=9, help="activations kept per map (default 9)")
+    p.add_argument("--top", type=positive_int, default=9, help="activations kept per map (default 9)")
     p.add_argument("--allow-repeats", action="store_true", help="allow several of a map's top-k from the same image (default: k distinct images)")
     p.add_argument("--maps", default=None, help="render only these maps of every layer, e.g. 0-15,40 (the scan keeps all)")
-    p.add_argument("--random-maps", type=int, default=None, metavar="N", help="render N random maps per layer, like the paper's figure")
-    p.add_argument("--seed", type=int, default=0, help="for --random-maps")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=1, help="image-decoding processes (0: decode in the main process)")
-    p.add_argument("--checkpoint-every", type=int, default=512, metavar="N", help="save the scan state every N images")
+    p.add_argument("--random-maps", type=positive_int, default=None, metavar="N", help="render N random maps per layer, like the paper's figure")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="for --random-maps")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--workers", type=nonnegative_int, default=1, help="image-decoding processes (0: decode in the main process)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=512, metavar="N", help="save the scan state every N images")
     p.add_argument("--restart", action="store_true", help="ignore a saved scan in --out and start over")
     p.add_argument("--no-render", dest="render", action="store_false", help="only scan (write atlas.npz)")
-    p.add_argument("--tile", type=int, default=64, help="largest tile side in pixels (receptive fields are resized down to it)")
-    p.add_argument("--per-page", type=int, default=16, help="maps per PNG sheet")
-    p.add_argument("--columns", type=int, default=4, help="maps per row of a sheet")
-    p.add_argument("--cache-mb", type=float, default=1024, help="memory for the pixels/switches of images in the top-k lists (saves a second forward pass)")
+    p.add_argument("--tile", type=positive_int, default=64, help="largest tile side in pixels (receptive fields are resized down to it)")
+    p.add_argument("--per-page", type=positive_int, default=16, help="maps per PNG sheet")
+    p.add_argument("--columns", type=positive_int, default=4, help="maps per row of a sheet")
+    p.add_argument("--cache-mb", type=nonnegative_float, default=1024, help="memory for the pixels/switches of images in the top-k lists (saves a second forward pass)")
     p.add_argument("--no-lrn", action="store_true", help="remove LRN layers from the model (forward too)")
     p.add_argument("--include-lrn", action="store_true", help="send the signal back through LRN's Jacobian instead of skipping it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -51,10 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", default=None, metavar="WEIGHTS", help="second model (registry name or file), e.g. alexnet-imagenet")
     p.add_argument("--compare-arch", default=None, help="architecture of --compare when its file does not say")
     p.add_argument("--images", default=None, help="folder of images for the top conv2 projections")
-    p.add_argument("--max-images", type=int, default=500, help="use at most this many images of --images (default 500)")
-    p.add_argument("--layer2-maps", type=int, default=36, help="how many conv2 maps to show (the strongest)")
+    p.add_argument("--max-images", type=positive_int, default=500, help="use at most this many images of --images (default 500)")
+    p.add_argument("--layer2-maps", type=positive_int, default=36, help="how many conv2 maps to show (the strongest)")
     p.add_argument("--per-filter", action="store_true", help="print every filter's RMS and structure (share of its non-DC energy in its 4 strongest DCT frequencies)")
-    p.add_argument("--dead-ratio", type=float, default=0.2, help="dead: RMS < this x median RMS (default 0.2)")
+    p.add_argument("--dead-ratio", type=nonnegative_float, default=0.2, help="dead: RMS < this x median RMS (default 0.2)")
     p.add_argument("--quiet", action="store_true")
     add_model_args(p)
     p.set_defaults(func=cmd_filters)
@@ -67,11 +67,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", required=True, help="folder of images to take the strongest activations from")
     p.add_argument("--out", required=True, help="output folder: evolution.png, evolution.json")
     p.add_argument("--layers", default="all", help="e.g. conv1..conv5 (default: every convI)")
-    p.add_argument("--maps-per-layer", type=int, default=3, help="maps shown per layer: the strongest under the last snapshot")
+    p.add_argument("--maps-per-layer", type=positive_int, default=3, help="maps shown per layer: the strongest under the last snapshot")
     p.add_argument("--maps", default=None, help="explicit maps for every layer instead, e.g. 0,5,9")
-    p.add_argument("--max-images", type=int, default=None, help="use at most this many images (evenly spread over the sorted list)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--tile", type=int, default=64)
+    p.add_argument("--max-images", type=positive_int, default=None, help="use at most this many images (evenly spread over the sorted list)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--tile", type=positive_int, default=64)
     p.add_argument("--arch", default=None, help="architecture for snapshot files that do not say")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
@@ -103,6 +103,9 @@ def cmd_atlas(args: argparse.Namespace) -> int:
     from ..analysis.atlas import build_atlas, dist_info, parse_layers, parse_maps
     from ..deconv import DeconvNet
     from ..errors import DeconvnetError
+    from ..outputs import output_dir
+
+    output_dir(args.out)
 
     if args.maps and args.random_maps:
         raise DeconvnetError("choose --maps or --random-maps, not both")
@@ -141,6 +144,9 @@ def cmd_filters(args: argparse.Namespace) -> int:
     from ..analysis.filters import filters_figure, layer2_top_projections
     from ..atomic import save_json
     from ..weights import load_model
+    from ..outputs import output_dir
+
+    output_dir(args.out)
 
     loaded = load_from_args(args)
     models = [(Path(str(loaded.source)).stem + f" ({loaded.arch})", loaded)]
@@ -170,6 +176,9 @@ def cmd_evolution(args: argparse.Namespace) -> int:
     from ..atomic import save_json
     from ..errors import DeconvnetError
     from ..training import resolve_device
+    from ..outputs import output_dir
+
+    output_dir(args.out)
 
     files = _subset(_image_files(args.images), args.max_images)
     maps = None

@@ -36,6 +36,7 @@ from ..engine import RULES
 from ..explorer import DEFAULT_MAX_PIXELS, RULE_TITLES, Explorer, ImageSession, data_uri
 from ..weights import LoadedModel
 from . import integrations
+from .guard import RequestLimits
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
@@ -71,6 +72,7 @@ class ModelInfo(BaseModel):
     occlusion: bool = Field(description="the occlusion analysis is available")
     max_upload_bytes: int
     max_pixels: int
+    cache_images: int = Field(description="opened images the server keeps (least recently used dropped first; --cache-images)")
     version: str
 
 
@@ -324,9 +326,14 @@ def create_app(
     cache_size: int = 32,
     samples: bool = True,
     parallel: int = 1,
+    max_in_flight: int = 64,
+    body_timeout: float = 60.0,
 ) -> FastAPI:
     """The explorer for one model. ``images_dir``: a folder whose images are offered by id;
-    ``atlas_dir``: the output of the atlas analysis for this model (top-9 patches per unit)."""
+    ``atlas_dir``: the output of the atlas analysis for this model (top-9 patches per unit).
+    ``cache_size`` opened images are kept (least recently used dropped first); at most
+    ``max_in_flight`` requests are served at once (more get 503) and a request body must arrive
+    within ``body_timeout`` seconds (else 408); decoding and model work share ``parallel`` slots."""
     explorer = Explorer(loaded, cache_size=cache_size, max_pixels=max_pixels, parallel=parallel)
     sources = _list_sources(images_dir, samples)
     atlas = integrations.open_atlas(atlas_dir, loaded) if atlas_dir else None
@@ -349,6 +356,7 @@ def create_app(
     app.state.explorer = explorer
     app.state.jobs = jobs
     app.add_middleware(BodySizeLimit, limit=max_upload_bytes + 64 * 1024)  # room for the multipart envelope
+    app.add_middleware(RequestLimits, max_in_flight=max_in_flight, body_timeout=body_timeout)  # outermost: counts every request
 
     # ------------------------------------------------------------------ errors as JSON
     @app.exception_handler(StarletteHTTPException)
@@ -375,7 +383,9 @@ def create_app(
         try:
             return explorer.get(image_id)
         except KeyError:
-            raise HTTPException(404, f"no open image {image_id!r} (it may have expired from the cache: open it again)") from None
+            raise HTTPException(404, f"no open image {image_id!r}: the server keeps the {explorer.cache_size} most recently used images "
+                                     f"and drops older ones ({explorer.evicted} so far); open it again (or start the server with a "
+                                     "larger --cache-images)") from None
 
     def layer_or_404(layer: str) -> str:
         if layer not in explorer.conv_layers:
@@ -407,7 +417,7 @@ def create_app(
     # ------------------------------------------------------------------ model and sources
     @app.get("/api/health", tags=["server"], summary="Liveness check")
     def health() -> dict[str, Any]:
-        return {"ok": True, "open_images": len(explorer)}
+        return {"ok": True, "open_images": len(explorer), "cache_images": explorer.cache_size, "evicted_images": explorer.evicted}
 
     @app.get("/api/model", response_model=ModelInfo, tags=["model"], summary="The model, its layers and the optional features")
     def model_info() -> ModelInfo:
@@ -431,6 +441,7 @@ def create_app(
             occlusion=integrations.occlusion_available(),
             max_upload_bytes=max_upload_bytes,
             max_pixels=max_pixels,
+            cache_images=explorer.cache_size,
             version=__version__,
         )
 
@@ -452,9 +463,11 @@ def create_app(
             from ..explorer import decode_image
 
             try:
-                img = decode_image(path.read_bytes(), name, max_pixels)
+                data = path.read_bytes()
             except OSError as e:
                 raise DeconvnetError(f"cannot read {name} ({e.strerror})") from None
+            with explorer.compute_lock:  # decoding is work of the bounded pool like any other
+                img = decode_image(data, name, max_pixels)
             img.thumbnail((160, 160))
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=85)
@@ -470,10 +483,11 @@ def create_app(
     @app.post("/api/upload", response_model=ImageInfo, tags=["images"], responses=ERRORS,
               summary="Upload an image (multipart field `file`): classify it and return its id")
     def upload(file: UploadFile = File(description="an image file: JPEG, PNG, GIF, BMP, WebP or TIFF")) -> ImageInfo:
-        data = file.file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise HTTPException(413, f"file too large (over {max_upload_bytes:,} bytes)")
-        return image_info(explorer.open_bytes(data, file.filename or "upload"))
+        if file.size is not None and file.size > max_upload_bytes:
+            raise HTTPException(413, f"file too large ({file.size:,} bytes; the limit is {max_upload_bytes:,})")
+        # read, decoded and classified inside one slot of the worker pool: concurrent uploads wait
+        # there holding nothing but their spooled bodies
+        return image_info(explorer.open_stream(file.file, file.filename or "upload", max_upload_bytes))
 
     # ------------------------------------------------------------------ one image
     @app.get("/api/images/{image_id}", response_model=ImageInfo, tags=["images"], responses=ERRORS, summary="An opened image's classification")

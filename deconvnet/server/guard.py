@@ -1,0 +1,179 @@
+"""Connection policy of ``deconvnet serve``: slow or idle clients cannot starve real ones.
+
+* ``guarded_protocol(...)``: uvicorn's h11 protocol with a deadline for the request head (a client
+  that opens a connection and sends its headers a byte at a time is answered 408 and dropped after
+  ``header_timeout`` seconds), a cap on open connections (more are closed at once) and a lingering
+  close (a refused body still being sent is read and dropped, so the client gets the 413). uvicorn's own
+  ``limit_concurrency`` counts open connections, so a few hundred idle sockets would turn every real
+  request into 503; here only requests actually being served count (``RequestLimits``).
+* ``RequestLimits``: ASGI middleware: at most ``max_in_flight`` requests in progress (more get 503
+  with Retry-After at once instead of queueing without bound) and a deadline for reading a request
+  body (408 after ``body_timeout`` seconds), so a slow upload holds no worker for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable
+
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+import h11
+
+__all__ = ["guarded_protocol", "RequestLimits"]
+
+_TIMEOUT_BODY = b'{"error": "request headers not received in time; send them at once", "status": 408}'
+REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: " + str(len(_TIMEOUT_BODY)).encode() + b"\r\n\r\n" + _TIMEOUT_BODY
+)
+
+
+class _LingeringTransport:
+    """A transport whose ``close`` first half-closes (FIN after the pending response) and keeps
+    reading and discarding for up to ``linger`` seconds, like web servers' "lingering close": a
+    client still sending a body the server refused (413) then reads the answer instead of a
+    connection reset caused by unread data."""
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop, linger: float = 2.0) -> None:
+        self._transport, self._loop, self._linger = transport, loop, linger
+        self.lingering = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self.lingering or self._transport.is_closing():
+            return
+        self.lingering = True
+        try:
+            if self._transport.can_write_eof():
+                self._transport.write_eof()  # sent once the response is flushed
+                self._transport.resume_reading()
+                self._loop.call_later(self._linger, self._transport.close)
+                return
+        except (OSError, RuntimeError):
+            pass
+        self._transport.close()
+
+
+def guarded_protocol(header_timeout: float = 10.0, max_connections: int = 512) -> type[H11Protocol]:
+    """An ``H11Protocol`` subclass (pass as ``uvicorn.Config(http=...)``) with a request-head deadline
+    and a connection cap."""
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(_LingeringTransport(transport, self.loop))
+            self._head_deadline: asyncio.TimerHandle | None = None
+            if len(self.connections) > max_connections:
+                transport.close()  # over the cap: refuse now rather than let it wait for a slot
+                return
+            self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_deadline = self.loop.call_later(header_timeout, self._head_timed_out)
+
+        def _disarm(self) -> None:
+            deadline = getattr(self, "_head_deadline", None)
+            if deadline is not None:
+                deadline.cancel()
+                self._head_deadline = None
+
+        def _head_timed_out(self) -> None:
+            self._head_deadline = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                # still waiting for (the rest of) a request head: answer 408 and drop the connection
+                self.transport.write(REQUEST_TIMEOUT)
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            if self.transport.lingering:
+                return  # closing: what the client still sends is read and dropped
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self._disarm()  # the head is complete: the body has its own deadline (RequestLimits)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request's head on this kept-alive connection
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+class _BodyTimeout(StarletteHTTPException):
+    """An HTTPException so that the framework's body parsing passes it through unchanged."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"request body not received within {seconds:g} s; send it at once (or use a faster connection)")
+
+
+class RequestLimits:
+    """ASGI middleware: a cap on requests in progress and a deadline for reading each body."""
+
+    def __init__(self, app: Any, max_in_flight: int = 64, body_timeout: float = 60.0) -> None:
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.body_timeout = body_timeout
+        self.in_flight = 0
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_in_flight:
+            await _answer(send, 503, f"server busy: {self.in_flight} requests in progress; try again in a moment", retry_after=1)
+            return
+        self.in_flight += 1
+        deadline = time.monotonic() + self.body_timeout
+        body_done = False
+        started = False
+
+        async def timed_receive() -> dict:
+            nonlocal body_done
+            if body_done:
+                return await receive()  # after the body: waiting for a disconnect is not reading
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise _BodyTimeout(self.body_timeout) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, timed_receive, tracking_send)
+        except _BodyTimeout as e:
+            if not started:
+                await _answer(send, 408, str(e.detail), close=True)
+        finally:
+            self.in_flight -= 1
+
+
+async def _answer(send: Callable, status: int, message: str, retry_after: int | None = None, close: bool = False) -> None:
+    import json
+
+    body = json.dumps({"error": message, "status": status}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,199 @@
+"""Weights files checked before anything is allocated.
+
+A deconvnet safetensors file carries its architecture, classes and preprocessing as JSON metadata;
+a crafted or damaged file could otherwise make ``load_model`` build a network of any size, resize
+images to any size, or fail deep inside PyTorch with a traceback. Here every metadata field is
+checked on its own (type, range) with a one-line error, the tensor shapes the header declares are
+compared with those of the architecture built on PyTorch's meta device (no memory), and loaded
+tensors must be finite.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping
+
+import torch
+
+from .data import Preprocessing
+from .errors import DeconvnetError
+from .models import POOL_STYLES, ArchConfig, ConvNet
+
+__all__ = ["check_metadata", "check_header_shapes", "check_finite", "expected_shapes", "LIMITS"]
+
+# Generous bounds (the largest published ZFNet/AlexNet/VGG are far inside them) that keep a crafted
+# file from asking for absurd sizes before its tensors are even compared.
+LIMITS = {
+    "channels": 16_384,
+    "kernel": 31,
+    "stride": 16,
+    "fc": 65_536,
+    "classes": 100_000,
+    "input_size": 2_048,
+    "resize": 4_096,
+}
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+def _fail(path: str | os.PathLike, message: str) -> DeconvnetError:
+    return DeconvnetError(f"{path}: invalid metadata: {message}; the file is damaged or was not written by deconvnet")
+
+
+def _int(path: str | os.PathLike, name: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(path, f"{name} must be an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise _fail(path, f"{name} = {value} is outside {lo}..{hi}")
+    return value
+
+
+def _float(path: str | os.PathLike, name: str, value: Any, lo: float = -math.inf, hi: float = math.inf, open_hi: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(path, f"{name} must be a finite number, got {value!r}"[:200])
+    if not lo <= value <= hi or (open_hi and value >= hi):
+        raise _fail(path, f"{name} = {value} is out of range")
+    return float(value)
+
+
+def _arch(path: str | os.PathLike, raw: Any) -> ArchConfig:
+    if not isinstance(raw, dict):
+        raise _fail(path, f"'arch' must be a JSON object, got {type(raw).__name__}")
+    known = set(ArchConfig.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise _fail(path, f"unknown architecture field(s) {', '.join(map(str, unknown))[:200]}")
+    d: dict[str, Any] = {}
+    if "name" in raw:
+        if not isinstance(raw["name"], str) or len(raw["name"]) > 100:
+            raise _fail(path, "arch.name must be a short string")
+        d["name"] = raw["name"]
+    if "conv" in raw:
+        conv = raw["conv"]
+        if not isinstance(conv, list) or len(conv) != 5:
+            raise _fail(path, "arch.conv must list 5 layers as [channels, kernel, stride, padding]")
+        layers = []
+        for i, layer in enumerate(conv, start=1):
+            if not isinstance(layer, list) or len(layer) != 4:
+                raise _fail(path, f"arch.conv[{i - 1}] must be [channels, kernel, stride, padding]")
+            channels = _int(path, f"conv{i} channels", layer[0], 1, LIMITS["channels"])
+            kernel = _int(path, f"conv{i} kernel", layer[1], 1, LIMITS["kernel"])
+            stride = _int(path, f"conv{i} stride", layer[2], 1, LIMITS["stride"])
+            padding = _int(path, f"conv{i} padding", layer[3], 0, kernel)
+            layers.append((channels, kernel, stride, padding))
+        d["conv"] = tuple(layers)
+    if "fc" in raw:
+        fc = raw["fc"]
+        if not isinstance(fc, list) or len(fc) != 2:
+            raise _fail(path, "arch.fc must give the widths of fc6 and fc7")
+        d["fc"] = tuple(_int(path, f"fc{6 + i} width", v, 1, LIMITS["fc"]) for i, v in enumerate(fc))
+    if "num_classes" in raw:
+        d["num_classes"] = _int(path, "arch.num_classes", raw["num_classes"], 1, LIMITS["classes"])
+    if "lrn" in raw:
+        if not isinstance(raw["lrn"], bool):
+            raise _fail(path, "arch.lrn must be true or false")
+        d["lrn"] = raw["lrn"]
+    if "pool_style" in raw:
+        if raw["pool_style"] not in POOL_STYLES:
+            raise _fail(path, f"arch.pool_style must be one of {', '.join(POOL_STYLES)}")
+        d["pool_style"] = raw["pool_style"]
+    if "dropout" in raw:
+        d["dropout"] = _float(path, "arch.dropout", raw["dropout"], 0.0, 1.0, open_hi=True)
+    if "in_channels" in raw:
+        d["in_channels"] = _int(path, "arch.in_channels", raw["in_channels"], 3, 3)  # the preprocessing makes RGB
+    if "input_size" in raw:
+        d["input_size"] = _int(path, "arch.input_size", raw["input_size"], 1, LIMITS["input_size"])
+    if "lrn_params" in raw:
+        params = raw["lrn_params"]
+        if not isinstance(params, dict) or set(params) != {"size", "alpha", "beta", "k"}:
+            raise _fail(path, "arch.lrn_params must have exactly size, alpha, beta and k")
+        d["lrn_params"] = {
+            "size": _int(path, "lrn size", params["size"], 1, 64),
+            "alpha": _float(path, "lrn alpha", params["alpha"]),
+            "beta": _float(path, "lrn beta", params["beta"]),
+            "k": _float(path, "lrn k", params["k"]),
+        }
+    return ArchConfig(**d)
+
+
+def _preprocessing(path: str | os.PathLike, raw: Any) -> Preprocessing:
+    if not isinstance(raw, dict):
+        raise _fail(path, f"'preprocessing' must be a JSON object, got {type(raw).__name__}")
+    known = set(Preprocessing.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise _fail(path, f"unknown preprocessing field(s) {', '.join(map(str, unknown))[:200]}")
+    d: dict[str, Any] = {}
+    if "resize" in raw:
+        d["resize"] = _int(path, "preprocessing.resize", raw["resize"], 1, LIMITS["resize"])
+    if "crop" in raw:
+        d["crop"] = _int(path, "preprocessing.crop", raw["crop"], 1, d.get("resize", Preprocessing.resize))
+    for name in ("mean", "std"):
+        if name in raw:
+            values = raw[name]
+            if not isinstance(values, list) or len(values) != 3:
+                raise _fail(path, f"preprocessing.{name} must be 3 numbers (R, G, B)")
+            lo = 1e-6 if name == "std" else -math.inf
+            d[name] = tuple(_float(path, f"preprocessing.{name}", v, lo) for v in values)
+    if "interpolation" in raw:
+        if raw["interpolation"] not in INTERPOLATIONS:
+            raise _fail(path, f"preprocessing.interpolation must be one of {', '.join(INTERPOLATIONS)}")
+        d["interpolation"] = raw["interpolation"]
+    if raw.get("pixel_mean") is not None:
+        if not isinstance(raw["pixel_mean"], str):
+            raise _fail(path, "preprocessing.pixel_mean must be a path or null")
+        d["pixel_mean"] = raw["pixel_mean"]
+    return Preprocessing(**d)
+
+
+def check_metadata(metadata: Mapping[str, Any], path: str | os.PathLike) -> tuple[ArchConfig, list[str], Preprocessing]:
+    """(architecture, classes, preprocessing) of a deconvnet safetensors file's decoded metadata,
+    every field checked; ``DeconvnetError`` naming the first bad one."""
+    for key in ("arch", "classes", "preprocessing"):
+        if key not in metadata:
+            raise _fail(path, f"the '{key}' entry is missing")
+    config = _arch(path, metadata["arch"])
+    classes = metadata["classes"]
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise _fail(path, "'classes' must be a list of names")
+    if len(classes) != config.num_classes:
+        raise _fail(path, f"{len(classes)} class names for {config.num_classes} outputs")
+    preprocessing = _preprocessing(path, metadata["preprocessing"])
+    # preprocessing.crop may differ from arch.input_size: save_weights allows it, and the tensors are
+    # still usable (e.g. to initialise another run by name and shape)
+    return config, list(classes), preprocessing
+
+
+def expected_shapes(config: ArchConfig, path: str | os.PathLike = "weights") -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of the architecture, built on the meta device (nothing allocated)."""
+    try:
+        with torch.device("meta"):
+            model = ConvNet(config)
+    except RuntimeError as e:  # e.g. an input too small for the layers
+        raise _fail(path, f"the architecture cannot process its input size ({str(e).splitlines()[0][:160]})") from None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_header_shapes(found: Mapping[str, tuple[int, ...]], config: ArchConfig, path: str | os.PathLike) -> None:
+    """The tensors a file declares match the architecture by name and shape (before loading them)."""
+    expected = expected_shapes(config, path)
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    if missing or unexpected:
+        raise DeconvnetError(
+            f"{path}: tensors do not match the architecture in its metadata (missing: {', '.join(missing[:4]) or 'none'}; "
+            f"unexpected: {', '.join(unexpected[:4]) or 'none'})"
+        )
+    for key, shape in expected.items():
+        if tuple(found[key]) != shape:
+            raise DeconvnetError(f"{path}: {key} has shape {tuple(found[key])}, its metadata's architecture expects {shape}")
+
+
+def check_finite(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse weights with NaN or infinite values (a diverged run or a damaged file): every output
+    would be NaN, printed as ``nan%``."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise DeconvnetError(f"{path}: {key} holds {bad:,} NaN/infinite value(s); the weights are unusable "
+                                 "(a training run that diverged, or a damaged file)")
