@@ -191,7 +191,7 @@ def test_symlink_loop_and_oversized_images_say_what_they_are(weights, tmp_path, 
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"arch": "{not json"}, "'arch' must be a JSON object"),
+    ({"arch": "{not json"}, "unknown architecture '{not json'"),  # a string names a torchvision/timm model
     ({"arch": {"conv": [[1, 2, 3]]}}, "arch.conv must list 5 layers"),
     ({"arch": {"lrn_params": {"size": 5}}}, "lrn_params must have exactly size, alpha, beta and k"),
     ({"arch": {"fc": ["a", 3]}}, "fc6 width must be an integer"),
@@ -248,3 +248,28 @@ def test_old_atlas_files_with_newline_joined_lists_still_load(weights, tmp_path)
     with open(path, "wb") as f:
         np.savez(f, **arrays)
     assert AtlasScan.load(path).files == result.scan.files
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_classes": 10**9}, "num_classes 1000000000 is out of range"),
+    ({"num_classes": 4, "block": [1, 2]}, "'arch_kwargs' must map names to numbers, strings or flags"),
+])
+def test_crafted_metadata_of_a_stored_torchvision_model_is_checked_before_building(tmp_path, kwargs, message):
+    """A torchvision model stored in our format names its builder; its arguments are checked before
+    the model is built (a huge class count would allocate gigabytes)."""
+    import torchvision
+
+    from deconvnet.data import Preprocessing
+    from deconvnet.weights import load_model, save_weights
+
+    model = torchvision.models.resnet18(weights=None, num_classes=4)
+    good = save_weights(model, tmp_path / "r18.safetensors", ["a", "b", "c", "d"], Preprocessing(resize=72, crop=64),
+                        arch="tv-resnet18", arch_kwargs={"num_classes": 4})
+    assert load_model(good).arch == "tv-resnet18"
+    bad = _crafted(good, tmp_path / "bad.safetensors", {"arch_kwargs": kwargs})
+    with pytest.raises(DeconvnetError) as info:
+        load_model(bad)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    nan = _crafted(good, tmp_path / "nan.safetensors", state_change=lambda s: {k: (v * float("nan") if k == "fc.weight" else v) for k, v in s.items()})
+    with pytest.raises(DeconvnetError, match="not finite|NaN|non-finite"):
+        load_model(nan)
