@@ -2,7 +2,7 @@
 
 Workloads (Captum's ``NeuronDeconvolution`` / ``NeuronGuidedBackprop`` / ``NeuronGradient``: a forward
 and a backward pass per selection, the peers' way; it is an optional benchmark dependency,
-``pip install captum``):
+``pip install -e ".[bench]"``):
 
 * the bundled model, 2 real images, the strongest activation of every map of conv2, conv3 and conv5;
 * ResNet-50 at 224 px (random weights), 256 selections (strongest activations of 128 maps x 2 images)
