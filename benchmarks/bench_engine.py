@@ -35,7 +35,10 @@ def _clock(threads: int):
 
 
 def _captum(rule: str):
-    from captum.attr import NeuronDeconvolution, NeuronGradient, NeuronGuidedBackprop
+    try:
+        from captum.attr import NeuronDeconvolution, NeuronGradient, NeuronGuidedBackprop
+    except ImportError:
+        raise SystemExit('bench_engine.py compares with Captum: pip install -e ".[bench]"') from None
 
     return {"deconvnet": NeuronDeconvolution, "guided": NeuronGuidedBackprop, "gradient": NeuronGradient}[rule]
 
