@@ -392,6 +392,13 @@ def create_app(
             raise HTTPException(404, f"unknown layer {layer!r}; this model has {', '.join(explorer.conv_layers)}")
         return layer
 
+    def map_or_404(session: ImageSession, layer: str, index: int) -> None:
+        """A known layer and a map index within it (404 otherwise)."""
+        layer_or_404(layer)
+        maps = explorer.maps(session, layer)
+        if index >= maps.channels:
+            raise HTTPException(404, f"map {index} out of range: {layer} has {maps.channels} maps (0..{maps.channels - 1})")
+
     def image_info(session: ImageSession) -> ImageInfo:
         return ImageInfo(
             id=session.id,
@@ -528,10 +535,7 @@ def create_app(
     def map_view(image_id: str = PathParam(pattern=ID_PATTERN), layer: str = PathParam(pattern=ID_PATTERN), index: int = PathParam(ge=0, le=1_000_000)) -> MapViewInfo:
         started = time.perf_counter()
         session = session_or_404(image_id)
-        layer_or_404(layer)
-        maps = explorer.maps(session, layer)
-        if index >= maps.channels:
-            raise HTTPException(404, f"map {index} out of range: {layer} has {maps.channels} maps (0..{maps.channels - 1})")
+        map_or_404(session, layer, index)
         view = explorer.project(session, layer, index)
         atlas_url = f"/api/atlas/{layer}/{index}" if atlas is not None and layer in atlas.layers else None
         return MapViewInfo(
@@ -563,10 +567,7 @@ def create_app(
     ) -> RuleComparisonInfo:
         started = time.perf_counter()
         session = session_or_404(image_id)
-        layer_or_404(layer)
-        maps = explorer.maps(session, layer)
-        if index >= maps.channels:
-            raise HTTPException(404, f"map {index} out of range: {layer} has {maps.channels} maps (0..{maps.channels - 1})")
+        map_or_404(session, layer, index)
         c = explorer.compare_rules(session, layer, index, [r.strip() for r in rules.split(",") if r.strip()])
         return RuleComparisonInfo(
             image_id=session.id,
