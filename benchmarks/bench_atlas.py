@@ -24,14 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from deconvnet.analysis.atlas import AtlasScan, _collate, _Images, build_atlas, parse_layers
+from deconvnet.analysis.atlas import AtlasScan, _collate, _Images, build_atlas
 from deconvnet.engine.windowed import WindowedProjector, last_pool_below
 from deconvnet.data import list_images, load_image
-from deconvnet.engine import ChainRecord, DeconvNet
+from deconvnet.engine import DeconvNet
 from deconvnet.weights import load_model
 
 clock = time.perf_counter  # wall-clock; process CPU time with --threads 1 (robust to other jobs)
@@ -224,7 +223,7 @@ def main() -> None:
     mine = ours(loaded, scan, selections, images)
     t_ours = clock() - t0
     # as the atlas runs it: switches (uint8 codes) and pixels kept from the scan's forward pass
-    from deconvnet.analysis.atlas import SwitchCache, project_atlas, scan_atlas
+    from deconvnet.analysis.atlas import SwitchCache, project_atlas
 
     from torchvision.transforms.v2 import functional as TF
 

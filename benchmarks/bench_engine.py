@@ -25,7 +25,7 @@ import time
 import torch
 import torchvision
 
-from deconvnet.engine import DeconvNet, Selection
+from deconvnet.engine import DeconvNet
 from deconvnet.samples import sample_paths
 from deconvnet.weights import load_model
 

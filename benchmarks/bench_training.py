@@ -10,7 +10,6 @@ DataLoader workers -> normalisation). Target: full >= 90 % of model-only.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path

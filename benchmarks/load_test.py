@@ -17,7 +17,6 @@ import random
 import statistics
 import sys
 import time
-from pathlib import Path
 from urllib.parse import urlparse
 
 from _serve import start_server

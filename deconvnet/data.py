@@ -14,7 +14,7 @@ import stat
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Sequence
+from typing import IO, Any, Iterable, Sequence
 
 import numpy as np
 import torch

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from . import __version__

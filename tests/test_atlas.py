@@ -4,7 +4,6 @@ torchrun sharding, rendering, bad input. Small random models and small images th
 from __future__ import annotations
 
 import os
-import re
 from collections import OrderedDict
 import socket
 import subprocess
@@ -16,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-import torch.nn.functional as F
 
 from deconvnet.analysis.atlas import (
     AtlasScan,

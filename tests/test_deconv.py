@@ -1,6 +1,5 @@
 """The deconvnet against independent formulations (PAPER.md s.3)."""
 
-import copy
 
 import pytest
 import torch

@@ -12,7 +12,6 @@ try:  # tests/ as a package or as a plain folder
 except ImportError:  # pragma: no cover
     from _server import photo_bytes, tiny_weights  # type: ignore[no-redef]
 from deconvnet.cli import main
-from deconvnet.errors import DeconvnetError
 
 
 @pytest.fixture(scope="module")

@@ -284,7 +284,6 @@ def cmd_correspondence(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
     from torchvision.transforms.v2 import functional as TF
     from ..outputs import output_dir

@@ -102,7 +102,6 @@ def cmd_project(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from ..errors import DeconvnetError
     from ..outputs import output_file
     from ..weights import save_weights
 
