@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 from deconvnet.analysis._common import LayerTaps
-from deconvnet.analysis.atlas import build_atlas
+from deconvnet.analysis.atlas import build_atlas, project_atlas
 from deconvnet.analysis.filters import filter_stats
 from deconvnet.analysis.occlusion import occlude, occlusion_maps
 from deconvnet.data import Preprocessing, list_images
@@ -50,6 +50,10 @@ def test_atlas_of_a_resnet_keeps_the_true_top_activations_and_projects_them(resn
     (proj,) = engine.project(x[gid : gid + 1], [Selection(0, "layer4", tiles.maps[m], (int(y), int(x_)))])
     assert proj.value == pytest.approx(float(tiles.values[m, r]), rel=1e-5)
     assert tiles.tiles[m, r, 0].std() > 0  # not a blank tile
+    # the way down in passes of 3 selections (bounded memory) gives the same tiles
+    again = project_atlas(resnet, scan, ["layer4"], {"layer4": [5, 6]}, selections_per_batch=3, progress=False)["layer4"]
+    # (uint8 tiles: float round-off of other batch sizes may move a pixel by one level)
+    assert np.abs(again.tiles.astype(int) - tiles.tiles.astype(int)).max() <= 1 and again.filled.all()
 
 
 def test_occlusion_on_a_resnet_runs_every_occluded_image_through_the_network(resnet):

@@ -756,7 +756,7 @@ def project_atlas(
         by_image.setdefault(gid, []).append((layer, slot, r))
     image_ids = sorted(by_image)
     if not engine.is_chain:
-        _project_graph(loaded, engine, scan, out, by_image, image_ids, progress)
+        _project_graph(loaded, engine, scan, out, by_image, image_ids, progress, selections_per_pass=selections_per_batch)
         return out
     needs = {l: last_pool_below(engine, engine.layer(l)) for l in layers}
     if channels_last and device.type == "cpu":
@@ -846,10 +846,11 @@ def project_atlas(
 
 def _project_graph(loaded: LoadedModel, engine: DeconvNet, scan: AtlasScan, out: dict[str, AtlasTiles],
                    by_image: dict[int, list[tuple[str, int, int]]], image_ids: list[int], progress: bool,
-                   images_per_batch: int = 8) -> None:
+                   images_per_batch: int = 8, selections_per_pass: int = 128) -> None:
     """Graph models (ResNet, DenseNet...): the engine's whole-image way down for every kept activation
-    of a few images at a time (one forward pass each), cut to the unit's receptive field (the whole
-    image where the field covers it)."""
+    of a few images at a time, ``selections_per_pass`` full-size projections at most in memory (each
+    pass redoes the forward pass of its few images: cheap beside the way down of its selections), cut
+    to the unit's receptive field (the whole image where the field covers it)."""
     from torchvision.transforms.v2 import functional as TF
     from tqdm.auto import tqdm
 
@@ -861,31 +862,38 @@ def _project_graph(loaded: LoadedModel, engine: DeconvNet, scan: AtlasScan, out:
         pix = torch.stack([TF.pil_to_tensor(geometry(load_image(scan.files[gid]))) for gid in chunk])
         x = loaded.preprocessing.normalize(pix.to(loaded.device))
         items = [(b, layer, slot, r) for b, gid in enumerate(chunk) for layer, slot, r in by_image[gid]]
-        selections = [Selection(b, layer, out[layer].maps[slot], tuple(int(v) for v in out[layer].positions[slot, r]))
-                      for b, layer, slot, r in items]
-        projections = engine.project(x, selections)
-        for layer in dict.fromkeys(layer for _, layer, _, _ in items):
-            t = out[layer]
-            info = engine.layer(layer)
-            rows = [q for q, item in enumerate(items) if item[1] == layer]
-            size = max(height, width) if info.rf_size is None else info.rf_size
-            origins = torch.tensor([[0, 0] if info.rf_size is None else
-                                    [info.rf_start + int(t.positions[items[q][2], items[q][3]][a]) * info.rf_stride for a in (0, 1)]
-                                    for q in rows])
-            full = torch.stack([projections[q].image.float().cpu() for q in rows])
-            which = torch.tensor([items[q][0] for q in rows])
-            windows = _window_cut(full, origins, size)
-            boxes = _boxes(origins, size, height, width)
-            scale = display_scale(windows, boxes).view(-1, 1, 1, 1)
-            proj_tiles = _fit(0.5 + windows / (2 * scale), boxes, t.tiles.shape[3])
-            patch_tiles = _fit(_patches(pix, which, origins, size), boxes, t.tiles.shape[3])
-            for j, q in enumerate(rows):
-                _, _, slot, r = items[q]
-                t.tiles[slot, r, 0] = proj_tiles[j]
-                t.tiles[slot, r, 1] = patch_tiles[j]
-                t.filled[slot, r] = True
-            bar.update(len(rows))
+        for p0 in range(0, len(items), selections_per_pass):
+            part = items[p0 : p0 + selections_per_pass]
+            selections = [Selection(b, layer, out[layer].maps[slot], tuple(int(v) for v in out[layer].positions[slot, r]))
+                          for b, layer, slot, r in part]
+            projections = engine.project(x, selections)
+            for layer in dict.fromkeys(layer for _, layer, _, _ in part):
+                rows = [q for q, item in enumerate(part) if item[1] == layer]
+                _graph_tiles(engine, out[layer], part, rows, projections, pix, height, width)
+                bar.update(len(rows))
     bar.close()
+
+
+def _graph_tiles(engine: DeconvNet, t: AtlasTiles, items, rows: list[int], projections, pix: torch.Tensor, height: int, width: int) -> None:
+    """Display tiles of some full-size projections of one layer (``items[q]`` = (image, layer, slot,
+    rank) of ``projections[q]``), cut to the receptive field."""
+    info = engine.layer(t.layer)
+    size = max(height, width) if info.rf_size is None else info.rf_size
+    origins = torch.tensor([[0, 0] if info.rf_size is None else
+                            [info.rf_start + int(t.positions[items[q][2], items[q][3]][a]) * info.rf_stride for a in (0, 1)]
+                            for q in rows])
+    full = torch.stack([projections[q].image.float().cpu() for q in rows])
+    which = torch.tensor([items[q][0] for q in rows])
+    windows = _window_cut(full, origins, size)
+    boxes = _boxes(origins, size, height, width)
+    scale = display_scale(windows, boxes).view(-1, 1, 1, 1)
+    proj_tiles = _fit(0.5 + windows / (2 * scale), boxes, t.tiles.shape[3])
+    patch_tiles = _fit(_patches(pix, which, origins, size), boxes, t.tiles.shape[3])
+    for j, q in enumerate(rows):
+        _, _, slot, r = items[q]
+        t.tiles[slot, r, 0] = proj_tiles[j]
+        t.tiles[slot, r, 1] = patch_tiles[j]
+        t.filled[slot, r] = True
 
 
 def _window_cut(full: torch.Tensor, origins: torch.Tensor, size: int) -> torch.Tensor:
