@@ -20,7 +20,7 @@ from .data import Preprocessing
 from .errors import DeconvnetError
 from .models import POOL_STYLES, ArchConfig, ConvNet
 
-__all__ = ["check_metadata", "check_header_shapes", "check_finite", "expected_shapes", "LIMITS"]
+__all__ = ["check_metadata", "check_builder_metadata", "check_header_shapes", "check_finite", "expected_shapes", "LIMITS"]
 
 # Generous bounds (the largest published ZFNet/AlexNet/VGG are far inside them) that keep a crafted
 # file from asking for absurd sizes before its tensors are even compared.
@@ -56,13 +56,17 @@ def _float(path: str | os.PathLike, name: str, value: Any, lo: float = -math.inf
     return float(value)
 
 
-def _arch(path: str | os.PathLike, raw: Any) -> ArchConfig:
+def _object(path: str | os.PathLike, raw: Any, key: str, fields: Any, what: str) -> None:
+    """``raw`` is a JSON object holding only ``fields``' names."""
     if not isinstance(raw, dict):
-        raise _fail(path, f"'arch' must be a JSON object, got {type(raw).__name__}")
-    known = set(ArchConfig.__dataclass_fields__)
-    unknown = sorted(set(raw) - known)
+        raise _fail(path, f"'{key}' must be a JSON object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise _fail(path, f"unknown architecture field(s) {', '.join(map(str, unknown))[:200]}")
+        raise _fail(path, f"unknown {what} field(s) {', '.join(map(str, unknown))[:200]}")
+
+
+def _arch(path: str | os.PathLike, raw: Any) -> ArchConfig:
+    _object(path, raw, "arch", ArchConfig.__dataclass_fields__, "architecture")
     d: dict[str, Any] = {}
     if "name" in raw:
         if not isinstance(raw["name"], str) or len(raw["name"]) > 100:
@@ -117,12 +121,7 @@ def _arch(path: str | os.PathLike, raw: Any) -> ArchConfig:
 
 
 def _preprocessing(path: str | os.PathLike, raw: Any) -> Preprocessing:
-    if not isinstance(raw, dict):
-        raise _fail(path, f"'preprocessing' must be a JSON object, got {type(raw).__name__}")
-    known = set(Preprocessing.__dataclass_fields__)
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise _fail(path, f"unknown preprocessing field(s) {', '.join(map(str, unknown))[:200]}")
+    _object(path, raw, "preprocessing", Preprocessing.__dataclass_fields__, "preprocessing")
     d: dict[str, Any] = {}
     if "resize" in raw:
         d["resize"] = _int(path, "preprocessing.resize", raw["resize"], 1, LIMITS["resize"])
@@ -146,6 +145,28 @@ def _preprocessing(path: str | os.PathLike, raw: Any) -> Preprocessing:
     return Preprocessing(**d)
 
 
+def _classes(path: str | os.PathLike, raw: Any) -> list[str]:
+    if not isinstance(raw, list) or not all(isinstance(c, str) for c in raw):
+        raise _fail(path, "'classes' must be a list of names")
+    return list(raw)
+
+
+def check_builder_metadata(metadata: Mapping[str, Any], path: str | os.PathLike) -> tuple[dict[str, Any], list[str], Preprocessing]:
+    """(builder arguments, classes, preprocessing) of a stored torchvision/timm model, checked before
+    anything is built: arguments plain numbers, strings or flags, at most 100,000 classes; classes and
+    preprocessing as for our own models."""
+    for key in ("classes", "preprocessing"):
+        if key not in metadata:
+            raise _fail(path, f"the '{key}' entry is missing")
+    kwargs = metadata.get("arch_kwargs") or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and isinstance(v, (bool, int, float, str)) for k, v in kwargs.items()):
+        raise _fail(path, "'arch_kwargs' must map names to numbers, strings or flags")
+    num_classes = kwargs.get("num_classes", 1000)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or not 1 <= num_classes <= 100_000:
+        raise _fail(path, f"num_classes {num_classes} is out of range (1..100000)")
+    return dict(kwargs), _classes(path, metadata["classes"]), _preprocessing(path, metadata["preprocessing"])
+
+
 def check_metadata(metadata: Mapping[str, Any], path: str | os.PathLike) -> tuple[ArchConfig, list[str], Preprocessing]:
     """(architecture, classes, preprocessing) of a deconvnet safetensors file's decoded metadata,
     every field checked; ``DeconvnetError`` naming the first bad one."""
@@ -153,9 +174,7 @@ def check_metadata(metadata: Mapping[str, Any], path: str | os.PathLike) -> tupl
         if key not in metadata:
             raise _fail(path, f"the '{key}' entry is missing")
     config = _arch(path, metadata["arch"])
-    classes = metadata["classes"]
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise _fail(path, "'classes' must be a list of names")
+    classes = _classes(path, metadata["classes"])
     if len(classes) != config.num_classes:
         raise _fail(path, f"{len(classes)} class names for {config.num_classes} outputs")
     preprocessing = _preprocessing(path, metadata["preprocessing"])

@@ -413,7 +413,7 @@ def _load_file(path: Path, arch: ArchName | None) -> LoadedModel:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        from .validation import check_finite, check_header_shapes, check_metadata
+        from .validation import check_builder_metadata, check_finite, check_header_shapes, check_metadata
 
         try:
             metadata = read_metadata(path)
@@ -426,7 +426,11 @@ def _load_file(path: Path, arch: ArchName | None) -> LoadedModel:
             config, classes, preprocessing = check_metadata(metadata, path)
             check_header_shapes(shapes, config, path)
         elif zoo:
-            stored, kwargs, classes, preprocessing = _zoo_metadata(metadata, path)
+            try:
+                stored = resolve_arch(metadata["arch"])
+            except DeconvnetError as e:
+                raise DeconvnetError(f"{path}: {e}") from None
+            kwargs, classes, preprocessing = check_builder_metadata(metadata, path)
         try:
             state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
@@ -477,30 +481,6 @@ def _load_file(path: Path, arch: ArchName | None) -> LoadedModel:
         return LoadedModel(model=model, classes=classes, preprocessing=preprocessing, arch=arch.canonical, source=origin, arch_kwargs=kwargs)
     except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as e:  # a layout that only looks familiar
         raise DeconvnetError(f"{path}: unrecognised weights layout ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
-
-
-def _zoo_metadata(metadata: Mapping[str, Any], path: Path) -> tuple[ArchName, dict[str, Any], list[str], Preprocessing]:
-    """A stored torchvision/timm model's name, builder arguments, classes and preprocessing, checked
-    before anything is built (builder arguments: plain numbers, strings and flags; at most 100,000
-    classes)."""
-    try:
-        stored = resolve_arch(metadata["arch"])
-    except DeconvnetError as e:
-        raise DeconvnetError(f"{path}: {e}") from None
-    kwargs = metadata.get("arch_kwargs") or {}
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and isinstance(v, (bool, int, float, str)) for k, v in kwargs.items()):
-        raise DeconvnetError(f"{path}: 'arch_kwargs' must map names to numbers, strings or flags")
-    num_classes = kwargs.get("num_classes", 1000)
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or not 1 <= num_classes <= 100_000:
-        raise DeconvnetError(f"{path}: num_classes {kwargs.get('num_classes')} is out of range (1..100000)")
-    classes = metadata.get("classes")
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise DeconvnetError(f"{path}: 'classes' must be a list of names")
-    try:
-        preprocessing = Preprocessing.from_dict(metadata["preprocessing"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise DeconvnetError(f"{path}: bad 'preprocessing' entry ({e})") from None
-    return stored, dict(kwargs), list(classes), preprocessing
 
 
 PYTORCHCV_KEYS = {

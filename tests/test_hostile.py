@@ -270,6 +270,9 @@ def test_crafted_metadata_of_a_stored_torchvision_model_is_checked_before_buildi
     with pytest.raises(DeconvnetError) as info:
         load_model(bad)
     assert message in str(info.value) and "\n" not in str(info.value)
+    huge = _crafted(good, tmp_path / "huge.safetensors", {"preprocessing": {"resize": 10_000_000, "crop": 64}})
+    with pytest.raises(DeconvnetError, match="preprocessing.resize = 10000000 is outside"):
+        load_model(huge)  # the same bounds as our own models' preprocessing
     nan = _crafted(good, tmp_path / "nan.safetensors", state_change=lambda s: {k: (v * float("nan") if k == "fc.weight" else v) for k, v in s.items()})
     with pytest.raises(DeconvnetError, match="not finite|NaN|non-finite"):
         load_model(nan)
