@@ -1,6 +1,6 @@
 """What the web explorer and the HTML report show, computed once per image and cached.
 
-A thin layer over the library (``Preprocessing``, ``DeconvNet``, ``render.to_display``) that turns
+A thin layer over the library (``Preprocessing``, ``DeconvNet``, ``display.to_display``) that turns
 an image into what a person looks at: the top-5 classes, each layer's maps sorted by strength
 (their maxima), and for one map the deconvnet projection of its strongest activation and of the whole
 map, with the unit's receptive field, and the same unit under the three rules side by side
@@ -20,8 +20,6 @@ No file is written: everything stays in memory (PNG bytes are produced on reques
 
 from __future__ import annotations
 
-import base64
-import io
 import secrets
 import threading
 from collections import OrderedDict
@@ -39,7 +37,7 @@ from .deconv import DeconvNet
 from .engine import RULES
 from .engine.reverse import check_rule
 from .errors import DeconvnetError
-from .render import to_display
+from .display import data_uri, png_bytes, to_display
 from .weights import LoadedModel
 
 __all__ = [
@@ -60,22 +58,6 @@ __all__ = [
 DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS
 # what a page calls each rule of the engine
 RULE_TITLES = {"deconvnet": "deconvnet (Zeiler & Fergus)", "guided": "guided backpropagation", "gradient": "gradient (plain backpropagation)"}
-
-
-def png_bytes(image: np.ndarray | Image.Image) -> bytes:
-    """(H, W[, 3]) array (uint8, or float in [0, 1]) or PIL image -> PNG bytes."""
-    if not isinstance(image, Image.Image):
-        arr = np.asarray(image)
-        if arr.dtype != np.uint8:
-            arr = (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8)
-        image = Image.fromarray(arr)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=3)
-    return buf.getvalue()
-
-
-def data_uri(png: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(png).decode('ascii')}"
 
 
 def _gray(fmap: torch.Tensor, scale: float | None = None) -> np.ndarray:

@@ -31,7 +31,8 @@ from PIL import Image
 from . import __version__
 from .atomic import atomic_path
 from .errors import DeconvnetError
-from .explorer import RULE_TITLES, Explorer, ImageSession, data_uri, decode_image, png_bytes
+from .display import data_uri, png_bytes
+from .explorer import RULE_TITLES, Explorer, ImageSession, decode_image
 from .server import integrations
 from .weights import LoadedModel
 

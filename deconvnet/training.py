@@ -537,7 +537,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
                 checkpoint_path,
             )
             _write_metrics(out / "metrics.jsonl", history)
-            from .render import plot_training_curves
+            from .display.figures import plot_training_curves
 
             plot_training_curves(history, out / "curves.png")
     if is_main:

@@ -959,7 +959,7 @@ def render_atlas(
     import matplotlib.pyplot as plt
     from tqdm.auto import tqdm
 
-    from ..render import save_figure
+    from ..display import save_figure
 
     if per_page < 1 or columns < 1:
         raise DeconvnetError("--per-page and --columns must be at least 1")

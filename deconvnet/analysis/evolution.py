@@ -136,7 +136,7 @@ def evolution_figure(evo: Evolution, path: str | os.PathLike, title: str = "") -
     map's strongest activation under that snapshot (zero = grey, cropped to the receptive field)."""
     import matplotlib.pyplot as plt
 
-    from ..render import save_figure
+    from ..display import save_figure
 
     rows = [(layer, i) for layer in evo.layers for i in range(len(evo.maps[layer]))]
     cols = len(evo.epochs)

@@ -1,4 +1,4 @@
-"""Figures of the analyses (matplotlib, saved atomically through ``deconvnet.render.save_figure``)."""
+"""Figures of the analyses (matplotlib, saved atomically through ``deconvnet.display.save_figure``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..render import plt, save_figure, to_display
+from ..display.common import plt, save_figure, to_display
 
 __all__ = ["occlusion_figure", "invariance_figure", "correspondence_figure", "probe_figure"]
 

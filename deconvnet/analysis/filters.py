@@ -202,7 +202,7 @@ def filters_figure(
     filter RMS, and (if given) its top layer-2 projections. Returns the path and the stats."""
     import matplotlib.pyplot as plt
 
-    from ..render import save_figure
+    from ..display import save_figure
 
     stats = [filter_stats(lm.model, layer, dead_ratio) for _, lm in models]
     rows = 3 if layer2 else 2

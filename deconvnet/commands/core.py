@@ -65,7 +65,7 @@ def cmd_project(args: argparse.Namespace) -> int:
     from ..data import check_image_file
     from ..inference import project_image
     from ..outputs import output_dir, output_file
-    from ..render import projection_figure
+    from ..display.figures import projection_figure
 
     out = output_dir(args.out)
     raw_path = output_file(args.raw, "--raw", suffix=".npy") if args.raw else None

@@ -84,7 +84,7 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..atomic import save_json
-    from ..render import confusion_figure
+    from ..display.figures import confusion_figure
     from ..training import evaluate
     from .common import load_from_args
 

@@ -33,7 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import DeconvnetError
 from ..engine import RULES
-from ..explorer import DEFAULT_MAX_PIXELS, RULE_TITLES, Explorer, ImageSession, data_uri
+from ..display import data_uri
+from ..explorer import DEFAULT_MAX_PIXELS, RULE_TITLES, Explorer, ImageSession
 from ..weights import LoadedModel
 from . import integrations
 from .guard import RequestLimits

@@ -68,8 +68,8 @@ def occlusion_panels(loaded: Any, x: torch.Tensor, shown: Image.Image, progress:
     """Run the occlusion analysis on one model input and draw the paper's Fig. 7 panels (b)-(e).
 
     Returns {"panels": [{"title", "caption", "image" (data URI), "legend"?}], "settings": {...}}."""
-    from ..explorer import data_uri, png_bytes
-    from ..render import to_display
+    from ..display import data_uri, png_bytes
+    from ..display import to_display
 
     result = run_occlusion(loaded, x, progress)
     if progress is not None:
@@ -225,7 +225,7 @@ def open_atlas(atlas_dir: str | Path, loaded: Any | None = None) -> Atlas:
 def atlas_patches(atlas: Atlas, loaded: Any, layer: str, channel: int, tile: int = 64) -> list[dict[str, Any]]:
     """The unit's top-k patches, strongest first: [{"image", "projection" (data URIs), "value", "label"}];
     [] when the atlas has no such layer or map."""
-    from ..explorer import data_uri, png_bytes
+    from ..display import data_uri, png_bytes
 
     if layer not in atlas.scan.layers or not 0 <= channel < atlas.scan.values[layer].shape[0]:
         return []
@@ -291,7 +291,7 @@ def invariance_panels(loaded: Any, image: Image.Image, label: int | None = None)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..explorer import data_uri
+    from ..display import data_uri
 
     mod = _module("invariance")
     pre = loaded.preprocessing

@@ -1,4 +1,5 @@
-"""Figures: every PNG the project writes is drawn here with matplotlib (Agg, no display needed)."""
+"""Figures of the model and its results: training curves, ``deconvnet project`` sheets, confusion
+matrices (matplotlib; saved atomically through ``display.common.save_figure``)."""
 
 from __future__ import annotations
 
@@ -6,24 +7,10 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import numpy as np  # noqa: E402
-
-
-def save_figure(fig: "plt.Figure", path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Save atomically (temp file + rename) and close the figure."""
-    from .atomic import atomic_path
-
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
-    finally:
-        plt.close(fig)
-    return Path(path)
+from .common import crop_box, plt, save_figure, to_display
 
 
 def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
@@ -46,21 +33,6 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     return save_figure(fig, path)
-
-
-def to_display(projection: "np.ndarray | Any") -> np.ndarray:
-    """Contrast-normalise a (3, H, W) projection for display: zero maps to mid-grey and the largest
-    absolute value to black or white, per projection (signs and relative strengths are kept)."""
-    arr = np.asarray(projection.detach().float().cpu() if hasattr(projection, "detach") else projection, dtype=np.float32)
-    scale = float(np.abs(arr).max())
-    out = 0.5 + arr / (2 * scale) if scale > 0 else np.full_like(arr, 0.5)
-    return np.clip(out.transpose(1, 2, 0), 0, 1)
-
-
-def crop_box(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-    """(H, W, C) array cropped to an end-exclusive (y0, x0, y1, x1) box."""
-    y0, x0, y1, x1 = box
-    return image[y0:y1, x0:x1]
 
 
 def _draw_box(ax: Any, box: tuple[int, int, int, int], color: str = "#ffcc00") -> None:

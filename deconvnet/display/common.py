@@ -1,0 +1,63 @@
+"""The base of the display layer: the matplotlib backend (Agg: no display needed), atomic figure
+saving, the contrast mapping of a projection for display, and PNG/data-URI encoding shared by the
+figures, the HTML report and the web explorer."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from ..atomic import atomic_path  # noqa: E402
+
+__all__ = ["plt", "save_figure", "to_display", "crop_box", "png_bytes", "data_uri"]
+
+
+def save_figure(fig: "plt.Figure", path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Save atomically (temp file + rename) and close the figure."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def to_display(projection: "np.ndarray | Any") -> np.ndarray:
+    """Contrast-normalise a (3, H, W) projection for display: zero maps to mid-grey and the largest
+    absolute value to black or white, per projection (signs and relative strengths are kept)."""
+    arr = np.asarray(projection.detach().float().cpu() if hasattr(projection, "detach") else projection, dtype=np.float32)
+    scale = float(np.abs(arr).max())
+    out = 0.5 + arr / (2 * scale) if scale > 0 else np.full_like(arr, 0.5)
+    return np.clip(out.transpose(1, 2, 0), 0, 1)
+
+
+def crop_box(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """(H, W, C) array cropped to an end-exclusive (y0, x0, y1, x1) box."""
+    y0, x0, y1, x1 = box
+    return image[y0:y1, x0:x1]
+
+
+def png_bytes(image: np.ndarray | Image.Image) -> bytes:
+    """(H, W[, 3]) array (uint8, or float in [0, 1]) or PIL image -> PNG bytes."""
+    if not isinstance(image, Image.Image):
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8)
+        image = Image.fromarray(arr)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def data_uri(png: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(png).decode('ascii')}"
