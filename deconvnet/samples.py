@@ -1,11 +1,12 @@
-"""Sample photos for demos and tests, taken from scikit-image's data folder (installed with it).
+"""Sample photos for demos, tutorials and tests, shipped inside the package (``deconvnet/assets/samples``;
+sources and licences in its ``LICENSES.md``: all CC0 or public domain, copied from scikit-image's data).
 
-| name      | file          | content                      | licence (from scikit-image's docs)                   |
-|-----------|---------------|------------------------------|------------------------------------------------------|
-| chelsea   | chelsea.png   | a cat                        | CC0, photographer Stefan van der Walt                |
-| coffee    | coffee.png    | a cup of coffee              | CC0, photographer Rachel Michetti                    |
-| astronaut | astronaut.png | astronaut Eileen Collins     | public domain (NASA)                                 |
-| rocket    | rocket.jpg    | a rocket on the launch pad   | public domain (SpaceX)                               |
+| name      | file          | content                      | licence                          |
+|-----------|---------------|------------------------------|----------------------------------|
+| chelsea   | chelsea.png   | a cat                        | CC0, photographer Stefan van der Walt |
+| coffee    | coffee.png    | a cup of coffee              | CC0, photographer Rachel Michetti     |
+| astronaut | astronaut.png | astronaut Eileen Collins     | public domain (NASA)                  |
+| rocket    | rocket.jpg    | a rocket on the launch pad   | public domain (SpaceX)                |
 """
 
 from __future__ import annotations
@@ -23,11 +24,8 @@ SAMPLES = {
 
 
 def sample_dir() -> Path:
-    try:
-        import skimage
-    except ImportError:  # pragma: no cover - a declared dependency
-        raise DeconvnetError("scikit-image is not installed; `pip install scikit-image` for the sample photos") from None
-    return Path(skimage.__file__).parent / "data"
+    """The folder holding the sample photos (inside the installed package)."""
+    return Path(__file__).resolve().parent / "assets" / "samples"
 
 
 def sample_paths(names: list[str] | None = None) -> list[Path]:
