@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deconvnet.analysis.atlas import AtlasScan, _collate, _Images, build_atlas
+from deconvnet.analysis.atlas import AtlasScan, ImageShard, build_atlas, keep_as_list
 from deconvnet.engine.windowed import WindowedProjector, last_pool_below
 from deconvnet.data import list_images, load_image
 from deconvnet.engine import DeconvNet
@@ -37,8 +37,8 @@ clock = time.perf_counter  # wall-clock; process CPU time with --threads 1 (robu
 
 
 def plain_inference(loaded, files, batch_size: int, workers: int, channels_last: bool) -> float:
-    dataset = _Images([str(f) for f in files], range(len(files)), loaded.preprocessing.geometry())
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    dataset = ImageShard([str(f) for f in files], range(len(files)), loaded.preprocessing.geometry())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=keep_as_list)
     if channels_last:
         loaded.model.to(memory_format=torch.channels_last)
     t0 = clock()
@@ -227,7 +227,7 @@ def main() -> None:
 
     from torchvision.transforms.v2 import functional as TF
 
-    from deconvnet.analysis.atlas import _pools_below
+    from deconvnet.analysis.atlas import pools_below
     from deconvnet.engine import chain_forward
 
     cache = SwitchCache(8192)
@@ -241,7 +241,7 @@ def main() -> None:
         x = loaded.preprocessing.normalize(pixels).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             _, rec = chain_forward(engine.chain, x, top, record=True, inplace_relu=True)
-        codes = {pi: projector.switch_codes(rec, engine.layers[pi], sub.input_size) for pi in _pools_below(engine, top)}
+        codes = {pi: projector.switch_codes(rec, engine.layers[pi], sub.input_size) for pi in pools_below(engine, top)}
         for b, g in enumerate(chunk):
             cache.add(g, pixels[b], {pi: c[b] for pi, c in codes.items()})
     maps = {}

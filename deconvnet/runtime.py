@@ -1,4 +1,11 @@
-"""Process-wide speed settings for CPU work. Opt-in: the CLI and the benchmarks turn them on.
+"""Process-wide settings: the process layout under ``torchrun`` and opt-in speed settings for CPU work.
+
+:func:`dist_info` reads this process's rank and the world size from torchrun's environment; the
+helpers after it (:func:`join_process_group`, :func:`all_gather_objects`, :func:`gather_objects`,
+:func:`barrier`) are the few collective steps the sharded atlas needs, and do nothing in a single
+process.
+
+The speed settings are opt-in: the CLI and the benchmarks turn them on.
 
 Deconvnet projections and occlusion maps allocate many short-lived tensors of tens of megabytes.
 glibc's ``malloc`` serves blocks above its mmap threshold (at most 32 MB, adjusted at run time) with
@@ -13,9 +20,19 @@ process keeps its peak heap size until it exits.
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
+from typing import Any
 
-__all__ = ["keep_freed_memory", "limit_malloc_arenas"]
+__all__ = [
+    "all_gather_objects",
+    "barrier",
+    "dist_info",
+    "gather_objects",
+    "join_process_group",
+    "keep_freed_memory",
+    "limit_malloc_arenas",
+]
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
@@ -57,3 +74,52 @@ def limit_malloc_arenas(count: int) -> bool:
         return bool(ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, max(1, count)))
     except (OSError, AttributeError):
         return False
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment (0, 1 without it)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def join_process_group(backend: str = "gloo") -> None:
+    """Join torchrun's process group (once) when there is more than one process."""
+    if dist_info()[1] > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend)
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order, on every process (``[obj]`` in a single process)."""
+    world = dist_info()[1]
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def gather_objects(obj: Any) -> list[Any] | None:
+    """Every process's ``obj``, in rank order, on process 0; ``None`` on the others."""
+    rank, world = dist_info()
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def barrier() -> None:
+    """Wait for every process (nothing to wait for in a single process)."""
+    if dist_info()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()

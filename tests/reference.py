@@ -6,10 +6,13 @@ deconvnet: the backward of ReLU is ReLU of the incoming gradient; gradient: the 
 guided: both. Max pooling's autograd backward is exactly switch unpooling summing overlaps, a conv's
 is the transposed conv, batch norm's (eval) its scale: so this is the paper's procedure, computed by
 a different mechanism than the engine's reverse rules.
+
+Also the atlas's top-k by brute force (:func:`naive_topk`), to check the streaming scan against.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,3 +80,27 @@ def reference_projection(
         seed[0, channel, y, x_] = fmap[y, x_]
     (grad,) = torch.autograd.grad(out, x, seed)
     return grad[0]
+
+
+def naive_topk(engine, images: torch.Tensor, layer: str, k: int, distinct: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reference top-k by brute force over a batch held in memory (``engine``: a ``DeconvNet``):
+    (values, images, positions(y, x)), each (C, k), ordered by (value desc, image asc, position asc)."""
+    acts = engine.activations(images, layer).float()
+    n, c, h, w = acts.shape
+    out_v = np.full((c, k), -np.inf, dtype=np.float32)
+    out_i = np.full((c, k), -1, dtype=np.int64)
+    out_p = np.zeros((c, k, 2), dtype=np.int32)
+    a = acts.numpy()
+    for ch in range(c):
+        cands = []
+        for img in range(n):
+            fmap = a[img, ch].ravel()
+            if distinct:
+                pos = int(np.argmax(fmap))
+                cands.append((-float(fmap[pos]), img, pos))
+            else:
+                cands.extend((-float(fmap[pos]), img, pos) for pos in range(h * w))
+        cands.sort()
+        for r, (nv, img, pos) in enumerate(cands[:k]):
+            out_v[ch, r], out_i[ch, r], out_p[ch, r] = -nv, img, (pos // w, pos % w)
+    return out_v, out_i, out_p

@@ -20,8 +20,9 @@ from deconvnet.analysis.atlas import (
     AtlasScan,
     SwitchCache,
     build_atlas,
+    candidates,
+    display_scale,
     merge_scans,
-    naive_topk,
     parse_layers,
     parse_maps,
     project_atlas,
@@ -33,6 +34,7 @@ from deconvnet.deconv import DeconvNet, Selection
 from deconvnet.errors import DeconvnetError
 from deconvnet.models import build_model
 from deconvnet.weights import LoadedModel, save_weights
+from .reference import naive_topk
 
 TINY_CONV = ((8, 7, 2, 1), (12, 5, 2, 0), (12, 3, 1, 1), (12, 3, 1, 1), (8, 3, 1, 1))
 
@@ -271,8 +273,6 @@ def test_projected_tiles_match_the_generic_engine(tmp_path):
     without = project_atlas(loaded, scan, tile=1000, cache=None, progress=False)
     engine = DeconvNet(loaded.model)
     images = batch_of(loaded, files)
-    from deconvnet.analysis.atlas import display_scale
-
     for layer in ("conv2", "conv4"):
         t = with_cache[layer]
         assert t.filled.all()
@@ -314,6 +314,52 @@ def test_rendering_writes_the_expected_layout(tmp_path):
     assert "id='conv3-m9'" in index and "id='conv3-m3'" not in index
     assert res.tiles["conv3"].tiles.shape[:3] == (2, 4, 2)
     assert (out / "atlas.npz").exists() and not (out / "skipped.txt").exists()
+
+
+def test_atlas_result_summary_and_figure(tmp_path):
+    """`AtlasResult.to_dict()` is JSON and says what was made; `figure()` is the very sheet the atlas
+    wrote (same PNG bytes once saved the same way)."""
+    import json
+
+    from deconvnet.display import save_figure
+    from deconvnet.display.atlas import SHEET_DPI
+
+    loaded = tiny_loaded(seed=7)
+    write_images(tmp_path / "imgs", 5)
+    out = tmp_path / "atlas"
+    res = build_atlas(loaded, tmp_path / "imgs", out, layers="conv1,conv3", k=2, per_page=5, columns=3, progress=False,
+                      maps={"conv1": list(range(7)), "conv3": [2, 9]})
+    summary = json.loads(json.dumps(res.to_dict()))
+    assert summary["layers"] == ["conv1", "conv3"] and summary["k"] == 2 and summary["images"] == 5
+    assert summary["maps"] == {"conv1": 8, "conv3": 12} and summary["shown"] == {"conv1": list(range(7)), "conv3": [2, 9]}
+    assert sorted(summary["written"]) == sorted(str(p) for p in res.written) and str(out / "index.html") in summary["written"]
+    assert set(summary["timings"]) == {"scan", "project", "render"} and summary["skipped"] == []
+    fig = res.figure(layer="conv1", page=1, per_page=5, columns=3, title="tiny-7")
+    again = save_figure(fig, tmp_path / "again.png", dpi=SHEET_DPI)
+    assert again.read_bytes() == (out / "conv1" / "maps-0005-0006.png").read_bytes()
+    with pytest.raises(DeconvnetError, match="layer='conv2' is not in this atlas"):
+        res.figure(layer="conv2")
+    with pytest.raises(DeconvnetError, match="page=2 is out of range"):
+        res.figure(layer="conv1", page=2, per_page=5)
+    scan_only = build_atlas(loaded, tmp_path / "imgs", out, layers="conv1", k=2, progress=False, render=False)
+    assert scan_only.to_dict()["written"] == [str(out / "atlas.npz")]
+    with pytest.raises(DeconvnetError, match="render=True or project=True"):
+        scan_only.figure()
+
+
+def test_one_engine_per_run(tmp_path):
+    """A run can be given its engine (the CLI makes one to parse the layers); one of another model or
+    another LRN setting is refused."""
+    loaded = tiny_loaded(seed=4)
+    write_images(tmp_path / "imgs", 4)
+    engine = DeconvNet(loaded.model)
+    res = build_atlas(loaded, tmp_path / "imgs", tmp_path / "a", layers="conv2", k=2, progress=False, render=False,
+                      project=True, engine=engine)
+    assert res.tiles["conv2"].filled.any()
+    with pytest.raises(DeconvnetError, match="another model"):
+        scan_atlas(loaded, [tmp_path / "imgs" / "img001.png"], "conv1", progress=False, engine=DeconvNet(tiny_loaded(seed=4).model))
+    with pytest.raises(DeconvnetError, match="include_lrn=False"):
+        project_atlas(loaded, res.scan, engine=DeconvNet(loaded.model, include_lrn=True), progress=False)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -428,14 +474,12 @@ def test_windows_cut_to_the_map_keep_every_on_map_value():
 def test_candidates_take_each_maps_first_maximum():
     """The scan's per-map maximum (a global max pool) picks the lowest flat position among equal
     values, like argmax: all-zero maps after a ReLU and plateaus are common."""
-    from deconvnet.analysis.atlas import _candidates
-
     torch.manual_seed(0)
     acts = torch.relu(torch.randn(4, 6, 5, 7)).round()  # many ties
     acts[0, 1] = 0  # an all-zero map
     acts[2, 3] = 2.0  # a plateau
     for x in (acts, acts.contiguous(memory_format=torch.channels_last)):
-        val, img, pos = _candidates(x, torch.arange(10, 14), k=3, distinct=True)
+        val, img, pos = candidates(x, torch.arange(10, 14), k=3, distinct=True)
         flat = acts.reshape(4, 6, -1)
         assert torch.equal(pos, flat.argmax(2).t())
         assert torch.equal(val, flat.amax(2).t())

@@ -100,10 +100,11 @@ def _image_files(folder: str) -> list:
 
 
 def cmd_atlas(args: argparse.Namespace) -> int:
-    from ..analysis.atlas import build_atlas, dist_info, parse_layers, parse_maps
+    from ..analysis.atlas import build_atlas, parse_layers, parse_maps
     from ..deconv import DeconvNet
     from ..errors import DeconvnetError
     from ..outputs import output_dir
+    from ..runtime import dist_info
 
     output_dir(args.out)
 
@@ -127,7 +128,7 @@ def cmd_atlas(args: argparse.Namespace) -> int:
         loaded, args.images, args.out, layers=layers, k=args.top, distinct=not args.allow_repeats, maps=maps,
         batch_size=args.batch_size, workers=args.workers, checkpoint_every=args.checkpoint_every, restart=args.restart,
         tile=args.tile, per_page=args.per_page, columns=args.columns, render=args.render, progress=not args.quiet,
-        cache_mb=args.cache_mb, include_lrn=args.include_lrn,
+        cache_mb=args.cache_mb, include_lrn=args.include_lrn, engine=engine,
     )
     if rank == 0:
         scan = result.scan

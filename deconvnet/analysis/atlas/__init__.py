@@ -1,0 +1,68 @@
+"""The top-k atlas of the paper's Fig. 2: for every feature map of the chosen layers, its k strongest
+activations over a folder of images, each projected to pixel space with the deconvnet and shown beside
+the image patch under the unit's receptive field.
+
+Three phases, each usable alone, all on one engine (``DeconvNet``) per run:
+
+1. :func:`scan_atlas` (``scan.py``) streams the images once (a ``DataLoader`` over the files; memory
+   bounded by k x maps, never by the number of images) and keeps, per map, the k strongest
+   activations (value, image, position), by default from k distinct images (``topk.py``). Its state,
+   an :class:`AtlasScan` (``scanfile.py``), is saved atomically every ``checkpoint_every`` images, so
+   an interrupted scan resumes where it stopped. Under ``torchrun`` each process scans the shard
+   ``files[rank::world]`` and the per-process top-k lists are merged exactly (:func:`merge_scans`;
+   ties broken by image index, then position, everywhere). For the images currently in some top-k
+   list the scan keeps their pixels and pooling switches (uint8 codes) in a :class:`SwitchCache`
+   (``cache.py``), so the projection phase needs no second forward pass for them (bounded by k x maps
+   images and by ``cache_mb``; anything not cached is recomputed).
+2. :func:`project_atlas` (``project.py``) projects every kept activation with the receptive-field-
+   windowed deconvnet (:mod:`deconvnet.engine.windowed`), grouping selections by image, and returns
+   display tiles (:class:`AtlasTiles`, ``tiles.py``: projection and image patch, cropped to the
+   receptive field, resized to at most ``tile`` pixels).
+3. :func:`deconvnet.display.atlas.render_atlas` writes per-layer PNG sheets (3x3 projections beside
+   the 3x3 patches per map, ``per_page`` maps a sheet) and one ``index.html``.
+
+:func:`build_atlas` (``build.py``) runs all three and is what ``deconvnet atlas`` calls; which layers
+and maps: :func:`parse_layers`, :func:`parse_maps` (``spec.py``).
+"""
+
+from __future__ import annotations
+
+from ...runtime import dist_info  # moved to deconvnet.runtime; kept importable from here for old callers
+from .build import AtlasResult, build_atlas
+from .cache import SwitchCache, pools_below
+from .images import ImageShard, keep_as_list, model_view_pixels
+from .project import project_atlas
+from .scan import scan_atlas
+from .scanfile import STATE_VERSION, AtlasScan, combine_layers, merge_scans, scan_fingerprint
+from .spec import atlas_engine, default_layers, parse_layers, parse_maps
+from .tiles import DISPLAY_QUANTILE, AtlasTiles, display_scale, merge_tiles
+from .topk import candidates, empty_topk, select_topk
+
+__all__ = [
+    "DISPLAY_QUANTILE",
+    "STATE_VERSION",
+    "AtlasResult",
+    "AtlasScan",
+    "AtlasTiles",
+    "ImageShard",
+    "SwitchCache",
+    "atlas_engine",
+    "build_atlas",
+    "candidates",
+    "combine_layers",
+    "default_layers",
+    "display_scale",
+    "dist_info",
+    "empty_topk",
+    "keep_as_list",
+    "merge_scans",
+    "merge_tiles",
+    "model_view_pixels",
+    "parse_layers",
+    "parse_maps",
+    "pools_below",
+    "project_atlas",
+    "scan_atlas",
+    "scan_fingerprint",
+    "select_topk",
+]

@@ -1,0 +1,287 @@
+"""The whole atlas in one call (:func:`build_atlas`, what ``deconvnet atlas`` runs): scan (resumable,
+sharded under torchrun), merge, project, render; and its result (:class:`AtlasResult`)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from ...atomic import save_text
+from ...data import list_images
+from ...engine import DeconvNet
+from ...errors import DeconvnetError
+from ...runtime import all_gather_objects, barrier, dist_info, gather_objects, join_process_group
+from ...weights import LoadedModel
+from .cache import SwitchCache
+from .project import project_atlas
+from .scan import scan_atlas
+from .scanfile import AtlasScan, combine_layers, merge_scans, scan_fingerprint
+from .spec import atlas_engine, parse_layers
+from .tiles import AtlasTiles, merge_tiles
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["AtlasResult", "build_atlas"]
+
+
+@dataclass
+class AtlasResult:
+    """What :func:`build_atlas` made: the merged ``scan`` (this shard's, while unfinished), the display
+    ``tiles`` per layer (``None`` when not projected, and on processes other than 0 under torchrun),
+    the ``written`` files and the seconds each phase took (``timings``: scan, project, render)."""
+
+    scan: AtlasScan
+    tiles: dict[str, AtlasTiles] | None
+    written: list[Path]
+    timings: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable summary: layers, k, images scanned and skipped, maps shown per layer,
+        files written, timings."""
+        scan = self.scan
+        return {
+            "layers": list(scan.layers),
+            "k": scan.k,
+            "distinct": scan.distinct,
+            "complete": scan.complete,
+            "images": len(scan.files),
+            "processed": scan.processed,
+            "skipped": [{"file": path, "reason": why} for path, why in scan.skipped],
+            "maps": {layer: len(scan.values[layer]) for layer in scan.layers},
+            "shown": {layer: [int(m) for m in t.maps] for layer, t in self.tiles.items()} if self.tiles else {},
+            "written": [str(p) for p in self.written],
+            "timings": {phase: round(seconds, 3) for phase, seconds in self.timings.items()},
+        }
+
+    def figure(
+        self, layer: str | None = None, page: int = 0, per_page: int = 16, columns: int = 4, title: str = ""
+    ) -> "Figure":
+        """Sheet ``page`` of ``layer`` (default: the first) as the atlas writes it, ``per_page`` maps,
+        ``columns`` a row (needs the tiles: ``build_atlas(..., project=True)`` or ``render=True``)."""
+        from ...display.atlas import atlas_sheet, page_slots
+
+        if self.tiles is None:
+            raise DeconvnetError("this atlas has no tiles to draw; build it with render=True or project=True")
+        layer = layer if layer is not None else next(iter(self.tiles))
+        if layer not in self.tiles:
+            raise DeconvnetError(f"layer={layer!r} is not in this atlas (it has {', '.join(self.tiles)})")
+        pages = page_slots(self.tiles[layer], per_page)
+        if not 0 <= page < len(pages):
+            raise DeconvnetError(f"page={page} is out of range: {layer} has {len(pages)} page(s) of {per_page} maps")
+        return atlas_sheet(self.tiles[layer], pages[page], columns, title)
+
+
+def build_atlas(
+    loaded: LoadedModel,
+    image_dir: str | os.PathLike | Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    layers: Sequence[str] | str | None = None,
+    k: int = 9,
+    distinct: bool = True,
+    maps: dict[str, Sequence[int]] | None = None,
+    batch_size: int = 32,
+    workers: int = 0,
+    checkpoint_every: int = 512,
+    restart: bool = False,
+    tile: int = 64,
+    per_page: int = 16,
+    columns: int = 4,
+    render: bool = True,
+    progress: bool = True,
+    cache_mb: float = 1024.0,
+    project: bool | None = None,
+    include_lrn: bool = False,
+    max_images: int | None = None,
+    engine: DeconvNet | None = None,
+) -> AtlasResult:
+    """Scan (resuming ``out_dir/scan*.npz`` if present), merge shards under torchrun, project and render.
+
+    Writes ``out_dir/atlas.npz`` (the merged scan), ``out_dir/skipped.txt`` (unreadable files, if any),
+    ``out_dir/<layer>/maps-*.png`` and ``out_dir/index.html``. Under torchrun every process scans and
+    projects its own shard; process 0 merges, renders and returns the tiles (others return ``None``).
+    A completed ``atlas.npz`` is reused: rendering other maps or re-rendering does not rescan, and
+    requested layers that it lacks are scanned alone and added to it. ``render=False`` stops after the
+    scan unless ``project=True`` (then the tiles are computed and returned, not drawn). ``engine``:
+    the run's one engine (see :func:`atlas_engine`), made here if not given.
+    """
+    project = render if project is None else (project or render)
+    rank, world = dist_info()
+    out_dir = Path(out_dir)
+    files = _image_files(image_dir)
+    engine = atlas_engine(loaded, include_lrn, engine)
+    layers = parse_layers(layers, engine)
+    join_process_group("gloo")
+    atlas_path = out_dir / "atlas.npz"
+    existing = _existing_scan(atlas_path, loaded, engine, files, k, distinct, include_lrn) if not restart else None
+    cache = SwitchCache(cache_mb) if not include_lrn else None
+    t0 = time.perf_counter()
+    missing = [l for l in layers if existing is None or l not in existing.layers]
+    scan = existing
+    if missing:
+        scan = _scan_layers(
+            loaded,
+            engine,
+            files,
+            missing,
+            out_dir,
+            existing,
+            restart,
+            progress,
+            k=k,
+            distinct=distinct,
+            batch_size=batch_size,
+            workers=workers,
+            checkpoint_every=checkpoint_every,
+            cache=cache,
+            max_images=max_images,
+            include_lrn=include_lrn,
+        )
+        if not scan.complete:
+            return AtlasResult(scan, None, [], {"scan": time.perf_counter() - t0})
+    assert scan is not None
+    timings = {"scan": time.perf_counter() - t0}
+    if not project:
+        return AtlasResult(scan, None, [atlas_path], timings)
+    t0 = time.perf_counter()
+    tiles = _project_shards(loaded, engine, scan, layers, maps, tile, cache, include_lrn, progress)
+    timings["project"] = time.perf_counter() - t0
+    written: list[Path] = []
+    if tiles is not None and render:
+        from ...display.atlas import render_atlas
+
+        t0 = time.perf_counter()
+        written = render_atlas(
+            tiles,
+            out_dir,
+            per_page=per_page,
+            columns=columns,
+            title=Path(str(loaded.source)).stem,
+            files=scan.files,
+            progress=progress,
+        )
+        timings["render"] = time.perf_counter() - t0
+    barrier()
+    return AtlasResult(scan, tiles, written, timings)
+
+
+def _image_files(image_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Absolute paths (the atlas works from any folder) of the images of a folder (recursively) or a list."""
+    if not isinstance(image_dir, (str, os.PathLike)):
+        files = [os.path.abspath(p) for p in image_dir]
+        if not files:
+            raise DeconvnetError("no image files given")
+        return files
+    root = Path(image_dir)
+    if not root.exists():
+        raise DeconvnetError(f"no such folder: {root}")
+    files = [os.path.abspath(p) for p in list_images(root)]
+    if not files:
+        raise DeconvnetError(
+            f"{root}: no image files found (looked for {', '.join(('.jpg', '.png', '.bmp', '...'))}, recursively)"
+        )
+    return files
+
+
+def _existing_scan(
+    atlas_path: Path,
+    loaded: LoadedModel,
+    engine: DeconvNet,
+    files: list[str],
+    k: int,
+    distinct: bool,
+    include_lrn: bool,
+) -> AtlasScan | None:
+    """The finished scan already in the folder, if any; one of other images or settings is an error."""
+    if not atlas_path.exists():
+        return None
+    existing = AtlasScan.load(atlas_path)
+    if existing.fingerprint != scan_fingerprint(loaded, engine, files, k, distinct, include_lrn):
+        raise DeconvnetError(
+            f"{atlas_path} was made from other images, weights or settings; use another --out or pass --restart"
+        )
+    return existing
+
+
+def _scan_layers(
+    loaded: LoadedModel,
+    engine: DeconvNet,
+    files: list[str],
+    layers: list[str],
+    out_dir: Path,
+    existing: AtlasScan | None,
+    restart: bool,
+    progress: bool,
+    **options: Any,
+) -> AtlasScan:
+    """Scan ``layers`` (this process's shard, resuming its ``scan*.npz`` state file). Once complete: the
+    merge of every process's shard, added to ``existing``, saved (process 0); else the shard so far."""
+    rank, world = dist_info()
+    suffix = f"-{rank}of{world}" if world > 1 else ""
+    state_path = out_dir / f"scan{suffix}-{'_'.join(layers)}.npz"
+    if restart and state_path.exists():
+        state_path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    part = scan_atlas(
+        loaded,
+        files,
+        layers,
+        state_path=state_path,
+        progress=progress and rank == 0,
+        rank=rank,
+        world=world,
+        engine=engine,
+        **options,
+    )
+    if not part.complete:
+        return part
+    merged = merge_scans(all_gather_objects(part))
+    if len(merged.skipped) >= len(files):
+        first, why = merged.skipped[0]
+        raise DeconvnetError(f"none of the {len(files)} image file(s) could be read; first: {first} ({why})")
+    scan = merged if existing is None else combine_layers(existing, merged)
+    if rank == 0:
+        _save_scan(scan, out_dir)
+    state_path.unlink(missing_ok=True)  # only now: an interruption before the save resumes from it
+    return scan
+
+
+def _save_scan(scan: AtlasScan, out_dir: Path) -> None:
+    """``atlas.npz`` and, if any file was unreadable, ``skipped.txt``."""
+    scan.save(out_dir / "atlas.npz")
+    if scan.skipped:
+        save_text(out_dir / "skipped.txt", "".join(f"{p}\t{why}\n" for p, why in scan.skipped))
+
+
+def _project_shards(
+    loaded: LoadedModel,
+    engine: DeconvNet,
+    scan: AtlasScan,
+    layers: list[str],
+    maps: dict[str, Sequence[int]] | None,
+    tile: int,
+    cache: SwitchCache | None,
+    include_lrn: bool,
+    progress: bool,
+) -> dict[str, AtlasTiles] | None:
+    """The tiles, each process projecting its own shard's images; all of them on process 0, ``None``
+    on the others."""
+    rank, world = dist_info()
+    own = (lambda gid: gid % world == rank) if world > 1 else None
+    tiles = project_atlas(
+        loaded,
+        scan,
+        layers,
+        maps,
+        tile=tile,
+        cache=cache,
+        include_lrn=include_lrn,
+        progress=progress and rank == 0,
+        only_images=own,
+        engine=engine,
+    )
+    gathered = gather_objects(tiles)
+    return merge_tiles(gathered) if gathered is not None else None

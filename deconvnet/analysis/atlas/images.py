@@ -1,0 +1,47 @@
+"""The images of a scan as a ``torch.utils.data.Dataset``: decoded (in ``DataLoader`` workers when
+asked) to the model's view, unreadable files reported instead of raised."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ...data import load_image
+from ...errors import DeconvnetError
+
+__all__ = ["ImageShard", "keep_as_list", "model_view_pixels"]
+
+
+def model_view_pixels(path: str, geometry: Callable) -> torch.Tensor:
+    """uint8 (3, H, W) pixels of the model's view of the image at ``path`` (``geometry``:
+    ``Preprocessing.geometry()``, the resize and crop without normalisation)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.pil_to_tensor(geometry(load_image(path)))
+
+
+class ImageShard(torch.utils.data.Dataset):
+    """(global index, uint8 (3, H, W) model-view crop or None, why not) for the files ``indices``
+    of ``files``: an unreadable file gives ``None`` and the reason instead of an exception."""
+
+    def __init__(self, files: Sequence[str], indices: Sequence[int], geometry: Callable) -> None:
+        self.files, self.indices, self.geometry = files, list(indices), geometry
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        gid = self.indices[i]
+        try:
+            return gid, model_view_pixels(self.files[gid], self.geometry), ""
+        except DeconvnetError as e:
+            return gid, None, str(e).split(": ", 1)[-1]
+        except Exception as e:  # noqa: BLE001 - any decoder failure: skip, count and list the file
+            return gid, None, f"{type(e).__name__}: {e}"
+
+
+def keep_as_list(items: list[Any]) -> list[Any]:
+    """A ``DataLoader`` ``collate_fn`` that keeps a batch of :class:`ImageShard` items as a list
+    (the crops may differ in size and some are ``None``)."""
+    return items

@@ -1,0 +1,335 @@
+"""Projection of the kept activations into display tiles (:func:`project_atlas`): chain models through
+the receptive-field-windowed way down (:mod:`deconvnet.engine.windowed`), using the switches the scan
+kept where it could; graph models through the engine's whole-image way down."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ...engine import ChainRecord, DeconvNet, Selection
+from ...engine.windowed import last_pool_below
+from ...errors import DeconvnetError
+from ...weights import LoadedModel
+from .cache import SwitchCache, pools_below
+from .images import model_view_pixels
+from .scanfile import AtlasScan
+from .spec import atlas_engine
+from .tiles import AtlasTiles, projection_and_patch_tiles, windows_of
+
+__all__ = ["project_atlas"]
+
+GRAPH_IMAGES_PER_PASS = 8  # graph models: images whose forward pass is redone for each pass of selections
+
+Work = dict[int, list[tuple[str, int, int]]]  # image index -> its (layer, map slot, rank) to project
+
+
+def project_atlas(
+    loaded: LoadedModel,
+    scan: AtlasScan,
+    layers: Sequence[str] | None = None,
+    maps: dict[str, Sequence[int]] | None = None,
+    tile: int = 64,
+    cache: SwitchCache | None = None,
+    images_per_batch: int = 512,
+    forward_batch: int = 64,
+    selections_per_batch: int = 64,
+    include_lrn: bool = False,
+    progress: bool = True,
+    only_images: Callable[[int], bool] | None = None,
+    channels_last: bool = True,
+    engine: DeconvNet | None = None,
+) -> dict[str, AtlasTiles]:
+    """Project every kept activation of ``layers`` (default: all scanned) and ``maps`` (default: all)
+    to display tiles; one forward pass per image at most (none for images in ``cache``, none at all
+    for conv1), selections of the same layer batched across images. ``only_images`` restricts the
+    work to some images (the distributed path: each process projects its own shard's images).
+    ``engine``: the run's engine (see :func:`atlas_engine`), made here if not given."""
+    engine = atlas_engine(loaded, include_lrn, engine)
+    layers = list(layers or scan.layers)
+    for l in layers:
+        if l not in scan.layers:
+            raise DeconvnetError(f"layer {l} was not scanned (scanned: {', '.join(scan.layers)})")
+    out = {layer: _blank_tiles(engine, scan, layer, maps, tile) for layer in layers}
+    work = _work_by_image(scan, out, only_images)
+    if not engine.is_chain:
+        _project_graph(loaded, engine, scan, out, work, progress, selections_per_pass=selections_per_batch)
+        return out
+    if channels_last and loaded.device.type == "cpu":
+        loaded.model.to(memory_format=torch.channels_last)
+    _project_chain(
+        loaded,
+        engine,
+        scan,
+        out,
+        work,
+        cache,
+        images_per_batch,
+        forward_batch,
+        selections_per_batch,
+        channels_last,
+        progress,
+    )
+    return out
+
+
+def _blank_tiles(
+    engine: DeconvNet, scan: AtlasScan, layer: str, maps: dict[str, Sequence[int]] | None, tile: int
+) -> AtlasTiles:
+    """Empty (white, unfilled) tiles of the chosen maps of ``layer``, with their scan results."""
+    info = engine.layer(layer)
+    chosen = list(maps[layer]) if maps and layer in maps else list(range(scan.values[layer].shape[0]))
+    size = tile if info.rf_size is None else min(info.rf_size, tile)
+    return AtlasTiles(
+        layer=layer,
+        maps=chosen,
+        tiles=np.full((len(chosen), scan.k, 2, size, size, 3), 255, dtype=np.uint8),
+        filled=np.zeros((len(chosen), scan.k), dtype=bool),
+        values=scan.values[layer][chosen],
+        images=scan.images[layer][chosen],
+        positions=scan.positions[layer][chosen],
+        rf_size=info.rf_size,
+        image_size=max(scan.input_size),
+    )
+
+
+def _work_by_image(scan: AtlasScan, out: dict[str, AtlasTiles], only_images: Callable[[int], bool] | None) -> Work:
+    """The kept activations to project, grouped by image (images ascending, then layer, slot, rank)."""
+    todo: list[tuple[int, str, int, int]] = []
+    for layer, t in out.items():
+        for slot, m in enumerate(t.maps):
+            for r in range(scan.k):
+                gid = int(scan.images[layer][m, r])
+                if gid >= 0 and (only_images is None or only_images(gid)):
+                    todo.append((gid, layer, slot, r))
+    work: Work = {}
+    for gid, layer, slot, r in sorted(todo):
+        work.setdefault(gid, []).append((layer, slot, r))
+    return work
+
+
+# --------------------------------------------------------------------------- chain models
+
+
+def _project_chain(
+    loaded: LoadedModel,
+    engine: DeconvNet,
+    scan: AtlasScan,
+    out: dict[str, AtlasTiles],
+    work: Work,
+    cache: SwitchCache | None,
+    images_per_batch: int,
+    forward_batch: int,
+    selections_per_batch: int,
+    channels_last: bool,
+    progress: bool,
+) -> None:
+    """Chunks of ``images_per_batch`` images: their switches (cached or recomputed), then each layer's
+    selections in batches of ``selections_per_batch`` down the windowed way."""
+    from tqdm.auto import tqdm
+
+    needs = {l: last_pool_below(engine, engine.layer(l)) for l in out}
+    image_ids = list(work)
+    bar = tqdm(
+        total=sum(len(v) for v in work.values()),
+        desc="atlas projections",
+        unit="proj",
+        disable=not progress,
+        smoothing=0.1,
+    )
+    for start in range(0, len(image_ids), images_per_batch):
+        chunk = image_ids[start : start + images_per_batch]
+        upto = max(needs[l] for gid in chunk for l, _, _ in work[gid])
+        pixels, rec = _chunk_record(loaded, engine, scan, chunk, upto, cache, forward_batch, channels_last)
+        local = {gid: b for b, gid in enumerate(chunk)}
+        per_layer: dict[str, list[tuple[int, int, int]]] = {}
+        for gid in chunk:
+            for layer, slot, r in work[gid]:
+                per_layer.setdefault(layer, []).append((local[gid], slot, r))
+        for layer, items in per_layer.items():
+            _project_layer(
+                engine, out[layer], rec, pixels, items, scan.input_size, selections_per_batch, loaded.device, bar
+            )
+    bar.close()
+
+
+def _chunk_record(
+    loaded: LoadedModel,
+    engine: DeconvNet,
+    scan: AtlasScan,
+    chunk: list[int],
+    upto: int,
+    cache: SwitchCache | None,
+    forward_batch: int,
+    channels_last: bool,
+) -> tuple[torch.Tensor, ChainRecord]:
+    """uint8 pixels (N, 3, H, W) of the chunk's images and the record of the way down: switch codes of
+    the pools up to chain index ``upto``, from the cache or from a new forward pass."""
+    pools = pools_below(engine, upto) if upto >= 0 else []
+    pixels: list[torch.Tensor] = []
+    codes: list[dict[int, torch.Tensor] | None] = []
+    geometry = loaded.preprocessing.geometry()
+    for gid in chunk:
+        entry = cache.entries.get(gid) if cache is not None else None
+        if entry is not None and all(pi in entry[1] for pi in pools):
+            pixels.append(entry[0])
+            codes.append(entry[1])
+        else:
+            pixels.append(model_view_pixels(scan.files[gid], geometry))
+            codes.append(None)
+    pix = torch.stack(pixels)
+    missing = [b for b, c in enumerate(codes) if c is None]
+    rec = ChainRecord()
+    fresh_codes: dict[int, torch.Tensor] = {}
+    if missing and upto >= 0:
+        fresh_codes, lrn = _fresh_codes(
+            loaded, engine, pix[missing], upto, pools, scan.input_size, forward_batch, channels_last
+        )
+        if engine.include_lrn and lrn:
+            rec.lrn_inputs = lrn  # only complete when nothing came from the cache (cache is off with LRN)
+    for pi in pools:
+        fresh = iter(fresh_codes.get(pi, ()))
+        rec.codes[pi] = torch.stack([(next(fresh) if c is None else c[pi]).to(loaded.device) for c in codes])
+    return pix, rec
+
+
+def _fresh_codes(
+    loaded: LoadedModel,
+    engine: DeconvNet,
+    pixels: torch.Tensor,
+    upto: int,
+    pools: list[int],
+    input_size: tuple[int, int],
+    forward_batch: int,
+    channels_last: bool,
+) -> tuple[dict[int, torch.Tensor], dict]:
+    """Switch codes per pool for ``pixels`` from forward passes of ``forward_batch`` images (bounded
+    memory); with LRN all at once (its inputs are needed as one record), returned with them."""
+    projector = engine.projector()
+    step = len(pixels) if engine.include_lrn else forward_batch
+    parts: dict[int, list[torch.Tensor]] = {pi: [] for pi in pools}
+    lrn: dict = {}
+    for f0 in range(0, len(pixels), step):
+        x = loaded.preprocessing.normalize(pixels[f0 : f0 + step].to(loaded.device))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        fresh = projector.forward(x, upto)
+        for pi in pools:
+            parts[pi].append(projector.switch_codes(fresh, engine.layers[pi], input_size))
+        lrn = fresh.lrn_inputs
+    return {pi: torch.cat(v) for pi, v in parts.items()}, lrn
+
+
+def _project_layer(
+    engine: DeconvNet,
+    t: AtlasTiles,
+    rec: ChainRecord,
+    pixels: torch.Tensor,
+    items: list[tuple[int, int, int]],
+    input_size: tuple[int, int],
+    selections_per_batch: int,
+    device: torch.device,
+    bar: Any,
+) -> None:
+    """Tiles of one layer's selections ``items`` (image in the chunk, map slot, rank) of a chunk."""
+    info = engine.layer(t.layer)
+    projector = engine.projector()
+    height, width = input_size
+    # units with receptive fields of the same clipped size go down together: the projector
+    # then cuts all their windows to the image alike (less work at the borders)
+    items.sort(key=lambda p: _clipped_size(info, t.positions[p[1], p[2]], height, width))
+    for s0 in range(0, len(items), selections_per_batch):
+        part = items[s0 : s0 + selections_per_batch]
+        b_idx = torch.tensor([p[0] for p in part])
+        maps_idx = torch.tensor([t.maps[p[1]] for p in part])
+        pos = torch.tensor(np.stack([t.positions[p[1], p[2]] for p in part]).astype(np.int64))
+        vals = torch.tensor(np.array([t.values[p[1], p[2]] for p in part], dtype=np.float32))
+        res = projector.project(
+            rec, input_size, t.layer, b_idx.to(device), maps_idx.to(device), pos.to(device), vals.to(device)
+        )
+        proj, patch = projection_and_patch_tiles(
+            res.windows.float().cpu(), res.origins.cpu(), pixels, b_idx, input_size, t.tiles.shape[3]
+        )
+        t.put([(slot, r) for _, slot, r in part], proj, patch)
+        bar.update(len(part))
+
+
+def _yx(position: np.ndarray) -> tuple[int, int]:
+    return int(position[0]), int(position[1])
+
+
+def _clipped_size(info: Any, position: np.ndarray, height: int, width: int) -> tuple[int, int]:
+    y0, x0, y1, x1 = info.receptive_field(int(position[0]), int(position[1]), height, width)
+    return (y1 - y0, x1 - x0)
+
+
+# --------------------------------------------------------------------------- graph models
+
+
+def _project_graph(
+    loaded: LoadedModel,
+    engine: DeconvNet,
+    scan: AtlasScan,
+    out: dict[str, AtlasTiles],
+    work: Work,
+    progress: bool,
+    selections_per_pass: int = 128,
+) -> None:
+    """Graph models (ResNet, DenseNet...): the engine's whole-image way down for every kept activation
+    of a few images at a time, ``selections_per_pass`` full-size projections at most in memory (each
+    pass redoes the forward pass of its few images: cheap beside the way down of its selections), cut
+    to the unit's receptive field (the whole image where the field covers it)."""
+    from tqdm.auto import tqdm
+
+    geometry = loaded.preprocessing.geometry()
+    image_ids = list(work)
+    bar = tqdm(total=sum(len(v) for v in work.values()), desc="atlas projections", unit="proj", disable=not progress)
+    for start in range(0, len(image_ids), GRAPH_IMAGES_PER_PASS):
+        chunk = image_ids[start : start + GRAPH_IMAGES_PER_PASS]
+        pix = torch.stack([model_view_pixels(scan.files[gid], geometry) for gid in chunk])
+        x = loaded.preprocessing.normalize(pix.to(loaded.device))
+        items = [(b, layer, slot, r) for b, gid in enumerate(chunk) for layer, slot, r in work[gid]]
+        for p0 in range(0, len(items), selections_per_pass):
+            part = items[p0 : p0 + selections_per_pass]
+            selections = [
+                Selection(b, layer, out[layer].maps[slot], _yx(out[layer].positions[slot, r]))
+                for b, layer, slot, r in part
+            ]
+            projections = engine.project(x, selections)
+            for layer in dict.fromkeys(layer for _, layer, _, _ in part):
+                rows = [q for q, item in enumerate(part) if item[1] == layer]
+                _graph_tiles(
+                    engine, out[layer], [part[q] for q in rows], [projections[q] for q in rows], pix, scan.input_size
+                )
+                bar.update(len(rows))
+    bar.close()
+
+
+def _graph_tiles(
+    engine: DeconvNet,
+    t: AtlasTiles,
+    items: list[tuple[int, str, int, int]],
+    projections: list[Any],
+    pixels: torch.Tensor,
+    input_size: tuple[int, int],
+) -> None:
+    """Display tiles of full-size projections of one layer (``items[q]`` = (image, layer, slot, rank)
+    of ``projections[q]``), cut to the receptive field."""
+    info = engine.layer(t.layer)
+    size = max(input_size) if info.rf_size is None else info.rf_size
+    origins = torch.tensor(
+        [
+            [0, 0]
+            if info.rf_size is None
+            else [info.rf_start + int(t.positions[slot, r][a]) * info.rf_stride for a in (0, 1)]
+            for _, _, slot, r in items
+        ]
+    )
+    full = torch.stack([p.image.float().cpu() for p in projections])
+    which = torch.tensor([b for b, _, _, _ in items])
+    proj, patch = projection_and_patch_tiles(
+        windows_of(full, origins, size), origins, pixels, which, input_size, t.tiles.shape[3]
+    )
+    t.put([(slot, r) for _, _, slot, r in items], proj, patch)

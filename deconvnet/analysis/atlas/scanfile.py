@@ -1,0 +1,222 @@
+"""The scan's result and its file format (:class:`AtlasScan`, one ``.npz``), what a scan depends on
+(:func:`scan_fingerprint`), and the exact merge of the scans of disjoint shards or layer sets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ...atomic import atomic_path
+from ...engine import DeconvNet
+from ...errors import DeconvnetError
+from ...weights import LoadedModel
+from .topk import flat_positions, grid_positions, select_topk
+
+__all__ = ["STATE_VERSION", "AtlasScan", "combine_layers", "merge_scans", "scan_fingerprint"]
+
+STATE_VERSION = 1
+
+
+@dataclass
+class AtlasScan:
+    """The k strongest activations of every map of ``layers`` over ``files`` (or one shard of them).
+
+    Per layer: ``values`` (C, k) float32 (``-inf`` for an empty slot), ``images`` (C, k) int64 global
+    indices into ``files`` (-1 empty), ``positions`` (C, k, 2) int32 (y, x) in the layer's grid; each
+    row strongest first. ``processed`` counts the files of this shard already consumed (readable or
+    not), ``skipped`` lists unreadable files with the reason.
+    """
+
+    layers: list[str]
+    k: int
+    distinct: bool
+    files: list[str]
+    values: dict[str, np.ndarray]
+    images: dict[str, np.ndarray]
+    positions: dict[str, np.ndarray]
+    grid: dict[str, tuple[int, int]]
+    input_size: tuple[int, int]
+    fingerprint: str
+    rank: int = 0
+    world: int = 1
+    processed: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    complete: bool = False
+    seconds: float = 0.0
+
+    @classmethod
+    def empty(cls, channels: dict[str, int], grid: dict[str, tuple[int, int]], k: int, **fields: Any) -> "AtlasScan":
+        """A scan with ``channels[layer]`` empty top-k lists per layer; ``fields``: the other fields."""
+        layers = list(channels)
+        return cls(
+            layers=layers,
+            k=k,
+            grid=grid,
+            values={l: np.full((c, k), -np.inf, dtype=np.float32) for l, c in channels.items()},
+            images={l: np.full((c, k), -1, dtype=np.int64) for l, c in channels.items()},
+            positions={l: np.zeros((c, k, 2), dtype=np.int32) for l, c in channels.items()},
+            **fields,
+        )
+
+    @property
+    def shard(self) -> list[int]:
+        """Global indices of the files this scan's process reads."""
+        return list(range(self.rank, len(self.files), self.world))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the scan atomically to ``path`` (an ``.npz``)."""
+        arrays: dict[str, np.ndarray] = {}
+        for layer in self.layers:
+            arrays[f"values/{layer}"] = self.values[layer]
+            arrays[f"images/{layer}"] = self.images[layer]
+            arrays[f"positions/{layer}"] = self.positions[layer]
+        arrays["meta"] = np.frombuffer(json.dumps(self._meta()).encode(), dtype=np.uint8)
+        # JSON survives any file name (a newline included); older scans stored "\n"-joined names under "files"
+        arrays["files_json"] = np.frombuffer(json.dumps(self.files).encode(), dtype=np.uint8)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub mistypes **arrays
+        return Path(path)
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "layers": self.layers,
+            "k": self.k,
+            "distinct": self.distinct,
+            "grid": {k: list(v) for k, v in self.grid.items()},
+            "input_size": list(self.input_size),
+            "fingerprint": self.fingerprint,
+            "rank": self.rank,
+            "world": self.world,
+            "processed": self.processed,
+            "skipped": [list(s) for s in self.skipped],
+            "complete": self.complete,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "AtlasScan":
+        """Read a scan written by :meth:`save` (or by older versions with a newline-joined file list)."""
+        try:
+            with np.load(path) as z:
+                meta = json.loads(bytes(z["meta"]).decode())
+                if "files_json" in z.files:
+                    files = json.loads(bytes(z["files_json"]).decode())
+                else:  # written before file lists were JSON
+                    files = bytes(z["files"]).decode().split("\n") if z["files"].size else []
+                layers = meta["layers"]
+                arrays = {kind: {l: z[f"{kind}/{l}"] for l in layers} for kind in ("values", "images", "positions")}
+        except (OSError, KeyError, ValueError) as e:
+            raise DeconvnetError(f"{path}: not a readable atlas scan ({e}); delete it or pass --restart") from None
+        if meta.get("version") != STATE_VERSION:
+            raise DeconvnetError(f"{path}: atlas scan format {meta.get('version')} is not supported; pass --restart")
+        return cls(
+            layers=layers,
+            k=int(meta["k"]),
+            distinct=bool(meta["distinct"]),
+            files=files,
+            **arrays,
+            grid={k: tuple(v) for k, v in meta["grid"].items()},
+            input_size=tuple(meta["input_size"]),
+            fingerprint=meta["fingerprint"],
+            rank=int(meta["rank"]),
+            world=int(meta["world"]),
+            processed=int(meta["processed"]),
+            skipped=[(path, why) for path, why in meta["skipped"]],
+            complete=bool(meta["complete"]),
+            seconds=float(meta.get("seconds", 0.0)),
+        )
+
+    def referenced_images(self) -> np.ndarray:
+        """Sorted unique image indices present in any top-k list."""
+        if not self.layers:
+            return np.zeros(0, dtype=np.int64)
+        ids = np.concatenate([self.images[l].ravel() for l in self.layers])
+        return np.unique(ids[ids >= 0])
+
+
+def scan_fingerprint(
+    loaded: LoadedModel, engine: DeconvNet, files: Sequence[str], k: int, distinct: bool, include_lrn: bool
+) -> str:
+    """Identifies what a scan depends on: weights, preprocessing, file list, k, distinctness, LRN."""
+    h = hashlib.sha1()
+    if engine.is_chain:
+        for info in engine.layers:
+            for p in info.module.parameters(recurse=False) if info.module is not None else ():
+                h.update(p.detach().float().cpu().numpy().tobytes())
+    else:
+        for p in loaded.model.state_dict().values():
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    h.update(json.dumps(loaded.preprocessing.to_dict(), sort_keys=True).encode())
+    h.update("\n".join(files).encode())
+    h.update(f"k={k};distinct={distinct};lrn={include_lrn}".encode())
+    return h.hexdigest()
+
+
+def merge_scans(scans: Sequence[AtlasScan]) -> AtlasScan:
+    """Merge the scans of disjoint shards of the same files into one complete scan (exact)."""
+    if not scans:
+        raise ValueError("nothing to merge")
+    first = scans[0]
+    for s in scans[1:]:
+        if s.fingerprint != first.fingerprint or s.layers != first.layers:
+            raise DeconvnetError("cannot merge atlas scans of different models, files or settings")
+    values, images, positions = {}, {}, {}
+    for layer in first.layers:
+        gh, gw = first.grid[layer]
+        v = torch.from_numpy(np.concatenate([s.values[layer] for s in scans], 1))
+        i = torch.from_numpy(np.concatenate([s.images[layer] for s in scans], 1))
+        flat = flat_positions(np.concatenate([s.positions[layer] for s in scans], 1), gw)
+        v, i, flat = select_topk(v, i, flat, first.k, gh * gw)
+        values[layer] = v.numpy().astype(np.float32)
+        images[layer] = i.numpy()
+        positions[layer] = grid_positions(flat, gw)
+    skipped = sorted({(path, why) for s in scans for path, why in s.skipped})
+    return AtlasScan(
+        layers=list(first.layers),
+        k=first.k,
+        distinct=first.distinct,
+        files=list(first.files),
+        values=values,
+        images=images,
+        positions=positions,
+        grid=dict(first.grid),
+        input_size=first.input_size,
+        fingerprint=first.fingerprint,
+        rank=0,
+        world=1,
+        processed=len(first.files),
+        skipped=skipped,
+        complete=all(s.complete for s in scans),
+        seconds=max(s.seconds for s in scans),
+    )
+
+
+def combine_layers(a: AtlasScan, b: AtlasScan) -> AtlasScan:
+    """The complete scans of disjoint layer sets over the same files, as one."""
+    layers = a.layers + [l for l in b.layers if l not in a.layers]
+    pick = {l: a if l in a.layers else b for l in layers}
+    return AtlasScan(
+        layers=layers,
+        k=a.k,
+        distinct=a.distinct,
+        files=a.files,
+        values={l: pick[l].values[l] for l in layers},
+        images={l: pick[l].images[l] for l in layers},
+        positions={l: pick[l].positions[l] for l in layers},
+        grid={l: pick[l].grid[l] for l in layers},
+        input_size=a.input_size,
+        fingerprint=a.fingerprint,
+        processed=a.processed,
+        skipped=sorted(set(a.skipped) | set(b.skipped)),
+        complete=True,
+        seconds=a.seconds + b.seconds,
+    )

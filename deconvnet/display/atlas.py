@@ -1,0 +1,200 @@
+"""Sheets of the top-k atlas (paper Fig. 2): per map its k strongest activations projected (left grid)
+beside the image patches under them (right grid), ``per_page`` maps a sheet, and the ``index.html``
+that browses them. :func:`atlas_sheet` returns one sheet as a figure; :func:`render_atlas` writes them
+all (through :func:`~deconvnet.display.common.save_figure`) with the index."""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..analysis.atlas import AtlasTiles
+from ..atomic import save_text
+from ..errors import DeconvnetError
+from .common import plt, save_figure
+
+__all__ = ["SHEET_DPI", "atlas_index_html", "atlas_sheet", "page_slots", "render_atlas", "sheet_name"]
+
+SHEET_DPI = 100  # one sheet pixel per tile pixel
+_GAP = 2  # pixels between tiles
+_PAD_Y, _PAD_X = 22, 14  # around each map's block (the title goes above it)
+
+Page = tuple[str, list[int]]  # a sheet's path relative to the atlas folder, and the maps on it
+
+
+def page_slots(tiles: AtlasTiles, per_page: int) -> list[list[int]]:
+    """The map slots of each sheet of ``tiles``, ``per_page`` maps a sheet."""
+    if per_page < 1:
+        raise DeconvnetError("--per-page and --columns must be at least 1")
+    return [list(range(p0, min(p0 + per_page, len(tiles.maps)))) for p0 in range(0, len(tiles.maps), per_page)]
+
+
+def sheet_name(tiles: AtlasTiles, slots: Sequence[int]) -> str:
+    """``maps-AAAA-BBBB.png``: the first and last map on the sheet."""
+    return f"maps-{tiles.maps[slots[0]]:04d}-{tiles.maps[slots[-1]]:04d}.png"
+
+
+def _block(t: AtlasTiles, slot: int, scale: int, gap: int) -> np.ndarray:
+    """One map's block: 3x3 (k-grid) projections | 3x3 patches, on white."""
+    k = t.tiles.shape[1]
+    side = math.ceil(math.sqrt(k))
+    rows = math.ceil(k / side)
+    s = t.tiles.shape[3] * scale
+    w_half = side * s + (side - 1) * gap
+    h = rows * s + (rows - 1) * gap
+    block = np.full((h, 2 * w_half + 3 * gap, 3), 255, dtype=np.uint8)
+    for r in range(k):
+        if not t.filled[slot, r]:
+            continue
+        yy, xx = divmod(r, side)
+        y0 = yy * (s + gap)
+        for half in (0, 1):
+            x0 = xx * (s + gap) + half * (w_half + 3 * gap)
+            img = t.tiles[slot, r, half]
+            if scale > 1:
+                img = img.repeat(scale, 0).repeat(scale, 1)
+            block[y0 : y0 + s, x0 : x0 + s] = img
+    return block
+
+
+def _sheet_pixels(t: AtlasTiles, slots: Sequence[int], cols: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The sheet as one RGB array (blocks on a grid of ``cols`` columns) and a block's (height, width)."""
+    scale = max(1, math.ceil(36 / t.tiles.shape[3]))  # small receptive fields (conv1: 7 px) are enlarged
+    blocks = [_block(t, s, scale, _GAP) for s in slots]
+    bh, bw = blocks[0].shape[:2]
+    rows = math.ceil(len(slots) / cols)
+    sheet = np.full((rows * (bh + _PAD_Y) + 4, cols * (bw + _PAD_X), 3), 255, dtype=np.uint8)
+    for j, block in enumerate(blocks):
+        rr, cc = divmod(j, cols)
+        y0 = rr * (bh + _PAD_Y) + _PAD_Y
+        x0 = cc * (bw + _PAD_X) + _PAD_X // 2
+        sheet[y0 : y0 + bh, x0 : x0 + bw] = block
+    return sheet, (bh, bw)
+
+
+def atlas_sheet(tiles: AtlasTiles, slots: Sequence[int], columns: int = 4, title: str = "") -> "plt.Figure":
+    """One sheet: the blocks of the maps in ``slots`` (indices into ``tiles.maps``), ``columns`` a row,
+    each titled with its map index and top activation. Save it with ``save_figure(fig, path, dpi=SHEET_DPI)``."""
+    if columns < 1:
+        raise DeconvnetError("--per-page and --columns must be at least 1")
+    layer = tiles.layer
+    cols = min(columns, len(slots))
+    sheet, (bh, bw) = _sheet_pixels(tiles, slots, cols)
+    fig = plt.figure(figsize=(sheet.shape[1] / SHEET_DPI, sheet.shape[0] / SHEET_DPI + 0.35), dpi=SHEET_DPI)
+    ax = fig.add_axes((0, 0, 1, sheet.shape[0] / (sheet.shape[0] + 35)))
+    ax.imshow(sheet, interpolation="nearest")
+    for j, slot in enumerate(slots):
+        rr, cc = divmod(j, cols)
+        top = float(tiles.values[slot, 0]) if tiles.filled[slot].any() else float("nan")
+        ax.text(
+            cc * (bw + _PAD_X) + _PAD_X // 2,
+            rr * (bh + _PAD_Y) + _PAD_Y - 4,
+            f"{layer} #{tiles.maps[slot]}   max {top:.3g}",
+            fontsize=8,
+            va="bottom",
+            ha="left",
+        )
+    ax.set_axis_off()
+    fig.suptitle(
+        f"{title}{' - ' if title else ''}{layer}: top-{tiles.tiles.shape[1]} projections (left) "
+        f"and image patches (right); {tiles.field_note}",
+        fontsize=9,
+        y=1.0,
+        va="top",
+    )
+    return fig
+
+
+def render_atlas(
+    tiles: dict[str, AtlasTiles],
+    out_dir: str | os.PathLike,
+    per_page: int = 16,
+    columns: int = 4,
+    title: str = "",
+    files: Sequence[str] | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Write ``<layer>/maps-AAAA-BBBB.png`` sheets (``per_page`` maps each, ``columns`` maps a row) and
+    ``index.html``; returns the written paths. Each map's block is the paper's layout: its k strongest
+    activations projected (left grid) and the matching image patches (right grid), strongest first,
+    row by row. ``files``: the scanned files (the index names the images)."""
+    from tqdm.auto import tqdm
+
+    if per_page < 1 or columns < 1:
+        raise DeconvnetError("--per-page and --columns must be at least 1")
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    pages: dict[str, list[Page]] = {}
+    slots_of = {layer: page_slots(t, per_page) for layer, t in tiles.items()}
+    bar = tqdm(total=sum(len(s) for s in slots_of.values()), desc="atlas sheets", unit="sheet", disable=not progress)
+    for layer, t in tiles.items():
+        pages[layer] = []
+        for slots in slots_of[layer]:
+            name = sheet_name(t, slots)
+            written.append(save_figure(atlas_sheet(t, slots, columns, title), out_dir / layer / name, dpi=SHEET_DPI))
+            pages[layer].append((f"{layer}/{name}", [t.maps[s] for s in slots]))
+            bar.update(1)
+    bar.close()
+    written.append(save_text(out_dir / "index.html", atlas_index_html(tiles, pages, title, files)))
+    return written
+
+
+def atlas_index_html(
+    tiles: dict[str, AtlasTiles], pages: dict[str, list[Page]], title: str, files: Sequence[str] | None
+) -> str:
+    """The ``index.html`` of an atlas folder: every layer's sheets (``pages``: per layer, each sheet's
+    relative path and maps), with per map an anchor (``#conv3-m17``) and its k values, images, positions."""
+    esc = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>deconvnet atlas {esc(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:1em 2em}img{max-width:100%;border:1px solid #ccc}"
+        "nav a{margin-right:1em}.maps a{margin-right:.4em;font-size:.85em}h2{margin-top:2em}"
+        "details{margin:.5em 0}</style></head><body>",
+        f"<h1>Top-k atlas {esc(title)}</h1>",
+        "<p>For every feature map: its strongest activations over the scanned images, each projected to pixel "
+        "space with the deconvnet and cropped to the unit's receptive field (left grid), beside the image patch "
+        "under that receptive field (right grid); strongest first, row by row. "
+        "Receptive fields are clipped at the image border. "
+        "Zeiler &amp; Fergus 2014, Fig. 2.</p>",
+        "<nav>"
+        + "".join(f"<a href='#{esc(l)}'>{esc(l)} ({len(t.maps)} maps)</a>" for l, t in tiles.items())
+        + "</nav>",
+    ]
+    for layer, t in tiles.items():
+        parts.append(f"<h2 id='{esc(layer)}'>{esc(layer)} - {esc(t.field_note)}, {len(t.maps)} maps</h2>")
+        parts.append(
+            "<p class='maps'>maps: "
+            + "".join(f"<a href='#{esc(layer)}-p{i}'>{m}</a>" for i, (_, ms) in enumerate(pages[layer]) for m in ms)
+            + "</p>"
+        )
+        parts.extend(_page_html(t, i, src, ms, files) for i, (src, ms) in enumerate(pages[layer]))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _page_html(t: AtlasTiles, i: int, src: str, maps: list[int], files: Sequence[str] | None) -> str:
+    """One sheet in the index: a collapsible image with the list of its maps' activations."""
+    esc = html.escape
+    layer = t.layer
+    rows = []
+    for m in maps:
+        slot = t.maps.index(m)
+        cells = []
+        for r in range(t.values.shape[1]):
+            if t.filled[slot, r]:
+                gid = int(t.images[slot, r])
+                name = Path(files[gid]).name if files else str(gid)
+                y, x = t.positions[slot, r]
+                cells.append(f"{t.values[slot, r]:.3g} {esc(name)} ({y},{x})")
+        rows.append(f"<li id='{esc(layer)}-m{m}'>#{m}: " + "; ".join(cells) + "</li>")
+    return (
+        f"<details id='{esc(layer)}-p{i}' {'open' if i == 0 else ''}><summary>maps {maps[0]}-{maps[-1]}</summary>"
+        f"<img loading='lazy' src='{esc(src)}' alt='{esc(layer)} maps {maps[0]}-{maps[-1]}'>"
+        f"<details><summary>values, images, positions</summary><ul>{''.join(rows)}</ul></details></details>"
+    )
