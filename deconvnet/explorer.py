@@ -14,8 +14,11 @@ click on a map costs one backward pass.
     maps = explorer.maps(session, "conv5")            # order, maxima, thumbnails
     view = explorer.project(session, "conv5", maps.order[0])
     rules = explorer.compare_rules(session, "conv5", maps.order[0])   # rules.images["guided"]: PNG
+    occlusion_view(explorer.loaded, session.x[0], session.shown)      # the paper's Fig. 7 panels
 
-No file is written: everything stays in memory (PNG bytes are produced on request).
+No file is written: everything stays in memory (PNG bytes are produced on request). The pictures are
+drawn by ``deconvnet.display``; the analyses shown beside the maps (occlusion, invariance) run here
+with the settings a page uses.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,11 +36,15 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from .data import MAX_IMAGE_PIXELS, decode_image
+from .analysis._common import LayerTaps
+from .analysis.invariance import invariance_curves, prepare_uncropped
+from .analysis.occlusion import OcclusionMaps, occlusion_maps, occlusion_positions, projection_of_map
 from .deconv import DeconvNet
+from .display import data_uri, png_bytes, to_display
+from .display.panels import gray_map, invariance_panel, map_sheet, occlusion_panels
 from .engine import RULES
 from .engine.reverse import check_rule
 from .errors import DeconvnetError
-from .display import data_uri, png_bytes, to_display
 from .weights import LoadedModel
 
 __all__ = [
@@ -51,6 +58,10 @@ __all__ = [
     "png_bytes",
     "data_uri",
     "DEFAULT_MAX_PIXELS",
+    "occlusion_settings",
+    "run_occlusion",
+    "occlusion_view",
+    "invariance_view",
 ]
 
 # A 50-megapixel photo or a decompression bomb is refused before its pixels are decoded (the same
@@ -58,15 +69,6 @@ __all__ = [
 DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS
 # what a page calls each rule of the engine
 RULE_TITLES = {"deconvnet": "deconvnet (Zeiler & Fergus)", "guided": "guided backpropagation", "gradient": "gradient (plain backpropagation)"}
-
-
-def _gray(fmap: torch.Tensor, scale: float | None = None) -> np.ndarray:
-    """A non-negative map -> uint8, 0 black and ``scale`` (default: its own max) white."""
-    arr = fmap.detach().float().cpu().numpy()
-    top = float(arr.max()) if scale is None else scale
-    if top <= 0:
-        return np.zeros(arr.shape, dtype=np.uint8)
-    return (np.clip(arr / top, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 @dataclass
@@ -278,12 +280,7 @@ class Explorer:
         maxima = fmaps.flatten(1).amax(1)
         order = [int(c) for c in maxima.argsort(descending=True)]
         cols = min(16, channels)
-        rows = -(-channels // cols)
-        sheet = np.zeros((rows * h, cols * w), dtype=np.uint8)
-        for rank, c in enumerate(order):
-            r, q = divmod(rank, cols)
-            sheet[r * h : (r + 1) * h, q * w : (q + 1) * w] = _gray(fmaps[c])
-        found = LayerMaps(layer, channels, (h, w), order, [float(v) for v in maxima], cols, png_bytes(sheet))
+        found = LayerMaps(layer, channels, (h, w), order, [float(v) for v in maxima], cols, png_bytes(map_sheet(fmaps, order, cols)))
         session.maps[layer] = found
         return found
 
@@ -322,7 +319,7 @@ class Explorer:
             image_size=(height, width),
             projection_png=png_bytes(to_display(down[0])),
             whole_map_png=png_bytes(to_display(down[1])),
-            activation_png=png_bytes(_gray(fmap)),
+            activation_png=png_bytes(gray_map(fmap)),
             patch_png=png_bytes(image[box[0] : box[2], box[1] : box[3]]),
         )
         session.views[key] = view
@@ -376,3 +373,69 @@ def _clean_name(name: str) -> str:
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
     base = "".join(ch for ch in base if ch.isprintable()).strip() or "image"
     return base[:80]
+
+
+# --------------------------------------------------------------------------- analyses beside the maps
+
+# Occluder size and stride are not stated in the paper; the defaults of `deconvnet occlusion` are used:
+# a square of 1/6 of the input side moved by 1/32 of it (37 px / 7 px on a 224 px model such as the
+# bundled one; 21 px / 4 px on a 128 px one).
+
+
+def occlusion_settings(crop: int) -> tuple[int, int]:
+    """(occluder size, stride) in input pixels for a model whose input is ``crop`` pixels square
+    (the same as ``deconvnet occlusion``'s defaults)."""
+    return max(1, crop // 6), max(1, crop // 32)
+
+
+def run_occlusion(loaded: LoadedModel, x: torch.Tensor, progress: Callable[[float, str], None] | None = None) -> OcclusionMaps:
+    """``occlusion_maps`` on one (3, H, W) model input with ``occlusion_settings``; ``progress`` gets
+    the fraction of occluder positions done after each batch, and what is being done."""
+    height, width = int(x.shape[-2]), int(x.shape[-1])
+    size, stride = occlusion_settings(min(height, width))
+    ys, xs = occlusion_positions(height, width, size, stride)
+    label = f"{len(ys) * len(xs)} occluder positions ({size} px square, stride {stride} px)"
+    if progress is not None:
+        progress(0.0, label)
+
+    def on_progress(done: int, total: int) -> None:
+        if progress is not None:
+            progress(done / max(1, total), f"{done} of {label}")
+
+    return occlusion_maps(loaded.model, x, size, stride, on_progress=on_progress)
+
+
+def occlusion_view(loaded: LoadedModel, x: torch.Tensor, shown: Image.Image, progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
+    """The occlusion analysis of one model input (``shown``: its crop) drawn as the paper's Fig. 7
+    panels (b)-(e): {"panels": [{"title", "caption", "image", "legend"?}], "settings": {...}}."""
+    result = run_occlusion(loaded, x, progress)
+    if progress is not None:
+        progress(0.98, "drawing")
+    classes = list(loaded.classes)
+    try:
+        projection, box = projection_of_map(loaded.model, x, result.layer, result.channel)
+    except DeconvnetError:  # a layer the engine cannot project on this model: panel (c) is left out
+        projection, box = None, None
+    target = classes[result.target] if result.target < len(classes) else str(result.target)
+    return {
+        "panels": occlusion_panels(result, shown, classes, projection, box),
+        "settings": {"size": int(result.size), "stride": int(result.stride), "layer": result.layer, "channel": int(result.channel),
+                     "target": target, "positions": int(result.activation.size)},
+    }
+
+
+def invariance_view(loaded: LoadedModel, image: Image.Image, label: int | None = None) -> list[dict[str, Any]]:
+    """The paper's Fig. 5 for one image as one wide panel: the relative feature distance at layers 1
+    and 7 and the probability of ``label`` (default: the top class of the untransformed image) under
+    vertical translation, scaling and rotation."""
+    pre = loaded.preprocessing
+    uncropped = prepare_uncropped(pre, image)
+    if label is None:
+        with torch.no_grad():
+            label = int(loaded.model(pre(image)[None].to(loaded.device)).argmax(1))
+    classes = list(loaded.classes)
+    name = classes[label] if label < len(classes) else str(label)
+    layers = tuple(LayerTaps(loaded.model).default_layers("1,7"))  # the paper's layers 1 and 7; a graph's stem and pooled features
+    curves = [invariance_curves(loaded.model, [uncropped.to(loaded.device)], [label], transform, pre.crop, layers=layers)
+              for transform in ("translate", "scale", "rotate")]
+    return [invariance_panel(curves, name)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -18,6 +18,9 @@ from PIL import Image
 from .deconv import DeconvNet, Projection, Selection
 from .errors import DeconvnetError
 from .weights import LoadedModel
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["prepare_images", "classify", "iter_classify", "project_image", "ProjectionResult", "DEFAULT_BATCH_SIZE"]
 
@@ -78,6 +81,13 @@ class ProjectionResult:
     def raw(self) -> torch.Tensor:
         """(N, 3, H, W) float32 projections in the model-input space (unnormalised)."""
         return torch.stack([p.image.float().cpu() for p in self.projections])
+
+    def figure(self, title: str | None = None) -> Figure:
+        """The input, then per projection: its full frame (receptive field outlined), the projection
+        cropped to the receptive field, and the image patch under it."""
+        from .display.figures import projection_figure
+
+        return projection_figure(self, title)
 
 
 def project_image(

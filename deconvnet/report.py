@@ -6,9 +6,9 @@ graph models such as ResNet: the top-level layers, e.g. relu, maxpool, layer1..l
 maps (by maximum activation) with the deconvnet projection of each map's strongest activation, the
 receptive field and the image patch under it; the strongest unit of the top layer shown under the
 three rules side by side (deconvnet, guided backpropagation, gradient); then the occlusion maps
-(paper Fig. 7) and the invariance curves (Fig. 5) where those analyses are installed. For the model: a summary (architecture, classes, training
-recipe and results from the weights' metadata, the model card for the bundled model) and its layer-1
-filters.
+(paper Fig. 7) and the invariance curves (Fig. 5). For the model: a summary (architecture, classes,
+training recipe and results from the weights' metadata, the model card for the bundled model), its
+accuracy per epoch and its layer-1 filters. The pictures are drawn by ``deconvnet.display``.
 
     from deconvnet.report import build_report
     build_report(load_model(), ["cat.jpg"], "out/report")   # -> out/report/report.html
@@ -29,14 +29,16 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
+from .analysis.filters import filter_stats
 from .atomic import atomic_path
+from .display import data_uri, figure_png, png_bytes
+from .display.figures import training_curves
+from .display.panels import filter_mosaic
 from .errors import DeconvnetError
-from .display import data_uri, png_bytes
-from .explorer import RULE_TITLES, Explorer, ImageSession, decode_image
-from .server import integrations
+from .explorer import RULE_TITLES, Explorer, ImageSession, decode_image, invariance_view, occlusion_view
 from .weights import LoadedModel
 
-__all__ = ["build_report", "layer1_filters", "model_summary"]
+__all__ = ["build_report", "layer1_filters", "model_summary", "training_history", "training_plot"]
 
 MODEL_CARD = Path(__file__).resolve().parents[1] / "docs" / "model-card.md"
 
@@ -51,31 +53,6 @@ def _jpeg_uri(png_or_array: bytes | np.ndarray, quality: int = 88) -> str:
 
 def _png_uri(data: bytes | np.ndarray) -> str:
     return data_uri(data if isinstance(data, bytes) else png_bytes(data))
-
-
-def layer1_filters(loaded: LoadedModel, scale: int = 4, cols: int = 16) -> np.ndarray | None:
-    """The first conv layer's filters as one RGB grid (each filter contrast-normalised on its own,
-    0 mid-grey), or None when the first layer is not a 3-channel conv."""
-    from torch import nn
-
-    first = next((m for m in loaded.model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first is None or first.in_channels != 3:
-        return None
-    w = first.weight.detach().float().cpu().numpy()  # (C, 3, k, k)
-    c, _, kh, kw = w.shape
-    cols = min(cols, c)
-    rows = -(-c // cols)
-    cell_h, cell_w, pad = kh * scale, kw * scale, 2
-    grid = np.full((rows * (cell_h + pad) + pad, cols * (cell_w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i in range(c):
-        f = w[i].transpose(1, 2, 0)
-        m = float(np.abs(f).max())
-        f = 0.5 + f / (2 * m) if m > 0 else np.full_like(f, 0.5)
-        f = np.kron(f, np.ones((scale, scale, 1)))
-        r, q = divmod(i, cols)
-        y, x = pad + r * (cell_h + pad), pad + q * (cell_w + pad)
-        grid[y : y + cell_h, x : x + cell_w] = (np.clip(f, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return grid
 
 
 def model_summary(loaded: LoadedModel) -> list[tuple[str, str]]:
@@ -141,33 +118,26 @@ def training_history(meta: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
     return list(earlier) + [dict(h, epoch=offset + h.get("epoch", i + 1)) for i, h in enumerate(history)], offset
 
 
-def _history_plot(loaded: LoadedModel) -> str | None:
-    """Accuracy per epoch (both runs of a fine-tuned model, a line where the second starts)."""
+def training_plot(loaded: LoadedModel) -> str | None:
+    """Accuracy per epoch as a PNG data URI (both runs of a fine-tuned model, a line where the second
+    starts), or None when the weights carry no usable history."""
     meta = loaded.metadata or {}
     history, offset = training_history(meta)
     if not history:
         return None
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    crop = (meta.get("train_config") or {}).get("crop")
+    fig = training_curves(history, panels=("accuracy",), fine_tuning_at=offset, fine_tuning_note=f"fine-tuning{f' at {crop} px' if crop else ''}")
+    return data_uri(figure_png(fig))
 
-    epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
-    fig, ax = plt.subplots(figsize=(5, 2.6))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if offset:
-        crop = (meta.get("train_config") or {}).get("crop")
-        ax.axvline(offset + 0.5, color="grey", lw=1, ls=":")
-        ax.text(offset + 0.6, 4, f"fine-tuning{f' at {crop} px' if crop else ''}", fontsize=7, color="grey")
-    for key, style in (("top1", "-"), ("top5", "--")):
-        if f"train_{key}" in history[0]:
-            ax.plot(epochs, [100 * h[f"train_{key}"] for h in history], "o" + style, ms=3, label=f"train {key}")
-        ax.plot(epochs, [100 * h[f"val_{key}"] for h in history], "s" + style, ms=3, label=f"val {key}")
-    ax.set(xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 100))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return data_uri(buf.getvalue())
+
+def layer1_filters(loaded: LoadedModel) -> tuple[np.ndarray, str] | None:
+    """(RGB uint8 mosaic of the first conv layer's filters, one-line statistics), or None when that
+    layer does not take RGB (the mosaic shows RGB filters only)."""
+    stats = filter_stats(loaded.model, "conv1")  # the paper's name; on other models their first convolution
+    if stats.weight is None or stats.weight.shape[1] != 3:
+        return None
+    mosaic = filter_mosaic(stats.weight, columns=16, scale=4)
+    return (np.clip(mosaic, 0, 1) * 255 + 0.5).astype(np.uint8), stats.summary()
 
 
 def _model_card_text(loaded: LoadedModel) -> str | None:
@@ -386,28 +356,19 @@ def _image_section(explorer: Explorer, session: ImageSession, number: int, layer
         log(f"  rules: {session.name} {layers[-1]}")
         parts.append(_rules_html(explorer, session, layers[-1]))
     if occlusion:
-        if integrations.occlusion_available():
-            log(f"  occlusion: {session.name}")
-            result = integrations.occlusion_panels(explorer.loaded, session.x[0], session.shown)
-            s = result["settings"]
-            parts.append(
-                f'<h3>Occlusion <span class="muted small">(paper Fig. 7: a {s["size"]} px grey square moved by {s["stride"]} px, '
-                f'{s["positions"]} positions)</span></h3>'
-            )
-            parts.append(_panels_html(result["panels"]))
-        else:
-            parts.append('<h3>Occlusion</h3><p class="muted">not available in this installation.</p>')
+        log(f"  occlusion: {session.name}")
+        result = occlusion_view(explorer.loaded, session.x[0], session.shown)
+        s = result["settings"]
+        parts.append(
+            f'<h3>Occlusion <span class="muted small">(paper Fig. 7: a {s["size"]} px grey square moved by {s["stride"]} px, '
+            f'{s["positions"]} positions)</span></h3>'
+        )
+        parts.append(_panels_html(result["panels"]))
     if invariance:
-        panels = None
-        if integrations.invariance_available():
-            log(f"  invariance: {session.name}")
-            original = decode_image(path.read_bytes(), session.name, explorer.max_pixels)
-            panels = integrations.invariance_panels(explorer.loaded, original)
-        if panels:
-            parts.append('<h3>Invariance <span class="muted small">(paper Fig. 5)</span></h3>')
-            parts.append(_panels_html(panels))
-        else:
-            parts.append('<h3>Invariance</h3><p class="muted">not available in this installation.</p>')
+        log(f"  invariance: {session.name}")
+        original = decode_image(path.read_bytes(), session.name, explorer.max_pixels)
+        parts.append('<h3>Invariance <span class="muted small">(paper Fig. 5)</span></h3>')
+        parts.append(_panels_html(invariance_view(explorer.loaded, original)))
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -463,12 +424,12 @@ def build_report(
     # the model
     rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in model_summary(loaded))
     model_parts = [f'<section id="model"><h2>The model</h2><table class="kv">{rows}</table>']
-    curve = _history_plot(loaded)
+    curve = training_plot(loaded)
     if curve:
         model_parts.append(f'<h3>Training</h3><img src="{curve}" alt="training curves" style="max-width:480px">')
-    mosaic = integrations.layer1_mosaic(loaded)
-    filters, stats = mosaic if mosaic is not None else (layer1_filters(loaded), "")
-    if filters is not None:
+    mosaic = layer1_filters(loaded)
+    if mosaic is not None:
+        filters, stats = mosaic
         model_parts.append(
             f'<h3>Layer-1 filters</h3><img class="filters" src="{_png_uri(filters)}" alt="layer-1 filters">'
             f'<p class="muted small">Each filter contrast-normalised on its own (mid-grey = 0). {esc(stats)}</p>'

@@ -537,9 +537,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
                 checkpoint_path,
             )
             _write_metrics(out / "metrics.jsonl", history)
-            from .display.figures import plot_training_curves
+            from .display import save_figure
+            from .display.figures import training_curves
 
-            plot_training_curves(history, out / "curves.png")
+            save_figure(training_curves(history), out / "curves.png")
     if is_main:
         meta = {"epoch": cfg.epochs, "class_folders": train_set.classes, "train_config": cfg.to_dict(), "history": history}
         save_weights(model, out / "model.safetensors", classes, preprocessing, extra=meta)

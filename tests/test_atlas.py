@@ -246,7 +246,7 @@ def test_build_atlas_resume_and_reuse(tmp_path):
 def test_atlas_made_from_a_relative_folder_is_usable_from_elsewhere(tmp_path, monkeypatch):
     """The scan stores absolute paths: the explorer (`serve --atlas`) reads the images again from
     another working folder; a moved image folder is a clear error there, not a broken page."""
-    from deconvnet.server.integrations import open_atlas
+    from deconvnet.server.atlas import open_atlas
 
     loaded = tiny_loaded(seed=2)
     write_images(tmp_path / "data" / "imgs", 5)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from deconvnet.analysis.evolution import evolution_figure, feature_evolution, snapshot_epoch
+from deconvnet.analysis.evolution import feature_evolution, snapshot_epoch
+from deconvnet.display import save_figure
 from deconvnet.data import Preprocessing
 from deconvnet.deconv import DeconvNet
 from deconvnet.errors import DeconvnetError
@@ -62,7 +63,7 @@ def test_columns_are_epochs_each_with_its_own_weights(tmp_path):
             assert evo.images["conv1"][i, j] == int(acts[:, m].argmax())
     # different weights give different pictures
     assert not np.array_equal(evo.tiles["conv1"][:, 0], evo.tiles["conv1"][:, 1])
-    out = evolution_figure(evo, tmp_path / "evo.png")
+    out = save_figure(evo.figure(), tmp_path / "evo.png")
     assert Image.open(out).width > 100
 
 

@@ -11,8 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from deconvnet.analysis.filters import filter_mosaic, filter_stats, filters_figure, layer2_top_projections
+from deconvnet.analysis.filters import filter_stats, layer2_top_projections
 from deconvnet.data import Preprocessing
+from deconvnet.display import save_figure
+from deconvnet.display.figures import filters_figure
+from deconvnet.display.panels import filter_mosaic
 from deconvnet.errors import DeconvnetError
 from deconvnet.models import build_model
 from deconvnet.weights import LoadedModel, save_weights
@@ -55,7 +58,7 @@ def test_rms_and_dead_filters():
 
 def test_mosaic_layout_and_scaling():
     loaded = _tiny()
-    mosaic = filter_mosaic(loaded.model, "conv1", columns=4, scale=2)
+    mosaic = filter_mosaic(filter_stats(loaded.model, "conv1").weight, columns=4, scale=2)
     assert mosaic.shape == (2 * 14 + 1, 4 * 14 + 3, 3)  # 8 filters of 7x7, x2, 4 per row, 1-px gaps
     assert mosaic.min() >= 0 and mosaic.max() <= 1
     w = loaded.model.features.conv1.weight.detach()
@@ -63,7 +66,7 @@ def test_mosaic_layout_and_scaling():
     expected = (0.5 + w[0] / (2 * w[0].abs().max())).permute(1, 2, 0).numpy()
     np.testing.assert_allclose(tile, expected, atol=1e-6)
     with pytest.raises(DeconvnetError, match="RGB"):
-        filter_mosaic(loaded.model, "conv2")
+        filter_mosaic(filter_stats(loaded.model, "conv2").weight)
 
 
 def test_side_by_side_figure_with_layer2_projections(tmp_path):
@@ -72,9 +75,12 @@ def test_side_by_side_figure_with_layer2_projections(tmp_path):
     layer2 = {name: layer2_top_projections(lm, files, count=6, tile=24, progress=False) for name, lm in (("zf", zf), ("alex", alex))}
     tiles, maps = layer2["zf"]
     assert tiles.shape[0] == 6 and tiles.dtype == np.uint8 and len(set(maps)) == 6
-    path, stats = filters_figure([("zf", zf), ("alex", alex)], tmp_path / "f.png", layer2=layer2)
+    stats = [filter_stats(lm.model) for lm in (zf, alex)]
+    assert [s.shape[-1] for s in stats] == [7, 11] and [s.stride for s in stats] == [2, 4]
+    fig = filters_figure([("zf", stats[0]), ("alex", stats[1])], layer2=layer2)
+    assert "stride 4" in fig.axes[1].get_title()  # columns: zf, alex; rows: mosaic, RMS, layer 2
+    path = save_figure(fig, tmp_path / "f.png")
     assert path.exists() and Image.open(path).width > Image.open(path).height / 2
-    assert [s.shape[-1] for s in stats] == [7, 11]
 
 
 def test_cli_filters_compare(tmp_path):

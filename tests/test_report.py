@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 try:  # tests/ as a package or as a plain folder
@@ -79,8 +80,8 @@ def test_model_summary_reads_metadata(weights: Path) -> None:
     loaded = load_model(str(weights))
     rows = dict(model_summary(loaded))
     assert rows["architecture"] == "zfnet" and "crop 64x64" in rows["input"]
-    grid = layer1_filters(loaded)
-    assert grid is not None and grid.shape[2] == 3
+    grid, stats = layer1_filters(loaded)
+    assert grid.dtype == np.uint8 and grid.shape[2] == 3 and stats.startswith("conv1: ")
 
 
 def test_model_summary_of_a_fine_tuned_model(tmp_path: Path) -> None:
@@ -90,7 +91,7 @@ def test_model_summary_of_a_fine_tuned_model(tmp_path: Path) -> None:
 
     from deconvnet.data import Preprocessing
     from deconvnet.models import build_model
-    from deconvnet.report import _history_plot, model_summary, training_history
+    from deconvnet.report import model_summary, training_history, training_plot
     from deconvnet.weights import load_model, save_weights
 
     def history(n: int, start: float) -> list[dict]:
@@ -112,7 +113,7 @@ def test_model_summary_of_a_fine_tuned_model(tmp_path: Path) -> None:
     records, offset = training_history(loaded.metadata)
     assert offset == 3 and [r["epoch"] for r in records] == [1, 2, 3, 4, 5]
     assert [r["val_top1"] for r in records] == pytest.approx([0.52, 0.54, 0.56, 0.62, 0.64])
-    assert _history_plot(loaded).startswith("data:image/png;base64,")
+    assert training_plot(loaded).startswith("data:image/png;base64,")
 
 
 def test_markdown_is_escaped() -> None:

@@ -394,17 +394,15 @@ def test_decode_animated_gif_uses_first_frame() -> None:
 def test_occlusion_progress_reports_real_positions() -> None:
     """The job's progress comes from occlusion_maps' on_progress (positions done after each batch),
     not from a time estimate: increasing fractions, ending at exactly 1."""
-    from deconvnet.server import integrations
+    from deconvnet.explorer import run_occlusion
     from deconvnet.weights import load_model
 
-    if not integrations.occlusion_available():
-        pytest.skip("deconvnet.analysis.occlusion is not installed")
     loaded = load_model(None)
     from deconvnet.samples import sample_paths
 
     x, _ = loaded.preprocessing.load(sample_paths(["coffee"])[0])
     seen: list[tuple[float, str]] = []
-    result = integrations.run_occlusion(loaded, x, lambda fraction, message: seen.append((fraction, message)))
+    result = run_occlusion(loaded, x, lambda fraction, message: seen.append((fraction, message)))
     fractions = [f for f, _ in seen]
     positions = result.activation.size
     assert fractions[0] == 0.0 and fractions[-1] == 1.0
@@ -416,11 +414,11 @@ def test_occlusion_progress_reports_real_positions() -> None:
 def test_drawn_box_is_the_border_of_the_box(size: int, thickness: int) -> None:
     """Occlusion panel (c): the box's border, thicker on large inputs (the page downsamples them with
     nearest-neighbour sampling, which would drop 1 px lines), nothing inside or outside it."""
-    from deconvnet.server.integrations import _draw_box
+    from deconvnet.display.panels import draw_box
 
     image = np.zeros((size, size, 3), dtype=np.uint8)
     y0, x0, y1, x1 = 10, 20, 70, 100
-    drawn = _draw_box(image, (y0, x0, y1, x1)).any(axis=2)
+    drawn = draw_box(image, (y0, x0, y1, x1)).any(axis=2)
     expected = np.zeros((size, size), dtype=bool)
     expected[y0:y1, x0:x1] = True
     expected[y0 + thickness : y1 - thickness, x0 + thickness : x1 - thickness] = False

@@ -28,7 +28,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ import torch
 from ..data import Preprocessing
 from ..errors import DeconvnetError
 from ._common import LayerTaps
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "Box",
@@ -50,6 +53,7 @@ __all__ = [
     "table_text",
     "load_inputs",
     "CorrespondenceRow",
+    "CorrespondenceResult",
     "correspondence",
 ]
 
@@ -216,6 +220,31 @@ class CorrespondenceRow:
         }
 
 
+class CorrespondenceResult(NamedTuple):
+    """What ``correspondence`` returns (unpacks as ``rows, used``): Table 1's rows and the masks used,
+    ``used["parts"][part]`` (one box per image) and ``used["random"][part]`` (per draw, one per image)."""
+
+    rows: list[CorrespondenceRow]
+    used: dict[str, Any]
+
+    def figure(
+        self,
+        images: Sequence[Any],
+        layer_labels: dict[str, str] | None = None,
+        paper: dict[str, tuple[float, float]] | None = None,
+        title: str | None = None,
+    ) -> Figure:
+        """The inputs (``images``, e.g. ``load_inputs``' third value) with the masked parts (solid) and
+        the first draw of random regions (dashed), then Delta per region and layer (and ``paper``'s,
+        keyed "part|layer", beside it)."""
+        from ..display.figures import correspondence_figure
+
+        parts = self.used["parts"]
+        boxes = [{p: parts[p][i] for p in parts} for i in range(len(images))]
+        example = {p: draws[0] for p, draws in self.used["random"].items()}
+        return correspondence_figure(self.rows, images, boxes, example, layer_labels, paper, title)
+
+
 @torch.no_grad()
 def correspondence(
     model: torch.nn.Module,
@@ -226,7 +255,7 @@ def correspondence(
     draws: int = 10,
     seed: int = 0,
     fill: float = 0.0,
-) -> tuple[list[CorrespondenceRow], dict[str, Any]]:
+) -> CorrespondenceResult:
     """Table 1 for model inputs ``images`` (N, 3, H, W) and per-image boxes in input coordinates
     ((y0, x0, y1, x1) per part). Rows: each part, then ``random (<part> size)`` for each part and a
     pooled ``random`` row, for each layer. Also returns the masks used (for figures)."""
@@ -283,7 +312,7 @@ def correspondence(
         d = np.array(random_deltas[l])
         allp = np.concatenate(random_pairs[l])
         rows.append(CorrespondenceRow("random", l, float(d.mean()), float(d.std()), len(random_pairs[l][0]), len(d), float(allp.std()), float(np.mean(random_changed[l]))))
-    return rows, used
+    return CorrespondenceResult(rows, used)
 
 
 def table_text(rows: Sequence[CorrespondenceRow], layers: Sequence[str], labels: dict[str, str] | None = None) -> str:

@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -20,7 +20,10 @@ from ..deconv import DeconvNet
 from ..errors import DeconvnetError
 from ..weights import LoadedModel, load_model, read_metadata
 
-__all__ = ["Evolution", "snapshot_epoch", "feature_evolution", "evolution_figure"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["Evolution", "snapshot_epoch", "feature_evolution"]
 
 
 @dataclass
@@ -36,6 +39,12 @@ class Evolution:
     values: dict[str, np.ndarray]  # (maps, snapshots)
     images: dict[str, np.ndarray]  # (maps, snapshots)
     files: list[str]
+
+    def figure(self, title: str = "") -> Figure:
+        """The paper's Fig. 4: one row per chosen map (grouped by layer), one column per epoch."""
+        from ..display.figures import evolution_figure
+
+        return evolution_figure(self, title)
 
 
 def snapshot_epoch(path: str | os.PathLike) -> int:
@@ -129,31 +138,3 @@ def feature_evolution(
         images={l: np.stack(images[l], 1) for l in layer_names},
         files=files,
     )
-
-
-def evolution_figure(evo: Evolution, path: str | os.PathLike, title: str = "") -> Path:
-    """Rows: the chosen maps, grouped by layer; columns: epochs. Each cell is the projection of the
-    map's strongest activation under that snapshot (zero = grey, cropped to the receptive field)."""
-    import matplotlib.pyplot as plt
-
-    from ..display import save_figure
-
-    rows = [(layer, i) for layer in evo.layers for i in range(len(evo.maps[layer]))]
-    cols = len(evo.epochs)
-    height = 1.05 * len(rows) + 0.8
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.05 * cols + 1.2, height), squeeze=False)
-    for r, (layer, i) in enumerate(rows):
-        for j in range(cols):
-            ax = axes[r, j]
-            ax.imshow(evo.tiles[layer][i, j], interpolation="nearest" if evo.tiles[layer].shape[2] < 32 else "antialiased")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if r == 0:
-                ax.set_title(f"epoch {evo.epochs[j]}", fontsize=8)
-            if j == 0:
-                ax.set_ylabel(f"{layer} #{evo.maps[layer][i]}", fontsize=7)
-    fig.suptitle(title or "Feature evolution: strongest activation of each map, projected with each epoch's weights", fontsize=9, y=1 - 0.15 / height)
-    fig.subplots_adjust(top=1 - 0.7 / height, bottom=0.1 / height, wspace=0.05, hspace=0.08)
-    return save_figure(fig, path)

@@ -22,11 +22,9 @@ the share of its filters at 0.5 or more summarise it.
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -36,8 +34,10 @@ from ..deconv import DeconvNet
 from ..errors import DeconvnetError
 from ..weights import LoadedModel
 
-__all__ = ["FilterStats", "filter_stats", "filter_structure", "filter_mosaic", "layer2_top_projections", "filters_figure",
-           "DEAD_RATIO", "STRUCTURE_TOP"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["FilterStats", "filter_stats", "filter_structure", "layer2_top_projections", "DEAD_RATIO", "STRUCTURE_TOP"]
 
 DEAD_RATIO = 0.2
 STRUCTURE_TOP = 4  # frequencies counted by the structure measure
@@ -78,6 +78,8 @@ class FilterStats:
     dead_ratio: float
     threshold: float
     structure: np.ndarray  # (C,) filter structure (module docstring)
+    weight: np.ndarray | None = field(default=None, repr=False)  # (C, C_in, kh, kw), for pictures
+    stride: int = 1  # of the convolution
 
     @property
     def dead_count(self) -> int:
@@ -100,6 +102,14 @@ class FilterStats:
             f"{self.threshold:.3g}): {self.dead_count}; structure median {self.structure_median:.2f}, "
             f"{100 * self.structured_share:.0f} % of filters >= {STRUCTURED:g} (white noise ~0.23, Gabor filters ~0.78)"
         )
+
+    def figure(self, name: str | None = None, layer2: tuple[np.ndarray, list[int]] | None = None) -> Figure:
+        """The paper's Fig. 6 column: the filter mosaic (RGB first layers only), the RMS histogram with
+        the structure measure, and ``layer2``'s tiles (``layer2_top_projections``) when given."""
+        from ..display.figures import filters_figure
+
+        name = name or self.layer
+        return filters_figure([(name, self)], layer2={name: layer2} if layer2 is not None else None)
 
     def to_dict(self) -> dict:
         return {
@@ -137,34 +147,11 @@ def filter_stats(model: nn.Module, layer: str = "conv1", dead_ratio: float = DEA
     """RMS of every filter (output channel) of ``layer``'s convolution and the dead ones."""
     if dead_ratio < 0:
         raise DeconvnetError("--dead-ratio must be >= 0")
-    w = _conv(model, layer).weight.detach().float().cpu()
+    conv = _conv(model, layer)
+    w = conv.weight.detach().float().cpu()
     rms = w.flatten(1).pow(2).mean(1).sqrt().numpy()
     threshold = float(dead_ratio * np.median(rms))
-    return FilterStats(layer, tuple(w.shape), rms, rms < threshold, dead_ratio, threshold, filter_structure(w))
-
-
-def filter_mosaic(model: nn.Module, layer: str = "conv1", columns: int | None = None, scale: int = 4, per_filter: bool = True) -> np.ndarray:
-    """RGB mosaic (H, W, 3) float in [0, 1] of the first-layer filters (3 input channels): each filter
-    is shown with zero at mid-grey, scaled by its own largest magnitude (``per_filter``) or by the
-    layer's (then weak and dead filters look flat grey). Upscaled ``scale`` times (nearest)."""
-    w = _conv(model, layer).weight.detach().float().cpu()
-    if w.shape[1] != 3:
-        raise DeconvnetError(f"{layer} filters have {w.shape[1]} input channels; the mosaic shows RGB (first-layer) filters only")
-    c, _, k, _ = w.shape
-    if per_filter:
-        scales = w.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
-    else:
-        scales = w.abs().max().clamp_min(1e-12).expand(c, 1, 1, 1)
-    tiles = (0.5 + w / (2 * scales)).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (C, k, k, 3)
-    columns = columns or math.ceil(math.sqrt(c))
-    rows = math.ceil(c / columns)
-    s = k * scale
-    gap = 1
-    out = np.ones((rows * (s + gap) - gap, columns * (s + gap) - gap, 3), dtype=np.float32)
-    for i in range(c):
-        r, q = divmod(i, columns)
-        out[r * (s + gap) : r * (s + gap) + s, q * (s + gap) : q * (s + gap) + s] = tiles[i].repeat(scale, 0).repeat(scale, 1)
-    return out
+    return FilterStats(layer, tuple(w.shape), rms, rms < threshold, dead_ratio, threshold, filter_structure(w), w.numpy(), int(conv.stride[0]))
 
 
 def layer2_top_projections(
@@ -189,62 +176,3 @@ def layer2_top_projections(
     order = [int(i) for i in np.argsort(-top, kind="stable")[:count]]
     tiles = project_atlas(loaded, scan, [layer], {layer: order}, tile=tile, progress=False)[layer]
     return tiles.tiles[:, 0, 0], order
-
-
-def filters_figure(
-    models: Sequence[tuple[str, LoadedModel]],
-    path: str | os.PathLike,
-    layer: str = "conv1",
-    dead_ratio: float = DEAD_RATIO,
-    layer2: dict[str, tuple[np.ndarray, list[int]]] | None = None,
-) -> tuple[Path, list[FilterStats]]:
-    """One column per model: its layer-1 filter mosaic (titled with RMS / dead counts), a histogram of
-    filter RMS, and (if given) its top layer-2 projections. Returns the path and the stats."""
-    import matplotlib.pyplot as plt
-
-    from ..display import save_figure
-
-    stats = [filter_stats(lm.model, layer, dead_ratio) for _, lm in models]
-    rows = 3 if layer2 else 2
-    fig, axes = plt.subplots(rows, len(models), figsize=(5.2 * len(models), 4.6 + 2.2 + (4.4 if layer2 else 0)),
-                             squeeze=False, gridspec_kw={"height_ratios": [4.6, 2.0] + ([4.4] if layer2 else [])})
-    for j, ((name, lm), st) in enumerate(zip(models, stats)):
-        k = st.shape[-1]
-        mosaic = filter_mosaic(lm.model, layer, scale=max(1, 28 // k))
-        ax = axes[0, j]
-        ax.imshow(mosaic, interpolation="nearest")
-        conv = _conv(lm.model, layer)
-        ax.set_title(f"{name}\n{layer}: {st.shape[0]} filters {k}x{k}, stride {conv.stride[0]}; dead: {st.dead_count}", fontsize=9)
-        ax.set_axis_off()
-        ax = axes[1, j]
-        ax.hist(st.rms, bins=30, color="#4477aa")
-        ax.axvline(st.threshold, color="#cc3311", linestyle="--", label=f"dead threshold ({st.dead_ratio:g} x median)")
-        ax.set_xlabel("filter RMS", fontsize=8)
-        ax.set_ylabel("filters", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7, loc="upper left")
-        inset = ax.inset_axes((0.62, 0.45, 0.36, 0.5))  # filter structure beside the RMS
-        inset.hist(st.structure, bins=np.linspace(0, 1, 21), color="#228833")
-        inset.axvline(STRUCTURED, color="#555555", linestyle=":")
-        inset.set_title(f"structure: median {st.structure_median:.2f}, {100 * st.structured_share:.0f} % >= {STRUCTURED:g}", fontsize=6.5)
-        inset.tick_params(labelsize=6)
-        if layer2:
-            ax = axes[2, j]
-            tiles, maps = layer2.get(name, (None, []))
-            if tiles is None or not len(tiles):
-                ax.set_axis_off()
-                continue
-            n = len(tiles)
-            cols = math.ceil(math.sqrt(n))
-            r = math.ceil(n / cols)
-            t = tiles.shape[1]
-            sheet = np.full((r * (t + 2), cols * (t + 2), 3), 255, dtype=np.uint8)
-            for i in range(n):
-                a, b = divmod(i, cols)
-                sheet[a * (t + 2) : a * (t + 2) + t, b * (t + 2) : b * (t + 2) + t] = tiles[i]
-            ax.imshow(sheet, interpolation="nearest")
-            ax.set_title(f"strongest layer-2 projections ({n} maps with the largest top activation)", fontsize=8)
-            ax.set_axis_off()
-    fig.suptitle("Layer-1 filters (zero = grey, each filter scaled to its own range), filter RMS and structure (Zeiler & Fergus Fig. 6)", fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path), stats

@@ -19,7 +19,7 @@ of the true class. Bilinear interpolation throughout.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from torchvision.transforms.v2 import functional as TF
 from ..data import Preprocessing, limit_aspect
 from ..errors import DeconvnetError
 from ._common import LayerTaps
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["TRANSFORMS", "InvarianceCurves", "default_values", "prepare_uncropped", "transform_batch", "invariance_curves"]
 
@@ -48,6 +51,21 @@ class InvarianceCurves:
     probability: np.ndarray  # (N, T) probability of labels[n]
     top_class: np.ndarray  # (N, T) most probable class
     labels: list[int]
+
+    def figure(
+        self,
+        names: Sequence[str] | None = None,
+        classes: Sequence[str] | None = None,
+        layer_labels: dict[str, str] | None = None,
+        thumbnails: Sequence[Any] = (),
+        thumb_values: Sequence[float] = (),
+        title: str | None = None,
+    ) -> Figure:
+        """The paper's Fig. 5 row: the relative distance at each layer and the true-class probability
+        against the transformation, one line per image (``names``); ``thumbnails``: example inputs."""
+        from ..display.figures import invariance_figure
+
+        return invariance_figure(self, names, classes, layer_labels, thumbnails, thumb_values, title=title)
 
     def to_dict(self, classes: Sequence[str] | None = None, names: Sequence[str] | None = None) -> dict:
         d = {

@@ -26,7 +26,7 @@ run in another order; about 5e-7 relative on the watched activation, 2e-7 on a p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from torch import nn
 from ..deconv import DeconvNet, LayerInfo, Selection
 from ..errors import DeconvnetError
 from ._common import model_head
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "OcclusionMaps",
@@ -73,6 +76,21 @@ class OcclusionMaps:
         """Occluder centres (row, col) in input pixels, for plotting maps over the image."""
         half = (self.size - 1) / 2
         return self.ys + half, self.xs + half
+
+    def figure(
+        self,
+        image: Any,
+        classes: Sequence[str],
+        projection: torch.Tensor | None = None,
+        box: tuple[int, int, int, int] | None = None,
+        title: str | None = None,
+    ) -> Figure:
+        """The paper's Fig. 7 row over ``image`` (the model's input crop, e.g. from ``prepare_images``):
+        input, total activation, the watched map's ``projection`` (``projection_of_map``; optional),
+        probability of the target, most probable class."""
+        from ..display.figures import occlusion_figure
+
+        return occlusion_figure(self, image, classes, projection, box, title)
 
     def to_dict(self, classes: Sequence[str] | None = None) -> dict:
         d = {

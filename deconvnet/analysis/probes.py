@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -34,12 +34,16 @@ from torch import nn
 from ..errors import DeconvnetError
 from ._common import LayerTaps
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 __all__ = [
     "extract_features",
     "sample_per_class",
     "mean_per_class_accuracy",
     "fit_linear",
     "ProbeRow",
+    "ProbeResult",
     "probe_layers",
     "train_from_scratch",
     "evaluate_accuracy",
@@ -131,6 +135,27 @@ class ProbeRow:
             "std": self.std,
             "accuracies": self.accuracies,
         }
+
+
+@dataclass
+class ProbeResult:
+    """Rows of probes (of one or more ``probe_layers`` runs, e.g. a trained and a from-scratch model)."""
+
+    rows: list[ProbeRow]
+
+    def figure(
+        self,
+        layers: Sequence[str] | None = None,
+        layer_labels: dict[str, str] | None = None,
+        extra: dict[str, dict[int, float]] | None = None,
+        chance: float | None = None,
+        title: str | None = None,
+    ) -> Figure:
+        """Mean per-class accuracy against the layer, one panel per classifier; ``extra[model][n]``:
+        horizontal marks (e.g. end-to-end accuracy), ``chance``: a dashed line."""
+        from ..display.figures import probe_figure
+
+        return probe_figure(self.rows, layers, layer_labels, extra, chance, title)
 
 
 def probe_layers(

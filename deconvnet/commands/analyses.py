@@ -118,7 +118,7 @@ def _say(text: str) -> None:
 
 
 def cmd_occlusion(args: argparse.Namespace) -> int:
-    from ..analysis.figures import occlusion_figure
+    from ..display import save_figure
     from ..analysis.occlusion import fill_value, max_difference, occlusion_maps, occlusion_positions, projection_of_map
     from ..atomic import save_json
     from ..errors import DeconvnetError
@@ -159,8 +159,8 @@ def cmd_occlusion(args: argparse.Namespace) -> int:
     projection, box = projection_of_map(loaded.model, image, maps.layer, maps.channel)
     out = Path(args.out)
     stem = Path(args.image).stem
-    figure = occlusion_figure(shown[0], maps, projection, box, loaded.classes, out / f"{stem}-occlusion.png",
-                              title=f"{Path(args.image).name}: occlusion ({loaded.source})")
+    figure = save_figure(maps.figure(shown[0], loaded.classes, projection, box, title=f"{Path(args.image).name}: occlusion ({loaded.source})"),
+                         out / f"{stem}-occlusion.png")
     data = save_json(out / f"{stem}-occlusion.json", info)
     lowest = float(maps.probability.min())
     _say(f"{Path(args.image).name}: target {loaded.classes[maps.target]} p={maps.base_probability:.3f} unoccluded, "
@@ -180,7 +180,7 @@ def cmd_invariance(args: argparse.Namespace) -> int:
     output_dir(args.out)
 
     from ..analysis._common import LayerTaps
-    from ..analysis.figures import invariance_figure
+    from ..display import save_figure
     from ..analysis.invariance import TRANSFORMS, default_values, invariance_curves, prepare_uncropped, transform_batch
     from ..atomic import save_json
     from ..data import load_image
@@ -221,8 +221,8 @@ def cmd_invariance(args: argparse.Namespace) -> int:
         pick = vals[::6] if transform == "rotate" else vals[np.linspace(0, len(vals) - 1, 5).round().astype(int)]
         thumbs = transform_batch(uncropped[0], transform, pick, pre.crop).numpy()
         thumbs = [np.clip(t * std + mean, 0, 1).transpose(1, 2, 0) for t in thumbs]
-        figure = invariance_figure(curves, thumbs, pick, names, loaded.classes, labels_text, out / f"invariance-{transform}.png",
-                                   title=f"{transform}: {len(names)} images ({loaded.source}); top row: {names[0]}")
+        figure = save_figure(curves.figure(names, loaded.classes, labels_text, thumbs, pick,
+                                           title=f"{transform}: {len(names)} images ({loaded.source}); top row: {names[0]}"), out / f"invariance-{transform}.png")
         data = save_json(out / f"invariance-{transform}.json", {"weights": loaded.source, "layer_modules": {l: taps.describe(l) for l in layers},
                                                                **curves.to_dict(loaded.classes, [str(p) for p in args.images])})
         summary = ", ".join(f"{labels_text[l]} mean {curves.distances[l].mean():.3f}" for l in layers)
@@ -244,7 +244,7 @@ PAPER_TABLE1 = {
 def cmd_correspondence(args: argparse.Namespace) -> int:
     from ..analysis._common import LayerTaps, parse_layers
     from ..analysis.correspondence import correspondence, load_boxes, load_inputs, table_text
-    from ..analysis.figures import correspondence_figure
+    from ..display import save_figure
     from ..atomic import save_json, save_text
     from ..outputs import output_dir
 
@@ -261,7 +261,8 @@ def cmd_correspondence(args: argparse.Namespace) -> int:
     for l in layers:
         taps.resolve(l)
     images, boxes, shown = load_inputs(annotated, parts, loaded.preprocessing)
-    rows, used = correspondence(loaded.model, images.to(loaded.device), boxes, parts, layers=layers, draws=args.draws, seed=args.seed)
+    result = correspondence(loaded.model, images.to(loaded.device), boxes, parts, layers=layers, draws=args.draws, seed=args.seed)
+    rows = result.rows
     out = Path(args.out)
     table = table_text(rows, layers, labels)
     _say(table)
@@ -273,9 +274,8 @@ def cmd_correspondence(args: argparse.Namespace) -> int:
         "boxes_in_input": {a.path.name: b for a, b in zip(annotated, boxes)},
     })
     paper = PAPER_TABLE1 if set(layers) == {"layer5", "layer7"} else None
-    example = {p: used["random"][p][0] for p in parts}
-    figure = correspondence_figure(shown, boxes, example, rows, layers, labels, out / "correspondence.png", paper=paper,
-                                   title=f"correspondence: {len(annotated)} images, {args.draws} random draws ({loaded.source})")
+    figure = save_figure(result.figure(shown, labels, paper, title=f"correspondence: {len(annotated)} images, {args.draws} random draws ({loaded.source})"),
+                         out / "correspondence.png")
     _say(f"table: {out / 'correspondence.md'}\nfigure: {figure}")
     return 0
 
@@ -291,8 +291,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     output_dir(args.out)
 
     from ..analysis._common import LayerTaps, parse_layers
-    from ..analysis.figures import probe_figure
-    from ..analysis.probes import evaluate_accuracy, extract_features, probe_layers, sample_per_class, train_from_scratch
+    from ..display import save_figure
+    from ..analysis.probes import ProbeResult, evaluate_accuracy, extract_features, probe_layers, sample_per_class, train_from_scratch
     from ..atomic import save_json, save_text
     from ..data import ImageFolderCache
     from ..errors import DeconvnetError
@@ -372,8 +372,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
         "rows": [r.to_dict() for r in rows], "from_scratch": scratch_info,
     })
     note = "; dotted: end-to-end accuracy of the from-scratch models" if extra else ""
-    figure = probe_figure(rows, layers, labels, out / "probe.png", title=f"linear probes on {data.name} ({loaded.source}){note}", extra=extra,
-                          chance=1 / len(train.classes))
+    figure = save_figure(ProbeResult(rows).figure(layers, labels, extra, 1 / len(train.classes), title=f"linear probes on {data.name} ({loaded.source}){note}"),
+                         out / "probe.png")
     _say(f"table: {out / 'probe.md'}\nfigure: {figure}")
     return 0
 

@@ -65,7 +65,7 @@ def cmd_project(args: argparse.Namespace) -> int:
     from ..data import check_image_file
     from ..inference import project_image
     from ..outputs import output_dir, output_file
-    from ..display.figures import projection_figure
+    from ..display import save_figure
 
     out = output_dir(args.out)
     raw_path = output_file(args.raw, "--raw", suffix=".npy") if args.raw else None
@@ -88,8 +88,8 @@ def cmd_project(args: argparse.Namespace) -> int:
         tag = f"map{args.whole_map}"
     else:
         tag = f"f{args.feature}" + (f"-y{args.position[0]}x{args.position[1]}" if args.position else "")
-    figure = projection_figure(result, out / f"{Path(args.image).stem}-{args.layer}-{tag}.png",
-                               title=f"{Path(args.image).name}: {args.rule} projections from {args.layer} ({loaded.source})")
+    figure = save_figure(result.figure(title=f"{Path(args.image).name}: {args.rule} projections from {args.layer} ({loaded.source})"),
+                         out / f"{Path(args.image).stem}-{args.layer}-{tag}.png")
     print(f"figure: {figure}")
     if raw_path is not None:
         import numpy as np

@@ -84,6 +84,7 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..atomic import save_json
+    from ..display import save_figure
     from ..display.figures import confusion_figure
     from ..training import evaluate
     from .common import load_from_args
@@ -104,6 +105,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         save_json(out / "metrics.json", result)
-        confusion_figure(result["confusion"], result["classes"], out / "confusion.png", title=f"confusion (center crop), {Path(args.data).name}")
+        save_figure(confusion_figure(result["confusion"], result["classes"], title=f"confusion (center crop), {Path(args.data).name}"), out / "confusion.png")
         print(f"wrote {out / 'metrics.json'} and {out / 'confusion.png'}")
     return 0

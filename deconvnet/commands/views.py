@@ -142,7 +142,9 @@ def cmd_atlas(args: argparse.Namespace) -> int:
 
 
 def cmd_filters(args: argparse.Namespace) -> int:
-    from ..analysis.filters import filters_figure, layer2_top_projections
+    from ..analysis.filters import filter_stats, layer2_top_projections
+    from ..display import save_figure
+    from ..display.figures import filters_figure
     from ..atomic import save_json
     from ..weights import load_model
     from ..outputs import output_dir
@@ -160,7 +162,8 @@ def cmd_filters(args: argparse.Namespace) -> int:
         files = _subset(_image_files(args.images), args.max_images)
         layer2 = {name: layer2_top_projections(lm, files, count=args.layer2_maps, progress=not args.quiet) for name, lm in models}
     out = Path(args.out)
-    path, stats = filters_figure(models, out / "filters.png", dead_ratio=args.dead_ratio, layer2=layer2)
+    stats = [filter_stats(lm.model, dead_ratio=args.dead_ratio) for _, lm in models]
+    path = save_figure(filters_figure([(name, st) for (name, _), st in zip(models, stats)], layer2=layer2), out / "filters.png")
     save_json(out / "filter-stats.json", {name: st.to_dict() for (name, _), st in zip(models, stats)})
     for (name, _), st in zip(models, stats):
         print(f"{name}: {st.summary()}")
@@ -173,7 +176,8 @@ def cmd_filters(args: argparse.Namespace) -> int:
 
 
 def cmd_evolution(args: argparse.Namespace) -> int:
-    from ..analysis.evolution import evolution_figure, feature_evolution
+    from ..analysis.evolution import feature_evolution
+    from ..display import save_figure
     from ..atomic import save_json
     from ..errors import DeconvnetError
     from ..training import resolve_device
@@ -194,7 +198,7 @@ def cmd_evolution(args: argparse.Namespace) -> int:
                             tile=args.tile, batch_size=args.batch_size, device=str(device), progress=not args.quiet,
                             arch=args.arch, explicit_maps=maps)
     out = Path(args.out)
-    path = evolution_figure(evo, out / "evolution.png")
+    path = save_figure(evo.figure(), out / "evolution.png")
     save_json(out / "evolution.json", {
         "epochs": evo.epochs, "snapshots": evo.snapshots, "images": len(files),
         "maps": evo.maps, "values": {l: evo.values[l].tolist() for l in evo.layers},

@@ -1,6 +1,6 @@
-"""The base of the display layer: the matplotlib backend (Agg: no display needed), atomic figure
-saving, the contrast mapping of a projection for display, and PNG/data-URI encoding shared by the
-figures, the HTML report and the web explorer."""
+"""The base of the display layer: the matplotlib backend (Agg: no display needed), new figures,
+atomic figure saving, the contrast mapping of a projection for display, and PNG/data-URI encoding
+shared by the figures, the HTML report and the web explorer."""
 
 from __future__ import annotations
 
@@ -15,21 +15,41 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ..atomic import atomic_path  # noqa: E402
 
-__all__ = ["plt", "save_figure", "to_display", "crop_box", "png_bytes", "data_uri"]
+__all__ = ["plt", "new_figure", "save_figure", "figure_png", "to_display", "crop_box", "png_bytes", "data_uri"]
 
 
-def save_figure(fig: "plt.Figure", path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Save atomically (temp file + rename) and close the figure."""
+def new_figure(figsize: tuple[float, float], dpi: float = 110) -> Figure:
+    """A figure outside pyplot's registry (nothing to close, not shown twice in a notebook) that
+    draws with Agg; ``dpi`` is the resolution it is saved at by ``save_figure``/``figure_png``."""
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: float | None = None) -> Path:
+    """Save atomically (temp file + rename) at ``dpi`` (default: the figure's own) and close the figure."""
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
+            fig.savefig(tmp, dpi=dpi or "figure", bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def figure_png(fig: Figure, dpi: float | None = None) -> bytes:
+    """The figure as PNG bytes (as ``save_figure`` would write it), then closed."""
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, dpi=dpi or "figure", bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
 
 
 def to_display(projection: "np.ndarray | Any") -> np.ndarray:

@@ -1,84 +1,141 @@
-"""Figures of the model and its results: training curves, ``deconvnet project`` sheets, confusion
-matrices (matplotlib; saved atomically through ``display.common.save_figure``)."""
+"""Figures of the model and of the analyses' results (matplotlib): training curves, ``deconvnet project``
+sheets, confusion matrices, and the paper's figures drawn from the analyses (occlusion Fig. 7,
+invariance Fig. 5, correspondence Table 1, linear probes Table 6, filters Fig. 6, feature evolution
+Fig. 4). Each function RETURNS a ``matplotlib.figure.Figure`` made at the resolution it is meant to be
+saved at; the caller saves it with ``display.save_figure(fig, path)`` (or ``figure_png``)."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Any, Sequence
+import math
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from .common import crop_box, plt, save_figure, to_display
+from .common import crop_box, new_figure, to_display
+from .panels import filter_mosaic
+
+if TYPE_CHECKING:  # the result types drawn here (display imports the analyses; never the reverse)
+    from ..analysis.correspondence import CorrespondenceRow
+    from ..analysis.evolution import Evolution
+    from ..analysis.filters import FilterStats
+    from ..analysis.invariance import InvarianceCurves
+    from ..analysis.occlusion import OcclusionMaps
+    from ..analysis.probes import ProbeRow
+    from ..inference import ProjectionResult
+
+__all__ = [
+    "training_curves",
+    "projection_figure",
+    "confusion_figure",
+    "occlusion_figure",
+    "invariance_figure",
+    "correspondence_figure",
+    "probe_figure",
+    "filters_figure",
+    "evolution_figure",
+]
+
+TRANSFORM_UNITS = {"translate": "vertical shift (px)", "scale": "scale factor", "rotate": "rotation (degrees)"}
 
 
-def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Loss and top-1/top-5 accuracy per epoch, train vs val, plus the learning rate."""
-    epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    axes[0].plot(epochs, [h["val_loss"] for h in history], "s-", label="val")
-    axes[0].set(title="loss", xlabel="epoch")
-    for key, style in (("top1", "-"), ("top5", "--")):
-        axes[1].plot(epochs, [100 * h[f"train_{key}"] for h in history], "o" + style, label=f"train {key}")
-        axes[1].plot(epochs, [100 * h[f"val_{key}"] for h in history], "s" + style, label=f"val {key}")
-    axes[1].set(title="accuracy (%)", xlabel="epoch", ylim=(0, 100))
-    axes[2].plot(epochs, [h["lr"] for h in history], "o-")
-    positive = any(h["lr"] > 0 for h in history)  # a log axis needs a positive value (lr 0: frozen runs)
-    axes[2].set(title="learning rate (end of epoch)", xlabel="epoch", yscale="log" if positive else "linear")
-    for ax in axes[:2]:
-        ax.legend(fontsize=8)
-    for ax in axes:
+def _clean(ax: Any) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _outline(ax: Any, box: tuple[int, int, int, int], color: str = "#ffcc00", linewidth: float = 1.2, linestyle: str = "-") -> None:
+    """An end-exclusive (y0, x0, y1, x1) box drawn around its pixels."""
+    y0, x0, y1, x1 = box
+    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=linewidth, linestyle=linestyle))
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def training_curves(
+    history: Sequence[dict[str, Any]],
+    panels: Sequence[str] = ("loss", "accuracy", "lr"),
+    fine_tuning_at: int = 0,
+    fine_tuning_note: str = "fine-tuning",
+) -> Figure:
+    """Per epoch, train vs val: ``loss``, top-1/top-5 ``accuracy`` and the learning rate (``lr``),
+    one panel each. ``fine_tuning_at``: the last epoch of an earlier run the history continues (a
+    fine-tuned model), marked by a dotted line. Train curves missing from the records are skipped."""
+    epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
+    wide = len(panels) > 1
+    fig = new_figure((4.35 * len(panels), 3.6) if wide else (5, 2.6), dpi=110 if wide else 90)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, panel in zip(axes, panels):
+        if panel == "loss":
+            ax.plot(epochs, [h["train_loss"] for h in history], "o-", ms=3, label="train")
+            ax.plot(epochs, [h["val_loss"] for h in history], "s-", ms=3, label="val")
+            ax.set(title="loss", xlabel="epoch")
+        elif panel == "accuracy":
+            if fine_tuning_at:
+                ax.axvline(fine_tuning_at + 0.5, color="grey", lw=1, ls=":")
+                ax.text(fine_tuning_at + 0.6, 4, fine_tuning_note, fontsize=7, color="grey")
+            for key, style in (("top1", "-"), ("top5", "--")):
+                if f"train_{key}" in history[0]:
+                    ax.plot(epochs, [100 * h[f"train_{key}"] for h in history], "o" + style, ms=3, label=f"train {key}")
+                if f"val_{key}" in history[0]:
+                    ax.plot(epochs, [100 * h[f"val_{key}"] for h in history], "s" + style, ms=3, label=f"val {key}")
+            ax.set(title="accuracy (%)", xlabel="epoch", ylim=(0, 100))
+        elif panel == "lr":
+            ax.plot(epochs, [h["lr"] for h in history], "o-", ms=3)
+            positive = any(h["lr"] > 0 for h in history)  # a log axis needs a positive value (lr 0: frozen runs)
+            ax.set(title="learning rate (end of epoch)", xlabel="epoch", yscale="log" if positive else "linear")
+        else:
+            raise ValueError(f"unknown panel {panel!r}; choose from loss, accuracy, lr")
+        if panel != "lr":
+            ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-    return save_figure(fig, path)
+    return fig
 
 
-def _draw_box(ax: Any, box: tuple[int, int, int, int], color: str = "#ffcc00") -> None:
-    from matplotlib.patches import Rectangle
-
-    y0, x0, y1, x1 = box
-    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.2))
-
-
-def projection_figure(result: Any, path: str | os.PathLike, title: str | None = None) -> Path:
+def projection_figure(result: ProjectionResult, title: str | None = None) -> Figure:
     """The ``deconvnet project`` figure: the input, then per projection its full-frame view (receptive
     field outlined), the projection cropped to the receptive field, and the image patch under it."""
     image = np.asarray(result.image, dtype=np.float32) / 255.0
     n = len(result.projections)
-    fig, axes = plt.subplots(3, n + 1, figsize=(1.9 * (n + 1), 6.2), squeeze=False)
+    fig = new_figure((1.9 * (n + 1), 6.2))
+    axes = fig.subplots(3, n + 1, squeeze=False)
     axes[0, 0].imshow(image)
     for p in result.projections:
-        _draw_box(axes[0, 0], p.box)
+        _outline(axes[0, 0], p.box)
     axes[0, 0].set_title("input", fontsize=9)
     axes[1, 0].text(0.5, 0.5, "projection\ncropped to\nreceptive field", ha="center", va="center", fontsize=9)
     axes[2, 0].text(0.5, 0.5, "image patch\nunder the\nreceptive field", ha="center", va="center", fontsize=9)
     for i, p in enumerate(result.projections, start=1):
         shown = to_display(p.image)
         axes[0, i].imshow(shown)
-        _draw_box(axes[0, i], p.box)
+        _outline(axes[0, i], p.box)
         sel = p.selection
         what = "map" if sel.whole_map else f"({p.position[0]},{p.position[1]})"
         axes[0, i].set_title(f"#{sel.channel} {what}\nact {p.value:.3g}", fontsize=8)
         axes[1, i].imshow(crop_box(shown, p.box))
         axes[2, i].imshow(crop_box(image, p.box))
     for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
+        _clean(ax)
         for spine in ax.spines.values():
             spine.set_visible(False)
     fig.suptitle(title or f"deconvnet projections from {result.layer}", fontsize=11)
-    return save_figure(fig, path)
+    return fig
 
 
-def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: str | os.PathLike, title: str = "confusion matrix") -> Path:
+def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str], title: str = "confusion matrix") -> Figure:
     """Row-normalised confusion matrix (rows: true class, columns: predicted), counts annotated."""
     counts = np.asarray(confusion, dtype=np.float64)
     rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     n = len(classes)
     size = max(5.0, 0.55 * n + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    fig = new_figure((size + 1, size))
+    ax = fig.subplots()
     im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(n), classes, fontsize=8)
@@ -89,4 +146,309 @@ def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str],
                 if counts[i, j]:
                     ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7, color="white" if rates[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
-    return save_figure(fig, path)
+    return fig
+
+
+# --------------------------------------------------------------------------- analyses
+
+
+def _map_extent(maps: OcclusionMaps) -> list[float]:
+    cy, cx = maps.centers
+    sy = maps.stride if len(cy) > 1 else maps.size
+    sx = maps.stride if len(cx) > 1 else maps.size
+    return [cx[0] - sx / 2, cx[-1] + sx / 2, cy[-1] + sy / 2, cy[0] - sy / 2]
+
+
+def occlusion_figure(
+    maps: OcclusionMaps,
+    image: Any,
+    classes: Sequence[str],
+    projection: Any | None = None,
+    box: tuple[int, int, int, int] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """The paper's Fig. 7 row: (a) input, (b) total activation of the chosen map, (c) its deconvnet
+    projection (when given, with its receptive field ``box``), (d) probability of the target class,
+    (e) most probable class; maps are drawn at the occluder centres, on the image's pixel grid."""
+    img = np.asarray(image, dtype=np.float32) / 255.0
+    H, W = img.shape[:2]
+    fig = new_figure((16 if projection is not None else 12.8, 4.4), dpi=80)
+    axes = list(fig.subplots(1, 5 if projection is not None else 4))
+
+    def colorbar(im: Any, ax: Any) -> None:
+        cax = ax.inset_axes([0.0, -0.09, 1.0, 0.045])
+        fig.colorbar(im, cax=cax, orientation="horizontal").ax.tick_params(labelsize=7)
+
+    extent = _map_extent(maps)
+    panels = iter(axes)
+    ax = next(panels)
+    ax.imshow(img)
+    iy, ix = np.unravel_index(np.argmin(maps.probability), maps.probability.shape)
+    ax.add_patch(Rectangle((maps.xs[ix] - 0.5, maps.ys[iy] - 0.5), maps.size, maps.size, facecolor=(0.5, 0.5, 0.5, 0.85), edgecolor="white", linewidth=1))
+    ax.set_title(f"(a) input ({classes[maps.target]})\noccluder {maps.size} px, stride {maps.stride}", fontsize=8)
+    ax.set_xlabel("grey square: where (d) is lowest", fontsize=7)
+    ax = next(panels)
+    im = ax.imshow(maps.activation, extent=extent, cmap="viridis", interpolation="nearest")
+    colorbar(im, ax)
+    ax.set_title(f"(b) total activation, {maps.layer} map #{maps.channel}\n(unoccluded: {maps.base_activation:.3g})", fontsize=8)
+    if projection is not None:
+        ax = next(panels)
+        ax.imshow(to_display(projection))
+        if box is not None and ((box[2] - box[0]) < H or (box[3] - box[1]) < W):  # at deep layers the field often covers everything
+            _outline(ax, box)
+        ax.set_title(f"(c) deconvnet projection of map #{maps.channel}\n(its strongest activation; yellow: receptive field)", fontsize=8)
+    ax = next(panels)
+    im = ax.imshow(maps.probability, extent=extent, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+    colorbar(im, ax)
+    ax.set_title(f"(d) p({classes[maps.target]})\n(unoccluded: {maps.base_probability:.2f})", fontsize=8)
+    ax = next(panels)
+    present = sorted(set(int(c) for c in np.unique(maps.top_class)))
+    palette = colormaps["tab10" if len(classes) <= 10 else "tab20"]
+    colors = [palette(i % palette.N) for i in range(len(classes))]
+    norm = BoundaryNorm(np.arange(len(classes) + 1) - 0.5, len(classes))
+    ax.imshow(maps.top_class, extent=extent, cmap=ListedColormap(colors), norm=norm, interpolation="nearest")
+    handles = [Patch(color=colors[c], label=classes[c]) for c in present]
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.02), frameon=False, ncol=2)
+    ax.set_title("(e) most probable class", fontsize=8)
+    for ax in axes:
+        ax.set_xlim(-0.5, W - 0.5)
+        ax.set_ylim(H - 0.5, -0.5)
+        _clean(ax)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def invariance_figure(
+    curves: InvarianceCurves | Sequence[InvarianceCurves],
+    names: Sequence[str] | None = None,
+    classes: Sequence[str] | None = None,
+    layer_labels: dict[str, str] | None = None,
+    thumbnails: Sequence[Any] = (),
+    thumb_values: Sequence[float] = (),
+    label_kind: str = "true class",
+    title: str | None = None,
+) -> Figure:
+    """The paper's Fig. 5: one row per transformation (``curves``: one result or several), with the
+    relative feature distance at each layer and the probability of each image's label (its
+    ``label_kind``) against the transformation; one line per image. ``thumbnails`` (one
+    transformation only): example transformed inputs above, titled with ``thumb_values``."""
+    rows = [curves] if not isinstance(curves, (list, tuple)) else list(curves)
+    first = rows[0]
+    layer_labels = layer_labels or {}
+    n_images = len(first.labels)
+    names = list(names) if names is not None else [f"image {i + 1}" for i in range(n_images)]
+    n_plots = len(first.layers) + 1
+    n_thumbs = len(thumbnails) if len(rows) == 1 else 0
+    height = (5.6 if n_thumbs else 3.9) if len(rows) == 1 else 2.9 * len(rows)
+    fig = new_figure((4.1 * n_plots if n_thumbs else 3.7 * n_plots + 1.2, height), dpi=80)
+    ratios = ([1] if n_thumbs else []) + [2.3] * len(rows)
+    gs = fig.add_gridspec(len(ratios), max(n_thumbs, 1), height_ratios=ratios, hspace=0.35 if n_thumbs else 0.5)
+    for i, (t, v) in enumerate(zip(thumbnails[:n_thumbs], thumb_values)):
+        ax = fig.add_subplot(gs[0, i])
+        ax.imshow(t)
+        ax.set_title(f"{v:.3g}" if abs(v) < 10 else f"{v:.0f}", fontsize=8)
+        _clean(ax)
+    colors = colormaps["tab10"]
+    for r, row in enumerate(rows):
+        sub = gs[r + (1 if n_thumbs else 0), :].subgridspec(1, n_plots, wspace=0.28)
+        prefix = f"{row.transform}: " if len(rows) > 1 else ""
+        for j in range(n_plots):
+            ax = fig.add_subplot(sub[0, j])
+            for i, name in enumerate(names):
+                yv = row.distances[row.layers[j]][i] if j < len(row.layers) else row.probability[i]
+                label = f"{name} ({classes[row.labels[i]]})" if classes is not None else name
+                ax.plot(row.values, yv, "o-", ms=3, lw=1.2, color=colors(i % 10), label=label)
+            if j < len(row.layers):
+                ax.set_title(f"{prefix}{layer_labels.get(row.layers[j], row.layers[j])}: relative distance", fontsize=9)
+                ax.set_ylabel("||f(Tx) - f(x)|| / ||f(x)||", fontsize=8)
+            else:
+                ax.set_title(f"{prefix}probability of the {label_kind}", fontsize=9)
+                ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel(TRANSFORM_UNITS[row.transform], fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+        if r == 0:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def correspondence_figure(
+    rows: Sequence[CorrespondenceRow],
+    images: Sequence[Any],
+    boxes: Sequence[dict[str, tuple[int, int, int, int]]],
+    random_example: dict[str, list[tuple[int, int, int, int]]] | None = None,
+    layer_labels: dict[str, str] | None = None,
+    paper: dict[str, tuple[float, float]] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Top: the inputs with the masked parts (solid) and one draw of random regions (dashed).
+    Bottom: Delta per masked region and layer with its spread (and the paper's values if given)."""
+    layer_labels = layer_labels or {}
+    layers = list(dict.fromkeys(r.layer for r in rows))
+    n = len(images)
+    cols = min(n, 8)
+    img_rows = int(np.ceil(n / cols))
+    fig = new_figure((1.55 * cols + 1, 1.6 * img_rows + 3.6), dpi=80)
+    gs = fig.add_gridspec(img_rows + 1, cols, height_ratios=[1] * img_rows + [2.2 * img_rows if img_rows > 1 else 2.4], hspace=0.25)
+    part_names = list(boxes[0])
+    colors = {p: c for p, c in zip(part_names, ["#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00"])}
+    for i, img in enumerate(images):
+        ax = fig.add_subplot(gs[i // cols, i % cols])
+        ax.imshow(img)
+        for p, box in boxes[i].items():
+            _outline(ax, box, colors[p])
+        for p, rb in (random_example or {}).items():
+            _outline(ax, rb[i], colors[p], linewidth=0.9, linestyle="--")
+        _clean(ax)
+    ax = fig.add_subplot(gs[img_rows, :])
+    names = list(dict.fromkeys(r.name for r in rows))
+    width = 0.8 / (len(layers) * (2 if paper else 1))
+    xs = np.arange(len(names))
+    k = 0
+    for layer in layers:
+        vals = [next(r for r in rows if r.name == nm and r.layer == layer) for nm in names]
+        label = layer_labels.get(layer, layer)
+        ax.bar(xs + (k + 0.5) * width - 0.4, [r.delta for r in vals], width, yerr=[r.spread for r in vals], capsize=2, label=f"this model, {label}")
+        k += 1
+        if paper:
+            pv = [paper.get(f"{nm}|{layer}", (np.nan, np.nan)) for nm in names]
+            ax.bar(xs + (k + 0.5) * width - 0.4, [p[0] for p in pv], width, yerr=[p[1] for p in pv], capsize=2, alpha=0.45, hatch="//",
+                   label=f"paper, {label}")
+            k += 1
+    ax.set_xticks(xs)
+    ax.set_xticklabels(names, fontsize=8, rotation=15)
+    ax.set_ylabel("Delta (mean sign-change fraction)", fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def probe_figure(
+    rows: Sequence[ProbeRow],
+    layers: Sequence[str] | None = None,
+    layer_labels: dict[str, str] | None = None,
+    extra: dict[str, dict[int, float]] | None = None,
+    chance: float | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Mean per-class accuracy against the layer (default: the rows' layers in order), one panel per
+    classifier; colour = training images per class, line style = model; ``extra`` adds horizontal
+    marks (e.g. end-to-end accuracy), ``chance`` a dashed line."""
+    layers = list(layers) if layers is not None else list(dict.fromkeys(r.layer for r in rows))
+    layer_labels = layer_labels or {}
+    kinds = sorted({r.classifier for r in rows}, key=lambda k: ["softmax", "svm"].index(k) if k in ("softmax", "svm") else 9)
+    models = list(dict.fromkeys(r.model for r in rows))
+    ns = sorted({r.train_per_class for r in rows})
+    fig = new_figure((5.6 * len(kinds), 4.0), dpi=80)
+    axes = fig.subplots(1, len(kinds), squeeze=False)
+    colors = colormaps["viridis"]
+    styles = ["-", "--", ":", "-."]
+    x = np.arange(len(layers))
+    for ax, kind in zip(axes[0], kinds):
+        for mi, model in enumerate(models):
+            for ni, n in enumerate(ns):
+                sel = [next((r for r in rows if r.model == model and r.classifier == kind and r.train_per_class == n and r.layer == l), None) for l in layers]
+                if any(s is None for s in sel):
+                    continue
+                c = colors(ni / max(1, len(ns) - 1) * 0.85)
+                ax.errorbar(x, [100 * s.mean for s in sel], yerr=[100 * s.std for s in sel], fmt="o" + styles[mi % 4], ms=3.5, lw=1.3, capsize=2, color=c,
+                            label=f"{model}, {n}/class")
+                if extra and model in extra and n in extra[model]:
+                    ax.axhline(100 * extra[model][n], color=c, lw=0.8, ls=":")
+        ax.set_xticks(x)
+        ax.set_xticklabels([layer_labels.get(l, l) for l in layers], fontsize=8)
+        ax.set_title(f"{kind} on frozen features", fontsize=9)
+        ax.set_ylabel("mean per-class accuracy (%)", fontsize=8)
+        top = max([100 * (r.mean + r.std) for r in rows] + [100 * v for e in (extra or {}).values() for v in e.values()] + [10])
+        ax.set_ylim(0, min(100, 10 * np.ceil(top / 10 + 0.5)))
+        if chance:
+            ax.axhline(100 * chance, color="grey", lw=0.8, ls="--")
+            ax.text(len(layers) - 1, 100 * chance, "chance", fontsize=7, color="grey", ha="right", va="bottom")
+        ax.grid(alpha=0.3)
+    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _tile_sheet(tiles: np.ndarray, gap: int = 2) -> np.ndarray:
+    """(n, t, t, 3) uint8 tiles on a white, nearly square grid."""
+    n, t = len(tiles), tiles.shape[1]
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    sheet = np.full((rows * (t + gap), cols * (t + gap), 3), 255, dtype=np.uint8)
+    for i in range(n):
+        a, b = divmod(i, cols)
+        sheet[a * (t + gap) : a * (t + gap) + t, b * (t + gap) : b * (t + gap) + t] = tiles[i]
+    return sheet
+
+
+def filters_figure(
+    models: Sequence[tuple[str, FilterStats]],
+    layer2: dict[str, tuple[np.ndarray, list[int]]] | None = None,
+) -> Figure:
+    """One column per (name, stats of its first layer): the filter mosaic (titled with RMS / dead
+    counts), a histogram of filter RMS with the structure measure inset, and (if ``layer2`` has the
+    name) its top layer-2 projections."""
+    from ..analysis.filters import STRUCTURED
+
+    rows = 3 if layer2 else 2
+    fig = new_figure((5.2 * len(models), 4.6 + 2.2 + (4.4 if layer2 else 0)))
+    axes = fig.subplots(rows, len(models), squeeze=False, gridspec_kw={"height_ratios": [4.6, 2.0] + ([4.4] if layer2 else [])})
+    for j, (name, st) in enumerate(models):
+        k = st.shape[-1]
+        ax = axes[0, j]
+        ax.imshow(filter_mosaic(st.weight, scale=max(1, 28 // k)), interpolation="nearest")
+        ax.set_title(f"{name}\n{st.layer}: {st.shape[0]} filters {k}x{k}, stride {st.stride}; dead: {st.dead_count}", fontsize=9)
+        ax.set_axis_off()
+        ax = axes[1, j]
+        ax.hist(st.rms, bins=30, color="#4477aa")
+        ax.axvline(st.threshold, color="#cc3311", linestyle="--", label=f"dead threshold ({st.dead_ratio:g} x median)")
+        ax.set_xlabel("filter RMS", fontsize=8)
+        ax.set_ylabel("filters", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7, loc="upper left")
+        inset = ax.inset_axes((0.62, 0.45, 0.36, 0.5))  # filter structure beside the RMS
+        inset.hist(st.structure, bins=np.linspace(0, 1, 21), color="#228833")
+        inset.axvline(STRUCTURED, color="#555555", linestyle=":")
+        inset.set_title(f"structure: median {st.structure_median:.2f}, {100 * st.structured_share:.0f} % >= {STRUCTURED:g}", fontsize=6.5)
+        inset.tick_params(labelsize=6)
+        if layer2:
+            ax = axes[2, j]
+            ax.set_axis_off()
+            tiles, _ = layer2.get(name, (None, []))
+            if tiles is not None and len(tiles):
+                ax.imshow(_tile_sheet(tiles), interpolation="nearest")
+                ax.set_title(f"strongest layer-2 projections ({len(tiles)} maps with the largest top activation)", fontsize=8)
+    fig.suptitle("Layer-1 filters (zero = grey, each filter scaled to its own range), filter RMS and structure (Zeiler & Fergus Fig. 6)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def evolution_figure(evo: Evolution, title: str = "") -> Figure:
+    """Rows: the chosen maps, grouped by layer; columns: epochs. Each cell is the projection of the
+    map's strongest activation under that snapshot (zero = grey, cropped to the receptive field)."""
+    rows = [(layer, i) for layer in evo.layers for i in range(len(evo.maps[layer]))]
+    cols = len(evo.epochs)
+    height = 1.05 * len(rows) + 0.8
+    fig = new_figure((1.05 * cols + 1.2, height))
+    axes = fig.subplots(len(rows), cols, squeeze=False)
+    for r, (layer, i) in enumerate(rows):
+        for j in range(cols):
+            ax = axes[r, j]
+            ax.imshow(evo.tiles[layer][i, j], interpolation="nearest" if evo.tiles[layer].shape[2] < 32 else "antialiased")
+            _clean(ax)
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if r == 0:
+                ax.set_title(f"epoch {evo.epochs[j]}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"{layer} #{evo.maps[layer][i]}", fontsize=7)
+    fig.suptitle(title or "Feature evolution: strongest activation of each map, projected with each epoch's weights", fontsize=9, y=1 - 0.15 / height)
+    fig.subplots_adjust(top=1 - 0.7 / height, bottom=0.1 / height, wspace=0.05, hspace=0.08)
+    return fig

@@ -34,9 +34,9 @@ from .. import __version__
 from ..errors import DeconvnetError
 from ..engine import RULES
 from ..display import data_uri
-from ..explorer import DEFAULT_MAX_PIXELS, RULE_TITLES, Explorer, ImageSession
+from ..explorer import DEFAULT_MAX_PIXELS, RULE_TITLES, Explorer, ImageSession, occlusion_view
 from ..weights import LoadedModel
-from . import integrations
+from .atlas import atlas_patches, open_atlas
 from .guard import RequestLimits
 
 STATIC = Path(__file__).parent / "static"
@@ -337,7 +337,7 @@ def create_app(
     within ``body_timeout`` seconds (else 408); decoding and model work share ``parallel`` slots."""
     explorer = Explorer(loaded, cache_size=cache_size, max_pixels=max_pixels, parallel=parallel)
     sources = _list_sources(images_dir, samples)
-    atlas = integrations.open_atlas(atlas_dir, loaded) if atlas_dir else None
+    atlas = open_atlas(atlas_dir, loaded) if atlas_dir else None
     jobs = Jobs()
     thumbnails: dict[str, bytes] = {}
 
@@ -446,7 +446,7 @@ def create_app(
             rules=list(RULES),
             atlas=atlas is not None,
             atlas_layers=atlas.layers if atlas is not None else [],
-            occlusion=integrations.occlusion_available(),
+            occlusion=True,  # part of every installation (the field stays for clients that check it)
             max_upload_bytes=max_upload_bytes,
             max_pixels=max_pixels,
             cache_images=explorer.cache_size,
@@ -595,7 +595,7 @@ def create_app(
         if index >= channels:
             raise HTTPException(404, f"map {index} out of range: {layer} has {channels} maps (0..{channels - 1})")
         with explorer.compute_lock:
-            patches = integrations.atlas_patches(atlas, loaded, layer, index)
+            patches = atlas_patches(atlas, loaded, layer, index)
         return AtlasInfo(layer=layer, index=index, patches=[AtlasPatch(**p) for p in patches])
 
     # ------------------------------------------------------------------ occlusion
@@ -603,12 +603,10 @@ def create_app(
               summary="Start the occlusion analysis (paper Fig. 7) on the image; poll GET /api/jobs/{id}")
     def start_occlusion(image_id: str = PathParam(pattern=ID_PATTERN)) -> JobInfo:
         session = session_or_404(image_id)
-        if not integrations.occlusion_available():
-            raise HTTPException(404, "the occlusion analysis is not available in this installation")
 
         def work(progress: Callable[[float, str], None]) -> dict[str, Any]:
             if "occlusion" not in session.extras:
-                session.extras["occlusion"] = integrations.occlusion_panels(explorer.loaded, session.x[0], session.shown, progress)
+                session.extras["occlusion"] = occlusion_view(explorer.loaded, session.x[0], session.shown, progress)
             return session.extras["occlusion"]
 
         return jobs.submit("occlusion", session.id, work).info()

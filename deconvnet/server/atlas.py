@@ -1,0 +1,79 @@
+"""An atlas folder opened for browsing (``deconvnet serve --atlas DIR``): the scan written by
+``deconvnet atlas`` (the top-k activations of every map over a dataset), checked against the served
+model; a unit's tiles are projected on first request (reading the k images the scan names, never a
+client-given path), drawn as PNG panels and cached."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..analysis.atlas import AtlasScan, project_atlas
+from ..display.panels import tile_panels
+from ..engine import DeconvNet
+from ..errors import DeconvnetError
+from ..weights import LoadedModel
+
+__all__ = ["Atlas", "open_atlas", "atlas_patches"]
+
+CACHED_UNITS = 2048  # units whose panels are kept (oldest dropped first)
+
+
+class Atlas:
+    """An opened atlas folder: its scan and the panels of the units looked at so far."""
+
+    def __init__(self, scan: AtlasScan, folder: Path) -> None:
+        self.scan = scan
+        self.folder = folder
+        self.cache: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        self.lock = threading.Lock()
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.scan.layers)
+
+
+def open_atlas(atlas_dir: str | Path, loaded: LoadedModel | None = None) -> Atlas:
+    """Open an atlas folder (``atlas.npz`` inside) and check that it fits ``loaded``."""
+    path = Path(atlas_dir)
+    if not path.is_dir():
+        raise DeconvnetError(f"--atlas {atlas_dir}: no such folder")
+    npz = path / "atlas.npz"
+    if not npz.is_file():
+        raise DeconvnetError(f"--atlas {atlas_dir}: no atlas.npz inside; make one with `deconvnet atlas --out {atlas_dir} ...`")
+    scan = AtlasScan.load(npz)
+    # the patches are cut from the images again on demand: they must still be where the scan saw them
+    missing = [scan.files[i] for i in scan.referenced_images() if not os.path.isfile(scan.files[i])]
+    if missing:
+        raise DeconvnetError(
+            f"--atlas {atlas_dir}: {len(missing)} of the images its top-k lists refer to are missing, first {missing[0]} "
+            "(relative paths are taken from the current folder); run the server where the images are, or re-run `deconvnet atlas`")
+    if loaded is not None:
+        crop = loaded.preprocessing.crop
+        if tuple(scan.input_size) != (crop, crop):
+            raise DeconvnetError(f"--atlas {atlas_dir} was computed for {scan.input_size[0]} px inputs; this model takes {crop} px")
+        engine = DeconvNet(loaded.model)
+        for layer in scan.layers:
+            channels = engine.output_shape(layer, (crop, crop))[0]
+            if scan.values[layer].shape[0] != channels:
+                raise DeconvnetError(f"--atlas {atlas_dir}: {layer} has {scan.values[layer].shape[0]} maps there, {channels} in this model")
+    return Atlas(scan, path)
+
+
+def atlas_patches(atlas: Atlas, loaded: LoadedModel, layer: str, channel: int, tile: int = 64) -> list[dict[str, Any]]:
+    """The unit's top-k patches, strongest first: [{"image", "projection" (data URIs), "value", "label"}];
+    [] when the atlas has no such layer or map."""
+    if layer not in atlas.scan.layers or not 0 <= channel < atlas.scan.values[layer].shape[0]:
+        return []
+    key = (layer, channel)
+    with atlas.lock:
+        if key in atlas.cache:
+            return atlas.cache[key]
+        tiles = project_atlas(loaded, atlas.scan, [layer], {layer: [channel]}, tile=tile, progress=False)[layer]
+        out = tile_panels(tiles.tiles[0], tiles.filled[0], tiles.values[0], tiles.images[0], atlas.scan.files)
+        atlas.cache[key] = out
+        if len(atlas.cache) > CACHED_UNITS:
+            atlas.cache.pop(next(iter(atlas.cache)))
+        return out
