@@ -35,7 +35,7 @@ import torch
 
 from ..data import Preprocessing
 from ..errors import DeconvnetError
-from ._common import LayerTaps
+from .layers import LayerTaps
 
 __all__ = [
     "Box",

@@ -29,7 +29,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..data import Preprocessing, limit_aspect
 from ..errors import DeconvnetError
-from ._common import LayerTaps
+from .layers import LayerTaps
 
 __all__ = ["TRANSFORMS", "InvarianceCurves", "default_values", "prepare_uncropped", "transform_batch", "invariance_curves"]
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..deconv import DeconvNet, LayerInfo, Selection
 from ..errors import DeconvnetError
-from ._common import model_head
+from .layers import model_head
 
 __all__ = [
     "OcclusionMaps",

@@ -1,7 +1,7 @@
 """Linear probes of each layer (Zeiler & Fergus Sec. 5.2, Table 7).
 
 The model is frozen; every image goes through it once and the output of each requested layer
-(layers 1..7, see ``deconvnet.analysis._common``) is kept as a feature vector:
+(layers 1..7, see ``deconvnet.analysis.layers``) is kept as a feature vector:
 
 * conv layers (1..5): the maps are average-pooled to at most ``grid x grid`` cells
   (``adaptive_avg_pool2d``; maps already smaller are kept as they are) and flattened, so every
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DeconvnetError
-from ._common import LayerTaps
+from .layers import LayerTaps
 
 __all__ = [
     "extract_features",

@@ -95,7 +95,7 @@ def _folder_label(path: str | Path, loaded) -> int | None:
 
 
 def _label(text: str | None, path: str | Path, loaded) -> int | None:
-    from ..analysis._common import resolve_class
+    from ..analysis.layers import resolve_class
 
     if text is not None:
         return resolve_class(text, loaded.classes, loaded.metadata.get("class_folders"))
@@ -179,7 +179,7 @@ def cmd_invariance(args: argparse.Namespace) -> int:
 
     output_dir(args.out)
 
-    from ..analysis._common import LayerTaps
+    from ..analysis.layers import LayerTaps
     from ..analysis.figures import invariance_figure
     from ..analysis.invariance import TRANSFORMS, default_values, invariance_curves, prepare_uncropped, transform_batch
     from ..atomic import save_json
@@ -242,7 +242,7 @@ PAPER_TABLE1 = {
 
 
 def cmd_correspondence(args: argparse.Namespace) -> int:
-    from ..analysis._common import LayerTaps, parse_layers
+    from ..analysis.layers import LayerTaps, parse_layers
     from ..analysis.correspondence import correspondence, load_boxes, load_inputs, table_text
     from ..analysis.figures import correspondence_figure
     from ..atomic import save_json, save_text
@@ -290,7 +290,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     output_dir(args.out)
 
-    from ..analysis._common import LayerTaps, parse_layers
+    from ..analysis.layers import LayerTaps, parse_layers
     from ..analysis.figures import probe_figure
     from ..analysis.probes import evaluate_accuracy, extract_features, probe_layers, sample_per_class, train_from_scratch
     from ..atomic import save_json, save_text

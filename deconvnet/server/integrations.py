@@ -302,7 +302,7 @@ def invariance_panels(loaded: Any, image: Image.Image, label: int | None = None)
             label = int(loaded.model(x).argmax(1))
     classes = list(loaded.classes)
     name = classes[label] if label < len(classes) else str(label)
-    from ..analysis._common import LayerTaps
+    from ..analysis.layers import LayerTaps
 
     taps = LayerTaps(loaded.model)
     layers = tuple(taps.default_layers("1,7"))  # the paper's layers 1 and 7; a graph's stem and pooled features
