@@ -37,6 +37,19 @@ class Evolution:
     images: dict[str, np.ndarray]  # (maps, snapshots)
     files: list[str]
 
+    def to_dict(self) -> dict:
+        """The chosen maps, their strongest activation and its image under every snapshot (JSON)."""
+        return {
+            "epochs": self.epochs,
+            "snapshots": self.snapshots,
+            "images": len(self.files),
+            "maps": self.maps,
+            "values": {l: self.values[l].tolist() for l in self.layers},
+            "image_files": {l: [[self.files[i] for i in row] for row in self.images[l].tolist()] for l in self.layers},
+        }
+
+    # figure(): drawn by deconvnet.display (added by the display layer)
+
 
 def snapshot_epoch(path: str | os.PathLike) -> int:
     """The epoch of a training snapshot: its metadata, else the ``epoch-NNN`` in its name."""
@@ -76,7 +89,7 @@ def feature_evolution(
     if not snapshots:
         raise DeconvnetError("give at least one snapshot")
     if maps_per_layer < 1:
-        raise DeconvnetError("--maps-per-layer must be at least 1")
+        raise DeconvnetError(f"maps_per_layer must be at least 1, got {maps_per_layer}")
     files = [str(f) for f in files]
     if not files:
         raise DeconvnetError("no images given")
@@ -106,7 +119,7 @@ def feature_evolution(
             chosen[layer] = [int(m) for m in (maps[layer] if maps and layer in maps else explicit_maps)]
             bad = [m for m in chosen[layer] if not 0 <= m < channels]
             if bad:
-                raise DeconvnetError(f"--maps: {layer} has {channels} maps (0..{channels - 1}); {bad} out of range")
+                raise DeconvnetError(f"maps: {layer} has {channels} maps (0..{channels - 1}); {bad} out of range")
         else:
             top = scans[-1].values[layer][:, 0]
             chosen[layer] = sorted(int(i) for i in np.argsort(-top, kind="stable")[:maps_per_layer])

@@ -35,6 +35,7 @@ from torch import nn
 from ..deconv import DeconvNet
 from ..errors import DeconvnetError
 from ..weights import LoadedModel
+from .layers import ModelLike, model_of
 
 __all__ = ["FilterStats", "filter_stats", "filter_structure", "filter_mosaic", "layer2_top_projections", "filters_figure",
            "DEAD_RATIO", "STRUCTURE_TOP"]
@@ -133,21 +134,21 @@ def _conv(model: nn.Module, layer: str) -> nn.Conv2d:
     return convs[-1]  # type: ignore[return-value]
 
 
-def filter_stats(model: nn.Module, layer: str = "conv1", dead_ratio: float = DEAD_RATIO) -> FilterStats:
+def filter_stats(loaded: ModelLike, layer: str = "conv1", dead_ratio: float = DEAD_RATIO) -> FilterStats:
     """RMS of every filter (output channel) of ``layer``'s convolution and the dead ones."""
     if dead_ratio < 0:
-        raise DeconvnetError("--dead-ratio must be >= 0")
-    w = _conv(model, layer).weight.detach().float().cpu()
+        raise DeconvnetError(f"dead_ratio must be >= 0, got {dead_ratio}")
+    w = _conv(model_of(loaded), layer).weight.detach().float().cpu()
     rms = w.flatten(1).pow(2).mean(1).sqrt().numpy()
     threshold = float(dead_ratio * np.median(rms))
     return FilterStats(layer, tuple(w.shape), rms, rms < threshold, dead_ratio, threshold, filter_structure(w))
 
 
-def filter_mosaic(model: nn.Module, layer: str = "conv1", columns: int | None = None, scale: int = 4, per_filter: bool = True) -> np.ndarray:
+def filter_mosaic(loaded: ModelLike, layer: str = "conv1", columns: int | None = None, scale: int = 4, per_filter: bool = True) -> np.ndarray:
     """RGB mosaic (H, W, 3) float in [0, 1] of the first-layer filters (3 input channels): each filter
     is shown with zero at mid-grey, scaled by its own largest magnitude (``per_filter``) or by the
     layer's (then weak and dead filters look flat grey). Upscaled ``scale`` times (nearest)."""
-    w = _conv(model, layer).weight.detach().float().cpu()
+    w = _conv(model_of(loaded), layer).weight.detach().float().cpu()
     if w.shape[1] != 3:
         raise DeconvnetError(f"{layer} filters have {w.shape[1]} input channels; the mosaic shows RGB (first-layer) filters only")
     c, _, k, _ = w.shape
