@@ -109,7 +109,7 @@ def _image_files(folder: str) -> list:
 
 def cmd_atlas(args: argparse.Namespace) -> int:
     from ..analysis.atlas import build_atlas, dist_info, parse_maps
-    from ..analysis.layers import parse_layers
+    from ..analysis.layers import layer_items, parse_layers
     from ..deconv import DeconvNet
     from ..errors import DeconvnetError
     from ..outputs import output_dir
@@ -118,6 +118,7 @@ def cmd_atlas(args: argparse.Namespace) -> int:
 
     if args.maps and args.random_maps:
         raise DeconvnetError("choose --maps or --random-maps, not both")
+    layer_items(args.layers)  # the text's form, before loading the model
     rank, world = dist_info()
     loaded = load_from_args(args, lrn=lrn_choice(args), announce=rank == 0)
     engine = DeconvNet(loaded.model, include_lrn=args.include_lrn)
@@ -182,6 +183,7 @@ def cmd_filters(args: argparse.Namespace) -> int:
 
 def cmd_evolution(args: argparse.Namespace) -> int:
     from ..analysis.evolution import evolution_figure, feature_evolution
+    from ..analysis.layers import layer_items
     from ..atomic import save_json
     from ..errors import DeconvnetError
     from ..training import resolve_device
@@ -189,6 +191,7 @@ def cmd_evolution(args: argparse.Namespace) -> int:
 
     output_dir(args.out)
 
+    layer_items(args.layers)  # the text's form, before any snapshot loads
     files = _subset(_image_files(args.images), args.max_images)
     maps = None
     if args.maps:
