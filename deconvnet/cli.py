@@ -1,6 +1,6 @@
 """The ``deconvnet`` command: a thin argparse layer over the library.
 
-Sub-commands live in ``deconvnet.commands`` (one module each). A ``DeconvnetError`` (a user mistake)
+Sub-commands live in ``deconvnet.commands`` (grouped in a few modules; ``COMMANDS`` gives their order). A ``DeconvnetError`` (a user mistake)
 becomes one ``deconvnet: error: ...`` line on stderr and exit status 2; anything else is a bug and
 keeps its traceback.
 """
@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .commands import command_modules
+    from .commands import add_commands
 
     parser = _Parser(
         prog="deconvnet",
@@ -33,8 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"deconvnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in command_modules():
-        module.register(sub)
+    add_commands(sub)
     return parser
 
 

@@ -36,7 +36,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from .data import MAX_IMAGE_PIXELS, decode_image
-from .analysis._common import LayerTaps
+from .analysis.layers import LayerTaps
 from .analysis.invariance import invariance_curves, prepare_uncropped
 from .analysis.occlusion import OcclusionMaps, occlusion_maps, occlusion_positions, projection_of_map
 from .deconv import DeconvNet

@@ -108,13 +108,13 @@ def project_image(
     if sum(chosen) != 1:
         raise DeconvnetError("choose exactly one of feature, whole_map or top_maps")
     if position is not None and feature is None:
-        raise DeconvnetError("a position needs a feature (--feature K --position Y X)")
+        raise DeconvnetError("a position needs a feature (feature=K, position=(Y, X))")
     engine = DeconvNet(loaded.model, include_lrn=include_lrn, rule=rule)
     engine.layer(layer)  # clear error for an unknown layer before any work
     batch, shown = prepare_images(loaded, [path])
     if top_maps is not None:
         if top_maps < 1:
-            raise DeconvnetError("--top-maps must be at least 1")
+            raise DeconvnetError(f"top_maps must be at least 1, got {top_maps}")
         selections = engine.strongest(batch, layer, k=top_maps)
     elif whole_map is not None:
         selections = [Selection(0, layer, whole_map, whole_map=True)]

@@ -109,9 +109,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise DeconvnetError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+        raise DeconvnetError("device='cuda' was asked for, but PyTorch sees no CUDA GPU; use device='cpu'")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise DeconvnetError(f"--device must be auto, cpu or cuda, got {device!r}")
+        raise DeconvnetError(f"device must be auto, cpu or cuda, got {device!r}")
     return torch.device(device)
 
 
@@ -315,20 +315,20 @@ def check_config(cfg: TrainConfig) -> None:
         if int(value) < 1:
             raise DeconvnetError(f"--{name} must be at least 1, got {value}")
     if cfg.workers < 0:
-        raise DeconvnetError(f"--workers must be 0 or more, got {cfg.workers}")
+        raise DeconvnetError(f"workers must be 0 or more, got {cfg.workers}")
     for name, value in (("dropout", cfg.dropout), ("label-smoothing", cfg.label_smoothing), ("momentum", cfg.momentum)):
         if not 0 <= value < 1:
             raise DeconvnetError(f"--{name} must be at least 0 and below 1, got {value}")
     if not cfg.lr >= 0 or not math.isfinite(cfg.lr):
-        raise DeconvnetError(f"--lr must be a number >= 0, got {cfg.lr}")
+        raise DeconvnetError(f"lr must be a number >= 0, got {cfg.lr}")
     if cfg.arch not in ARCHITECTURES:
-        raise DeconvnetError(f"unknown --arch {cfg.arch!r}; choose one of {sorted(ARCHITECTURES)}")
+        raise DeconvnetError(f"unknown arch {cfg.arch!r}; choose one of {sorted(ARCHITECTURES)}")
     if cfg.crop > cfg.storage_size:
-        raise DeconvnetError(f"--crop {cfg.crop} is larger than --storage-size {cfg.storage_size} (images are stored as "
-                             f"{cfg.storage_size} px squares and crops are cut from them); lower --crop or raise --storage-size")
+        raise DeconvnetError(f"crop {cfg.crop} is larger than storage_size {cfg.storage_size} (images are stored as "
+                             f"{cfg.storage_size} px squares and crops are cut from them); lower crop or raise storage_size")
     if not _accepts_input(ARCHITECTURES[cfg.arch], cfg.crop):
         smallest = min_input_size(ARCHITECTURES[cfg.arch])
-        raise DeconvnetError(f"--crop {cfg.crop} is too small for {cfg.arch}: its layers need an input of at least {smallest} px")
+        raise DeconvnetError(f"crop {cfg.crop} is too small for {cfg.arch}: its layers need an input of at least {smallest} px")
 
 
 def _accepts_input(config: ArchConfig, size: int) -> bool:
@@ -355,8 +355,8 @@ def _prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
     output_dir(out)
     found = [name for name in RUN_FILES if (out / name).exists()]
     if found and not resume and not overwrite:
-        raise DeconvnetError(f"{out} already holds a training run ({', '.join(found)}); pass --resume to continue it, "
-                             "--overwrite to replace it, or choose another --out")
+        raise DeconvnetError(f"{out} already holds a training run ({', '.join(found)}); pass resume=True to continue it, "
+                             "overwrite=True to replace it, or choose another out folder")
     if overwrite and not resume:
         for name in found:
             (out / name).unlink()
@@ -372,7 +372,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     from tqdm.auto import tqdm
 
     if resume and overwrite:
-        raise DeconvnetError("--resume and --overwrite contradict each other; choose one")
+        raise DeconvnetError("resume and overwrite contradict each other; choose one")
     check_config(cfg)
 
     rank, world, local_rank = _dist_info()
@@ -384,9 +384,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     is_main = rank == 0
     if cfg.batch_size % world:
-        raise DeconvnetError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
+        raise DeconvnetError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
     if cfg.arch not in ARCHITECTURES:
-        raise DeconvnetError(f"unknown --arch {cfg.arch!r}; choose one of {sorted(ARCHITECTURES)}")
+        raise DeconvnetError(f"unknown arch {cfg.arch!r}; choose one of {sorted(ARCHITECTURES)}")
     out = Path(cfg.out)
     checkpoint_path = out / "checkpoint.pt"
     if is_main:
@@ -396,7 +396,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     train_root, val_root = data / cfg.train_dir, data / cfg.val_dir
     for root in (train_root, val_root):
         if not root.is_dir():
-            raise DeconvnetError(f"{root} not found: --data must hold {cfg.train_dir}/<class>/... and {cfg.val_dir}/<class>/...")
+            raise DeconvnetError(f"{root} not found: data must hold {cfg.train_dir}/<class>/... and {cfg.val_dir}/<class>/...")
 
     torch.manual_seed(cfg.seed)
     train_set = ImageFolderCache(train_root, size=cfg.storage_size, cache=cfg.cache, progress=progress and is_main, num_workers=cfg.workers)
@@ -429,7 +429,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     )
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise DeconvnetError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train_set)} images)")
+        raise DeconvnetError(f"batch_size {cfg.batch_size} is larger than the training set ({len(train_set)} images)")
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     schedule = LRSchedule(cfg, steps_per_epoch)
@@ -440,7 +440,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         saved_arch = state["config"]["arch"]
         if saved_arch != cfg.arch or not ArchConfig.from_dict(state["arch_config"]).same_network(model.config):
-            raise DeconvnetError(f"{checkpoint_path} was written for architecture {saved_arch!r} with other settings; use another --out or the same options")
+            raise DeconvnetError(f"{checkpoint_path} was written for architecture {saved_arch!r} with other settings; use another out folder or the same options")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -489,7 +489,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
                 c1, c5 = _topk_correct(logits.float(), target)
                 sums += torch.tensor([loss.item() * len(target), c1, c5, len(target)], dtype=torch.float64, device=device)
             if not math.isfinite(loss.item()):
-                raise DeconvnetError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}, step {step}; lower --lr")
+                raise DeconvnetError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}, step {step}; lower lr")
             bar.set_postfix(loss=f"{float(sums[0] / sums[3]):.3f}", lr=f"{lr:.2e}")
         if world > 1:
             dist.all_reduce(sums)

@@ -117,3 +117,93 @@ def test_layers_lists_names_shapes_and_receptive_fields(weights, capsys):
     pool5 = engine.activations(torch.zeros(1, 3, 96, 96), "pool5").shape[1:]
     assert " x ".join(map(str, pool5)) in rows["pool5"]
     assert f"{engine.layer('conv5').rf_size} px" in rows["conv5"]
+
+
+# The documented order of `deconvnet --help` (README "Commands", deconvnet/commands/__init__.py).
+COMMAND_ORDER = ["models", "layers", "classify", "project", "report", "demo", "serve", "atlas", "filters", "evolution",
+                 "occlusion", "invariance", "correspondence", "probe", "train", "eval", "convert"]
+
+
+def test_help_lists_commands_in_the_documented_order():
+    import re
+    from pathlib import Path
+
+    help_text = _cli("--help").stdout
+    listed = [line.split()[0] for line in help_text.split("COMMAND\n", 1)[1].splitlines() if line.startswith("    ") and not line.startswith("     ")]
+    assert listed == COMMAND_ORDER
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert re.findall(r"^\| `deconvnet (\w+)`", readme, re.M) == COMMAND_ORDER  # README's command table
+
+
+def test_layers_grammar_is_the_same_in_every_command(weights, tmp_path, capsys):
+    """Every --layers goes through deconvnet.analysis.layers: the same help, and the same one-line error
+    for the same bad text, whichever command reads it."""
+    import json
+
+    from deconvnet.cli import build_parser
+    from deconvnet.commands.common import LAYERS_GRAMMAR
+
+    photo = str(sample_paths(["coffee"])[0])
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (120, 110), (40 * i, 90, 200)).save(folder / f"d{i}.png")
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"images": [{"file": f"d{i}.png", "boxes": {"nose": [10, 10, 40, 40]}} for i in range(2)]}))
+    out = str(tmp_path / "out")
+    commands = {
+        "atlas": ["atlas", str(folder)],
+        "evolution": ["evolution", weights, "--images", str(folder)],
+        "invariance": ["invariance", photo],
+        "correspondence": ["correspondence", "--images", str(folder), "--boxes", str(boxes)],
+        "probe": ["probe", "--data", str(folder)],
+        "report": ["report", photo],
+        "demo": ["demo"],
+    }
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for name, argv in commands.items():
+        layers = next(a for a in sub[name]._actions if a.dest == "layers")
+        assert LAYERS_GRAMMAR in layers.help, name
+        extra = [] if name == "evolution" else ["--weights", weights]
+        assert main([*argv, "--layers", "conv2, 7..1", "--out", out, "--device", "cpu", *extra]) == 2, name
+        err = capsys.readouterr().err
+        assert "deconvnet: error: bad layer range '7..1': 7 > 1" in err, (name, err)
+
+
+def test_report_and_demo_share_one_code_path():
+    from deconvnet.cli import build_parser
+    from deconvnet.commands.interfaces import cmd_report
+
+    parser = build_parser()
+    report = parser.parse_args(["report", "a.png", "--out", "o", "--layers", "conv1..conv3"])
+    demo = parser.parse_args(["demo", "--layers", "conv1..conv3"])
+    assert report.func is demo.func is cmd_report
+    assert demo.images is None and report.images == ["a.png"]
+    shared = {k for k in vars(report) if k not in ("images", "out", "command")}
+    assert {k: getattr(report, k) for k in shared} == {k: getattr(demo, k) for k in shared}
+
+
+def test_layers_grammar_on_a_chain_and_a_graph():
+    import torchvision
+
+    from deconvnet.analysis.layers import LayerTaps, parse_layers
+    from deconvnet.deconv import DeconvNet
+    from deconvnet.errors import DeconvnetError
+
+    zf = build_model("zfnet", num_classes=4, fc=(32, 32), lrn=True, input_size=96).eval()
+    engine = DeconvNet(zf)
+    assert parse_layers(None, engine) == parse_layers("all", engine) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    assert parse_layers("conv3, pool5,conv1,conv3", engine) == ["conv1", "conv3", "pool5"]  # forward order, no repeats
+    assert parse_layers("conv2..pool5", engine) == ["conv2", "conv3", "conv4", "conv5", "pool5"]
+    assert parse_layers("1..5", engine) == ["pool1", "pool2", "conv3", "conv4", "pool5"]  # the paper's layers as modules
+    taps = LayerTaps(zf)  # the analyses keep the paper's numbers as names, and read fc6..fc8
+    assert taps.parse("7,1") == ["layer1", "layer7"] and taps.parse(None) == [f"layer{i}" for i in range(1, 8)]
+    assert taps.parse("conv5, fc7") == ["conv5", "fc7"]
+    for bad, message in [("conv1..conv9", "unknown layer 'conv9'"), ("1..conv5", "both ends"), ("", "no layers given"), ("5..1", "5 > 1")]:
+        with pytest.raises(DeconvnetError, match=message):
+            parse_layers(bad, engine)
+    resnet = DeconvNet(torchvision.models.resnet18(num_classes=4).eval())
+    assert parse_layers(None, resnet) == ["relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    assert parse_layers("layer1..layer3,layer3.1", resnet) == ["layer1", "layer2", "layer3", "layer3.1"]
+    with pytest.raises(DeconvnetError, match="paper's layer numbers apply to chain models"):
+        parse_layers("1..3", resnet)

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from deconvnet.analysis.correspondence import box_to_input, correspondence, delta, load_boxes, pairwise_hamming, random_boxes, sign_hamming
+from deconvnet.analysis.correspondence import (
+    box_to_input, correspondence, correspondence_from_files, delta, load_boxes, pairwise_hamming, random_boxes, sign_hamming,
+)
 from deconvnet.data import Preprocessing
 from deconvnet.errors import DeconvnetError
+from deconvnet.weights import load_model
 from tests._analysis_helpers import run_cli, tiny_model, tiny_weights, write_image
 
 
@@ -49,7 +52,10 @@ def test_identical_images_and_masks_give_zero_delta_and_random_is_reported():
     image = torch.randn(3, 64, 64)
     images = image[None].repeat(3, 1, 1, 1)
     boxes = [{"eye": (10, 10, 20, 20), "nose": (30, 30, 40, 44)}] * 3
-    rows, used = correspondence(model, images, boxes, ["eye", "nose"], draws=2, seed=0)
+    result = correspondence(model, images, boxes, ["eye", "nose"], draws=2, seed=0)
+    rows, used = result.rows, result.used
+    assert result.layers == ["layer5", "layer7"] and result.paper is not None
+    assert result.to_dict()["rows"] == [r.to_dict() for r in rows] and "| eye |" in result.table_text()
     by = {(r.name, r.layer): r for r in rows}
     assert by[("eye", "layer5")].delta == 0.0 and by[("nose", "layer7")].delta == 0.0
     assert by[("eye", "layer5")].pairs == 3
@@ -58,7 +64,8 @@ def test_identical_images_and_masks_give_zero_delta_and_random_is_reported():
     for rb in used["random"]["nose"]:
         assert all(b[2] - b[0] == 10 and b[3] - b[1] == 14 for b in rb)
     # seeded: the same draws again
-    rows2, used2 = correspondence(model, images, boxes, ["eye", "nose"], draws=2, seed=0)
+    again = correspondence(model, images, boxes, ["eye", "nose"], draws=2, seed=0)
+    rows2, used2 = again.rows, again.used
     assert used2["random"] == used["random"] and [r.delta for r in rows2] == [r.delta for r in rows]
 
 
@@ -84,6 +91,10 @@ def test_cli_runs_and_writes_the_table(tmp_path, capsys):
     data = json.loads((tmp_path / "out" / "correspondence.json").read_text())
     assert {r["name"] for r in data["rows"]} >= {"left_eye", "nose", "random"}
     assert (tmp_path / "out" / "correspondence.csv").read_text().startswith("name,layer,delta")
+    # the library in one call: the same JSON and table as the command
+    result = correspondence_from_files(load_model(str(weights), device="cpu"), folder, boxes, draws=2)
+    assert json.loads(json.dumps({"weights": str(weights), **result.to_dict()})) == {**data, "weights": str(weights)}
+    assert result.table_text() + "\n" == (tmp_path / "out" / "correspondence.md").read_text()
 
 
 @pytest.mark.parametrize(

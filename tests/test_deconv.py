@@ -23,13 +23,6 @@ class _DeconvReLU(torch.autograd.Function):
         return grad.clamp(min=0)
 
 
-class _Wrap(nn.Module):
-    def forward(self, x):
-        return _DeconvReLU.apply(x)
-
-
-
-
 def _relative(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from deconvnet.analysis._common import LayerTaps
+from deconvnet.analysis.layers import LayerTaps
 from deconvnet.analysis.atlas import build_atlas, project_atlas
 from deconvnet.analysis.filters import filter_stats
 from deconvnet.analysis.occlusion import occlude, occlusion_maps

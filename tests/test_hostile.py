@@ -139,9 +139,9 @@ def test_training_settings_that_cannot_work_are_refused_before_reading_data(tmp_
     data = tmp_path / "nodata"  # never read: the checks come first
     base = ["train", "--data", str(data), "--quiet", "--device", "cpu"]
     assert main([*base, "--out", str(tmp_path / "a"), "--crop", "300"]) == 2
-    assert "--crop 300 is larger than --storage-size 256" in _one_error(capsys)
+    assert "crop 300 is larger than storage_size 256" in _one_error(capsys)
     assert main([*base, "--out", str(tmp_path / "a"), "--crop", "8"]) == 2
-    assert "--crop 8 is too small for zfnet: its layers need an input of at least 47 px" in _one_error(capsys)
+    assert "crop 8 is too small for zfnet: its layers need an input of at least 47 px" in _one_error(capsys)
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("{}\n")

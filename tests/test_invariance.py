@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from deconvnet.analysis._common import LayerTaps
+from deconvnet.analysis.layers import LayerTaps
 from deconvnet.analysis.invariance import default_values, invariance_curves, transform_batch
 from deconvnet.errors import DeconvnetError
 from tests._analysis_helpers import run_cli, tiny_model, tiny_weights, write_image

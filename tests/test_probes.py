@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from deconvnet.analysis.probes import evaluate_accuracy, extract_features, fit_linear, mean_per_class_accuracy, probe_layers, sample_per_class, train_from_scratch
+from deconvnet.analysis.probes import (
+    ProbeResult, evaluate_accuracy, extract_features, fit_linear, fit_probes, mean_per_class_accuracy, probe_layers, sample_per_class,
+    train_from_scratch,
+)
 from deconvnet.errors import DeconvnetError
+from deconvnet.weights import load_model
 from tests._analysis_helpers import run_cli, tiny_model, tiny_weights, write_image
 
 
@@ -36,7 +40,7 @@ def test_linear_classifiers_separate_separable_data_and_not_noise(kind):
     noise = rng.normal(0, 1, (120, 20))
     tr, te = np.arange(120) % 2 == 0, np.arange(120) % 2 == 1
     assert mean_per_class_accuracy(y[te], fit_linear(kind, good[tr], y[tr], good[te], 1.0)) == 1.0
-    rows = probe_layers({"good": good[tr], "noise": noise[tr]}, y[tr], {"good": good[te], "noise": noise[te]}, y[te],
+    rows = fit_probes({"good": good[tr], "noise": noise[tr]}, y[tr], {"good": good[te], "noise": noise[te]}, y[te],
                         per_class=(5, 15), seeds=2, classifiers=(kind,))
     by = {(r.layer, r.train_per_class): r for r in rows}
     assert by[("good", 15)].mean > 0.95 and by[("noise", 15)].mean < 0.6
@@ -94,7 +98,7 @@ def test_cli_probe_with_scratch_baseline(tmp_path, capsys):
     "extra,message",
     [
         (["--train-per-class", "5"], "more than the smallest class has (4 images)"),
-        (["--classifiers", "knn"], "--classifiers must name"),
+        (["--classifiers", "knn"], "classifiers must name"),
         (["--layers", "7..1"], "bad layer range"),
         (["--train-dir", "nope"], "no such folder"),
     ],
@@ -105,3 +109,21 @@ def test_cli_probe_bad_input(tmp_path, capsys, extra, message):
     code, out, err = run_cli(["probe", "--data", root, "--weights", weights, "--quiet", "--out", tmp_path / "out", "--device", "cpu",
                               "--train-per-class", "2", *extra], capsys)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_probe_layers_in_one_call_gives_the_cli_numbers(tmp_path, capsys):
+    """A notebook user's one call (probe_layers on a loaded model) and ``deconvnet probe`` compute the
+    same table: the CLI only parses, calls the library and saves."""
+    weights = tiny_weights(tmp_path)
+    root = _folder(tmp_path)
+    code, out, err = run_cli(["probe", "--data", root, "--layers", "1,5", "--train-per-class", "2,4", "--seeds", "2", "--weights", weights,
+                              "--quiet", "--out", tmp_path / "out", "--device", "cpu"], capsys)
+    assert code == 0, err
+    result = probe_layers(load_model(str(weights), device="cpu"), root, layers="1,5", train_per_class=(2, 4), seeds=2)
+    assert isinstance(result, ProbeResult) and result.layers == ["layer1", "layer5"]
+    saved = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert json.loads(json.dumps(result.to_dict())) == saved  # exact: same data, seeds and solver
+    assert result.table_text() + "\n" == (tmp_path / "out" / "probe.md").read_text()
+    assert [r["model"] for r in result.table()] == [r["model"] for r in saved["rows"]] and "accuracies" not in result.table()[0]
+    with pytest.raises(DeconvnetError, match="^seeds must be at least 1"):
+        probe_layers(load_model(str(weights), device="cpu"), root, seeds=0)

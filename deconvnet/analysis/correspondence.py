@@ -28,14 +28,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
 from ..data import Preprocessing
 from ..errors import DeconvnetError
-from ._common import LayerTaps
+from ..weights import LoadedModel
+from .layers import LayerTaps, ModelLike, layer_label, model_of
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -54,8 +55,18 @@ __all__ = [
     "load_inputs",
     "CorrespondenceRow",
     "CorrespondenceResult",
+    "PAPER_TABLE1",
     "correspondence",
+    "correspondence_from_files",
 ]
+
+# The paper's Table 1 (Delta, spread) for its parts and layers, shown beside ours in the figure.
+PAPER_TABLE1 = {
+    "right_eye|layer5": (0.067, 0.007), "right_eye|layer7": (0.069, 0.015),
+    "left_eye|layer5": (0.069, 0.007), "left_eye|layer7": (0.068, 0.013),
+    "nose|layer5": (0.079, 0.017), "nose|layer7": (0.069, 0.011),
+    "random|layer5": (0.107, 0.017), "random|layer7": (0.073, 0.014),
+}
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x0/y0 inclusive, x1/y1 exclusive
 
@@ -220,53 +231,89 @@ class CorrespondenceRow:
         }
 
 
-class CorrespondenceResult(NamedTuple):
-    """What ``correspondence`` returns (unpacks as ``rows, used``): Table 1's rows and the masks used,
-    ``used["parts"][part]`` (one box per image) and ``used["random"][part]`` (per draw, one per image)."""
+@dataclass
+class CorrespondenceResult:
+    """Table 1: its rows, the layers (columns) with their labels, and the masks used."""
 
     rows: list[CorrespondenceRow]
-    used: dict[str, Any]
+    layers: list[str]
+    labels: dict[str, str]  # layer -> "layer 5 (pool5)"
+    parts: list[str]
+    used: dict[str, Any]  # {"parts": {part: boxes}, "random": {part: [boxes of each draw]}}
+    layer_modules: dict[str, str]
+    draws: int
+    seed: int
+    # set by correspondence_from_files: the image files, their boxes in the model input, the crops shown
+    images: list[str] = field(default_factory=list)
+    boxes: list[dict[str, tuple[int, int, int, int]]] = field(default_factory=list)
+    shown: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def paper(self) -> dict[str, tuple[float, float]] | None:
+        """The paper's Table 1 where our layers are its layers (5 and 7), else None."""
+        return PAPER_TABLE1 if set(self.layers) == {"layer5", "layer7"} else None
+
+    def table(self) -> list[dict[str, Any]]:
+        """The rows as dicts (one per region and layer), e.g. for a CSV file or a DataFrame."""
+        return [r.to_dict() for r in self.rows]
+
+    def table_text(self) -> str:
+        """Markdown table: one line per masked region, one column per layer, "Delta +- spread"."""
+        return table_text(self.rows, self.layers, self.labels)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"images": self.images} if self.images else {}
+        out.update({"parts": self.parts, "draws": self.draws, "seed": self.seed, "layer_modules": self.layer_modules, "rows": self.table()})
+        if self.boxes:
+            out["boxes_in_input"] = dict(zip(self.images, self.boxes))
+        return out
 
     def figure(
         self,
-        images: Sequence[Any],
+        images: Sequence[Any] | None = None,
         layer_labels: dict[str, str] | None = None,
         paper: dict[str, tuple[float, float]] | None = None,
         title: str | None = None,
     ) -> Figure:
-        """The inputs (``images``, e.g. ``load_inputs``' third value) with the masked parts (solid) and
-        the first draw of random regions (dashed), then Delta per region and layer (and ``paper``'s,
-        keyed "part|layer", beside it)."""
+        """The inputs (``images``; default: the crops ``correspondence_from_files`` kept) with the masked
+        parts (solid) and the first draw of random regions (dashed), then Delta per region and layer
+        (and ``paper``'s, keyed "part|layer", beside it; default: the paper's Table 1 where it applies)."""
         from ..display.figures import correspondence_figure
 
+        images = self.shown if images is None else images
         parts = self.used["parts"]
         boxes = [{p: parts[p][i] for p in parts} for i in range(len(images))]
         example = {p: draws[0] for p, draws in self.used["random"].items()}
-        return correspondence_figure(self.rows, images, boxes, example, layer_labels, paper, title)
+        labels = self.labels if layer_labels is None else layer_labels
+        return correspondence_figure(self.rows, images, boxes, example, labels, self.paper if paper is None else paper, title)
 
 
 @torch.no_grad()
 def correspondence(
-    model: torch.nn.Module,
+    loaded: ModelLike,
     images: torch.Tensor,
     boxes: Sequence[dict[str, tuple[int, int, int, int]]],
     parts: Sequence[str],
-    layers: Sequence[str] = ("layer5", "layer7"),
+    layers: str | Sequence[str] | None = None,
     draws: int = 10,
     seed: int = 0,
     fill: float = 0.0,
 ) -> CorrespondenceResult:
     """Table 1 for model inputs ``images`` (N, 3, H, W) and per-image boxes in input coordinates
     ((y0, x0, y1, x1) per part). Rows: each part, then ``random (<part> size)`` for each part and a
-    pooled ``random`` row, for each layer. Also returns the masks used (for figures)."""
+    pooled ``random`` row, for each layer. ``layers`` in the one grammar of
+    ``deconvnet.analysis.layers`` (default: the paper's layers 5 and 7; on other models their last
+    maps and pooled features). The result also holds the masks used (for figures)."""
     n = images.shape[0]
     if n < 2:
         raise DeconvnetError(f"the correspondence measure compares images pairwise: need at least 2 images, got {n}")
     if draws < 1:
-        raise DeconvnetError("--draws must be at least 1")
+        raise DeconvnetError(f"draws must be at least 1, got {draws}")
     crop = images.shape[-1]
+    model = model_of(loaded)
     taps = LayerTaps(model)
-    layers = list(layers)
+    layers = taps.parse(layers, default="5,7")
+    images = images.to(next(model.parameters()).device)
 
     def feats(batch: torch.Tensor) -> dict[str, np.ndarray]:
         out = taps(batch, layers)
@@ -312,7 +359,8 @@ def correspondence(
         d = np.array(random_deltas[l])
         allp = np.concatenate(random_pairs[l])
         rows.append(CorrespondenceRow("random", l, float(d.mean()), float(d.std()), len(random_pairs[l][0]), len(d), float(allp.std()), float(np.mean(random_changed[l]))))
-    return CorrespondenceResult(rows, used)
+    return CorrespondenceResult(rows, layers, {l: layer_label(taps, l) for l in layers}, list(parts), used,
+                                {l: taps.describe(l) for l in layers}, draws, seed)
 
 
 def table_text(rows: Sequence[CorrespondenceRow], layers: Sequence[str], labels: dict[str, str] | None = None) -> str:
@@ -345,3 +393,25 @@ def load_inputs(annotated: Sequence[AnnotatedImage], parts: Sequence[str], pre: 
         except DeconvnetError as e:
             raise DeconvnetError(f"{a.path.name}: {e}") from None
     return torch.stack(tensors), boxes, shown
+
+
+def correspondence_from_files(
+    loaded: LoadedModel,
+    images: str | os.PathLike,
+    boxes: str | os.PathLike,
+    parts: Sequence[str] | None = None,
+    layers: str | Sequence[str] | None = None,
+    draws: int = 10,
+    seed: int = 0,
+) -> CorrespondenceResult:
+    """``correspondence`` on a folder of ``images`` and a JSON ``boxes`` file (see ``load_boxes``),
+    prepared as ``loaded`` wants them (resize + centre crop); what ``deconvnet correspondence`` runs."""
+    annotated, parts = load_boxes(images, boxes, parts)
+    taps = LayerTaps(loaded.model)
+    taps.parse(layers, default="5,7")  # bad layers fail before the images are read
+    inputs, input_boxes, shown = load_inputs(annotated, parts, loaded.preprocessing)
+    result = correspondence(loaded, inputs, input_boxes, parts, layers=layers, draws=draws, seed=seed)
+    result.images = [a.path.name for a in annotated]
+    result.boxes = input_boxes
+    result.shown = shown
+    return result

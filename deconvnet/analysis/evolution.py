@@ -40,6 +40,17 @@ class Evolution:
     images: dict[str, np.ndarray]  # (maps, snapshots)
     files: list[str]
 
+    def to_dict(self) -> dict:
+        """The chosen maps, their strongest activation and its image under every snapshot (JSON)."""
+        return {
+            "epochs": self.epochs,
+            "snapshots": self.snapshots,
+            "images": len(self.files),
+            "maps": self.maps,
+            "values": {l: self.values[l].tolist() for l in self.layers},
+            "image_files": {l: [[self.files[i] for i in row] for row in self.images[l].tolist()] for l in self.layers},
+        }
+
     def figure(self, title: str = "") -> Figure:
         """The paper's Fig. 4: one row per chosen map (grouped by layer), one column per epoch."""
         from ..display.figures import evolution_figure
@@ -85,7 +96,7 @@ def feature_evolution(
     if not snapshots:
         raise DeconvnetError("give at least one snapshot")
     if maps_per_layer < 1:
-        raise DeconvnetError("--maps-per-layer must be at least 1")
+        raise DeconvnetError(f"maps_per_layer must be at least 1, got {maps_per_layer}")
     files = [str(f) for f in files]
     if not files:
         raise DeconvnetError("no images given")
@@ -98,7 +109,7 @@ def feature_evolution(
     for path in paths:
         loaded = load_model(path, arch=arch, device=device, progress=progress)
         engine = DeconvNet(loaded.model)
-        names = parse_layers(layers, engine)
+        names = parse_layers(layers, engine)  # the one grammar, then the atlas's checks
         if layer_names is not None and names != layer_names:
             raise DeconvnetError(f"{path}: its layers differ from the other snapshots'; they must come from one run")
         layer_names = names
@@ -115,7 +126,7 @@ def feature_evolution(
             chosen[layer] = [int(m) for m in (maps[layer] if maps and layer in maps else explicit_maps)]
             bad = [m for m in chosen[layer] if not 0 <= m < channels]
             if bad:
-                raise DeconvnetError(f"--maps: {layer} has {channels} maps (0..{channels - 1}); {bad} out of range")
+                raise DeconvnetError(f"maps: {layer} has {channels} maps (0..{channels - 1}); {bad} out of range")
         else:
             top = scans[-1].values[layer][:, 0]
             chosen[layer] = sorted(int(i) for i in np.argsort(-top, kind="stable")[:maps_per_layer])

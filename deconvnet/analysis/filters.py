@@ -33,6 +33,7 @@ from torch import nn
 from ..deconv import DeconvNet
 from ..errors import DeconvnetError
 from ..weights import LoadedModel
+from .layers import ModelLike, model_of
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -143,11 +144,11 @@ def _conv(model: nn.Module, layer: str) -> nn.Conv2d:
     return convs[-1]  # type: ignore[return-value]
 
 
-def filter_stats(model: nn.Module, layer: str = "conv1", dead_ratio: float = DEAD_RATIO) -> FilterStats:
+def filter_stats(loaded: ModelLike, layer: str = "conv1", dead_ratio: float = DEAD_RATIO) -> FilterStats:
     """RMS of every filter (output channel) of ``layer``'s convolution and the dead ones."""
     if dead_ratio < 0:
-        raise DeconvnetError("--dead-ratio must be >= 0")
-    conv = _conv(model, layer)
+        raise DeconvnetError(f"dead_ratio must be >= 0, got {dead_ratio}")
+    conv = _conv(model_of(loaded), layer)
     w = conv.weight.detach().float().cpu()
     rms = w.flatten(1).pow(2).mean(1).sqrt().numpy()
     threshold = float(dead_ratio * np.median(rms))

@@ -29,7 +29,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..data import Preprocessing, limit_aspect
 from ..errors import DeconvnetError
-from ._common import LayerTaps
+from .layers import LayerTaps, ModelLike, model_of
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -137,24 +137,26 @@ def transform_batch(uncropped: torch.Tensor, transform: str, values: Sequence[fl
 
 @torch.no_grad()
 def invariance_curves(
-    model: torch.nn.Module,
+    loaded: ModelLike,
     images: Sequence[torch.Tensor],
     labels: Sequence[int],
     transform: str,
     crop: int,
     values: Sequence[float] | None = None,
-    layers: Sequence[str] = ("layer1", "layer7"),
+    layers: str | Sequence[str] | None = None,
     progress: bool = False,
 ) -> InvarianceCurves:
     """Distances and probabilities for ``images`` (uncropped normalised tensors from
-    ``prepare_uncropped``) under one transformation; see the module docstring."""
+    ``prepare_uncropped``) under one transformation; see the module docstring. ``layers`` in the one
+    grammar of ``deconvnet.analysis.layers`` (default: the paper's layers 1 and 7)."""
     from tqdm.auto import tqdm
 
     if len(images) != len(labels):
-        raise DeconvnetError(f"{len(images)} images but {len(labels)} labels")
+        raise DeconvnetError(f"{len(images)} images but {len(labels)} labels: give one label per image")
     vals = default_values(transform, crop) if values is None else np.asarray(values, dtype=np.float64)
+    model = model_of(loaded)
     taps = LayerTaps(model)
-    layers = list(layers)
+    layers = taps.parse(layers, default="1,7")
     device = next(model.parameters()).device
     n, t = len(images), len(vals)
     dist = {l: np.zeros((n, t)) for l in layers}

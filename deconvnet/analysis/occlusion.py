@@ -35,7 +35,7 @@ from torch import nn
 
 from ..deconv import DeconvNet, LayerInfo, Selection
 from ..errors import DeconvnetError
-from ._common import model_head
+from .layers import ModelLike, model_head, model_of
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -465,7 +465,7 @@ def _pick(logits: torch.Tensor) -> torch.Tensor:
 
 
 def occlusion_maps(
-    model: nn.Module,
+    loaded: ModelLike,
     image: torch.Tensor,
     size: int,
     stride: int,
@@ -479,7 +479,7 @@ def occlusion_maps(
     keep_logits: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> OcclusionMaps:
-    """Occlusion maps of one (C, H, W) model input (see the module docstring).
+    """Occlusion maps of one (C, H, W) model input of ``loaded`` (see the module docstring).
 
     ``layer`` defaults to conv5 (the paper's models) or the model's last layer with maps. The
     incremental method applies to chain models (ZFNet, AlexNet, VGG); other models (ResNet, DenseNet...)
@@ -497,7 +497,8 @@ def occlusion_maps(
     if image.dim() != 3:
         raise DeconvnetError(f"expected one (C, H, W) image, got shape {tuple(image.shape)}")
     if batch_size < 1:
-        raise DeconvnetError("batch size must be at least 1")
+        raise DeconvnetError(f"batch_size must be at least 1, got {batch_size}")
+    model = model_of(loaded)
     model.eval()
     engine = DeconvNet(model)
     watch = engine.layer(layer or engine.default_layer)
@@ -590,9 +591,9 @@ def max_difference(a: OcclusionMaps, b: OcclusionMaps) -> dict[str, float]:
     return out
 
 
-def projection_of_map(model: nn.Module, image: torch.Tensor, layer: str, channel: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+def projection_of_map(loaded: ModelLike, image: torch.Tensor, layer: str, channel: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     """The deconvnet projection of the strongest activation of map ``channel`` of ``layer`` on the
     unoccluded image (Fig. 7 c), with the receptive-field box (y0, x0, y1, x1) of that activation."""
-    engine = DeconvNet(model)
+    engine = DeconvNet(model_of(loaded))
     (proj,) = engine.project(image[None], [Selection(0, layer, channel)])
     return proj.image.detach().float().cpu(), proj.box

@@ -1,7 +1,7 @@
 """Linear probes of each layer (Zeiler & Fergus Sec. 5.2, Table 7).
 
 The model is frozen; every image goes through it once and the output of each requested layer
-(layers 1..7, see ``deconvnet.analysis._common``) is kept as a feature vector:
+(layers 1..7, see ``deconvnet.analysis.layers``) is kept as a feature vector:
 
 * conv layers (1..5): the maps are average-pooled to at most ``grid x grid`` cells
   (``adaptive_avg_pool2d``; maps already smaller are kept as they are) and flattened, so every
@@ -18,13 +18,19 @@ training images of each class, the seeds draw the same images (spread from the s
 
 ``train_from_scratch`` trains the same architecture on the training images alone, the paper's
 "non-pretrained" baseline.
+
+``probe_layers(loaded, data)`` runs the whole study on an image folder (what ``deconvnet probe``
+runs) and returns a ``ProbeResult`` (the rows, the table as text, ``to_dict()``); ``fit_probes`` is
+its step on features already extracted.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DeconvnetError
-from ._common import LayerTaps
+from ..weights import LoadedModel
+from .layers import LAYER_LABELS, LayerTaps, ModelLike, model_of
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -44,6 +51,7 @@ __all__ = [
     "fit_linear",
     "ProbeRow",
     "ProbeResult",
+    "fit_probes",
     "probe_layers",
     "train_from_scratch",
     "evaluate_accuracy",
@@ -52,13 +60,14 @@ __all__ = [
 
 @torch.no_grad()
 def extract_features(
-    model: nn.Module, images: torch.Tensor, layers: Sequence[str], grid: int = 4, batch_size: int = 64, progress: bool = False
+    loaded: ModelLike, images: torch.Tensor, layers: Sequence[str], grid: int = 4, batch_size: int = 64, progress: bool = False
 ) -> dict[str, np.ndarray]:
     """Features (N, D) float32 of every layer for (N, 3, H, W) model inputs (see the module docstring)."""
     from tqdm.auto import tqdm
 
     if grid < 1:
-        raise DeconvnetError("--grid must be at least 1")
+        raise DeconvnetError(f"grid must be at least 1, got {grid}")
+    model = model_of(loaded)
     taps = LayerTaps(model)
     device = next(model.parameters()).device
     chunks: dict[str, list[np.ndarray]] = {l: [] for l in layers}
@@ -137,28 +146,7 @@ class ProbeRow:
         }
 
 
-@dataclass
-class ProbeResult:
-    """Rows of probes (of one or more ``probe_layers`` runs, e.g. a trained and a from-scratch model)."""
-
-    rows: list[ProbeRow]
-
-    def figure(
-        self,
-        layers: Sequence[str] | None = None,
-        layer_labels: dict[str, str] | None = None,
-        extra: dict[str, dict[int, float]] | None = None,
-        chance: float | None = None,
-        title: str | None = None,
-    ) -> Figure:
-        """Mean per-class accuracy against the layer, one panel per classifier; ``extra[model][n]``:
-        horizontal marks (e.g. end-to-end accuracy), ``chance``: a dashed line."""
-        from ..display.figures import probe_figure
-
-        return probe_figure(self.rows, layers, layer_labels, extra, chance, title)
-
-
-def probe_layers(
+def fit_probes(
     train_feats: dict[str, np.ndarray],
     y_train: np.ndarray,
     test_feats: dict[str, np.ndarray],
@@ -175,7 +163,7 @@ def probe_layers(
 
     C = {"softmax": 1.0, "svm": 0.01, **(C or {})}
     if seeds < 1:
-        raise DeconvnetError("--seeds must be at least 1")
+        raise DeconvnetError(f"seeds must be at least 1, got {seeds}")
     rows = []
     jobs = [(l, k, n) for l in train_feats for k in classifiers for n in per_class]
     for layer, kind, n in tqdm(jobs, desc=f"probes ({model_name})", disable=not progress, unit="fit"):
@@ -189,8 +177,9 @@ def probe_layers(
 
 
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: np.ndarray, batch_size: int = 100) -> float:
+def evaluate_accuracy(loaded: ModelLike, images: torch.Tensor, labels: np.ndarray, batch_size: int = 100) -> float:
     """Mean per-class accuracy of the model's own classifier."""
+    model = model_of(loaded)
     model.eval()
     device = next(model.parameters()).device
     preds = [model(images[s : s + batch_size].to(device)).argmax(1).cpu().numpy() for s in range(0, len(images), batch_size)]
@@ -256,3 +245,190 @@ def train_from_scratch(
     model.eval()
     log["seconds"] = time.perf_counter() - t0
     return log
+
+
+@dataclass
+class ProbeResult:
+    """Table 7: one row per (model, layer, classifier, training images per class), with what it was
+    computed from."""
+
+    rows: list[ProbeRow]
+    layers: list[str] = field(default_factory=list)  # default: the rows' layers in order
+    labels: dict[str, str] = field(default_factory=dict)  # layer -> "layer 5"
+    classes: list[str] = field(default_factory=list)
+    weights: str = ""
+    data: str = ""
+    train_counts: list[int] = field(default_factory=list)
+    test_counts: list[int] = field(default_factory=list)
+    layer_modules: dict[str, str] = field(default_factory=dict)
+    grid: int = 4
+    C: dict[str, float] = field(default_factory=dict)
+    seeds: int = 3
+    from_scratch: dict[int, dict[str, Any]] = field(default_factory=dict)  # N -> end-to-end accuracy, epochs, seconds, loss
+
+    @property
+    def end_to_end(self) -> dict[str, dict[int, float]]:
+        """End-to-end accuracy of the from-scratch models by training images per class (figures)."""
+        if not self.from_scratch:
+            return {}
+        return {"from scratch": {n: info["end_to_end_accuracy"] for n, info in self.from_scratch.items()}}
+
+    @property
+    def chance(self) -> float:
+        return 1 / len(self.classes) if self.classes else 0.0
+
+    def table(self) -> list[dict[str, Any]]:
+        """The rows as dicts without the per-seed accuracies, e.g. for a CSV file or a DataFrame."""
+        return [{k: v for k, v in r.to_dict().items() if k != "accuracies"} for r in self.rows]
+
+    def table_text(self) -> str:
+        """Markdown table: one line per (model, classifier, N), one column per layer, "mean +- std"
+        over seeds (percent), and the end-to-end accuracy of the from-scratch models."""
+        groups: list[tuple[str, str, int]] = []
+        for r in self.rows:
+            key = (r.model, r.classifier, r.train_per_class)
+            if key not in groups:
+                groups.append(key)
+        head = "| model | classifier | train/class | " + " | ".join(self.labels.get(l, l) for l in self.layers) + " | end-to-end |"
+        lines = [head, "|---" * (len(self.layers) + 4) + "|"]
+        for model, kind, n in groups:
+            cells = []
+            for l in self.layers:
+                r = next((r for r in self.rows if (r.model, r.classifier, r.train_per_class, r.layer) == (model, kind, n, l)), None)
+                cells.append("" if r is None else (f"{100 * r.mean:.1f} +- {100 * r.std:.1f}" if len(r.accuracies) > 1 else f"{100 * r.mean:.1f}"))
+            e2e = self.from_scratch.get(n, {}).get("end_to_end_accuracy") if model == "from scratch" else None
+            lines.append(f"| {model} | {kind} | {n} | " + " | ".join(cells) + f" | {'' if e2e is None else f'{100 * e2e:.1f}'} |")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weights": self.weights, "data": self.data, "classes": self.classes, "train_counts": self.train_counts,
+            "test_counts": self.test_counts, "layer_modules": self.layer_modules, "grid": self.grid, "C": self.C,
+            "seeds": self.seeds, "rows": [r.to_dict() for r in self.rows], "from_scratch": self.from_scratch,
+        }
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            self.layers = list(dict.fromkeys(r.layer for r in self.rows))
+
+    def figure(
+        self,
+        layers: Sequence[str] | None = None,
+        layer_labels: dict[str, str] | None = None,
+        extra: dict[str, dict[int, float]] | None = None,
+        chance: float | None = None,
+        title: str | None = None,
+    ) -> Figure:
+        """Mean per-class accuracy against the layer, one panel per classifier; ``extra[model][n]``:
+        horizontal marks (default: the from-scratch models' end-to-end accuracy), ``chance``: a dashed
+        line (default: one over the number of classes, when known)."""
+        from ..display.figures import probe_figure
+
+        return probe_figure(
+            self.rows,
+            self.layers if layers is None else layers,
+            self.labels if layer_labels is None else layer_labels,
+            self.end_to_end if extra is None else extra,
+            (self.chance or None) if chance is None else chance,
+            title,
+        )
+
+
+def probe_layers(
+    loaded: LoadedModel,
+    data: str | os.PathLike,
+    layers: str | Sequence[str] | None = None,
+    train_per_class: Sequence[int] = (15, 30, 60),
+    seeds: int = 3,
+    classifiers: str | Sequence[str] = ("softmax", "svm"),
+    grid: int = 4,
+    C: dict[str, float] | None = None,
+    scratch_epochs: int = 0,
+    scratch_lr: float = 0.02,
+    scratch_only: bool = False,
+    train_dir: str = "train",
+    test_dir: str = "test",
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> ProbeResult:
+    """Linear probes of ``loaded``'s frozen layers on ``data`` (``<train_dir>/<class>/*`` and
+    ``<test_dir>/<class>/*``), the paper's Table 7; see the module docstring. ``layers`` in the one
+    grammar of ``deconvnet.analysis.layers`` (default: 1..7; other models: their main layers).
+    ``scratch_epochs > 0`` adds the same architecture trained from scratch on each training sample
+    (deconvnet's own architectures only); ``scratch_only`` keeps only those rows. ``log`` receives a
+    line per from-scratch model."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from ..data import ImageFolderCache
+    from ..models import ConvNet
+
+    kinds = [k.strip() for k in (classifiers.split(",") if isinstance(classifiers, str) else classifiers) if k.strip()]
+    if not kinds or any(k not in ("softmax", "svm") for k in kinds):
+        raise DeconvnetError(f"classifiers must name softmax and/or svm, got {classifiers!r}")
+    per_class = [int(n) for n in train_per_class]
+    if not per_class or min(per_class) < 1:
+        raise DeconvnetError(f"train_per_class needs positive numbers, e.g. 15,30,60; got {train_per_class!r}")
+    if seeds < 1:
+        raise DeconvnetError(f"seeds must be at least 1, got {seeds}")
+    if scratch_only and scratch_epochs < 1:
+        raise DeconvnetError("scratch_only needs scratch_epochs >= 1")
+    if scratch_epochs > 0 and not isinstance(loaded.model, ConvNet):
+        raise DeconvnetError("scratch_epochs needs one of deconvnet's own architectures (zfnet, zfnet-b, alexnet)")
+    taps = LayerTaps(loaded.model)
+    chosen = taps.parse(layers, default="1..7")
+    labels = {l: l if taps.graph else LAYER_LABELS.get(l, l) for l in chosen}
+    pre = loaded.preprocessing
+    data = Path(data)
+    train = ImageFolderCache(data / train_dir, size=pre.resize, progress=progress)
+    test = ImageFolderCache(data / test_dir, size=pre.resize, classes=train.classes, progress=progress)
+    counts = train.class_counts()
+    if max(per_class) > min(counts):
+        raise DeconvnetError(f"train_per_class {max(per_class)} is more than the smallest class has ({min(counts)} images)")
+
+    def inputs(ds: ImageFolderCache) -> torch.Tensor:
+        assert ds.images is not None
+        return pre.normalize(TF.center_crop(ds.images, [pre.crop, pre.crop]))
+
+    x_train, x_test = inputs(train), inputs(test)
+    y_train, y_test = train.targets.numpy(), test.targets.numpy()
+    C = {"softmax": 1.0, "svm": 0.01, **(C or {})}
+    name = Path(loaded.source).stem if "/" in loaded.source else loaded.source
+    rows: list[ProbeRow] = []
+    if not scratch_only:
+        f_train = extract_features(loaded, x_train, chosen, grid=grid, progress=progress)
+        f_test = extract_features(loaded, x_test, chosen, grid=grid)
+        rows = fit_probes(f_train, y_train, f_test, y_test, per_class, seeds, kinds, C, f"{name} (frozen)", progress=progress)
+    result = ProbeResult(rows, chosen, labels, list(train.classes), loaded.source, str(data), counts, test.class_counts(),
+                         {l: taps.describe(l) for l in chosen}, grid, C, seeds)
+    if scratch_epochs > 0:
+        assert train.images is not None
+        for n in per_class:
+            result.rows += _scratch_rows(loaded, train.images, x_train, y_train, x_test, y_test, n, chosen, kinds, C, grid,
+                                         scratch_epochs, scratch_lr, len(train.classes), result.from_scratch, progress, log)
+    return result
+
+
+def _scratch_rows(loaded: LoadedModel, images: torch.Tensor, x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.Tensor,
+                  y_test: np.ndarray, n: int, layers: list[str], kinds: list[str], C: dict[str, float], grid: int, epochs: int,
+                  lr: float, num_classes: int, info: dict[int, dict[str, Any]], progress: bool,
+                  log: Callable[[str], None] | None) -> list[ProbeRow]:
+    """Train the architecture from scratch on ``n`` images per class (seed 0), record its end-to-end
+    accuracy in ``info[n]`` and probe its layers."""
+    from ..models import ConvNet
+    from ..training import init_weights
+
+    model = loaded.model
+    assert isinstance(model, ConvNet)
+    torch.manual_seed(0)
+    fresh = ConvNet(model.config.with_(num_classes=num_classes)).to(loaded.device)
+    init_weights(fresh, "kaiming")
+    idx = sample_per_class(y_train, n, 0)
+    pre = loaded.preprocessing
+    trained = train_from_scratch(fresh, images[idx], y_train[idx], pre.crop, pre.normalize, epochs=epochs, lr=lr, progress=progress)
+    acc = evaluate_accuracy(fresh, x_test, y_test)
+    info[n] = {"end_to_end_accuracy": acc, "epochs": epochs, "train_seconds": round(trained["seconds"], 1), "loss": trained["loss"]}
+    if log is not None:
+        log(f"from scratch, {n}/class: {epochs} epochs in {trained['seconds']:.0f} s, end-to-end mean per-class accuracy {acc:.1%}")
+    ft = extract_features(fresh, x_train[idx], layers, grid=grid)
+    fs = extract_features(fresh, x_test, layers, grid=grid)
+    return fit_probes(ft, y_train[idx], fs, y_test, [n], 1, kinds, C, "from scratch")

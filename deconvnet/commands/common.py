@@ -1,4 +1,5 @@
-"""Argument helpers shared by the sub-commands."""
+"""Argument helpers shared by the sub-commands: one helper per option that several commands take, so
+it is spelled, defaulted and explained the same everywhere."""
 
 from __future__ import annotations
 
@@ -11,13 +12,49 @@ if TYPE_CHECKING:  # imported lazily: parsing arguments must not pay for torch
 
 
 def add_model_args(p: argparse.ArgumentParser, arch: bool = True) -> None:
-    """--weights / --arch / --device / --no-lrn, the same on every command."""
+    """--weights / --arch / --device, the same on every command that loads a model."""
     p.add_argument("--weights", default=None, help="registry name (default: zfnet-imagenette, the bundled model; zfnet-imagenet, ...), "
                    "a weights file (.safetensors/.pth) or torchvision's published weights (torchvision:ResNet50_Weights.DEFAULT)")
     if arch:
         p.add_argument("--arch", default=None, help="architecture of a file that does not say (zfnet, alexnet, resnet50, tv-alexnet, timm:resnet50...; "
                        "`deconvnet models` lists them); without --weights: that architecture untrained")
+    add_device(p)
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (a GPU if PyTorch sees one), cpu or cuda")
+
+
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_batch_size(p: argparse.ArgumentParser, default: int, help: str = "images per forward pass (memory is that of one batch)") -> None:
+    p.add_argument("--batch-size", type=positive_int, default=default, help=f"{help} (default {default})")
+
+
+def add_workers(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=nonnegative_int, default=1, help="image-decoding processes (0: decode in the main process)")
+
+
+def add_lrn_args(p: argparse.ArgumentParser) -> None:
+    """--no-lrn / --include-lrn of the commands that project (load with ``lrn=lrn_choice(args)``)."""
+    p.add_argument("--no-lrn", action="store_true", help="remove LRN layers from the model (forward too)")
+    p.add_argument("--include-lrn", action="store_true", help="send the signal back through LRN's Jacobian instead of skipping it")
+
+
+def lrn_choice(args: argparse.Namespace) -> bool | None:
+    """``lrn=`` for ``load_model``: False with --no-lrn, else the model's own."""
+    return False if args.no_lrn else None
+
+
+LAYERS_GRAMMAR = ("comma-separated layer names (`deconvnet layers` lists them; module paths such as layer3.1 too), "
+                  "the paper's layer numbers on ZFNet/AlexNet/VGG (5, 1..7) or ranges of names (conv1..conv5)")
+
+
+def add_layers(p: argparse.ArgumentParser, default: str) -> None:
+    """--layers, in the one grammar of ``deconvnet.analysis.layers.parse_layers``."""
+    p.add_argument("--layers", default=None, help=f"{LAYERS_GRAMMAR}; default: {default}")
 
 
 def load_from_args(args: argparse.Namespace, lrn: bool | None = None, announce: bool = True, untrained_ok: bool = False) -> "LoadedModel":

@@ -1,21 +1,30 @@
-"""``deconvnet classify`` and ``deconvnet project``."""
+"""Looking at a model and projecting: ``deconvnet layers``, ``classify`` and ``project``."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from .common import add_model_args, load_from_args, nonnegative_int, positive_int
+from .common import add_batch_size, add_lrn_args, add_model_args, load_from_args, lrn_choice, nonnegative_int, positive_int
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_layers_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("layers", help="the model's layers: names to use with --layer, output shapes, receptive fields")
+    p.add_argument("--all", action="store_true", help="every selectable name (each module path and traced operation), not only the main layers")
+    add_model_args(p)
+    p.set_defaults(func=cmd_layers)
+
+
+def add_classify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("classify", help="top-k classes of images")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--top", type=positive_int, default=5)
-    p.add_argument("--batch-size", type=positive_int, default=32, help="images decoded and classified at a time (memory does not grow with the number of images)")
+    add_batch_size(p, 32, "images decoded and classified at a time (memory does not grow with the number of images)")
     add_model_args(p)
     p.set_defaults(func=cmd_classify)
 
+
+def add_project(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("project", help="project activations of one layer back to pixel space (deconvnet)")
     p.add_argument("image", help="an image file")
     p.add_argument("--layer", required=True, help="conv1..conv5 (rectified conv output), pool1, pool2, pool5, or any module path "
@@ -27,23 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--whole-map", type=nonnegative_int, metavar="K", help="project all activations of map K together")
     what.add_argument("--top-maps", type=positive_int, metavar="N", help="the strongest activation of each of the N strongest maps, one projection each")
     p.add_argument("--position", type=nonnegative_int, nargs=2, metavar=("Y", "X"), help="with --feature: this activation instead of the strongest")
-    p.add_argument("--no-lrn", action="store_true", help="remove LRN layers from the model (forward too)")
-    p.add_argument("--include-lrn", action="store_true", help="send the signal back through LRN's Jacobian instead of skipping it")
+    add_lrn_args(p)
     p.add_argument("--out", required=True, help="output folder for the PNG figure")
     p.add_argument("--raw", help="also save the unnormalised projections as float32 (N, 3, H, W) .npy (.npy is appended to a name without it)")
     add_model_args(p)
     p.set_defaults(func=cmd_project)
-
-    p = sub.add_parser("layers", help="the model's layers: names to use with --layer, output shapes, receptive fields")
-    p.add_argument("--all", action="store_true", help="every selectable name (each module path and traced operation), not only the main layers")
-    add_model_args(p)
-    p.set_defaults(func=cmd_layers)
-
-    p = sub.add_parser("convert", help="save any supported weights (pytorchcv/torchvision/timm .pth, checkpoint) as deconvnet safetensors")
-    p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--fp16", action="store_true", help="store float16 (half the size; logits change by ~1e-3)")
-    add_model_args(p)
-    p.set_defaults(func=cmd_convert)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -70,7 +67,7 @@ def cmd_project(args: argparse.Namespace) -> int:
     out = output_dir(args.out)
     raw_path = output_file(args.raw, "--raw", suffix=".npy") if args.raw else None
     check_image_file(args.image)
-    loaded = load_from_args(args, lrn=False if args.no_lrn else None)
+    loaded = load_from_args(args, lrn=lrn_choice(args))
     result = project_image(
         loaded,
         args.image,
@@ -96,22 +93,6 @@ def cmd_project(args: argparse.Namespace) -> int:
 
         raw = result.raw().numpy().astype(np.float32)
         print(f"raw projections {raw.shape}: {save_npy(raw_path, raw)}")
-    return 0
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..outputs import output_file
-    from ..weights import save_weights
-
-    output_file(args.out, "--out", suffix=".safetensors", append_suffix=False)
-    loaded = load_from_args(args)
-    keep = {k: v for k, v in loaded.metadata.items() if k not in ("format", "arch", "arch_kwargs", "classes", "preprocessing")}
-    # A torchvision/timm model is stored by name + builder arguments, so load_model rebuilds it alone.
-    path = save_weights(loaded.model, args.out, loaded.classes, loaded.preprocessing,
-                        dtype=torch.float16 if args.fp16 else None, extra=keep, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 

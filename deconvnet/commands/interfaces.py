@@ -1,5 +1,6 @@
-"""``deconvnet serve`` (the web explorer), ``deconvnet report`` (a self-contained HTML report) and
-``deconvnet demo`` (the README's main job: the report for the bundled samples with the bundled model)."""
+"""``deconvnet report`` (a self-contained HTML report), ``deconvnet demo`` (the README's main job: the
+same report, on the bundled sample photos; one code path, ``cmd_report``) and ``deconvnet serve`` (the
+web explorer)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import add_model_args, load_from_args, port, positive_float, positive_int
+from .common import add_layers, add_model_args, load_from_args, port, positive_float, positive_int
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="start the web explorer (layers, maps, projections, occlusion) on 127.0.0.1")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port, default=8000, help="TCP port (default 8000; 0: any free port, printed at start)")
@@ -31,27 +32,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
 
+
+def add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="one self-contained HTML report (opens from disk) for images")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output folder (report.html is written there)")
     _report_args(p)
-    add_model_args(p)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("demo", help="the main job: the HTML report for the bundled sample photos with the bundled model")
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the main job: the HTML report (as `deconvnet report`) for the bundled sample photos with the bundled model")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     _report_args(p)
-    add_model_args(p)
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_report, images=None)
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-maps", type=positive_int, default=6, help="strongest maps shown per layer (default 6)")
-    p.add_argument("--layers", default=None, help="comma-separated layers (default: the conv layers of a chain model such as ZFNet; "
-                   "the top-level layers of a graph model, e.g. relu,maxpool,layer1,...,layer4 of a ResNet; blocks such as layer3.1 may be chosen)")
+    add_layers(p, "the conv layers of a chain model such as ZFNet; the top-level layers of a graph model, e.g. relu,maxpool,layer1..layer4 "
+                  "of a ResNet (layers with maps only)")
     p.add_argument("--no-rules", action="store_true", help="skip the panel of the top layer's strongest unit under the three rules (deconvnet, guided, gradient)")
     p.add_argument("--no-occlusion", action="store_true", help="skip the occlusion maps")
     p.add_argument("--no-invariance", action="store_true", help="skip the invariance curves")
+    add_model_args(p)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -134,50 +138,30 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _layers(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
-
-
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..report import build_report
+    """``report`` on the given images; ``demo`` (``args.images`` None) on the bundled sample photos."""
+    from ..analysis.layers import layer_items, parse_layers
+    from ..deconv import DeconvNet
     from ..outputs import output_dir
-
-    output_dir(args.out)
-
-    loaded = load_from_args(args)
-    path = build_report(
-        loaded,
-        args.images,
-        args.out,
-        layers=_layers(args.layers),
-        top_maps=args.top_maps,
-        occlusion=not args.no_occlusion,
-        invariance=not args.no_invariance,
-        rules=not args.no_rules,
-    )
-    print(f"report: {path}")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
     from ..report import build_report
     from ..samples import sample_paths
-    from ..outputs import output_dir
 
     output_dir(args.out)
-
+    layer_items(args.layers)  # the text's form, before loading the model
+    demo = args.images is None
     loaded = load_from_args(args)
     path = build_report(
         loaded,
-        sample_paths(),
+        sample_paths() if demo else args.images,
         args.out,
-        layers=_layers(args.layers),
+        layers=parse_layers(args.layers, DeconvNet(loaded.model)) if args.layers else None,
         top_maps=args.top_maps,
         occlusion=not args.no_occlusion,
         invariance=not args.no_invariance,
         rules=not args.no_rules,
-        title="deconvnet demo: the bundled model on the bundled sample photos",
+        **({"title": "deconvnet demo: the bundled model on the bundled sample photos"} if demo else {}),
     )
     print(f"report: {Path(path).resolve()}")
-    print("open it in a browser (no server needed); `deconvnet serve` starts the interactive explorer")
+    if demo:
+        print("open it in a browser (no server needed); `deconvnet serve` starts the interactive explorer")
     return 0

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the architectures --arch takes (ours, torchvision's, timm's) and their published weights")
     p.add_argument("pattern", nargs="?", default=None, help="shell-style filter, e.g. 'resnet*' (the tv- prefix is optional)")
     p.add_argument("--timm", action="store_true", help="also list timm's models (needs the optional timm package)")

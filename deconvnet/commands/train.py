@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import area_range, fraction, nonnegative_float, nonnegative_int, pair, positive_float, positive_int, positive_int_list
+from .common import add_batch_size, add_device, add_quiet, add_workers, area_range, fraction, nonnegative_float, nonnegative_int, pair, positive_float, positive_int, positive_int_list
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model on an ImageFolder dataset (the paper's recipe by default)")
     p.add_argument("--data", required=True, help="folder with train/<class>/* and val/<class>/*")
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, curves, weights)")
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-lrn", dest="lrn", action="store_false", help="drop local response normalisation")
     p.add_argument("--dropout", type=fraction, default=0.5)
     p.add_argument("--epochs", type=positive_int, default=70)
-    p.add_argument("--batch-size", type=positive_int, default=128)
+    add_batch_size(p, 128, "images per training step")
     p.add_argument("--lr", type=nonnegative_float, default=0.01)
     p.add_argument("--momentum", type=fraction, default=0.9)
     p.add_argument("--nesterov", action="store_true")
@@ -43,14 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fast only on CPUs/GPUs with bf16 units)")
     p.add_argument("--no-cache", dest="cache", action="store_false", help="decode from disk every time instead of caching uint8 images in memory")
-    p.add_argument("--workers", type=nonnegative_int, default=1, help="data-loading processes")
+    add_workers(p)
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--snapshot-epochs", type=positive_int_list, default=(1, 2, 5, 10, 20, 30, 40, 64))
     p.add_argument("--max-steps-per-epoch", type=positive_int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device(p)
+    add_quiet(p)
     p.set_defaults(func=cmd_train)
-    register_eval(sub)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -63,48 +62,4 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = train(cfg, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     if last:
         print(f"done: val top-1 {last['val_top1']:.1%}, top-5 {last['val_top5']:.1%}; weights in {Path(cfg.out) / 'model.safetensors'}")
-    return 0
-
-
-def register_eval(sub: argparse._SubParsersAction) -> None:
-    from .common import add_model_args
-
-    p = sub.add_parser("eval", help="top-1/top-5 error (center crop and 10-crop), per-class accuracy, confusion matrix")
-    p.add_argument("data", help="an ImageFolder: <class>/<images> (e.g. imagenette-224/val)")
-    p.add_argument("--out", default=None, help="folder for metrics.json and confusion.png")
-    p.add_argument("--no-ten-crop", dest="ten_crop", action="store_false", help="center crop only")
-    p.add_argument("--batch-size", type=positive_int, default=50, help="images per forward pass (memory is that of one batch)")
-    p.add_argument("--workers", type=nonnegative_int, default=1, help="image-decoding processes (0: decode in the main process)")
-    p.add_argument("--cache", action="store_true", help="decode every image into memory first (default: stream them, one batch at a time)")
-    p.add_argument("--no-cache", dest="cache", action="store_false", help=argparse.SUPPRESS)  # the default now; kept for old scripts
-    p.add_argument("--quiet", action="store_true")
-    add_model_args(p)
-    p.set_defaults(func=cmd_eval)
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from ..atomic import save_json
-    from ..display import save_figure
-    from ..display.figures import confusion_figure
-    from ..training import evaluate
-    from .common import load_from_args
-
-    from ..outputs import output_dir
-
-    if args.out:
-        output_dir(args.out)
-    loaded = load_from_args(args)
-    result = evaluate(loaded, args.data, ten_crop=args.ten_crop, batch_size=args.batch_size, cache=args.cache, workers=args.workers,
-                      progress=not args.quiet)
-    print(f"{result['images']} images, {len(result['classes'])} classes ({loaded.source})")
-    print(f"center crop: top-1 error {1 - result['top1']:.2%}  top-5 error {1 - result['top5']:.2%}  (top-1 acc {result['top1']:.2%})")
-    if args.ten_crop:
-        print(f"10-crop:     top-1 error {1 - result['top1_10crop']:.2%}  top-5 error {1 - result['top5_10crop']:.2%}  (top-1 acc {result['top1_10crop']:.2%})")
-    for name, acc in result["per_class_top1"].items():
-        print(f"  {acc:7.2%}  {name}")
-    if args.out:
-        out = Path(args.out)
-        save_json(out / "metrics.json", result)
-        save_figure(confusion_figure(result["confusion"], result["classes"], title=f"confusion (center crop), {Path(args.data).name}"), out / "confusion.png")
-        print(f"wrote {out / 'metrics.json'} and {out / 'confusion.png'}")
     return 0

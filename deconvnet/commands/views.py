@@ -7,10 +7,13 @@ import random
 import sys
 from pathlib import Path
 
-from .common import add_model_args, load_from_args, nonnegative_float, nonnegative_int, positive_int
+from .common import (
+    add_batch_size, add_device, add_layers, add_lrn_args, add_model_args, add_quiet, add_workers, load_from_args, lrn_choice,
+    nonnegative_float, nonnegative_int, positive_int,
+)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_atlas(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "atlas",
         help="top-k activations of every feature map over a folder of images, projected (paper Fig. 2)",
@@ -20,14 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", help="folder of images (searched recursively; unreadable files are skipped and listed)")
     p.add_argument("--out", required=True, help="output folder: atlas.npz, <layer>/maps-*.png, index.html")
-    p.add_argument("--layers", default="all", help="e.g. conv1..conv5 (default: every convI), conv2,conv5 or pool5")
+    add_layers(p, "every convI (a graph model: its top-level layers with maps)")
     p.add_argument("--top", type=positive_int, default=9, help="activations kept per map (default 9)")
     p.add_argument("--allow-repeats", action="store_true", help="allow several of a map's top-k from the same image (default: k distinct images)")
     p.add_argument("--maps", default=None, help="render only these maps of every layer, e.g. 0-15,40 (the scan keeps all)")
     p.add_argument("--random-maps", type=positive_int, default=None, metavar="N", help="render N random maps per layer, like the paper's figure")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="for --random-maps")
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--workers", type=nonnegative_int, default=1, help="image-decoding processes (0: decode in the main process)")
+    add_batch_size(p, 32)
+    add_workers(p)
     p.add_argument("--checkpoint-every", type=positive_int, default=512, metavar="N", help="save the scan state every N images")
     p.add_argument("--restart", action="store_true", help="ignore a saved scan in --out and start over")
     p.add_argument("--no-render", dest="render", action="store_false", help="only scan (write atlas.npz)")
@@ -35,11 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-page", type=positive_int, default=16, help="maps per PNG sheet")
     p.add_argument("--columns", type=positive_int, default=4, help="maps per row of a sheet")
     p.add_argument("--cache-mb", type=nonnegative_float, default=1024, help="memory for the pixels/switches of images in the top-k lists (saves a second forward pass)")
-    p.add_argument("--no-lrn", action="store_true", help="remove LRN layers from the model (forward too)")
-    p.add_argument("--include-lrn", action="store_true", help="send the signal back through LRN's Jacobian instead of skipping it")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_lrn_args(p)
+    add_quiet(p)
     add_model_args(p)
     p.set_defaults(func=cmd_atlas)
+
+
+def add_filters(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "filters",
@@ -55,9 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layer2-maps", type=positive_int, default=36, help="how many conv2 maps to show (the strongest)")
     p.add_argument("--per-filter", action="store_true", help="print every filter's RMS and structure (share of its non-DC energy in its 4 strongest DCT frequencies)")
     p.add_argument("--dead-ratio", type=nonnegative_float, default=0.2, help="dead: RMS < this x median RMS (default 0.2)")
-    p.add_argument("--quiet", action="store_true")
+    add_quiet(p)
     add_model_args(p)
     p.set_defaults(func=cmd_filters)
+
+
+def add_evolution(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "evolution",
@@ -66,15 +74,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("snapshots", nargs="+", help="snapshot files of one run (e.g. runs/x/snapshots/epoch-*.safetensors)")
     p.add_argument("--images", required=True, help="folder of images to take the strongest activations from")
     p.add_argument("--out", required=True, help="output folder: evolution.png, evolution.json")
-    p.add_argument("--layers", default="all", help="e.g. conv1..conv5 (default: every convI)")
+    add_layers(p, "every convI")
     p.add_argument("--maps-per-layer", type=positive_int, default=3, help="maps shown per layer: the strongest under the last snapshot")
     p.add_argument("--maps", default=None, help="explicit maps for every layer instead, e.g. 0,5,9")
     p.add_argument("--max-images", type=positive_int, default=None, help="use at most this many images (evenly spread over the sorted list)")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    add_batch_size(p, 32)
     p.add_argument("--tile", type=positive_int, default=64)
     p.add_argument("--arch", default=None, help="architecture for snapshot files that do not say")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
+    add_device(p)
+    add_quiet(p)
     p.set_defaults(func=cmd_evolution)
 
 
@@ -100,7 +108,8 @@ def _image_files(folder: str) -> list:
 
 
 def cmd_atlas(args: argparse.Namespace) -> int:
-    from ..analysis.atlas import build_atlas, parse_layers, parse_maps
+    from ..analysis.atlas import build_atlas, parse_maps
+    from ..analysis.layers import layer_items, parse_layers
     from ..deconv import DeconvNet
     from ..errors import DeconvnetError
     from ..outputs import output_dir
@@ -110,8 +119,9 @@ def cmd_atlas(args: argparse.Namespace) -> int:
 
     if args.maps and args.random_maps:
         raise DeconvnetError("choose --maps or --random-maps, not both")
+    layer_items(args.layers)  # the text's form, before loading the model
     rank, world = dist_info()
-    loaded = load_from_args(args, lrn=False if args.no_lrn else None, announce=rank == 0)
+    loaded = load_from_args(args, lrn=lrn_choice(args), announce=rank == 0)
     engine = DeconvNet(loaded.model, include_lrn=args.include_lrn)
     layers = parse_layers(args.layers, engine)
     maps = None
@@ -162,7 +172,7 @@ def cmd_filters(args: argparse.Namespace) -> int:
         files = _subset(_image_files(args.images), args.max_images)
         layer2 = {name: layer2_top_projections(lm, files, count=args.layer2_maps, progress=not args.quiet) for name, lm in models}
     out = Path(args.out)
-    stats = [filter_stats(lm.model, dead_ratio=args.dead_ratio) for _, lm in models]
+    stats = [filter_stats(lm, dead_ratio=args.dead_ratio) for _, lm in models]
     path = save_figure(filters_figure([(name, st) for (name, _), st in zip(models, stats)], layer2=layer2), out / "filters.png")
     save_json(out / "filter-stats.json", {name: st.to_dict() for (name, _), st in zip(models, stats)})
     for (name, _), st in zip(models, stats):
@@ -178,6 +188,7 @@ def cmd_filters(args: argparse.Namespace) -> int:
 def cmd_evolution(args: argparse.Namespace) -> int:
     from ..analysis.evolution import feature_evolution
     from ..display import save_figure
+    from ..analysis.layers import layer_items
     from ..atomic import save_json
     from ..errors import DeconvnetError
     from ..training import resolve_device
@@ -185,6 +196,7 @@ def cmd_evolution(args: argparse.Namespace) -> int:
 
     output_dir(args.out)
 
+    layer_items(args.layers)  # the text's form, before any snapshot loads
     files = _subset(_image_files(args.images), args.max_images)
     maps = None
     if args.maps:
@@ -199,10 +211,6 @@ def cmd_evolution(args: argparse.Namespace) -> int:
                             arch=args.arch, explicit_maps=maps)
     out = Path(args.out)
     path = save_figure(evo.figure(), out / "evolution.png")
-    save_json(out / "evolution.json", {
-        "epochs": evo.epochs, "snapshots": evo.snapshots, "images": len(files),
-        "maps": evo.maps, "values": {l: evo.values[l].tolist() for l in evo.layers},
-        "image_files": {l: [[evo.files[i] for i in row] for row in evo.images[l].tolist()] for l in evo.layers},
-    })
+    save_json(out / "evolution.json", evo.to_dict())
     print(f"epochs {evo.epochs}; {len(files)} images; maps {evo.maps}\nfigure: {path}")
     return 0

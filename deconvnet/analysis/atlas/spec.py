@@ -1,14 +1,16 @@
-"""Which layers and maps an atlas covers: ``"conv1..conv5"``, ``"conv1,conv3,pool5"``, ``"all"``;
+"""Which layers and maps an atlas covers (layers in the one grammar of ``analysis.layers``: ``"conv1..conv5"``,
+``"conv1,conv3,pool5"``, ``"all"``);
 ``"0-15,20,31"``; and the one engine a run uses for them."""
 
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 from ...engine import DeconvNet
 from ...errors import DeconvnetError
 from ...weights import LoadedModel
+from ..layers import main_layers
+from ..layers import parse_layers as grammar_layers
 
 __all__ = ["atlas_engine", "default_layers", "parse_layers", "parse_maps"]
 
@@ -29,43 +31,15 @@ def atlas_engine(loaded: LoadedModel, include_lrn: bool = False, engine: DeconvN
 
 def default_layers(engine: DeconvNet) -> list[str]:
     """The layers an atlas covers unless told otherwise: every ``convI`` of a chain model; a graph's
-    top-level layers with maps (e.g. a ResNet's relu, maxpool, layer1..layer4)."""
-    if engine.is_chain:
-        return [n for n in engine.layer_names if re.fullmatch(r"conv\d+", n)]
-    return [n for n in engine.map_layers if "." not in n]
+    top-level layers with maps (e.g. a ResNet's relu, maxpool, layer1..layer4): ``main_layers``."""
+    return main_layers(engine)
 
 
 def parse_layers(spec: str | Sequence[str] | None, engine: DeconvNet) -> list[str]:
-    """``"conv1..conv5"``, ``"conv1,conv3,pool5"``, ``"all"`` (every convI) or a list -> layer names
-    in forward order; unknown names are a ``DeconvnetError`` listing the valid ones."""
-    defaults = default_layers(engine)
-    if spec is None or spec == "all" or spec == []:
-        return defaults
-    parts = [name for piece in _pieces(spec) for name in _expand(piece, engine, defaults)]
-    if not parts:
-        raise DeconvnetError("no layers chosen")
-    return _checked_in_order(parts, engine)
-
-
-def _pieces(spec: str | Sequence[str]) -> list[str]:
-    """The comma-separated items of ``spec`` (a string or a list of them), stripped, empty ones dropped."""
-    items = [spec] if isinstance(spec, str) else list(spec)
-    pieces = (piece.strip() for item in items for piece in str(item).split(","))
-    return [piece for piece in pieces if piece]
-
-
-def _expand(piece: str, engine: DeconvNet, defaults: list[str]) -> list[str]:
-    """One layer name, or a range ``lo..hi``: its two ends and the default layers between them."""
-    if ".." not in piece:
-        return [engine.layer(piece).name]
-    names = engine.layer_names
-    lo, hi = (p.strip() for p in piece.split("..", 1))
-    for end in (lo, hi):
-        engine.layer(end)
-    i, j = names.index(engine.layer(lo).name), names.index(engine.layer(hi).name)
-    if i > j:
-        raise DeconvnetError(f"layer range {piece!r} runs backwards")
-    return [n for n in names[i : j + 1] if n in defaults or n in (lo, hi)]
+    """The layers ``spec`` names in the one layers grammar (``deconvnet.analysis.layers.parse_layers``:
+    ``"conv1..conv5"``, ``"conv1,conv3,pool5"``, paper numbers on chain models, ``"all"``), in forward
+    order, each checked to be a layer the atlas can use (one with maps)."""
+    return _checked_in_order(grammar_layers(spec, engine, default=default_layers(engine)), engine)
 
 
 def _checked_in_order(parts: list[str], engine: DeconvNet) -> list[str]:
