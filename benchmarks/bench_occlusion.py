@@ -33,6 +33,7 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +41,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torch import nn  # noqa: E402
+from torch import nn
 
-from deconvnet.analysis.occlusion import _Incremental, max_difference, occlusion_maps, occlusion_positions  # noqa: E402
-from deconvnet.models import build_model  # noqa: E402
+from deconvnet.analysis.occlusion import _Incremental, max_difference, occlusion_maps, occlusion_positions
+from deconvnet.models import build_model
 
 # (occluder size, stride) for the bundled model, by its input size (128: the earlier bundled model)
 CONFIGS_BUNDLED = {128: [(8, 4), (16, 4), (24, 4), (32, 8), (48, 8)], 224: [(16, 8), (32, 8), (42, 7), (48, 8), (48, 16)]}
@@ -116,10 +117,10 @@ def run(model, label, size_px, configs, repeats, batch_size, rows):
         t_full = t_inc = c_full = c_inc = float("inf")
         for _ in range(repeats):  # interleaved, best of each: fair under a fluctuating machine load
             model.to(memory_format=torch.channels_last if use_cl else torch.contiguous_format)
-            t, c, full = timed(lambda: occlusion_maps(model, image, size, stride, method="full", batch_size=batch_size, keep_logits=True), 1)
+            t, c, full = timed(partial(occlusion_maps, model, image, size, stride, method="full", batch_size=batch_size, keep_logits=True), 1)
             t_full, c_full = min(t_full, t), min(c_full, c)
             model.to(memory_format=torch.contiguous_format)
-            t, c, inc = timed(lambda: occlusion_maps(model, image, size, stride, batch_size=batch_size, keep_logits=True), 1)
+            t, c, inc = timed(partial(occlusion_maps, model, image, size, stride, batch_size=batch_size, keep_logits=True), 1)
             t_inc, c_inc = min(t_inc, t), min(c_inc, c)
         diff = max_difference(inc, full)
         macs_full, macs_inc = multiply_adds(model, image, size, stride)

@@ -12,9 +12,10 @@ import math
 import os
 import stat
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any, Iterable, Sequence
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -238,7 +239,7 @@ class Preprocessing:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         d = dict(d)
         d["mean"] = tuple(d.get("mean", IMAGENET_MEAN))
         d["std"] = tuple(d.get("std", IMAGENET_STD))
@@ -426,7 +427,7 @@ class _Decoder(torch.utils.data.Dataset):
             return index, None, str(e).split(": ", 1)[-1]
 
 
-def compute_pixel_mean(dataset: "ImageFolderCache", crop: int, path: str | os.PathLike | None = None) -> np.ndarray:
+def compute_pixel_mean(dataset: ImageFolderCache, crop: int, path: str | os.PathLike | None = None) -> np.ndarray:
     """The paper's per-pixel mean: the average (3, crop, crop) center crop of a dataset's images, in
     [0, 1]. With ``path`` it is also saved as .npy, for ``Preprocessing(pixel_mean=path)``."""
     total = torch.zeros(3, crop, crop, dtype=torch.float64)

@@ -83,21 +83,21 @@ class ArchConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ArchConfig":
-        known = {f for f in cls.__dataclass_fields__}
+    def from_dict(cls, d: dict[str, Any]) -> ArchConfig:
+        known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown architecture fields: {sorted(unknown)}")
         return cls(**d)
 
-    def same_network(self, other: "ArchConfig") -> bool:
+    def same_network(self, other: ArchConfig) -> bool:
         """True when both configs build the same function (LRN parameters matter only with LRN on)."""
         a, b = self.to_dict(), other.to_dict()
         if not self.lrn and not other.lrn:
             a.pop("lrn_params"), b.pop("lrn_params")
         return a == b
 
-    def with_(self, **changes: Any) -> "ArchConfig":
+    def with_(self, **changes: Any) -> ArchConfig:
         return replace(self, **changes)
 
 

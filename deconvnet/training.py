@@ -21,9 +21,10 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -420,8 +421,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for p in model.parameters():
         (no_decay if p.dim() == 1 else decay).append(p)
     optimizer = torch.optim.SGD(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -459,7 +461,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     view = AugmentedView(train_set, crop=cfg.crop, mode=cfg.augment, scale=tuple(cfg.rrc_scale), seed=cfg.seed)
-    local_batch = cfg.batch_size // world
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -553,7 +554,7 @@ def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def evaluate(
-    loaded: "LoadedModel",
+    loaded: LoadedModel,
     root: str | os.PathLike,
     ten_crop: bool = True,
     batch_size: int = 50,

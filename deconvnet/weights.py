@@ -18,9 +18,10 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,7 +75,7 @@ class LoadedModel:
     # With ``arch``, what rebuilds a torchvision/timm model: ``create_model(arch, **arch_kwargs)``.
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def to(self, device: str | torch.device) -> "LoadedModel":
+    def to(self, device: str | torch.device) -> LoadedModel:
         self.model.to(device)
         return self
 
@@ -260,7 +261,8 @@ def _header_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        names = f.keys()  # a safe_open handle is not iterable itself
+        return {k: tuple(f.get_slice(k).get_shape()) for k in names}
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -23,8 +23,9 @@ import difflib
 import fnmatch
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -148,7 +149,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 # --------------------------------------------------------------------------- torchvision weights
 
 
-def torchvision_weights(spec: str) -> tuple["WeightsEnum", str]:
+def torchvision_weights(spec: str) -> tuple[WeightsEnum, str]:
     """``ResNet50_Weights.IMAGENET1K_V2`` (or ``.DEFAULT``) -> (the weights enum member, its builder name)."""
     import torchvision.models as tvm
 
@@ -177,7 +178,7 @@ def torchvision_weight_names(builder: str) -> list[str]:
     return [f"torchvision:{enum.__name__}.{member.name}" for member in enum]
 
 
-def _weights_by_filename(builder: str, filename: str) -> "WeightsEnum | None":
+def _weights_by_filename(builder: str, filename: str) -> WeightsEnum | None:
     """The torchvision weights whose download is named ``filename`` (a file fetched from torchvision's URL)."""
     import torchvision.models as tvm
 
@@ -188,7 +189,7 @@ def _weights_by_filename(builder: str, filename: str) -> "WeightsEnum | None":
     return next((w for w in enum if w.url.rsplit("/", 1)[-1] == filename), None)
 
 
-def preprocessing_from_weights(weights: "WeightsEnum") -> Preprocessing:
+def preprocessing_from_weights(weights: WeightsEnum) -> Preprocessing:
     """The ``Preprocessing`` equivalent of ``weights.transforms()`` (resize, crop, mean, std, interpolation)."""
     t = weights.transforms()
     return Preprocessing(
@@ -244,9 +245,9 @@ def model_from_state_dict(
     arch: ArchName,
     state: Mapping[str, torch.Tensor],
     origin: str,
-    weights: "WeightsEnum | None" = None,
+    weights: WeightsEnum | None = None,
     filename: str | None = None,
-) -> tuple[nn.Module, dict[str, Any], "WeightsEnum | None"]:
+) -> tuple[nn.Module, dict[str, Any], WeightsEnum | None]:
     """Build a torchvision/timm architecture for ``state`` and load it strictly.
 
     Returns (model, the builder keyword arguments that rebuild it, the torchvision weights the state

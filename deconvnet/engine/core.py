@@ -14,8 +14,8 @@ with results equal to the whole-image path to float rounding (tested).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -115,7 +115,7 @@ class DeconvNet:
             return [i.name for i in self.chain if i.name.startswith(("conv", "pool", "norm"))]
         shapes = self._shapes(self.probe_size)
         out = []
-        for path, module in self.model.named_modules():
+        for path, _module in self.model.named_modules():
             if not path or path.count(".") > 1:
                 continue
             if path.count(".") == 1:
@@ -366,7 +366,7 @@ class DeconvNet:
         return out
 
     # ------------------------------------------------------------------ fast path (chain models)
-    def projector(self) -> "WindowedProjector":
+    def projector(self) -> WindowedProjector:
         """The receptive-field-windowed projector of this engine (chain models)."""
         if self.chain is None:
             raise DeconvnetError("the receptive-field-windowed projector needs a chain model (a `features` nn.Sequential)")

@@ -20,7 +20,7 @@ largest over all paths); global operations (linear, adaptive pooling, means) see
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -173,22 +173,30 @@ class ModelGraph:
         scopes = tuple(".".join(parts[:i]) for i in range(1, len(parts)))
         module_path = scopes[-1] if scopes else None
         inputs = tuple(n.name for n in node.all_input_nodes if n.name in on_path)
-        base = dict(name=node.name, qualname=qualname, node=node, module_path=module_path, scopes=scopes, inputs=inputs)
+        constant = Op(
+            name=node.name,
+            qualname=qualname,
+            kind="constant",
+            node=node,
+            module_path=module_path,
+            scopes=scopes,
+            inputs=inputs,
+        )
         if node.op == "placeholder":
             if self.input_name is not None:
-                return Op(kind="constant", **base)  # extra arguments with defaults
+                return constant  # extra arguments with defaults
             self.input_name = node.name
-            return Op(kind="input", **base)
+            return replace(constant, kind="input")
         if node.op == "output":
-            return Op(kind="constant", **base)
+            return constant
         if not inputs:
-            return Op(kind="constant", **base)  # parameters, shapes, anything not computed from the image
+            return constant  # parameters, shapes, anything not computed from the image
         if node.op == "call_module":
             module = self.model.get_submodule(str(node.target))
             path = str(node.target)
-            base.update(module_path=path, scopes=scopes if path in scopes else (*scopes, path))
             kind, reason = self._module_kind(module)
-            return Op(kind=kind, module=module, reason=reason, **base)
+            scopes = scopes if path in scopes else (*scopes, path)
+            return replace(constant, kind=kind, module=module, module_path=path, scopes=scopes, reason=reason)
         if node.op == "call_function":
             kind = self._function_kind(node, on_path)
         elif node.op == "call_method":
@@ -200,7 +208,7 @@ class ModelGraph:
         reason = "" if kind != "unsupported" else f"{node.op} {_describe_target(node, self.graph_module)}"
         if kind == "unsupported" and len(inputs) > 1 and str(_describe_target(node, self.graph_module)) in ("mul", "matmul", "bmm", "truediv"):
             reason += " of two signals (not a linear map of the image's path)"
-        return Op(kind=kind, reason=reason, **base)
+        return replace(constant, kind=kind, reason=reason)
 
     @staticmethod
     def _module_kind(module: nn.Module) -> tuple[str, str]:

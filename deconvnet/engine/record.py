@@ -87,19 +87,16 @@ def run_forward(
                     continue
                 if op.name not in needed:
                     continue
-                if op.kind == "input":
-                    out = images
-                else:
-                    out = _evaluate(op, env, record, keep_lrn_inputs)
+                out = images if op.kind == "input" else _evaluate(op, env, record, keep_lrn_inputs)
                 env[op.name] = out
                 if isinstance(out, torch.Tensor):
                     record.shapes[op.name] = out.shape
                 if op.kind == "relu" and keep_masks:
                     record.masks[op.name] = out > 0
                 for n in op.node.all_input_nodes:
-                    if last_use.get(n.name) == graph.order[op.name] and n.name not in keep and n.name in env:
-                        if graph.by_name[n.name].kind != "constant":
-                            del env[n.name]
+                    freed = last_use.get(n.name) == graph.order[op.name] and n.name not in keep and n.name in env
+                    if freed and graph.by_name[n.name].kind != "constant":
+                        del env[n.name]
             for t in targets:
                 record.values[t] = env[t]
     finally:

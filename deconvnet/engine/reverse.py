@@ -24,7 +24,8 @@ the input (max pooling's gradient is exactly switch unpooling), i.e. plain backp
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -21,11 +21,10 @@ Results equal the generic engine's to float rounding (tested in ``tests/test_atl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-
-from typing import TYPE_CHECKING
 
 from ..errors import DeconvnetError
 from .chain import ChainRecord, LayerInfo, chain_forward

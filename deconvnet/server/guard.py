@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable
-
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from collections.abc import Callable
+from typing import Any
 
 import h11
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __all__ = ["guarded_protocol", "RequestLimits"]
 
