@@ -1,9 +1,9 @@
 """Notebook-level API: load images for a model, classify them, project their activations.
 
-    from deconvnet import load_model, classify, project_image
-    loaded = load_model()                      # the bundled ZFNet (Imagenette)
-    print(classify(loaded, ["cat.jpg"]))
-    result = project_image(loaded, "cat.jpg", "conv5", top_maps=9)
+from deconvnet import load_model, classify, project_image
+loaded = load_model()                      # the bundled ZFNet (Imagenette)
+print(classify(loaded, ["cat.jpg"]))
+result = project_image(loaded, "cat.jpg", "conv5", top_maps=9)
 """
 
 from __future__ import annotations
@@ -57,7 +57,10 @@ def iter_classify(
 
 
 def classify(
-    loaded: LoadedModel, images: Sequence[str | os.PathLike] | torch.Tensor, top: int = 5, batch_size: int = DEFAULT_BATCH_SIZE
+    loaded: LoadedModel,
+    images: Sequence[str | os.PathLike] | torch.Tensor,
+    top: int = 5,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> list[list[tuple[str, float]]]:
     """Top-``top`` (class name, probability) for each image (paths, streamed in batches of
     ``batch_size``, or a prepared batch)."""

@@ -130,7 +130,9 @@ class ConvNet(nn.Module):
             layers[f"conv{i}"] = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding)
             layers[f"relu{i}"] = nn.ReLU(inplace=False)
             if c.lrn and i in (1, 2):
-                layers[f"norm{i}"] = nn.LocalResponseNorm(**{k: c.lrn_params[k] for k in ("size", "alpha", "beta", "k")})
+                layers[f"norm{i}"] = nn.LocalResponseNorm(
+                    **{k: c.lrn_params[k] for k in ("size", "alpha", "beta", "k")}
+                )
             if i in (1, 2, 5):
                 if c.pool_style == "ceil":
                     layers[f"pool{i}"] = nn.MaxPool2d(3, 2, padding=0, ceil_mode=True)

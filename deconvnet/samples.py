@@ -26,7 +26,9 @@ def sample_dir() -> Path:
     try:
         import skimage
     except ImportError:  # pragma: no cover - a declared dependency
-        raise DeconvnetError("scikit-image is not installed; `pip install scikit-image` for the sample photos") from None
+        raise DeconvnetError(
+            "scikit-image is not installed; `pip install scikit-image` for the sample photos"
+        ) from None
     return Path(skimage.__file__).parent / "data"
 
 

@@ -41,7 +41,16 @@ from .wnids import english_names
 if TYPE_CHECKING:
     from .weights import LoadedModel
 
-__all__ = ["TrainConfig", "train", "evaluate", "renormalize_filters", "init_weights", "init_from_weights", "evaluate_model", "resolve_device"]
+__all__ = [
+    "TrainConfig",
+    "train",
+    "evaluate",
+    "renormalize_filters",
+    "init_weights",
+    "init_from_weights",
+    "evaluate_model",
+    "resolve_device",
+]
 
 
 @dataclass
@@ -97,8 +106,10 @@ def init_from_weights(model: nn.Module, weights: str) -> tuple[list[str], list[s
     target = model.state_dict()
     copied = [k for k, v in target.items() if k in source and source[k].shape == v.shape]
     if not copied:
-        raise DeconvnetError(f"no tensor of {weights} matches this architecture by name and shape; "
-                             f"its layers: {', '.join(list(source)[:6])}...")
+        raise DeconvnetError(
+            f"no tensor of {weights} matches this architecture by name and shape; "
+            f"its layers: {', '.join(list(source)[:6])}..."
+        )
     with torch.no_grad():
         for k in copied:
             target[k].copy_(source[k].to(target[k].dtype))
@@ -237,7 +248,9 @@ def evaluate_model(
     indices = list(range(rank, len(dataset), world))
     crop = preprocessing.crop
     batches = _image_batches(dataset, indices, batch_size, workers)
-    for chunk, images in tqdm(batches, total=-(-len(indices) // batch_size), desc=desc, disable=not progress, unit="batch"):
+    for chunk, images in tqdm(
+        batches, total=-(-len(indices) // batch_size), desc=desc, disable=not progress, unit="batch"
+    ):
         target = dataset.targets[chunk].to(device)
         model_target = index_map[target]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -302,7 +315,10 @@ def _dist_info() -> tuple[int, int, int]:
 def _check_balance(counts: list[int], classes: list[str]) -> None:
     if max(counts) > 3 * min(counts):
         detail = ", ".join(f"{c}: {n}" for c, n in zip(classes, counts))
-        warnings.warn(f"unbalanced training set (largest class {max(counts)} images, smallest {min(counts)}): {detail}", stacklevel=3)
+        warnings.warn(
+            f"unbalanced training set (largest class {max(counts)} images, smallest {min(counts)}): {detail}",
+            stacklevel=3,
+        )
 
 
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "curves.png", "model.safetensors")
@@ -310,8 +326,13 @@ RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "curves.png", "model.safetensors"
 
 def check_config(cfg: TrainConfig) -> None:
     """Refuse settings that cannot train, in one line each, before any data is read."""
-    positive = {"epochs": cfg.epochs, "batch-size": cfg.batch_size, "storage-size": cfg.storage_size, "crop": cfg.crop,
-                "plateau-patience": cfg.plateau_patience}
+    positive = {
+        "epochs": cfg.epochs,
+        "batch-size": cfg.batch_size,
+        "storage-size": cfg.storage_size,
+        "crop": cfg.crop,
+        "plateau-patience": cfg.plateau_patience,
+    }
     for name, value in positive.items():
         if int(value) < 1:
             raise DeconvnetError(f"--{name} must be at least 1, got {value}")
@@ -325,11 +346,15 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.arch not in ARCHITECTURES:
         raise DeconvnetError(f"unknown --arch {cfg.arch!r}; choose one of {sorted(ARCHITECTURES)}")
     if cfg.crop > cfg.storage_size:
-        raise DeconvnetError(f"--crop {cfg.crop} is larger than --storage-size {cfg.storage_size} (images are stored as "
-                             f"{cfg.storage_size} px squares and crops are cut from them); lower --crop or raise --storage-size")
+        raise DeconvnetError(
+            f"--crop {cfg.crop} is larger than --storage-size {cfg.storage_size} (images are stored as "
+            f"{cfg.storage_size} px squares and crops are cut from them); lower --crop or raise --storage-size"
+        )
     if not _accepts_input(ARCHITECTURES[cfg.arch], cfg.crop):
         smallest = min_input_size(ARCHITECTURES[cfg.arch])
-        raise DeconvnetError(f"--crop {cfg.crop} is too small for {cfg.arch}: its layers need an input of at least {smallest} px")
+        raise DeconvnetError(
+            f"--crop {cfg.crop} is too small for {cfg.arch}: its layers need an input of at least {smallest} px"
+        )
 
 
 def _accepts_input(config: ArchConfig, size: int) -> bool:
@@ -356,8 +381,10 @@ def _prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
     output_dir(out)
     found = [name for name in RUN_FILES if (out / name).exists()]
     if found and not resume and not overwrite:
-        raise DeconvnetError(f"{out} already holds a training run ({', '.join(found)}); pass --resume to continue it, "
-                             "--overwrite to replace it, or choose another --out")
+        raise DeconvnetError(
+            f"{out} already holds a training run ({', '.join(found)}); pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --out"
+        )
     if overwrite and not resume:
         for name in found:
             (out / name).unlink()
@@ -397,16 +424,32 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     train_root, val_root = data / cfg.train_dir, data / cfg.val_dir
     for root in (train_root, val_root):
         if not root.is_dir():
-            raise DeconvnetError(f"{root} not found: --data must hold {cfg.train_dir}/<class>/... and {cfg.val_dir}/<class>/...")
+            raise DeconvnetError(
+                f"{root} not found: --data must hold {cfg.train_dir}/<class>/... and {cfg.val_dir}/<class>/..."
+            )
 
     torch.manual_seed(cfg.seed)
-    train_set = ImageFolderCache(train_root, size=cfg.storage_size, cache=cfg.cache, progress=progress and is_main, num_workers=cfg.workers)
-    val_set = ImageFolderCache(val_root, size=cfg.storage_size, cache=cfg.cache, classes=train_set.classes, progress=progress and is_main, num_workers=cfg.workers)
+    train_set = ImageFolderCache(
+        train_root, size=cfg.storage_size, cache=cfg.cache, progress=progress and is_main, num_workers=cfg.workers
+    )
+    val_set = ImageFolderCache(
+        val_root,
+        size=cfg.storage_size,
+        cache=cfg.cache,
+        classes=train_set.classes,
+        progress=progress and is_main,
+        num_workers=cfg.workers,
+    )
     _check_balance(train_set.class_counts(), train_set.classes)
     classes = english_names(train_set.classes)
     preprocessing = Preprocessing(resize=cfg.storage_size, crop=cfg.crop)
 
-    overrides: dict[str, Any] = {"num_classes": len(classes), "lrn": cfg.lrn, "dropout": cfg.dropout, "input_size": cfg.crop}
+    overrides: dict[str, Any] = {
+        "num_classes": len(classes),
+        "lrn": cfg.lrn,
+        "dropout": cfg.dropout,
+        "input_size": cfg.crop,
+    }
     if cfg.fc:
         overrides["fc"] = tuple(cfg.fc)
     model = build_model(cfg.arch, **overrides)
@@ -414,7 +457,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     if cfg.init_from and not (resume and checkpoint_path.exists()):
         copied, kept = init_from_weights(model, cfg.init_from)
         if is_main and progress:
-            print(f"initialised {len(copied)} tensors from {cfg.init_from}" + (f"; new initialisation for {', '.join(kept)}" if kept else ""))
+            print(
+                f"initialised {len(copied)} tensors from {cfg.init_from}"
+                + (f"; new initialisation for {', '.join(kept)}" if kept else "")
+            )
     if cfg.renorm_rms:
         renormalize_filters(model, cfg.renorm_rms)
     model.to(device)
@@ -427,7 +473,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         (no_decay if p.dim() == 1 else decay).append(p)
     optimizer = torch.optim.SGD(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
     )
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -442,7 +490,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         saved_arch = state["config"]["arch"]
         if saved_arch != cfg.arch or not ArchConfig.from_dict(state["arch_config"]).same_network(model.config):
-            raise DeconvnetError(f"{checkpoint_path} was written for architecture {saved_arch!r} with other settings; use another --out or the same options")
+            raise DeconvnetError(
+                f"{checkpoint_path} was written for architecture {saved_arch!r} with other settings; use another --out or the same options"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -468,10 +518,20 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         net.train()
         view.set_epoch(epoch)
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(_mix(cfg.seed, epoch)))
-        batches = [order[s * cfg.batch_size : (s + 1) * cfg.batch_size][rank::world].tolist() for s in range(steps_per_epoch)]
-        loader = torch.utils.data.DataLoader(view, batch_sampler=batches, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+        batches = [
+            order[s * cfg.batch_size : (s + 1) * cfg.batch_size][rank::world].tolist() for s in range(steps_per_epoch)
+        ]
+        loader = torch.utils.data.DataLoader(
+            view, batch_sampler=batches, num_workers=cfg.workers, pin_memory=device.type == "cuda"
+        )
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
-        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and is_main), unit="batch")
+        bar = tqdm(
+            loader,
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not (progress and is_main),
+            unit="batch",
+        )
         for step, (images, target) in enumerate(bar):
             lr = schedule.lr(epoch, step)
             for group in optimizer.param_groups:
@@ -488,14 +548,28 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
                 renormalize_filters(model, cfg.renorm_rms)
             with torch.no_grad():
                 c1, c5 = _topk_correct(logits.float(), target)
-                sums += torch.tensor([loss.item() * len(target), c1, c5, len(target)], dtype=torch.float64, device=device)
+                sums += torch.tensor(
+                    [loss.item() * len(target), c1, c5, len(target)], dtype=torch.float64, device=device
+                )
             if not math.isfinite(loss.item()):
-                raise DeconvnetError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}, step {step}; lower --lr")
+                raise DeconvnetError(
+                    f"training diverged (loss {loss.item()}) at epoch {epoch + 1}, step {step}; lower --lr"
+                )
             bar.set_postfix(loss=f"{float(sums[0] / sums[3]):.3f}", lr=f"{lr:.2e}")
         if world > 1:
             dist.all_reduce(sums)
         train_time = time.time() - t0
-        val = evaluate_model(model, val_set, preprocessing, device, batch_size=100, channels_last=cfg.channels_last, bf16=cfg.bf16, rank=rank, world=world)
+        val = evaluate_model(
+            model,
+            val_set,
+            preprocessing,
+            device,
+            batch_size=100,
+            channels_last=cfg.channels_last,
+            bf16=cfg.bf16,
+            rank=rank,
+            world=world,
+        )
         schedule.end_epoch(1.0 - val["top1"])
         n = float(sums[3])
         record = {
@@ -520,7 +594,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
                 )
             meta = {"epoch": epoch + 1, "class_folders": train_set.classes, "train_config": cfg.to_dict()}
             if epoch + 1 in cfg.snapshot_epochs:
-                save_weights(model, out / "snapshots" / f"epoch-{epoch + 1:03d}.safetensors", classes, preprocessing, extra=meta)
+                save_weights(
+                    model, out / "snapshots" / f"epoch-{epoch + 1:03d}.safetensors", classes, preprocessing, extra=meta
+                )
             _atomic_torch_save(
                 {
                     "model": model.state_dict(),
@@ -542,7 +618,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
 
             plot_training_curves(history, out / "curves.png")
     if is_main:
-        meta = {"epoch": cfg.epochs, "class_folders": train_set.classes, "train_config": cfg.to_dict(), "history": history}
+        meta = {
+            "epoch": cfg.epochs,
+            "class_folders": train_set.classes,
+            "train_config": cfg.to_dict(),
+            "history": history,
+        }
         save_weights(model, out / "model.safetensors", classes, preprocessing, extra=meta)
     if world > 1:
         dist.barrier()
@@ -575,7 +656,9 @@ def evaluate(
     if recorded:
         unknown = [c for c in dataset.classes if c not in recorded]
         if unknown:
-            raise DeconvnetError(f"{root}: class folders {unknown[:5]} are not classes of this model ({', '.join(recorded[:10])})")
+            raise DeconvnetError(
+                f"{root}: class folders {unknown[:5]} are not classes of this model ({', '.join(recorded[:10])})"
+            )
         class_map = [recorded.index(c) for c in dataset.classes]
     elif len(dataset.classes) == len(loaded.classes):
         class_map = list(range(len(dataset.classes)))
@@ -585,8 +668,17 @@ def evaluate(
         )
     device = loaded.device
     result = evaluate_model(
-        loaded.model, dataset, pre, device, ten_crop=ten_crop, batch_size=batch_size,
-        channels_last=device.type == "cpu", progress=progress, desc="evaluating", class_map=class_map, workers=workers,
+        loaded.model,
+        dataset,
+        pre,
+        device,
+        ten_crop=ten_crop,
+        batch_size=batch_size,
+        channels_last=device.type == "cpu",
+        progress=progress,
+        desc="evaluating",
+        class_map=class_map,
+        workers=workers,
     )
     confusion = torch.tensor(result["confusion"])
     per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1).float()).tolist()

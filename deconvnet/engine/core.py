@@ -68,7 +68,9 @@ class DeconvNet:
     ``include_lrn``: reverse LRN by its Jacobian instead of skipping it. The model is never modified.
     """
 
-    def __init__(self, model: nn.Module, include_lrn: bool = False, rule: str = "deconvnet", fast_path: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, include_lrn: bool = False, rule: str = "deconvnet", fast_path: bool = True
+    ) -> None:
         self.model = model
         self.include_lrn = include_lrn
         self.rule = check_rule(rule)
@@ -86,7 +88,16 @@ class DeconvNet:
         self._infos: dict[str, LayerInfo] = {}
         if self.chain is not None:
             for info in self.chain:
-                info = LayerInfo(info.index, info.name, info.path, info.module, info.rf_size, info.rf_stride, info.rf_start, self._aliases[info.name])
+                info = LayerInfo(
+                    info.index,
+                    info.name,
+                    info.path,
+                    info.module,
+                    info.rf_size,
+                    info.rf_stride,
+                    info.rf_start,
+                    self._aliases[info.name],
+                )
                 self._infos[info.name] = info
                 self._infos.setdefault(info.path, info)
                 self._infos.setdefault(info.path.rsplit(".", 1)[-1], info)
@@ -158,7 +169,9 @@ class DeconvNet:
             return self.graph.resolve(layer).name
         except KeyError:
             shown = ", ".join(self.layer_names)
-            raise DeconvnetError(f"unknown layer {layer!r}; this model has {shown} (`deconvnet layers --all` lists every name)") from None
+            raise DeconvnetError(
+                f"unknown layer {layer!r}; this model has {shown} (`deconvnet layers --all` lists every name)"
+            ) from None
 
     def layer(self, name: str) -> LayerInfo:
         """The layer a name means (paper name, module path or traced op name)."""
@@ -190,7 +203,9 @@ class DeconvNet:
             try:
                 record = run_forward(self.graph, probe, [last] if last in targets else targets[-1:])
             except RuntimeError as e:
-                raise DeconvnetError(f"a {key[0]}x{key[1]} input does not fit this model ({str(e).splitlines()[0]})") from None
+                raise DeconvnetError(
+                    f"a {key[0]}x{key[1]} input does not fit this model ({str(e).splitlines()[0]})"
+                ) from None
             self._fields[key] = (record.shapes, self.graph.fields(record.shapes))  # type: ignore[assignment]
         return self._fields[key]  # type: ignore[return-value]
 
@@ -253,7 +268,12 @@ class DeconvNet:
 
     # ------------------------------------------------------------------ backward
     def backward(
-        self, signal: torch.Tensor, layer: str, record: ForwardRecord, image_index: torch.Tensor, rule: str | None = None
+        self,
+        signal: torch.Tensor,
+        layer: str,
+        record: ForwardRecord,
+        image_index: torch.Tensor,
+        rule: str | None = None,
     ) -> torch.Tensor:
         """Send ``signal`` (S, ...) at ``layer`` down to pixel space. ``image_index[s]`` says which
         recorded image's switches (and masks) the s-th signal uses."""
@@ -261,7 +281,9 @@ class DeconvNet:
         op = self._op_name(layer)
         if rule != "deconvnet" and not record.masks and any(o.kind == "relu" for o in self.graph.below(op)):
             raise DeconvnetError(f"the record was made for the deconvnet rule; call forward(..., rule={rule!r}) first")
-        return run_backward(self.graph, record, op, signal, image_index.to(signal.device), rule, self.include_lrn, self.filters)
+        return run_backward(
+            self.graph, record, op, signal, image_index.to(signal.device), rule, self.include_lrn, self.filters
+        )
 
     # ------------------------------------------------------------------ projections
     def project(
@@ -281,14 +303,21 @@ class DeconvNet:
         for i, sel in enumerate(selections):
             self._op_name(sel.layer)
             if not 0 <= sel.image < images.shape[0]:
-                raise DeconvnetError(f"selection {i}: image index {sel.image} out of range (batch of {images.shape[0]})")
+                raise DeconvnetError(
+                    f"selection {i}: image index {sel.image} out of range (batch of {images.shape[0]})"
+                )
             by_layer.setdefault(sel.layer, []).append(i)
         if not selections:
             return []
         height, width = images.shape[-2:]
         results: list[Projection | None] = [None] * len(selections)
         record: ForwardRecord | None = None
-        fast_layers = self.fast_path and self.chain is not None and rule == "deconvnet" and all(n in self._infos for n in by_layer)
+        fast_layers = (
+            self.fast_path
+            and self.chain is not None
+            and rule == "deconvnet"
+            and all(n in self._infos for n in by_layer)
+        )
         if fast_layers:
             # one chain walk gives the seeds and the switches of the windowed way down
             assert self.chain is not None
@@ -323,10 +352,14 @@ class DeconvNet:
                         signal[r, sel.channel, pos[0], pos[1]] = value
                 image_index = torch.tensor([selections[i].image for i in chunk], device=acts.device)
                 assert record is not None
-                down = run_backward(self.graph, record, self._op_name(layer), signal, image_index, rule, self.include_lrn, self.filters)
+                down = run_backward(
+                    self.graph, record, self._op_name(layer), signal, image_index, rule, self.include_lrn, self.filters
+                )
                 for r, i in enumerate(chunk):
                     value, pos = seeds[i]
-                    results[i] = Projection(selections[i], value, pos, info.receptive_field(*pos, height, width), down[r], rule)
+                    results[i] = Projection(
+                        selections[i], value, pos, info.receptive_field(*pos, height, width), down[r], rule
+                    )
         return [r for r in results if r is not None]
 
     def _rows_per_pass(self, record: ForwardRecord | None, layer: str, batch_size: int, device: torch.device) -> int:
@@ -336,7 +369,9 @@ class DeconvNet:
         if device.type != "cpu" or record is None:
             return batch_size
         op = self._op_name(layer)
-        largest = max((math.prod(record.shapes[o.name][1:]) for o in self.graph.below(op) if o.name in record.shapes), default=1)
+        largest = max(
+            (math.prod(record.shapes[o.name][1:]) for o in self.graph.below(op) if o.name in record.shapes), default=1
+        )
         return max(1, min(batch_size, CPU_PASS_BYTES // (4 * largest)))
 
     def _seeds(self, acts: torch.Tensor, sels: list[Selection], layer: str) -> list[tuple[float, tuple[int, int]]]:
@@ -347,10 +382,14 @@ class DeconvNet:
             h, w = acts.shape[-2:]
             flat = acts.flatten(2).argmax(2)  # strongest position of every map, first maximum
         elif acts.dim() != 2:
-            raise DeconvnetError(f"layer {layer!r} outputs shape {tuple(acts.shape[1:])}; projections start from maps (C, H, W) or units (F)")
+            raise DeconvnetError(
+                f"layer {layer!r} outputs shape {tuple(acts.shape[1:])}; projections start from maps (C, H, W) or units (F)"
+            )
         for sel in sels:
             if not 0 <= sel.channel < channels:
-                raise DeconvnetError(f"feature {sel.channel} out of range: {layer} has {channels} maps (0..{channels - 1})")
+                raise DeconvnetError(
+                    f"feature {sel.channel} out of range: {layer} has {channels} maps (0..{channels - 1})"
+                )
             if acts.dim() == 2:
                 if sel.position is not None or sel.whole_map:
                     raise DeconvnetError(f"layer {layer!r} has no spatial grid: select a unit by channel only")
@@ -369,7 +408,9 @@ class DeconvNet:
     def projector(self) -> WindowedProjector:
         """The receptive-field-windowed projector of this engine (chain models)."""
         if self.chain is None:
-            raise DeconvnetError("the receptive-field-windowed projector needs a chain model (a `features` nn.Sequential)")
+            raise DeconvnetError(
+                "the receptive-field-windowed projector needs a chain model (a `features` nn.Sequential)"
+            )
         if self._projector is None:
             self._projector = WindowedProjector(self)
         return self._projector
@@ -389,12 +430,16 @@ class DeconvNet:
         order = sorted(range(len(fast)), key=lambda r: info.receptive_field(*seeds[fast[r]][1], height, width)[2:])
         for start in range(0, len(order), WINDOWED_CHUNK):
             part = torch.tensor(order[start : start + WINDOWED_CHUNK], device=device)
-            out = self.projector().project(chain_record, (height, width), layer, image_index[part], channels[part], positions[part], values[part])
+            out = self.projector().project(
+                chain_record, (height, width), layer, image_index[part], channels[part], positions[part], values[part]
+            )
             canvas = paste(images.new_zeros(len(part), images.shape[1], height, width), out.windows, out.origins)
             for r, k in enumerate(part.tolist()):
                 i = fast[k]
                 value, pos = seeds[i]
-                results[i] = Projection(selections[i], value, pos, info.receptive_field(*pos, height, width), canvas[r], "deconvnet")
+                results[i] = Projection(
+                    selections[i], value, pos, info.receptive_field(*pos, height, width), canvas[r], "deconvnet"
+                )
 
     def strongest(self, images: torch.Tensor, layer: str, k: int | None = None) -> list[Selection]:
         """Selections for the strongest activation of each map (or of the ``k`` maps whose maximum is

@@ -56,23 +56,58 @@ _RESHAPE_MODULES = (nn.Flatten, nn.Unflatten)
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
 _ADD_FUNCTIONS = {operator.add, torch.add, operator.iadd}
 _LINEAR_FUNCTIONS = {
-    torch.cat, torch.concat, torch.stack, operator.getitem, operator.sub, torch.sub, operator.neg, torch.neg,
-    F.avg_pool2d, F.adaptive_avg_pool2d, F.avg_pool1d, F.adaptive_avg_pool1d, F.pad, F.interpolate,
-    torch.mean, torch.sum, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, torch.narrow,
+    torch.cat,
+    torch.concat,
+    torch.stack,
+    operator.getitem,
+    operator.sub,
+    torch.sub,
+    operator.neg,
+    torch.neg,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.avg_pool1d,
+    F.adaptive_avg_pool1d,
+    F.pad,
+    F.interpolate,
+    torch.mean,
+    torch.sum,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.permute,
+    torch.transpose,
+    torch.narrow,
 }
 _SCALE_FUNCTIONS = {operator.mul, torch.mul, operator.truediv, torch.div}  # linear when one side is a constant
 _IDENTITY_FUNCTIONS = {F.dropout, F.dropout2d, F.dropout1d, F.alpha_dropout, torch.clone}
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
 _SPLIT_FUNCTIONS = {torch.split, torch.chunk, torch.tensor_split}
 _METHOD_KINDS = {
-    "relu": "relu", "relu_": "relu",
-    "add": "add", "add_": "add",
-    "view": "reshape", "reshape": "reshape", "flatten": "reshape",
-    "contiguous": "identity", "clone": "identity",
-    "split": "split", "chunk": "split", "tensor_split": "split",
-    "mean": "linear_op", "sum": "linear_op", "permute": "linear_op", "transpose": "linear_op",
-    "squeeze": "linear_op", "unsqueeze": "linear_op", "narrow": "linear_op", "sub": "linear_op", "neg": "linear_op",
-    "mul": "scale", "mul_": "scale", "div": "scale", "div_": "scale",
+    "relu": "relu",
+    "relu_": "relu",
+    "add": "add",
+    "add_": "add",
+    "view": "reshape",
+    "reshape": "reshape",
+    "flatten": "reshape",
+    "contiguous": "identity",
+    "clone": "identity",
+    "split": "split",
+    "chunk": "split",
+    "tensor_split": "split",
+    "mean": "linear_op",
+    "sum": "linear_op",
+    "permute": "linear_op",
+    "transpose": "linear_op",
+    "squeeze": "linear_op",
+    "unsqueeze": "linear_op",
+    "narrow": "linear_op",
+    "sub": "linear_op",
+    "neg": "linear_op",
+    "mul": "scale",
+    "mul_": "scale",
+    "div": "scale",
+    "div_": "scale",
 }
 # spatial geometry of the linear operations that keep a local field
 _GLOBAL = None
@@ -160,7 +195,9 @@ class ModelGraph:
         self.folded_bn: dict[str, nn.Module] = {
             op.inputs[0]: op.module  # type: ignore[misc]
             for op in self.ops
-            if op.kind == "bn" and len(op.inputs) == 1 and self.by_name[op.inputs[0]].kind == "conv"
+            if op.kind == "bn"
+            and len(op.inputs) == 1
+            and self.by_name[op.inputs[0]].kind == "conv"
             and self.users[op.inputs[0]] == [op.name]
         }
         self._names = self._selectable_names()
@@ -206,7 +243,11 @@ class ModelGraph:
         else:
             kind = "unsupported"
         reason = "" if kind != "unsupported" else f"{node.op} {_describe_target(node, self.graph_module)}"
-        if kind == "unsupported" and len(inputs) > 1 and str(_describe_target(node, self.graph_module)) in ("mul", "matmul", "bmm", "truediv"):
+        if (
+            kind == "unsupported"
+            and len(inputs) > 1
+            and str(_describe_target(node, self.graph_module)) in ("mul", "matmul", "bmm", "truediv")
+        ):
             reason += " of two signals (not a linear map of the image's path)"
         return replace(constant, kind=kind, reason=reason)
 
@@ -377,7 +418,11 @@ class ModelGraph:
             return False
         if op.node.target in (torch.cat, torch.concat):
             return True
-        return tuple(out_shape[-2:]) == tuple(in_shape[-2:]) and op.node.target not in (F.pad,) and not isinstance(op.module, nn.ZeroPad2d)
+        return (
+            tuple(out_shape[-2:]) == tuple(in_shape[-2:])
+            and op.node.target not in (F.pad,)
+            and not isinstance(op.module, nn.ZeroPad2d)
+        )
 
 
 def trace(model: nn.Module) -> ModelGraph:

@@ -132,7 +132,9 @@ def _evaluate(op: Op, env: dict[str, Any], record: ForwardRecord, keep_lrn_input
     if op.kind == "maxpool":
         if isinstance(op.module, nn.MaxPool2d):
             m = op.module
-            out, idx = F.max_pool2d(args[0], m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode, return_indices=True)
+            out, idx = F.max_pool2d(
+                args[0], m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode, return_indices=True
+            )
         else:
             kwargs["return_indices"] = True
             out, idx = F.max_pool2d(*args, **kwargs)

@@ -91,7 +91,9 @@ class TransposedFilters:
 
     def weight(self, conv: nn.Conv2d, cl: bool, bn: nn.BatchNorm2d | None = None) -> torch.Tensor:
         """The conv's weight (channels-last if ``cl``), scaled per output channel by ``bn``'s eval scale."""
-        versions = (conv.weight._version,) + ((bn.weight._version, bn.running_var._version) if bn is not None and bn.affine else ())  # type: ignore[union-attr]
+        versions = (conv.weight._version,) + (
+            (bn.weight._version, bn.running_var._version) if bn is not None and bn.affine else ()
+        )  # type: ignore[union-attr]
 
         def make():
             w = conv.weight.detach()
@@ -106,11 +108,17 @@ class TransposedFilters:
         output phase (py, px) of input channel c is the correlation of the signal with the taps
         ``w[:, c, py::s, px::s]`` flipped (zero-padded to ``taps`` per axis)."""
         w = self.weight(conv, False, bn)
-        versions = (conv.weight._version,) + ((bn.weight._version, bn.running_var._version) if bn is not None and bn.affine else ())  # type: ignore[union-attr]
+        versions = (conv.weight._version,) + (
+            (bn.weight._version, bn.running_var._version) if bn is not None and bn.affine else ()
+        )  # type: ignore[union-attr]
 
         def make():
             s = _pair(conv.stride)[0]
-            cin, cout, k = w.shape[0], w.shape[1], w.shape[-1]  # conv weight (out, in, k, k): the way down maps out -> in
+            cin, cout, k = (
+                w.shape[0],
+                w.shape[1],
+                w.shape[-1],
+            )  # conv weight (out, in, k, k): the way down maps out -> in
             taps = -(-k // s)
             poly = w.new_zeros(cout, s, s, cin, taps, taps)
             for py in range(s):
@@ -129,7 +137,13 @@ class TransposedFilters:
         s, d, k = _pair(conv.stride), _pair(conv.dilation), _pair(conv.kernel_size)
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
-        if s[0] > 1 and s[0] == s[1] and d == (1, 1) and conv.groups == 1 and conv.in_channels * s[0] * s[1] <= POLYPHASE_MAX_CHANNELS:
+        if (
+            s[0] > 1
+            and s[0] == s[1]
+            and d == (1, 1)
+            and conv.groups == 1
+            and conv.in_channels * s[0] * s[1] <= POLYPHASE_MAX_CHANNELS
+        ):
             # few output channels (the first layer: RGB): CPU transposed-conv kernels run at a third
             # of their usual speed there, while the same sum as a stride-1 convolution with one
             # output channel per (colour, phase), then a pixel shuffle, runs ~1.5x faster
@@ -139,7 +153,9 @@ class TransposedFilters:
             return F.pixel_shuffle(y, s[0])[:, :, :out_h, :out_w]
         return F.conv_transpose2d(x, self.weight(conv, cl, bn), None, s, 0, 0, conv.groups, d)
 
-    def to_input(self, x: torch.Tensor, conv: nn.Conv2d, input_shape: Sequence[int], cl: bool, bn: nn.BatchNorm2d | None = None) -> torch.Tensor:
+    def to_input(
+        self, x: torch.Tensor, conv: nn.Conv2d, input_shape: Sequence[int], cl: bool, bn: nn.BatchNorm2d | None = None
+    ) -> torch.Tensor:
         """The transposed conv back onto the conv's input grid (``input_shape``): the unpadded result
         cut by the padding (and zero-extended where the forward conv ignored the last rows)."""
         full = self.apply(x, conv, cl, bn)
@@ -217,7 +233,9 @@ def _linear_vjp(op: Op, graph: ModelGraph, record: ForwardRecord, signal: torch.
     return {n: g for n, g in zip(names, grads) if g is not None}
 
 
-def _split_back(op: Op, record: ForwardRecord, pieces: dict[int, torch.Tensor], rows: int, like: torch.Tensor) -> torch.Tensor:
+def _split_back(
+    op: Op, record: ForwardRecord, pieces: dict[int, torch.Tensor], rows: int, like: torch.Tensor
+) -> torch.Tensor:
     """A split's output pieces (some possibly unused) back to the tensor it split."""
     node = op.node
     source = op.inputs[0]
@@ -274,7 +292,11 @@ def run_backward(
                 mask = record.masks[op.name][image_index] if rule != "deconvnet" else None
                 _accumulate(signals, op.inputs[0], relu_rule(x, rule, mask))
             elif kind == "maxpool":
-                _accumulate(signals, op.inputs[0], unpool_sum(x, record.switches[op.name][image_index], record.shapes[op.inputs[0]]))
+                _accumulate(
+                    signals,
+                    op.inputs[0],
+                    unpool_sum(x, record.switches[op.name][image_index], record.shapes[op.inputs[0]]),
+                )
             elif kind == "conv":
                 bn = graph.folded_bn.get(op.name) if op.name in folding else None
                 _accumulate(signals, op.inputs[0], filters.to_input(x, op.module, record.shapes[op.inputs[0]], cl, bn))  # type: ignore[arg-type]

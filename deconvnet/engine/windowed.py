@@ -62,7 +62,9 @@ def last_pool_below(engine: DeconvNet, layer: LayerInfo) -> int:
     LRN inputs); -1 if none (e.g. conv1: no forward pass needed at all)."""
     needed = -1
     for info in engine.chain[: layer.index + 1]:
-        if isinstance(info.module, nn.MaxPool2d) or (engine.include_lrn and isinstance(info.module, nn.LocalResponseNorm)):
+        if isinstance(info.module, nn.MaxPool2d) or (
+            engine.include_lrn and isinstance(info.module, nn.LocalResponseNorm)
+        ):
             needed = info.index
     return needed
 
@@ -140,7 +142,9 @@ class WindowedProjector:
         """The conv's transposed filters (no bias) applied to ``x``, without padding."""
         return self.engine.filters.apply(x, info.module, cl)  # type: ignore[arg-type]
 
-    def _fit_to_map(self, x: torch.Tensor, origin: torch.Tensor, size: tuple[int, int], cl: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fit_to_map(
+        self, x: torch.Tensor, origin: torch.Tensor, size: tuple[int, int], cl: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cut the windows to the part that lies on the map, so that no work is done outside it below.
 
         Every selection keeps one common window size (the largest on-map extent in the batch, per
@@ -149,19 +153,27 @@ class WindowedProjector:
         field spans the image get the whole map."""
         n, _, h, w = x.shape
         lo = origin.clamp_min(0)
-        hi = torch.minimum(origin + torch.tensor([h, w], device=origin.device), torch.tensor(size, device=origin.device))
+        hi = torch.minimum(
+            origin + torch.tensor([h, w], device=origin.device), torch.tensor(size, device=origin.device)
+        )
         extent = (hi - lo).clamp_min(0).max(0).values.tolist()  # the common window size, per axis
         new_h, new_w = max(1, extent[0]), max(1, extent[1])
         if (new_h, new_w) == (h, w):
             return self._mask(x, origin, size), origin
         new_origin = torch.minimum(lo, torch.tensor([size[0] - new_h, size[1] - new_w], device=origin.device))
         shift = origin - new_origin
-        if bool((shift <= 0).all()) and bool((shift[:, 0] + h >= new_h).all()) and bool((shift[:, 1] + w >= new_w).all()):
+        if (
+            bool((shift <= 0).all())
+            and bool((shift[:, 0] + h >= new_h).all())
+            and bool((shift[:, 1] + w >= new_w).all())
+        ):
             # each new window lies inside its old one: a slice (a view when the offsets agree)
             if bool((shift == shift[:1]).all()):
                 oy, ox = (-v for v in shift[0].tolist())
                 return x[:, :, oy : oy + new_h, ox : ox + new_w], new_origin
-            return torch.stack([x[b, :, -oy : -oy + new_h, -ox : -ox + new_w] for b, (oy, ox) in enumerate(shift.tolist())]), new_origin
+            return torch.stack(
+                [x[b, :, -oy : -oy + new_h, -ox : -ox + new_w] for b, (oy, ox) in enumerate(shift.tolist())]
+            ), new_origin
         fmt = torch.channels_last if cl else torch.contiguous_format
         out = x.new_zeros(n, x.shape[1], new_h, new_w).contiguous(memory_format=fmt)
         return paste(out, x, shift), new_origin
@@ -218,14 +230,25 @@ class WindowedProjector:
             span_y, span = d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1
             # idx - (flat index of the window's first cell) = dy * in_w + dx with 0 <= dx < span: map it
             # to dy * span + dx with a small table (no integer division over the whole tensor)
-            first = (torch.arange(hp, device=idx.device) * s[0] - p[0]).view(-1, 1) * in_w + (torch.arange(wp, device=idx.device) * s[1] - p[1])
+            first = (torch.arange(hp, device=idx.device) * s[0] - p[0]).view(-1, 1) * in_w + (
+                torch.arange(wp, device=idx.device) * s[1] - p[1]
+            )
             rel = torch.arange((span_y - 1) * in_w + span, device=idx.device)
             table = torch.div(rel, in_w, rounding_mode="floor") * span + rel % in_w
             code = table[idx - first]
             cache[info.index] = code.to(torch.uint8) if span_y * span <= 256 else code.to(torch.int32)
         return cache[info.index]
 
-    def _unpool(self, x: torch.Tensor, origin: torch.Tensor, rec, info: LayerInfo, m: nn.MaxPool2d, input_shape, image_index: torch.Tensor):
+    def _unpool(
+        self,
+        x: torch.Tensor,
+        origin: torch.Tensor,
+        rec,
+        info: LayerInfo,
+        m: nn.MaxPool2d,
+        input_shape,
+        image_index: torch.Tensor,
+    ):
         k, s, p, d = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding), _pair(m.dilation)
         n, c, h, w = x.shape
         dev = x.device
@@ -258,7 +281,12 @@ class WindowedProjector:
         hh, ww = inputs.shape[-2:]
         ys = (origin[:, :1] + torch.arange(h, device=x.device)).clamp(0, hh - 1)
         xs = (origin[:, 1:] + torch.arange(w, device=x.device)).clamp(0, ww - 1)
-        window = inputs[image_index[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None], ys[:, None, :, None], xs[:, None, None, :]]
+        window = inputs[
+            image_index[:, None, None, None],
+            torch.arange(c, device=x.device)[None, :, None, None],
+            ys[:, None, :, None],
+            xs[:, None, None, :],
+        ]
         with torch.enable_grad():
             inp = window.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(m(inp), inp, x)

@@ -115,7 +115,9 @@ class _BodyTimeout(StarletteHTTPException):
     """An HTTPException so that the framework's body parsing passes it through unchanged."""
 
     def __init__(self, seconds: float) -> None:
-        super().__init__(408, f"request body not received within {seconds:g} s; send it at once (or use a faster connection)")
+        super().__init__(
+            408, f"request body not received within {seconds:g} s; send it at once (or use a faster connection)"
+        )
 
 
 class RequestLimits:
@@ -132,7 +134,9 @@ class RequestLimits:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.max_in_flight:
-            await _answer(send, 503, f"server busy: {self.in_flight} requests in progress; try again in a moment", retry_after=1)
+            await _answer(
+                send, 503, f"server busy: {self.in_flight} requests in progress; try again in a moment", retry_after=1
+            )
             return
         self.in_flight += 1
         deadline = time.monotonic() + self.body_timeout
@@ -166,7 +170,9 @@ class RequestLimits:
             self.in_flight -= 1
 
 
-async def _answer(send: Callable, status: int, message: str, retry_after: int | None = None, close: bool = False) -> None:
+async def _answer(
+    send: Callable, status: int, message: str, retry_after: int | None = None, close: bool = False
+) -> None:
     import json
 
     body = json.dumps({"error": message, "status": status}).encode()
