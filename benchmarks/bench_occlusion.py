@@ -158,7 +158,8 @@ def run(model, label, size_px, configs, repeats, batch_size, rows):
         }
         rows.append(row)
         print(
-            f"| {label} | {size_px} | {size} | {stride} | {n} | {c_full:.2f} | {c_inc:.2f} | **{c_full / c_inc:.2f}x** | {t_full / t_inc:.2f}x | {macs_full / macs_inc:.2f}x | "
+            f"| {label} | {size_px} | {size} | {stride} | {n} | {c_full:.2f} | {c_inc:.2f} | "
+            f"**{c_full / c_inc:.2f}x** | {t_full / t_inc:.2f}x | {macs_full / macs_inc:.2f}x | "
             f"{diff['activation_relative']:.1e} | {diff['probability']:.1e} |",
             flush=True,
         )
@@ -180,11 +181,14 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(
-        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, batch {args.batch_size}, {time.strftime('%Y-%m-%d %H:%M')}"
+        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}"
     )
     print(
-        "| model | input px | occluder | stride | positions | full (CPU s) | incremental (CPU s) | speed-up (CPU time) | speed-up (wall) | work ratio | max rel. diff (activation) | max abs. diff (probability) |"
+        "| model | input px | occluder | stride | positions | full (CPU s) | incremental (CPU s) | "
+        "speed-up (CPU time) | speed-up (wall) | work ratio | max rel. diff (activation) | "
+        "max abs. diff (probability) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows: list[dict] = []
@@ -205,7 +209,8 @@ def main() -> int:
         )
     ratios = [r["ratio"] for r in rows]
     print(
-        f"speed-up: min {min(ratios):.2f}x, median {float(np.median(ratios)):.2f}x, max {max(ratios):.2f}x over {len(rows)} configurations"
+        f"speed-up: min {min(ratios):.2f}x, median {float(np.median(ratios)):.2f}x, max {max(ratios):.2f}x over "
+        f"{len(rows)} configurations"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -97,7 +97,8 @@ def main() -> None:
         count += len(target)
     pipeline = count / (time.perf_counter() - t0)
     print(
-        f"cpu threads {torch.get_num_threads()}, crop {args.crop}, batch {args.batch_size}, workers {args.workers}, augment {args.augment}, lrn {not args.no_lrn}, bf16 {args.bf16}"
+        f"cpu threads {torch.get_num_threads()}, crop {args.crop}, batch {args.batch_size}, workers {args.workers}, "
+        f"augment {args.augment}, lrn {not args.no_lrn}, bf16 {args.bf16}"
     )
     print(f"decode + cache {len(dataset)} images: {t_cache:.1f} s ({len(dataset) / t_cache:.0f} img/s)")
     print(f"model-only step:  {model_only:7.1f} img/s")

@@ -80,14 +80,15 @@ def main(argv: list[str] | None = None) -> int:
                 times.sort()
                 everything += times
                 print(
-                    f"  {layer}: layer grid {1000 * layer_s:6.0f} ms; click p50 {1000 * times[len(times) // 2]:6.0f} ms, "
-                    f"max {1000 * times[-1]:6.0f} ms (first click of a layer included); cached click {1000 * cached:4.0f} ms"
+                    f"  {layer}: layer grid {1000 * layer_s:6.0f} ms; click p50 {1000 * times[len(times) // 2]:6.0f} "
+                    f"ms, max {1000 * times[-1]:6.0f} ms (first click of a layer included); "
+                    f"cached click {1000 * cached:4.0f} ms"
                 )
             everything.sort()
             p95 = everything[min(len(everything) - 1, round(0.95 * (len(everything) - 1)))]
             print(
-                f"all clicks: n={len(everything)} p50 {1000 * everything[len(everything) // 2]:.0f} ms, p95 {1000 * p95:.0f} ms, "
-                f"max {1000 * everything[-1]:.0f} ms"
+                f"all clicks: n={len(everything)} p50 {1000 * everything[len(everything) // 2]:.0f} ms, p95 "
+                f"{1000 * p95:.0f} ms, max {1000 * everything[-1]:.0f} ms"
             )
     finally:
         proc.terminate()

@@ -117,7 +117,8 @@ async def run(url: str, clients: int, rounds: int, time_limit: float, seed: int)
     wall = time.perf_counter() - started
     total = sum(len(v) for v in stats.values())
     print(
-        f"load test: {clients} concurrent clients, {rounds} rounds each, against {url} (model {model['source']}, input {model['input_size'][0]} px)"
+        f"load test: {clients} concurrent clients, {rounds} rounds each, against {url} (model {model['source']}, "
+        f"input {model['input_size'][0]} px)"
     )
     print(f"{total} requests in {wall:.1f} s ({total / wall:.1f} req/s), errors {len(errors)}")
     everything = [t for v in stats.values() for t in v]
@@ -125,7 +126,8 @@ async def run(url: str, clients: int, rounds: int, time_limit: float, seed: int)
         values = everything if kind == "all" else stats.get(kind, [])
         if values:
             print(
-                f"  {kind:5s} n={len(values):4d}  p50 {1000 * percentile(values, 50):7.1f} ms  p95 {1000 * percentile(values, 95):7.1f} ms"
+                f"  {kind:5s} n={len(values):4d}  p50 {1000 * percentile(values, 50):7.1f} ms  p95 "
+                f"{1000 * percentile(values, 95):7.1f} ms"
                 f"  max {1000 * max(values):7.1f} ms  mean {1000 * statistics.fmean(values):7.1f} ms"
             )
     for e in errors[:10]:

@@ -353,8 +353,8 @@ class ImageFolderCache(torch.utils.data.Dataset):
             available = _available_memory()
             if available is not None and needed > available // 2:
                 warnings.warn(
-                    f"{self.root}: caching {len(self.samples)} images needs {needed / 2**30:.1f} GiB, more than half of the "
-                    f"{available / 2**30:.1f} GiB available; decoding from disk instead",
+                    f"{self.root}: caching {len(self.samples)} images needs {needed / 2**30:.1f} GiB, more than half "
+                    f"of the {available / 2**30:.1f} GiB available; decoding from disk instead",
                     stacklevel=2,
                 )
                 cache = False

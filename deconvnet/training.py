@@ -491,7 +491,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         saved_arch = state["config"]["arch"]
         if saved_arch != cfg.arch or not ArchConfig.from_dict(state["arch_config"]).same_network(model.config):
             raise DeconvnetError(
-                f"{checkpoint_path} was written for architecture {saved_arch!r} with other settings; use another --out or the same options"
+                f"{checkpoint_path} was written for architecture {saved_arch!r} with other settings; use another "
+                "--out or the same options"
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -589,8 +590,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
             if progress:
                 print(
                     f"epoch {epoch + 1}: train loss {record['train_loss']:.3f} top-1 {record['train_top1']:.1%} | "
-                    f"val loss {record['val_loss']:.3f} top-1 {record['val_top1']:.1%} top-5 {record['val_top5']:.1%} | "
-                    f"{record['train_images_per_s']:.0f} img/s"
+                    f"val loss {record['val_loss']:.3f} top-1 {record['val_top1']:.1%} top-5 {record['val_top5']:.1%} "
+                    f"| {record['train_images_per_s']:.0f} img/s"
                 )
             meta = {"epoch": epoch + 1, "class_folders": train_set.classes, "train_config": cfg.to_dict()}
             if epoch + 1 in cfg.snapshot_epochs:
@@ -664,7 +665,8 @@ def evaluate(
         class_map = list(range(len(dataset.classes)))
     else:
         raise DeconvnetError(
-            f"{root} has {len(dataset.classes)} class folders but the model has {len(loaded.classes)} classes and records no folder names"
+            f"{root} has {len(dataset.classes)} class folders but the model has {len(loaded.classes)} classes and "
+            "records no folder names"
         )
     device = loaded.device
     result = evaluate_model(

@@ -214,7 +214,8 @@ def check_header_shapes(found: Mapping[str, tuple[int, ...]], config: ArchConfig
     unexpected = [k for k in found if k not in expected]
     if missing or unexpected:
         raise DeconvnetError(
-            f"{path}: tensors do not match the architecture in its metadata (missing: {', '.join(missing[:4]) or 'none'}; "
+            f"{path}: tensors do not match the architecture in its metadata (missing: "
+            f"{', '.join(missing[:4]) or 'none'}; "
             f"unexpected: {', '.join(unexpected[:4]) or 'none'})"
         )
     for key, shape in expected.items():

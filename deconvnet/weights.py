@@ -190,7 +190,8 @@ def fetch_weights(name: str, progress: bool = True) -> Path:
         digest = _sha1(payload)
         if digest != spec.sha1:
             raise DeconvnetError(
-                f"checksum mismatch for {name!r}: expected sha1 {spec.sha1}, got {digest}; the download is damaged, try again"
+                f"checksum mismatch for {name!r}: expected sha1 {spec.sha1}, got {digest}; the download is damaged, "
+                "try again"
             )
         os.replace(payload, target)
     return target
@@ -321,7 +322,8 @@ def load_model(
             if not path.exists():
                 names = ", ".join(sorted(REGISTRY))
                 raise DeconvnetError(
-                    f"--weights {spec!r} is neither a file nor a known name ({names}, or torchvision:ResNet50_Weights.DEFAULT and the like)"
+                    f"--weights {spec!r} is neither a file nor a known name ({names}, or "
+                    "torchvision:ResNet50_Weights.DEFAULT and the like)"
                 )
         loaded = _load_file(path, resolved)
         loaded.source = source
@@ -396,7 +398,8 @@ def _load_torchvision_weights(spec: str, arch: ArchName | None, progress: bool) 
     full_name = f"torchvision:{type(weights).__name__}.{weights.name}"
     if arch is not None and arch != ArchName("torchvision", builder):
         raise DeconvnetError(
-            f"{full_name} are weights for torchvision's {builder}, not {arch.canonical}; drop --arch or pass --arch {builder}"
+            f"{full_name} are weights for torchvision's {builder}, not {arch.canonical}; drop --arch or pass --arch "
+            f"{builder}"
         )
     filename = weights.url.rsplit("/", 1)[-1]
     try:
@@ -408,7 +411,8 @@ def _load_torchvision_weights(spec: str, arch: ArchName | None, progress: bool) 
         reason = getattr(e, "reason", None) or e
         raise DeconvnetError(
             f"could not download {full_name} from {weights.url} ({reason}); if you are offline, download the file "
-            f"elsewhere and pass it with --weights /path/to/{filename} --arch {builder}, or place it in {Path(get_dir()) / 'checkpoints'}"
+            f"elsewhere and pass it with --weights /path/to/{filename} --arch {builder}, or place it in "
+            f"{Path(get_dir()) / 'checkpoints'}"
         ) from None
     except RuntimeError as e:  # a damaged download (hash mismatch) or an unreadable cached file
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -440,9 +444,8 @@ def _load_file(path: Path, arch: ArchName | None) -> LoadedModel:
         except (SafetensorError, OSError, ValueError) as e:
             raise DeconvnetError(f"{path}: not a readable safetensors file ({e})") from None
         tagged = metadata.get("format") == FORMAT_TAG
-        zoo = tagged and isinstance(
-            metadata.get("arch"), str
-        )  # a torchvision/timm model: its name and builder arguments
+        # a torchvision/timm model: its name and builder arguments
+        zoo = tagged and isinstance(metadata.get("arch"), str)
         if tagged and not zoo:  # everything checked before a byte of the model is allocated
             config, classes, preprocessing = check_metadata(metadata, path)
             check_header_shapes(shapes, config, path)
@@ -521,7 +524,8 @@ def _load_file(path: Path, arch: ArchName | None) -> LoadedModel:
         )
     except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as e:  # a layout that only looks familiar
         raise DeconvnetError(
-            f"{path}: unrecognised weights layout ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+            f"{path}: unrecognised weights layout ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''})"
         ) from None
 
 
@@ -609,7 +613,8 @@ def _torchvision_layout(state: Mapping[str, torch.Tensor], arch: str | None, ori
         name = resolve_arch(arch)
         if name.family != "torchvision":
             raise DeconvnetError(
-                f"{origin} is in torchvision's layout (features.N, classifier.N), not {arch!r}'s; pass --arch tv-alexnet, tv-vgg16..."
+                f"{origin} is in torchvision's layout (features.N, classifier.N), not {arch!r}'s; pass --arch "
+                "tv-alexnet, tv-vgg16..."
             )
         return name
     conv_keys = [k for k in state if k.startswith("features.") and k.endswith(".weight") and state[k].dim() == 4]
@@ -618,7 +623,8 @@ def _torchvision_layout(state: Mapping[str, torch.Tensor], arch: str | None, ori
     depth = {8: "vgg11", 10: "vgg13", 13: "vgg16", 16: "vgg19"}.get(len(conv_keys))
     if depth is None:
         raise DeconvnetError(
-            f"{origin}: torchvision-style file with {len(conv_keys)} conv layers matches no AlexNet/VGG; pass --arch NAME"
+            f"{origin}: torchvision-style file with {len(conv_keys)} conv layers matches no AlexNet/VGG; pass --arch "
+            "NAME"
         )
     batchnorm = any(k.endswith("running_mean") for k in state)
     return ArchName("torchvision", f"{depth}_bn" if batchnorm else depth)

@@ -229,9 +229,8 @@ def default_preprocessing(arch: ArchName, model: nn.Module | None = None) -> Pre
         cfg = resolve_data_config({}, model=model)
         crop = int(cfg["input_size"][-1])
         return Preprocessing(
-            resize=int(
-                math.floor(crop / cfg.get("crop_pct", 0.875))
-            ),  # timm's eval transform: scale = floor(size / crop_pct)
+            # timm's eval transform: scale = floor(size / crop_pct)
+            resize=int(math.floor(crop / cfg.get("crop_pct", 0.875))),
             crop=crop,
             mean=tuple(float(v) for v in cfg["mean"]),
             std=tuple(float(v) for v in cfg["std"]),

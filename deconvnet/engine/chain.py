@@ -110,7 +110,8 @@ def feature_layers(model: nn.Module) -> list[LayerInfo]:
     chain = _chain_modules(model)
     if chain is None:
         raise DeconvnetError(
-            f"{type(model).__name__} has no `features` nn.Sequential of Conv2d / ReLU / MaxPool2d / LRN / BatchNorm2d layers"
+            f"{type(model).__name__} has no `features` nn.Sequential of Conv2d / ReLU / MaxPool2d / LRN / BatchNorm2d "
+            "layers"
         )
     layers: list[LayerInfo] = []
     size, stride, start = 1, 1, 0

@@ -383,7 +383,8 @@ class DeconvNet:
             flat = acts.flatten(2).argmax(2)  # strongest position of every map, first maximum
         elif acts.dim() != 2:
             raise DeconvnetError(
-                f"layer {layer!r} outputs shape {tuple(acts.shape[1:])}; projections start from maps (C, H, W) or units (F)"
+                f"layer {layer!r} outputs shape {tuple(acts.shape[1:])}; projections start from maps (C, H, W) or "
+                "units (F)"
             )
         for sel in sels:
             if not 0 <= sel.channel < channels:

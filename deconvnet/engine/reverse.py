@@ -72,6 +72,14 @@ def relu_rule(signal: torch.Tensor, rule: str, mask: torch.Tensor | None) -> tor
 POLYPHASE_MAX_CHANNELS = 48
 
 
+def _weight_versions(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[int, ...]:
+    """In-place update counters of the tensors a cached filter is made from (a change invalidates it)."""
+    versions = [conv.weight._version]
+    if bn is not None and bn.affine and bn.running_var is not None:
+        versions += [bn.weight._version, bn.running_var._version]
+    return tuple(versions)
+
+
 class TransposedFilters:
     """The filters of the way down, prepared once per weight version: channels-last copies, the
     polyphase form of strided transposed convolutions with few outputs (a network's first layer),
@@ -91,9 +99,7 @@ class TransposedFilters:
 
     def weight(self, conv: nn.Conv2d, cl: bool, bn: nn.BatchNorm2d | None = None) -> torch.Tensor:
         """The conv's weight (channels-last if ``cl``), scaled per output channel by ``bn``'s eval scale."""
-        versions = (conv.weight._version,) + (
-            (bn.weight._version, bn.running_var._version) if bn is not None and bn.affine else ()
-        )  # type: ignore[union-attr]
+        versions = _weight_versions(conv, bn)
 
         def make():
             w = conv.weight.detach()
@@ -108,17 +114,12 @@ class TransposedFilters:
         output phase (py, px) of input channel c is the correlation of the signal with the taps
         ``w[:, c, py::s, px::s]`` flipped (zero-padded to ``taps`` per axis)."""
         w = self.weight(conv, False, bn)
-        versions = (conv.weight._version,) + (
-            (bn.weight._version, bn.running_var._version) if bn is not None and bn.affine else ()
-        )  # type: ignore[union-attr]
+        versions = _weight_versions(conv, bn)
 
         def make():
             s = _pair(conv.stride)[0]
-            cin, cout, k = (
-                w.shape[0],
-                w.shape[1],
-                w.shape[-1],
-            )  # conv weight (out, in, k, k): the way down maps out -> in
+            # conv weight (out, in, k, k): the way down maps out -> in
+            cin, cout, k = w.shape[0], w.shape[1], w.shape[-1]
             taps = -(-k // s)
             poly = w.new_zeros(cout, s, s, cin, taps, taps)
             for py in range(s):
