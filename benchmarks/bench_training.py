@@ -18,7 +18,7 @@ import torch
 
 from deconvnet.data import AugmentedView, ImageFolderCache, Preprocessing
 from deconvnet.models import build_model
-from deconvnet.training import _prepare, init_weights, renormalize_filters
+from deconvnet.training import init_weights, prepare_batch, renormalize_filters
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette-224" / "train"
 
@@ -66,7 +66,7 @@ def main() -> None:
     device = torch.device("cpu")
 
     def step(images: torch.Tensor, target: torch.Tensor) -> None:
-        x = _prepare(images, pre, device, True)
+        x = prepare_batch(images, pre, device, True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             out = model(x)
         loss = loss_fn(out.float(), target)

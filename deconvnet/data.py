@@ -67,6 +67,7 @@ __all__ = [
     "ImageFolderCache",
     "scan_image_folder",
     "ten_crop_boxes",
+    "mixed_seed",
 ]
 
 
@@ -484,7 +485,7 @@ class AugmentedView(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         img, target = self.base[index]
-        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, index))
+        g = torch.Generator().manual_seed(mixed_seed(self.seed, self.epoch, index))
         if self.mode == "center":
             return TF.center_crop(img, self.crop), target
         if self.mode == "paper":
@@ -499,7 +500,8 @@ class AugmentedView(torch.utils.data.Dataset):
         return out.contiguous(), target
 
 
-def _mix(*values: int) -> int:
+def mixed_seed(*values: int) -> int:
+    """A 63-bit seed that depends on every value (run seed, epoch, index...), stable across runs."""
     digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import atomic_path, save_text
-from .data import AugmentedView, ImageFolderCache, Preprocessing, _mix, ten_crops
+from .data import AugmentedView, ImageFolderCache, Preprocessing, mixed_seed, ten_crops
 from .errors import DeconvnetError
 from .models import ARCHITECTURES, ArchConfig, ConvNet, build_model
 from .weights import save_weights
@@ -50,6 +50,7 @@ __all__ = [
     "init_from_weights",
     "evaluate_model",
     "resolve_device",
+    "prepare_batch",
 ]
 
 
@@ -208,7 +209,8 @@ def _topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] 
     return [int(hits[:, : min(k, k_max)].any(dim=1).sum()) for k in ks]
 
 
-def _prepare(x: torch.Tensor, pre: Preprocessing, device: torch.device, channels_last: bool) -> torch.Tensor:
+def prepare_batch(x: torch.Tensor, pre: Preprocessing, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """A batch of decoded images normalized on ``device`` (channels-last if asked): the model's input."""
     x = pre.normalize(x.to(device, non_blocking=True))
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -256,7 +258,7 @@ def evaluate_model(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             top = (images.shape[-1] - crop) // 2
             center = images[..., top : top + crop, top : top + crop]
-            logits = model(_prepare(center, preprocessing, device, channels_last)).float()
+            logits = model(prepare_batch(center, preprocessing, device, channels_last)).float()
         sums[0] += F.cross_entropy(logits, model_target, reduction="sum")
         c1, c5 = _topk_correct(logits, model_target)
         sums[1] += c1
@@ -267,7 +269,7 @@ def evaluate_model(
         if ten_crop:
             crops = ten_crops(images, crop).flatten(0, 1)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = model(_prepare(crops, preprocessing, device, channels_last)).float()
+                out = model(prepare_batch(crops, preprocessing, device, channels_last)).float()
             probs = out.softmax(1).view(len(chunk), 10, -1).mean(1)
             c1, c5 = _topk_correct(probs, model_target)
             sums[3] += c1
@@ -518,7 +520,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         t0 = time.time()
         net.train()
         view.set_epoch(epoch)
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(_mix(cfg.seed, epoch)))
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(mixed_seed(cfg.seed, epoch)))
         batches = [
             order[s * cfg.batch_size : (s + 1) * cfg.batch_size][rank::world].tolist() for s in range(steps_per_epoch)
         ]
@@ -537,7 +539,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
             lr = schedule.lr(epoch, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x = _prepare(images, preprocessing, device, cfg.channels_last)
+            x = prepare_batch(images, preprocessing, device, cfg.channels_last)
             target = target.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits = net(x)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DeconvnetError
-from .graph import _pair
+from .graph import int_pair
 
 __all__ = ["LayerInfo", "ChainRecord", "CHAIN_MODULES", "feature_layers", "chain_forward", "is_chain"]
 
@@ -124,7 +124,7 @@ def feature_layers(model: nn.Module) -> list[LayerInfo]:
                 + ", ".join(m.__name__ for m in CHAIN_MODULES)
             )
         if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
-            k, s, p, d = (_pair(v) for v in (module.kernel_size, module.stride, module.padding, module.dilation))
+            k, s, p, d = (int_pair(v) for v in (module.kernel_size, module.stride, module.padding, module.dilation))
             if any(v[0] != v[1] for v in (k, s, p, d)):
                 raise DeconvnetError(f"{path}: only square kernels/strides/paddings are supported in a chain")
             start -= p[0] * stride

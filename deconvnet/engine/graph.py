@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from ..errors import DeconvnetError
 
-__all__ = ["Op", "ModelGraph", "Field", "trace", "KINDS"]
+__all__ = ["Op", "ModelGraph", "Field", "trace", "KINDS", "int_pair"]
 
 # Operation kinds and how the way down treats them (see deconvnet.engine.reverse).
 KINDS = {
@@ -155,7 +155,8 @@ class Op:
         return self.module_path or self.qualname
 
 
-def _pair(v: Any) -> tuple[int, int]:
+def int_pair(v: Any) -> tuple[int, int]:
+    """A size/stride/padding argument (an int or a pair) as a pair of ints."""
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
@@ -397,8 +398,8 @@ class ModelGraph:
     def _window_geometry(self, op: Op):
         m = op.module
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            d = _pair(getattr(m, "dilation", 1))
-            return _pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding), d
+            d = int_pair(getattr(m, "dilation", 1))
+            return int_pair(m.kernel_size), int_pair(m.stride or m.kernel_size), int_pair(m.padding), d
         if op.kind in ("maxpool", "linear_op") and op.node.target in (F.max_pool2d, F.avg_pool2d):
             args = list(op.node.args) + [None] * 5
             kw = op.node.kwargs
@@ -406,7 +407,7 @@ class ModelGraph:
             s = kw.get("stride", args[2]) or k
             p = kw.get("padding", args[3]) or 0
             d = kw.get("dilation", args[4] if op.node.target is F.max_pool2d else 1) or 1
-            return _pair(k), _pair(s), _pair(p), _pair(d)
+            return int_pair(k), int_pair(s), int_pair(p), int_pair(d)
         return None
 
     def _keeps_grid(self, op: Op, shapes: dict[str, torch.Size]) -> bool:

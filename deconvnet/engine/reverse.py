@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import DeconvnetError
-from .graph import ModelGraph, Op, _pair
+from .graph import ModelGraph, Op, int_pair
 from .record import ForwardRecord
 
 __all__ = ["RULES", "check_rule", "unpool_sum", "run_backward", "relu_rule", "TransposedFilters", "conv_transpose"]
@@ -117,7 +117,7 @@ class TransposedFilters:
         versions = _weight_versions(conv, bn)
 
         def make():
-            s = _pair(conv.stride)[0]
+            s = int_pair(conv.stride)[0]
             # conv weight (out, in, k, k): the way down maps out -> in
             cin, cout, k = w.shape[0], w.shape[1], w.shape[-1]
             taps = -(-k // s)
@@ -135,7 +135,7 @@ class TransposedFilters:
     def apply(self, x: torch.Tensor, conv: nn.Conv2d, cl: bool, bn: nn.BatchNorm2d | None = None) -> torch.Tensor:
         """The conv's transposed filters (no bias) applied to ``x`` WITHOUT padding: output size
         ``(h - 1) * stride + dilation * (k - 1) + 1`` per axis."""
-        s, d, k = _pair(conv.stride), _pair(conv.dilation), _pair(conv.kernel_size)
+        s, d, k = int_pair(conv.stride), int_pair(conv.dilation), int_pair(conv.kernel_size)
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
         if (
@@ -160,7 +160,7 @@ class TransposedFilters:
         """The transposed conv back onto the conv's input grid (``input_shape``): the unpadded result
         cut by the padding (and zero-extended where the forward conv ignored the last rows)."""
         full = self.apply(x, conv, cl, bn)
-        p = _pair(conv.padding)
+        p = int_pair(conv.padding)
         h, w = int(input_shape[-2]), int(input_shape[-1])
         out = full[:, :, p[0] : p[0] + h, p[1] : p[1] + w]
         if out.shape[-2] < h or out.shape[-1] < w:  # rows the strided conv never reached get zero
@@ -171,8 +171,8 @@ class TransposedFilters:
 def conv_transpose(x: torch.Tensor, conv: nn.Conv2d, input_shape: Sequence[int]) -> torch.Tensor:
     """The conv's transposed filters (no bias) applied to ``x``, back to ``input_shape``'s grid
     (the reference form: one ``conv_transpose2d`` with output padding)."""
-    stride, padding, dilation = _pair(conv.stride), _pair(conv.padding), _pair(conv.dilation)
-    k = _pair(conv.kernel_size)
+    stride, padding, dilation = int_pair(conv.stride), int_pair(conv.padding), int_pair(conv.dilation)
+    k = int_pair(conv.kernel_size)
     output_padding = tuple(
         int(input_shape[2 + i]) - ((x.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k[i] - 1) + 1)
         for i in range(2)

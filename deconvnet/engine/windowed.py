@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import DeconvnetError
 from .chain import ChainRecord, LayerInfo, chain_forward
-from .graph import _pair
+from .graph import int_pair
 
 if TYPE_CHECKING:
     from .core import DeconvNet
@@ -117,12 +117,12 @@ class WindowedProjector:
             if isinstance(m, nn.ReLU):
                 x = x.relu_()
             elif isinstance(m, nn.Conv2d):
-                s, p = torch.tensor(_pair(m.stride), device=device), torch.tensor(_pair(m.padding), device=device)
+                s, p = torch.tensor(int_pair(m.stride), device=device), torch.tensor(int_pair(m.padding), device=device)
                 x = self._transposed(below, x, cl)
                 origin, nominal = origin * s - p, nominal * s - p
                 x, origin = self._fit_to_map(x, origin, self._in_size(rec, below, input_shape), cl)
             elif isinstance(m, nn.MaxPool2d):
-                s, p = torch.tensor(_pair(m.stride), device=device), torch.tensor(_pair(m.padding), device=device)
+                s, p = torch.tensor(int_pair(m.stride), device=device), torch.tensor(int_pair(m.padding), device=device)
                 x, origin = self._unpool(x, origin, rec, below, m, input_shape, image_index)
                 nominal = nominal * s - p
                 x, origin = self._fit_to_map(x, origin, self._in_size(rec, below, input_shape), cl)
@@ -223,7 +223,7 @@ class WindowedProjector:
         cache = rec.codes
         if info.index not in cache:
             m = info.module
-            k, s, p, d = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding), _pair(m.dilation)
+            k, s, p, d = int_pair(m.kernel_size), int_pair(m.stride), int_pair(m.padding), int_pair(m.dilation)
             in_w = self._in_size(rec, info, input_shape)[1]
             idx = rec.switches[info.index]
             hp, wp = idx.shape[-2:]
@@ -249,7 +249,7 @@ class WindowedProjector:
         input_shape,
         image_index: torch.Tensor,
     ):
-        k, s, p, d = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding), _pair(m.dilation)
+        k, s, p, d = int_pair(m.kernel_size), int_pair(m.stride), int_pair(m.padding), int_pair(m.dilation)
         n, c, h, w = x.shape
         dev = x.device
         new_origin = origin * torch.tensor(s, device=dev) - torch.tensor(p, device=dev)
