@@ -386,7 +386,7 @@ class ImageFolderCache(torch.utils.data.Dataset):
         decoder = _Decoder(self.samples, self.size)
         loader = torch.utils.data.DataLoader(decoder, batch_size=None, num_workers=num_workers, collate_fn=lambda x: x)
         images = torch.empty((len(self.samples), 3, self.size, self.size), dtype=torch.uint8)
-        keep = []
+        keep: list[tuple[Path, int]] = []
         for index, tensor, error in tqdm(
             loader, total=len(decoder), desc=f"decoding {self.root.name}", disable=not progress, unit="img"
         ):

@@ -139,7 +139,8 @@ def init_weights(model: nn.Module, scheme: str = "paper", std: float = 0.01) -> 
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             else:
                 raise ValueError(f"init must be 'paper' or 'kaiming', got {scheme!r}")
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 @torch.no_grad()
@@ -340,9 +341,13 @@ def check_config(cfg: TrainConfig) -> None:
             raise DeconvnetError(f"--{name} must be at least 1, got {value}")
     if cfg.workers < 0:
         raise DeconvnetError(f"--workers must be 0 or more, got {cfg.workers}")
-    for name, value in (("dropout", cfg.dropout), ("label-smoothing", cfg.label_smoothing), ("momentum", cfg.momentum)):
-        if not 0 <= value < 1:
-            raise DeconvnetError(f"--{name} must be at least 0 and below 1, got {value}")
+    for name, fraction in (
+        ("dropout", cfg.dropout),
+        ("label-smoothing", cfg.label_smoothing),
+        ("momentum", cfg.momentum),
+    ):
+        if not 0 <= fraction < 1:
+            raise DeconvnetError(f"--{name} must be at least 0 and below 1, got {fraction}")
     if not cfg.lr >= 0 or not math.isfinite(cfg.lr):
         raise DeconvnetError(f"--lr must be a number >= 0, got {cfg.lr}")
     if cfg.arch not in ARCHITECTURES:
@@ -513,7 +518,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    view = AugmentedView(train_set, crop=cfg.crop, mode=cfg.augment, scale=tuple(cfg.rrc_scale), seed=cfg.seed)
+    smallest, largest = cfg.rrc_scale  # a list when the config was read back from JSON
+    view = AugmentedView(train_set, crop=cfg.crop, mode=cfg.augment, scale=(smallest, largest), seed=cfg.seed)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     for epoch in range(start_epoch, cfg.epochs):

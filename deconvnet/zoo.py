@@ -23,7 +23,7 @@ import difflib
 import fnmatch
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -203,14 +203,21 @@ def _weights_by_filename(builder: str, filename: str) -> WeightsEnum | None:
     return next((w for w in enum if w.url.rsplit("/", 1)[-1] == filename), None)
 
 
+def _rgb(values: Sequence[float]) -> tuple[float, float, float]:
+    """A per-channel mean or std of an RGB model as three floats."""
+    if len(values) != 3:
+        raise DeconvnetError(f"expected one value per RGB channel, got {list(values)}")
+    return float(values[0]), float(values[1]), float(values[2])
+
+
 def preprocessing_from_weights(weights: WeightsEnum) -> Preprocessing:
     """The ``Preprocessing`` equivalent of ``weights.transforms()`` (resize, crop, mean, std, interpolation)."""
     t = weights.transforms()
     return Preprocessing(
         resize=int(t.resize_size[0]),
         crop=int(t.crop_size[0]),
-        mean=tuple(float(v) for v in t.mean),
-        std=tuple(float(v) for v in t.std),
+        mean=_rgb(t.mean),
+        std=_rgb(t.std),
         interpolation=t.interpolation.value,
     )
 
@@ -232,8 +239,8 @@ def default_preprocessing(arch: ArchName, model: nn.Module | None = None) -> Pre
             # timm's eval transform: scale = floor(size / crop_pct)
             resize=int(math.floor(crop / cfg.get("crop_pct", 0.875))),
             crop=crop,
-            mean=tuple(float(v) for v in cfg["mean"]),
-            std=tuple(float(v) for v in cfg["std"]),
+            mean=_rgb(cfg["mean"]),
+            std=_rgb(cfg["std"]),
             interpolation=cfg.get("interpolation", "bicubic"),
         )
     return Preprocessing()

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import DeconvnetError
-from .chain import LayerInfo, chain_forward, feature_layers, is_chain
+from .chain import ChainRecord, LayerInfo, chain_forward, feature_layers, is_chain
 from .graph import Field, ModelGraph, trace
 from .record import ForwardRecord, run_forward
 from .reverse import RULES, TransposedFilters, check_rule, run_backward
@@ -77,7 +77,8 @@ class DeconvNet:
         self.fast_path = fast_path
         self.graph: ModelGraph = trace(model)
         self.chain: list[LayerInfo] | None = feature_layers(model) if is_chain(model) else None
-        self._fields: dict[tuple[int, int], dict[str, Field]] = {}
+        # input size -> (output shape, receptive field) of every traced op
+        self._fields: dict[tuple[int, int], tuple[dict[str, torch.Size], dict[str, Field]]] = {}
         self._projector: WindowedProjector | None = None
         self.filters = TransposedFilters()  # prepared transposed filters, shared by both ways down
         self._aliases: dict[str, str] = {}  # chain names -> traced op
@@ -192,7 +193,7 @@ class DeconvNet:
     def _shapes(self, input_size: tuple[int, int]) -> dict[str, torch.Size]:
         return self._trace_shapes(input_size)[0]
 
-    def _trace_shapes(self, input_size: tuple[int, int]):
+    def _trace_shapes(self, input_size: tuple[int, int]) -> tuple[dict[str, torch.Size], dict[str, Field]]:
         key = (int(input_size[0]), int(input_size[1]))
         if key not in self._fields:
             channels = next((m.in_channels for m in self.model.modules() if isinstance(m, nn.Conv2d)), 3)
@@ -206,8 +207,8 @@ class DeconvNet:
                 raise DeconvnetError(
                     f"a {key[0]}x{key[1]} input does not fit this model ({str(e).splitlines()[0]})"
                 ) from None
-            self._fields[key] = (record.shapes, self.graph.fields(record.shapes))  # type: ignore[assignment]
-        return self._fields[key]  # type: ignore[return-value]
+            self._fields[key] = (record.shapes, self.graph.fields(record.shapes))
+        return self._fields[key]
 
     def fields(self, input_size: tuple[int, int]) -> dict[str, Field]:
         """Receptive field of every traced op for images of ``input_size``."""
@@ -416,7 +417,16 @@ class DeconvNet:
             self._projector = WindowedProjector(self)
         return self._projector
 
-    def _project_windowed(self, images, chain_record, layer, fast, selections, seeds, results) -> None:
+    def _project_windowed(
+        self,
+        images: torch.Tensor,
+        chain_record: ChainRecord,
+        layer: str,
+        fast: list[int],
+        selections: Sequence[Selection],
+        seeds: dict[int, tuple[float, tuple[int, int]]],
+        results: list[Projection | None],
+    ) -> None:
         """Single units of a chain layer, the way down inside their receptive fields only, pasted
         back into full-size images (zero outside the field)."""
         info = self._infos[layer]
@@ -447,7 +457,7 @@ class DeconvNet:
         largest), per image, strongest first."""
         acts = self.activations(images, layer)
         maxima = acts.flatten(2).amax(2) if acts.dim() > 2 else acts
-        out = []
+        out: list[Selection] = []
         for n in range(acts.shape[0]):
             order = maxima[n].argsort(descending=True, stable=True)
             chosen = order[:k] if k is not None else torch.arange(acts.shape[1])

@@ -20,6 +20,7 @@ largest over all paths); global operations (linear, adaptive pooling, means) see
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -155,6 +156,11 @@ class Op:
         return self.module_path or self.qualname
 
 
+def _per_axis(value: Callable[[int], int]) -> tuple[int, int]:
+    """(value(0), value(1)): one receptive-field quantity for the y and the x axis."""
+    return value(0), value(1)
+
+
 def int_pair(v: Any) -> tuple[int, int]:
     """A size/stride/padding argument (an int or a pair) as a pair of ints."""
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
@@ -185,7 +191,7 @@ class ModelGraph:
                 on_path.add(op.name)
         if self.input_name is None:
             raise DeconvnetError(f"{type(model).__name__}: the traced model has no input")
-        self.order = {op.name: i for i, op in enumerate(self.ops)}
+        self.order: dict[str, int] = {op.name: i for i, op in enumerate(self.ops)}
         self.users: dict[str, list[str]] = {op.name: [u.name for u in op.node.users] for op in self.ops}
         outputs = [op for op in self.ops if op.node.op == "output"]
         result = outputs[0].node.args[0] if outputs else None
@@ -194,14 +200,14 @@ class ModelGraph:
         # a batch norm right after a conv that feeds nothing else: the way down folds its scale into
         # the transposed filters (conv op name -> its batch norm module)
         self.folded_bn: dict[str, nn.Module] = {
-            op.inputs[0]: op.module  # type: ignore[misc]
+            op.inputs[0]: op.module
             for op in self.ops
             if op.kind == "bn"
             and len(op.inputs) == 1
             and self.by_name[op.inputs[0]].kind == "conv"
             and self.users[op.inputs[0]] == [op.name]
         }
-        self._names = self._selectable_names()
+        self._names: dict[str, str] = self._selectable_names()
 
     # ------------------------------------------------------------------ classification
     def _classify(self, node: fx.Node, qualname: str, on_path: set[str]) -> Op:
@@ -376,26 +382,29 @@ class ModelGraph:
         return out
 
     def _field(self, op: Op, ins: list[Field], shapes: dict[str, torch.Size]) -> Field:
-        if any(f.size is None for f in ins):
+        sizes = [f.size for f in ins if f.size is not None]
+        if len(sizes) < len(ins):
             return Field(None)
         if len(ins) > 1:  # union of the fields of all paths
-            stride = tuple(max(f.stride[a] for f in ins) for a in range(2))
-            start = tuple(min(f.start[a] for f in ins) for a in range(2))
-            end = tuple(max(f.start[a] + f.size[a] for f in ins) for a in range(2))  # type: ignore[index]
-            return Field((end[0] - start[0], end[1] - start[1]), stride, start)  # type: ignore[arg-type]
-        f = ins[0]
+            stride = _per_axis(lambda a: max(f.stride[a] for f in ins))
+            start = _per_axis(lambda a: min(f.start[a] for f in ins))
+            end = _per_axis(lambda a: max(f.start[a] + size[a] for f, size in zip(ins, sizes)))
+            return Field((end[0] - start[0], end[1] - start[1]), stride, start)
+        f, size = ins[0], sizes[0]
         geometry = self._window_geometry(op)
         if geometry is None:
             if op.kind in ("relu", "bn", "lrn", "add", "identity", "getitem", "split") or self._keeps_grid(op, shapes):
                 return f
             return Field(None)
         k, s, p, d = geometry
-        size = tuple(f.size[a] + d[a] * (k[a] - 1) * f.stride[a] for a in range(2))  # type: ignore[index]
-        start = tuple(f.start[a] - p[a] * f.stride[a] for a in range(2))
-        stride = tuple(f.stride[a] * s[a] for a in range(2))
-        return Field(size, stride, start)  # type: ignore[arg-type]
+        return Field(
+            _per_axis(lambda a: size[a] + d[a] * (k[a] - 1) * f.stride[a]),
+            _per_axis(lambda a: f.stride[a] * s[a]),
+            _per_axis(lambda a: f.start[a] - p[a] * f.stride[a]),
+        )
 
-    def _window_geometry(self, op: Op):
+    def _window_geometry(self, op: Op) -> tuple[tuple[int, int], ...] | None:
+        """(kernel, stride, padding, dilation) of a windowed op (conv, pooling), None for others."""
         m = op.module
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
             d = int_pair(getattr(m, "dilation", 1))
@@ -403,11 +412,11 @@ class ModelGraph:
         if op.kind in ("maxpool", "linear_op") and op.node.target in (F.max_pool2d, F.avg_pool2d):
             args = list(op.node.args) + [None] * 5
             kw = op.node.kwargs
-            k = kw.get("kernel_size", args[1])
-            s = kw.get("stride", args[2]) or k
-            p = kw.get("padding", args[3]) or 0
-            d = kw.get("dilation", args[4] if op.node.target is F.max_pool2d else 1) or 1
-            return int_pair(k), int_pair(s), int_pair(p), int_pair(d)
+            kernel = kw.get("kernel_size", args[1])
+            stride = kw.get("stride", args[2]) or kernel
+            padding = kw.get("padding", args[3]) or 0
+            dilation = kw.get("dilation", args[4] if op.node.target is F.max_pool2d else 1) or 1
+            return int_pair(kernel), int_pair(stride), int_pair(padding), int_pair(dilation)
         return None
 
     def _keeps_grid(self, op: Op, shapes: dict[str, torch.Size]) -> bool:

@@ -107,7 +107,7 @@ def run_forward(
 def _args(node: fx.Node, env: dict[str, Any]) -> tuple[tuple, dict]:
     args = fx.node.map_arg(node.args, lambda n: env[n.name])
     kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
-    return args, dict(kwargs)  # type: ignore[arg-type]
+    return args, dict(kwargs)
 
 
 def _evaluate_constant(model: nn.Module, node: fx.Node, env: dict[str, Any]) -> Any:

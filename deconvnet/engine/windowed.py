@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import DeconvnetError
 from .chain import ChainRecord, LayerInfo, chain_forward
 from .graph import int_pair
+from .reverse import batchnorm_scale
 
 if TYPE_CHECKING:
     from .core import DeconvNet
@@ -57,11 +58,17 @@ class WindowedProjections:
     origins: torch.Tensor  # (S, 2) int64
 
 
+def _chain_of(engine: DeconvNet) -> list[LayerInfo]:
+    if engine.chain is None:
+        raise DeconvnetError("the receptive-field-windowed projector needs a chain model (a `features` nn.Sequential)")
+    return engine.chain
+
+
 def last_pool_below(engine: DeconvNet, layer: LayerInfo) -> int:
     """Index of the last layer whose forward pass the projection from ``layer`` needs (its switches or
     LRN inputs); -1 if none (e.g. conv1: no forward pass needed at all)."""
     needed = -1
-    for info in engine.chain[: layer.index + 1]:
+    for info in _chain_of(engine)[: layer.index + 1]:
         if isinstance(info.module, nn.MaxPool2d) or (
             engine.include_lrn and isinstance(info.module, nn.LocalResponseNorm)
         ):
@@ -74,7 +81,8 @@ class WindowedProjector:
 
     def __init__(self, engine: DeconvNet) -> None:
         self.engine = engine
-        for info in engine.chain:
+        self.chain = _chain_of(engine)
+        for info in self.chain:
             m = info.module
             if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
                 raise DeconvnetError(f"conv with padding_mode={m.padding_mode!r} is not supported")
@@ -85,7 +93,7 @@ class WindowedProjector:
         """The record (switches, shapes) the way down needs, for layers ``0..upto``."""
         if upto < 0:
             return ChainRecord()
-        return chain_forward(self.engine.chain, images, upto, include_lrn=self.engine.include_lrn)[1]
+        return chain_forward(self.chain, images, upto, include_lrn=self.engine.include_lrn)[1]
 
     @torch.no_grad()
     def project(
@@ -112,7 +120,7 @@ class WindowedProjector:
         nominal = origin.clone()  # where the receptive-field window starts (the result's contract)
         height, width = input_shape
         cl = self.channels_last and device.type == "cpu"
-        for below in reversed(engine.chain[: info.index + 1]):
+        for below in reversed(self.chain[: info.index + 1]):
             m = below.module
             if isinstance(m, nn.ReLU):
                 x = x.relu_()
@@ -130,9 +138,10 @@ class WindowedProjector:
                 if engine.include_lrn:
                     x = self._lrn(x, origin, rec, below, m, image_index)
             elif isinstance(m, nn.BatchNorm2d):
-                scale = m.weight / torch.sqrt(m.running_var + m.eps) if m.affine else torch.rsqrt(m.running_var + m.eps)
-                x = x * scale.view(1, -1, 1, 1)
+                x = x * batchnorm_scale(m).view(1, -1, 1, 1)
         size = info.rf_size
+        if size is None:
+            raise DeconvnetError(f"{layer}: its units see the whole image; there is no window to project into")
         if x.shape[-1] != size or x.shape[-2] != size or not torch.equal(origin, nominal):
             # windows were cut to the maps on the way down: put them back into the receptive-field frame
             x = paste(x.new_zeros(n, x.shape[1], size, size), x, origin - nominal)
@@ -180,7 +189,7 @@ class WindowedProjector:
 
     # ------------------------------------------------------------------ pieces
     def _channels(self, info: LayerInfo) -> int:
-        for below in reversed(self.engine.chain[: info.index + 1]):
+        for below in reversed(self.chain[: info.index + 1]):
             if isinstance(below.module, nn.Conv2d):
                 return below.module.out_channels
         raise DeconvnetError(f"{info.name}: no conv layer at or below it")
@@ -189,13 +198,13 @@ class WindowedProjector:
         """Spatial size of every layer's INPUT for images of ``input_shape`` (cached per size)."""
         key = (int(input_shape[0]), int(input_shape[1]))
         if key not in self._shapes:
-            channels = next(m.in_channels for m in (i.module for i in self.engine.chain) if isinstance(m, nn.Conv2d))
+            channels = next(m.in_channels for m in (i.module for i in self.chain) if isinstance(m, nn.Conv2d))
             try:
                 probe = torch.empty(1, channels, *key, device="meta")
-                rec = chain_forward(self.engine.chain, probe, len(self.engine.chain) - 1, record=False)[1]
+                rec = chain_forward(self.chain, probe, len(self.chain) - 1, record=False)[1]
             except (NotImplementedError, RuntimeError):  # pragma: no cover - meta kernels missing
                 probe = torch.zeros(1, channels, *key, device=next(self.engine.model.parameters()).device)
-                rec = chain_forward(self.engine.chain, probe, len(self.engine.chain) - 1, record=False)[1]
+                rec = chain_forward(self.chain, probe, len(self.chain) - 1, record=False)[1]
             self._shapes[key] = {i: (int(s[-2]), int(s[-1])) for i, s in rec.shapes.items()}
         return self._shapes[key]
 
@@ -223,6 +232,8 @@ class WindowedProjector:
         cache = rec.codes
         if info.index not in cache:
             m = info.module
+            if not isinstance(m, nn.MaxPool2d):
+                raise DeconvnetError(f"{info.name}: switches exist only for max pooling layers")
             k, s, p, d = int_pair(m.kernel_size), int_pair(m.stride), int_pair(m.padding), int_pair(m.dilation)
             in_w = self._in_size(rec, info, input_shape)[1]
             idx = rec.switches[info.index]
