@@ -1,4 +1,4 @@
-# The README's two commands: `make demo` (install + run the main job) and `make test` (install + tests).
+# The README's two commands: `make demo` (install + run the main job) and `make test` (install + lint/types + tests).
 # TORCH_SPEC pins the PyTorch build that this project is tested with; override it for another one,
 # e.g. `make demo TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cpu"`.
 PYTHON ?= python3
@@ -6,13 +6,19 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test lint install install-test clean
 
 demo: $(VENV)/.installed
 	$(BIN)/deconvnet demo --out out/demo
 
-test: $(VENV)/.installed-test
+test: lint
 	$(BIN)/python -m pytest -q
+
+# lint and types (settings in pyproject.toml); `make test` runs this first, so CI does too
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m mypy deconvnet
 
 install: $(VENV)/.installed
 

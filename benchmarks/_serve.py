@@ -17,8 +17,10 @@ def start_server(extra: list[str], timeout: float = 180.0) -> tuple[subprocess.P
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "deconvnet", "serve", "--port", str(port), "--device", "cpu", *extra],
-                            cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deconvnet", "serve", "--port", str(port), "--device", "cpu", *extra],
+        cwd=Path(__file__).resolve().parents[1],
+    )
     deadline = time.monotonic() + timeout
     while True:
         try:

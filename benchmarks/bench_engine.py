@@ -62,15 +62,19 @@ def compare(model, images, layer: str, module, selections, rule: str, loop_limit
         worst = max(worst, float((attr[0] * p.value - p.image).abs().max()) / scale)
     t_captum = (clock() - t0) / len(timed) * len(selections)
     ratio = t_captum / t_ours
-    print(f"  {label:<28} {len(selections):5d} selections   ours {t_ours:7.2f} s   captum {t_captum:8.2f} s "
-          f"(from {len(timed)})   speed-up {ratio:7.1f}x   max rel diff {worst:.1e}")
+    print(
+        f"  {label:<28} {len(selections):5d} selections   ours {t_ours:7.2f} s   captum {t_captum:8.2f} s "
+        f"(from {len(timed)})   speed-up {ratio:7.1f}x   max rel diff {worst:.1e}"
+    )
     return ratio
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rule", default="deconvnet", choices=("deconvnet", "guided", "gradient"))
-    parser.add_argument("--loop-limit", type=int, default=24, help="Captum calls timed per workload (rate extrapolated)")
+    parser.add_argument(
+        "--loop-limit", type=int, default=24, help="Captum calls timed per workload (rate extrapolated)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: process CPU time)")
     parser.add_argument("--skip-resnet", action="store_true")
     parser.add_argument("--weights", default=None, help="ZFNet-style weights (default: the bundled model)")
@@ -97,7 +101,17 @@ def main() -> None:
     print("ResNet-50 (random weights), 224 px")
     for layer in ("layer3", "layer4"):
         sels = engine.strongest(xr, layer, k=128)
-        compare(resnet, xr, layer, resnet.get_submodule(layer), sels, args.rule, args.loop_limit, clock, f"{layer} (128 maps x 2)")
+        compare(
+            resnet,
+            xr,
+            layer,
+            resnet.get_submodule(layer),
+            sels,
+            args.rule,
+            args.loop_limit,
+            clock,
+            f"{layer} (128 maps x 2)",
+        )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +41,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torch import nn  # noqa: E402
+from torch import nn
 
-from deconvnet.analysis.occlusion import _Incremental, max_difference, occlusion_maps, occlusion_positions  # noqa: E402
-from deconvnet.models import build_model  # noqa: E402
+from deconvnet.analysis.occlusion import _Incremental, max_difference, occlusion_maps, occlusion_positions
+from deconvnet.models import build_model
 
 # (occluder size, stride) for the bundled model, by its input size (128: the earlier bundled model)
-CONFIGS_BUNDLED = {128: [(8, 4), (16, 4), (24, 4), (32, 8), (48, 8)], 224: [(16, 8), (32, 8), (42, 7), (48, 8), (48, 16)]}
+CONFIGS_BUNDLED = {
+    128: [(8, 4), (16, 4), (24, 4), (32, 8), (48, 8)],
+    224: [(16, 8), (32, 8), (42, 7), (48, 8), (48, 16)],
+}
 CONFIGS_224 = [(32, 16), (48, 16)]
 
 
@@ -116,26 +120,49 @@ def run(model, label, size_px, configs, repeats, batch_size, rows):
         t_full = t_inc = c_full = c_inc = float("inf")
         for _ in range(repeats):  # interleaved, best of each: fair under a fluctuating machine load
             model.to(memory_format=torch.channels_last if use_cl else torch.contiguous_format)
-            t, c, full = timed(lambda: occlusion_maps(model, image, size, stride, method="full", batch_size=batch_size, keep_logits=True), 1)
+            t, c, full = timed(
+                partial(
+                    occlusion_maps, model, image, size, stride, method="full", batch_size=batch_size, keep_logits=True
+                ),
+                1,
+            )
             t_full, c_full = min(t_full, t), min(c_full, c)
             model.to(memory_format=torch.contiguous_format)
-            t, c, inc = timed(lambda: occlusion_maps(model, image, size, stride, batch_size=batch_size, keep_logits=True), 1)
+            t, c, inc = timed(
+                partial(occlusion_maps, model, image, size, stride, batch_size=batch_size, keep_logits=True), 1
+            )
             t_inc, c_inc = min(t_inc, t), min(c_inc, c)
         diff = max_difference(inc, full)
         macs_full, macs_inc = multiply_adds(model, image, size, stride)
         row = {
-            "model": label, "input": size_px, "size": size, "stride": stride, "positions": n,
-            "full_s": round(t_full, 2), "incremental_s": round(t_inc, 2), "wall_ratio": round(t_full / t_inc, 2),
-            "full_cpu_s": round(c_full, 2), "incremental_cpu_s": round(c_inc, 2), "ratio": round(c_full / c_inc, 2),
+            "model": label,
+            "input": size_px,
+            "size": size,
+            "stride": stride,
+            "positions": n,
+            "full_s": round(t_full, 2),
+            "incremental_s": round(t_inc, 2),
+            "wall_ratio": round(t_full / t_inc, 2),
+            "full_cpu_s": round(c_full, 2),
+            "incremental_cpu_s": round(c_inc, 2),
+            "ratio": round(c_full / c_inc, 2),
             "baseline_format": "channels_last" if use_cl else "NCHW",
-            "multiply_adds_full": macs_full, "multiply_adds_incremental": round(macs_inc), "work_ratio": round(macs_full / macs_inc, 2),
-            "max_abs_diff_activation": diff["activation"], "max_rel_diff_activation": diff["activation_relative"],
-            "max_abs_diff_probability": diff["probability"], "max_abs_diff_logits": diff["logits"],
+            "multiply_adds_full": macs_full,
+            "multiply_adds_incremental": round(macs_inc),
+            "work_ratio": round(macs_full / macs_inc, 2),
+            "max_abs_diff_activation": diff["activation"],
+            "max_rel_diff_activation": diff["activation_relative"],
+            "max_abs_diff_probability": diff["probability"],
+            "max_abs_diff_logits": diff["logits"],
             "top_class_disagreements": diff["top_class_disagreements"],
         }
         rows.append(row)
-        print(f"| {label} | {size_px} | {size} | {stride} | {n} | {c_full:.2f} | {c_inc:.2f} | **{c_full / c_inc:.2f}x** | {t_full / t_inc:.2f}x | {macs_full / macs_inc:.2f}x | "
-              f"{diff['activation_relative']:.1e} | {diff['probability']:.1e} |", flush=True)
+        print(
+            f"| {label} | {size_px} | {size} | {stride} | {n} | {c_full:.2f} | {c_inc:.2f} | "
+            f"**{c_full / c_inc:.2f}x** | {t_full / t_inc:.2f}x | {macs_full / macs_inc:.2f}x | "
+            f"{diff['activation_relative']:.1e} | {diff['probability']:.1e} |",
+            flush=True,
+        )
 
 
 def main() -> int:
@@ -143,14 +170,26 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="two configurations only")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per method, interleaved (best is kept)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: process CPU time then measures the work, robust to other jobs on the machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: process CPU time then measures the work, robust to other jobs on the machine)",
+    )
     p.add_argument("--no-224", action="store_true", help="skip the paper-geometry (224 px) model")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, batch {args.batch_size}, {time.strftime('%Y-%m-%d %H:%M')}")
-    print("| model | input px | occluder | stride | positions | full (CPU s) | incremental (CPU s) | speed-up (CPU time) | speed-up (wall) | work ratio | max rel. diff (activation) | max abs. diff (probability) |")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}"
+    )
+    print(
+        "| model | input px | occluder | stride | positions | full (CPU s) | incremental (CPU s) | "
+        "speed-up (CPU time) | speed-up (wall) | work ratio | max rel. diff (activation) | "
+        "max abs. diff (probability) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows: list[dict] = []
     model, label, size_px = bundled_or_random()
@@ -159,9 +198,20 @@ def main() -> int:
     if not args.no_224:
         torch.manual_seed(0)
         paper = build_model("zfnet", num_classes=1000, lrn=True, input_size=224).eval()
-        run(paper, "zfnet 224 px, LRN, FC 4096 (random)", 224, CONFIGS_224[:1] if args.quick else CONFIGS_224, args.repeats, args.batch_size, rows)
+        run(
+            paper,
+            "zfnet 224 px, LRN, FC 4096 (random)",
+            224,
+            CONFIGS_224[:1] if args.quick else CONFIGS_224,
+            args.repeats,
+            args.batch_size,
+            rows,
+        )
     ratios = [r["ratio"] for r in rows]
-    print(f"speed-up: min {min(ratios):.2f}x, median {float(np.median(ratios)):.2f}x, max {max(ratios):.2f}x over {len(rows)} configurations")
+    print(
+        f"speed-up: min {min(ratios):.2f}x, median {float(np.median(ratios)):.2f}x, max {max(ratios):.2f}x over "
+        f"{len(rows)} configurations"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0

@@ -23,8 +23,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--layer", default="conv5")
     parser.add_argument("--batch-size", type=int, default=64, help="projections per backward pass")
-    parser.add_argument("--loop-limit", type=int, default=64, help="selections timed in the one-per-call loop (rate extrapolated)")
-    parser.add_argument("--weights", default=None, help="weights to load (default: random-initialised ZFNet v1 at 224 px)")
+    parser.add_argument(
+        "--loop-limit", type=int, default=64, help="selections timed in the one-per-call loop (rate extrapolated)"
+    )
+    parser.add_argument(
+        "--weights", default=None, help="weights to load (default: random-initialised ZFNet v1 at 224 px)"
+    )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -50,7 +54,9 @@ def main() -> None:
     singles = [engine.project(images[s.image : s.image + 1], [Selection(0, s.layer, s.channel)])[0] for s in timed]
     t_loop = (time.perf_counter() - t0) * n / len(timed)
 
-    diff = max(float((a.image - b.image).abs().max() / b.image.abs().max().clamp(min=1e-12)) for a, b in zip(batched, singles))
+    diff = max(
+        float((a.image - b.image).abs().max() / b.image.abs().max().clamp(min=1e-12)) for a, b in zip(batched, singles)
+    )
     print(f"device {args.device}, {args.images} image(s) x {n // args.images} maps of {args.layer} = {n} projections")
     print(f"batched (ours):     {n / t_batched:8.1f} projections/s  ({t_batched:.2f} s)")
     print(f"one per call loop:  {n / t_loop:8.1f} projections/s  ({t_loop:.2f} s, extrapolated from {len(timed)})")

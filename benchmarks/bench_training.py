@@ -18,14 +18,16 @@ import torch
 
 from deconvnet.data import AugmentedView, ImageFolderCache, Preprocessing
 from deconvnet.models import build_model
-from deconvnet.training import _prepare, init_weights, renormalize_filters
+from deconvnet.training import init_weights, prepare_batch, renormalize_filters
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette-224" / "train"
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="an ImageFolder (default: imagenette-224/train, else a synthetic one)")
+    p.add_argument(
+        "--data", default=str(DEFAULT_DATA), help="an ImageFolder (default: imagenette-224/train, else a synthetic one)"
+    )
     p.add_argument("--limit", type=int, default=1280, help="images to cache")
     p.add_argument("--crop", type=int, default=128)
     p.add_argument("--storage-size", type=int, default=146)
@@ -51,7 +53,9 @@ def main() -> None:
     classes, samples = scan_image_folder(data)
     samples = samples[:: max(1, len(samples) // args.limit)][: args.limit]
     t0 = time.perf_counter()
-    dataset = ImageFolderCache(data, size=args.storage_size, samples=samples, classes=classes, progress=False, num_workers=args.workers)
+    dataset = ImageFolderCache(
+        data, size=args.storage_size, samples=samples, classes=classes, progress=False, num_workers=args.workers
+    )
     t_cache = time.perf_counter() - t0
     pre = Preprocessing(resize=args.storage_size, crop=args.crop)
     model = build_model("zfnet", num_classes=len(classes), fc=(1024, 1024), lrn=not args.no_lrn, input_size=args.crop)
@@ -62,7 +66,7 @@ def main() -> None:
     device = torch.device("cpu")
 
     def step(images: torch.Tensor, target: torch.Tensor) -> None:
-        x = _prepare(images, pre, device, True)
+        x = prepare_batch(images, pre, device, True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             out = model(x)
         loss = loss_fn(out.float(), target)
@@ -92,7 +96,10 @@ def main() -> None:
         step(images, target)
         count += len(target)
     pipeline = count / (time.perf_counter() - t0)
-    print(f"cpu threads {torch.get_num_threads()}, crop {args.crop}, batch {args.batch_size}, workers {args.workers}, augment {args.augment}, lrn {not args.no_lrn}, bf16 {args.bf16}")
+    print(
+        f"cpu threads {torch.get_num_threads()}, crop {args.crop}, batch {args.batch_size}, workers {args.workers}, "
+        f"augment {args.augment}, lrn {not args.no_lrn}, bf16 {args.bf16}"
+    )
     print(f"decode + cache {len(dataset)} images: {t_cache:.1f} s ({len(dataset) / t_cache:.0f} img/s)")
     print(f"model-only step:  {model_only:7.1f} img/s")
     print(f"full pipeline:    {pipeline:7.1f} img/s")

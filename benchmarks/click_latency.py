@@ -40,7 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         from deconvnet.weights import imagenet_classes, save_weights
 
         torch.manual_seed(0)
-        weights = str(save_weights(build_model("zfnet"), Path(tmp.name) / "zfnet-224-random.safetensors", imagenet_classes(), Preprocessing()))
+        weights = str(
+            save_weights(
+                build_model("zfnet"),
+                Path(tmp.name) / "zfnet-224-random.safetensors",
+                imagenet_classes(),
+                Preprocessing(),
+            )
+        )
     started = start_server(["--weights", weights])
     if started is None:
         tmp.cleanup()
@@ -52,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             info = http.post(f"/api/sources/{args.sample}/open").json()
             open_s = time.perf_counter() - t0
-            print(f"model {Path(str(model['source'])).name} ({model['arch']}, input {model['input_size'][0]} px); "
-                  f"open + classify {1000 * open_s:.0f} ms")
+            print(
+                f"model {Path(str(model['source'])).name} ({model['arch']}, input {model['input_size'][0]} px); "
+                f"open + classify {1000 * open_s:.0f} ms"
+            )
             everything = []
             for layer in info["layers"]:
                 t0 = time.perf_counter()
@@ -70,12 +79,17 @@ def main(argv: list[str] | None = None) -> int:
                 cached = time.perf_counter() - t0
                 times.sort()
                 everything += times
-                print(f"  {layer}: layer grid {1000 * layer_s:6.0f} ms; click p50 {1000 * times[len(times) // 2]:6.0f} ms, "
-                      f"max {1000 * times[-1]:6.0f} ms (first click of a layer included); cached click {1000 * cached:4.0f} ms")
+                print(
+                    f"  {layer}: layer grid {1000 * layer_s:6.0f} ms; click p50 {1000 * times[len(times) // 2]:6.0f} "
+                    f"ms, max {1000 * times[-1]:6.0f} ms (first click of a layer included); "
+                    f"cached click {1000 * cached:4.0f} ms"
+                )
             everything.sort()
             p95 = everything[min(len(everything) - 1, round(0.95 * (len(everything) - 1)))]
-            print(f"all clicks: n={len(everything)} p50 {1000 * everything[len(everything) // 2]:.0f} ms, p95 {1000 * p95:.0f} ms, "
-                  f"max {1000 * everything[-1]:.0f} ms")
+            print(
+                f"all clicks: n={len(everything)} p50 {1000 * everything[len(everything) // 2]:.0f} ms, p95 "
+                f"{1000 * p95:.0f} ms, max {1000 * everything[-1]:.0f} ms"
+            )
     finally:
         proc.terminate()
         proc.wait(timeout=15)

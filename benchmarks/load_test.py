@@ -30,8 +30,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
-async def client_run(httpx, url: str, cid: int, rounds: int, layers: list[str], samples: list[str], upload: bytes | None,
-                     stats: dict[str, list[float]], errors: list[str], rng: random.Random) -> None:
+async def client_run(
+    httpx,
+    url: str,
+    cid: int,
+    rounds: int,
+    layers: list[str],
+    samples: list[str],
+    upload: bytes | None,
+    stats: dict[str, list[float]],
+    errors: list[str],
+    rng: random.Random,
+) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
 
         async def timed(kind: str, method: str, path: str, **kw):
@@ -96,21 +106,30 @@ async def run(url: str, clients: int, rounds: int, time_limit: float, seed: int)
     errors: list[str] = []
     rng = random.Random(seed)
     started = time.perf_counter()
-    tasks = [client_run(httpx, url, i, rounds, layers, samples, upload, stats, errors, random.Random(rng.random())) for i in range(clients)]
+    tasks = [
+        client_run(httpx, url, i, rounds, layers, samples, upload, stats, errors, random.Random(rng.random()))
+        for i in range(clients)
+    ]
     try:
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=time_limit)
     except asyncio.TimeoutError:
         errors.append(f"time limit of {time_limit:.0f} s reached")
     wall = time.perf_counter() - started
     total = sum(len(v) for v in stats.values())
-    print(f"load test: {clients} concurrent clients, {rounds} rounds each, against {url} (model {model['source']}, input {model['input_size'][0]} px)")
+    print(
+        f"load test: {clients} concurrent clients, {rounds} rounds each, against {url} (model {model['source']}, "
+        f"input {model['input_size'][0]} px)"
+    )
     print(f"{total} requests in {wall:.1f} s ({total / wall:.1f} req/s), errors {len(errors)}")
     everything = [t for v in stats.values() for t in v]
     for kind in ("open", "layer", "click", "all"):
         values = everything if kind == "all" else stats.get(kind, [])
         if values:
-            print(f"  {kind:5s} n={len(values):4d}  p50 {1000 * percentile(values, 50):7.1f} ms  p95 {1000 * percentile(values, 95):7.1f} ms"
-                  f"  max {1000 * max(values):7.1f} ms  mean {1000 * statistics.fmean(values):7.1f} ms")
+            print(
+                f"  {kind:5s} n={len(values):4d}  p50 {1000 * percentile(values, 50):7.1f} ms  p95 "
+                f"{1000 * percentile(values, 95):7.1f} ms"
+                f"  max {1000 * max(values):7.1f} ms  mean {1000 * statistics.fmean(values):7.1f} ms"
+            )
     for e in errors[:10]:
         print(f"  error: {e}")
     return 1 if errors else 0
@@ -119,7 +138,9 @@ async def run(url: str, clients: int, rounds: int, time_limit: float, seed: int)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="a running server (127.0.0.1 only); default: start one")
-    p.add_argument("--weights", default=None, help="weights for the server this script starts (default: the bundled model)")
+    p.add_argument(
+        "--weights", default=None, help="weights for the server this script starts (default: the bundled model)"
+    )
     p.add_argument("--parallel", type=int, default=None, help="--parallel for the server this script starts")
     p.add_argument("--clients", type=int, default=24)
     p.add_argument("--requests", type=int, default=10, help="rounds (layer + click) per client")

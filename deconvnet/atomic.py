@@ -7,8 +7,9 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -44,9 +45,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     """Write ``array`` to exactly ``path`` (through a file object: ``np.save`` given a name without
     ``.npy`` would append it and write beside the temp file)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
     return Path(path)
 
 

@@ -12,9 +12,10 @@ import math
 import os
 import stat
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any, Iterable, Sequence
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -39,7 +40,9 @@ IMAGE_FORMATS: dict[str, tuple[str, ...]] = {
     "TIFF": (".tif", ".tiff"),
     "PPM": (".ppm", ".pgm", ".pbm", ".pnm"),
 }
-IMAGE_EXTENSIONS = tuple(sorted({e for exts in IMAGE_FORMATS.values() for e in exts} | {e.lower() for e in IMG_EXTENSIONS}))
+IMAGE_EXTENSIONS = tuple(
+    sorted({e for exts in IMAGE_FORMATS.values() for e in exts} | {e.lower() for e in IMG_EXTENSIONS})
+)
 SUPPORTED_TYPES = "JPEG, PNG, GIF, BMP, WebP, TIFF, PPM/PGM"
 
 # Bounds that make every path from a file to a tensor cost bounded memory, whatever the file says:
@@ -64,6 +67,7 @@ __all__ = [
     "ImageFolderCache",
     "scan_image_folder",
     "ten_crop_boxes",
+    "mixed_seed",
 ]
 
 
@@ -104,7 +108,9 @@ def _open_header(source: str | os.PathLike | IO[bytes], name: str, max_pixels: i
         raise DeconvnetError(f"{name}: not an image file (supported: {SUPPORTED_TYPES})") from None
     except Image.DecompressionBombError:
         # PIL's own guard (far above ours) fired before we could read the size: quote only our limit
-        raise DeconvnetError(f"{name}: image too large (over {max_pixels / 1e6:g} megapixels, the limit); resize it first") from None
+        raise DeconvnetError(
+            f"{name}: image too large (over {max_pixels / 1e6:g} megapixels, the limit); resize it first"
+        ) from None
     except OSError as e:
         if isinstance(source, (str, os.PathLike)) and e.errno is not None:
             raise _stat_error(Path(source), e) from None
@@ -131,7 +137,9 @@ def _decode(img: Image.Image, name: str, max_pixels: int) -> Image.Image:
             oriented = ImageOps.exif_transpose(img) or img
             return to_rgb(oriented)
     except Image.DecompressionBombError:
-        raise DeconvnetError(f"{name}: image too large (over {max_pixels / 1e6:g} megapixels, the limit); resize it first") from None
+        raise DeconvnetError(
+            f"{name}: image too large (over {max_pixels / 1e6:g} megapixels, the limit); resize it first"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DeconvnetError(f"{name}: cannot decode image ({e}); the file may be truncated or corrupt") from None
 
@@ -238,7 +246,7 @@ class Preprocessing:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         d = dict(d)
         d["mean"] = tuple(d.get("mean", IMAGENET_MEAN))
         d["std"] = tuple(d.get("std", IMAGENET_STD))
@@ -249,7 +257,9 @@ class Preprocessing:
 
     def geometry(self) -> T.Compose:
         """PIL image -> cropped PIL image (what the model sees, before normalisation)."""
-        return T.Compose([limit_aspect, T.Resize(self.resize, interpolation=self._interp(), antialias=True), T.CenterCrop(self.crop)])
+        return T.Compose(
+            [limit_aspect, T.Resize(self.resize, interpolation=self._interp(), antialias=True), T.CenterCrop(self.crop)]
+        )
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 or [0, 1] float tensor (..., 3, H, W) -> model input."""
@@ -344,8 +354,8 @@ class ImageFolderCache(torch.utils.data.Dataset):
             available = _available_memory()
             if available is not None and needed > available // 2:
                 warnings.warn(
-                    f"{self.root}: caching {len(self.samples)} images needs {needed / 2**30:.1f} GiB, more than half of the "
-                    f"{available / 2**30:.1f} GiB available; decoding from disk instead",
+                    f"{self.root}: caching {len(self.samples)} images needs {needed / 2**30:.1f} GiB, more than half "
+                    f"of the {available / 2**30:.1f} GiB available; decoding from disk instead",
                     stacklevel=2,
                 )
                 cache = False
@@ -374,12 +384,12 @@ class ImageFolderCache(torch.utils.data.Dataset):
         from tqdm.auto import tqdm
 
         decoder = _Decoder(self.samples, self.size)
-        loader = torch.utils.data.DataLoader(
-            decoder, batch_size=None, num_workers=num_workers, collate_fn=lambda x: x
-        )
+        loader = torch.utils.data.DataLoader(decoder, batch_size=None, num_workers=num_workers, collate_fn=lambda x: x)
         images = torch.empty((len(self.samples), 3, self.size, self.size), dtype=torch.uint8)
-        keep = []
-        for index, tensor, error in tqdm(loader, total=len(decoder), desc=f"decoding {self.root.name}", disable=not progress, unit="img"):
+        keep: list[tuple[Path, int]] = []
+        for index, tensor, error in tqdm(
+            loader, total=len(decoder), desc=f"decoding {self.root.name}", disable=not progress, unit="img"
+        ):
             if tensor is None:
                 self.skipped.append((self.samples[index][0], error))
             else:
@@ -426,7 +436,7 @@ class _Decoder(torch.utils.data.Dataset):
             return index, None, str(e).split(": ", 1)[-1]
 
 
-def compute_pixel_mean(dataset: "ImageFolderCache", crop: int, path: str | os.PathLike | None = None) -> np.ndarray:
+def compute_pixel_mean(dataset: ImageFolderCache, crop: int, path: str | os.PathLike | None = None) -> np.ndarray:
     """The paper's per-pixel mean: the average (3, crop, crop) center crop of a dataset's images, in
     [0, 1]. With ``path`` it is also saved as .npy, for ``Preprocessing(pixel_mean=path)``."""
     total = torch.zeros(3, crop, crop, dtype=torch.float64)
@@ -454,7 +464,14 @@ class AugmentedView(torch.utils.data.Dataset):
     Determinism per sample (not per worker) makes resumed and multi-process runs reproduce exactly.
     """
 
-    def __init__(self, base: ImageFolderCache, crop: int = 224, mode: str = "paper", scale: tuple[float, float] = (0.25, 1.0), seed: int = 0) -> None:
+    def __init__(
+        self,
+        base: ImageFolderCache,
+        crop: int = 224,
+        mode: str = "paper",
+        scale: tuple[float, float] = (0.25, 1.0),
+        seed: int = 0,
+    ) -> None:
         if mode not in ("paper", "rrc", "center"):
             raise ValueError(f"augmentation must be 'paper', 'rrc' or 'center', got {mode!r}")
         self.base, self.crop, self.mode, self.scale, self.seed = base, crop, mode, scale, seed
@@ -468,7 +485,7 @@ class AugmentedView(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         img, target = self.base[index]
-        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, index))
+        g = torch.Generator().manual_seed(mixed_seed(self.seed, self.epoch, index))
         if self.mode == "center":
             return TF.center_crop(img, self.crop), target
         if self.mode == "paper":
@@ -483,12 +500,15 @@ class AugmentedView(torch.utils.data.Dataset):
         return out.contiguous(), target
 
 
-def _mix(*values: int) -> int:
+def mixed_seed(*values: int) -> int:
+    """A 63-bit seed that depends on every value (run seed, epoch, index...), stable across runs."""
     digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def _random_resized_box(height: int, width: int, scale: tuple[float, float], g: torch.Generator, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def _random_resized_box(
+    height: int, width: int, scale: tuple[float, float], g: torch.Generator, ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop.get_params, driven by an explicit generator."""
     area = height * width
     log_ratio = torch.log(torch.tensor(ratio))

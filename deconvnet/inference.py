@@ -1,16 +1,17 @@
 """Notebook-level API: load images for a model, classify them, project their activations.
 
-    from deconvnet import load_model, classify, project_image
-    loaded = load_model()                      # the bundled ZFNet (Imagenette)
-    print(classify(loaded, ["cat.jpg"]))
-    result = project_image(loaded, "cat.jpg", "conv5", top_maps=9)
+from deconvnet import load_model, classify, project_image
+loaded = load_model()                      # the bundled ZFNet (Imagenette)
+print(classify(loaded, ["cat.jpg"]))
+result = project_image(loaded, "cat.jpg", "conv5", top_maps=9)
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -60,7 +61,10 @@ def iter_classify(
 
 
 def classify(
-    loaded: LoadedModel, images: Sequence[str | os.PathLike] | torch.Tensor, top: int = 5, batch_size: int = DEFAULT_BATCH_SIZE
+    loaded: LoadedModel,
+    images: Sequence[str | os.PathLike] | torch.Tensor,
+    top: int = 5,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> list[list[tuple[str, float]]]:
     """Top-``top`` (class name, probability) for each image (paths, streamed in batches of
     ``batch_size``, or a prepared batch)."""

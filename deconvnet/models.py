@@ -83,21 +83,21 @@ class ArchConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ArchConfig":
-        known = {f for f in cls.__dataclass_fields__}
+    def from_dict(cls, d: dict[str, Any]) -> ArchConfig:
+        known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown architecture fields: {sorted(unknown)}")
         return cls(**d)
 
-    def same_network(self, other: "ArchConfig") -> bool:
+    def same_network(self, other: ArchConfig) -> bool:
         """True when both configs build the same function (LRN parameters matter only with LRN on)."""
         a, b = self.to_dict(), other.to_dict()
         if not self.lrn and not other.lrn:
             a.pop("lrn_params"), b.pop("lrn_params")
         return a == b
 
-    def with_(self, **changes: Any) -> "ArchConfig":
+    def with_(self, **changes: Any) -> ArchConfig:
         return replace(self, **changes)
 
 
@@ -130,7 +130,8 @@ class ConvNet(nn.Module):
             layers[f"conv{i}"] = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding)
             layers[f"relu{i}"] = nn.ReLU(inplace=False)
             if c.lrn and i in (1, 2):
-                layers[f"norm{i}"] = nn.LocalResponseNorm(**{k: c.lrn_params[k] for k in ("size", "alpha", "beta", "k")})
+                lrn = c.lrn_params
+                layers[f"norm{i}"] = nn.LocalResponseNorm(int(lrn["size"]), lrn["alpha"], lrn["beta"], lrn["k"])
             if i in (1, 2, 5):
                 if c.pool_style == "ceil":
                     layers[f"pool{i}"] = nn.MaxPool2d(3, 2, padding=0, ceil_mode=True)
@@ -158,7 +159,8 @@ class ConvNet(nn.Module):
         with torch.no_grad():
             x = torch.zeros(1, self.config.in_channels, self.config.input_size, self.config.input_size)
             y = self.features(x)
-        return tuple(y.shape[1:])  # type: ignore[return-value]
+        c, h, w = y.shape[1:]
+        return c, h, w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)

@@ -21,9 +21,10 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import atomic_path, save_text
-from .data import AugmentedView, ImageFolderCache, Preprocessing, _mix, ten_crops
+from .data import AugmentedView, ImageFolderCache, Preprocessing, mixed_seed, ten_crops
 from .errors import DeconvnetError
 from .models import ARCHITECTURES, ArchConfig, ConvNet, build_model
 from .weights import save_weights
@@ -40,7 +41,17 @@ from .wnids import english_names
 if TYPE_CHECKING:
     from .weights import LoadedModel
 
-__all__ = ["TrainConfig", "train", "evaluate", "renormalize_filters", "init_weights", "init_from_weights", "evaluate_model", "resolve_device"]
+__all__ = [
+    "TrainConfig",
+    "train",
+    "evaluate",
+    "renormalize_filters",
+    "init_weights",
+    "init_from_weights",
+    "evaluate_model",
+    "resolve_device",
+    "prepare_batch",
+]
 
 
 @dataclass
@@ -96,8 +107,10 @@ def init_from_weights(model: nn.Module, weights: str) -> tuple[list[str], list[s
     target = model.state_dict()
     copied = [k for k, v in target.items() if k in source and source[k].shape == v.shape]
     if not copied:
-        raise DeconvnetError(f"no tensor of {weights} matches this architecture by name and shape; "
-                             f"its layers: {', '.join(list(source)[:6])}...")
+        raise DeconvnetError(
+            f"no tensor of {weights} matches this architecture by name and shape; "
+            f"its layers: {', '.join(list(source)[:6])}..."
+        )
     with torch.no_grad():
         for k in copied:
             target[k].copy_(source[k].to(target[k].dtype))
@@ -126,7 +139,8 @@ def init_weights(model: nn.Module, scheme: str = "paper", std: float = 0.01) -> 
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             else:
                 raise ValueError(f"init must be 'paper' or 'kaiming', got {scheme!r}")
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 @torch.no_grad()
@@ -196,7 +210,8 @@ def _topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] 
     return [int(hits[:, : min(k, k_max)].any(dim=1).sum()) for k in ks]
 
 
-def _prepare(x: torch.Tensor, pre: Preprocessing, device: torch.device, channels_last: bool) -> torch.Tensor:
+def prepare_batch(x: torch.Tensor, pre: Preprocessing, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """A batch of decoded images normalized on ``device`` (channels-last if asked): the model's input."""
     x = pre.normalize(x.to(device, non_blocking=True))
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -236,13 +251,15 @@ def evaluate_model(
     indices = list(range(rank, len(dataset), world))
     crop = preprocessing.crop
     batches = _image_batches(dataset, indices, batch_size, workers)
-    for chunk, images in tqdm(batches, total=-(-len(indices) // batch_size), desc=desc, disable=not progress, unit="batch"):
+    for chunk, images in tqdm(
+        batches, total=-(-len(indices) // batch_size), desc=desc, disable=not progress, unit="batch"
+    ):
         target = dataset.targets[chunk].to(device)
         model_target = index_map[target]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             top = (images.shape[-1] - crop) // 2
             center = images[..., top : top + crop, top : top + crop]
-            logits = model(_prepare(center, preprocessing, device, channels_last)).float()
+            logits = model(prepare_batch(center, preprocessing, device, channels_last)).float()
         sums[0] += F.cross_entropy(logits, model_target, reduction="sum")
         c1, c5 = _topk_correct(logits, model_target)
         sums[1] += c1
@@ -253,7 +270,7 @@ def evaluate_model(
         if ten_crop:
             crops = ten_crops(images, crop).flatten(0, 1)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = model(_prepare(crops, preprocessing, device, channels_last)).float()
+                out = model(prepare_batch(crops, preprocessing, device, channels_last)).float()
             probs = out.softmax(1).view(len(chunk), 10, -1).mean(1)
             c1, c5 = _topk_correct(probs, model_target)
             sums[3] += c1
@@ -301,7 +318,10 @@ def _dist_info() -> tuple[int, int, int]:
 def _check_balance(counts: list[int], classes: list[str]) -> None:
     if max(counts) > 3 * min(counts):
         detail = ", ".join(f"{c}: {n}" for c, n in zip(classes, counts))
-        warnings.warn(f"unbalanced training set (largest class {max(counts)} images, smallest {min(counts)}): {detail}", stacklevel=3)
+        warnings.warn(
+            f"unbalanced training set (largest class {max(counts)} images, smallest {min(counts)}): {detail}",
+            stacklevel=3,
+        )
 
 
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "curves.png", "model.safetensors")
@@ -309,8 +329,13 @@ RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "curves.png", "model.safetensors"
 
 def check_config(cfg: TrainConfig) -> None:
     """Refuse settings that cannot train, in one line each, before any data is read."""
-    positive = {"epochs": cfg.epochs, "batch-size": cfg.batch_size, "storage-size": cfg.storage_size, "crop": cfg.crop,
-                "plateau-patience": cfg.plateau_patience}
+    positive = {
+        "epochs": cfg.epochs,
+        "batch-size": cfg.batch_size,
+        "storage-size": cfg.storage_size,
+        "crop": cfg.crop,
+        "plateau-patience": cfg.plateau_patience,
+    }
     for name, value in positive.items():
         if int(value) < 1:
             raise DeconvnetError(f"--{name} must be at least 1, got {value}")
@@ -399,13 +424,27 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
             raise DeconvnetError(f"{root} not found: data must hold {cfg.train_dir}/<class>/... and {cfg.val_dir}/<class>/...")
 
     torch.manual_seed(cfg.seed)
-    train_set = ImageFolderCache(train_root, size=cfg.storage_size, cache=cfg.cache, progress=progress and is_main, num_workers=cfg.workers)
-    val_set = ImageFolderCache(val_root, size=cfg.storage_size, cache=cfg.cache, classes=train_set.classes, progress=progress and is_main, num_workers=cfg.workers)
+    train_set = ImageFolderCache(
+        train_root, size=cfg.storage_size, cache=cfg.cache, progress=progress and is_main, num_workers=cfg.workers
+    )
+    val_set = ImageFolderCache(
+        val_root,
+        size=cfg.storage_size,
+        cache=cfg.cache,
+        classes=train_set.classes,
+        progress=progress and is_main,
+        num_workers=cfg.workers,
+    )
     _check_balance(train_set.class_counts(), train_set.classes)
     classes = english_names(train_set.classes)
     preprocessing = Preprocessing(resize=cfg.storage_size, crop=cfg.crop)
 
-    overrides: dict[str, Any] = {"num_classes": len(classes), "lrn": cfg.lrn, "dropout": cfg.dropout, "input_size": cfg.crop}
+    overrides: dict[str, Any] = {
+        "num_classes": len(classes),
+        "lrn": cfg.lrn,
+        "dropout": cfg.dropout,
+        "input_size": cfg.crop,
+    }
     if cfg.fc:
         overrides["fc"] = tuple(cfg.fc)
     model = build_model(cfg.arch, **overrides)
@@ -413,19 +452,25 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     if cfg.init_from and not (resume and checkpoint_path.exists()):
         copied, kept = init_from_weights(model, cfg.init_from)
         if is_main and progress:
-            print(f"initialised {len(copied)} tensors from {cfg.init_from}" + (f"; new initialisation for {', '.join(kept)}" if kept else ""))
+            print(
+                f"initialised {len(copied)} tensors from {cfg.init_from}"
+                + (f"; new initialisation for {', '.join(kept)}" if kept else "")
+            )
     if cfg.renorm_rms:
         renormalize_filters(model, cfg.renorm_rms)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for p in model.parameters():
         (no_decay if p.dim() == 1 else decay).append(p)
     optimizer = torch.optim.SGD(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
     )
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -458,24 +503,34 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    view = AugmentedView(train_set, crop=cfg.crop, mode=cfg.augment, scale=tuple(cfg.rrc_scale), seed=cfg.seed)
-    local_batch = cfg.batch_size // world
+    smallest, largest = cfg.rrc_scale  # a list when the config was read back from JSON
+    view = AugmentedView(train_set, crop=cfg.crop, mode=cfg.augment, scale=(smallest, largest), seed=cfg.seed)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         net.train()
         view.set_epoch(epoch)
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(_mix(cfg.seed, epoch)))
-        batches = [order[s * cfg.batch_size : (s + 1) * cfg.batch_size][rank::world].tolist() for s in range(steps_per_epoch)]
-        loader = torch.utils.data.DataLoader(view, batch_sampler=batches, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(mixed_seed(cfg.seed, epoch)))
+        batches = [
+            order[s * cfg.batch_size : (s + 1) * cfg.batch_size][rank::world].tolist() for s in range(steps_per_epoch)
+        ]
+        loader = torch.utils.data.DataLoader(
+            view, batch_sampler=batches, num_workers=cfg.workers, pin_memory=device.type == "cuda"
+        )
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
-        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and is_main), unit="batch")
+        bar = tqdm(
+            loader,
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not (progress and is_main),
+            unit="batch",
+        )
         for step, (images, target) in enumerate(bar):
             lr = schedule.lr(epoch, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x = _prepare(images, preprocessing, device, cfg.channels_last)
+            x = prepare_batch(images, preprocessing, device, cfg.channels_last)
             target = target.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits = net(x)
@@ -487,14 +542,26 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
                 renormalize_filters(model, cfg.renorm_rms)
             with torch.no_grad():
                 c1, c5 = _topk_correct(logits.float(), target)
-                sums += torch.tensor([loss.item() * len(target), c1, c5, len(target)], dtype=torch.float64, device=device)
+                sums += torch.tensor(
+                    [loss.item() * len(target), c1, c5, len(target)], dtype=torch.float64, device=device
+                )
             if not math.isfinite(loss.item()):
                 raise DeconvnetError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}, step {step}; lower lr")
             bar.set_postfix(loss=f"{float(sums[0] / sums[3]):.3f}", lr=f"{lr:.2e}")
         if world > 1:
             dist.all_reduce(sums)
         train_time = time.time() - t0
-        val = evaluate_model(model, val_set, preprocessing, device, batch_size=100, channels_last=cfg.channels_last, bf16=cfg.bf16, rank=rank, world=world)
+        val = evaluate_model(
+            model,
+            val_set,
+            preprocessing,
+            device,
+            batch_size=100,
+            channels_last=cfg.channels_last,
+            bf16=cfg.bf16,
+            rank=rank,
+            world=world,
+        )
         schedule.end_epoch(1.0 - val["top1"])
         n = float(sums[3])
         record = {
@@ -514,12 +581,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
             if progress:
                 print(
                     f"epoch {epoch + 1}: train loss {record['train_loss']:.3f} top-1 {record['train_top1']:.1%} | "
-                    f"val loss {record['val_loss']:.3f} top-1 {record['val_top1']:.1%} top-5 {record['val_top5']:.1%} | "
-                    f"{record['train_images_per_s']:.0f} img/s"
+                    f"val loss {record['val_loss']:.3f} top-1 {record['val_top1']:.1%} top-5 {record['val_top5']:.1%} "
+                    f"| {record['train_images_per_s']:.0f} img/s"
                 )
             meta = {"epoch": epoch + 1, "class_folders": train_set.classes, "train_config": cfg.to_dict()}
             if epoch + 1 in cfg.snapshot_epochs:
-                save_weights(model, out / "snapshots" / f"epoch-{epoch + 1:03d}.safetensors", classes, preprocessing, extra=meta)
+                save_weights(
+                    model, out / "snapshots" / f"epoch-{epoch + 1:03d}.safetensors", classes, preprocessing, extra=meta
+                )
             _atomic_torch_save(
                 {
                     "model": model.state_dict(),
@@ -542,7 +611,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
 
             save_figure(training_curves(history), out / "curves.png")
     if is_main:
-        meta = {"epoch": cfg.epochs, "class_folders": train_set.classes, "train_config": cfg.to_dict(), "history": history}
+        meta = {
+            "epoch": cfg.epochs,
+            "class_folders": train_set.classes,
+            "train_config": cfg.to_dict(),
+            "history": history,
+        }
         save_weights(model, out / "model.safetensors", classes, preprocessing, extra=meta)
     if world > 1:
         dist.barrier()
@@ -554,7 +628,7 @@ def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def evaluate(
-    loaded: "LoadedModel",
+    loaded: LoadedModel,
     root: str | os.PathLike,
     ten_crop: bool = True,
     batch_size: int = 50,
@@ -575,18 +649,30 @@ def evaluate(
     if recorded:
         unknown = [c for c in dataset.classes if c not in recorded]
         if unknown:
-            raise DeconvnetError(f"{root}: class folders {unknown[:5]} are not classes of this model ({', '.join(recorded[:10])})")
+            raise DeconvnetError(
+                f"{root}: class folders {unknown[:5]} are not classes of this model ({', '.join(recorded[:10])})"
+            )
         class_map = [recorded.index(c) for c in dataset.classes]
     elif len(dataset.classes) == len(loaded.classes):
         class_map = list(range(len(dataset.classes)))
     else:
         raise DeconvnetError(
-            f"{root} has {len(dataset.classes)} class folders but the model has {len(loaded.classes)} classes and records no folder names"
+            f"{root} has {len(dataset.classes)} class folders but the model has {len(loaded.classes)} classes and "
+            "records no folder names"
         )
     device = loaded.device
     result = evaluate_model(
-        loaded.model, dataset, pre, device, ten_crop=ten_crop, batch_size=batch_size,
-        channels_last=device.type == "cpu", progress=progress, desc="evaluating", class_map=class_map, workers=workers,
+        loaded.model,
+        dataset,
+        pre,
+        device,
+        ten_crop=ten_crop,
+        batch_size=batch_size,
+        channels_last=device.type == "cpu",
+        progress=progress,
+        desc="evaluating",
+        class_map=class_map,
+        workers=workers,
     )
     confusion = torch.tensor(result["confusion"])
     per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1).float()).tolist()

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -20,7 +21,14 @@ from .data import Preprocessing
 from .errors import DeconvnetError
 from .models import POOL_STYLES, ArchConfig, ConvNet
 
-__all__ = ["check_metadata", "check_builder_metadata", "check_header_shapes", "check_finite", "expected_shapes", "LIMITS"]
+__all__ = [
+    "check_metadata",
+    "check_builder_metadata",
+    "check_header_shapes",
+    "check_finite",
+    "expected_shapes",
+    "LIMITS",
+]
 
 # Generous bounds (the largest published ZFNet/AlexNet/VGG are far inside them) that keep a crafted
 # file from asking for absurd sizes before its tensors are even compared.
@@ -48,7 +56,9 @@ def _int(path: str | os.PathLike, name: str, value: Any, lo: int, hi: int) -> in
     return value
 
 
-def _float(path: str | os.PathLike, name: str, value: Any, lo: float = -math.inf, hi: float = math.inf, open_hi: bool = False) -> float:
+def _float(
+    path: str | os.PathLike, name: str, value: Any, lo: float = -math.inf, hi: float = math.inf, open_hi: bool = False
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise _fail(path, f"{name} must be a finite number, got {value!r}"[:200])
     if not lo <= value <= hi or (open_hi and value >= hi):
@@ -151,7 +161,9 @@ def _classes(path: str | os.PathLike, raw: Any) -> list[str]:
     return list(raw)
 
 
-def check_builder_metadata(metadata: Mapping[str, Any], path: str | os.PathLike) -> tuple[dict[str, Any], list[str], Preprocessing]:
+def check_builder_metadata(
+    metadata: Mapping[str, Any], path: str | os.PathLike
+) -> tuple[dict[str, Any], list[str], Preprocessing]:
     """(builder arguments, classes, preprocessing) of a stored torchvision/timm model, checked before
     anything is built: arguments plain numbers, strings or flags, at most 100,000 classes; classes and
     preprocessing as for our own models."""
@@ -159,7 +171,9 @@ def check_builder_metadata(metadata: Mapping[str, Any], path: str | os.PathLike)
         if key not in metadata:
             raise _fail(path, f"the '{key}' entry is missing")
     kwargs = metadata.get("arch_kwargs") or {}
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and isinstance(v, (bool, int, float, str)) for k, v in kwargs.items()):
+    if not isinstance(kwargs, dict) or not all(
+        isinstance(k, str) and isinstance(v, (bool, int, float, str)) for k, v in kwargs.items()
+    ):
         raise _fail(path, "'arch_kwargs' must map names to numbers, strings or flags")
     num_classes = kwargs.get("num_classes", 1000)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or not 1 <= num_classes <= 100_000:
@@ -200,12 +214,15 @@ def check_header_shapes(found: Mapping[str, tuple[int, ...]], config: ArchConfig
     unexpected = [k for k in found if k not in expected]
     if missing or unexpected:
         raise DeconvnetError(
-            f"{path}: tensors do not match the architecture in its metadata (missing: {', '.join(missing[:4]) or 'none'}; "
+            f"{path}: tensors do not match the architecture in its metadata (missing: "
+            f"{', '.join(missing[:4]) or 'none'}; "
             f"unexpected: {', '.join(unexpected[:4]) or 'none'})"
         )
     for key, shape in expected.items():
         if tuple(found[key]) != shape:
-            raise DeconvnetError(f"{path}: {key} has shape {tuple(found[key])}, its metadata's architecture expects {shape}")
+            raise DeconvnetError(
+                f"{path}: {key} has shape {tuple(found[key])}, its metadata's architecture expects {shape}"
+            )
 
 
 def check_finite(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
@@ -214,5 +231,7 @@ def check_finite(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> 
     for key, value in state.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
-            raise DeconvnetError(f"{path}: {key} holds {bad:,} NaN/infinite value(s); the weights are unusable "
-                                 "(a training run that diverged, or a damaged file)")
+            raise DeconvnetError(
+                f"{path}: {key} holds {bad:,} NaN/infinite value(s); the weights are unusable "
+                "(a training run that diverged, or a damaged file)"
+            )

@@ -18,9 +18,10 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,7 +75,7 @@ class LoadedModel:
     # With ``arch``, what rebuilds a torchvision/timm model: ``create_model(arch, **arch_kwargs)``.
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def to(self, device: str | torch.device) -> "LoadedModel":
+    def to(self, device: str | torch.device) -> LoadedModel:
         self.model.to(device)
         return self
 
@@ -156,7 +157,9 @@ def fetch_weights(name: str, progress: bool = True) -> Path:
     if spec.bundled:
         path = BUNDLED_DIR / spec.bundled
         if not path.exists():
-            raise DeconvnetError(f"bundled weights {name!r} are missing from the installation ({path}); reinstall deconvnet")
+            raise DeconvnetError(
+                f"bundled weights {name!r} are missing from the installation ({path}); reinstall deconvnet"
+            )
         return path
     assert spec.url and spec.sha1 and spec.filename
     target = cache_dir() / spec.filename
@@ -186,7 +189,10 @@ def fetch_weights(name: str, progress: bool = True) -> Path:
                     shutil.copyfileobj(src, dst)
         digest = _sha1(payload)
         if digest != spec.sha1:
-            raise DeconvnetError(f"checksum mismatch for {name!r}: expected sha1 {spec.sha1}, got {digest}; the download is damaged, try again")
+            raise DeconvnetError(
+                f"checksum mismatch for {name!r}: expected sha1 {spec.sha1}, got {digest}; the download is damaged, "
+                "try again"
+            )
         os.replace(payload, target)
     return target
 
@@ -228,7 +234,9 @@ def save_weights(
     if isinstance(model, ConvNet):
         arch_meta = json.dumps(model.config.to_dict())
     elif arch is None:
-        raise TypeError("save_weights needs arch= (a torchvision/timm name, see deconvnet.zoo) for models other than ConvNet")
+        raise TypeError(
+            "save_weights needs arch= (a torchvision/timm name, see deconvnet.zoo) for models other than ConvNet"
+        )
     else:
         name = resolve_arch(arch)
         if name.family == "deconvnet":
@@ -260,7 +268,8 @@ def _header_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        names = f.keys()  # a safe_open handle is not iterable itself
+        return {k: tuple(f.get_slice(k).get_shape()) for k in names}
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -313,7 +322,8 @@ def load_model(
             if not path.exists():
                 names = ", ".join(sorted(REGISTRY))
                 raise DeconvnetError(
-                    f"--weights {spec!r} is neither a file nor a known name ({names}, or torchvision:ResNet50_Weights.DEFAULT and the like)"
+                    f"--weights {spec!r} is neither a file nor a known name ({names}, or "
+                    "torchvision:ResNet50_Weights.DEFAULT and the like)"
                 )
         loaded = _load_file(path, resolved)
         loaded.source = source
@@ -343,8 +353,13 @@ def wrap_model(
     module.eval()
     if classes is None:
         classes = _class_names(_num_outputs(module, preprocessing.crop))
-    return LoadedModel(model=module, classes=list(classes), preprocessing=preprocessing,
-                       arch=arch or type(module).__name__, source="user model")
+    return LoadedModel(
+        model=module,
+        classes=list(classes),
+        preprocessing=preprocessing,
+        arch=arch or type(module).__name__,
+        source="user model",
+    )
 
 
 def _num_outputs(module: nn.Module, crop: int) -> int:
@@ -355,7 +370,9 @@ def _num_outputs(module: nn.Module, crop: int) -> int:
     with torch.no_grad():
         out = module(torch.zeros(1, 3, crop, crop, device=parameter.device if parameter is not None else "cpu"))
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise DeconvnetError("cannot tell the number of classes of this model (its output is not (batch, classes)); pass classes=[...]")
+        raise DeconvnetError(
+            "cannot tell the number of classes of this model (its output is not (batch, classes)); pass classes=[...]"
+        )
     return int(out.shape[1])
 
 
@@ -380,7 +397,10 @@ def _load_torchvision_weights(spec: str, arch: ArchName | None, progress: bool) 
     weights, builder = torchvision_weights(spec)
     full_name = f"torchvision:{type(weights).__name__}.{weights.name}"
     if arch is not None and arch != ArchName("torchvision", builder):
-        raise DeconvnetError(f"{full_name} are weights for torchvision's {builder}, not {arch.canonical}; drop --arch or pass --arch {builder}")
+        raise DeconvnetError(
+            f"{full_name} are weights for torchvision's {builder}, not {arch.canonical}; drop --arch or pass --arch "
+            f"{builder}"
+        )
     filename = weights.url.rsplit("/", 1)[-1]
     try:
         # check_hash: the file name carries a prefix of its sha256, verified on download, as torchvision does.
@@ -391,11 +411,14 @@ def _load_torchvision_weights(spec: str, arch: ArchName | None, progress: bool) 
         reason = getattr(e, "reason", None) or e
         raise DeconvnetError(
             f"could not download {full_name} from {weights.url} ({reason}); if you are offline, download the file "
-            f"elsewhere and pass it with --weights /path/to/{filename} --arch {builder}, or place it in {Path(get_dir()) / 'checkpoints'}"
+            f"elsewhere and pass it with --weights /path/to/{filename} --arch {builder}, or place it in "
+            f"{Path(get_dir()) / 'checkpoints'}"
         ) from None
     except RuntimeError as e:  # a damaged download (hash mismatch) or an unreadable cached file
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DeconvnetError(f"{full_name}: {first_line}; delete the file from torchvision's cache and try again") from None
+        raise DeconvnetError(
+            f"{full_name}: {first_line}; delete the file from torchvision's cache and try again"
+        ) from None
     model, kwargs, _ = model_from_state_dict(ArchName("torchvision", builder), state, full_name, weights=weights)
     return LoadedModel(
         model=model,
@@ -421,7 +444,8 @@ def _load_file(path: Path, arch: ArchName | None) -> LoadedModel:
         except (SafetensorError, OSError, ValueError) as e:
             raise DeconvnetError(f"{path}: not a readable safetensors file ({e})") from None
         tagged = metadata.get("format") == FORMAT_TAG
-        zoo = tagged and isinstance(metadata.get("arch"), str)  # a torchvision/timm model: its name and builder arguments
+        # a torchvision/timm model: its name and builder arguments
+        zoo = tagged and isinstance(metadata.get("arch"), str)
         if tagged and not zoo:  # everything checked before a byte of the model is allocated
             config, classes, preprocessing = check_metadata(metadata, path)
             check_header_shapes(shapes, config, path)
@@ -446,8 +470,15 @@ def _load_file(path: Path, arch: ArchName | None) -> LoadedModel:
                 model = ConvNet(config)
                 load_state_strict(model, state, str(path))
                 arch_name, kwargs = config.name, {}
-            return LoadedModel(model=model, classes=classes, preprocessing=preprocessing, arch=arch_name, source=str(path),
-                               metadata=metadata, arch_kwargs=kwargs)
+            return LoadedModel(
+                model=model,
+                classes=classes,
+                preprocessing=preprocessing,
+                arch=arch_name,
+                source=str(path),
+                metadata=metadata,
+                arch_kwargs=kwargs,
+            )
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -470,17 +501,32 @@ def _load_file(path: Path, arch: ArchName | None) -> LoadedModel:
             tv = _torchvision_layout(state, arch.name if arch else None, origin)
             if tv is None:
                 model, arch_name = convert_state_dict(state, arch.name if arch else None, origin)
-                return LoadedModel(model=model, classes=_class_names(_num_outputs(model, 224)), preprocessing=Preprocessing(),
-                                   arch=arch_name, source=origin)
+                return LoadedModel(
+                    model=model,
+                    classes=_class_names(_num_outputs(model, 224)),
+                    preprocessing=Preprocessing(),
+                    arch=arch_name,
+                    source=origin,
+                )
             arch = tv
         model, kwargs, weights = model_from_state_dict(arch, state, origin, filename=path.name)
         if weights is not None:  # the file is torchvision's own download: its classes and transforms
             classes, preprocessing = list(weights.meta["categories"]), preprocessing_from_weights(weights)
         else:
             classes, preprocessing = _class_names(kwargs["num_classes"]), default_preprocessing(arch, model)
-        return LoadedModel(model=model, classes=classes, preprocessing=preprocessing, arch=arch.canonical, source=origin, arch_kwargs=kwargs)
+        return LoadedModel(
+            model=model,
+            classes=classes,
+            preprocessing=preprocessing,
+            arch=arch.canonical,
+            source=origin,
+            arch_kwargs=kwargs,
+        )
     except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as e:  # a layout that only looks familiar
-        raise DeconvnetError(f"{path}: unrecognised weights layout ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        raise DeconvnetError(
+            f"{path}: unrecognised weights layout ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''})"
+        ) from None
 
 
 PYTORCHCV_KEYS = {
@@ -495,7 +541,9 @@ PYTORCHCV_KEYS = {
 }
 
 
-def convert_state_dict(state: Mapping[str, torch.Tensor], arch: str | None = None, origin: str = "state dict") -> tuple[nn.Module, str]:
+def convert_state_dict(
+    state: Mapping[str, torch.Tensor], arch: str | None = None, origin: str = "state dict"
+) -> tuple[nn.Module, str]:
     """Build the model a foreign state dict belongs to and load it: pytorchcv ZFNet/AlexNet,
     torchvision AlexNet/VGG, or a raw state dict of our ``ConvNet``. (Other torchvision and timm models
     need their name: ``deconvnet.zoo.model_from_state_dict``.)"""
@@ -548,7 +596,9 @@ def _infer_config(state: Mapping[str, torch.Tensor], arch: str | None, origin: s
         raise DeconvnetError(f"{origin}: missing key {e.args[0]!r}") from None
     for i, (_, k, _, _) in enumerate(base.conv, start=1):
         if conv[i - 1][1] != k:
-            raise DeconvnetError(f"{origin}: conv{i} has {conv[i - 1][1]}x{conv[i - 1][1]} filters, architecture {arch!r} has {k}x{k}")
+            raise DeconvnetError(
+                f"{origin}: conv{i} has {conv[i - 1][1]}x{conv[i - 1][1]} filters, architecture {arch!r} has {k}x{k}"
+            )
     return base.with_(conv=conv, fc=fc, num_classes=num_classes)
 
 
@@ -562,13 +612,19 @@ def _torchvision_layout(state: Mapping[str, torch.Tensor], arch: str | None, ori
     if arch is not None:
         name = resolve_arch(arch)
         if name.family != "torchvision":
-            raise DeconvnetError(f"{origin} is in torchvision's layout (features.N, classifier.N), not {arch!r}'s; pass --arch tv-alexnet, tv-vgg16...")
+            raise DeconvnetError(
+                f"{origin} is in torchvision's layout (features.N, classifier.N), not {arch!r}'s; pass --arch "
+                "tv-alexnet, tv-vgg16..."
+            )
         return name
     conv_keys = [k for k in state if k.startswith("features.") and k.endswith(".weight") and state[k].dim() == 4]
     if len(conv_keys) == 5:
         return ArchName("torchvision", "alexnet")
     depth = {8: "vgg11", 10: "vgg13", 13: "vgg16", 16: "vgg19"}.get(len(conv_keys))
     if depth is None:
-        raise DeconvnetError(f"{origin}: torchvision-style file with {len(conv_keys)} conv layers matches no AlexNet/VGG; pass --arch NAME")
+        raise DeconvnetError(
+            f"{origin}: torchvision-style file with {len(conv_keys)} conv layers matches no AlexNet/VGG; pass --arch "
+            "NAME"
+        )
     batchnorm = any(k.endswith("running_mean") for k in state)
     return ArchName("torchvision", f"{depth}_bn" if batchnorm else depth)

@@ -6,7 +6,7 @@ Imagewoof are listed here (ImageNet-1k index in brackets, from their READMEs).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 KNOWN_WNIDS: dict[str, str] = {
     # Imagenette

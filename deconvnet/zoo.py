@@ -23,8 +23,9 @@ import difflib
 import fnmatch
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -90,18 +91,22 @@ def resolve_arch(name: str) -> ArchName:
     """Which builder ``name`` means (see the module docstring); a ``DeconvnetError`` for unknown names."""
     text = str(name).strip()
     if text.startswith(TIMM_PREFIX):
-        timm_name = text[len(TIMM_PREFIX):]
+        timm_name = text[len(TIMM_PREFIX) :]
         if not _timm().is_model(timm_name):
             close = difflib.get_close_matches(timm_name, _timm().list_models(), n=3)
             hint = f" (did you mean {', '.join(TIMM_PREFIX + c for c in close)}?)" if close else ""
-            raise DeconvnetError(f"unknown timm architecture {timm_name!r}{hint}; `deconvnet models --timm PATTERN` lists timm's names")
+            raise DeconvnetError(
+                f"unknown timm architecture {timm_name!r}{hint}; `deconvnet models --timm PATTERN` lists timm's names"
+            )
         return ArchName("timm", timm_name)
     builders = torchvision_builders()
     for prefix in (TORCHVISION_PREFIX, "torchvision:"):
         if text.startswith(prefix):
-            tv_name = text[len(prefix):].lower()
+            tv_name = text[len(prefix) :].lower()
             if tv_name not in builders:
-                raise DeconvnetError(f"{tv_name!r} is not a torchvision classification model{_did_you_mean(tv_name)}; {LIST_HINT}")
+                raise DeconvnetError(
+                    f"{tv_name!r} is not a torchvision classification model{_did_you_mean(tv_name)}; {LIST_HINT}"
+                )
             return ArchName("torchvision", tv_name)
     if text in ARCHITECTURES:
         return ArchName("deconvnet", text)
@@ -111,7 +116,9 @@ def resolve_arch(name: str) -> ArchName:
 
 
 def _did_you_mean(text: str) -> str:
-    close = difflib.get_close_matches(text.lower().removeprefix(TORCHVISION_PREFIX), sorted(ARCHITECTURES) + torchvision_builders(), n=3)
+    close = difflib.get_close_matches(
+        text.lower().removeprefix(TORCHVISION_PREFIX), sorted(ARCHITECTURES) + torchvision_builders(), n=3
+    )
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
@@ -119,13 +126,19 @@ def list_models(pattern: str | None = None, include_timm: bool = False) -> list[
     """Canonical names of the architectures ``--arch``/``create_model`` take, filtered by an
     fnmatch ``pattern`` (``"resnet*"`` also matches ``tv-resnet50``: the prefix is optional in
     patterns as in names). timm's models are listed as ``timm:NAME`` with ``include_timm=True``."""
-    names = [ArchName("deconvnet", n) for n in ARCHITECTURES] + [ArchName("torchvision", n) for n in torchvision_builders()]
+    names = [ArchName("deconvnet", n) for n in ARCHITECTURES] + [
+        ArchName("torchvision", n) for n in torchvision_builders()
+    ]
     if include_timm:
         names += [ArchName("timm", n) for n in _timm().list_models()]
     if pattern is None:
         return [n.canonical for n in names]
     pattern = pattern.lower()
-    return [n.canonical for n in names if fnmatch.fnmatch(n.canonical.lower(), pattern) or fnmatch.fnmatch(n.name.lower(), pattern)]
+    return [
+        n.canonical
+        for n in names
+        if fnmatch.fnmatch(n.canonical.lower(), pattern) or fnmatch.fnmatch(n.name.lower(), pattern)
+    ]
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
@@ -148,7 +161,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 # --------------------------------------------------------------------------- torchvision weights
 
 
-def torchvision_weights(spec: str) -> tuple["WeightsEnum", str]:
+def torchvision_weights(spec: str) -> tuple[WeightsEnum, str]:
     """``ResNet50_Weights.IMAGENET1K_V2`` (or ``.DEFAULT``) -> (the weights enum member, its builder name)."""
     import torchvision.models as tvm
 
@@ -165,7 +178,9 @@ def torchvision_weights(spec: str) -> tuple["WeightsEnum", str]:
         ) from None
     builder = next((b for b in torchvision_builders() if tvm.get_model_weights(b) is type(weights)), None)
     if builder is None:  # detection, segmentation, video or quantized weights
-        raise DeconvnetError(f"{text} are not weights of a torchvision classification model; `deconvnet models` lists those")
+        raise DeconvnetError(
+            f"{text} are not weights of a torchvision classification model; `deconvnet models` lists those"
+        )
     return weights, builder
 
 
@@ -177,7 +192,7 @@ def torchvision_weight_names(builder: str) -> list[str]:
     return [f"torchvision:{enum.__name__}.{member.name}" for member in enum]
 
 
-def _weights_by_filename(builder: str, filename: str) -> "WeightsEnum | None":
+def _weights_by_filename(builder: str, filename: str) -> WeightsEnum | None:
     """The torchvision weights whose download is named ``filename`` (a file fetched from torchvision's URL)."""
     import torchvision.models as tvm
 
@@ -188,14 +203,21 @@ def _weights_by_filename(builder: str, filename: str) -> "WeightsEnum | None":
     return next((w for w in enum if w.url.rsplit("/", 1)[-1] == filename), None)
 
 
-def preprocessing_from_weights(weights: "WeightsEnum") -> Preprocessing:
+def _rgb(values: Sequence[float]) -> tuple[float, float, float]:
+    """A per-channel mean or std of an RGB model as three floats."""
+    if len(values) != 3:
+        raise DeconvnetError(f"expected one value per RGB channel, got {list(values)}")
+    return float(values[0]), float(values[1]), float(values[2])
+
+
+def preprocessing_from_weights(weights: WeightsEnum) -> Preprocessing:
     """The ``Preprocessing`` equivalent of ``weights.transforms()`` (resize, crop, mean, std, interpolation)."""
     t = weights.transforms()
     return Preprocessing(
         resize=int(t.resize_size[0]),
         crop=int(t.crop_size[0]),
-        mean=tuple(float(v) for v in t.mean),
-        std=tuple(float(v) for v in t.std),
+        mean=_rgb(t.mean),
+        std=_rgb(t.std),
         interpolation=t.interpolation.value,
     )
 
@@ -214,10 +236,11 @@ def default_preprocessing(arch: ArchName, model: nn.Module | None = None) -> Pre
         cfg = resolve_data_config({}, model=model)
         crop = int(cfg["input_size"][-1])
         return Preprocessing(
-            resize=int(math.floor(crop / cfg.get("crop_pct", 0.875))),  # timm's eval transform: scale = floor(size / crop_pct)
+            # timm's eval transform: scale = floor(size / crop_pct)
+            resize=int(math.floor(crop / cfg.get("crop_pct", 0.875))),
             crop=crop,
-            mean=tuple(float(v) for v in cfg["mean"]),
-            std=tuple(float(v) for v in cfg["std"]),
+            mean=_rgb(cfg["mean"]),
+            std=_rgb(cfg["std"]),
             interpolation=cfg.get("interpolation", "bicubic"),
         )
     return Preprocessing()
@@ -227,7 +250,9 @@ def default_preprocessing(arch: ArchName, model: nn.Module | None = None) -> Pre
 
 
 # torchvision's densenet weights predate a rename ("norm.1" -> "norm1"); its builder fixes the keys so.
-DENSENET_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+DENSENET_LEGACY_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
 
 
 def _num_classes_guess(state: Mapping[str, torch.Tensor], classifier: str | None = None) -> int:
@@ -244,9 +269,9 @@ def model_from_state_dict(
     arch: ArchName,
     state: Mapping[str, torch.Tensor],
     origin: str,
-    weights: "WeightsEnum | None" = None,
+    weights: WeightsEnum | None = None,
     filename: str | None = None,
-) -> tuple[nn.Module, dict[str, Any], "WeightsEnum | None"]:
+) -> tuple[nn.Module, dict[str, Any], WeightsEnum | None]:
     """Build a torchvision/timm architecture for ``state`` and load it strictly.
 
     Returns (model, the builder keyword arguments that rebuild it, the torchvision weights the state
@@ -258,7 +283,9 @@ def model_from_state_dict(
     if arch.family == "timm":
         timm = _timm()
         classifier = timm.get_pretrained_cfg_value(arch.name, "classifier")
-        kwargs: dict[str, Any] = {"num_classes": _num_classes_guess(state, classifier if isinstance(classifier, str) else None)}
+        kwargs: dict[str, Any] = {
+            "num_classes": _num_classes_guess(state, classifier if isinstance(classifier, str) else None)
+        }
         model = timm.create_model(arch.name, pretrained=False, **kwargs)
         load_state_strict(model, state, origin)
         return model, kwargs, None
@@ -270,7 +297,9 @@ def model_from_state_dict(
         weights = _weights_by_filename(arch.name, filename)
     kwargs = {"num_classes": len(weights.meta["categories"]) if weights is not None else _num_classes_guess(state)}
     if arch.name.startswith("densenet"):
-        state = {(f"{m.group(1)}{m.group(2)}" if (m := DENSENET_LEGACY_KEY.match(k)) else k): v for k, v in state.items()}
+        state = {
+            (f"{m.group(1)}{m.group(2)}" if (m := DENSENET_LEGACY_KEY.match(k)) else k): v for k, v in state.items()
+        }
     if arch.name in ("googlenet", "inception_v3"):
         # Like torchvision's pretrained models: the auxiliary heads only serve training; leave them out.
         state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2.", "AuxLogits."))}
@@ -300,5 +329,7 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], origi
         )
     for key, value in expected.items():
         if key in state and tuple(state[key].shape) != tuple(value.shape):
-            raise DeconvnetError(f"{origin}: {key} has shape {tuple(state[key].shape)}, the model expects {tuple(value.shape)}")
+            raise DeconvnetError(
+                f"{origin}: {key} has shape {tuple(state[key].shape)}, the model expects {tuple(value.shape)}"
+            )
     model.load_state_dict(state)

@@ -15,6 +15,19 @@ from .record import ForwardRecord
 from .reverse import RULES, unpool_sum
 
 __all__ = [
-    "DeconvNet", "Selection", "Projection", "RULES", "ForwardRecord", "LayerInfo", "Field", "ModelGraph", "KINDS",
-    "ChainRecord", "chain_forward", "feature_layers", "is_chain", "trace", "unpool_sum",
+    "DeconvNet",
+    "Selection",
+    "Projection",
+    "RULES",
+    "ForwardRecord",
+    "LayerInfo",
+    "Field",
+    "ModelGraph",
+    "KINDS",
+    "ChainRecord",
+    "chain_forward",
+    "feature_layers",
+    "is_chain",
+    "trace",
+    "unpool_sum",
 ]

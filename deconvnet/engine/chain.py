@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DeconvnetError
-from .graph import _pair
+from .graph import int_pair
 
 __all__ = ["LayerInfo", "ChainRecord", "CHAIN_MODULES", "feature_layers", "chain_forward", "is_chain"]
 
@@ -109,7 +109,10 @@ def feature_layers(model: nn.Module) -> list[LayerInfo]:
     forward order, with the paper's names. Raises ``DeconvnetError`` if it is not a chain."""
     chain = _chain_modules(model)
     if chain is None:
-        raise DeconvnetError(f"{type(model).__name__} has no `features` nn.Sequential of Conv2d / ReLU / MaxPool2d / LRN / BatchNorm2d layers")
+        raise DeconvnetError(
+            f"{type(model).__name__} has no `features` nn.Sequential of Conv2d / ReLU / MaxPool2d / LRN / BatchNorm2d "
+            "layers"
+        )
     layers: list[LayerInfo] = []
     size, stride, start = 1, 1, 0
     conv_index, pending_conv_name = 0, False
@@ -117,10 +120,11 @@ def feature_layers(model: nn.Module) -> list[LayerInfo]:
     for index, (path, module) in enumerate(chain):
         if not isinstance(module, CHAIN_MODULES):
             raise DeconvnetError(
-                f"{path} ({type(module).__name__}) is not a chain layer; chain layers: " + ", ".join(m.__name__ for m in CHAIN_MODULES)
+                f"{path} ({type(module).__name__}) is not a chain layer; chain layers: "
+                + ", ".join(m.__name__ for m in CHAIN_MODULES)
             )
         if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
-            k, s, p, d = (_pair(v) for v in (module.kernel_size, module.stride, module.padding, module.dilation))
+            k, s, p, d = (int_pair(v) for v in (module.kernel_size, module.stride, module.padding, module.dilation))
             if any(v[0] != v[1] for v in (k, s, p, d)):
                 raise DeconvnetError(f"{path}: only square kernels/strides/paddings are supported in a chain")
             start -= p[0] * stride
@@ -147,7 +151,11 @@ def feature_layers(model: nn.Module) -> list[LayerInfo]:
 
 @torch.no_grad()
 def chain_forward(
-    layers: list[LayerInfo], images: torch.Tensor, upto: int, record: bool = True, include_lrn: bool = False,
+    layers: list[LayerInfo],
+    images: torch.Tensor,
+    upto: int,
+    record: bool = True,
+    include_lrn: bool = False,
     keep: dict[int, torch.Tensor] | None = None,
     inplace_relu: bool = False,
 ) -> tuple[torch.Tensor, ChainRecord]:
@@ -162,7 +170,9 @@ def chain_forward(
         rec.shapes[info.index] = x.shape
         if isinstance(m, nn.MaxPool2d):
             if record:
-                x, idx = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode, return_indices=True)
+                x, idx = F.max_pool2d(
+                    x, m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode, return_indices=True
+                )
                 rec.switches[info.index] = idx
             else:
                 x = m(x)

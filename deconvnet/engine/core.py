@@ -14,14 +14,14 @@ with results equal to the whole-image path to float rounding (tested).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..errors import DeconvnetError
-from .chain import LayerInfo, chain_forward, feature_layers, is_chain
+from .chain import ChainRecord, LayerInfo, chain_forward, feature_layers, is_chain
 from .graph import Field, ModelGraph, trace
 from .record import ForwardRecord, run_forward
 from .reverse import RULES, TransposedFilters, check_rule, run_backward
@@ -68,14 +68,17 @@ class DeconvNet:
     ``include_lrn``: reverse LRN by its Jacobian instead of skipping it. The model is never modified.
     """
 
-    def __init__(self, model: nn.Module, include_lrn: bool = False, rule: str = "deconvnet", fast_path: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, include_lrn: bool = False, rule: str = "deconvnet", fast_path: bool = True
+    ) -> None:
         self.model = model
         self.include_lrn = include_lrn
         self.rule = check_rule(rule)
         self.fast_path = fast_path
         self.graph: ModelGraph = trace(model)
         self.chain: list[LayerInfo] | None = feature_layers(model) if is_chain(model) else None
-        self._fields: dict[tuple[int, int], dict[str, Field]] = {}
+        # input size -> (output shape, receptive field) of every traced op
+        self._fields: dict[tuple[int, int], tuple[dict[str, torch.Size], dict[str, Field]]] = {}
         self._projector: WindowedProjector | None = None
         self.filters = TransposedFilters()  # prepared transposed filters, shared by both ways down
         self._aliases: dict[str, str] = {}  # chain names -> traced op
@@ -86,7 +89,16 @@ class DeconvNet:
         self._infos: dict[str, LayerInfo] = {}
         if self.chain is not None:
             for info in self.chain:
-                info = LayerInfo(info.index, info.name, info.path, info.module, info.rf_size, info.rf_stride, info.rf_start, self._aliases[info.name])
+                info = LayerInfo(
+                    info.index,
+                    info.name,
+                    info.path,
+                    info.module,
+                    info.rf_size,
+                    info.rf_stride,
+                    info.rf_start,
+                    self._aliases[info.name],
+                )
                 self._infos[info.name] = info
                 self._infos.setdefault(info.path, info)
                 self._infos.setdefault(info.path.rsplit(".", 1)[-1], info)
@@ -115,7 +127,7 @@ class DeconvNet:
             return [i.name for i in self.chain if i.name.startswith(("conv", "pool", "norm"))]
         shapes = self._shapes(self.probe_size)
         out = []
-        for path, module in self.model.named_modules():
+        for path, _module in self.model.named_modules():
             if not path or path.count(".") > 1:
                 continue
             if path.count(".") == 1:
@@ -158,7 +170,9 @@ class DeconvNet:
             return self.graph.resolve(layer).name
         except KeyError:
             shown = ", ".join(self.layer_names)
-            raise DeconvnetError(f"unknown layer {layer!r}; this model has {shown} (`deconvnet layers --all` lists every name)") from None
+            raise DeconvnetError(
+                f"unknown layer {layer!r}; this model has {shown} (`deconvnet layers --all` lists every name)"
+            ) from None
 
     def layer(self, name: str) -> LayerInfo:
         """The layer a name means (paper name, module path or traced op name)."""
@@ -179,7 +193,7 @@ class DeconvNet:
     def _shapes(self, input_size: tuple[int, int]) -> dict[str, torch.Size]:
         return self._trace_shapes(input_size)[0]
 
-    def _trace_shapes(self, input_size: tuple[int, int]):
+    def _trace_shapes(self, input_size: tuple[int, int]) -> tuple[dict[str, torch.Size], dict[str, Field]]:
         key = (int(input_size[0]), int(input_size[1]))
         if key not in self._fields:
             channels = next((m.in_channels for m in self.model.modules() if isinstance(m, nn.Conv2d)), 3)
@@ -190,9 +204,11 @@ class DeconvNet:
             try:
                 record = run_forward(self.graph, probe, [last] if last in targets else targets[-1:])
             except RuntimeError as e:
-                raise DeconvnetError(f"a {key[0]}x{key[1]} input does not fit this model ({str(e).splitlines()[0]})") from None
-            self._fields[key] = (record.shapes, self.graph.fields(record.shapes))  # type: ignore[assignment]
-        return self._fields[key]  # type: ignore[return-value]
+                raise DeconvnetError(
+                    f"a {key[0]}x{key[1]} input does not fit this model ({str(e).splitlines()[0]})"
+                ) from None
+            self._fields[key] = (record.shapes, self.graph.fields(record.shapes))
+        return self._fields[key]
 
     def fields(self, input_size: tuple[int, int]) -> dict[str, Field]:
         """Receptive field of every traced op for images of ``input_size``."""
@@ -253,7 +269,12 @@ class DeconvNet:
 
     # ------------------------------------------------------------------ backward
     def backward(
-        self, signal: torch.Tensor, layer: str, record: ForwardRecord, image_index: torch.Tensor, rule: str | None = None
+        self,
+        signal: torch.Tensor,
+        layer: str,
+        record: ForwardRecord,
+        image_index: torch.Tensor,
+        rule: str | None = None,
     ) -> torch.Tensor:
         """Send ``signal`` (S, ...) at ``layer`` down to pixel space. ``image_index[s]`` says which
         recorded image's switches (and masks) the s-th signal uses."""
@@ -261,7 +282,9 @@ class DeconvNet:
         op = self._op_name(layer)
         if rule != "deconvnet" and not record.masks and any(o.kind == "relu" for o in self.graph.below(op)):
             raise DeconvnetError(f"the record was made for the deconvnet rule; call forward(..., rule={rule!r}) first")
-        return run_backward(self.graph, record, op, signal, image_index.to(signal.device), rule, self.include_lrn, self.filters)
+        return run_backward(
+            self.graph, record, op, signal, image_index.to(signal.device), rule, self.include_lrn, self.filters
+        )
 
     # ------------------------------------------------------------------ projections
     def project(
@@ -281,14 +304,21 @@ class DeconvNet:
         for i, sel in enumerate(selections):
             self._op_name(sel.layer)
             if not 0 <= sel.image < images.shape[0]:
-                raise DeconvnetError(f"selection {i}: image index {sel.image} out of range (batch of {images.shape[0]})")
+                raise DeconvnetError(
+                    f"selection {i}: image index {sel.image} out of range (batch of {images.shape[0]})"
+                )
             by_layer.setdefault(sel.layer, []).append(i)
         if not selections:
             return []
         height, width = images.shape[-2:]
         results: list[Projection | None] = [None] * len(selections)
         record: ForwardRecord | None = None
-        fast_layers = self.fast_path and self.chain is not None and rule == "deconvnet" and all(n in self._infos for n in by_layer)
+        fast_layers = (
+            self.fast_path
+            and self.chain is not None
+            and rule == "deconvnet"
+            and all(n in self._infos for n in by_layer)
+        )
         if fast_layers:
             # one chain walk gives the seeds and the switches of the windowed way down
             assert self.chain is not None
@@ -323,10 +353,14 @@ class DeconvNet:
                         signal[r, sel.channel, pos[0], pos[1]] = value
                 image_index = torch.tensor([selections[i].image for i in chunk], device=acts.device)
                 assert record is not None
-                down = run_backward(self.graph, record, self._op_name(layer), signal, image_index, rule, self.include_lrn, self.filters)
+                down = run_backward(
+                    self.graph, record, self._op_name(layer), signal, image_index, rule, self.include_lrn, self.filters
+                )
                 for r, i in enumerate(chunk):
                     value, pos = seeds[i]
-                    results[i] = Projection(selections[i], value, pos, info.receptive_field(*pos, height, width), down[r], rule)
+                    results[i] = Projection(
+                        selections[i], value, pos, info.receptive_field(*pos, height, width), down[r], rule
+                    )
         return [r for r in results if r is not None]
 
     def _rows_per_pass(self, record: ForwardRecord | None, layer: str, batch_size: int, device: torch.device) -> int:
@@ -336,7 +370,9 @@ class DeconvNet:
         if device.type != "cpu" or record is None:
             return batch_size
         op = self._op_name(layer)
-        largest = max((math.prod(record.shapes[o.name][1:]) for o in self.graph.below(op) if o.name in record.shapes), default=1)
+        largest = max(
+            (math.prod(record.shapes[o.name][1:]) for o in self.graph.below(op) if o.name in record.shapes), default=1
+        )
         return max(1, min(batch_size, CPU_PASS_BYTES // (4 * largest)))
 
     def _seeds(self, acts: torch.Tensor, sels: list[Selection], layer: str) -> list[tuple[float, tuple[int, int]]]:
@@ -347,10 +383,15 @@ class DeconvNet:
             h, w = acts.shape[-2:]
             flat = acts.flatten(2).argmax(2)  # strongest position of every map, first maximum
         elif acts.dim() != 2:
-            raise DeconvnetError(f"layer {layer!r} outputs shape {tuple(acts.shape[1:])}; projections start from maps (C, H, W) or units (F)")
+            raise DeconvnetError(
+                f"layer {layer!r} outputs shape {tuple(acts.shape[1:])}; projections start from maps (C, H, W) or "
+                "units (F)"
+            )
         for sel in sels:
             if not 0 <= sel.channel < channels:
-                raise DeconvnetError(f"feature {sel.channel} out of range: {layer} has {channels} maps (0..{channels - 1})")
+                raise DeconvnetError(
+                    f"feature {sel.channel} out of range: {layer} has {channels} maps (0..{channels - 1})"
+                )
             if acts.dim() == 2:
                 if sel.position is not None or sel.whole_map:
                     raise DeconvnetError(f"layer {layer!r} has no spatial grid: select a unit by channel only")
@@ -366,15 +407,26 @@ class DeconvNet:
         return out
 
     # ------------------------------------------------------------------ fast path (chain models)
-    def projector(self) -> "WindowedProjector":
+    def projector(self) -> WindowedProjector:
         """The receptive-field-windowed projector of this engine (chain models)."""
         if self.chain is None:
-            raise DeconvnetError("the receptive-field-windowed projector needs a chain model (a `features` nn.Sequential)")
+            raise DeconvnetError(
+                "the receptive-field-windowed projector needs a chain model (a `features` nn.Sequential)"
+            )
         if self._projector is None:
             self._projector = WindowedProjector(self)
         return self._projector
 
-    def _project_windowed(self, images, chain_record, layer, fast, selections, seeds, results) -> None:
+    def _project_windowed(
+        self,
+        images: torch.Tensor,
+        chain_record: ChainRecord,
+        layer: str,
+        fast: list[int],
+        selections: Sequence[Selection],
+        seeds: dict[int, tuple[float, tuple[int, int]]],
+        results: list[Projection | None],
+    ) -> None:
         """Single units of a chain layer, the way down inside their receptive fields only, pasted
         back into full-size images (zero outside the field)."""
         info = self._infos[layer]
@@ -389,19 +441,23 @@ class DeconvNet:
         order = sorted(range(len(fast)), key=lambda r: info.receptive_field(*seeds[fast[r]][1], height, width)[2:])
         for start in range(0, len(order), WINDOWED_CHUNK):
             part = torch.tensor(order[start : start + WINDOWED_CHUNK], device=device)
-            out = self.projector().project(chain_record, (height, width), layer, image_index[part], channels[part], positions[part], values[part])
+            out = self.projector().project(
+                chain_record, (height, width), layer, image_index[part], channels[part], positions[part], values[part]
+            )
             canvas = paste(images.new_zeros(len(part), images.shape[1], height, width), out.windows, out.origins)
             for r, k in enumerate(part.tolist()):
                 i = fast[k]
                 value, pos = seeds[i]
-                results[i] = Projection(selections[i], value, pos, info.receptive_field(*pos, height, width), canvas[r], "deconvnet")
+                results[i] = Projection(
+                    selections[i], value, pos, info.receptive_field(*pos, height, width), canvas[r], "deconvnet"
+                )
 
     def strongest(self, images: torch.Tensor, layer: str, k: int | None = None) -> list[Selection]:
         """Selections for the strongest activation of each map (or of the ``k`` maps whose maximum is
         largest), per image, strongest first."""
         acts = self.activations(images, layer)
         maxima = acts.flatten(2).amax(2) if acts.dim() > 2 else acts
-        out = []
+        out: list[Selection] = []
         for n in range(acts.shape[0]):
             order = maxima[n].argsort(descending=True, stable=True)
             chosen = order[:k] if k is not None else torch.arange(acts.shape[1])

@@ -20,7 +20,8 @@ largest over all paths); global operations (linear, adaptive pooling, means) see
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from torch import fx, nn
 
 from ..errors import DeconvnetError
 
-__all__ = ["Op", "ModelGraph", "Field", "trace", "KINDS"]
+__all__ = ["Op", "ModelGraph", "Field", "trace", "KINDS", "int_pair"]
 
 # Operation kinds and how the way down treats them (see deconvnet.engine.reverse).
 KINDS = {
@@ -56,23 +57,58 @@ _RESHAPE_MODULES = (nn.Flatten, nn.Unflatten)
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
 _ADD_FUNCTIONS = {operator.add, torch.add, operator.iadd}
 _LINEAR_FUNCTIONS = {
-    torch.cat, torch.concat, torch.stack, operator.getitem, operator.sub, torch.sub, operator.neg, torch.neg,
-    F.avg_pool2d, F.adaptive_avg_pool2d, F.avg_pool1d, F.adaptive_avg_pool1d, F.pad, F.interpolate,
-    torch.mean, torch.sum, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, torch.narrow,
+    torch.cat,
+    torch.concat,
+    torch.stack,
+    operator.getitem,
+    operator.sub,
+    torch.sub,
+    operator.neg,
+    torch.neg,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.avg_pool1d,
+    F.adaptive_avg_pool1d,
+    F.pad,
+    F.interpolate,
+    torch.mean,
+    torch.sum,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.permute,
+    torch.transpose,
+    torch.narrow,
 }
 _SCALE_FUNCTIONS = {operator.mul, torch.mul, operator.truediv, torch.div}  # linear when one side is a constant
 _IDENTITY_FUNCTIONS = {F.dropout, F.dropout2d, F.dropout1d, F.alpha_dropout, torch.clone}
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
 _SPLIT_FUNCTIONS = {torch.split, torch.chunk, torch.tensor_split}
 _METHOD_KINDS = {
-    "relu": "relu", "relu_": "relu",
-    "add": "add", "add_": "add",
-    "view": "reshape", "reshape": "reshape", "flatten": "reshape",
-    "contiguous": "identity", "clone": "identity",
-    "split": "split", "chunk": "split", "tensor_split": "split",
-    "mean": "linear_op", "sum": "linear_op", "permute": "linear_op", "transpose": "linear_op",
-    "squeeze": "linear_op", "unsqueeze": "linear_op", "narrow": "linear_op", "sub": "linear_op", "neg": "linear_op",
-    "mul": "scale", "mul_": "scale", "div": "scale", "div_": "scale",
+    "relu": "relu",
+    "relu_": "relu",
+    "add": "add",
+    "add_": "add",
+    "view": "reshape",
+    "reshape": "reshape",
+    "flatten": "reshape",
+    "contiguous": "identity",
+    "clone": "identity",
+    "split": "split",
+    "chunk": "split",
+    "tensor_split": "split",
+    "mean": "linear_op",
+    "sum": "linear_op",
+    "permute": "linear_op",
+    "transpose": "linear_op",
+    "squeeze": "linear_op",
+    "unsqueeze": "linear_op",
+    "narrow": "linear_op",
+    "sub": "linear_op",
+    "neg": "linear_op",
+    "mul": "scale",
+    "mul_": "scale",
+    "div": "scale",
+    "div_": "scale",
 }
 # spatial geometry of the linear operations that keep a local field
 _GLOBAL = None
@@ -120,7 +156,13 @@ class Op:
         return self.module_path or self.qualname
 
 
-def _pair(v: Any) -> tuple[int, int]:
+def _per_axis(value: Callable[[int], int]) -> tuple[int, int]:
+    """(value(0), value(1)): one receptive-field quantity for the y and the x axis."""
+    return value(0), value(1)
+
+
+def int_pair(v: Any) -> tuple[int, int]:
+    """A size/stride/padding argument (an int or a pair) as a pair of ints."""
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
@@ -149,7 +191,7 @@ class ModelGraph:
                 on_path.add(op.name)
         if self.input_name is None:
             raise DeconvnetError(f"{type(model).__name__}: the traced model has no input")
-        self.order = {op.name: i for i, op in enumerate(self.ops)}
+        self.order: dict[str, int] = {op.name: i for i, op in enumerate(self.ops)}
         self.users: dict[str, list[str]] = {op.name: [u.name for u in op.node.users] for op in self.ops}
         outputs = [op for op in self.ops if op.node.op == "output"]
         result = outputs[0].node.args[0] if outputs else None
@@ -158,12 +200,14 @@ class ModelGraph:
         # a batch norm right after a conv that feeds nothing else: the way down folds its scale into
         # the transposed filters (conv op name -> its batch norm module)
         self.folded_bn: dict[str, nn.Module] = {
-            op.inputs[0]: op.module  # type: ignore[misc]
+            op.inputs[0]: op.module
             for op in self.ops
-            if op.kind == "bn" and len(op.inputs) == 1 and self.by_name[op.inputs[0]].kind == "conv"
+            if op.kind == "bn"
+            and len(op.inputs) == 1
+            and self.by_name[op.inputs[0]].kind == "conv"
             and self.users[op.inputs[0]] == [op.name]
         }
-        self._names = self._selectable_names()
+        self._names: dict[str, str] = self._selectable_names()
 
     # ------------------------------------------------------------------ classification
     def _classify(self, node: fx.Node, qualname: str, on_path: set[str]) -> Op:
@@ -173,22 +217,30 @@ class ModelGraph:
         scopes = tuple(".".join(parts[:i]) for i in range(1, len(parts)))
         module_path = scopes[-1] if scopes else None
         inputs = tuple(n.name for n in node.all_input_nodes if n.name in on_path)
-        base = dict(name=node.name, qualname=qualname, node=node, module_path=module_path, scopes=scopes, inputs=inputs)
+        constant = Op(
+            name=node.name,
+            qualname=qualname,
+            kind="constant",
+            node=node,
+            module_path=module_path,
+            scopes=scopes,
+            inputs=inputs,
+        )
         if node.op == "placeholder":
             if self.input_name is not None:
-                return Op(kind="constant", **base)  # extra arguments with defaults
+                return constant  # extra arguments with defaults
             self.input_name = node.name
-            return Op(kind="input", **base)
+            return replace(constant, kind="input")
         if node.op == "output":
-            return Op(kind="constant", **base)
+            return constant
         if not inputs:
-            return Op(kind="constant", **base)  # parameters, shapes, anything not computed from the image
+            return constant  # parameters, shapes, anything not computed from the image
         if node.op == "call_module":
             module = self.model.get_submodule(str(node.target))
             path = str(node.target)
-            base.update(module_path=path, scopes=scopes if path in scopes else (*scopes, path))
             kind, reason = self._module_kind(module)
-            return Op(kind=kind, module=module, reason=reason, **base)
+            scopes = scopes if path in scopes else (*scopes, path)
+            return replace(constant, kind=kind, module=module, module_path=path, scopes=scopes, reason=reason)
         if node.op == "call_function":
             kind = self._function_kind(node, on_path)
         elif node.op == "call_method":
@@ -198,9 +250,13 @@ class ModelGraph:
         else:
             kind = "unsupported"
         reason = "" if kind != "unsupported" else f"{node.op} {_describe_target(node, self.graph_module)}"
-        if kind == "unsupported" and len(inputs) > 1 and str(_describe_target(node, self.graph_module)) in ("mul", "matmul", "bmm", "truediv"):
+        if (
+            kind == "unsupported"
+            and len(inputs) > 1
+            and str(_describe_target(node, self.graph_module)) in ("mul", "matmul", "bmm", "truediv")
+        ):
             reason += " of two signals (not a linear map of the image's path)"
-        return Op(kind=kind, reason=reason, **base)
+        return replace(constant, kind=kind, reason=reason)
 
     @staticmethod
     def _module_kind(module: nn.Module) -> tuple[str, str]:
@@ -326,38 +382,41 @@ class ModelGraph:
         return out
 
     def _field(self, op: Op, ins: list[Field], shapes: dict[str, torch.Size]) -> Field:
-        if any(f.size is None for f in ins):
+        sizes = [f.size for f in ins if f.size is not None]
+        if len(sizes) < len(ins):
             return Field(None)
         if len(ins) > 1:  # union of the fields of all paths
-            stride = tuple(max(f.stride[a] for f in ins) for a in range(2))
-            start = tuple(min(f.start[a] for f in ins) for a in range(2))
-            end = tuple(max(f.start[a] + f.size[a] for f in ins) for a in range(2))  # type: ignore[index]
-            return Field((end[0] - start[0], end[1] - start[1]), stride, start)  # type: ignore[arg-type]
-        f = ins[0]
+            stride = _per_axis(lambda a: max(f.stride[a] for f in ins))
+            start = _per_axis(lambda a: min(f.start[a] for f in ins))
+            end = _per_axis(lambda a: max(f.start[a] + size[a] for f, size in zip(ins, sizes)))
+            return Field((end[0] - start[0], end[1] - start[1]), stride, start)
+        f, size = ins[0], sizes[0]
         geometry = self._window_geometry(op)
         if geometry is None:
             if op.kind in ("relu", "bn", "lrn", "add", "identity", "getitem", "split") or self._keeps_grid(op, shapes):
                 return f
             return Field(None)
         k, s, p, d = geometry
-        size = tuple(f.size[a] + d[a] * (k[a] - 1) * f.stride[a] for a in range(2))  # type: ignore[index]
-        start = tuple(f.start[a] - p[a] * f.stride[a] for a in range(2))
-        stride = tuple(f.stride[a] * s[a] for a in range(2))
-        return Field(size, stride, start)  # type: ignore[arg-type]
+        return Field(
+            _per_axis(lambda a: size[a] + d[a] * (k[a] - 1) * f.stride[a]),
+            _per_axis(lambda a: f.stride[a] * s[a]),
+            _per_axis(lambda a: f.start[a] - p[a] * f.stride[a]),
+        )
 
-    def _window_geometry(self, op: Op):
+    def _window_geometry(self, op: Op) -> tuple[tuple[int, int], ...] | None:
+        """(kernel, stride, padding, dilation) of a windowed op (conv, pooling), None for others."""
         m = op.module
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            d = _pair(getattr(m, "dilation", 1))
-            return _pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding), d
+            d = int_pair(getattr(m, "dilation", 1))
+            return int_pair(m.kernel_size), int_pair(m.stride or m.kernel_size), int_pair(m.padding), d
         if op.kind in ("maxpool", "linear_op") and op.node.target in (F.max_pool2d, F.avg_pool2d):
             args = list(op.node.args) + [None] * 5
             kw = op.node.kwargs
-            k = kw.get("kernel_size", args[1])
-            s = kw.get("stride", args[2]) or k
-            p = kw.get("padding", args[3]) or 0
-            d = kw.get("dilation", args[4] if op.node.target is F.max_pool2d else 1) or 1
-            return _pair(k), _pair(s), _pair(p), _pair(d)
+            kernel = kw.get("kernel_size", args[1])
+            stride = kw.get("stride", args[2]) or kernel
+            padding = kw.get("padding", args[3]) or 0
+            dilation = kw.get("dilation", args[4] if op.node.target is F.max_pool2d else 1) or 1
+            return int_pair(kernel), int_pair(stride), int_pair(padding), int_pair(dilation)
         return None
 
     def _keeps_grid(self, op: Op, shapes: dict[str, torch.Size]) -> bool:
@@ -369,7 +428,11 @@ class ModelGraph:
             return False
         if op.node.target in (torch.cat, torch.concat):
             return True
-        return tuple(out_shape[-2:]) == tuple(in_shape[-2:]) and op.node.target not in (F.pad,) and not isinstance(op.module, nn.ZeroPad2d)
+        return (
+            tuple(out_shape[-2:]) == tuple(in_shape[-2:])
+            and op.node.target not in (F.pad,)
+            and not isinstance(op.module, nn.ZeroPad2d)
+        )
 
 
 def trace(model: nn.Module) -> ModelGraph:

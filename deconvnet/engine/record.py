@@ -87,19 +87,16 @@ def run_forward(
                     continue
                 if op.name not in needed:
                     continue
-                if op.kind == "input":
-                    out = images
-                else:
-                    out = _evaluate(op, env, record, keep_lrn_inputs)
+                out = images if op.kind == "input" else _evaluate(op, env, record, keep_lrn_inputs)
                 env[op.name] = out
                 if isinstance(out, torch.Tensor):
                     record.shapes[op.name] = out.shape
                 if op.kind == "relu" and keep_masks:
                     record.masks[op.name] = out > 0
                 for n in op.node.all_input_nodes:
-                    if last_use.get(n.name) == graph.order[op.name] and n.name not in keep and n.name in env:
-                        if graph.by_name[n.name].kind != "constant":
-                            del env[n.name]
+                    freed = last_use.get(n.name) == graph.order[op.name] and n.name not in keep and n.name in env
+                    if freed and graph.by_name[n.name].kind != "constant":
+                        del env[n.name]
             for t in targets:
                 record.values[t] = env[t]
     finally:
@@ -110,7 +107,7 @@ def run_forward(
 def _args(node: fx.Node, env: dict[str, Any]) -> tuple[tuple, dict]:
     args = fx.node.map_arg(node.args, lambda n: env[n.name])
     kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
-    return args, dict(kwargs)  # type: ignore[arg-type]
+    return args, dict(kwargs)
 
 
 def _evaluate_constant(model: nn.Module, node: fx.Node, env: dict[str, Any]) -> Any:
@@ -135,7 +132,9 @@ def _evaluate(op: Op, env: dict[str, Any], record: ForwardRecord, keep_lrn_input
     if op.kind == "maxpool":
         if isinstance(op.module, nn.MaxPool2d):
             m = op.module
-            out, idx = F.max_pool2d(args[0], m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode, return_indices=True)
+            out, idx = F.max_pool2d(
+                args[0], m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode, return_indices=True
+            )
         else:
             kwargs["return_indices"] = True
             out, idx = F.max_pool2d(*args, **kwargs)

@@ -24,14 +24,15 @@ the input (max pooling's gradient is exactly switch unpooling), i.e. plain backp
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import DeconvnetError
-from .graph import ModelGraph, Op, _pair
+from .graph import ModelGraph, Op, int_pair
 from .record import ForwardRecord
 
 __all__ = ["RULES", "check_rule", "unpool_sum", "run_backward", "relu_rule", "TransposedFilters", "conv_transpose"]
@@ -71,6 +72,14 @@ def relu_rule(signal: torch.Tensor, rule: str, mask: torch.Tensor | None) -> tor
 POLYPHASE_MAX_CHANNELS = 48
 
 
+def _weight_versions(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[int, ...]:
+    """In-place update counters of the tensors a cached filter is made from (a change invalidates it)."""
+    versions = [conv.weight._version]
+    if bn is not None and bn.affine and bn.running_var is not None:
+        versions += [bn.weight._version, bn.running_var._version]
+    return tuple(versions)
+
+
 class TransposedFilters:
     """The filters of the way down, prepared once per weight version: channels-last copies, the
     polyphase form of strided transposed convolutions with few outputs (a network's first layer),
@@ -90,7 +99,7 @@ class TransposedFilters:
 
     def weight(self, conv: nn.Conv2d, cl: bool, bn: nn.BatchNorm2d | None = None) -> torch.Tensor:
         """The conv's weight (channels-last if ``cl``), scaled per output channel by ``bn``'s eval scale."""
-        versions = (conv.weight._version,) + ((bn.weight._version, bn.running_var._version) if bn is not None and bn.affine else ())  # type: ignore[union-attr]
+        versions = _weight_versions(conv, bn)
 
         def make():
             w = conv.weight.detach()
@@ -105,11 +114,12 @@ class TransposedFilters:
         output phase (py, px) of input channel c is the correlation of the signal with the taps
         ``w[:, c, py::s, px::s]`` flipped (zero-padded to ``taps`` per axis)."""
         w = self.weight(conv, False, bn)
-        versions = (conv.weight._version,) + ((bn.weight._version, bn.running_var._version) if bn is not None and bn.affine else ())  # type: ignore[union-attr]
+        versions = _weight_versions(conv, bn)
 
         def make():
-            s = _pair(conv.stride)[0]
-            cin, cout, k = w.shape[0], w.shape[1], w.shape[-1]  # conv weight (out, in, k, k): the way down maps out -> in
+            s = int_pair(conv.stride)[0]
+            # conv weight (out, in, k, k): the way down maps out -> in
+            cin, cout, k = w.shape[0], w.shape[1], w.shape[-1]
             taps = -(-k // s)
             poly = w.new_zeros(cout, s, s, cin, taps, taps)
             for py in range(s):
@@ -125,10 +135,16 @@ class TransposedFilters:
     def apply(self, x: torch.Tensor, conv: nn.Conv2d, cl: bool, bn: nn.BatchNorm2d | None = None) -> torch.Tensor:
         """The conv's transposed filters (no bias) applied to ``x`` WITHOUT padding: output size
         ``(h - 1) * stride + dilation * (k - 1) + 1`` per axis."""
-        s, d, k = _pair(conv.stride), _pair(conv.dilation), _pair(conv.kernel_size)
+        s, d, k = int_pair(conv.stride), int_pair(conv.dilation), int_pair(conv.kernel_size)
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
-        if s[0] > 1 and s[0] == s[1] and d == (1, 1) and conv.groups == 1 and conv.in_channels * s[0] * s[1] <= POLYPHASE_MAX_CHANNELS:
+        if (
+            s[0] > 1
+            and s[0] == s[1]
+            and d == (1, 1)
+            and conv.groups == 1
+            and conv.in_channels * s[0] * s[1] <= POLYPHASE_MAX_CHANNELS
+        ):
             # few output channels (the first layer: RGB): CPU transposed-conv kernels run at a third
             # of their usual speed there, while the same sum as a stride-1 convolution with one
             # output channel per (colour, phase), then a pixel shuffle, runs ~1.5x faster
@@ -138,11 +154,13 @@ class TransposedFilters:
             return F.pixel_shuffle(y, s[0])[:, :, :out_h, :out_w]
         return F.conv_transpose2d(x, self.weight(conv, cl, bn), None, s, 0, 0, conv.groups, d)
 
-    def to_input(self, x: torch.Tensor, conv: nn.Conv2d, input_shape: Sequence[int], cl: bool, bn: nn.BatchNorm2d | None = None) -> torch.Tensor:
+    def to_input(
+        self, x: torch.Tensor, conv: nn.Conv2d, input_shape: Sequence[int], cl: bool, bn: nn.BatchNorm2d | None = None
+    ) -> torch.Tensor:
         """The transposed conv back onto the conv's input grid (``input_shape``): the unpadded result
         cut by the padding (and zero-extended where the forward conv ignored the last rows)."""
         full = self.apply(x, conv, cl, bn)
-        p = _pair(conv.padding)
+        p = int_pair(conv.padding)
         h, w = int(input_shape[-2]), int(input_shape[-1])
         out = full[:, :, p[0] : p[0] + h, p[1] : p[1] + w]
         if out.shape[-2] < h or out.shape[-1] < w:  # rows the strided conv never reached get zero
@@ -153,8 +171,8 @@ class TransposedFilters:
 def conv_transpose(x: torch.Tensor, conv: nn.Conv2d, input_shape: Sequence[int]) -> torch.Tensor:
     """The conv's transposed filters (no bias) applied to ``x``, back to ``input_shape``'s grid
     (the reference form: one ``conv_transpose2d`` with output padding)."""
-    stride, padding, dilation = _pair(conv.stride), _pair(conv.padding), _pair(conv.dilation)
-    k = _pair(conv.kernel_size)
+    stride, padding, dilation = int_pair(conv.stride), int_pair(conv.padding), int_pair(conv.dilation)
+    k = int_pair(conv.kernel_size)
     output_padding = tuple(
         int(input_shape[2 + i]) - ((x.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k[i] - 1) + 1)
         for i in range(2)
@@ -216,7 +234,9 @@ def _linear_vjp(op: Op, graph: ModelGraph, record: ForwardRecord, signal: torch.
     return {n: g for n, g in zip(names, grads) if g is not None}
 
 
-def _split_back(op: Op, record: ForwardRecord, pieces: dict[int, torch.Tensor], rows: int, like: torch.Tensor) -> torch.Tensor:
+def _split_back(
+    op: Op, record: ForwardRecord, pieces: dict[int, torch.Tensor], rows: int, like: torch.Tensor
+) -> torch.Tensor:
     """A split's output pieces (some possibly unused) back to the tensor it split."""
     node = op.node
     source = op.inputs[0]
@@ -273,7 +293,11 @@ def run_backward(
                 mask = record.masks[op.name][image_index] if rule != "deconvnet" else None
                 _accumulate(signals, op.inputs[0], relu_rule(x, rule, mask))
             elif kind == "maxpool":
-                _accumulate(signals, op.inputs[0], unpool_sum(x, record.switches[op.name][image_index], record.shapes[op.inputs[0]]))
+                _accumulate(
+                    signals,
+                    op.inputs[0],
+                    unpool_sum(x, record.switches[op.name][image_index], record.shapes[op.inputs[0]]),
+                )
             elif kind == "conv":
                 bn = graph.folded_bn.get(op.name) if op.name in folding else None
                 _accumulate(signals, op.inputs[0], filters.to_input(x, op.module, record.shapes[op.inputs[0]], cl, bn))  # type: ignore[arg-type]

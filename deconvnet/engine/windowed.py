@@ -21,15 +21,15 @@ Results equal the generic engine's to float rounding (tested in ``tests/test_atl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from typing import TYPE_CHECKING
-
 from ..errors import DeconvnetError
 from .chain import ChainRecord, LayerInfo, chain_forward
-from .graph import _pair
+from .graph import int_pair
+from .reverse import batchnorm_scale
 
 if TYPE_CHECKING:
     from .core import DeconvNet
@@ -58,12 +58,20 @@ class WindowedProjections:
     origins: torch.Tensor  # (S, 2) int64
 
 
+def _chain_of(engine: DeconvNet) -> list[LayerInfo]:
+    if engine.chain is None:
+        raise DeconvnetError("the receptive-field-windowed projector needs a chain model (a `features` nn.Sequential)")
+    return engine.chain
+
+
 def last_pool_below(engine: DeconvNet, layer: LayerInfo) -> int:
     """Index of the last layer whose forward pass the projection from ``layer`` needs (its switches or
     LRN inputs); -1 if none (e.g. conv1: no forward pass needed at all)."""
     needed = -1
-    for info in engine.chain[: layer.index + 1]:
-        if isinstance(info.module, nn.MaxPool2d) or (engine.include_lrn and isinstance(info.module, nn.LocalResponseNorm)):
+    for info in _chain_of(engine)[: layer.index + 1]:
+        if isinstance(info.module, nn.MaxPool2d) or (
+            engine.include_lrn and isinstance(info.module, nn.LocalResponseNorm)
+        ):
             needed = info.index
     return needed
 
@@ -73,7 +81,8 @@ class WindowedProjector:
 
     def __init__(self, engine: DeconvNet) -> None:
         self.engine = engine
-        for info in engine.chain:
+        self.chain = _chain_of(engine)
+        for info in self.chain:
             m = info.module
             if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
                 raise DeconvnetError(f"conv with padding_mode={m.padding_mode!r} is not supported")
@@ -84,7 +93,7 @@ class WindowedProjector:
         """The record (switches, shapes) the way down needs, for layers ``0..upto``."""
         if upto < 0:
             return ChainRecord()
-        return chain_forward(self.engine.chain, images, upto, include_lrn=self.engine.include_lrn)[1]
+        return chain_forward(self.chain, images, upto, include_lrn=self.engine.include_lrn)[1]
 
     @torch.no_grad()
     def project(
@@ -111,17 +120,17 @@ class WindowedProjector:
         nominal = origin.clone()  # where the receptive-field window starts (the result's contract)
         height, width = input_shape
         cl = self.channels_last and device.type == "cpu"
-        for below in reversed(engine.chain[: info.index + 1]):
+        for below in reversed(self.chain[: info.index + 1]):
             m = below.module
             if isinstance(m, nn.ReLU):
                 x = x.relu_()
             elif isinstance(m, nn.Conv2d):
-                s, p = torch.tensor(_pair(m.stride), device=device), torch.tensor(_pair(m.padding), device=device)
+                s, p = torch.tensor(int_pair(m.stride), device=device), torch.tensor(int_pair(m.padding), device=device)
                 x = self._transposed(below, x, cl)
                 origin, nominal = origin * s - p, nominal * s - p
                 x, origin = self._fit_to_map(x, origin, self._in_size(rec, below, input_shape), cl)
             elif isinstance(m, nn.MaxPool2d):
-                s, p = torch.tensor(_pair(m.stride), device=device), torch.tensor(_pair(m.padding), device=device)
+                s, p = torch.tensor(int_pair(m.stride), device=device), torch.tensor(int_pair(m.padding), device=device)
                 x, origin = self._unpool(x, origin, rec, below, m, input_shape, image_index)
                 nominal = nominal * s - p
                 x, origin = self._fit_to_map(x, origin, self._in_size(rec, below, input_shape), cl)
@@ -129,9 +138,10 @@ class WindowedProjector:
                 if engine.include_lrn:
                     x = self._lrn(x, origin, rec, below, m, image_index)
             elif isinstance(m, nn.BatchNorm2d):
-                scale = m.weight / torch.sqrt(m.running_var + m.eps) if m.affine else torch.rsqrt(m.running_var + m.eps)
-                x = x * scale.view(1, -1, 1, 1)
+                x = x * batchnorm_scale(m).view(1, -1, 1, 1)
         size = info.rf_size
+        if size is None:
+            raise DeconvnetError(f"{layer}: its units see the whole image; there is no window to project into")
         if x.shape[-1] != size or x.shape[-2] != size or not torch.equal(origin, nominal):
             # windows were cut to the maps on the way down: put them back into the receptive-field frame
             x = paste(x.new_zeros(n, x.shape[1], size, size), x, origin - nominal)
@@ -141,7 +151,9 @@ class WindowedProjector:
         """The conv's transposed filters (no bias) applied to ``x``, without padding."""
         return self.engine.filters.apply(x, info.module, cl)  # type: ignore[arg-type]
 
-    def _fit_to_map(self, x: torch.Tensor, origin: torch.Tensor, size: tuple[int, int], cl: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fit_to_map(
+        self, x: torch.Tensor, origin: torch.Tensor, size: tuple[int, int], cl: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cut the windows to the part that lies on the map, so that no work is done outside it below.
 
         Every selection keeps one common window size (the largest on-map extent in the batch, per
@@ -150,26 +162,34 @@ class WindowedProjector:
         field spans the image get the whole map."""
         n, _, h, w = x.shape
         lo = origin.clamp_min(0)
-        hi = torch.minimum(origin + torch.tensor([h, w], device=origin.device), torch.tensor(size, device=origin.device))
+        hi = torch.minimum(
+            origin + torch.tensor([h, w], device=origin.device), torch.tensor(size, device=origin.device)
+        )
         extent = (hi - lo).clamp_min(0).max(0).values.tolist()  # the common window size, per axis
         new_h, new_w = max(1, extent[0]), max(1, extent[1])
         if (new_h, new_w) == (h, w):
             return self._mask(x, origin, size), origin
         new_origin = torch.minimum(lo, torch.tensor([size[0] - new_h, size[1] - new_w], device=origin.device))
         shift = origin - new_origin
-        if bool((shift <= 0).all()) and bool((shift[:, 0] + h >= new_h).all()) and bool((shift[:, 1] + w >= new_w).all()):
+        if (
+            bool((shift <= 0).all())
+            and bool((shift[:, 0] + h >= new_h).all())
+            and bool((shift[:, 1] + w >= new_w).all())
+        ):
             # each new window lies inside its old one: a slice (a view when the offsets agree)
             if bool((shift == shift[:1]).all()):
                 oy, ox = (-v for v in shift[0].tolist())
                 return x[:, :, oy : oy + new_h, ox : ox + new_w], new_origin
-            return torch.stack([x[b, :, -oy : -oy + new_h, -ox : -ox + new_w] for b, (oy, ox) in enumerate(shift.tolist())]), new_origin
+            return torch.stack(
+                [x[b, :, -oy : -oy + new_h, -ox : -ox + new_w] for b, (oy, ox) in enumerate(shift.tolist())]
+            ), new_origin
         fmt = torch.channels_last if cl else torch.contiguous_format
         out = x.new_zeros(n, x.shape[1], new_h, new_w).contiguous(memory_format=fmt)
         return paste(out, x, shift), new_origin
 
     # ------------------------------------------------------------------ pieces
     def _channels(self, info: LayerInfo) -> int:
-        for below in reversed(self.engine.chain[: info.index + 1]):
+        for below in reversed(self.chain[: info.index + 1]):
             if isinstance(below.module, nn.Conv2d):
                 return below.module.out_channels
         raise DeconvnetError(f"{info.name}: no conv layer at or below it")
@@ -178,13 +198,13 @@ class WindowedProjector:
         """Spatial size of every layer's INPUT for images of ``input_shape`` (cached per size)."""
         key = (int(input_shape[0]), int(input_shape[1]))
         if key not in self._shapes:
-            channels = next(m.in_channels for m in (i.module for i in self.engine.chain) if isinstance(m, nn.Conv2d))
+            channels = next(m.in_channels for m in (i.module for i in self.chain) if isinstance(m, nn.Conv2d))
             try:
                 probe = torch.empty(1, channels, *key, device="meta")
-                rec = chain_forward(self.engine.chain, probe, len(self.engine.chain) - 1, record=False)[1]
+                rec = chain_forward(self.chain, probe, len(self.chain) - 1, record=False)[1]
             except (NotImplementedError, RuntimeError):  # pragma: no cover - meta kernels missing
                 probe = torch.zeros(1, channels, *key, device=next(self.engine.model.parameters()).device)
-                rec = chain_forward(self.engine.chain, probe, len(self.engine.chain) - 1, record=False)[1]
+                rec = chain_forward(self.chain, probe, len(self.chain) - 1, record=False)[1]
             self._shapes[key] = {i: (int(s[-2]), int(s[-1])) for i, s in rec.shapes.items()}
         return self._shapes[key]
 
@@ -212,22 +232,35 @@ class WindowedProjector:
         cache = rec.codes
         if info.index not in cache:
             m = info.module
-            k, s, p, d = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding), _pair(m.dilation)
+            if not isinstance(m, nn.MaxPool2d):
+                raise DeconvnetError(f"{info.name}: switches exist only for max pooling layers")
+            k, s, p, d = int_pair(m.kernel_size), int_pair(m.stride), int_pair(m.padding), int_pair(m.dilation)
             in_w = self._in_size(rec, info, input_shape)[1]
             idx = rec.switches[info.index]
             hp, wp = idx.shape[-2:]
             span_y, span = d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1
             # idx - (flat index of the window's first cell) = dy * in_w + dx with 0 <= dx < span: map it
             # to dy * span + dx with a small table (no integer division over the whole tensor)
-            first = (torch.arange(hp, device=idx.device) * s[0] - p[0]).view(-1, 1) * in_w + (torch.arange(wp, device=idx.device) * s[1] - p[1])
+            first = (torch.arange(hp, device=idx.device) * s[0] - p[0]).view(-1, 1) * in_w + (
+                torch.arange(wp, device=idx.device) * s[1] - p[1]
+            )
             rel = torch.arange((span_y - 1) * in_w + span, device=idx.device)
             table = torch.div(rel, in_w, rounding_mode="floor") * span + rel % in_w
             code = table[idx - first]
             cache[info.index] = code.to(torch.uint8) if span_y * span <= 256 else code.to(torch.int32)
         return cache[info.index]
 
-    def _unpool(self, x: torch.Tensor, origin: torch.Tensor, rec, info: LayerInfo, m: nn.MaxPool2d, input_shape, image_index: torch.Tensor):
-        k, s, p, d = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding), _pair(m.dilation)
+    def _unpool(
+        self,
+        x: torch.Tensor,
+        origin: torch.Tensor,
+        rec,
+        info: LayerInfo,
+        m: nn.MaxPool2d,
+        input_shape,
+        image_index: torch.Tensor,
+    ):
+        k, s, p, d = int_pair(m.kernel_size), int_pair(m.stride), int_pair(m.padding), int_pair(m.dilation)
         n, c, h, w = x.shape
         dev = x.device
         new_origin = origin * torch.tensor(s, device=dev) - torch.tensor(p, device=dev)
@@ -259,7 +292,12 @@ class WindowedProjector:
         hh, ww = inputs.shape[-2:]
         ys = (origin[:, :1] + torch.arange(h, device=x.device)).clamp(0, hh - 1)
         xs = (origin[:, 1:] + torch.arange(w, device=x.device)).clamp(0, ww - 1)
-        window = inputs[image_index[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None], ys[:, None, :, None], xs[:, None, None, :]]
+        window = inputs[
+            image_index[:, None, None, None],
+            torch.arange(c, device=x.device)[None, :, None, None],
+            ys[:, None, :, None],
+            xs[:, None, None, :],
+        ]
         with torch.enable_grad():
             inp = window.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(m(inp), inp, x)

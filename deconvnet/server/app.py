@@ -37,7 +37,7 @@ from ..display import data_uri
 from ..explorer import DEFAULT_MAX_PIXELS, RULE_TITLES, Explorer, ImageSession, occlusion_view
 from ..weights import LoadedModel
 from .atlas import atlas_patches, open_atlas
-from .guard import RequestLimits
+from .guard import RequestLimits, TrackingSend
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
@@ -213,7 +213,7 @@ class BodySizeLimit:
                     await self._refuse(send, declared)
                     return
         received = 0
-        started = False
+        tracking_send = TrackingSend(send)
 
         async def limited_receive() -> dict:
             nonlocal received
@@ -224,16 +224,10 @@ class BodySizeLimit:
                     raise _TooLarge(self.limit)
             return message
 
-        async def tracking_send(message: dict) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
         try:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
-            if not started:
+            if not tracking_send.started:
                 await self._refuse(send, received)
 
     async def _refuse(self, send: Callable, size: int) -> None:

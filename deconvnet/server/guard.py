@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, cast
 
+import h11
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-import h11
-
-__all__ = ["guarded_protocol", "RequestLimits"]
+__all__ = ["guarded_protocol", "RequestLimits", "TrackingSend"]
 
 _TIMEOUT_BODY = b'{"error": "request headers not received in time; send them at once", "status": 408}'
 REQUEST_TIMEOUT = (
@@ -67,8 +67,11 @@ def guarded_protocol(header_timeout: float = 10.0, max_connections: int = 512) -
     and a connection cap."""
 
     class GuardedH11Protocol(H11Protocol):
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-            super().connection_made(_LingeringTransport(transport, self.loop))
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.lingering_transport = _LingeringTransport(transport, self.loop)
+            # a duck-typed proxy: as a subclass of asyncio.Transport, the base's methods would hide the
+            # transport's own (they are reached through __getattr__)
+            super().connection_made(cast(asyncio.Transport, self.lingering_transport))
             self._head_deadline: asyncio.TimerHandle | None = None
             if len(self.connections) > max_connections:
                 transport.close()  # over the cap: refuse now rather than let it wait for a slot
@@ -93,7 +96,7 @@ def guarded_protocol(header_timeout: float = 10.0, max_connections: int = 512) -
                 self.transport.close()
 
         def data_received(self, data: bytes) -> None:
-            if self.transport.lingering:
+            if self.lingering_transport.lingering:
                 return  # closing: what the client still sends is read and dropped
             super().data_received(data)
             if self.conn.their_state is not h11.IDLE:
@@ -115,7 +118,23 @@ class _BodyTimeout(StarletteHTTPException):
     """An HTTPException so that the framework's body parsing passes it through unchanged."""
 
     def __init__(self, seconds: float) -> None:
-        super().__init__(408, f"request body not received within {seconds:g} s; send it at once (or use a faster connection)")
+        super().__init__(
+            408, f"request body not received within {seconds:g} s; send it at once (or use a faster connection)"
+        )
+
+
+class TrackingSend:
+    """An ASGI ``send`` that notes whether the response has started: a middleware that catches an
+    error raised by the app may answer it itself only while nothing has been sent."""
+
+    def __init__(self, send: Callable) -> None:
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self.send(message)
 
 
 class RequestLimits:
@@ -132,12 +151,14 @@ class RequestLimits:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.max_in_flight:
-            await _answer(send, 503, f"server busy: {self.in_flight} requests in progress; try again in a moment", retry_after=1)
+            await _answer(
+                send, 503, f"server busy: {self.in_flight} requests in progress; try again in a moment", retry_after=1
+            )
             return
         self.in_flight += 1
         deadline = time.monotonic() + self.body_timeout
         body_done = False
-        started = False
+        tracking_send = TrackingSend(send)
 
         async def timed_receive() -> dict:
             nonlocal body_done
@@ -151,22 +172,18 @@ class RequestLimits:
                 body_done = True
             return message
 
-        async def tracking_send(message: dict) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
         try:
             await self.app(scope, timed_receive, tracking_send)
         except _BodyTimeout as e:
-            if not started:
+            if not tracking_send.started:
                 await _answer(send, 408, str(e.detail), close=True)
         finally:
             self.in_flight -= 1
 
 
-async def _answer(send: Callable, status: int, message: str, retry_after: int | None = None, close: bool = False) -> None:
+async def _answer(
+    send: Callable, status: int, message: str, retry_after: int | None = None, close: bool = False
+) -> None:
     import json
 
     body = json.dumps({"error": message, "status": status}).encode()
