@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from deconvnet.analysis.atlas import AtlasScan, ImageShard, build_atlas, keep_as_list
-from deconvnet.engine.windowed import WindowedProjector, last_pool_below
 from deconvnet.data import list_images, load_image
 from deconvnet.engine import DeconvNet
+from deconvnet.engine.windowed import WindowedProjector, last_pool_below
 from deconvnet.weights import load_model
 
 clock = time.perf_counter  # wall-clock; process CPU time with --threads 1 (robust to other jobs)
@@ -75,8 +75,11 @@ class HookDeconvNet:
     def __init__(self, model: nn.Module) -> None:
         self.engine = DeconvNet(model)  # only for layer names -> module index
         self.features = model.features
-        self.handles = [m.register_full_backward_hook(lambda mod, gin, gout: (gout[0].clamp(min=0),))
-                        for m in self.features if isinstance(m, nn.ReLU)]
+        self.handles = [
+            m.register_full_backward_hook(lambda mod, gin, gout: (gout[0].clamp(min=0),))
+            for m in self.features
+            if isinstance(m, nn.ReLU)
+        ]
 
     def project(self, image: torch.Tensor, layer: str, channel: int, y: int, x: int) -> torch.Tensor:
         index = self.engine.layer(layer).index
@@ -115,8 +118,14 @@ def ours(loaded, scan: AtlasScan, selections, images: dict[int, torch.Tensor], p
             for s0 in range(0, len(items), 64):
                 part = items[s0 : s0 + 64]
                 res = projector.project(
-                    rec, (height, width), layer, torch.tensor([b for b, _ in part]), torch.tensor([s[2] for _, s in part]),
-                    torch.tensor([[s[3], s[4]] for _, s in part]), torch.tensor([s[5] for _, s in part], dtype=torch.float32))
+                    rec,
+                    (height, width),
+                    layer,
+                    torch.tensor([b for b, _ in part]),
+                    torch.tensor([s[2] for _, s in part]),
+                    torch.tensor([[s[3], s[4]] for _, s in part]),
+                    torch.tensor([s[5] for _, s in part], dtype=torch.float32),
+                )
                 for q, (_, s) in enumerate(part):
                     out[s] = (res.windows[q], res.origins[q])
     return out
@@ -136,14 +145,24 @@ def main() -> None:
     parser.add_argument("--skip-full", action="store_true", help="only (b), on the atlas.npz already in --out")
     parser.add_argument("--render", action="store_true", help="also render the sheets (timed separately)")
     parser.add_argument("--skip-hook", action="store_true", help="only (a)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads; with 1, images are decoded in-process (--workers 0) and every time is "
-                             "process CPU time, which other jobs on the machine hardly disturb")
-    parser.add_argument("--input-size", type=int, default=None,
-                        help="run the model's convolutional layers on N px inputs instead of its own size (e.g. 224, the "
-                             "paper's); the classifier, which the atlas does not use, is rebuilt for the new pool5 size "
-                             "with seeded random weights (it only takes part in the plain-inference timing)")
-    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator settings alone (the CLI tunes them)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads; with 1, images are decoded in-process (--workers 0) and every time is "
+        "process CPU time, which other jobs on the machine hardly disturb",
+    )
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        default=None,
+        help="run the model's convolutional layers on N px inputs instead of its own size (e.g. 224, the "
+        "paper's); the classifier, which the atlas does not use, is rebuilt for the new pool5 size "
+        "with seeded random weights (it only takes part in the plain-inference timing)",
+    )
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="leave glibc's allocator settings alone (the CLI tunes them)"
+    )
     args = parser.parse_args()
 
     if not args.default_malloc:
@@ -162,8 +181,10 @@ def main() -> None:
     files = list_images(args.images)
     if args.limit:
         files = files[: args.limit]
-    print(f"# {time.strftime('%Y-%m-%d %H:%M %Z')}  {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads; times: {'process CPU' if clock is time.process_time else 'wall-clock'})")
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M %Z')}  {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads; times: {'process CPU' if clock is time.process_time else 'wall-clock'})"
+    )
     print(f"# command: {' '.join(sys.argv)}")
     print(f"# model {loaded.source} ({loaded.arch}), input {loaded.preprocessing.crop} px; {len(files)} images")
     for f in files:  # warm the page cache so that neither pass pays for the first read
@@ -174,11 +195,25 @@ def main() -> None:
         t_inf = plain_inference(loaded, files, args.batch_size, args.workers, channels_last=True)
         print(f"(a) plain inference: {t_inf:.1f} s ({len(files) / t_inf:.1f} images/s)")
         t_build = clock()
-        res = build_atlas(loaded, [str(f) for f in files], out, layers=args.layers, k=args.top, batch_size=args.batch_size,
-                          workers=args.workers, restart=True, render=args.render, project=True, progress=False)
+        res = build_atlas(
+            loaded,
+            [str(f) for f in files],
+            out,
+            layers=args.layers,
+            k=args.top,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            restart=True,
+            render=args.render,
+            project=True,
+            progress=False,
+        )
         t_build = clock() - t_build
         if clock is time.process_time:  # build_atlas's own timings are wall-clock: use the CPU-time total
-            res.timings = {"scan": t_build - sum(v for k, v in res.timings.items() if k != "scan"), **{k: v for k, v in res.timings.items() if k != "scan"}}
+            res.timings = {
+                "scan": t_build - sum(v for k, v in res.timings.items() if k != "scan"),
+                **{k: v for k, v in res.timings.items() if k != "scan"},
+            }
         maps = sum(v.shape[0] for v in res.scan.values.values())
         t_scan = res.timings["scan"]
         print(f"    atlas scan: {t_scan:.1f} s; layers {','.join(res.scan.layers)}: {maps} maps, top-{res.scan.k}")
@@ -186,13 +221,19 @@ def main() -> None:
             if key != "scan":
                 print(f"    {key}: {value:.1f} s")
         t_atlas = t_scan + res.timings["project"]
-        print(f"    full atlas (scan + projections): {t_atlas:.1f} s  ->  ratio to plain inference {t_atlas / t_inf:.2f}")
+        print(
+            f"    full atlas (scan + projections): {t_atlas:.1f} s  ->  ratio to plain inference {t_atlas / t_inf:.2f}"
+        )
         t_inf2 = plain_inference(loaded, files, args.batch_size, args.workers, channels_last=True)
         mean = (t_inf + t_inf2) / 2
-        print(f"    plain inference again after the atlas: {t_inf2:.1f} s; ratio to the mean of both inference passes "
-              f"({mean:.1f} s): {t_atlas / mean:.2f}")
+        print(
+            f"    plain inference again after the atlas: {t_inf2:.1f} s; ratio to the mean of both inference passes "
+            f"({mean:.1f} s): {t_atlas / mean:.2f}"
+        )
         if "render" in res.timings:
-            print(f"    with rendering: {t_atlas + res.timings['render']:.1f} s  ->  ratio {(t_atlas + res.timings['render']) / t_inf:.2f}")
+            print(
+                f"    with rendering: {t_atlas + res.timings['render']:.1f} s  ->  ratio {(t_atlas + res.timings['render']) / t_inf:.2f}"
+            )
 
     if args.skip_hook:
         return
@@ -223,11 +264,9 @@ def main() -> None:
     mine = ours(loaded, scan, selections, images)
     t_ours = clock() - t0
     # as the atlas runs it: switches (uint8 codes) and pixels kept from the scan's forward pass
-    from deconvnet.analysis.atlas import SwitchCache, project_atlas
-
     from torchvision.transforms.v2 import functional as TF
 
-    from deconvnet.analysis.atlas import pools_below
+    from deconvnet.analysis.atlas import SwitchCache, pools_below, project_atlas
     from deconvnet.engine import chain_forward
 
     cache = SwitchCache(8192)
@@ -237,7 +276,9 @@ def main() -> None:
     top = max(engine.layer(l).index for l in sub.layers)
     for start in range(0, len(needed), args.batch_size):  # what the scan keeps for the images in the top-k lists
         chunk = needed[start : start + args.batch_size]
-        pixels = torch.stack([TF.pil_to_tensor(loaded.preprocessing.geometry()(load_image(sub.files[g]))) for g in chunk])
+        pixels = torch.stack(
+            [TF.pil_to_tensor(loaded.preprocessing.geometry()(load_image(sub.files[g]))) for g in chunk]
+        )
         x = loaded.preprocessing.normalize(pixels).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             _, rec = chain_forward(engine.chain, x, top, record=True, inplace_relu=True)
@@ -261,12 +302,20 @@ def main() -> None:
         full = full[:, size : size + height, size : size + width]
         ref = reference[s]
         worst = max(worst, float((full - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
-    print(f"(b) {len(selections)} top-{scan.k} selections ({args.hook_maps} random maps x {len(scan.layers)} layers, {len(needed)} images)")
-    print(f"    autograd-hook deconvnet, one call per selection: {t_hook:.2f} s ({len(selections) / t_hook:.1f} projections/s)")
-    print(f"    atlas projections (windowed, grouped, batched):  {t_ours:.2f} s ({len(selections) / t_ours:.1f} projections/s)")
+    print(
+        f"(b) {len(selections)} top-{scan.k} selections ({args.hook_maps} random maps x {len(scan.layers)} layers, {len(needed)} images)"
+    )
+    print(
+        f"    autograd-hook deconvnet, one call per selection: {t_hook:.2f} s ({len(selections) / t_hook:.1f} projections/s)"
+    )
+    print(
+        f"    atlas projections (windowed, grouped, batched):  {t_ours:.2f} s ({len(selections) / t_ours:.1f} projections/s)"
+    )
     print(f"    speed-up {t_hook / t_ours:.1f}x; max relative difference {worst:.2e}")
-    print(f"    as in the atlas (switches kept from the scan for {cached}/{len(needed)} images, display tiles included): "
-          f"{t_atlas_path:.2f} s ({len(selections) / t_atlas_path:.1f} projections/s), speed-up {t_hook / t_atlas_path:.1f}x")
+    print(
+        f"    as in the atlas (switches kept from the scan for {cached}/{len(needed)} images, display tiles included): "
+        f"{t_atlas_path:.2f} s ({len(selections) / t_atlas_path:.1f} projections/s), speed-up {t_hook / t_atlas_path:.1f}x"
+    )
 
 
 if __name__ == "__main__":

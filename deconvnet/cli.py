@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from typing import NoReturn, Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
 from . import __version__
 from .errors import DeconvnetError
@@ -20,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the house's error format: one ``deconvnet: error: ...`` line, exit status 2
     (sub-command parsers are made of the same class)."""
 
-    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
         self.exit(2, f"deconvnet: error: {message} (see: {self.prog} --help)\n")
 
 

@@ -26,19 +26,20 @@ from __future__ import annotations
 import secrets
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Sequence
+from typing import IO, Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from .data import MAX_IMAGE_PIXELS, decode_image
-from .analysis.layers import LayerTaps
 from .analysis.invariance import invariance_curves, prepare_uncropped
+from .analysis.layers import LayerTaps
 from .analysis.occlusion import OcclusionMaps, occlusion_maps, occlusion_positions, projection_of_map
+from .data import MAX_IMAGE_PIXELS, decode_image
 from .deconv import DeconvNet
 from .display import data_uri, png_bytes, to_display
 from .display.panels import gray_map, invariance_panel, map_sheet, occlusion_panels
@@ -68,7 +69,11 @@ __all__ = [
 # limit as every command: deconvnet.data.MAX_IMAGE_PIXELS).
 DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS
 # what a page calls each rule of the engine
-RULE_TITLES = {"deconvnet": "deconvnet (Zeiler & Fergus)", "guided": "guided backpropagation", "gradient": "gradient (plain backpropagation)"}
+RULE_TITLES = {
+    "deconvnet": "deconvnet (Zeiler & Fergus)",
+    "guided": "guided backpropagation",
+    "gradient": "gradient (plain backpropagation)",
+}
 
 
 @dataclass
@@ -154,8 +159,14 @@ class ImageSession:
 class Explorer:
     """Model + deconvnet + an LRU cache of opened images (thread-safe; one computation at a time)."""
 
-    def __init__(self, loaded: LoadedModel, cache_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS, views_per_image: int = 64,
-                 parallel: int = 1):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        cache_size: int = 32,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        views_per_image: int = 64,
+        parallel: int = 1,
+    ):
         self.loaded = loaded
         self.engine = DeconvNet(loaded.model)
         self.conv_layers = self.engine.map_layers
@@ -196,7 +207,9 @@ class Explorer:
         path = Path(path)
         try:
             if path.stat().st_size > max_bytes:
-                raise DeconvnetError(f"{name or path.name}: file too large ({path.stat().st_size:,} bytes; the limit is {max_bytes:,})")
+                raise DeconvnetError(
+                    f"{name or path.name}: file too large ({path.stat().st_size:,} bytes; the limit is {max_bytes:,})"
+                )
             stream = open(path, "rb")
         except OSError as e:
             raise DeconvnetError(f"cannot read {name or path.name} ({e.strerror})") from None
@@ -258,7 +271,9 @@ class Explorer:
             with session.lock, self.compute_lock:
                 if session.record is None or (masks and not session.record_has_masks):
                     # every layer the page shows, in one pass; its record serves the way down from each
-                    session.record = self.engine.forward(session.x, self.conv_layers, rule="guided" if masks else "deconvnet")
+                    session.record = self.engine.forward(
+                        session.x, self.conv_layers, rule="guided" if masks else "deconvnet"
+                    )
                     session.record_has_masks = masks
                     for name in self.conv_layers:
                         session.layers.setdefault(name, session.record.values[name])
@@ -280,7 +295,9 @@ class Explorer:
         maxima = fmaps.flatten(1).amax(1)
         order = [int(c) for c in maxima.argsort(descending=True)]
         cols = min(16, channels)
-        found = LayerMaps(layer, channels, (h, w), order, [float(v) for v in maxima], cols, png_bytes(map_sheet(fmaps, order, cols)))
+        found = LayerMaps(
+            layer, channels, (h, w), order, [float(v) for v in maxima], cols, png_bytes(map_sheet(fmaps, order, cols))
+        )
         session.maps[layer] = found
         return found
 
@@ -293,7 +310,9 @@ class Explorer:
             return view
         maps = self.maps(session, layer)
         if not 0 <= channel < maps.channels:
-            raise DeconvnetError(f"map {channel} out of range: {layer} has {maps.channels} maps (0..{maps.channels - 1})")
+            raise DeconvnetError(
+                f"map {channel} out of range: {layer} has {maps.channels} maps (0..{maps.channels - 1})"
+            )
         acts, rec = self._forward(session, layer)
         fmap = acts[0, channel]
         h, w = fmap.shape
@@ -327,7 +346,9 @@ class Explorer:
             session.views.popitem(last=False)
         return view
 
-    def compare_rules(self, session: ImageSession, layer: str, channel: int, rules: Sequence[str] = RULES) -> RuleComparison:
+    def compare_rules(
+        self, session: ImageSession, layer: str, channel: int, rules: Sequence[str] = RULES
+    ) -> RuleComparison:
         """The map's strongest activation projected by each of ``rules`` (default: deconvnet, guided,
         gradient), from one forward record that keeps the ReLU masks."""
         self.check_layer(layer)
@@ -336,7 +357,9 @@ class Explorer:
             raise DeconvnetError(f"no rule given; choose from {', '.join(RULES)}")
         maps = self.maps(session, layer)
         if not 0 <= channel < maps.channels:
-            raise DeconvnetError(f"map {channel} out of range: {layer} has {maps.channels} maps (0..{maps.channels - 1})")
+            raise DeconvnetError(
+                f"map {channel} out of range: {layer} has {maps.channels} maps (0..{maps.channels - 1})"
+            )
         key = (layer, channel)
         found = session.comparisons.get(key)
         if found is None or any(r not in found.images for r in rules):
@@ -358,14 +381,30 @@ class Explorer:
                     images[rule] = png_bytes(to_display(down[0]))
             info = self.engine.layer(layer)
             height, width = session.size
-            found = RuleComparison(layer, channel, float(fmap[y, x]), (y, x), info.receptive_field(y, x, height, width), info.rf_size,
-                                   (height, width), images)
+            found = RuleComparison(
+                layer,
+                channel,
+                float(fmap[y, x]),
+                (y, x),
+                info.receptive_field(y, x, height, width),
+                info.rf_size,
+                (height, width),
+                images,
+            )
             session.comparisons[key] = found
             while len(session.comparisons) > self.views_per_image:
                 session.comparisons.popitem(last=False)
         session.comparisons.move_to_end(key)
-        return RuleComparison(found.layer, found.channel, found.value, found.position, found.box, found.rf_size, found.image_size,
-                              {r: found.images[r] for r in rules})
+        return RuleComparison(
+            found.layer,
+            found.channel,
+            found.value,
+            found.position,
+            found.box,
+            found.rf_size,
+            found.image_size,
+            {r: found.images[r] for r in rules},
+        )
 
 
 def _clean_name(name: str) -> str:
@@ -388,7 +427,9 @@ def occlusion_settings(crop: int) -> tuple[int, int]:
     return max(1, crop // 6), max(1, crop // 32)
 
 
-def run_occlusion(loaded: LoadedModel, x: torch.Tensor, progress: Callable[[float, str], None] | None = None) -> OcclusionMaps:
+def run_occlusion(
+    loaded: LoadedModel, x: torch.Tensor, progress: Callable[[float, str], None] | None = None
+) -> OcclusionMaps:
     """``occlusion_maps`` on one (3, H, W) model input with ``occlusion_settings``; ``progress`` gets
     the fraction of occluder positions done after each batch, and what is being done."""
     height, width = int(x.shape[-2]), int(x.shape[-1])
@@ -405,7 +446,9 @@ def run_occlusion(loaded: LoadedModel, x: torch.Tensor, progress: Callable[[floa
     return occlusion_maps(loaded.model, x, size, stride, on_progress=on_progress)
 
 
-def occlusion_view(loaded: LoadedModel, x: torch.Tensor, shown: Image.Image, progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
+def occlusion_view(
+    loaded: LoadedModel, x: torch.Tensor, shown: Image.Image, progress: Callable[[float, str], None] | None = None
+) -> dict[str, Any]:
     """The occlusion analysis of one model input (``shown``: its crop) drawn as the paper's Fig. 7
     panels (b)-(e): {"panels": [{"title", "caption", "image", "legend"?}], "settings": {...}}."""
     result = run_occlusion(loaded, x, progress)
@@ -419,8 +462,14 @@ def occlusion_view(loaded: LoadedModel, x: torch.Tensor, shown: Image.Image, pro
     target = classes[result.target] if result.target < len(classes) else str(result.target)
     return {
         "panels": occlusion_panels(result, shown, classes, projection, box),
-        "settings": {"size": int(result.size), "stride": int(result.stride), "layer": result.layer, "channel": int(result.channel),
-                     "target": target, "positions": int(result.activation.size)},
+        "settings": {
+            "size": int(result.size),
+            "stride": int(result.stride),
+            "layer": result.layer,
+            "channel": int(result.channel),
+            "target": target,
+            "positions": int(result.activation.size),
+        },
     }
 
 
@@ -435,7 +484,11 @@ def invariance_view(loaded: LoadedModel, image: Image.Image, label: int | None =
             label = int(loaded.model(pre(image)[None].to(loaded.device)).argmax(1))
     classes = list(loaded.classes)
     name = classes[label] if label < len(classes) else str(label)
-    layers = tuple(LayerTaps(loaded.model).default_layers("1,7"))  # the paper's layers 1 and 7; a graph's stem and pooled features
-    curves = [invariance_curves(loaded.model, [uncropped.to(loaded.device)], [label], transform, pre.crop, layers=layers)
-              for transform in ("translate", "scale", "rotate")]
+    layers = tuple(
+        LayerTaps(loaded.model).default_layers("1,7")
+    )  # the paper's layers 1 and 7; a graph's stem and pooled features
+    curves = [
+        invariance_curves(loaded.model, [uncropped.to(loaded.device)], [label], transform, pre.crop, layers=layers)
+        for transform in ("translate", "scale", "rotate")
+    ]
     return [invariance_panel(curves, name)]

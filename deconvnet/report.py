@@ -22,8 +22,9 @@ import io
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -64,16 +65,40 @@ def model_summary(loaded: LoadedModel) -> list[tuple[str, str]]:
         ("weights", loaded.source),
         ("architecture", loaded.arch),
         ("parameters", f"{params:,}"),
-        ("classes", f"{len(loaded.classes)}: " + ", ".join(loaded.classes[:12]) + (", ..." if len(loaded.classes) > 12 else "")),
-        ("input", f"resize shorter side to {pre.resize}, center crop {pre.crop}x{pre.crop}, mean/std {tuple(round(v, 3) for v in pre.mean)} / {tuple(round(v, 3) for v in pre.std)}"),
+        (
+            "classes",
+            f"{len(loaded.classes)}: " + ", ".join(loaded.classes[:12]) + (", ..." if len(loaded.classes) > 12 else ""),
+        ),
+        (
+            "input",
+            f"resize shorter side to {pre.resize}, center crop {pre.crop}x{pre.crop}, mean/std {tuple(round(v, 3) for v in pre.mean)} / {tuple(round(v, 3) for v in pre.std)}",
+        ),
     ]
     arch = meta.get("arch")
     if isinstance(arch, dict):
         convs = ", ".join(f"{c[0]}@{c[1]}x{c[1]}/{c[2]}" for c in arch.get("conv", []))
-        rows.append(("layers", f"conv {convs}; fc {arch.get('fc')}; LRN {'on' if arch.get('lrn') else 'off'}; pools {arch.get('pool_style')}"))
+        rows.append(
+            (
+                "layers",
+                f"conv {convs}; fc {arch.get('fc')}; LRN {'on' if arch.get('lrn') else 'off'}; pools {arch.get('pool_style')}",
+            )
+        )
     cfg = meta.get("train_config")
     if isinstance(cfg, dict):
-        keys = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "augment", "init", "renorm_rms", "label_smoothing", "dropout")
+        keys = (
+            "epochs",
+            "batch_size",
+            "lr",
+            "momentum",
+            "nesterov",
+            "weight_decay",
+            "schedule",
+            "augment",
+            "init",
+            "renorm_rms",
+            "label_smoothing",
+            "dropout",
+        )
         text = ", ".join(f"{k} {cfg[k]}" for k in keys if k in cfg)
         if cfg.get("crop"):
             text += f", input {cfg['crop']} px"
@@ -83,15 +108,22 @@ def model_summary(loaded: LoadedModel) -> list[tuple[str, str]]:
             pcfg, phist = pre["train_config"], pre.get("history") or []
             done = f" (val top-1 {100 * phist[-1]['val_top1']:.1f} %)" if phist and "val_top1" in phist[-1] else ""
             origin = f"from {pcfg['init_from']}" if pcfg.get("init_from") else "from scratch"
-            rows.append(("started from", f"a run of {pcfg.get('epochs')} epochs {origin} at {pcfg.get('crop')} px{done}, "
-                                         "whose tensors of matching shape initialised the run above (fine-tuning)"))
+            rows.append(
+                (
+                    "started from",
+                    f"a run of {pcfg.get('epochs')} epochs {origin} at {pcfg.get('crop')} px{done}, "
+                    "whose tensors of matching shape initialised the run above (fine-tuning)",
+                )
+            )
         if cfg.get("data"):
             rows.append(("data", Path(str(cfg["data"])).name))
     history = meta.get("history")
     if isinstance(history, list) and history and isinstance(history[-1], dict):
         last = history[-1]
         best = max((h for h in history if "val_top1" in h), key=lambda h: h["val_top1"], default=None)
-        parts = [f"after epoch {last.get('epoch')}: val top-1 {100 * last.get('val_top1', float('nan')):.1f} %, top-5 {100 * last.get('val_top5', float('nan')):.1f} %"]
+        parts = [
+            f"after epoch {last.get('epoch')}: val top-1 {100 * last.get('val_top1', float('nan')):.1f} %, top-5 {100 * last.get('val_top5', float('nan')):.1f} %"
+        ]
         if best is not None and best is not last:
             parts.append(f"best val top-1 {100 * best['val_top1']:.1f} % (epoch {best.get('epoch')})")
         rows.append(("results", "; ".join(parts)))
@@ -112,7 +144,9 @@ def training_history(meta: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
         return [], 0
     pre = meta.get("pretraining")
     earlier = pre.get("history") if isinstance(pre, dict) else None
-    if not _usable_history(earlier) or not all(k in earlier[0] for k in history[0] if k.startswith(("train_top", "val_top"))):
+    if not _usable_history(earlier) or not all(
+        k in earlier[0] for k in history[0] if k.startswith(("train_top", "val_top"))
+    ):
         return list(history), 0
     offset = int(earlier[-1].get("epoch", len(earlier)))
     return list(earlier) + [dict(h, epoch=offset + h.get("epoch", i + 1)) for i, h in enumerate(history)], offset
@@ -126,7 +160,12 @@ def training_plot(loaded: LoadedModel) -> str | None:
     if not history:
         return None
     crop = (meta.get("train_config") or {}).get("crop")
-    fig = training_curves(history, panels=("accuracy",), fine_tuning_at=offset, fine_tuning_note=f"fine-tuning{f' at {crop} px' if crop else ''}")
+    fig = training_curves(
+        history,
+        panels=("accuracy",),
+        fine_tuning_at=offset,
+        fine_tuning_note=f"fine-tuning{f' at {crop} px' if crop else ''}",
+    )
     return data_uri(figure_png(fig))
 
 
@@ -164,7 +203,11 @@ def _markdown(text: str, base: Path | None = None) -> str:
         if base is None or "://" in target:
             return ""
         path = (base / target).resolve()
-        if not path.is_file() or not path.is_relative_to(base.resolve()) or path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        if (
+            not path.is_file()
+            or not path.is_relative_to(base.resolve())
+            or path.suffix.lower() not in (".png", ".jpg", ".jpeg")
+        ):
             return ""
         mime = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
         return f'<p><img src="{data_uri(path.read_bytes(), mime)}" alt="{html.escape(alt)}" style="max-width:100%"></p>'
@@ -183,7 +226,11 @@ def _markdown(text: str, base: Path | None = None) -> str:
             out.append("<ul>" + "".join(f"<li>{inline(' '.join(i))}</li>" for i in items) + "</ul>")
             items.clear()
         if rows:
-            out.append('<table class="card">' + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+            out.append(
+                '<table class="card">'
+                + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+                + "</table>"
+            )
             rows.clear()
 
     for line in text.splitlines():
@@ -289,14 +336,20 @@ def _rules_html(explorer: Explorer, session: ImageSession, layer: str) -> str:
     channel = maps.order[0]
     c = explorer.compare_rules(session, layer, channel)
     style = _box_style(c.box, c.image_size)
-    figures = [f'<figure><div class="frame"><img src="{_jpeg_uri(session.input_png())}" alt="input"><div class="rf" style="{style}"></div></div>'
-               f'<figcaption>input, receptive field ({esc(rf_text(c.rf_size))})</figcaption></figure>']
+    figures = [
+        f'<figure><div class="frame"><img src="{_jpeg_uri(session.input_png())}" alt="input"><div class="rf" style="{style}"></div></div>'
+        f"<figcaption>input, receptive field ({esc(rf_text(c.rf_size))})</figcaption></figure>"
+    ]
     for rule, png in c.images.items():
-        figures.append(f'<figure><div class="frame"><img src="{_jpeg_uri(png)}" alt="{esc(rule)} projection"><div class="rf" style="{style}"></div></div>'
-                       f'<figcaption><strong>{esc(RULE_TITLES.get(rule, rule))}</strong></figcaption></figure>')
+        figures.append(
+            f'<figure><div class="frame"><img src="{_jpeg_uri(png)}" alt="{esc(rule)} projection"><div class="rf" style="{style}"></div></div>'
+            f"<figcaption><strong>{esc(RULE_TITLES.get(rule, rule))}</strong></figcaption></figure>"
+        )
     return (
         f'<h3>Three rules, one unit <span class="muted small">({esc(layer)} map {channel}, its strongest activation '
-        f'{c.value:.3g} at ({c.position[0]}, {c.position[1]}))</span></h3><div class="rules">' + "".join(figures) + "</div>"
+        f'{c.value:.3g} at ({c.position[0]}, {c.position[1]}))</span></h3><div class="rules">'
+        + "".join(figures)
+        + "</div>"
         '<p class="muted small">The same unit sent down by the deconvnet (ReLU on the signal), guided backpropagation (ReLU on the '
         "signal and the forward pass's mask) and the plain gradient (the forward mask only); each contrast-normalised on its own.</p>"
     )
@@ -305,35 +358,49 @@ def _rules_html(explorer: Explorer, session: ImageSession, layer: str) -> str:
 def _panels_html(panels: list[dict[str, Any]]) -> str:
     out = ['<div class="panels">']
     for p in panels:
-        legend = "".join(f'<span class="legend"><i style="background:{html.escape(item["color"])}"></i>{html.escape(item["label"])}</span>' for item in p.get("legend", []))
+        legend = "".join(
+            f'<span class="legend"><i style="background:{html.escape(item["color"])}"></i>{html.escape(item["label"])}</span>'
+            for item in p.get("legend", [])
+        )
         cls = ' class="pixelated"' if p.get("pixelated") else ""
         wide = ' class="wide"' if p.get("wide") else ""
         out.append(
             f'<figure{wide}><img{cls} src="{p["image"]}" alt="{html.escape(p["title"])}"><figcaption><strong>{html.escape(p["title"])}</strong> '
-            f'{html.escape(p.get("caption", ""))}</figcaption>{legend}</figure>'
+            f"{html.escape(p.get('caption', ''))}</figcaption>{legend}</figure>"
         )
     out.append("</div>")
     return "\n".join(out)
 
 
-def _image_section(explorer: Explorer, session: ImageSession, number: int, layers: list[str], top_maps: int,
-                   occlusion: bool, invariance: bool, path: Path, log: Callable[[str], None], rules: bool = True) -> str:
+def _image_section(
+    explorer: Explorer,
+    session: ImageSession,
+    number: int,
+    layers: list[str],
+    top_maps: int,
+    occlusion: bool,
+    invariance: bool,
+    path: Path,
+    log: Callable[[str], None],
+    rules: bool = True,
+) -> str:
     esc = html.escape
     parts = [f'<section id="image-{number}"><h2>{number}. {esc(session.name)}</h2>']
     top = "".join(
-        f'<li><span class="bar" style="width:{100 * p:.1f}%"></span><span>{esc(c)}</span><span>{100 * p:.1f} %</span></li>' for c, p in session.top
+        f'<li><span class="bar" style="width:{100 * p:.1f}%"></span><span>{esc(c)}</span><span>{100 * p:.1f} %</span></li>'
+        for c, p in session.top
     )
     h, w = session.size
     parts.append(
         f'<div class="top"><figure><img class="input" src="{_jpeg_uri(session.input_png())}" alt="input">'
-        f'<figcaption>model input {h}x{w} px (from {session.original_size[1]}x{session.original_size[0]})</figcaption></figure>'
+        f"<figcaption>model input {h}x{w} px (from {session.original_size[1]}x{session.original_size[0]})</figcaption></figure>"
         f'<div><h3>Top-5 classes</h3><ol class="top5">{top}</ol></div></div>'
     )
     for layer in layers:
         maps = explorer.maps(session, layer)
         info = explorer.engine.layer(layer)
         parts.append(
-            f'<h3>{esc(layer)}: the {min(top_maps, maps.channels)} strongest of {maps.channels} maps '
+            f"<h3>{esc(layer)}: the {min(top_maps, maps.channels)} strongest of {maps.channels} maps "
             f'<span class="muted small">({maps.map_size[0]}x{maps.map_size[1]} maps, receptive field {rf_text(info.rf_size)})</span></h3><div class="maps">'
         )
         for channel in maps.order[:top_maps]:
@@ -345,7 +412,7 @@ def _image_section(explorer: Explorer, session: ImageSession, number: int, layer
                 f'<img src="{_jpeg_uri(v.patch_png)}" alt="patch"></div>'
                 f'<div class="row"><img class="pixelated" src="{_png_uri(v.activation_png)}" alt="activation map">'
                 f'<img src="{_jpeg_uri(v.whole_map_png)}" alt="whole-map projection"></div>'
-                f'<div>map {channel}: max {v.value:.3g} at ({v.position[0]}, {v.position[1]})</div></div>'
+                f"<div>map {channel}: max {v.value:.3g} at ({v.position[0]}, {v.position[1]})</div></div>"
             )
         parts.append("</div>")
     parts.append(
@@ -361,7 +428,7 @@ def _image_section(explorer: Explorer, session: ImageSession, number: int, layer
         s = result["settings"]
         parts.append(
             f'<h3>Occlusion <span class="muted small">(paper Fig. 7: a {s["size"]} px grey square moved by {s["stride"]} px, '
-            f'{s["positions"]} positions)</span></h3>'
+            f"{s['positions']} positions)</span></h3>"
         )
         parts.append(_panels_html(result["panels"]))
     if invariance:
@@ -414,7 +481,7 @@ def build_report(
     esc = html.escape
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     head = (
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{esc(title or 'deconvnet report')}</title><style>{CSS}</style></head><body>\n"
         f"<header><h1>{esc(title or 'deconvnet report')}</h1><p>{len(paths)} image(s) · {esc(loaded.source)} · "
         f"deconvnet {__version__} · {when}</p></header><main>"
@@ -436,7 +503,9 @@ def build_report(
         )
     card = _model_card_text(loaded)
     if card:
-        model_parts.append(f"<details><summary>Model card (docs/model-card.md)</summary>{_markdown(card, MODEL_CARD.parent)}</details>")
+        model_parts.append(
+            f"<details><summary>Model card (docs/model-card.md)</summary>{_markdown(card, MODEL_CARD.parent)}</details>"
+        )
     model_parts.append("</section>")
 
     # Written as it is made, one image at a time (opened, drawn, forgotten): memory is that of one
@@ -449,10 +518,15 @@ def build_report(
         for number, path in enumerate(paths, start=1):
             session = explorer.open_path(path, path.name)
             log(f"report: image {number}/{len(paths)} {session.name}")
-            f.write(_image_section(explorer, session, number, chosen, top_maps, occlusion, invariance, path, log, rules) + "\n")
+            f.write(
+                _image_section(explorer, session, number, chosen, top_maps, occlusion, invariance, path, log, rules)
+                + "\n"
+            )
             explorer.forget(session.id)
-        f.write(f'<p class="muted small">Made by <code>deconvnet report</code> in {time.perf_counter() - started:.0f} s. '
-                "Projections: zero is mid-grey, each contrast-normalised on its own (Zeiler &amp; Fergus, Sec. 2.1).</p></main>\n")
+        f.write(
+            f'<p class="muted small">Made by <code>deconvnet report</code> in {time.perf_counter() - started:.0f} s. '
+            "Projections: zero is mid-grey, each contrast-normalised on its own (Zeiler &amp; Fergus, Sec. 2.1).</p></main>\n"
+        )
         f.write("</body></html>\n")
     out.chmod(0o644)
     return out

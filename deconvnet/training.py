@@ -349,11 +349,15 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.arch not in ARCHITECTURES:
         raise DeconvnetError(f"unknown arch {cfg.arch!r}; choose one of {sorted(ARCHITECTURES)}")
     if cfg.crop > cfg.storage_size:
-        raise DeconvnetError(f"crop {cfg.crop} is larger than storage_size {cfg.storage_size} (images are stored as "
-                             f"{cfg.storage_size} px squares and crops are cut from them); lower crop or raise storage_size")
+        raise DeconvnetError(
+            f"crop {cfg.crop} is larger than storage_size {cfg.storage_size} (images are stored as "
+            f"{cfg.storage_size} px squares and crops are cut from them); lower crop or raise storage_size"
+        )
     if not _accepts_input(ARCHITECTURES[cfg.arch], cfg.crop):
         smallest = min_input_size(ARCHITECTURES[cfg.arch])
-        raise DeconvnetError(f"crop {cfg.crop} is too small for {cfg.arch}: its layers need an input of at least {smallest} px")
+        raise DeconvnetError(
+            f"crop {cfg.crop} is too small for {cfg.arch}: its layers need an input of at least {smallest} px"
+        )
 
 
 def _accepts_input(config: ArchConfig, size: int) -> bool:
@@ -380,8 +384,10 @@ def _prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
     output_dir(out)
     found = [name for name in RUN_FILES if (out / name).exists()]
     if found and not resume and not overwrite:
-        raise DeconvnetError(f"{out} already holds a training run ({', '.join(found)}); pass resume=True to continue it, "
-                             "overwrite=True to replace it, or choose another out folder")
+        raise DeconvnetError(
+            f"{out} already holds a training run ({', '.join(found)}); pass resume=True to continue it, "
+            "overwrite=True to replace it, or choose another out folder"
+        )
     if overwrite and not resume:
         for name in found:
             (out / name).unlink()
@@ -421,7 +427,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     train_root, val_root = data / cfg.train_dir, data / cfg.val_dir
     for root in (train_root, val_root):
         if not root.is_dir():
-            raise DeconvnetError(f"{root} not found: data must hold {cfg.train_dir}/<class>/... and {cfg.val_dir}/<class>/...")
+            raise DeconvnetError(
+                f"{root} not found: data must hold {cfg.train_dir}/<class>/... and {cfg.val_dir}/<class>/..."
+            )
 
     torch.manual_seed(cfg.seed)
     train_set = ImageFolderCache(
@@ -485,7 +493,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         saved_arch = state["config"]["arch"]
         if saved_arch != cfg.arch or not ArchConfig.from_dict(state["arch_config"]).same_network(model.config):
-            raise DeconvnetError(f"{checkpoint_path} was written for architecture {saved_arch!r} with other settings; use another out folder or the same options")
+            raise DeconvnetError(
+                f"{checkpoint_path} was written for architecture {saved_arch!r} with other settings; use another out folder or the same options"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -546,7 +556,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
                     [loss.item() * len(target), c1, c5, len(target)], dtype=torch.float64, device=device
                 )
             if not math.isfinite(loss.item()):
-                raise DeconvnetError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}, step {step}; lower lr")
+                raise DeconvnetError(
+                    f"training diverged (loss {loss.item()}) at epoch {epoch + 1}, step {step}; lower lr"
+                )
             bar.set_postfix(loss=f"{float(sums[0] / sums[3]):.3f}", lr=f"{lr:.2e}")
         if world > 1:
             dist.all_reduce(sums)

@@ -44,8 +44,9 @@ def run_capped(args: list[str], cwd: Path, timeout: float = 300.0, env: dict[str
     environment = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     out, err = cwd / ".capped-stdout", cwd / ".capped-stderr"
     with open(out, "wb") as o, open(err, "wb") as e:
-        proc = subprocess.Popen([sys.executable, "-m", "deconvnet", *args], cwd=cwd, env=environment, stdout=o, stderr=e,
-                                preexec_fn=_cap)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "deconvnet", *args], cwd=cwd, env=environment, stdout=o, stderr=e, preexec_fn=_cap
+        )
         deadline = time.monotonic() + timeout
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -57,7 +58,9 @@ def run_capped(args: list[str], cwd: Path, timeout: float = 300.0, env: dict[str
                 break
             time.sleep(0.05)
     proc.returncode = os.waitstatus_to_exitcode(status)  # tell Popen it is reaped
-    finished = Finished(proc.returncode, out.read_text(errors="replace"), err.read_text(errors="replace"), usage.ru_maxrss / 1024)
+    finished = Finished(
+        proc.returncode, out.read_text(errors="replace"), err.read_text(errors="replace"), usage.ru_maxrss / 1024
+    )
     out.unlink()
     err.unlink()
     return finished

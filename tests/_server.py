@@ -83,7 +83,19 @@ class Server:
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "server.log"
         env = dict(os.environ, TMPDIR=str(self.tmpdir), PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "deconvnet", "serve", "--weights", str(weights), "--port", str(self.port), "--device", "cpu", *(extra or [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deconvnet",
+            "serve",
+            "--weights",
+            str(weights),
+            "--port",
+            str(self.port),
+            "--device",
+            "cpu",
+            *(extra or []),
+        ]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self._wait(timeout)

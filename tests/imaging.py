@@ -10,7 +10,9 @@ from PIL import Image
 PALETTE = [(200, 40, 40), (40, 170, 60), (50, 70, 210), (220, 200, 40)]
 
 
-def make_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 48, seed: int = 0, fmt: str = "png") -> Path:
+def make_image_folder(
+    root: Path, classes: int = 3, per_class: int = 8, size: int = 48, seed: int = 0, fmt: str = "png"
+) -> Path:
     """root/<class_i>/img_j.<fmt>: noisy images whose dominant colour and a bar orientation encode the class."""
     rng = np.random.default_rng(seed)
     for c in range(classes):

@@ -54,8 +54,13 @@ class RuleReLUs(TorchFunctionMode):
 
 
 def reference_projection(
-    model: nn.Module, image: torch.Tensor, module: nn.Module, channel: int, position: tuple[int, int] | None,
-    rule: str, whole_map: bool = False,
+    model: nn.Module,
+    image: torch.Tensor,
+    module: nn.Module,
+    channel: int,
+    position: tuple[int, int] | None,
+    rule: str,
+    whole_map: bool = False,
 ) -> torch.Tensor:
     """(C, H, W): d(seed . output of ``module``)/d(image) under ``rule``, seed = the activation value
     at ``position`` (the map's first maximum if None) or the whole map."""
@@ -70,9 +75,7 @@ def reference_projection(
         handle.remove()
     out = captured[0]
     seed = torch.zeros_like(out)
-    if out.dim() == 2:
-        seed[0, channel] = out[0, channel].detach()
-    elif whole_map:
+    if out.dim() == 2 or whole_map:
         seed[0, channel] = out[0, channel].detach()
     else:
         fmap = out[0, channel].detach()
@@ -82,7 +85,9 @@ def reference_projection(
     return grad[0]
 
 
-def naive_topk(engine, images: torch.Tensor, layer: str, k: int, distinct: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def naive_topk(
+    engine, images: torch.Tensor, layer: str, k: int, distinct: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reference top-k by brute force over a batch held in memory (``engine``: a ``DeconvNet``):
     (values, images, positions(y, x)), each (C, k), ordered by (value desc, image asc, position asc)."""
     acts = engine.activations(images, layer).float()

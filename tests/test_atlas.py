@@ -4,10 +4,10 @@ torchrun sharding, rendering, bad input. Small random models and small images th
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 import socket
 import subprocess
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +28,13 @@ from deconvnet.analysis.atlas import (
     project_atlas,
     scan_atlas,
 )
-from deconvnet.engine.windowed import WindowedProjector, last_pool_below
 from deconvnet.data import Preprocessing
 from deconvnet.deconv import DeconvNet, Selection
+from deconvnet.engine.windowed import WindowedProjector, last_pool_below
 from deconvnet.errors import DeconvnetError
 from deconvnet.models import build_model
 from deconvnet.weights import LoadedModel, save_weights
+
 from .reference import naive_topk
 
 TINY_CONV = ((8, 7, 2, 1), (12, 5, 2, 0), (12, 3, 1, 1), (12, 3, 1, 1), (8, 3, 1, 1))
@@ -41,7 +42,9 @@ TINY_CONV = ((8, 7, 2, 1), (12, 5, 2, 0), (12, 3, 1, 1), (12, 3, 1, 1), (8, 3, 1
 
 def tiny_loaded(seed: int = 0, lrn: bool = False, crop: int = 48, pool_style: str = "ceil") -> LoadedModel:
     torch.manual_seed(seed)
-    model = build_model("zfnet", conv=TINY_CONV, fc=(8, 8), num_classes=3, lrn=lrn, input_size=crop, pool_style=pool_style).eval()
+    model = build_model(
+        "zfnet", conv=TINY_CONV, fc=(8, 8), num_classes=3, lrn=lrn, input_size=crop, pool_style=pool_style
+    ).eval()
     return LoadedModel(model, ["a", "b", "c"], Preprocessing(resize=crop + 6, crop=crop), "zfnet", f"tiny-{seed}")
 
 
@@ -130,12 +133,19 @@ def test_windowed_projections_equal_the_generic_engine(lrn):
         info = engine.layer(layer)
         acts = engine.activations(images, layer)
         c, h, w = acts.shape[1:]
-        sel = [(i % 3, (5 * i) % c, (i * 3) % h, (i * 5 + 1) % w) for i in range(7)] + [(1, 0, 0, 0), (2, 1, h - 1, w - 1)]
+        sel = [(i % 3, (5 * i) % c, (i * 3) % h, (i * 5 + 1) % w) for i in range(7)] + [
+            (1, 0, 0, 0),
+            (2, 1, h - 1, w - 1),
+        ]
         rec = projector.forward(images, last_pool_below(engine, info))
         res = projector.project(
-            rec, (56, 56), layer,
-            torch.tensor([s[0] for s in sel]), torch.tensor([s[1] for s in sel]),
-            torch.tensor([[s[2], s[3]] for s in sel]), torch.stack([acts[s[0], s[1], s[2], s[3]] for s in sel]),
+            rec,
+            (56, 56),
+            layer,
+            torch.tensor([s[0] for s in sel]),
+            torch.tensor([s[1] for s in sel]),
+            torch.tensor([[s[2], s[3]] for s in sel]),
+            torch.stack([acts[s[0], s[1], s[2], s[3]] for s in sel]),
         )
         assert res.windows.shape[-1] == info.rf_size
         generic = engine.project(images, [Selection(i, layer, ch, position=(y, x)) for i, ch, y, x in sel])
@@ -171,7 +181,9 @@ def test_parse_layers_and_maps():
 def test_streaming_topk_equals_a_naive_scan(tmp_path, distinct):
     loaded = tiny_loaded(seed=1)
     files = write_images(tmp_path / "imgs", 11)
-    scan = scan_atlas(loaded, files, "conv1..conv5", k=4, distinct=distinct, batch_size=3, progress=False, channels_last=False)
+    scan = scan_atlas(
+        loaded, files, "conv1..conv5", k=4, distinct=distinct, batch_size=3, progress=False, channels_last=False
+    )
     assert scan.complete and scan.processed == 11
     engine = DeconvNet(loaded.model)
     images = batch_of(loaded, files)
@@ -183,8 +195,10 @@ def test_streaming_topk_equals_a_naive_scan(tmp_path, distinct):
         if distinct:  # k distinct images per map
             assert all(len(set(row)) == len(row) for row in scan.images[layer].tolist())
     # exact merge: the top-k of two halves merged equals the top-k of the whole
-    halves = [scan_atlas(loaded, files, "conv1..conv5", k=4, distinct=distinct, batch_size=4, progress=False, rank=r, world=2)
-              for r in range(2)]
+    halves = [
+        scan_atlas(loaded, files, "conv1..conv5", k=4, distinct=distinct, batch_size=4, progress=False, rank=r, world=2)
+        for r in range(2)
+    ]
     merged = merge_scans(halves)
     for layer in scan.layers:
         np.testing.assert_array_equal(merged.images[layer], scan.images[layer])
@@ -210,7 +224,9 @@ def test_interrupted_scan_resumes_to_the_same_atlas(tmp_path):
     files = write_images(tmp_path / "imgs", 13)
     state = tmp_path / "scan.npz"
     whole = scan_atlas(loaded, files, None, k=3, batch_size=4, progress=False)
-    part = scan_atlas(loaded, files, None, k=3, batch_size=4, progress=False, state_path=state, checkpoint_every=4, max_images=6)
+    part = scan_atlas(
+        loaded, files, None, k=3, batch_size=4, progress=False, state_path=state, checkpoint_every=4, max_images=6
+    )
     assert not part.complete and part.processed == 6 and state.exists()
     saved = AtlasScan.load(state)
     assert saved.processed == 6 and not saved.complete
@@ -229,7 +245,9 @@ def test_build_atlas_resume_and_reuse(tmp_path):
     loaded = tiny_loaded(seed=5)
     write_images(tmp_path / "imgs", 9)
     out = tmp_path / "out"
-    first = build_atlas(loaded, tmp_path / "imgs", out, k=2, batch_size=2, checkpoint_every=2, max_images=4, progress=False)
+    first = build_atlas(
+        loaded, tmp_path / "imgs", out, k=2, batch_size=2, checkpoint_every=2, max_images=4, progress=False
+    )
     assert not first.scan.complete and not (out / "atlas.npz").exists()
     assert list(out.glob("scan-*.npz"))  # the interrupted scan's state
     second = build_atlas(loaded, tmp_path / "imgs", out, k=2, batch_size=2, progress=False, render=False)
@@ -300,8 +318,17 @@ def test_rendering_writes_the_expected_layout(tmp_path):
     loaded = tiny_loaded(seed=7)
     write_images(tmp_path / "imgs", 7)
     out = tmp_path / "atlas"
-    res = build_atlas(loaded, tmp_path / "imgs", out, layers="conv1,conv3", k=4, per_page=5, columns=3, progress=False,
-                      maps={"conv1": [0, 1, 2, 3, 4, 5, 6], "conv3": [2, 9]})
+    res = build_atlas(
+        loaded,
+        tmp_path / "imgs",
+        out,
+        layers="conv1,conv3",
+        k=4,
+        per_page=5,
+        columns=3,
+        progress=False,
+        maps={"conv1": [0, 1, 2, 3, 4, 5, 6], "conv3": [2, 9]},
+    )
     sheets = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
     assert sheets == ["conv1/maps-0000-0004.png", "conv1/maps-0005-0006.png", "conv3/maps-0002-0009.png"]
     page = Image.open(out / "conv1/maps-0000-0004.png")
@@ -327,12 +354,27 @@ def test_atlas_result_summary_and_figure(tmp_path):
     loaded = tiny_loaded(seed=7)
     write_images(tmp_path / "imgs", 5)
     out = tmp_path / "atlas"
-    res = build_atlas(loaded, tmp_path / "imgs", out, layers="conv1,conv3", k=2, per_page=5, columns=3, progress=False,
-                      maps={"conv1": list(range(7)), "conv3": [2, 9]})
+    res = build_atlas(
+        loaded,
+        tmp_path / "imgs",
+        out,
+        layers="conv1,conv3",
+        k=2,
+        per_page=5,
+        columns=3,
+        progress=False,
+        maps={"conv1": list(range(7)), "conv3": [2, 9]},
+    )
     summary = json.loads(json.dumps(res.to_dict()))
     assert summary["layers"] == ["conv1", "conv3"] and summary["k"] == 2 and summary["images"] == 5
-    assert summary["maps"] == {"conv1": 8, "conv3": 12} and summary["shown"] == {"conv1": list(range(7)), "conv3": [2, 9]}
-    assert sorted(summary["written"]) == sorted(str(p) for p in res.written) and str(out / "index.html") in summary["written"]
+    assert summary["maps"] == {"conv1": 8, "conv3": 12} and summary["shown"] == {
+        "conv1": list(range(7)),
+        "conv3": [2, 9],
+    }
+    assert (
+        sorted(summary["written"]) == sorted(str(p) for p in res.written)
+        and str(out / "index.html") in summary["written"]
+    )
     assert set(summary["timings"]) == {"scan", "project", "render"} and summary["skipped"] == []
     fig = res.figure(layer="conv1", page=1, per_page=5, columns=3, title="tiny-7")
     again = save_figure(fig, tmp_path / "again.png", dpi=SHEET_DPI)
@@ -353,11 +395,26 @@ def test_one_engine_per_run(tmp_path):
     loaded = tiny_loaded(seed=4)
     write_images(tmp_path / "imgs", 4)
     engine = DeconvNet(loaded.model)
-    res = build_atlas(loaded, tmp_path / "imgs", tmp_path / "a", layers="conv2", k=2, progress=False, render=False,
-                      project=True, engine=engine)
+    res = build_atlas(
+        loaded,
+        tmp_path / "imgs",
+        tmp_path / "a",
+        layers="conv2",
+        k=2,
+        progress=False,
+        render=False,
+        project=True,
+        engine=engine,
+    )
     assert res.tiles["conv2"].filled.any()
     with pytest.raises(DeconvnetError, match="another model"):
-        scan_atlas(loaded, [tmp_path / "imgs" / "img001.png"], "conv1", progress=False, engine=DeconvNet(tiny_loaded(seed=4).model))
+        scan_atlas(
+            loaded,
+            [tmp_path / "imgs" / "img001.png"],
+            "conv1",
+            progress=False,
+            engine=DeconvNet(tiny_loaded(seed=4).model),
+        )
     with pytest.raises(DeconvnetError, match="include_lrn=False"):
         project_atlas(loaded, res.scan, engine=DeconvNet(loaded.model, include_lrn=True), progress=False)
 
@@ -376,7 +433,10 @@ def test_empty_and_unreadable_input(tmp_path):
     bad.mkdir()
     (bad / "a.jpg").write_bytes(b"not a jpeg")
     (bad / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    with pytest.warns(UserWarning, match="skipped 2 unreadable"), pytest.raises(DeconvnetError, match="none of the 2 image"):
+    with (
+        pytest.warns(UserWarning, match="skipped 2 unreadable"),
+        pytest.raises(DeconvnetError, match="none of the 2 image"),
+    ):
         build_atlas(loaded, bad, tmp_path / "o3", progress=False)
     mixed = tmp_path / "mixed"
     write_images(mixed, 4)
@@ -392,8 +452,24 @@ def test_cli_errors_are_one_line(tmp_path):
     loaded = tiny_loaded()
     weights = save_weights(loaded.model, tmp_path / "tiny.safetensors", loaded.classes, loaded.preprocessing)
     (tmp_path / "empty").mkdir()
-    run = subprocess.run([sys.executable, "-m", "deconvnet", "atlas", str(tmp_path / "empty"), "--out", str(tmp_path / "o"),
-                          "--weights", str(weights), "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deconvnet",
+            "atlas",
+            str(tmp_path / "empty"),
+            "--out",
+            str(tmp_path / "o"),
+            "--weights",
+            str(weights),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("deconvnet: error: ") and "no image files" in run.stderr
     assert "Traceback" not in run.stderr
@@ -413,15 +489,54 @@ def test_two_torchrun_processes_give_the_same_atlas_as_one(tmp_path):
     weights = save_weights(loaded.model, tmp_path / "tiny.safetensors", loaded.classes, loaded.preprocessing)
     write_images(tmp_path / "imgs", 10)
     (tmp_path / "imgs" / "zz-broken.png").write_bytes(b"broken")
-    common = ["atlas", str(tmp_path / "imgs"), "--weights", str(weights), "--device", "cpu", "--top", "3", "--workers", "0",
-              "--quiet", "--per-page", "8", "--batch-size", "3"]
+    common = [
+        "atlas",
+        str(tmp_path / "imgs"),
+        "--weights",
+        str(weights),
+        "--device",
+        "cpu",
+        "--top",
+        "3",
+        "--workers",
+        "0",
+        "--quiet",
+        "--per-page",
+        "8",
+        "--batch-size",
+        "3",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    one = subprocess.run([sys.executable, "-m", "deconvnet", *common, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, timeout=300, env=env)
+    one = subprocess.run(
+        [sys.executable, "-m", "deconvnet", *common, "--out", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                          "--master_port", str(_free_port()), "-m", "deconvnet", *common, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=300, env=env)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "deconvnet",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = AtlasScan.load(tmp_path / "one" / "atlas.npz"), AtlasScan.load(tmp_path / "two" / "atlas.npz")
     assert a.layers == b.layers and a.files == b.files and a.skipped == b.skipped and len(a.skipped) == 1

@@ -109,7 +109,9 @@ def test_sample_hover_click_project(page, shots: Path) -> None:
     assert page.locator("#top5 li").count() == min(5, len(page.evaluate("state.model.classes")))
     _wait_detail(page)  # the strongest conv5 map is selected on opening
     page.click("#layer-tabs button:has-text('conv2')")
-    page.wait_for_function("state.maps && state.maps.layer === 'conv2' && document.querySelectorAll('#map-grid .map').length === state.maps.channels")
+    page.wait_for_function(
+        "state.maps && state.maps.layer === 'conv2' && document.querySelectorAll('#map-grid .map').length === state.maps.channels"
+    )
     # maps are sorted by strength
     maxima = page.eval_on_selector_all("#map-grid .map", "els => els.map(e => parseFloat(e.dataset.max))")
     assert maxima == sorted(maxima, reverse=True)
@@ -127,7 +129,11 @@ def test_sample_hover_click_project(page, shots: Path) -> None:
     assert box and box["width"] > 2 and box["height"] > 2
     # the same unit under the three rules, side by side
     page.wait_for_function(f"document.getElementById('rules-meta').textContent.startsWith('(conv2 map {index},')")
-    assert page.eval_on_selector_all("#rules-grid figure", "els => els.map(e => e.dataset.rule)") == ["deconvnet", "guided", "gradient"]
+    assert page.eval_on_selector_all("#rules-grid figure", "els => els.map(e => e.dataset.rule)") == [
+        "deconvnet",
+        "guided",
+        "gradient",
+    ]
     if "conv2" in page.evaluate("state.model.atlas_layers"):
         page.wait_for_selector("#atlas:not([hidden]) .atlas-half img", timeout=60_000)
     page.wait_for_timeout(200)
@@ -202,7 +208,15 @@ def test_report_opens_from_disk(browser, tmp_path: Path, shots: Path) -> None:
     from deconvnet.weights import load_model
 
     loaded = load_model(str(tiny_weights(tmp_path / "tiny.safetensors")))
-    report = build_report(loaded, sample_paths(["coffee"]), tmp_path / "report", top_maps=3, occlusion=False, invariance=False, log=lambda m: None)
+    report = build_report(
+        loaded,
+        sample_paths(["coffee"]),
+        tmp_path / "report",
+        top_maps=3,
+        occlusion=False,
+        invariance=False,
+        log=lambda m: None,
+    )
     copy = tmp_path / "elsewhere" / "r.html"  # opens from any folder: nothing beside it is needed
     copy.parent.mkdir()
     shutil.copy(report, copy)

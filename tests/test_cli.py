@@ -30,11 +30,30 @@ def test_classify_prints_top_k(weights, capsys):
     assert out.count("%") == 6 and "chelsea.png" in out
 
 
-@pytest.mark.parametrize("how", [["--top-maps", "4"], ["--feature", "3"], ["--feature", "3", "--position", "2", "2"], ["--whole-map", "7"]])
+@pytest.mark.parametrize(
+    "how", [["--top-maps", "4"], ["--feature", "3"], ["--feature", "3", "--position", "2", "2"], ["--whole-map", "7"]]
+)
 def test_project_writes_figure_and_raw_projections(weights, tmp_path, how):
     photo = str(sample_paths(["astronaut"])[0])
     raw = tmp_path / "raw.npy"
-    assert main(["project", photo, "--layer", "conv5", *how, "--weights", weights, "--out", str(tmp_path), "--raw", str(raw)]) == 0
+    assert (
+        main(
+            [
+                "project",
+                photo,
+                "--layer",
+                "conv5",
+                *how,
+                "--weights",
+                weights,
+                "--out",
+                str(tmp_path),
+                "--raw",
+                str(raw),
+            ]
+        )
+        == 0
+    )
     figures = list(tmp_path.glob("astronaut-conv5-*.png"))
     assert len(figures) == 1 and figures[0].stat().st_size > 5000
     arr = np.load(raw)
@@ -54,7 +73,10 @@ def _cli(*args):
         (["project", "{missing}", "--layer", "conv5", "--feature", "0"], "no such file"),
         (["project", "{text}", "--layer", "conv5", "--feature", "0"], "not an image file"),
         (["project", "{cut}", "--layer", "conv5", "--feature", "0"], "truncated or corrupt"),
-        (["project", "{photo}", "--layer", "conv5", "--whole-map", "0", "--position", "1", "1"], "a position needs a feature"),
+        (
+            ["project", "{photo}", "--layer", "conv5", "--whole-map", "0", "--position", "1", "1"],
+            "a position needs a feature",
+        ),
         (["classify", "{photo}", "--weights", "nonsense-weights"], "neither a file nor a known name"),
         (["classify", "{photo}", "--device", "cuda"], "no CUDA GPU"),
     ],
@@ -66,7 +88,12 @@ def test_user_mistakes_are_one_line_errors(weights, tmp_path, args, message):
     Image.new("RGB", (300, 300), "red").save(tmp_path / "full.jpg")
     data = (tmp_path / "full.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
-    values = {"photo": str(sample_paths(["coffee"])[0]), "missing": str(tmp_path / "nope.jpg"), "text": str(tmp_path / "notes.jpg"), "cut": str(tmp_path / "cut.jpg")}
+    values = {
+        "photo": str(sample_paths(["coffee"])[0]),
+        "missing": str(tmp_path / "nope.jpg"),
+        "text": str(tmp_path / "notes.jpg"),
+        "cut": str(tmp_path / "cut.jpg"),
+    }
     argv = [a.format(**values) for a in args]
     if "--weights" not in argv:
         argv += ["--weights", weights]
@@ -120,8 +147,25 @@ def test_layers_lists_names_shapes_and_receptive_fields(weights, capsys):
 
 
 # The documented order of `deconvnet --help` (README "Commands", deconvnet/commands/__init__.py).
-COMMAND_ORDER = ["models", "layers", "classify", "project", "report", "demo", "serve", "atlas", "filters", "evolution",
-                 "occlusion", "invariance", "correspondence", "probe", "train", "eval", "convert"]
+COMMAND_ORDER = [
+    "models",
+    "layers",
+    "classify",
+    "project",
+    "report",
+    "demo",
+    "serve",
+    "atlas",
+    "filters",
+    "evolution",
+    "occlusion",
+    "invariance",
+    "correspondence",
+    "probe",
+    "train",
+    "eval",
+    "convert",
+]
 
 
 def test_help_lists_commands_in_the_documented_order():
@@ -129,7 +173,11 @@ def test_help_lists_commands_in_the_documented_order():
     from pathlib import Path
 
     help_text = _cli("--help").stdout
-    listed = [line.split()[0] for line in help_text.split("COMMAND\n", 1)[1].splitlines() if line.startswith("    ") and not line.startswith("     ")]
+    listed = [
+        line.split()[0]
+        for line in help_text.split("COMMAND\n", 1)[1].splitlines()
+        if line.startswith("    ") and not line.startswith("     ")
+    ]
     assert listed == COMMAND_ORDER
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert re.findall(r"^\| `deconvnet (\w+)`", readme, re.M) == COMMAND_ORDER  # README's command table
@@ -149,7 +197,9 @@ def test_layers_grammar_is_the_same_in_every_command(weights, tmp_path, capsys):
     for i in range(2):
         Image.new("RGB", (120, 110), (40 * i, 90, 200)).save(folder / f"d{i}.png")
     boxes = tmp_path / "boxes.json"
-    boxes.write_text(json.dumps({"images": [{"file": f"d{i}.png", "boxes": {"nose": [10, 10, 40, 40]}} for i in range(2)]}))
+    boxes.write_text(
+        json.dumps({"images": [{"file": f"d{i}.png", "boxes": {"nose": [10, 10, 40, 40]}} for i in range(2)]})
+    )
     out = str(tmp_path / "out")
     commands = {
         "atlas": ["atlas", str(folder)],
@@ -195,11 +245,22 @@ def test_layers_grammar_on_a_chain_and_a_graph():
     assert parse_layers(None, engine) == parse_layers("all", engine) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
     assert parse_layers("conv3, pool5,conv1,conv3", engine) == ["conv1", "conv3", "pool5"]  # forward order, no repeats
     assert parse_layers("conv2..pool5", engine) == ["conv2", "conv3", "conv4", "conv5", "pool5"]
-    assert parse_layers("1..5", engine) == ["pool1", "pool2", "conv3", "conv4", "pool5"]  # the paper's layers as modules
+    assert parse_layers("1..5", engine) == [
+        "pool1",
+        "pool2",
+        "conv3",
+        "conv4",
+        "pool5",
+    ]  # the paper's layers as modules
     taps = LayerTaps(zf)  # the analyses keep the paper's numbers as names, and read fc6..fc8
     assert taps.parse("7,1") == ["layer1", "layer7"] and taps.parse(None) == [f"layer{i}" for i in range(1, 8)]
     assert taps.parse("conv5, fc7") == ["conv5", "fc7"]
-    for bad, message in [("conv1..conv9", "unknown layer 'conv9'"), ("1..conv5", "both ends"), ("", "no layers given"), ("5..1", "5 > 1")]:
+    for bad, message in [
+        ("conv1..conv9", "unknown layer 'conv9'"),
+        ("1..conv5", "both ends"),
+        ("", "no layers given"),
+        ("5..1", "5 > 1"),
+    ]:
         with pytest.raises(DeconvnetError, match=message):
             parse_layers(bad, engine)
     resnet = DeconvNet(torchvision.models.resnet18(num_classes=4).eval())

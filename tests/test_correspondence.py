@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from deconvnet.analysis.correspondence import (
-    box_to_input, correspondence, correspondence_from_files, delta, load_boxes, pairwise_hamming, random_boxes, sign_hamming,
+    box_to_input,
+    correspondence,
+    correspondence_from_files,
+    delta,
+    load_boxes,
+    pairwise_hamming,
+    random_boxes,
+    sign_hamming,
 )
 from deconvnet.data import Preprocessing
 from deconvnet.errors import DeconvnetError
@@ -84,8 +91,24 @@ GOOD = [{"file": f"d{i}.png", "boxes": {"left_eye": [30, 20, 40, 30], "nose": [4
 def test_cli_runs_and_writes_the_table(tmp_path, capsys):
     weights = tiny_weights(tmp_path)
     folder, boxes = _dataset(tmp_path, GOOD)
-    code, out, err = run_cli(["correspondence", "--images", folder, "--boxes", boxes, "--draws", "2", "--weights", weights,
-                              "--out", tmp_path / "out", "--device", "cpu"], capsys)
+    code, out, err = run_cli(
+        [
+            "correspondence",
+            "--images",
+            folder,
+            "--boxes",
+            boxes,
+            "--draws",
+            "2",
+            "--weights",
+            weights,
+            "--out",
+            tmp_path / "out",
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "| left_eye |" in out and "| random |" in out
     data = json.loads((tmp_path / "out" / "correspondence.json").read_text())
@@ -100,8 +123,14 @@ def test_cli_runs_and_writes_the_table(tmp_path, capsys):
 @pytest.mark.parametrize(
     "entries,message",
     [
-        ([{**GOOD[0], "boxes": {"left_eye": [90, 20, 120, 30], "nose": [45, 40, 60, 55]}}, *GOOD[1:]], "outside the 100x80 image"),
-        ([{**GOOD[0], "boxes": {"left_eye": [30, 20, 30, 30], "nose": [45, 40, 60, 55]}}, *GOOD[1:]], "empty or outside"),
+        (
+            [{**GOOD[0], "boxes": {"left_eye": [90, 20, 120, 30], "nose": [45, 40, 60, 55]}}, *GOOD[1:]],
+            "outside the 100x80 image",
+        ),
+        (
+            [{**GOOD[0], "boxes": {"left_eye": [30, 20, 30, 30], "nose": [45, 40, 60, 55]}}, *GOOD[1:]],
+            "empty or outside",
+        ),
         ([GOOD[0]], "at least 2 annotated images"),
         ([*GOOD[:2], {"file": "missing.png", "boxes": GOOD[0]["boxes"]}], "missing.png, which is not in"),
         ([*GOOD[:2], {"file": "d2.png", "boxes": {"nose": [45, 40, 60, 55]}}], "d2.png has no box for left_eye"),
@@ -110,8 +139,24 @@ def test_cli_runs_and_writes_the_table(tmp_path, capsys):
 def test_cli_bad_boxes(tmp_path, capsys, entries, message):
     weights = tiny_weights(tmp_path)
     folder, boxes = _dataset(tmp_path, entries)
-    code, out, err = run_cli(["correspondence", "--images", folder, "--boxes", boxes, "--parts", "left_eye,nose", "--weights", weights,
-                              "--out", tmp_path / "out", "--device", "cpu"], capsys)
+    code, out, err = run_cli(
+        [
+            "correspondence",
+            "--images",
+            folder,
+            "--boxes",
+            boxes,
+            "--parts",
+            "left_eye,nose",
+            "--weights",
+            weights,
+            "--out",
+            tmp_path / "out",
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert code == 2 and message in err and "Traceback" not in err
 
 

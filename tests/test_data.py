@@ -20,7 +20,7 @@ def _rgb(size=(40, 30)):
 def test_every_mode_loads_as_8bit_rgb(tmp_path, mode):
     img = _rgb()
     if mode == "I;16":
-        arr = (np.asarray(img.convert("L"), dtype=np.uint16) * 257)
+        arr = np.asarray(img.convert("L"), dtype=np.uint16) * 257
         img = Image.fromarray(arr)
         assert img.mode == "I;16"
         path = tmp_path / "x.png"

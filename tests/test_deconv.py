@@ -1,6 +1,5 @@
 """The deconvnet against independent formulations (PAPER.md s.3)."""
 
-
 import pytest
 import torch
 import torchvision
@@ -99,7 +98,9 @@ def test_batched_projections_equal_one_at_a_time():
     selections += [Selection(1, "pool2", 7, whole_map=True), Selection(2, "conv3", 9, position=(4, 6))]
     batched = engine.project(images, selections, batch_size=5)
     for sel, proj in zip(selections, batched):
-        single = engine.project(images[sel.image : sel.image + 1], [Selection(0, sel.layer, sel.channel, sel.position, sel.whole_map)])[0]
+        single = engine.project(
+            images[sel.image : sel.image + 1], [Selection(0, sel.layer, sel.channel, sel.position, sel.whole_map)]
+        )[0]
         assert proj.position == single.position
         torch.testing.assert_close(proj.image, single.image, rtol=1e-5, atol=1e-6)
 
@@ -116,7 +117,9 @@ def test_switch_unpooling_sums_overlaps_unlike_maxunpool():
     assert not torch.allclose(ours, overwrite)
     # Non-overlapping 2x2/2 windows: both agree.
     pooled2, idx2 = nn.functional.max_pool2d(x.detach(), 2, 2, return_indices=True)
-    torch.testing.assert_close(unpool_sum(pooled2, idx2, x.shape), nn.MaxUnpool2d(2, 2)(pooled2, idx2, output_size=x.shape[-2:]))
+    torch.testing.assert_close(
+        unpool_sum(pooled2, idx2, x.shape), nn.MaxUnpool2d(2, 2)(pooled2, idx2, output_size=x.shape[-2:])
+    )
 
 
 def test_projection_leaves_the_model_untouched():

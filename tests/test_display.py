@@ -57,8 +57,12 @@ def test_invariance_figure_one_panel_per_layer_and_probability(loaded, tmp_path)
     x = prepare_uncropped(loaded.preprocessing, image)
     layers = ["conv1", "fc7"]
     rows = [invariance_curves(loaded.model, [x, x], [0, 1], t, 64, layers=layers) for t in ("translate", "rotate")]
-    fig = rows[0].figure(names=["a", "b"], classes=CLASSES, thumbnails=[np.zeros((8, 8, 3))] * 3, thumb_values=[-1.0, 0.0, 1.0])
-    plots = [ax for ax in fig.axes if ax.get_title() and "distance" in ax.get_title() or "probability" in ax.get_title()]
+    fig = rows[0].figure(
+        names=["a", "b"], classes=CLASSES, thumbnails=[np.zeros((8, 8, 3))] * 3, thumb_values=[-1.0, 0.0, 1.0]
+    )
+    plots = [
+        ax for ax in fig.axes if ax.get_title() and "distance" in ax.get_title() or "probability" in ax.get_title()
+    ]
     assert len(plots) == 3 and len(fig.axes) == 3 + 3  # thumbnails, then conv1, fc7, probability
     assert [len(ax.get_lines()) for ax in plots] == [2, 2, 2]  # one line per image
     # several transformations: one row each, titled by the transformation (the report's panel)
@@ -114,8 +118,19 @@ def test_projection_result_and_training_curves(loaded, tmp_path):
     fig = result.figure()
     assert len(fig.axes) == 3 * 3  # input + 2 projections; full frame, crop, patch
     assert fig.axes[1].get_title().startswith("#")
-    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "train_top1": 0.1 * e, "val_top1": 0.1 * e, "train_top5": 0.3,
-                "val_top5": 0.3, "lr": 0.01} for e in (1, 2, 3)]
+    history = [
+        {
+            "epoch": e,
+            "train_loss": 1 / e,
+            "val_loss": 1.1 / e,
+            "train_top1": 0.1 * e,
+            "val_top1": 0.1 * e,
+            "train_top5": 0.3,
+            "val_top5": 0.3,
+            "lr": 0.01,
+        }
+        for e in (1, 2, 3)
+    ]
     assert _titles(training_curves(history)) == ["loss", "accuracy (%)", "learning rate (end of epoch)"]
     one = training_curves(history, panels=("accuracy",), fine_tuning_at=2)
     assert len(one.axes) == 1 and len(one.axes[0].get_lines()) == 4 + 1  # train/val x top1/top5, the fine-tuning line

@@ -116,9 +116,14 @@ def test_zfnet_all_rules_and_the_fast_path_equal_the_reference(lrn):
             ours = engine.project(image, sels, rule=rule)
             whole = slow.project(image, sels, rule=rule)
             for p, q in zip(ours, whole):
-                ref = reference_projection(model, image[p.selection.image : p.selection.image + 1],
-                                           model.features.get_submodule(engine.layer(layer).path.split(".", 1)[1]),
-                                           p.selection.channel, p.position, rule)
+                ref = reference_projection(
+                    model,
+                    image[p.selection.image : p.selection.image + 1],
+                    model.features.get_submodule(engine.layer(layer).path.split(".", 1)[1]),
+                    p.selection.channel,
+                    p.position,
+                    rule,
+                )
                 assert _close(p.image, ref) < TOLERANCE, (layer, rule)
                 assert _close(q.image, ref) < TOLERANCE, (layer, rule)
 
@@ -127,7 +132,12 @@ def test_batched_many_images_layers_and_rules_equal_one_at_a_time():
     model = _build("resnet18")
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(6))
     engine = DeconvNet(model)
-    sels = [Selection(n, layer, c, whole_map=(c % 2 == 1)) for n in range(3) for layer in ("layer1", "layer2.0", "layer3") for c in (0, 3)]
+    sels = [
+        Selection(n, layer, c, whole_map=(c % 2 == 1))
+        for n in range(3)
+        for layer in ("layer1", "layer2.0", "layer3")
+        for c in (0, 3)
+    ]
     for rule in RULES:
         batched = engine.project(images, sels, batch_size=4, rule=rule)
         for p in batched:
@@ -165,7 +175,10 @@ def test_the_model_is_left_as_it_was():
     assert all(m.training for m in model.modules())
     assert {n: m.inplace for n, m in model.named_modules() if isinstance(m, nn.ReLU)} == inplace
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # running stats untouched
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()) == hooks
+    assert (
+        sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+        == hooks
+    )
     assert torch.equal(image, original)
 
 
@@ -231,7 +244,9 @@ def test_receptive_fields_of_resnet_layers():
     assert engine.layer("avgpool").covers_image
 
 
-@pytest.mark.parametrize("cin,cout,k,s,p", [(8, 3, 7, 2, 3), (16, 3, 5, 2, 0), (6, 3, 11, 4, 2), (4, 2, 3, 2, 1), (12, 20, 3, 1, 1)])
+@pytest.mark.parametrize(
+    "cin,cout,k,s,p", [(8, 3, 7, 2, 3), (16, 3, 5, 2, 0), (6, 3, 11, 4, 2), (4, 2, 3, 2, 1), (12, 20, 3, 1, 1)]
+)
 def test_prepared_transposed_filters_equal_conv_transpose2d(cin, cout, k, s, p):
     """The way down's transposed convolution (polyphase form for few outputs, channels-last, batch
     norm folded into the filters) is the same sum as one ``conv_transpose2d``: float32 round-off."""

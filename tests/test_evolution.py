@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from deconvnet.analysis.evolution import feature_evolution, snapshot_epoch
-from deconvnet.display import save_figure
 from deconvnet.data import Preprocessing
 from deconvnet.deconv import DeconvNet
+from deconvnet.display import save_figure
 from deconvnet.errors import DeconvnetError
 from deconvnet.models import build_model
 from deconvnet.weights import load_model, save_weights
@@ -24,7 +24,11 @@ def _snapshots(tmp_path, epochs=(1, 4, 2), conv=CONV, names=None):
         torch.manual_seed(epoch)
         model = build_model("zfnet", conv=conv, fc=(8, 8), num_classes=3, lrn=False, input_size=48)
         name = names[j] if names else f"epoch-{epoch:03d}.safetensors"
-        paths.append(save_weights(model, tmp_path / name, ["a", "b", "c"], Preprocessing(resize=54, crop=48), extra={"epoch": epoch}))
+        paths.append(
+            save_weights(
+                model, tmp_path / name, ["a", "b", "c"], Preprocessing(resize=54, crop=48), extra={"epoch": epoch}
+            )
+        )
     return paths
 
 
@@ -76,7 +80,9 @@ def test_explicit_maps_and_mismatched_snapshots(tmp_path):
         feature_evolution(paths, files, layers="conv2", explicit_maps=[40], progress=False)
     other = tmp_path / "other"
     other.mkdir()
-    wide = _snapshots(other, epochs=(3,), conv=((8, 7, 2, 1), (16, 5, 2, 0), (12, 3, 1, 1), (12, 3, 1, 1), (8, 3, 1, 1)))
+    wide = _snapshots(
+        other, epochs=(3,), conv=((8, 7, 2, 1), (16, 5, 2, 0), (12, 3, 1, 1), (12, 3, 1, 1), (8, 3, 1, 1))
+    )
     with pytest.raises(DeconvnetError, match="one run"):
         feature_evolution(paths + wide, files, layers="conv1,conv2", progress=False)
     with pytest.raises(DeconvnetError, match="give at least one snapshot"):

@@ -72,7 +72,10 @@ def test_mosaic_layout_and_scaling():
 def test_side_by_side_figure_with_layer2_projections(tmp_path):
     files = _images(tmp_path / "imgs")
     zf, alex = _tiny("zfnet"), _tiny("alexnet", seed=1)
-    layer2 = {name: layer2_top_projections(lm, files, count=6, tile=24, progress=False) for name, lm in (("zf", zf), ("alex", alex))}
+    layer2 = {
+        name: layer2_top_projections(lm, files, count=6, tile=24, progress=False)
+        for name, lm in (("zf", zf), ("alex", alex))
+    }
     tiles, maps = layer2["zf"]
     assert tiles.shape[0] == 6 and tiles.dtype == np.uint8 and len(set(maps)) == 6
     stats = [filter_stats(lm.model) for lm in (zf, alex)]
@@ -89,8 +92,25 @@ def test_cli_filters_compare(tmp_path):
         alex.model.features.conv1.weight[0].zero_()
     a = save_weights(zf.model, tmp_path / "zf.safetensors", zf.classes, zf.preprocessing)
     b = save_weights(alex.model, tmp_path / "alex.safetensors", alex.classes, alex.preprocessing)
-    run = subprocess.run([sys.executable, "-m", "deconvnet", "filters", "--weights", str(a), "--compare", str(b), "--device", "cpu",
-                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deconvnet",
+            "filters",
+            "--weights",
+            str(a),
+            "--compare",
+            str(b),
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     stats = json.loads((tmp_path / "out" / "filter-stats.json").read_text())
     assert [v["dead_count"] for v in stats.values()] == [0, 1]

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torchvision
 
-from deconvnet.analysis.layers import LayerTaps
 from deconvnet.analysis.atlas import build_atlas, project_atlas
 from deconvnet.analysis.filters import filter_stats
+from deconvnet.analysis.layers import LayerTaps
 from deconvnet.analysis.occlusion import occlude, occlusion_maps
 from deconvnet.data import Preprocessing, list_images
 from deconvnet.engine import DeconvNet, Selection
@@ -30,8 +30,15 @@ def resnet():
 
 def test_atlas_of_a_resnet_keeps_the_true_top_activations_and_projects_them(resnet, tmp_path):
     folder = make_image_folder(tmp_path / "images", classes=2, per_class=3, size=72)
-    result = build_atlas(resnet, folder, tmp_path / "atlas", layers="layer2,layer4", k=2, maps={"layer2": [0, 1, 2], "layer4": [5, 6]},
-                         progress=False)
+    result = build_atlas(
+        resnet,
+        folder,
+        tmp_path / "atlas",
+        layers="layer2,layer4",
+        k=2,
+        maps={"layer2": [0, 1, 2], "layer4": [5, 6]},
+        progress=False,
+    )
     scan = result.scan
     engine = DeconvNet(resnet.model)
     files = [str(p) for p in list_images(folder)]
@@ -51,7 +58,9 @@ def test_atlas_of_a_resnet_keeps_the_true_top_activations_and_projects_them(resn
     assert proj.value == pytest.approx(float(tiles.values[m, r]), rel=1e-5)
     assert tiles.tiles[m, r, 0].std() > 0  # not a blank tile
     # the way down in passes of 3 selections (bounded memory) gives the same tiles
-    again = project_atlas(resnet, scan, ["layer4"], {"layer4": [5, 6]}, selections_per_batch=3, progress=False)["layer4"]
+    again = project_atlas(resnet, scan, ["layer4"], {"layer4": [5, 6]}, selections_per_batch=3, progress=False)[
+        "layer4"
+    ]
     # (uint8 tiles: float round-off of other batch sizes may move a pixel by one level)
     assert np.abs(again.tiles.astype(int) - tiles.tiles.astype(int)).max() <= 1 and again.filled.all()
 
@@ -74,7 +83,11 @@ def test_layer_taps_name_a_graphs_layers_by_module_path(resnet):
     assert taps.default_layers("1,7") == ["maxpool", "avgpool"]
     assert taps.default_layers("5,7") == ["layer4", "avgpool"]
     feats = taps(torch.randn(2, 3, 64, 64), ["layer3", "avgpool", "fc8"])
-    assert feats["layer3"].shape == (2, 256, 4, 4) and feats["avgpool"].shape == (2, 512, 1, 1) and feats["fc8"].shape == (2, 5)
+    assert (
+        feats["layer3"].shape == (2, 256, 4, 4)
+        and feats["avgpool"].shape == (2, 512, 1, 1)
+        and feats["fc8"].shape == (2, 5)
+    )
     with pytest.raises(DeconvnetError, match="paper's layer numbers apply to chain models"):
         taps.parse("1,7")
     assert taps.parse("layer1,layer3.1") == ["layer1", "layer3.1"]

@@ -54,8 +54,26 @@ def test_report_of_a_resnet_has_its_layers_and_the_rule_panel(tmp_path: Path, ca
     out = tmp_path / "out"
     # occlusion on a graph model runs every occluded image through the network (tests/test_graph_models.py):
     # minutes for a 224 px ResNet on two cores, so not here
-    assert main(["report", str(photo), "--weights", str(weights), "--arch", "resnet18", "--out", str(out), "--top-maps", "2",
-                 "--no-occlusion", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                str(photo),
+                "--weights",
+                str(weights),
+                "--arch",
+                "resnet18",
+                "--out",
+                str(out),
+                "--top-maps",
+                "2",
+                "--no-occlusion",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     text = (out / "report.html").read_text()
     # the default layers of a graph model: its top-level ones, not the 8 blocks inside them
@@ -74,11 +92,49 @@ def test_report_of_a_resnet_has_its_layers_and_the_rule_panel(tmp_path: Path, ca
     assert "<h3>Invariance" in text and "at maxpool and avgpool (the paper" in text
     assert "runs on chain models only" not in text
     # another layer, and no panel when asked
-    assert main(["report", str(photo), "--weights", str(weights), "--arch", "resnet18", "--out", str(out), "--top-maps", "1",
-                 "--layers", "layer3.1", "--no-rules", "--no-occlusion", "--no-invariance", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                str(photo),
+                "--weights",
+                str(weights),
+                "--arch",
+                "resnet18",
+                "--out",
+                str(out),
+                "--top-maps",
+                "1",
+                "--layers",
+                "layer3.1",
+                "--no-rules",
+                "--no-occlusion",
+                "--no-invariance",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     text = (out / "report.html").read_text()
     assert "<h3>layer3.1: the 1 strongest of 256 maps" in text and "Three rules" not in text
-    assert main(["report", str(photo), "--weights", str(weights), "--arch", "resnet18", "--out", str(out), "--layers", "avgpool"]) == 2
+    assert (
+        main(
+            [
+                "report",
+                str(photo),
+                "--weights",
+                str(weights),
+                "--arch",
+                "resnet18",
+                "--out",
+                str(out),
+                "--layers",
+                "avgpool",
+            ]
+        )
+        == 2
+    )
     assert "unknown layer 'avgpool'" in capsys.readouterr().err
 
 
@@ -140,7 +196,12 @@ def test_api_rules_of_a_layer3_map(client) -> None:
     assert [p["rule"] for p in c["projections"]] == RULES
     assert all(_png_size(p["image"]) == (224, 224) for p in c["projections"])
     # the same unit as the map view: its strongest activation, same field; the deconvnet image is its projection
-    assert (c["max"], c["position"], c["box"], c["rf_size"]) == (view["max"], view["position"], view["box"], view["rf_size"])
+    assert (c["max"], c["position"], c["box"], c["rf_size"]) == (
+        view["max"],
+        view["position"],
+        view["box"],
+        view["rf_size"],
+    )
     assert c["projections"][0]["image"] == view["projection"]
     assert len({p["image"] for p in c["projections"]}) == 3  # three different pictures
     # a subset, in the order asked
@@ -148,11 +209,15 @@ def test_api_rules_of_a_layer3_map(client) -> None:
     assert [p["rule"] for p in r.json()["projections"]] == ["gradient", "guided"]
     # bad input: a clear JSON error
     r = client.get(f"/api/images/{img['id']}/layers/layer3/maps/{channel}/rules", params={"rules": "guided,smooth"})
-    assert r.status_code == 400 and r.json()["error"] == "unknown rule 'smooth'; choose one of deconvnet, guided, gradient"
+    assert (
+        r.status_code == 400 and r.json()["error"] == "unknown rule 'smooth'; choose one of deconvnet, guided, gradient"
+    )
     r = client.get(f"/api/images/{img['id']}/layers/layer3/maps/{channel}/rules", params={"rules": ","})
     assert r.status_code == 400 and "no rule given" in r.json()["error"]
     r = client.get(f"/api/images/{img['id']}/layers/layer9/maps/0/rules")
-    assert r.status_code == 404 and r.json()["error"].startswith("unknown layer 'layer9'; this model has relu, maxpool, layer1")
+    assert r.status_code == 404 and r.json()["error"].startswith(
+        "unknown layer 'layer9'; this model has relu, maxpool, layer1"
+    )
     r = client.get(f"/api/images/{img['id']}/layers/layer3/maps/1024/rules")
     assert r.status_code == 404 and "out of range: layer3 has 1024 maps" in r.json()["error"]
 
@@ -167,7 +232,9 @@ def test_api_docs_describe_the_rules_endpoint(client) -> None:
 # --------------------------------------------------------------------------- page
 
 
-def test_page_click_a_layer3_map_shows_the_three_rules(server: Server, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_page_click_a_layer3_map_shows_the_three_rules(
+    server: Server, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():  # pragma: no cover - CI installs it (.ci/run)
         pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium")
@@ -185,14 +252,20 @@ def test_page_click_a_layer3_map_shows_the_three_rules(server: Server, tmp_path_
         page.wait_for_function("state.maps && state.maps.layer === 'layer4'", timeout=60_000)
         assert page.locator("#layer-tabs button.block").count() == 16  # layer1.0 ... layer4.2: smaller tabs
         page.click("#layer-tabs button[data-layer='layer3']")
-        page.wait_for_function("state.maps && state.maps.layer === 'layer3' && document.querySelectorAll('#map-grid .map').length === 1024",
-                               timeout=60_000)
+        page.wait_for_function(
+            "state.maps && state.maps.layer === 'layer3' && document.querySelectorAll('#map-grid .map').length === 1024",
+            timeout=60_000,
+        )
         second = page.locator("#map-grid .map").nth(1)
         index = second.get_attribute("data-index")
         second.click()
-        page.wait_for_function(f"document.getElementById('detail-title').textContent.startsWith('layer3 · map {index} ')", timeout=60_000)
+        page.wait_for_function(
+            f"document.getElementById('detail-title').textContent.startsWith('layer3 · map {index} ')", timeout=60_000
+        )
         page.wait_for_function("document.getElementById('d-projection').src.startsWith('data:image/png')")
-        page.wait_for_function(f"document.getElementById('rules-meta').textContent.startsWith('(layer3 map {index},')", timeout=60_000)
+        page.wait_for_function(
+            f"document.getElementById('rules-meta').textContent.startsWith('(layer3 map {index},')", timeout=60_000
+        )
         assert page.is_visible("#rules")
         rules = page.eval_on_selector_all("#rules-grid figure", "els => els.map(e => e.dataset.rule)")
         assert rules == RULES

@@ -68,24 +68,47 @@ def test_thin_strips_of_images_work_within_the_cap(weights, tmp_path):
     Image.fromarray(np.zeros((10, 10000), np.uint8)).save(tmp_path / "strip.png")
     Image.fromarray(np.full((4000, 40, 3), 128, np.uint8)).save(tmp_path / "tall.png")
     before = _tree(tmp_path)
-    done = run_capped(["report", "strip.png", "tall.png", "--out", "rep", "--no-occlusion", "--weights", str(weights), "--device", "cpu"], tmp_path)
+    done = run_capped(
+        [
+            "report",
+            "strip.png",
+            "tall.png",
+            "--out",
+            "rep",
+            "--no-occlusion",
+            "--weights",
+            str(weights),
+            "--device",
+            "cpu",
+        ],
+        tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "rep" / "report.html").stat().st_size > 10_000
     assert done.peak_rss_mb < 3000, done.peak_rss_mb  # measured about 1.1 GB; the bug took > 23 GB
     assert _only_under(_tree(tmp_path) - before, tmp_path / "rep") == []
 
 
-@pytest.mark.parametrize("case, message", [
-    ("huge-fc", "fc6 width = 50000000 is outside"),
-    ("nan", "NaN/infinite value(s)"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("huge-fc", "fc6 width = 50000000 is outside"),
+        ("nan", "NaN/infinite value(s)"),
+    ],
+)
 def test_crafted_weights_fail_in_one_line_before_allocating(weights, tmp_path, case, message):
     if case == "huge-fc":  # built as is, fc6 alone would need 50e6 x 96 floats: gigabytes before any check
         arch = json.loads(safe_open(str(weights), "pt").metadata()["arch"])
         bad = _crafted(weights, tmp_path / "w.safetensors", {"arch": {**arch, "fc": [50_000_000, 32]}})
     else:
-        bad = _crafted(weights, tmp_path / "w.safetensors",
-                       state_change=lambda s: {**s, "classifier.fc8.weight": torch.full_like(s["classifier.fc8.weight"], float("nan"))})
+        bad = _crafted(
+            weights,
+            tmp_path / "w.safetensors",
+            state_change=lambda s: {
+                **s,
+                "classifier.fc8.weight": torch.full_like(s["classifier.fc8.weight"], float("nan")),
+            },
+        )
     Image.new("RGB", (80, 60), "red").save(tmp_path / "a.png")
     done = run_capped(["classify", "a.png", "--weights", str(bad), "--device", "cpu"], tmp_path)
     assert done.returncode == 2, done.stderr
@@ -97,8 +120,25 @@ def test_project_raw_without_npy_suffix_writes_name_npy(weights, tmp_path):
     Image.new("RGB", (90, 70), "blue").save(tmp_path / "a.png")
     (tmp_path / "t").mkdir()
     before = _tree(tmp_path)
-    done = run_capped(["project", "a.png", "--layer", "conv2", "--feature", "0", "--out", "t", "--raw", "t/proj",
-                       "--weights", str(weights), "--device", "cpu"], tmp_path)
+    done = run_capped(
+        [
+            "project",
+            "a.png",
+            "--layer",
+            "conv2",
+            "--feature",
+            "0",
+            "--out",
+            "t",
+            "--raw",
+            "t/proj",
+            "--weights",
+            str(weights),
+            "--device",
+            "cpu",
+        ],
+        tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert np.load(tmp_path / "t" / "proj.npy").shape == (1, 3, 64, 64)
     assert not (tmp_path / "t" / "proj").exists()
@@ -106,17 +146,26 @@ def test_project_raw_without_npy_suffix_writes_name_npy(weights, tmp_path):
     assert _only_under(_tree(tmp_path) - before, tmp_path / "t") == []
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--data", "d", "--out", "o", "--batch-size", "0"], "argument --batch-size: must be a positive integer"),
-    (["train", "--data", "d", "--out", "o", "--epochs", "0"], "argument --epochs: must be a positive integer"),
-    (["train", "--data", "d", "--out", "o", "--workers", "-1"], "argument --workers: must be 0 or more"),
-    (["train", "--data", "d", "--out", "o", "--dropout", "2"], "argument --dropout: must be at least 0 and below 1"),
-    (["train", "--data", "d", "--out", "o", "--lr", "nan"], "argument --lr: expected a finite number"),
-    (["atlas", "imgs", "--out", "o", "--tile", "0"], "argument --tile: must be a positive integer"),
-    (["atlas", "imgs", "--out", "o", "--batch-size", "0"], "argument --batch-size: must be a positive integer"),
-    (["classify", "a.png", "--top", "0"], "argument --top: must be a positive integer"),
-    (["serve", "--port", "70000"], "argument --port: must be 0..65535"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["train", "--data", "d", "--out", "o", "--batch-size", "0"],
+            "argument --batch-size: must be a positive integer",
+        ),
+        (["train", "--data", "d", "--out", "o", "--epochs", "0"], "argument --epochs: must be a positive integer"),
+        (["train", "--data", "d", "--out", "o", "--workers", "-1"], "argument --workers: must be 0 or more"),
+        (
+            ["train", "--data", "d", "--out", "o", "--dropout", "2"],
+            "argument --dropout: must be at least 0 and below 1",
+        ),
+        (["train", "--data", "d", "--out", "o", "--lr", "nan"], "argument --lr: expected a finite number"),
+        (["atlas", "imgs", "--out", "o", "--tile", "0"], "argument --tile: must be a positive integer"),
+        (["atlas", "imgs", "--out", "o", "--batch-size", "0"], "argument --batch-size: must be a positive integer"),
+        (["classify", "a.png", "--top", "0"], "argument --top: must be a positive integer"),
+        (["serve", "--port", "70000"], "argument --port: must be 0..65535"),
+    ],
+)
 def test_option_ranges_are_refused_by_argparse(tmp_path, args, message):
     done = run_capped(args, tmp_path, timeout=60)
     assert done.returncode == 2
@@ -179,7 +228,9 @@ def test_symlink_loop_and_oversized_images_say_what_they_are(weights, tmp_path, 
 
     def png_header(width: int, height: int) -> bytes:  # a valid header claiming a huge image, no pixel data
         ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-        chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
+        chunk = lambda kind, data: (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )  # noqa: E731
         return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
     for side in (8000, 15000):  # 64 megapixels: our limit; 225 megapixels: PIL's own bomb guard fires first
@@ -190,17 +241,20 @@ def test_symlink_loop_and_oversized_images_say_what_they_are(weights, tmp_path, 
         assert "178" not in line and "89" not in line  # PIL's two limits are never quoted
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"arch": "{not json"}, "unknown architecture '{not json'"),  # a string names a torchvision/timm model
-    ({"arch": {"conv": [[1, 2, 3]]}}, "arch.conv must list 5 layers"),
-    ({"arch": {"lrn_params": {"size": 5}}}, "lrn_params must have exactly size, alpha, beta and k"),
-    ({"arch": {"fc": ["a", 3]}}, "fc6 width must be an integer"),
-    ({"preprocessing": {"resize": 10_000_000}}, "preprocessing.resize = 10000000 is outside"),
-    ({"preprocessing": {"std": [0, 1, 1]}}, "preprocessing.std = 0 is out of range"),
-    ({"preprocessing": {"interpolation": "magic"}}, "preprocessing.interpolation must be one of"),
-    ({"classes": ["only one"]}, "1 class names for 4 outputs"),
-    ({"classes": None}, "'classes' must be a list of names"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"arch": "{not json"}, "unknown architecture '{not json'"),  # a string names a torchvision/timm model
+        ({"arch": {"conv": [[1, 2, 3]]}}, "arch.conv must list 5 layers"),
+        ({"arch": {"lrn_params": {"size": 5}}}, "lrn_params must have exactly size, alpha, beta and k"),
+        ({"arch": {"fc": ["a", 3]}}, "fc6 width must be an integer"),
+        ({"preprocessing": {"resize": 10_000_000}}, "preprocessing.resize = 10000000 is outside"),
+        ({"preprocessing": {"std": [0, 1, 1]}}, "preprocessing.std = 0 is out of range"),
+        ({"preprocessing": {"interpolation": "magic"}}, "preprocessing.interpolation must be one of"),
+        ({"classes": ["only one"]}, "1 class names for 4 outputs"),
+        ({"classes": None}, "'classes' must be a list of names"),
+    ],
+)
 def test_crafted_metadata_is_checked_field_by_field(weights, tmp_path, change, message):
     from deconvnet.weights import load_model
 
@@ -240,7 +294,9 @@ def test_old_atlas_files_with_newline_joined_lists_still_load(weights, tmp_path)
     images.mkdir()
     for i in range(2):
         Image.new("RGB", (70, 70), (40 * i, 90, 200)).save(images / f"{i}.png")
-    result = build_atlas(load_model(weights), images, tmp_path / "atlas", layers="conv1", k=1, render=False, progress=False)
+    result = build_atlas(
+        load_model(weights), images, tmp_path / "atlas", layers="conv1", k=1, render=False, progress=False
+    )
     path = tmp_path / "atlas" / "atlas.npz"
     with np.load(path) as z:  # rewrite as the earlier format: "files" newline-joined, no "files_json"
         arrays = {k: z[k] for k in z.files if k != "files_json"}
@@ -250,10 +306,13 @@ def test_old_atlas_files_with_newline_joined_lists_still_load(weights, tmp_path)
     assert AtlasScan.load(path).files == result.scan.files
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"num_classes": 10**9}, "num_classes 1000000000 is out of range"),
-    ({"num_classes": 4, "block": [1, 2]}, "'arch_kwargs' must map names to numbers, strings or flags"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_classes": 10**9}, "num_classes 1000000000 is out of range"),
+        ({"num_classes": 4, "block": [1, 2]}, "'arch_kwargs' must map names to numbers, strings or flags"),
+    ],
+)
 def test_crafted_metadata_of_a_stored_torchvision_model_is_checked_before_building(tmp_path, kwargs, message):
     """A torchvision model stored in our format names its builder; its arguments are checked before
     the model is built (a huge class count would allocate gigabytes)."""
@@ -263,8 +322,14 @@ def test_crafted_metadata_of_a_stored_torchvision_model_is_checked_before_buildi
     from deconvnet.weights import load_model, save_weights
 
     model = torchvision.models.resnet18(weights=None, num_classes=4)
-    good = save_weights(model, tmp_path / "r18.safetensors", ["a", "b", "c", "d"], Preprocessing(resize=72, crop=64),
-                        arch="tv-resnet18", arch_kwargs={"num_classes": 4})
+    good = save_weights(
+        model,
+        tmp_path / "r18.safetensors",
+        ["a", "b", "c", "d"],
+        Preprocessing(resize=72, crop=64),
+        arch="tv-resnet18",
+        arch_kwargs={"num_classes": 4},
+    )
     assert load_model(good).arch == "tv-resnet18"
     bad = _crafted(good, tmp_path / "bad.safetensors", {"arch_kwargs": kwargs})
     with pytest.raises(DeconvnetError) as info:
@@ -273,6 +338,10 @@ def test_crafted_metadata_of_a_stored_torchvision_model_is_checked_before_buildi
     huge = _crafted(good, tmp_path / "huge.safetensors", {"preprocessing": {"resize": 10_000_000, "crop": 64}})
     with pytest.raises(DeconvnetError, match="preprocessing.resize = 10000000 is outside"):
         load_model(huge)  # the same bounds as our own models' preprocessing
-    nan = _crafted(good, tmp_path / "nan.safetensors", state_change=lambda s: {k: (v * float("nan") if k == "fc.weight" else v) for k, v in s.items()})
+    nan = _crafted(
+        good,
+        tmp_path / "nan.safetensors",
+        state_change=lambda s: {k: (v * float("nan") if k == "fc.weight" else v) for k, v in s.items()},
+    )
     with pytest.raises(DeconvnetError, match="not finite|NaN|non-finite"):
         load_model(nan)

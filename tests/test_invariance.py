@@ -7,8 +7,8 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from deconvnet.analysis.layers import LayerTaps
 from deconvnet.analysis.invariance import default_values, invariance_curves, transform_batch
+from deconvnet.analysis.layers import LayerTaps
 from deconvnet.errors import DeconvnetError
 from tests._analysis_helpers import run_cli, tiny_model, tiny_weights, write_image
 
@@ -80,12 +80,32 @@ def test_curves_match_the_definition():
 def test_cli_writes_one_figure_and_json_per_transformation(tmp_path, capsys):
     weights = tiny_weights(tmp_path)
     a, b = write_image(tmp_path / "a.png", seed=1), write_image(tmp_path / "b.png", seed=2)
-    code, out, err = run_cli(["invariance", a, b, "--label", "cat", "fish", "--transforms", "translate,scale", "--weights", weights,
-                              "--quiet", "--out", tmp_path / "out", "--device", "cpu"], capsys)
+    code, out, err = run_cli(
+        [
+            "invariance",
+            a,
+            b,
+            "--label",
+            "cat",
+            "fish",
+            "--transforms",
+            "translate,scale",
+            "--weights",
+            weights,
+            "--quiet",
+            "--out",
+            tmp_path / "out",
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert code == 0, err
     data = json.loads((tmp_path / "out" / "invariance-scale.json").read_text())
     assert data["label_names"] == ["cat", "fish"] and len(data["values"]) == 9
-    assert (tmp_path / "out" / "invariance-translate.png").exists() and not (tmp_path / "out" / "invariance-rotate.png").exists()
+    assert (tmp_path / "out" / "invariance-translate.png").exists() and not (
+        tmp_path / "out" / "invariance-rotate.png"
+    ).exists()
 
 
 @pytest.mark.parametrize(
@@ -100,5 +120,8 @@ def test_cli_writes_one_figure_and_json_per_transformation(tmp_path, capsys):
 def test_cli_bad_input(tmp_path, capsys, extra, message):
     weights = tiny_weights(tmp_path)
     a, b = write_image(tmp_path / "a.png"), write_image(tmp_path / "b.png")
-    code, out, err = run_cli(["invariance", a, b, "--weights", weights, "--quiet", "--out", tmp_path / "o", "--device", "cpu", *extra], capsys)
+    code, out, err = run_cli(
+        ["invariance", a, b, "--weights", weights, "--quiet", "--out", tmp_path / "o", "--device", "cpu", *extra],
+        capsys,
+    )
     assert code == 2 and message in err and "Traceback" not in err

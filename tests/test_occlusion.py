@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from tests._analysis_helpers import run_cli, tiny_model, tiny_weights, write_image
 from deconvnet.analysis import occlusion as occlusion_module
 from deconvnet.analysis.occlusion import (
     _Incremental,
@@ -19,12 +18,19 @@ from deconvnet.analysis.occlusion import (
 from deconvnet.deconv import DeconvNet
 from deconvnet.errors import DeconvnetError
 from deconvnet.models import build_model
+from tests._analysis_helpers import run_cli, tiny_model, tiny_weights, write_image
 
 
 @pytest.mark.parametrize("delta", [None, True, False], ids=["default", "all-convs-by-change", "all-convs-by-window"])
 @pytest.mark.parametrize(
     "lrn,pool_style,size,stride",
-    [(False, "ceil", 9, 5), (True, "ceil", 16, 7), (False, "blog", 12, 6), (False, "ceil", 64, 1), (False, "ceil", 1, 11)],
+    [
+        (False, "ceil", 9, 5),
+        (True, "ceil", 16, 7),
+        (False, "blog", 12, 6),
+        (False, "ceil", 64, 1),
+        (False, "ceil", 1, 11),
+    ],
 )
 def test_incremental_equals_full_recompute(lrn, pool_style, size, stride, delta, monkeypatch):
     # both ways of updating a conv layer (the change's transposed convolution, the window recompute),
@@ -89,7 +95,9 @@ def test_progress_callback_reports_positions_done(method):
     model = tiny_model(64)
     image = torch.randn(3, 64, 64)
     calls = []
-    maps = occlusion_maps(model, image, 16, 6, method=method, batch_size=10, on_progress=lambda done, total: calls.append((done, total)))
+    maps = occlusion_maps(
+        model, image, 16, 6, method=method, batch_size=10, on_progress=lambda done, total: calls.append((done, total))
+    )
     total = maps.activation.size
     assert total == 81  # 9 x 9 positions
     assert calls == [(min(d, total), total) for d in range(10, total + 10, 10)]
@@ -166,8 +174,27 @@ def test_positions_and_fill():
 def test_cli_writes_figure_and_maps(tmp_path, capsys):
     weights = tiny_weights(tmp_path)
     image = write_image(tmp_path / "img.png")
-    code, out, err = run_cli(["occlusion", image, "--weights", weights, "--size", "16", "--stride", "8", "--label", "dog",
-                              "--check", "--quiet", "--out", tmp_path / "out", "--device", "cpu"], capsys)
+    code, out, err = run_cli(
+        [
+            "occlusion",
+            image,
+            "--weights",
+            weights,
+            "--size",
+            "16",
+            "--stride",
+            "8",
+            "--label",
+            "dog",
+            "--check",
+            "--quiet",
+            "--out",
+            tmp_path / "out",
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "max difference vs full" in out
     import json
@@ -191,7 +218,10 @@ def test_cli_writes_figure_and_maps(tmp_path, capsys):
 def test_cli_bad_input(tmp_path, capsys, extra, message):
     weights = tiny_weights(tmp_path)
     image = write_image(tmp_path / "img.png")
-    code, out, err = run_cli(["occlusion", image, "--weights", weights, "--quiet", "--out", tmp_path / "out", "--device", "cpu", *extra], capsys)
+    code, out, err = run_cli(
+        ["occlusion", image, "--weights", weights, "--quiet", "--out", tmp_path / "out", "--device", "cpu", *extra],
+        capsys,
+    )
     assert code == 2
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) <= 2  # the weights line and the error

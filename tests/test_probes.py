@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from deconvnet.analysis.probes import (
-    ProbeResult, evaluate_accuracy, extract_features, fit_linear, fit_probes, mean_per_class_accuracy, probe_layers, sample_per_class,
+    ProbeResult,
+    evaluate_accuracy,
+    extract_features,
+    fit_linear,
+    fit_probes,
+    mean_per_class_accuracy,
+    probe_layers,
+    sample_per_class,
     train_from_scratch,
 )
 from deconvnet.errors import DeconvnetError
@@ -40,8 +47,15 @@ def test_linear_classifiers_separate_separable_data_and_not_noise(kind):
     noise = rng.normal(0, 1, (120, 20))
     tr, te = np.arange(120) % 2 == 0, np.arange(120) % 2 == 1
     assert mean_per_class_accuracy(y[te], fit_linear(kind, good[tr], y[tr], good[te], 1.0)) == 1.0
-    rows = fit_probes({"good": good[tr], "noise": noise[tr]}, y[tr], {"good": good[te], "noise": noise[te]}, y[te],
-                        per_class=(5, 15), seeds=2, classifiers=(kind,))
+    rows = fit_probes(
+        {"good": good[tr], "noise": noise[tr]},
+        y[tr],
+        {"good": good[te], "noise": noise[te]},
+        y[te],
+        per_class=(5, 15),
+        seeds=2,
+        classifiers=(kind,),
+    )
     by = {(r.layer, r.train_per_class): r for r in rows}
     assert by[("good", 15)].mean > 0.95 and by[("noise", 15)].mean < 0.6
     assert len(by[("good", 5)].accuracies) == 2
@@ -83,8 +97,31 @@ def _folder(tmp_path, per_class_train=4, per_class_test=2):
 def test_cli_probe_with_scratch_baseline(tmp_path, capsys):
     weights = tiny_weights(tmp_path)
     root = _folder(tmp_path)
-    code, out, err = run_cli(["probe", "--data", root, "--layers", "1,7", "--train-per-class", "2,4", "--seeds", "2", "--scratch-epochs", "1", "--classifiers", "svm",
-                              "--weights", weights, "--quiet", "--out", tmp_path / "out", "--device", "cpu"], capsys)
+    code, out, err = run_cli(
+        [
+            "probe",
+            "--data",
+            root,
+            "--layers",
+            "1,7",
+            "--train-per-class",
+            "2,4",
+            "--seeds",
+            "2",
+            "--scratch-epochs",
+            "1",
+            "--classifiers",
+            "svm",
+            "--weights",
+            weights,
+            "--quiet",
+            "--out",
+            tmp_path / "out",
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert code == 0, err
     data = json.loads((tmp_path / "out" / "probe.json").read_text())
     models = {r["model"] for r in data["rows"]}
@@ -106,8 +143,24 @@ def test_cli_probe_with_scratch_baseline(tmp_path, capsys):
 def test_cli_probe_bad_input(tmp_path, capsys, extra, message):
     weights = tiny_weights(tmp_path)
     root = _folder(tmp_path, 4, 1)
-    code, out, err = run_cli(["probe", "--data", root, "--weights", weights, "--quiet", "--out", tmp_path / "out", "--device", "cpu",
-                              "--train-per-class", "2", *extra], capsys)
+    code, out, err = run_cli(
+        [
+            "probe",
+            "--data",
+            root,
+            "--weights",
+            weights,
+            "--quiet",
+            "--out",
+            tmp_path / "out",
+            "--device",
+            "cpu",
+            "--train-per-class",
+            "2",
+            *extra,
+        ],
+        capsys,
+    )
     assert code == 2 and message in err and "Traceback" not in err
 
 
@@ -116,14 +169,35 @@ def test_probe_layers_in_one_call_gives_the_cli_numbers(tmp_path, capsys):
     same table: the CLI only parses, calls the library and saves."""
     weights = tiny_weights(tmp_path)
     root = _folder(tmp_path)
-    code, out, err = run_cli(["probe", "--data", root, "--layers", "1,5", "--train-per-class", "2,4", "--seeds", "2", "--weights", weights,
-                              "--quiet", "--out", tmp_path / "out", "--device", "cpu"], capsys)
+    code, out, err = run_cli(
+        [
+            "probe",
+            "--data",
+            root,
+            "--layers",
+            "1,5",
+            "--train-per-class",
+            "2,4",
+            "--seeds",
+            "2",
+            "--weights",
+            weights,
+            "--quiet",
+            "--out",
+            tmp_path / "out",
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert code == 0, err
     result = probe_layers(load_model(str(weights), device="cpu"), root, layers="1,5", train_per_class=(2, 4), seeds=2)
     assert isinstance(result, ProbeResult) and result.layers == ["layer1", "layer5"]
     saved = json.loads((tmp_path / "out" / "probe.json").read_text())
     assert json.loads(json.dumps(result.to_dict())) == saved  # exact: same data, seeds and solver
     assert result.table_text() + "\n" == (tmp_path / "out" / "probe.md").read_text()
-    assert [r["model"] for r in result.table()] == [r["model"] for r in saved["rows"]] and "accuracies" not in result.table()[0]
+    assert [r["model"] for r in result.table()] == [
+        r["model"] for r in saved["rows"]
+    ] and "accuracies" not in result.table()[0]
     with pytest.raises(DeconvnetError, match="^seeds must be at least 1"):
         probe_layers(load_model(str(weights), device="cpu"), root, seeds=0)

@@ -33,7 +33,24 @@ def test_report_cli(weights: Path, tmp_path: Path, sample_image_path: Path, caps
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(photo_bytes("JPEG", (200, 150)))
     out = tmp_path / "out"
-    assert main(["report", str(sample_image_path), str(photo), "--weights", str(weights), "--out", str(out), "--top-maps", "3", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                str(sample_image_path),
+                str(photo),
+                "--weights",
+                str(weights),
+                "--out",
+                str(out),
+                "--top-maps",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     report = out / "report.html"
     assert f"report: {report}" in capsys.readouterr().out
     text = report.read_text()
@@ -57,13 +74,30 @@ def test_report_errors(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["report", str(tmp_path / "missing.png"), "--weights", str(weights), "--out", str(tmp_path / "o")]) == 2
     photo = tmp_path / "p.png"
     photo.write_bytes(photo_bytes("PNG"))
-    assert main(["report", str(photo), "--weights", str(weights), "--out", str(tmp_path / "o"), "--layers", "conv9"]) == 2
+    assert (
+        main(["report", str(photo), "--weights", str(weights), "--out", str(tmp_path / "o"), "--layers", "conv9"]) == 2
+    )
     assert "unknown layer" in capsys.readouterr().err
 
 
 def test_demo(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--weights", str(weights), "--out", str(out), "--top-maps", "2", "--no-occlusion", "--no-invariance"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--weights",
+                str(weights),
+                "--out",
+                str(out),
+                "--top-maps",
+                "2",
+                "--no-occlusion",
+                "--no-invariance",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     report = out / "report.html"
     assert str(report.resolve()) in printed
@@ -95,10 +129,25 @@ def test_model_summary_of_a_fine_tuned_model(tmp_path: Path) -> None:
     from deconvnet.weights import load_model, save_weights
 
     def history(n: int, start: float) -> list[dict]:
-        return [{"epoch": e, "train_top1": start + 0.01 * e, "val_top1": start + 0.02 * e, "train_top5": 0.9, "val_top5": 0.95} for e in range(1, n + 1)]
+        return [
+            {
+                "epoch": e,
+                "train_top1": start + 0.01 * e,
+                "val_top1": start + 0.02 * e,
+                "train_top5": 0.9,
+                "val_top5": 0.95,
+            }
+            for e in range(1, n + 1)
+        ]
 
     torch.manual_seed(0)
-    model = build_model("zfnet", conv=((8, 7, 2, 1), (8, 5, 2, 0), (8, 3, 1, 1), (8, 3, 1, 1), (8, 3, 1, 1)), fc=(8, 8), num_classes=2, input_size=64)
+    model = build_model(
+        "zfnet",
+        conv=((8, 7, 2, 1), (8, 5, 2, 0), (8, 3, 1, 1), (8, 3, 1, 1), (8, 3, 1, 1)),
+        fc=(8, 8),
+        num_classes=2,
+        input_size=64,
+    )
     extra = {
         "train_config": {"epochs": 2, "lr": 0.005, "crop": 64, "init_from": "earlier.safetensors"},
         "history": history(2, 0.6),
@@ -119,7 +168,9 @@ def test_model_summary_of_a_fine_tuned_model(tmp_path: Path) -> None:
 def test_markdown_is_escaped() -> None:
     from deconvnet.report import _markdown
 
-    out = _markdown("# Card <script>alert(1)</script>\n\n| a | b |\n|---|---|\n| `x<y` | **bold** |\n\n- item <img src=x onerror=alert(1)>\n")
+    out = _markdown(
+        "# Card <script>alert(1)</script>\n\n| a | b |\n|---|---|\n| `x<y` | **bold** |\n\n- item <img src=x onerror=alert(1)>\n"
+    )
     assert "<script>" not in out and "<img" not in out
     assert "&lt;script&gt;" in out and "<code>x&lt;y</code>" in out and "<strong>bold</strong>" in out
     assert "<table" in out and "<li>" in out

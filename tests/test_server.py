@@ -68,12 +68,18 @@ def _tiny_atlas(weights: Path, base: Path) -> Path | None:
     folder.mkdir()
     for i in range(12):
         (folder / f"photo-{i:02d}.png").write_bytes(photo_bytes("PNG", (90, 80), seed=10 + i))
-    build_atlas(load_model(str(weights)), folder, base / "atlas", layers=["conv2", "conv5"], k=9, render=False, progress=False)
+    build_atlas(
+        load_model(str(weights)), folder, base / "atlas", layers=["conv2", "conv5"], k=9, render=False, progress=False
+    )
     return base / "atlas"
 
 
 def _snapshot(root: Path) -> dict[str, float]:
-    return {str(p.relative_to(root)): p.stat().st_mtime for p in root.rglob("*") if p.is_file() and not p.name.endswith(".log")}
+    return {
+        str(p.relative_to(root)): p.stat().st_mtime
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.endswith(".log")
+    }
 
 
 def _json_error(response: httpx.Response, *statuses: int) -> str:
@@ -105,7 +111,13 @@ def test_model_and_openapi(client: httpx.Client) -> None:
     assert [layer["name"] for layer in model["layers"]] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
     assert model["classes"] == ["cat", "dog", "cup", "rocket"]
     schema = client.get("/openapi.json").json()
-    for path in ("/api/upload", "/api/sources", "/api/images/{image_id}/layers/{layer}/maps/{index}", "/api/images/{image_id}/occlusion", "/api/jobs/{job_id}"):
+    for path in (
+        "/api/upload",
+        "/api/sources",
+        "/api/images/{image_id}/layers/{layer}/maps/{index}",
+        "/api/images/{image_id}/occlusion",
+        "/api/jobs/{job_id}",
+    ):
         assert path in schema["paths"], path
     docs = client.get("/docs")  # our own page over /openapi.json: no CDN
     assert docs.status_code == 200 and "openapi.json" in docs.text
@@ -169,7 +181,9 @@ def test_rules_of_a_chain_model(client: httpx.Client) -> None:
     assert [p["rule"] for p in c["projections"]] == ["deconvnet", "guided", "gradient"]
     assert c["projections"][0]["image"] == view["projection"] and (c["box"], c["max"]) == (view["box"], view["max"])
     assert all(_decode_uri(p["image"]).size == (64, 64) for p in c["projections"])
-    assert "unknown rule" in _json_error(client.get(f"/api/images/{info['id']}/layers/conv3/maps/2/rules?rules=deconv"), 400)
+    assert "unknown rule" in _json_error(
+        client.get(f"/api/images/{info['id']}/layers/conv3/maps/2/rules?rules=deconv"), 400
+    )
     assert "unknown layer" in _json_error(client.get(f"/api/images/{info['id']}/layers/fc7/maps/2/rules"), 404)
 
 
@@ -185,7 +199,9 @@ def test_click_latency(client: httpx.Client) -> None:
             timings.append(time.perf_counter() - start)
             assert r.status_code == 200
     timings.sort()
-    print(f"click latency (tiny model, 64 px): median {1000 * timings[len(timings) // 2]:.0f} ms, max {1000 * timings[-1]:.0f} ms")
+    print(
+        f"click latency (tiny model, 64 px): median {1000 * timings[len(timings) // 2]:.0f} ms, max {1000 * timings[-1]:.0f} ms"
+    )
     assert timings[len(timings) // 2] < 0.5
 
 
@@ -207,7 +223,9 @@ def _png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def test_bad_uploads(client: httpx.Client, server: Server) -> None:
@@ -235,7 +253,9 @@ def test_bad_uploads(client: httpx.Client, server: Server) -> None:
             yield blob[i : i + 256 * 1024]
         yield b"\r\n--xyz--\r\n"
 
-    chunked = client.post("/api/upload", content=stream(), headers={"content-type": "multipart/form-data; boundary=xyz"})
+    chunked = client.post(
+        "/api/upload", content=stream(), headers={"content-type": "multipart/form-data; boundary=xyz"}
+    )
     assert "too large" in _json_error(chunked, 413)
     # missing file field, wrong content type
     _json_error(client.post("/api/upload", data={"nothing": "here"}), 422)
@@ -320,8 +340,21 @@ def test_occlusion_job(client: httpx.Client) -> None:
 def test_load(server: Server) -> None:
     """benchmarks/load_test.py from a second process: 20 concurrent clients, bounded, no errors."""
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "load_test.py"), "--url", server.url, "--clients", "20", "--requests", "6", "--time-limit", "90"],
-        capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "load_test.py"),
+            "--url",
+            server.url,
+            "--clients",
+            "20",
+            "--requests",
+            "6",
+            "--time-limit",
+            "90",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     print(out.stdout)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -47,9 +47,24 @@ def served(tmp_path_factory):
     base = tmp_path_factory.mktemp("limits")
     weights = tiny_weights(base / "tiny.safetensors")
     env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(base), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "deconvnet", "serve", "--weights", str(weights), "--port", "0", "--device", "cpu", "--no-samples",
-           "--header-timeout", str(HEADER_TIMEOUT)]
-    proc = subprocess.Popen(cmd, cwd=base, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, preexec_fn=_cap)
+    cmd = [
+        sys.executable,
+        "-m",
+        "deconvnet",
+        "serve",
+        "--weights",
+        str(weights),
+        "--port",
+        "0",
+        "--device",
+        "cpu",
+        "--no-samples",
+        "--header-timeout",
+        str(HEADER_TIMEOUT),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=base, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, preexec_fn=_cap
+    )
     url = None
     deadline = time.monotonic() + 120
     while url is None and time.monotonic() < deadline:
@@ -82,7 +97,10 @@ def test_slow_connections_do_not_starve_real_requests(served):
         slow.append(s)
     try:
         started = time.monotonic()
-        answers = [httpx.post(f"{url}/api/upload", files={"file": ("a.jpg", photo_bytes(seed=i))}, timeout=30).status_code for i in range(5)]
+        answers = [
+            httpx.post(f"{url}/api/upload", files={"file": ("a.jpg", photo_bytes(seed=i))}, timeout=30).status_code
+            for i in range(5)
+        ]
         answers += [httpx.get(f"{url}/api/health", timeout=30).status_code for _ in range(5)]
         assert answers == [200] * 10
         assert time.monotonic() - started < HEADER_TIMEOUT  # served while the slow ones were all still open
@@ -129,6 +147,8 @@ def test_concurrent_large_uploads_stay_under_a_memory_bound(served):
         codes = list(pool.map(upload, files))
     assert codes == [200] * 6
     growth = _memory_mb(proc.pid, "VmHWM") - max(baseline, peak_before)
-    print(f"serve: six concurrent 25-megapixel 16-bit uploads: peak RSS grew {max(growth, 0):.0f} MB over {baseline:.0f} MB")
+    print(
+        f"serve: six concurrent 25-megapixel 16-bit uploads: peak RSS grew {max(growth, 0):.0f} MB over {baseline:.0f} MB"
+    )
     assert growth < 450, growth
     assert proc.poll() is None

@@ -36,11 +36,32 @@ def test_classify_peak_memory_is_independent_of_the_number_of_images(tmp_path):
         Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / name)
         names.append(f"imgs/{name}")
     torch.manual_seed(0)
-    model = build_model("zfnet", conv=((16, 7, 2, 1), (24, 5, 2, 0), (32, 3, 1, 1), (32, 3, 1, 1), (24, 3, 1, 1)), fc=(32, 32), num_classes=4)
-    weights = save_weights(model, tmp_path / "narrow.safetensors", ["a", "b", "c", "d"], Preprocessing(resize=256, crop=224))
+    model = build_model(
+        "zfnet",
+        conv=((16, 7, 2, 1), (24, 5, 2, 0), (32, 3, 1, 1), (32, 3, 1, 1), (24, 3, 1, 1)),
+        fc=(32, 32),
+        num_classes=4,
+    )
+    weights = save_weights(
+        model, tmp_path / "narrow.safetensors", ["a", "b", "c", "d"], Preprocessing(resize=256, crop=224)
+    )
     peaks = {}
     for count in (20, 200):
-        done = run_capped(["classify", *names[:count], "--batch-size", "16", "--top", "1", "--device", "cpu", "--weights", str(weights)], tmp_path)
+        done = run_capped(
+            [
+                "classify",
+                *names[:count],
+                "--batch-size",
+                "16",
+                "--top",
+                "1",
+                "--device",
+                "cpu",
+                "--weights",
+                str(weights),
+            ],
+            tmp_path,
+        )
         assert done.returncode == 0, done.stderr
         assert done.stdout.count("%") == count
         peaks[count] = done.peak_rss_mb

@@ -21,8 +21,24 @@ from deconvnet.training import LRSchedule, TrainConfig, init_weights, renormaliz
 from .imaging import make_image_folder, make_split_dataset
 
 TINY = [
-    "--storage-size", "72", "--crop", "64", "--fc", "32,32", "--batch-size", "8", "--lr", "0.01",
-    "--init", "kaiming", "--workers", "0", "--no-lrn", "--quiet", "--seed", "3",
+    "--storage-size",
+    "72",
+    "--crop",
+    "64",
+    "--fc",
+    "32,32",
+    "--batch-size",
+    "8",
+    "--lr",
+    "0.01",
+    "--init",
+    "kaiming",
+    "--workers",
+    "0",
+    "--no-lrn",
+    "--quiet",
+    "--seed",
+    "3",
 ]
 
 
@@ -55,7 +71,9 @@ def test_paper_init_is_n0_001_with_zero_bias():
     init_weights(model, "paper", 0.01)
     w = model.features.conv2.weight.detach()
     assert abs(float(w.std()) - 0.01) < 5e-4 and abs(float(w.mean())) < 5e-4
-    assert all(float(m.bias.detach().abs().max()) == 0 for m in model.modules() if hasattr(m, "bias") and m.bias is not None)
+    assert all(
+        float(m.bias.detach().abs().max()) == 0 for m in model.modules() if hasattr(m, "bias") and m.bias is not None
+    )
 
 
 def test_lr_schedules():
@@ -73,7 +91,10 @@ def test_lr_schedules():
 
 def test_train_writes_metrics_curves_snapshots_and_weights(tiny_data, tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "--data", str(tiny_data), "--out", str(out), "--epochs", "2", "--snapshot-epochs", "1", *TINY]) == 0
+    assert (
+        main(["train", "--data", str(tiny_data), "--out", str(out), "--epochs", "2", "--snapshot-epochs", "1", *TINY])
+        == 0
+    )
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == [1, 2]
     assert {"train_loss", "train_top1", "train_top5", "val_top1", "val_top5", "lr", "epoch_time_s"} <= set(lines[0])
@@ -92,8 +113,12 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_data, tmp_path):
     assert straight.returncode == 0, straight.stderr
     # Kill a second run with SIGKILL as soon as epoch 1 is checkpointed, then resume it.
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "deconvnet", "train", "--out", str(tmp_path / "b"), *common], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deconvnet", "train", "--out", str(tmp_path / "b"), *common],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = tmp_path / "b" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
@@ -119,9 +144,26 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tiny_dat
     assert single.returncode == 0, single.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "deconvnet",
-         "train", "--out", str(tmp_path / "two"), "--device", "cpu", *common],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "deconvnet",
+            "train",
+            "--out",
+            str(tmp_path / "two"),
+            "--device",
+            "cpu",
+            *common,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one = load_file(tmp_path / "one" / "model.safetensors")
@@ -139,9 +181,27 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tiny_dat
 
 def test_eval_reports_center_and_ten_crop_and_confusion(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--data", str(tiny_data), "--out", str(run), "--epochs", "1", "--snapshot-epochs", "", *TINY]) == 0
+    assert (
+        main(["train", "--data", str(tiny_data), "--out", str(run), "--epochs", "1", "--snapshot-epochs", "", *TINY])
+        == 0
+    )
     capsys.readouterr()
-    assert main(["eval", str(tiny_data / "val"), "--weights", str(run / "model.safetensors"), "--out", str(tmp_path / "ev"), "--quiet", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tiny_data / "val"),
+                "--weights",
+                str(run / "model.safetensors"),
+                "--out",
+                str(tmp_path / "ev"),
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert result["images"] == 18 and sum(map(sum, result["confusion"])) == 18
     # the center-crop top-1 equals the confusion matrix's trace
@@ -175,7 +235,23 @@ def test_unreadable_and_unbalanced_images_warn_and_are_skipped(tmp_path, capsys)
     for j in range(12):  # class_0 now has 16, class_1 only 4 -> unbalanced
         (data / "train" / "class_1" / f"img_{j}.png").unlink(missing_ok=True)
     with pytest.warns(UserWarning) as record:
-        assert main(["train", "--data", str(data), "--out", str(tmp_path / "o"), "--epochs", "1", "--snapshot-epochs", "", *TINY]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--data",
+                    str(data),
+                    "--out",
+                    str(tmp_path / "o"),
+                    "--epochs",
+                    "1",
+                    "--snapshot-epochs",
+                    "",
+                    *TINY,
+                ]
+            )
+            == 0
+        )
     messages = " ".join(str(w.message) for w in record)
     assert "skipped 1 unreadable image(s)" in messages and "broken.png" in messages
     assert "unbalanced training set" in messages
@@ -183,7 +259,10 @@ def test_unreadable_and_unbalanced_images_warn_and_are_skipped(tmp_path, capsys)
 
 def test_resuming_with_another_architecture_is_refused(tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--data", str(tiny_data), "--out", str(out), "--epochs", "1", "--snapshot-epochs", "", *TINY]) == 0
+    assert (
+        main(["train", "--data", str(tiny_data), "--out", str(out), "--epochs", "1", "--snapshot-epochs", "", *TINY])
+        == 0
+    )
     capsys.readouterr()
     other = [a if a != "32,32" else "16,16" for a in TINY]
     assert main(["train", "--data", str(tiny_data), "--out", str(out), "--epochs", "2", "--resume", *other]) == 2
@@ -194,17 +273,41 @@ def test_init_from_copies_the_matching_tensors_only(tiny_data, tmp_path, capsys)
     """Fine-tuning at another input size: the conv layers come from the given weights, the classifier
     (whose first layer changes shape with the input size) keeps its fresh initialisation."""
     first = tmp_path / "first"
-    assert main(["train", "--data", str(tiny_data), "--out", str(first), "--epochs", "1", "--snapshot-epochs", "", *TINY]) == 0
+    assert (
+        main(["train", "--data", str(tiny_data), "--out", str(first), "--epochs", "1", "--snapshot-epochs", "", *TINY])
+        == 0
+    )
     second = tmp_path / "second"
     args = [a for a in TINY if a != "--quiet"]
     args[args.index("--crop") + 1] = "88"  # pool5 2x2 instead of 1x1: fc6 grows
     args[args.index("--storage-size") + 1] = "96"
     args[args.index("--lr") + 1] = "0"  # no update: what the run saves is what it started from
-    assert main(["train", "--data", str(tiny_data), "--out", str(second), "--epochs", "1", "--snapshot-epochs", "",
-                 "--renorm-rms", "0", "--init-from", str(first / "model.safetensors"), *args]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(second),
+                "--epochs",
+                "1",
+                "--snapshot-epochs",
+                "",
+                "--renorm-rms",
+                "0",
+                "--init-from",
+                str(first / "model.safetensors"),
+                *args,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     # every tensor but fc6 weight matches (fc6's bias, fc7 and fc8 keep their shapes)
-    assert "initialised 15 tensors from" in out and out.split("new initialisation for ")[1].startswith("classifier.fc6.weight\n")
+    assert "initialised 15 tensors from" in out and out.split("new initialisation for ")[1].startswith(
+        "classifier.fc6.weight\n"
+    )
     a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     conv = [k for k in a if k.startswith("features.")]
     assert len(conv) == 10 and all(torch.equal(a[k], b[k]) for k in conv)
@@ -213,6 +316,26 @@ def test_init_from_copies_the_matching_tensors_only(tiny_data, tmp_path, capsys)
     other = tmp_path / "other.safetensors"
     from deconvnet.weights import save_weights
 
-    save_weights(build_model("zfnet", conv=((4, 3, 1, 1),) * 5, fc=(8, 8), num_classes=5, lrn=False, input_size=32), other, list("abcde"))
-    assert main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "third"), "--epochs", "1", "--init-from", str(other), *TINY]) == 2
+    save_weights(
+        build_model("zfnet", conv=((4, 3, 1, 1),) * 5, fc=(8, 8), num_classes=5, lrn=False, input_size=32),
+        other,
+        list("abcde"),
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(tmp_path / "third"),
+                "--epochs",
+                "1",
+                "--init-from",
+                str(other),
+                *TINY,
+            ]
+        )
+        == 2
+    )
     assert "no tensor of" in capsys.readouterr().err

@@ -69,7 +69,9 @@ def test_torchvision_state_dicts_load_into_torchvision_models(tmp_path, builder)
 def test_our_safetensors_round_trip_carries_architecture_classes_preprocessing(tmp_path):
     model = _randomise(build_model("zfnet", num_classes=3, fc=(32, 16), lrn=False, input_size=128))
     pre = Preprocessing(resize=146, crop=128)
-    path = save_weights(model, tmp_path / "m.safetensors", ["cat", "dog", "owl"], pre, dtype=torch.float16, extra={"note": "hi"})
+    path = save_weights(
+        model, tmp_path / "m.safetensors", ["cat", "dog", "owl"], pre, dtype=torch.float16, extra={"note": "hi"}
+    )
     meta = read_metadata(path)
     assert meta["format"] == "deconvnet/1" and meta["note"] == "hi"
     loaded = load_model(path)
@@ -177,7 +179,12 @@ def test_download_verify_cache_and_load(http_server, tmp_path, monkeypatch):
     root, base = http_server
     monkeypatch.setenv("DECONVNET_CACHE", str(tmp_path / "cache"))
     sha1 = _zip_of_weights(root, "zfnet-test.pth")
-    register_weights("zfnet-test", WeightsSpec(arch="zfnet", description="test", url=f"{base}/zfnet-test.pth.zip", sha1=sha1, filename="zfnet-test.pth"))
+    register_weights(
+        "zfnet-test",
+        WeightsSpec(
+            arch="zfnet", description="test", url=f"{base}/zfnet-test.pth.zip", sha1=sha1, filename="zfnet-test.pth"
+        ),
+    )
     try:
         path = fetch_weights("zfnet-test", progress=False)
         assert path == tmp_path / "cache" / "zfnet-test.pth"
@@ -193,7 +200,12 @@ def test_download_with_wrong_checksum_is_refused(http_server, tmp_path, monkeypa
     root, base = http_server
     monkeypatch.setenv("DECONVNET_CACHE", str(tmp_path / "cache"))
     _zip_of_weights(root, "zfnet-bad.pth")
-    register_weights("zfnet-bad", WeightsSpec(arch="zfnet", description="test", url=f"{base}/zfnet-bad.pth.zip", sha1="0" * 40, filename="zfnet-bad.pth"))
+    register_weights(
+        "zfnet-bad",
+        WeightsSpec(
+            arch="zfnet", description="test", url=f"{base}/zfnet-bad.pth.zip", sha1="0" * 40, filename="zfnet-bad.pth"
+        ),
+    )
     try:
         with pytest.raises(DeconvnetError, match="checksum mismatch"):
             fetch_weights("zfnet-bad", progress=False)
@@ -206,7 +218,12 @@ def test_download_with_wrong_checksum_is_refused(http_server, tmp_path, monkeypa
 def test_offline_download_says_how_to_pass_a_local_file(http_server, tmp_path, monkeypatch):
     _, base = http_server
     monkeypatch.setenv("DECONVNET_CACHE", str(tmp_path / "cache"))
-    register_weights("zfnet-gone", WeightsSpec(arch="zfnet", description="test", url=f"{base}/missing.pth.zip", sha1="0" * 40, filename="zfnet-gone.pth"))
+    register_weights(
+        "zfnet-gone",
+        WeightsSpec(
+            arch="zfnet", description="test", url=f"{base}/missing.pth.zip", sha1="0" * 40, filename="zfnet-gone.pth"
+        ),
+    )
     try:
         with pytest.raises(DeconvnetError, match=r"could not download .* --weights /path/to/zfnet-gone.pth"):
             fetch_weights("zfnet-gone", progress=False)

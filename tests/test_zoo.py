@@ -47,7 +47,12 @@ def _same_outputs(a: nn.Module, b: nn.Module, size: int = 64) -> None:
 def test_names_resolve_ours_first_and_torchvision_with_or_without_prefix():
     assert resolve_arch("alexnet") == ArchName("deconvnet", "alexnet")  # the paper's single-tower AlexNet, as before
     assert resolve_arch("tv-alexnet") == ArchName("torchvision", "alexnet")
-    assert resolve_arch("resnet50") == resolve_arch("tv-resnet50") == resolve_arch("torchvision:resnet50") == ArchName("torchvision", "resnet50")
+    assert (
+        resolve_arch("resnet50")
+        == resolve_arch("tv-resnet50")
+        == resolve_arch("torchvision:resnet50")
+        == ArchName("torchvision", "resnet50")
+    )
     assert resolve_arch("resnet50").canonical == "tv-resnet50"
     assert resolve_arch("zfnet-b").canonical == "zfnet-b"
 
@@ -68,7 +73,9 @@ def test_create_model_builds_each_family():
 
 
 def test_unknown_names_say_how_to_list_the_valid_ones():
-    with pytest.raises(DeconvnetError, match=r"unknown architecture 'resnet51' \(did you mean resnet50.*deconvnet models"):
+    with pytest.raises(
+        DeconvnetError, match=r"unknown architecture 'resnet51' \(did you mean resnet50.*deconvnet models"
+    ):
         resolve_arch("resnet51")
     with pytest.raises(DeconvnetError, match="not a torchvision classification model"):
         resolve_arch("tv-zfnet")
@@ -77,7 +84,17 @@ def test_unknown_names_say_how_to_list_the_valid_ones():
 # --------------------------------------------------------------------------- torchvision state-dict files
 
 
-ROUND_TRIP = ["resnet18", "resnet50", "resnext50_32x4d", "densenet121", "vgg16", "googlenet", "tv-alexnet", "squeezenet1_1", "mobilenet_v3_small"]
+ROUND_TRIP = [
+    "resnet18",
+    "resnet50",
+    "resnext50_32x4d",
+    "densenet121",
+    "vgg16",
+    "googlenet",
+    "tv-alexnet",
+    "squeezenet1_1",
+    "mobilenet_v3_small",
+]
 
 
 @pytest.mark.parametrize("arch", ROUND_TRIP)
@@ -95,8 +112,11 @@ def test_densenet_file_with_torchvisions_legacy_keys_loads(tmp_path):
     theirs = _randomise(create_model("densenet121"))
     # torchvision's published densenet files spell "norm.1" where the module says "norm1", and predate
     # batch norm's num_batches_tracked.
-    legacy = {k.replace(".norm1.", ".norm.1.").replace(".conv2.", ".conv.2."): v for k, v in theirs.state_dict().items()
-              if not k.endswith("num_batches_tracked")}
+    legacy = {
+        k.replace(".norm1.", ".norm.1.").replace(".conv2.", ".conv.2."): v
+        for k, v in theirs.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
     assert legacy.keys() != theirs.state_dict().keys()
     torch.save(legacy, tmp_path / "densenet.pth")
     _same_outputs(load_model(tmp_path / "densenet.pth", arch="densenet121").model, theirs)
@@ -158,7 +178,10 @@ def test_torchvision_weights_enum_loads_through_torchvisions_cache(torch_home, s
 
 
 def test_torchvision_weights_errors_are_clear(torch_home):
-    with pytest.raises(DeconvnetError, match="unknown torchvision weights 'ResNet18_Weights.IMAGENET1K_V9'; ResNet18_Weights has torchvision:ResNet18_Weights.IMAGENET1K_V1"):
+    with pytest.raises(
+        DeconvnetError,
+        match="unknown torchvision weights 'ResNet18_Weights.IMAGENET1K_V9'; ResNet18_Weights has torchvision:ResNet18_Weights.IMAGENET1K_V1",
+    ):
         load_model("torchvision:ResNet18_Weights.IMAGENET1K_V9")
     with pytest.raises(DeconvnetError, match="not weights of a torchvision classification model"):
         load_model("torchvision:FasterRCNN_ResNet50_FPN_Weights.DEFAULT")
@@ -174,10 +197,29 @@ def _closed_port() -> int:
 
 def test_offline_torchvision_weights_say_how_to_pass_the_file(tmp_path, sample_image_path):
     # A real process whose downloads go through a proxy that refuses connections: fails at once, offline or not.
-    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "http_proxy", "https_proxy", "all_proxy")}
-    env.update(TORCH_HOME=str(tmp_path / "torch"), https_proxy=f"http://127.0.0.1:{_closed_port()}", PYTHONPATH=os.pathsep.join(sys.path))
-    result = subprocess.run([sys.executable, "-m", "deconvnet", "classify", str(sample_image_path), "--weights", "torchvision:ResNet18_Weights.DEFAULT"],
-                            capture_output=True, text=True, env=env, timeout=300)
+    env = {
+        k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "http_proxy", "https_proxy", "all_proxy")
+    }
+    env.update(
+        TORCH_HOME=str(tmp_path / "torch"),
+        https_proxy=f"http://127.0.0.1:{_closed_port()}",
+        PYTHONPATH=os.pathsep.join(sys.path),
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deconvnet",
+            "classify",
+            str(sample_image_path),
+            "--weights",
+            "torchvision:ResNet18_Weights.DEFAULT",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("deconvnet: error:")]
     assert len(errors) == 1
@@ -192,12 +234,17 @@ def test_untrained_architecture_and_its_preprocessing():
     loaded = load_model(None, arch="googlenet")
     assert loaded.source == "untrained" and loaded.arch == "tv-googlenet" and len(loaded.classes) == 1000
     inception = load_model(None, arch="inception_v3")
-    assert (inception.preprocessing.resize, inception.preprocessing.crop) == (342, 299)  # from torchvision's default weights
+    assert (inception.preprocessing.resize, inception.preprocessing.crop) == (
+        342,
+        299,
+    )  # from torchvision's default weights
 
 
 def test_wrap_model_brings_any_module(sample_image_path):
     torch.manual_seed(0)
-    fully_convolutional = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4), nn.ReLU(), nn.Conv2d(8, 5, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    fully_convolutional = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=4), nn.ReLU(), nn.Conv2d(8, 5, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
     loaded = wrap_model(fully_convolutional.train(), preprocessing=Preprocessing(resize=72, crop=64))
     assert not loaded.model.training and loaded.classes == [f"class {i}" for i in range(5)]
     ranking = classify(loaded, [sample_image_path], top=2)[0]
@@ -211,7 +258,9 @@ def test_torchvision_model_saved_as_safetensors_rebuilds_alone(tmp_path):
     torch.save(theirs.state_dict(), tmp_path / "g.pth")
     loaded = load_model(tmp_path / "g.pth", arch="googlenet")
     pre = Preprocessing(resize=80, crop=64)
-    path = save_weights(loaded.model, tmp_path / "g.safetensors", ["a", "b", "c"], pre, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs)
+    path = save_weights(
+        loaded.model, tmp_path / "g.safetensors", ["a", "b", "c"], pre, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs
+    )
     assert read_metadata(path)["arch"] == "tv-googlenet"
     again = load_model(path)
     assert again.arch == "tv-googlenet" and again.classes == ["a", "b", "c"] and again.preprocessing == pre
@@ -246,7 +295,23 @@ def test_cli_warns_about_an_untrained_model(capsys):
 
 def test_cli_convert_stores_a_torchvision_model(resnet18_file, tmp_path, capsys):
     out = tmp_path / "r18.safetensors"
-    assert main(["convert", "--weights", resnet18_file, "--arch", "resnet18", "--out", str(out), "--fp16", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--weights",
+                resnet18_file,
+                "--arch",
+                "resnet18",
+                "--out",
+                str(out),
+                "--fp16",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     loaded = load_model(out)
     assert loaded.arch == "tv-resnet18" and loaded.model.bn1.num_batches_tracked.dtype == torch.int64
     reference = load_model(resnet18_file, arch="resnet18")
@@ -257,11 +322,27 @@ def test_cli_convert_stores_a_torchvision_model(resnet18_file, tmp_path, capsys)
 
 
 def test_cli_bad_arch_is_one_line_error(resnet18_file):
-    result = subprocess.run([sys.executable, "-m", "deconvnet", "classify", str(sample_paths(["coffee"])[0]), "--weights", resnet18_file, "--arch", "resnet19"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deconvnet",
+            "classify",
+            str(sample_paths(["coffee"])[0]),
+            "--weights",
+            resnet18_file,
+            "--arch",
+            "resnet19",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("deconvnet: error: unknown architecture 'resnet19' (did you mean resnet18")
+    assert len(lines) == 1 and lines[0].startswith(
+        "deconvnet: error: unknown architecture 'resnet19' (did you mean resnet18"
+    )
     assert lines[0].endswith("; `deconvnet models [PATTERN]` lists the names (in Python: deconvnet.list_models())")
 
 
@@ -283,13 +364,31 @@ def test_timm_checkpoint_round_trips(tmp_path):
     assert loaded.arch == "timm:test_resnet" and len(loaded.classes) == 6
     _same_outputs(loaded.model, theirs)
     config = timm.data.resolve_data_config({}, model=theirs)
-    assert loaded.preprocessing.crop == config["input_size"][-1] and loaded.preprocessing.interpolation == config["interpolation"]
-    path = save_weights(loaded.model, tmp_path / "timm.safetensors", loaded.classes, loaded.preprocessing, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs)
+    assert (
+        loaded.preprocessing.crop == config["input_size"][-1]
+        and loaded.preprocessing.interpolation == config["interpolation"]
+    )
+    path = save_weights(
+        loaded.model,
+        tmp_path / "timm.safetensors",
+        loaded.classes,
+        loaded.preprocessing,
+        arch=loaded.arch,
+        arch_kwargs=loaded.arch_kwargs,
+    )
     _same_outputs(load_model(path).model, theirs)
 
 
 def test_without_timm_the_error_names_the_extra():
     # A real interpreter in which `import timm` fails, as where the extra is not installed.
-    code = "import sys; sys.modules['timm'] = None\nfrom deconvnet.zoo import resolve_arch\nresolve_arch('timm:resnet50')"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    code = (
+        "import sys; sys.modules['timm'] = None\nfrom deconvnet.zoo import resolve_arch\nresolve_arch('timm:resnet50')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert 'DeconvnetError: timm models need the optional timm package: pip install "deconvnet[timm]"' in result.stderr

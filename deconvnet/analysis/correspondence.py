@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -62,10 +63,14 @@ __all__ = [
 
 # The paper's Table 1 (Delta, spread) for its parts and layers, shown beside ours in the figure.
 PAPER_TABLE1 = {
-    "right_eye|layer5": (0.067, 0.007), "right_eye|layer7": (0.069, 0.015),
-    "left_eye|layer5": (0.069, 0.007), "left_eye|layer7": (0.068, 0.013),
-    "nose|layer5": (0.079, 0.017), "nose|layer7": (0.069, 0.011),
-    "random|layer5": (0.107, 0.017), "random|layer7": (0.073, 0.014),
+    "right_eye|layer5": (0.067, 0.007),
+    "right_eye|layer7": (0.069, 0.015),
+    "left_eye|layer5": (0.069, 0.007),
+    "left_eye|layer7": (0.068, 0.013),
+    "nose|layer5": (0.079, 0.017),
+    "nose|layer7": (0.069, 0.011),
+    "random|layer5": (0.107, 0.017),
+    "random|layer7": (0.073, 0.014),
 }
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x0/y0 inclusive, x1/y1 exclusive
@@ -83,7 +88,9 @@ def pairwise_hamming(eps: np.ndarray) -> np.ndarray:
     """(N, D) feature differences -> the N*(N-1)/2 sign-Hamming fractions of the pairs i < j."""
     eps = np.asarray(eps)
     if eps.ndim != 2 or eps.shape[0] < 2:
-        raise DeconvnetError(f"need at least 2 images for a correspondence measure, got {eps.shape[0] if eps.ndim else 0}")
+        raise DeconvnetError(
+            f"need at least 2 images for a correspondence measure, got {eps.shape[0] if eps.ndim else 0}"
+        )
     s = np.sign(eps)
     n = s.shape[0]
     return np.array([np.mean(s[i] != s[j]) for i in range(n) for j in range(i + 1, n)])
@@ -103,7 +110,9 @@ class AnnotatedImage:
     boxes: dict[str, Box]
 
 
-def load_boxes(images_dir: str | os.PathLike, boxes_file: str | os.PathLike, parts: Sequence[str] | None = None) -> tuple[list[AnnotatedImage], list[str]]:
+def load_boxes(
+    images_dir: str | os.PathLike, boxes_file: str | os.PathLike, parts: Sequence[str] | None = None
+) -> tuple[list[AnnotatedImage], list[str]]:
     """Read the boxes file (the layout of ``shared/data/dogs/annotations.json``:
     ``{"images": [{"file", "boxes": {part: [x0, y0, x1, y1]}}]}``, or ``{file: {part: box}}``),
     check every image and box, and return the images with the parts to use (``parts``, or all parts
@@ -124,7 +133,9 @@ def load_boxes(images_dir: str | os.PathLike, boxes_file: str | os.PathLike, par
     elif isinstance(raw, dict):
         entries = list(raw.items())
     else:
-        raise DeconvnetError(f"{boxes_file}: expected {{\"images\": [{{\"file\": ..., \"boxes\": {{part: [x0, y0, x1, y1]}}}}]}}")
+        raise DeconvnetError(
+            f'{boxes_file}: expected {{"images": [{{"file": ..., "boxes": {{part: [x0, y0, x1, y1]}}}}]}}'
+        )
     out: list[AnnotatedImage] = []
     for name, boxes in entries:
         if not isinstance(name, str) or not isinstance(boxes, dict):
@@ -149,7 +160,9 @@ def load_boxes(images_dir: str | os.PathLike, boxes_file: str | os.PathLike, par
             checked[part] = (x0, y0, x1, y1)
         out.append(AnnotatedImage(path, width, height, checked))
     if len(out) < 2:
-        raise DeconvnetError(f"the correspondence measure compares images pairwise: need at least 2 annotated images, got {len(out)}")
+        raise DeconvnetError(
+            f"the correspondence measure compares images pairwise: need at least 2 annotated images, got {len(out)}"
+        )
     if parts is None:
         common = set(out[0].boxes)
         for a in out[1:]:
@@ -161,7 +174,9 @@ def load_boxes(images_dir: str | os.PathLike, boxes_file: str | os.PathLike, par
         for a in out:
             missing = [p for p in parts if p not in a.boxes]
             if missing:
-                raise DeconvnetError(f"{a.path.name} has no box for {', '.join(missing)} (it has: {', '.join(a.boxes) or 'none'})")
+                raise DeconvnetError(
+                    f"{a.path.name} has no box for {', '.join(missing)} (it has: {', '.join(a.boxes) or 'none'})"
+                )
     return out, list(parts)
 
 
@@ -194,7 +209,9 @@ def mask(image: torch.Tensor, box: tuple[int, int, int, int], fill: float = 0.0)
     return out
 
 
-def random_boxes(sizes: Sequence[tuple[int, int]], crop: int, rng: np.random.Generator) -> list[tuple[int, int, int, int]]:
+def random_boxes(
+    sizes: Sequence[tuple[int, int]], crop: int, rng: np.random.Generator
+) -> list[tuple[int, int, int, int]]:
     """One box of each (h, w) size at a uniformly random position inside a crop x crop image."""
     out = []
     for h, w in sizes:
@@ -263,7 +280,15 @@ class CorrespondenceResult:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"images": self.images} if self.images else {}
-        out.update({"parts": self.parts, "draws": self.draws, "seed": self.seed, "layer_modules": self.layer_modules, "rows": self.table()})
+        out.update(
+            {
+                "parts": self.parts,
+                "draws": self.draws,
+                "seed": self.seed,
+                "layer_modules": self.layer_modules,
+                "rows": self.table(),
+            }
+        )
         if self.boxes:
             out["boxes_in_input"] = dict(zip(self.images, self.boxes))
         return out
@@ -285,7 +310,9 @@ class CorrespondenceResult:
         boxes = [{p: parts[p][i] for p in parts} for i in range(len(images))]
         example = {p: draws[0] for p, draws in self.used["random"].items()}
         labels = self.labels if layer_labels is None else layer_labels
-        return correspondence_figure(self.rows, images, boxes, example, labels, self.paper if paper is None else paper, title)
+        return correspondence_figure(
+            self.rows, images, boxes, example, labels, self.paper if paper is None else paper, title
+        )
 
 
 @torch.no_grad()
@@ -335,7 +362,11 @@ def correspondence(
         for l in layers:
             eps = base[l] - masked[l]
             h = pairwise_hamming(eps)
-            part_rows.append(CorrespondenceRow(part, l, float(h.mean()), float(h.std()), len(h), 1, None, float(np.mean(eps != 0)), h.tolist()))
+            part_rows.append(
+                CorrespondenceRow(
+                    part, l, float(h.mean()), float(h.std()), len(h), 1, None, float(np.mean(eps != 0)), h.tolist()
+                )
+            )
         sizes = [(b[2] - b[0], b[3] - b[1]) for b in part_boxes]
         per_draw: dict[str, list[np.ndarray]] = {l: [] for l in layers}
         changed: dict[str, list[float]] = {l: [] for l in layers}
@@ -350,7 +381,18 @@ def correspondence(
         for l in layers:
             d = np.array([h.mean() for h in per_draw[l]])
             allp = np.concatenate(per_draw[l])
-            rand_rows.append(CorrespondenceRow(f"random ({part} size)", l, float(d.mean()), float(d.std()), len(per_draw[l][0]), draws, float(allp.std()), float(np.mean(changed[l]))))
+            rand_rows.append(
+                CorrespondenceRow(
+                    f"random ({part} size)",
+                    l,
+                    float(d.mean()),
+                    float(d.std()),
+                    len(per_draw[l][0]),
+                    draws,
+                    float(allp.std()),
+                    float(np.mean(changed[l])),
+                )
+            )
             random_pairs[l].extend(per_draw[l])
             random_deltas[l].extend(d.tolist())
             random_changed[l].extend(changed[l])
@@ -358,9 +400,28 @@ def correspondence(
     for l in layers:
         d = np.array(random_deltas[l])
         allp = np.concatenate(random_pairs[l])
-        rows.append(CorrespondenceRow("random", l, float(d.mean()), float(d.std()), len(random_pairs[l][0]), len(d), float(allp.std()), float(np.mean(random_changed[l]))))
-    return CorrespondenceResult(rows, layers, {l: layer_label(taps, l) for l in layers}, list(parts), used,
-                                {l: taps.describe(l) for l in layers}, draws, seed)
+        rows.append(
+            CorrespondenceRow(
+                "random",
+                l,
+                float(d.mean()),
+                float(d.std()),
+                len(random_pairs[l][0]),
+                len(d),
+                float(allp.std()),
+                float(np.mean(random_changed[l])),
+            )
+        )
+    return CorrespondenceResult(
+        rows,
+        layers,
+        {l: layer_label(taps, l) for l in layers},
+        list(parts),
+        used,
+        {l: taps.describe(l) for l in layers},
+        draws,
+        seed,
+    )
 
 
 def table_text(rows: Sequence[CorrespondenceRow], layers: Sequence[str], labels: dict[str, str] | None = None) -> str:
@@ -381,7 +442,9 @@ def table_text(rows: Sequence[CorrespondenceRow], layers: Sequence[str], labels:
     return "\n".join(lines)
 
 
-def load_inputs(annotated: Sequence[AnnotatedImage], parts: Sequence[str], pre: Preprocessing) -> tuple[torch.Tensor, list[dict[str, tuple[int, int, int, int]]], list]:
+def load_inputs(
+    annotated: Sequence[AnnotatedImage], parts: Sequence[str], pre: Preprocessing
+) -> tuple[torch.Tensor, list[dict[str, tuple[int, int, int, int]]], list]:
     """Model inputs, per-image boxes in input coordinates, and the cropped PIL images."""
     tensors, boxes, shown = [], [], []
     for a in annotated:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -66,7 +67,7 @@ def snapshot_epoch(path: str | os.PathLike) -> int:
             epoch = read_metadata(path).get("epoch")
             if epoch is not None:
                 return int(epoch)
-        except Exception:  # noqa: BLE001 - fall back to the file name
+        except Exception:
             pass
     m = re.search(r"(\d+)", path.stem)
     if not m:
@@ -115,7 +116,9 @@ def feature_evolution(
         layer_names = names
         scan = scan_atlas(loaded, files, names, k=1, batch_size=batch_size, progress=progress)
         if scans and any(scan.values[l].shape != scans[0].values[l].shape for l in names):
-            raise DeconvnetError(f"{path}: its layers have other numbers of maps than {paths[0]}'s; the snapshots must come from one run")
+            raise DeconvnetError(
+                f"{path}: its layers have other numbers of maps than {paths[0]}'s; the snapshots must come from one run"
+            )
         scans.append(scan)
         loaded_models.append(loaded)
     assert layer_names is not None

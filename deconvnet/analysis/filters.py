@@ -23,8 +23,9 @@ the share of its filters at 0.5 or more summarise it.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -57,7 +58,11 @@ def _dct_matrix(n: int) -> np.ndarray:
 def filter_structure(weight: np.ndarray | torch.Tensor, top: int = STRUCTURE_TOP) -> np.ndarray:
     """Per filter of a (C_out, C_in, kh, kw) weight: the share of its non-DC energy in its ``top``
     strongest 2-D DCT frequencies (see the module docstring). 0 for an all-zero filter."""
-    w = weight.detach().float().cpu().numpy() if isinstance(weight, torch.Tensor) else np.asarray(weight, dtype=np.float64)
+    w = (
+        weight.detach().float().cpu().numpy()
+        if isinstance(weight, torch.Tensor)
+        else np.asarray(weight, dtype=np.float64)
+    )
     if w.ndim != 4:
         raise DeconvnetError(f"expected a conv weight (out, in, kh, kw), got shape {w.shape}")
     dy, dx = _dct_matrix(w.shape[2]), _dct_matrix(w.shape[3])
@@ -152,7 +157,17 @@ def filter_stats(loaded: ModelLike, layer: str = "conv1", dead_ratio: float = DE
     w = conv.weight.detach().float().cpu()
     rms = w.flatten(1).pow(2).mean(1).sqrt().numpy()
     threshold = float(dead_ratio * np.median(rms))
-    return FilterStats(layer, tuple(w.shape), rms, rms < threshold, dead_ratio, threshold, filter_structure(w), w.numpy(), int(conv.stride[0]))
+    return FilterStats(
+        layer,
+        tuple(w.shape),
+        rms,
+        rms < threshold,
+        dead_ratio,
+        threshold,
+        filter_structure(w),
+        w.numpy(),
+        int(conv.stride[0]),
+    )
 
 
 def layer2_top_projections(

@@ -18,8 +18,9 @@ of the true class. Bilinear interpolation throughout.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,7 +35,14 @@ from .layers import LayerTaps, ModelLike, model_of
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["TRANSFORMS", "InvarianceCurves", "default_values", "prepare_uncropped", "transform_batch", "invariance_curves"]
+__all__ = [
+    "TRANSFORMS",
+    "InvarianceCurves",
+    "default_values",
+    "prepare_uncropped",
+    "transform_batch",
+    "invariance_curves",
+]
 
 TRANSFORMS = ("translate", "scale", "rotate")
 
@@ -104,7 +112,9 @@ def prepare_uncropped(pre: Preprocessing, image: Image.Image) -> torch.Tensor:
     The long side is first cut (centred) to ``MAX_ASPECT`` x the short side, so the result is at most
     ``resize`` x 2 ``resize``: more context than any transformation here brings into the crop, and
     bounded for a thin strip of an image."""
-    resized = T.Resize(pre.resize, interpolation=T.InterpolationMode(pre.interpolation), antialias=True)(limit_aspect(image))
+    resized = T.Resize(pre.resize, interpolation=T.InterpolationMode(pre.interpolation), antialias=True)(
+        limit_aspect(image)
+    )
     return pre.normalize(TF.pil_to_tensor(resized)) if not pre.pixel_mean else _per_channel(pre, resized)
 
 
@@ -122,13 +132,41 @@ def transform_batch(uncropped: torch.Tensor, transform: str, values: Sequence[fl
     for v in values:
         v = float(v)
         if transform == "translate":
-            img = uncropped if v == 0 else TF.affine(uncropped, angle=0.0, translate=[0.0, v], scale=1.0, shear=[0.0, 0.0], interpolation=T.InterpolationMode.BILINEAR, fill=0.0)
+            img = (
+                uncropped
+                if v == 0
+                else TF.affine(
+                    uncropped,
+                    angle=0.0,
+                    translate=[0.0, v],
+                    scale=1.0,
+                    shear=[0.0, 0.0],
+                    interpolation=T.InterpolationMode.BILINEAR,
+                    fill=0.0,
+                )
+            )
         elif transform == "scale":
             if v <= 0:
                 raise DeconvnetError(f"scale factors must be positive, got {v}")
-            img = uncropped if v == 1 else TF.affine(uncropped, angle=0.0, translate=[0.0, 0.0], scale=v, shear=[0.0, 0.0], interpolation=T.InterpolationMode.BILINEAR, fill=0.0)
+            img = (
+                uncropped
+                if v == 1
+                else TF.affine(
+                    uncropped,
+                    angle=0.0,
+                    translate=[0.0, 0.0],
+                    scale=v,
+                    shear=[0.0, 0.0],
+                    interpolation=T.InterpolationMode.BILINEAR,
+                    fill=0.0,
+                )
+            )
         elif transform == "rotate":
-            img = uncropped if v % 360 == 0 else TF.rotate(uncropped, v, interpolation=T.InterpolationMode.BILINEAR, fill=0.0)
+            img = (
+                uncropped
+                if v % 360 == 0
+                else TF.rotate(uncropped, v, interpolation=T.InterpolationMode.BILINEAR, fill=0.0)
+            )
         else:
             raise DeconvnetError(f"unknown transformation {transform!r}; choose from {', '.join(TRANSFORMS)}")
         out.append(TF.center_crop(img, [crop, crop]))
@@ -163,7 +201,9 @@ def invariance_curves(
     raw = {l: np.zeros((n, t)) for l in layers}
     prob = np.zeros((n, t))
     top = np.zeros((n, t), dtype=np.int64)
-    for i, (img, label) in enumerate(tqdm(list(zip(images, labels)), desc=f"invariance ({transform})", disable=not progress, unit="img")):
+    for i, (img, label) in enumerate(
+        tqdm(list(zip(images, labels)), desc=f"invariance ({transform})", disable=not progress, unit="img")
+    ):
         if min(img.shape[-2:]) < crop:
             raise DeconvnetError(f"image {i} is smaller ({tuple(img.shape[-2:])}) than the model's input ({crop})")
         batch = transform_batch(img, transform, vals, crop).to(device)

@@ -33,7 +33,8 @@ layers are named by module path (``layer3``, ``features.denseblock2``, ``avgpool
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Sequence, Union
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -66,7 +67,9 @@ def model_of(loaded: ModelLike) -> nn.Module:
         return loaded.model
     if isinstance(loaded, nn.Module):
         return loaded
-    raise DeconvnetError(f"expected a loaded model (deconvnet.load_model(...)) or an nn.Module, got {type(loaded).__name__}")
+    raise DeconvnetError(
+        f"expected a loaded model (deconvnet.load_model(...)) or an nn.Module, got {type(loaded).__name__}"
+    )
 
 
 def _classifier_taps(model: nn.Module) -> dict[str, int]:
@@ -113,7 +116,9 @@ def layer_items(spec: str | Sequence[str] | None) -> list[str]:
             if not lo or not hi:
                 raise DeconvnetError(f"bad layer range {piece!r}; write e.g. 1..7 or conv1..conv5")
             if lo.isdigit() != hi.isdigit():
-                raise DeconvnetError(f"bad layer range {piece!r}: both ends are numbers (1..7) or both names (conv1..conv5)")
+                raise DeconvnetError(
+                    f"bad layer range {piece!r}: both ends are numbers (1..7) or both names (conv1..conv5)"
+                )
             if lo.isdigit():
                 a, b = int(lo), int(hi)
                 if a > b:
@@ -153,7 +158,9 @@ def _engine_position(engine: DeconvNet) -> Position:
                 taps.append(LayerTaps(engine.model))
             where, index = taps[0].resolve(name)
             if where != "features":
-                raise DeconvnetError(f"{name} (the paper's layer {name[5:]}) is {taps[0].describe(name)}, not a layer with maps")
+                raise DeconvnetError(
+                    f"{name} (the paper's layer {name[5:]}) is {taps[0].describe(name)}, not a layer with maps"
+                )
             return engine.layers[index].name, index
         info = engine.layer(name)
         return info.name, info.index
@@ -176,7 +183,11 @@ def parse_layers(
     if not items:
         return list(main_layers(engine) if default is None else default)
     if not engine.is_chain:
-        pieces = [p.strip().replace(" ", "") for item in ([spec] if isinstance(spec, str) else spec or []) for p in str(item).split(",")]
+        pieces = [
+            p.strip().replace(" ", "")
+            for item in ([spec] if isinstance(spec, str) else spec or [])
+            for p in str(item).split(",")
+        ]
         numbers = [p for p in pieces if p.isdigit() or _RANGE_NUMBERS.fullmatch(p)]
         if numbers:
             raise DeconvnetError(
@@ -205,7 +216,7 @@ def parse_layers(
 LAYER_LABELS = {f"layer{i}": f"layer {i}" for i in range(1, 9)}
 
 
-def layer_label(taps: "LayerTaps", layer: str) -> str:
+def layer_label(taps: LayerTaps, layer: str) -> str:
     """``layer 5 (pool5)`` for the paper's numbers (tables and figures); a graph model's module path
     as it is."""
     return layer if taps.graph else f"{LAYER_LABELS.get(layer, layer)} ({taps.describe(layer)})"
@@ -267,7 +278,9 @@ class LayerTaps:
             fc = f"fc{k}"
             if fc in self.fc:
                 return "classifier", self.fc[fc]
-            raise DeconvnetError(f"this model has no layer {k}; it has layers 1..{max(self.stage_end) + len(self.fc) - 1}")
+            raise DeconvnetError(
+                f"this model has no layer {k}; it has layers 1..{max(self.stage_end) + len(self.fc) - 1}"
+            )
         if key in self.fc:
             return "classifier", self.fc[key]
         return "features", self.engine.layer(layer).index

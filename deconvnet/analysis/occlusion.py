@@ -25,8 +25,9 @@ run in another order; about 5e-7 relative on the watched activation, 2e-7 on a p
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -172,7 +173,9 @@ def _geometry(info: LayerInfo) -> tuple[int, int, int, float, bool]:
     m = info.module
     if isinstance(m, nn.Conv2d):
         if m.dilation not in ((1, 1), 1) or m.padding_mode != "zeros":
-            raise DeconvnetError(f"incremental occlusion needs plain convolutions; {info.path} is dilated or not zero-padded")
+            raise DeconvnetError(
+                f"incremental occlusion needs plain convolutions; {info.path} is dilated or not zero-padded"
+            )
         return int(m.kernel_size[0]), int(m.stride[0]), int(m.padding[0]), 0.0, True
     if isinstance(m, nn.MaxPool2d):
         k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
@@ -227,7 +230,14 @@ class _DeltaConv:
     class is one GEMM with its taps' filters side by side, then one scatter-add of the rows into a
     canvas that covers the output window (plus what falls off the map)."""
 
-    def __init__(self, m: nn.Conv2d, sy: _Step, sx: _Step, prev_y: tuple[np.ndarray, np.ndarray], prev_x: tuple[np.ndarray, np.ndarray]) -> None:
+    def __init__(
+        self,
+        m: nn.Conv2d,
+        sy: _Step,
+        sx: _Step,
+        prev_y: tuple[np.ndarray, np.ndarray],
+        prev_x: tuple[np.ndarray, np.ndarray],
+    ) -> None:
         k, s, p = sy.kernel, sy.stride, sy.padding
         self.k, self.s, self.p = k, s, p
         w = m.weight.detach()  # (C_out, C_in, k, k)
@@ -246,13 +256,24 @@ class _DeltaConv:
         for ry in range(s):
             for rx in range(s):
                 taps = [(dy, dx) for dy in range(ry, k, s) for dx in range(rx, k, s)]
-                weights = torch.cat([w[:, :, dy, dx].t() for dy, dx in taps], 1).contiguous() if taps else w.new_zeros(w.shape[1], 0)
+                weights = (
+                    torch.cat([w[:, :, dy, dx].t() for dy, dx in taps], 1).contiguous()
+                    if taps
+                    else w.new_zeros(w.shape[1], 0)
+                )
                 # canvas row offset of each tap relative to the tap (ry, rx)
                 shift = np.array([((dy - ry) // s) * self.wc + (dx - rx) // s for dy, dx in taps], dtype=np.int64)
                 self.classes.append((weights, shift))
 
     def scatter(
-        self, change: torch.Tensor, pos: np.ndarray, n_in: int, oy: np.ndarray, ox: np.ndarray, batch: int, work: "_Workspace"
+        self,
+        change: torch.Tensor,
+        pos: np.ndarray,
+        n_in: int,
+        oy: np.ndarray,
+        ox: np.ndarray,
+        batch: int,
+        work: _Workspace,
     ) -> torch.Tensor:
         """(batch * hc * wc, C_out) canvas rows holding the transposed convolution of ``change``
         (rows at the flat units ``pos`` of (batch, n_in, n_in)), origin at each sample's window."""
@@ -262,7 +283,11 @@ class _DeltaConv:
         y, x = rem // n_in + p, rem % n_in + p  # padded coordinates
         ry, rx = y % s, x % s
         # canvas row of each input through the tap (ry, rx)
-        origin = b * (self.hc * self.wc) + ((y - ry) // s - oy[b] + self.off_y) * self.wc + ((x - rx) // s - ox[b] + self.off_x)
+        origin = (
+            b * (self.hc * self.wc)
+            + ((y - ry) // s - oy[b] + self.off_y) * self.wc
+            + ((x - rx) // s - ox[b] + self.off_x)
+        )
         cls = ry * s + rx
         dev = change.device
         live = None
@@ -322,7 +347,13 @@ class _Incremental:
     """
 
     def __init__(
-        self, model: nn.Module, image: torch.Tensor, size: int, ys: np.ndarray, xs: np.ndarray, watch: int,
+        self,
+        model: nn.Module,
+        image: torch.Tensor,
+        size: int,
+        ys: np.ndarray,
+        xs: np.ndarray,
+        watch: int,
         delta: bool | None = None,
     ) -> None:
         self.model = model
@@ -362,7 +393,9 @@ class _Incremental:
                 # the change's transposed convolution costs (C_in + scatter) per changed input and
                 # (k / stride)^2 taps; the window recompute C_in per window output and k^2 taps. The
                 # scatter (a memory-bound add per output channel and tap) is worth about 32 C_in.
-                area_in = np.maximum(0, prev_y[1] - prev_y[0] + 1).mean() * np.maximum(0, prev_x[1] - prev_x[0] + 1).mean()
+                area_in = (
+                    np.maximum(0, prev_y[1] - prev_y[0] + 1).mean() * np.maximum(0, prev_x[1] - prev_x[0] + 1).mean()
+                )
                 c_in = m.in_channels
                 wanted = area_in * (c_in + 32) < sy.length * sx.length * sy.stride**2 * c_in
                 mode = "delta" if (wanted if delta is None else delta) else "window"
@@ -380,7 +413,9 @@ class _Incremental:
     def _index(self, idx: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(idx).to(self.final.device)
 
-    def _window(self, i: int, by: np.ndarray, bx: np.ndarray, pos: np.ndarray, val: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    def _window(
+        self, i: int, by: np.ndarray, bx: np.ndarray, pos: np.ndarray, val: torch.Tensor
+    ) -> tuple[np.ndarray, torch.Tensor]:
         """Recompute step i's output window from the unoccluded input patch with the changed units pasted in."""
         sy, sx = self.steps_y[i], self.steps_x[i]
         m = sy.info.module
@@ -412,7 +447,9 @@ class _Incremental:
         local = _rect(lo_r - oy, hi_r - oy, lo_c - ox, hi_c - ox, sy.length, sx.length)
         return _rect(lo_r, hi_r, lo_c, hi_c, n, n), out.index_select(0, self._index(local))
 
-    def _delta(self, i: int, by: np.ndarray, bx: np.ndarray, pos: np.ndarray, val: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    def _delta(
+        self, i: int, by: np.ndarray, bx: np.ndarray, pos: np.ndarray, val: torch.Tensor
+    ) -> tuple[np.ndarray, torch.Tensor]:
         """Convolution: unoccluded output + the transposed convolution of the input change."""
         sy, sx = self.steps_y[i], self.steps_x[i]
         n_in, n = sy.in_size, sy.out_size
@@ -427,7 +464,9 @@ class _Incremental:
         new = self.rows[i + 1].index_select(0, self._index(out % (n * n))) + canvas.index_select(0, self._index(local))
         return out, new
 
-    def run(self, idx_y: np.ndarray, idx_x: np.ndarray, fill: torch.Tensor, channel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(
+        self, idx_y: np.ndarray, idx_x: np.ndarray, fill: torch.Tensor, channel: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, classes) and the total activation of ``channel`` at layer ``watch`` (B,) for the
         occluder positions ``(ys[idx_y[b]], xs[idx_x[b]])``."""
         dev, dtype = self.final.device, self.final.dtype
@@ -451,7 +490,9 @@ class _Incremental:
                     hw = self.acts[i + 1].shape[-1] ** 2
                     b, rem = np.divmod(pos, hw)
                     change = val[:, channel] - self.rows[i + 1][:, channel].index_select(0, self._index(rem))
-                    total = self.acts[i + 1][0, channel].sum() + torch.zeros(B, dtype=dtype, device=dev).index_add_(0, self._index(b), change)
+                    total = self.acts[i + 1][0, channel].sum() + torch.zeros(B, dtype=dtype, device=dev).index_add_(
+                        0, self._index(b), change
+                    )
             # the top layer's output: unoccluded maps with the changed units written in
             n = self.final.shape[-1]
             feats = self.rows[-1].repeat(B, 1).index_copy_(0, self._index(pos), val)
@@ -518,7 +559,9 @@ def occlusion_maps(
     if channel is None:
         channel = int(totals.argmax())
     if not 0 <= channel < base_map.shape[0]:
-        raise DeconvnetError(f"feature {channel} out of range: {watch.name} has {base_map.shape[0]} maps (0..{base_map.shape[0] - 1})")
+        raise DeconvnetError(
+            f"feature {channel} out of range: {watch.name} has {base_map.shape[0]} maps (0..{base_map.shape[0] - 1})"
+        )
     num_classes = base_probs.shape[0]
     if target is None:
         target = int(base_probs.argmax())
@@ -530,7 +573,9 @@ def occlusion_maps(
     logits_all = torch.empty(len(flat_y), num_classes)
     totals_all = torch.empty(len(flat_y))
     first = next(model.parameters())
-    channels_last = first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
+    channels_last = (
+        first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
+    )
     runner = None
     if method == "incremental":
         runner = _Incremental(model, image, size, ys, xs, watch.index)
@@ -582,7 +627,9 @@ def max_difference(a: OcclusionMaps, b: OcclusionMaps) -> dict[str, float]:
     """Largest absolute differences between two results for the same image and settings."""
     out = {
         "activation": float(np.abs(a.activation - b.activation).max()),
-        "activation_relative": float(np.abs(a.activation - b.activation).max() / max(1e-12, np.abs(b.activation).max())),
+        "activation_relative": float(
+            np.abs(a.activation - b.activation).max() / max(1e-12, np.abs(b.activation).max())
+        ),
         "probability": float(np.abs(a.probability - b.probability).max()),
         "top_class_disagreements": int((a.top_class != b.top_class).sum()),
     }
@@ -591,7 +638,9 @@ def max_difference(a: OcclusionMaps, b: OcclusionMaps) -> dict[str, float]:
     return out
 
 
-def projection_of_map(loaded: ModelLike, image: torch.Tensor, layer: str, channel: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+def projection_of_map(
+    loaded: ModelLike, image: torch.Tensor, layer: str, channel: int
+) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     """The deconvnet projection of the strongest activation of map ``channel`` of ``layer`` on the
     unoccluded image (Fig. 7 c), with the receptive-field box (y0, x0, y1, x1) of that activation."""
     engine = DeconvNet(model_of(loaded))

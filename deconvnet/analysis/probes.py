@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -60,7 +61,12 @@ __all__ = [
 
 @torch.no_grad()
 def extract_features(
-    loaded: ModelLike, images: torch.Tensor, layers: Sequence[str], grid: int = 4, batch_size: int = 64, progress: bool = False
+    loaded: ModelLike,
+    images: torch.Tensor,
+    layers: Sequence[str],
+    grid: int = 4,
+    batch_size: int = 64,
+    progress: bool = False,
 ) -> dict[str, np.ndarray]:
     """Features (N, D) float32 of every layer for (N, 3, H, W) model inputs (see the module docstring)."""
     from tqdm.auto import tqdm
@@ -100,7 +106,9 @@ def mean_per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in classes]))
 
 
-def fit_linear(kind: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, C: float, seed: int = 0) -> np.ndarray:
+def fit_linear(
+    kind: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, C: float, seed: int = 0
+) -> np.ndarray:
     """Standardise with the training statistics, fit a softmax or linear SVM, predict ``x_test``."""
     import warnings
 
@@ -182,7 +190,9 @@ def evaluate_accuracy(loaded: ModelLike, images: torch.Tensor, labels: np.ndarra
     model = model_of(loaded)
     model.eval()
     device = next(model.parameters()).device
-    preds = [model(images[s : s + batch_size].to(device)).argmax(1).cpu().numpy() for s in range(0, len(images), batch_size)]
+    preds = [
+        model(images[s : s + batch_size].to(device)).argmax(1).cpu().numpy() for s in range(0, len(images), batch_size)
+    ]
     return mean_per_class_accuracy(labels, np.concatenate(preds))
 
 
@@ -213,7 +223,9 @@ def train_from_scratch(
     steps_per_epoch = max(1, int(np.ceil(len(images) / batch_size)))
     total = epochs * steps_per_epoch
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, total) / total)) * min(1.0, (s + 1) / steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, total) / total)) * min(1.0, (s + 1) / steps_per_epoch)
+    )
     log = {"loss": [], "seconds": 0.0}
     t0 = time.perf_counter()
     margin = images.shape[-1] - crop
@@ -264,7 +276,9 @@ class ProbeResult:
     grid: int = 4
     C: dict[str, float] = field(default_factory=dict)
     seeds: int = 3
-    from_scratch: dict[int, dict[str, Any]] = field(default_factory=dict)  # N -> end-to-end accuracy, epochs, seconds, loss
+    from_scratch: dict[int, dict[str, Any]] = field(
+        default_factory=dict
+    )  # N -> end-to-end accuracy, epochs, seconds, loss
 
     @property
     def end_to_end(self) -> dict[str, dict[int, float]]:
@@ -289,22 +303,49 @@ class ProbeResult:
             key = (r.model, r.classifier, r.train_per_class)
             if key not in groups:
                 groups.append(key)
-        head = "| model | classifier | train/class | " + " | ".join(self.labels.get(l, l) for l in self.layers) + " | end-to-end |"
+        head = (
+            "| model | classifier | train/class | "
+            + " | ".join(self.labels.get(l, l) for l in self.layers)
+            + " | end-to-end |"
+        )
         lines = [head, "|---" * (len(self.layers) + 4) + "|"]
         for model, kind, n in groups:
             cells = []
             for l in self.layers:
-                r = next((r for r in self.rows if (r.model, r.classifier, r.train_per_class, r.layer) == (model, kind, n, l)), None)
-                cells.append("" if r is None else (f"{100 * r.mean:.1f} +- {100 * r.std:.1f}" if len(r.accuracies) > 1 else f"{100 * r.mean:.1f}"))
+                r = next(
+                    (
+                        r
+                        for r in self.rows
+                        if (r.model, r.classifier, r.train_per_class, r.layer) == (model, kind, n, l)
+                    ),
+                    None,
+                )
+                cells.append(
+                    ""
+                    if r is None
+                    else (
+                        f"{100 * r.mean:.1f} +- {100 * r.std:.1f}" if len(r.accuracies) > 1 else f"{100 * r.mean:.1f}"
+                    )
+                )
             e2e = self.from_scratch.get(n, {}).get("end_to_end_accuracy") if model == "from scratch" else None
-            lines.append(f"| {model} | {kind} | {n} | " + " | ".join(cells) + f" | {'' if e2e is None else f'{100 * e2e:.1f}'} |")
+            lines.append(
+                f"| {model} | {kind} | {n} | " + " | ".join(cells) + f" | {'' if e2e is None else f'{100 * e2e:.1f}'} |"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "weights": self.weights, "data": self.data, "classes": self.classes, "train_counts": self.train_counts,
-            "test_counts": self.test_counts, "layer_modules": self.layer_modules, "grid": self.grid, "C": self.C,
-            "seeds": self.seeds, "rows": [r.to_dict() for r in self.rows], "from_scratch": self.from_scratch,
+            "weights": self.weights,
+            "data": self.data,
+            "classes": self.classes,
+            "train_counts": self.train_counts,
+            "test_counts": self.test_counts,
+            "layer_modules": self.layer_modules,
+            "grid": self.grid,
+            "C": self.C,
+            "seeds": self.seeds,
+            "rows": [r.to_dict() for r in self.rows],
+            "from_scratch": self.from_scratch,
         }
 
     def __post_init__(self) -> None:
@@ -383,7 +424,9 @@ def probe_layers(
     test = ImageFolderCache(data / test_dir, size=pre.resize, classes=train.classes, progress=progress)
     counts = train.class_counts()
     if max(per_class) > min(counts):
-        raise DeconvnetError(f"train_per_class {max(per_class)} is more than the smallest class has ({min(counts)} images)")
+        raise DeconvnetError(
+            f"train_per_class {max(per_class)} is more than the smallest class has ({min(counts)} images)"
+        )
 
     def inputs(ds: ImageFolderCache) -> torch.Tensor:
         assert ds.images is not None
@@ -397,21 +440,67 @@ def probe_layers(
     if not scratch_only:
         f_train = extract_features(loaded, x_train, chosen, grid=grid, progress=progress)
         f_test = extract_features(loaded, x_test, chosen, grid=grid)
-        rows = fit_probes(f_train, y_train, f_test, y_test, per_class, seeds, kinds, C, f"{name} (frozen)", progress=progress)
-    result = ProbeResult(rows, chosen, labels, list(train.classes), loaded.source, str(data), counts, test.class_counts(),
-                         {l: taps.describe(l) for l in chosen}, grid, C, seeds)
+        rows = fit_probes(
+            f_train, y_train, f_test, y_test, per_class, seeds, kinds, C, f"{name} (frozen)", progress=progress
+        )
+    result = ProbeResult(
+        rows,
+        chosen,
+        labels,
+        list(train.classes),
+        loaded.source,
+        str(data),
+        counts,
+        test.class_counts(),
+        {l: taps.describe(l) for l in chosen},
+        grid,
+        C,
+        seeds,
+    )
     if scratch_epochs > 0:
         assert train.images is not None
         for n in per_class:
-            result.rows += _scratch_rows(loaded, train.images, x_train, y_train, x_test, y_test, n, chosen, kinds, C, grid,
-                                         scratch_epochs, scratch_lr, len(train.classes), result.from_scratch, progress, log)
+            result.rows += _scratch_rows(
+                loaded,
+                train.images,
+                x_train,
+                y_train,
+                x_test,
+                y_test,
+                n,
+                chosen,
+                kinds,
+                C,
+                grid,
+                scratch_epochs,
+                scratch_lr,
+                len(train.classes),
+                result.from_scratch,
+                progress,
+                log,
+            )
     return result
 
 
-def _scratch_rows(loaded: LoadedModel, images: torch.Tensor, x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.Tensor,
-                  y_test: np.ndarray, n: int, layers: list[str], kinds: list[str], C: dict[str, float], grid: int, epochs: int,
-                  lr: float, num_classes: int, info: dict[int, dict[str, Any]], progress: bool,
-                  log: Callable[[str], None] | None) -> list[ProbeRow]:
+def _scratch_rows(
+    loaded: LoadedModel,
+    images: torch.Tensor,
+    x_train: torch.Tensor,
+    y_train: np.ndarray,
+    x_test: torch.Tensor,
+    y_test: np.ndarray,
+    n: int,
+    layers: list[str],
+    kinds: list[str],
+    C: dict[str, float],
+    grid: int,
+    epochs: int,
+    lr: float,
+    num_classes: int,
+    info: dict[int, dict[str, Any]],
+    progress: bool,
+    log: Callable[[str], None] | None,
+) -> list[ProbeRow]:
     """Train the architecture from scratch on ``n`` images per class (seed 0), record its end-to-end
     accuracy in ``info[n]`` and probe its layers."""
     from ..models import ConvNet
@@ -424,11 +513,20 @@ def _scratch_rows(loaded: LoadedModel, images: torch.Tensor, x_train: torch.Tens
     init_weights(fresh, "kaiming")
     idx = sample_per_class(y_train, n, 0)
     pre = loaded.preprocessing
-    trained = train_from_scratch(fresh, images[idx], y_train[idx], pre.crop, pre.normalize, epochs=epochs, lr=lr, progress=progress)
+    trained = train_from_scratch(
+        fresh, images[idx], y_train[idx], pre.crop, pre.normalize, epochs=epochs, lr=lr, progress=progress
+    )
     acc = evaluate_accuracy(fresh, x_test, y_test)
-    info[n] = {"end_to_end_accuracy": acc, "epochs": epochs, "train_seconds": round(trained["seconds"], 1), "loss": trained["loss"]}
+    info[n] = {
+        "end_to_end_accuracy": acc,
+        "epochs": epochs,
+        "train_seconds": round(trained["seconds"], 1),
+        "loss": trained["loss"],
+    }
     if log is not None:
-        log(f"from scratch, {n}/class: {epochs} epochs in {trained['seconds']:.0f} s, end-to-end mean per-class accuracy {acc:.1%}")
+        log(
+            f"from scratch, {n}/class: {epochs} epochs in {trained['seconds']:.0f} s, end-to-end mean per-class accuracy {acc:.1%}"
+        )
     ft = extract_features(fresh, x_train[idx], layers, grid=grid)
     fs = extract_features(fresh, x_test, layers, grid=grid)
     return fit_probes(ft, y_train[idx], fs, y_test, [n], 1, kinds, C, "from scratch")

@@ -18,7 +18,7 @@ place in ``COMMANDS``.
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from collections.abc import Callable
 
 from . import analyses, core, evaluate, interfaces, models, tools, train, views
 

@@ -9,25 +9,61 @@ import argparse
 import csv
 import io
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .common import (
-    add_batch_size, add_layers, add_model_args, add_quiet, load_from_args, nonnegative_int, positive_float, positive_int, positive_int_list,
+    add_batch_size,
+    add_layers,
+    add_model_args,
+    add_quiet,
+    load_from_args,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    positive_int_list,
 )
 
 
 def add_occlusion(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("occlusion", help="occlusion sensitivity maps (the paper's Fig. 7)")
     p.add_argument("image", help="an image file")
-    p.add_argument("--label", help="true class (name, folder name/WordNet id or index); default: taken from a class-named parent folder, else the top class")
-    p.add_argument("--size", type=positive_int, default=None, help="occluder side in pixels of the model input (default: input size / 6)")
-    p.add_argument("--stride", type=positive_int, default=None, help="occluder step in pixels (default: input size / 32)")
-    p.add_argument("--layer", default=None, help="layer of the watched map (default conv5, rectified; on other models their last layer with maps)")
-    p.add_argument("--feature", type=nonnegative_int, default=None, help="map to watch (default: the one with the largest total activation on the unoccluded image)")
-    p.add_argument("--gray", default="mean", help="occluder colour: 'mean' (the dataset mean, default) or a grey level in [0, 1]")
-    p.add_argument("--method", choices=("incremental", "full"), default="incremental", help="incremental inference (default) or every occluded image through the whole network")
-    p.add_argument("--check", action="store_true", help="also run the full computation and print the largest difference")
+    p.add_argument(
+        "--label",
+        help="true class (name, folder name/WordNet id or index); default: taken from a class-named parent folder, else the top class",
+    )
+    p.add_argument(
+        "--size",
+        type=positive_int,
+        default=None,
+        help="occluder side in pixels of the model input (default: input size / 6)",
+    )
+    p.add_argument(
+        "--stride", type=positive_int, default=None, help="occluder step in pixels (default: input size / 32)"
+    )
+    p.add_argument(
+        "--layer",
+        default=None,
+        help="layer of the watched map (default conv5, rectified; on other models their last layer with maps)",
+    )
+    p.add_argument(
+        "--feature",
+        type=nonnegative_int,
+        default=None,
+        help="map to watch (default: the one with the largest total activation on the unoccluded image)",
+    )
+    p.add_argument(
+        "--gray", default="mean", help="occluder colour: 'mean' (the dataset mean, default) or a grey level in [0, 1]"
+    )
+    p.add_argument(
+        "--method",
+        choices=("incremental", "full"),
+        default="incremental",
+        help="incremental inference (default) or every occluded image through the whole network",
+    )
+    p.add_argument(
+        "--check", action="store_true", help="also run the full computation and print the largest difference"
+    )
     add_batch_size(p, 64, "occluded images per forward pass")
     p.add_argument("--out", required=True, help="output folder (PNG figure + JSON maps)")
     add_quiet(p)
@@ -37,10 +73,19 @@ def add_occlusion(sub: argparse._SubParsersAction) -> None:
 
 def add_invariance(sub: argparse._SubParsersAction) -> None:
 
-    p = sub.add_parser("invariance", help="feature distances and class probability under translation, scale, rotation (Fig. 5)")
+    p = sub.add_parser(
+        "invariance", help="feature distances and class probability under translation, scale, rotation (Fig. 5)"
+    )
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--label", nargs="+", default=None, help="true class of each image (default: from class-named parent folders, else the top class)")
-    p.add_argument("--transforms", default="translate,scale,rotate", help="comma-separated subset of translate, scale, rotate")
+    p.add_argument(
+        "--label",
+        nargs="+",
+        default=None,
+        help="true class of each image (default: from class-named parent folders, else the top class)",
+    )
+    p.add_argument(
+        "--transforms", default="translate,scale,rotate", help="comma-separated subset of translate, scale, rotate"
+    )
     add_layers(p, "the paper's layers 1,7 (other models: their stem and pooled features); fc6..fc8 too")
     p.add_argument("--out", required=True, help="output folder (one PNG + one JSON per transformation)")
     add_quiet(p)
@@ -50,10 +95,14 @@ def add_invariance(sub: argparse._SubParsersAction) -> None:
 
 def add_correspondence(sub: argparse._SubParsersAction) -> None:
 
-    p = sub.add_parser("correspondence", help="consistency of the feature change when the same part is masked (Table 1)")
+    p = sub.add_parser(
+        "correspondence", help="consistency of the feature change when the same part is masked (Table 1)"
+    )
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--boxes", required=True, help="JSON boxes file (layout of shared/data/dogs/annotations.json)")
-    p.add_argument("--parts", default=None, help="comma-separated parts to mask (default: every part annotated in all images)")
+    p.add_argument(
+        "--parts", default=None, help="comma-separated parts to mask (default: every part annotated in all images)"
+    )
     add_layers(p, "the paper's layers 5,7 (other models: their last maps and pooled features)")
     p.add_argument("--draws", type=positive_int, default=10, help="random-region draws per part (default 10)")
     p.add_argument("--seed", type=nonnegative_int, default=0)
@@ -69,15 +118,36 @@ def add_probe(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-dir", default="train")
     p.add_argument("--test-dir", default="test")
     add_layers(p, "the paper's layers 1..7 (other models: their main layers)")
-    p.add_argument("--train-per-class", type=positive_int_list, default=(15, 30, 60), help="training images per class, e.g. 15,30,60")
+    p.add_argument(
+        "--train-per-class",
+        type=positive_int_list,
+        default=(15, 30, 60),
+        help="training images per class, e.g. 15,30,60",
+    )
     p.add_argument("--seeds", type=positive_int, default=3, help="seeded draws of the training images (default 3)")
     p.add_argument("--classifiers", default="softmax,svm", help="softmax, svm or both")
-    p.add_argument("--grid", type=positive_int, default=4, help="conv maps are average-pooled to at most GRID x GRID cells (default 4)")
-    p.add_argument("--c-softmax", type=positive_float, default=1.0, help="inverse L2 penalty of the softmax (default 1)")
+    p.add_argument(
+        "--grid",
+        type=positive_int,
+        default=4,
+        help="conv maps are average-pooled to at most GRID x GRID cells (default 4)",
+    )
+    p.add_argument(
+        "--c-softmax", type=positive_float, default=1.0, help="inverse L2 penalty of the softmax (default 1)"
+    )
     p.add_argument("--c-svm", type=positive_float, default=0.01, help="C of the linear SVM (default 0.01)")
-    p.add_argument("--scratch-epochs", type=nonnegative_int, default=0, help="also train the same architecture from scratch on each training sample for this many epochs (0: skip)")
+    p.add_argument(
+        "--scratch-epochs",
+        type=nonnegative_int,
+        default=0,
+        help="also train the same architecture from scratch on each training sample for this many epochs (0: skip)",
+    )
     p.add_argument("--scratch-lr", type=positive_float, default=0.02)
-    p.add_argument("--scratch-only", action="store_true", help="only the from-scratch rows (--weights then only gives the architecture and preprocessing)")
+    p.add_argument(
+        "--scratch-only",
+        action="store_true",
+        help="only the from-scratch rows (--weights then only gives the architecture and preprocessing)",
+    )
     p.add_argument("--out", required=True, help="output folder (table as MD/CSV/JSON + PNG)")
     add_quiet(p)
     add_model_args(p)
@@ -121,9 +191,9 @@ def _say(text: str) -> None:
 
 
 def cmd_occlusion(args: argparse.Namespace) -> int:
-    from ..display import save_figure
     from ..analysis.occlusion import fill_value, max_difference, occlusion_maps, occlusion_positions, projection_of_map
     from ..atomic import save_json
+    from ..display import save_figure
     from ..errors import DeconvnetError
     from ..inference import prepare_images
     from ..outputs import output_dir
@@ -146,26 +216,56 @@ def cmd_occlusion(args: argparse.Namespace) -> int:
     target = _label(args.label, args.image, loaded)
     batch, shown = prepare_images(loaded, [args.image])
     image = batch[0]
-    maps = occlusion_maps(loaded, image, size, stride, layer=args.layer, channel=args.feature, target=target, fill=fill,
-                          method=args.method, batch_size=args.batch_size, progress=not args.quiet)
+    maps = occlusion_maps(
+        loaded,
+        image,
+        size,
+        stride,
+        layer=args.layer,
+        channel=args.feature,
+        target=target,
+        fill=fill,
+        method=args.method,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
     info = {"image": str(args.image), "weights": loaded.source, **maps.to_dict(loaded.classes)}
     if args.check:
         other = "full" if args.method == "incremental" else "incremental"
-        ref = occlusion_maps(loaded, image, size, stride, layer=args.layer, channel=maps.channel, target=maps.target, fill=fill,
-                             method=other, batch_size=args.batch_size, progress=not args.quiet)
+        ref = occlusion_maps(
+            loaded,
+            image,
+            size,
+            stride,
+            layer=args.layer,
+            channel=maps.channel,
+            target=maps.target,
+            fill=fill,
+            method=other,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+        )
         diff = max_difference(maps, ref)
         info["check"] = {"against": other, **diff}
-        _say(f"max difference vs {other}: activation {diff['activation']:.3g} (relative {diff['activation_relative']:.3g}), "
-             f"probability {diff['probability']:.3g}, top-class disagreements {diff['top_class_disagreements']}")
+        _say(
+            f"max difference vs {other}: activation {diff['activation']:.3g} (relative {diff['activation_relative']:.3g}), "
+            f"probability {diff['probability']:.3g}, top-class disagreements {diff['top_class_disagreements']}"
+        )
     projection, box = projection_of_map(loaded, image, maps.layer, maps.channel)
     out = Path(args.out)
     stem = Path(args.image).stem
-    figure = save_figure(maps.figure(shown[0], loaded.classes, projection, box, title=f"{Path(args.image).name}: occlusion ({loaded.source})"),
-                         out / f"{stem}-occlusion.png")
+    figure = save_figure(
+        maps.figure(
+            shown[0], loaded.classes, projection, box, title=f"{Path(args.image).name}: occlusion ({loaded.source})"
+        ),
+        out / f"{stem}-occlusion.png",
+    )
     data = save_json(out / f"{stem}-occlusion.json", info)
     lowest = float(maps.probability.min())
-    _say(f"{Path(args.image).name}: target {loaded.classes[maps.target]} p={maps.base_probability:.3f} unoccluded, "
-         f"min {lowest:.3f} occluded; watched {maps.layer} map #{maps.channel}")
+    _say(
+        f"{Path(args.image).name}: target {loaded.classes[maps.target]} p={maps.base_probability:.3f} unoccluded, "
+        f"min {lowest:.3f} occluded; watched {maps.layer} map #{maps.channel}"
+    )
     _say(f"figure: {figure}\nmaps: {data}")
     return 0
 
@@ -176,23 +276,28 @@ def cmd_occlusion(args: argparse.Namespace) -> int:
 def cmd_invariance(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
+
     from ..outputs import output_dir
 
     output_dir(args.out)
 
-    from ..analysis.layers import LayerTaps, layer_items, layer_label
-    from ..display import save_figure
     from ..analysis.invariance import TRANSFORMS, default_values, invariance_curves, prepare_uncropped, transform_batch
+    from ..analysis.layers import LayerTaps, layer_items, layer_label
     from ..atomic import save_json
     from ..data import load_image
+    from ..display import save_figure
     from ..errors import DeconvnetError
 
     transforms = [t.strip() for t in args.transforms.split(",") if t.strip()]
     bad = [t for t in transforms if t not in TRANSFORMS]
     if bad or not transforms:
-        raise DeconvnetError(f"unknown transformation(s) {', '.join(bad) or '(none)'}; choose from {', '.join(TRANSFORMS)}")
+        raise DeconvnetError(
+            f"unknown transformation(s) {', '.join(bad) or '(none)'}; choose from {', '.join(TRANSFORMS)}"
+        )
     if args.label is not None and len(args.label) != len(args.images):
-        raise DeconvnetError(f"{len(args.images)} images but {len(args.label)} labels: give one --label per image, in order")
+        raise DeconvnetError(
+            f"{len(args.images)} images but {len(args.label)} labels: give one --label per image, in order"
+        )
     layer_items(args.layers)  # the text's form, before loading the model
     loaded = load_from_args(args)
     pre = loaded.preprocessing
@@ -210,7 +315,10 @@ def cmd_invariance(args: argparse.Namespace) -> int:
             with torch.no_grad():
                 logits = loaded.model(TF.center_crop(x, [pre.crop, pre.crop])[None].to(loaded.device))
             label = int(logits.argmax())
-            print(f"deconvnet: warning: no label for {path}; using the top class {loaded.classes[label]!r}", file=sys.stderr)
+            print(
+                f"deconvnet: warning: no label for {path}; using the top class {loaded.classes[label]!r}",
+                file=sys.stderr,
+            )
         uncropped.append(x)
         labels.append(label)
         names.append(Path(path).stem)
@@ -218,17 +326,36 @@ def cmd_invariance(args: argparse.Namespace) -> int:
     mean = np.asarray(pre.mean).reshape(3, 1, 1)
     std = np.asarray(pre.std).reshape(3, 1, 1)
     for transform in transforms:
-        curves = invariance_curves(loaded, uncropped, labels, transform, pre.crop, layers=layers, progress=not args.quiet)
+        curves = invariance_curves(
+            loaded, uncropped, labels, transform, pre.crop, layers=layers, progress=not args.quiet
+        )
         vals = default_values(transform, pre.crop)
         pick = vals[::6] if transform == "rotate" else vals[np.linspace(0, len(vals) - 1, 5).round().astype(int)]
         thumbs = transform_batch(uncropped[0], transform, pick, pre.crop).numpy()
         thumbs = [np.clip(t * std + mean, 0, 1).transpose(1, 2, 0) for t in thumbs]
-        figure = save_figure(curves.figure(names, loaded.classes, labels_text, thumbs, pick,
-                                           title=f"{transform}: {len(names)} images ({loaded.source}); top row: {names[0]}"), out / f"invariance-{transform}.png")
-        data = save_json(out / f"invariance-{transform}.json", {"weights": loaded.source, "layer_modules": {l: taps.describe(l) for l in layers},
-                                                               **curves.to_dict(loaded.classes, [str(p) for p in args.images])})
+        figure = save_figure(
+            curves.figure(
+                names,
+                loaded.classes,
+                labels_text,
+                thumbs,
+                pick,
+                title=f"{transform}: {len(names)} images ({loaded.source}); top row: {names[0]}",
+            ),
+            out / f"invariance-{transform}.png",
+        )
+        data = save_json(
+            out / f"invariance-{transform}.json",
+            {
+                "weights": loaded.source,
+                "layer_modules": {l: taps.describe(l) for l in layers},
+                **curves.to_dict(loaded.classes, [str(p) for p in args.images]),
+            },
+        )
         summary = ", ".join(f"{labels_text[l]} mean {curves.distances[l].mean():.3f}" for l in layers)
-        _say(f"{transform}: {summary}; p(true) mean {curves.probability.mean():.3f}, min {curves.probability.min():.3f}")
+        _say(
+            f"{transform}: {summary}; p(true) mean {curves.probability.mean():.3f}, min {curves.probability.min():.3f}"
+        )
         _say(f"figure: {figure}\ncurves: {data}")
     return 0
 
@@ -238,9 +365,9 @@ def cmd_invariance(args: argparse.Namespace) -> int:
 
 def cmd_correspondence(args: argparse.Namespace) -> int:
     from ..analysis.correspondence import correspondence_from_files, load_boxes
-    from ..display import save_figure
     from ..analysis.layers import layer_items
     from ..atomic import save_json, save_text
+    from ..display import save_figure
     from ..outputs import output_dir
 
     output_dir(args.out)
@@ -249,15 +376,21 @@ def cmd_correspondence(args: argparse.Namespace) -> int:
     load_boxes(args.images, args.boxes, parts)  # the images and boxes are checked before the model loads
     layer_items(args.layers)  # and the layers' form
     loaded = load_from_args(args)
-    result = correspondence_from_files(loaded, args.images, args.boxes, parts, layers=args.layers, draws=args.draws, seed=args.seed)
+    result = correspondence_from_files(
+        loaded, args.images, args.boxes, parts, layers=args.layers, draws=args.draws, seed=args.seed
+    )
     out = Path(args.out)
     table = result.table_text()
     _say(table)
     save_text(out / "correspondence.md", table + "\n")
     save_text(out / "correspondence.csv", _csv(result.table()))
     save_json(out / "correspondence.json", {"weights": loaded.source, **result.to_dict()})
-    figure = save_figure(result.figure(title=f"correspondence: {len(result.images)} images, {args.draws} random draws ({loaded.source})"),
-                         out / "correspondence.png")
+    figure = save_figure(
+        result.figure(
+            title=f"correspondence: {len(result.images)} images, {args.draws} random draws ({loaded.source})"
+        ),
+        out / "correspondence.png",
+    )
     _say(f"table: {out / 'correspondence.md'}\nfigure: {figure}")
     return 0
 
@@ -266,19 +399,31 @@ def cmd_correspondence(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from ..display import save_figure
     from ..analysis.layers import layer_items
     from ..analysis.probes import probe_layers
     from ..atomic import save_json, save_text
+    from ..display import save_figure
     from ..outputs import output_dir
 
     output_dir(args.out)
     layer_items(args.layers)  # the text's form, before loading the model
     loaded = load_from_args(args)
     result = probe_layers(
-        loaded, args.data, layers=args.layers, train_per_class=args.train_per_class, seeds=args.seeds, classifiers=args.classifiers,
-        grid=args.grid, C={"softmax": args.c_softmax, "svm": args.c_svm}, scratch_epochs=args.scratch_epochs, scratch_lr=args.scratch_lr,
-        scratch_only=args.scratch_only, train_dir=args.train_dir, test_dir=args.test_dir, progress=not args.quiet, log=_say,
+        loaded,
+        args.data,
+        layers=args.layers,
+        train_per_class=args.train_per_class,
+        seeds=args.seeds,
+        classifiers=args.classifiers,
+        grid=args.grid,
+        C={"softmax": args.c_softmax, "svm": args.c_svm},
+        scratch_epochs=args.scratch_epochs,
+        scratch_lr=args.scratch_lr,
+        scratch_only=args.scratch_only,
+        train_dir=args.train_dir,
+        test_dir=args.test_dir,
+        progress=not args.quiet,
+        log=_say,
     )
     out = Path(args.out)
     table = result.table_text()
@@ -287,6 +432,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     save_text(out / "probe.csv", _csv(result.table()))
     save_json(out / "probe.json", result.to_dict())
     note = "; dotted: end-to-end accuracy of the from-scratch models" if result.end_to_end else ""
-    figure = save_figure(result.figure(title=f"linear probes on {Path(args.data).name} ({loaded.source}){note}"), out / "probe.png")
+    figure = save_figure(
+        result.figure(title=f"linear probes on {Path(args.data).name} ({loaded.source}){note}"), out / "probe.png"
+    )
     _say(f"table: {out / 'probe.md'}\nfigure: {figure}")
     return 0

@@ -13,11 +13,19 @@ if TYPE_CHECKING:  # imported lazily: parsing arguments must not pay for torch
 
 def add_model_args(p: argparse.ArgumentParser, arch: bool = True) -> None:
     """--weights / --arch / --device, the same on every command that loads a model."""
-    p.add_argument("--weights", default=None, help="registry name (default: zfnet-imagenette, the bundled model; zfnet-imagenet, ...), "
-                   "a weights file (.safetensors/.pth) or torchvision's published weights (torchvision:ResNet50_Weights.DEFAULT)")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="registry name (default: zfnet-imagenette, the bundled model; zfnet-imagenet, ...), "
+        "a weights file (.safetensors/.pth) or torchvision's published weights (torchvision:ResNet50_Weights.DEFAULT)",
+    )
     if arch:
-        p.add_argument("--arch", default=None, help="architecture of a file that does not say (zfnet, alexnet, resnet50, tv-alexnet, timm:resnet50...; "
-                       "`deconvnet models` lists them); without --weights: that architecture untrained")
+        p.add_argument(
+            "--arch",
+            default=None,
+            help="architecture of a file that does not say (zfnet, alexnet, resnet50, tv-alexnet, timm:resnet50...; "
+            "`deconvnet models` lists them); without --weights: that architecture untrained",
+        )
     add_device(p)
 
 
@@ -29,18 +37,24 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def add_batch_size(p: argparse.ArgumentParser, default: int, help: str = "images per forward pass (memory is that of one batch)") -> None:
+def add_batch_size(
+    p: argparse.ArgumentParser, default: int, help: str = "images per forward pass (memory is that of one batch)"
+) -> None:
     p.add_argument("--batch-size", type=positive_int, default=default, help=f"{help} (default {default})")
 
 
 def add_workers(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=nonnegative_int, default=1, help="image-decoding processes (0: decode in the main process)")
+    p.add_argument(
+        "--workers", type=nonnegative_int, default=1, help="image-decoding processes (0: decode in the main process)"
+    )
 
 
 def add_lrn_args(p: argparse.ArgumentParser) -> None:
     """--no-lrn / --include-lrn of the commands that project (load with ``lrn=lrn_choice(args)``)."""
     p.add_argument("--no-lrn", action="store_true", help="remove LRN layers from the model (forward too)")
-    p.add_argument("--include-lrn", action="store_true", help="send the signal back through LRN's Jacobian instead of skipping it")
+    p.add_argument(
+        "--include-lrn", action="store_true", help="send the signal back through LRN's Jacobian instead of skipping it"
+    )
 
 
 def lrn_choice(args: argparse.Namespace) -> bool | None:
@@ -48,8 +62,10 @@ def lrn_choice(args: argparse.Namespace) -> bool | None:
     return False if args.no_lrn else None
 
 
-LAYERS_GRAMMAR = ("comma-separated layer names (`deconvnet layers` lists them; module paths such as layer3.1 too), "
-                  "the paper's layer numbers on ZFNet/AlexNet/VGG (5, 1..7) or ranges of names (conv1..conv5)")
+LAYERS_GRAMMAR = (
+    "comma-separated layer names (`deconvnet layers` lists them; module paths such as layer3.1 too), "
+    "the paper's layer numbers on ZFNet/AlexNet/VGG (5, 1..7) or ranges of names (conv1..conv5)"
+)
 
 
 def add_layers(p: argparse.ArgumentParser, default: str) -> None:
@@ -57,7 +73,9 @@ def add_layers(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--layers", default=None, help=f"{LAYERS_GRAMMAR}; default: {default}")
 
 
-def load_from_args(args: argparse.Namespace, lrn: bool | None = None, announce: bool = True, untrained_ok: bool = False) -> "LoadedModel":
+def load_from_args(
+    args: argparse.Namespace, lrn: bool | None = None, announce: bool = True, untrained_ok: bool = False
+) -> LoadedModel:
     """The model the arguments name; a one-line warning for an untrained one unless ``untrained_ok``
     (``deconvnet layers`` only needs the architecture)."""
     from ..training import resolve_device
@@ -68,7 +86,10 @@ def load_from_args(args: argparse.Namespace, lrn: bool | None = None, announce: 
     if announce:
         print(f"weights: {loaded.source} ({loaded.arch}, {len(loaded.classes)} classes) on {device}", file=sys.stderr)
     if loaded.source == "untrained" and not untrained_ok:
-        print(f"deconvnet: warning: {loaded.arch} has random weights (no --weights given): its outputs mean nothing", file=sys.stderr)
+        print(
+            f"deconvnet: warning: {loaded.arch} has random weights (no --weights given): its outputs mean nothing",
+            file=sys.stderr,
+        )
     return loaded
 
 
@@ -76,7 +97,9 @@ def _number(text: str, kind: type) -> float:
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
     if kind is float and value != value or value in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value

@@ -5,12 +5,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_batch_size, add_lrn_args, add_model_args, load_from_args, lrn_choice, nonnegative_int, positive_int
+from .common import (
+    add_batch_size,
+    add_lrn_args,
+    add_model_args,
+    load_from_args,
+    lrn_choice,
+    nonnegative_int,
+    positive_int,
+)
 
 
 def add_layers_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("layers", help="the model's layers: names to use with --layer, output shapes, receptive fields")
-    p.add_argument("--all", action="store_true", help="every selectable name (each module path and traced operation), not only the main layers")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="every selectable name (each module path and traced operation), not only the main layers",
+    )
     add_model_args(p)
     p.set_defaults(func=cmd_layers)
 
@@ -27,18 +39,44 @@ def add_classify(sub: argparse._SubParsersAction) -> None:
 def add_project(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("project", help="project activations of one layer back to pixel space (deconvnet)")
     p.add_argument("image", help="an image file")
-    p.add_argument("--layer", required=True, help="conv1..conv5 (rectified conv output), pool1, pool2, pool5, or any module path "
-                   "(layer3, features.denseblock2; `deconvnet layers` lists them)")
-    p.add_argument("--rule", choices=("deconvnet", "guided", "gradient"), default="deconvnet",
-                   help="how ReLUs are passed on the way down: deconvnet (the paper), guided backpropagation, or plain gradient")
+    p.add_argument(
+        "--layer",
+        required=True,
+        help="conv1..conv5 (rectified conv output), pool1, pool2, pool5, or any module path "
+        "(layer3, features.denseblock2; `deconvnet layers` lists them)",
+    )
+    p.add_argument(
+        "--rule",
+        choices=("deconvnet", "guided", "gradient"),
+        default="deconvnet",
+        help="how ReLUs are passed on the way down: deconvnet (the paper), guided backpropagation, or plain gradient",
+    )
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--feature", type=nonnegative_int, help="feature map index: project its strongest activation (or --position)")
-    what.add_argument("--whole-map", type=nonnegative_int, metavar="K", help="project all activations of map K together")
-    what.add_argument("--top-maps", type=positive_int, metavar="N", help="the strongest activation of each of the N strongest maps, one projection each")
-    p.add_argument("--position", type=nonnegative_int, nargs=2, metavar=("Y", "X"), help="with --feature: this activation instead of the strongest")
+    what.add_argument(
+        "--feature", type=nonnegative_int, help="feature map index: project its strongest activation (or --position)"
+    )
+    what.add_argument(
+        "--whole-map", type=nonnegative_int, metavar="K", help="project all activations of map K together"
+    )
+    what.add_argument(
+        "--top-maps",
+        type=positive_int,
+        metavar="N",
+        help="the strongest activation of each of the N strongest maps, one projection each",
+    )
+    p.add_argument(
+        "--position",
+        type=nonnegative_int,
+        nargs=2,
+        metavar=("Y", "X"),
+        help="with --feature: this activation instead of the strongest",
+    )
     add_lrn_args(p)
     p.add_argument("--out", required=True, help="output folder for the PNG figure")
-    p.add_argument("--raw", help="also save the unnormalised projections as float32 (N, 3, H, W) .npy (.npy is appended to a name without it)")
+    p.add_argument(
+        "--raw",
+        help="also save the unnormalised projections as float32 (N, 3, H, W) .npy (.npy is appended to a name without it)",
+    )
     add_model_args(p)
     p.set_defaults(func=cmd_project)
 
@@ -60,9 +98,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_project(args: argparse.Namespace) -> int:
     from ..atomic import save_npy
     from ..data import check_image_file
+    from ..display import save_figure
     from ..inference import project_image
     from ..outputs import output_dir, output_file
-    from ..display import save_figure
 
     out = output_dir(args.out)
     raw_path = output_file(args.raw, "--raw", suffix=".npy") if args.raw else None
@@ -85,8 +123,10 @@ def cmd_project(args: argparse.Namespace) -> int:
         tag = f"map{args.whole_map}"
     else:
         tag = f"f{args.feature}" + (f"-y{args.position[0]}x{args.position[1]}" if args.position else "")
-    figure = save_figure(result.figure(title=f"{Path(args.image).name}: {args.rule} projections from {args.layer} ({loaded.source})"),
-                         out / f"{Path(args.image).stem}-{args.layer}-{tag}.png")
+    figure = save_figure(
+        result.figure(title=f"{Path(args.image).name}: {args.rule} projections from {args.layer} ({loaded.source})"),
+        out / f"{Path(args.image).stem}-{args.layer}-{tag}.png",
+    )
     print(f"figure: {figure}")
     if raw_path is not None:
         import numpy as np
@@ -116,7 +156,17 @@ def cmd_layers(args: argparse.Namespace) -> int:
         field = "whole image" if info.rf_size is None else f"{info.rf_size} px"
         stride = "" if info.rf_size is None else str(info.rf_stride)
         print(f"{name:{width}} {what[:34]:34} {shape:18} {field:>16} {stride:>7}")
-    print(f"input {size[0]} x {size[1]}; --layer takes these names" + ("" if args.all else
-          f" or any of the {len(engine.all_layer_names)} module paths and operations (`deconvnet layers --all`)")
-          + ("; convN = rectified conv output" if engine.is_chain else "; on a graph the receptive field is the largest over all paths"))
+    print(
+        f"input {size[0]} x {size[1]}; --layer takes these names"
+        + (
+            ""
+            if args.all
+            else f" or any of the {len(engine.all_layer_names)} module paths and operations (`deconvnet layers --all`)"
+        )
+        + (
+            "; convN = rectified conv output"
+            if engine.is_chain
+            else "; on a graph the receptive field is the largest over all paths"
+        )
+    )
     return 0

@@ -15,8 +15,14 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ten-crop", dest="ten_crop", action="store_false", help="center crop only")
     add_batch_size(p, 50)
     add_workers(p)
-    p.add_argument("--cache", action="store_true", help="decode every image into memory first (default: stream them, one batch at a time)")
-    p.add_argument("--no-cache", dest="cache", action="store_false", help=argparse.SUPPRESS)  # the default now; kept for old scripts
+    p.add_argument(
+        "--cache",
+        action="store_true",
+        help="decode every image into memory first (default: stream them, one batch at a time)",
+    )
+    p.add_argument(
+        "--no-cache", dest="cache", action="store_false", help=argparse.SUPPRESS
+    )  # the default now; kept for old scripts
     add_quiet(p)
     add_model_args(p)
     p.set_defaults(func=cmd_eval)
@@ -32,17 +38,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         output_dir(args.out)
     loaded = load_from_args(args)
-    result = evaluate(loaded, args.data, ten_crop=args.ten_crop, batch_size=args.batch_size, cache=args.cache, workers=args.workers,
-                      progress=not args.quiet)
+    result = evaluate(
+        loaded,
+        args.data,
+        ten_crop=args.ten_crop,
+        batch_size=args.batch_size,
+        cache=args.cache,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
     print(f"{result['images']} images, {len(result['classes'])} classes ({loaded.source})")
-    print(f"center crop: top-1 error {1 - result['top1']:.2%}  top-5 error {1 - result['top5']:.2%}  (top-1 acc {result['top1']:.2%})")
+    print(
+        f"center crop: top-1 error {1 - result['top1']:.2%}  top-5 error {1 - result['top5']:.2%}  (top-1 acc {result['top1']:.2%})"
+    )
     if args.ten_crop:
-        print(f"10-crop:     top-1 error {1 - result['top1_10crop']:.2%}  top-5 error {1 - result['top5_10crop']:.2%}  (top-1 acc {result['top1_10crop']:.2%})")
+        print(
+            f"10-crop:     top-1 error {1 - result['top1_10crop']:.2%}  top-5 error {1 - result['top5_10crop']:.2%}  (top-1 acc {result['top1_10crop']:.2%})"
+        )
     for name, acc in result["per_class_top1"].items():
         print(f"  {acc:7.2%}  {name}")
     if args.out:
         out = Path(args.out)
         save_json(out / "metrics.json", result)
-        save_figure(confusion_figure(result["confusion"], result["classes"], title=f"confusion (center crop), {Path(args.data).name}"), out / "confusion.png")
+        save_figure(
+            confusion_figure(
+                result["confusion"], result["classes"], title=f"confusion (center crop), {Path(args.data).name}"
+            ),
+            out / "confusion.png",
+        )
         print(f"wrote {out / 'metrics.json'} and {out / 'confusion.png'}")
     return 0

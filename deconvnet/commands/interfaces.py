@@ -14,21 +14,66 @@ from .common import add_layers, add_model_args, load_from_args, port, positive_f
 def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="start the web explorer (layers, maps, projections, occlusion) on 127.0.0.1")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=port, default=8000, help="TCP port (default 8000; 0: any free port, printed at start)")
-    p.add_argument("--images", default=None, metavar="DIR", help="a folder whose images the page offers (by id; clients never send paths)")
-    p.add_argument("--atlas", default=None, metavar="DIR", help="an atlas computed for this model: the top-9 patches of each clicked unit")
+    p.add_argument(
+        "--port", type=port, default=8000, help="TCP port (default 8000; 0: any free port, printed at start)"
+    )
+    p.add_argument(
+        "--images",
+        default=None,
+        metavar="DIR",
+        help="a folder whose images the page offers (by id; clients never send paths)",
+    )
+    p.add_argument(
+        "--atlas",
+        default=None,
+        metavar="DIR",
+        help="an atlas computed for this model: the top-9 patches of each clicked unit",
+    )
     p.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="largest accepted upload (default 20 MB)")
-    p.add_argument("--max-megapixels", type=positive_float, default=40.0, help="largest accepted image (default 40 megapixels)")
-    p.add_argument("--cache-images", "--cache", dest="cache", type=positive_int, default=128,
-                   help="opened images kept in memory, the least recently used dropped first (default 128; with the bundled model 0.5 MB an image, "
-                        "up to 9 MB once every layer was looked at: at most about 1.2 GB); "
-                        "GET /api/health shows how many are open and how many were dropped")
+    p.add_argument(
+        "--max-megapixels", type=positive_float, default=40.0, help="largest accepted image (default 40 megapixels)"
+    )
+    p.add_argument(
+        "--cache-images",
+        "--cache",
+        dest="cache",
+        type=positive_int,
+        default=128,
+        help="opened images kept in memory, the least recently used dropped first (default 128; with the bundled model 0.5 MB an image, "
+        "up to 9 MB once every layer was looked at: at most about 1.2 GB); "
+        "GET /api/health shows how many are open and how many were dropped",
+    )
     p.add_argument("--no-samples", action="store_true", help="do not offer the bundled sample photos")
-    p.add_argument("--header-timeout", type=positive_float, default=10.0, help="seconds a client has to send a request's headers (default 10; then 408)")
-    p.add_argument("--body-timeout", type=positive_float, default=60.0, help="seconds a client has to send a request's body, e.g. an upload (default 60; then 408)")
-    p.add_argument("--max-connections", type=positive_int, default=512, help="open connections at most; more are closed at once (default 512)")
-    p.add_argument("--max-requests", type=positive_int, default=64, help="requests served at once at most; more get 503 at once (default 64)")
-    p.add_argument("--parallel", type=positive_int, default=1, help="forward/backward passes run at once (default 1; PyTorch threads split the cores among them)")
+    p.add_argument(
+        "--header-timeout",
+        type=positive_float,
+        default=10.0,
+        help="seconds a client has to send a request's headers (default 10; then 408)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=positive_float,
+        default=60.0,
+        help="seconds a client has to send a request's body, e.g. an upload (default 60; then 408)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=512,
+        help="open connections at most; more are closed at once (default 512)",
+    )
+    p.add_argument(
+        "--max-requests",
+        type=positive_int,
+        default=64,
+        help="requests served at once at most; more get 503 at once (default 64)",
+    )
+    p.add_argument(
+        "--parallel",
+        type=positive_int,
+        default=1,
+        help="forward/backward passes run at once (default 1; PyTorch threads split the cores among them)",
+    )
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -42,7 +87,10 @@ def add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the main job: the HTML report (as `deconvnet report`) for the bundled sample photos with the bundled model")
+    p = sub.add_parser(
+        "demo",
+        help="the main job: the HTML report (as `deconvnet report`) for the bundled sample photos with the bundled model",
+    )
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     _report_args(p)
     p.set_defaults(func=cmd_report, images=None)
@@ -50,9 +98,16 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-maps", type=positive_int, default=6, help="strongest maps shown per layer (default 6)")
-    add_layers(p, "the conv layers of a chain model such as ZFNet; the top-level layers of a graph model, e.g. relu,maxpool,layer1..layer4 "
-                  "of a ResNet (layers with maps only)")
-    p.add_argument("--no-rules", action="store_true", help="skip the panel of the top layer's strongest unit under the three rules (deconvnet, guided, gradient)")
+    add_layers(
+        p,
+        "the conv layers of a chain model such as ZFNet; the top-level layers of a graph model, e.g. relu,maxpool,layer1..layer4 "
+        "of a ResNet (layers with maps only)",
+    )
+    p.add_argument(
+        "--no-rules",
+        action="store_true",
+        help="skip the panel of the top layer's strongest unit under the three rules (deconvnet, guided, gradient)",
+    )
     p.add_argument("--no-occlusion", action="store_true", help="skip the occlusion maps")
     p.add_argument("--no-invariance", action="store_true", help="skip the invariance curves")
     add_model_args(p)
@@ -72,7 +127,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ..server.app import create_app
         from ..server.guard import guarded_protocol
     except ImportError as e:
-        raise DeconvnetError(f"the explorer needs FastAPI and uvicorn ({e.name} is missing): pip install fastapi uvicorn python-multipart") from None
+        raise DeconvnetError(
+            f"the explorer needs FastAPI and uvicorn ({e.name} is missing): pip install fastapi uvicorn python-multipart"
+        ) from None
 
     # Bind here, before the model loads: a port in use is one clear line, and --port 0 gets a free
     # port whose number is printed (uvicorn serves this very socket).
@@ -84,7 +141,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sock.listen(2048)
     except OSError as e:
         sock.close()
-        raise DeconvnetError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port") from None
+        raise DeconvnetError(
+            f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port"
+        ) from None
     port = sock.getsockname()[1]
 
     # The server's own temp space: large uploads are spooled here by the multipart parser, nowhere
@@ -117,11 +176,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             body_timeout=args.body_timeout,
         )
         if args.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"deconvnet: warning: listening on {args.host}: anyone who can reach this machine can use the explorer", file=sys.stderr)
+            print(
+                f"deconvnet: warning: listening on {args.host}: anyone who can reach this machine can use the explorer",
+                file=sys.stderr,
+            )
         shown = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"deconvnet explorer on http://{shown}:{port}/  (API docs: /docs; Ctrl-C stops it)", file=sys.stderr, flush=True)
+        print(
+            f"deconvnet explorer on http://{shown}:{port}/  (API docs: /docs; Ctrl-C stops it)",
+            file=sys.stderr,
+            flush=True,
+        )
         config = uvicorn.Config(
-            app, log_level="warning", access_log=False,
+            app,
+            log_level="warning",
+            access_log=False,
             http=guarded_protocol(header_timeout=args.header_timeout, max_connections=args.max_connections),
             timeout_keep_alive=5,  # idle kept-alive connections are closed after 5 s
             limit_concurrency=None,  # counted per request by the app (RequestLimits), not per open socket

@@ -7,8 +7,12 @@ import sys
 
 
 def add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the architectures --arch takes (ours, torchvision's, timm's) and their published weights")
-    p.add_argument("pattern", nargs="?", default=None, help="shell-style filter, e.g. 'resnet*' (the tv- prefix is optional)")
+    p = sub.add_parser(
+        "models", help="list the architectures --arch takes (ours, torchvision's, timm's) and their published weights"
+    )
+    p.add_argument(
+        "pattern", nargs="?", default=None, help="shell-style filter, e.g. 'resnet*' (the tv- prefix is optional)"
+    )
     p.add_argument("--timm", action="store_true", help="also list timm's models (needs the optional timm package)")
     p.set_defaults(func=cmd_models)
 
@@ -21,7 +25,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not names:
         from ..errors import DeconvnetError
 
-        raise DeconvnetError(f"no architecture matches {args.pattern!r}; try a wider pattern such as '*{args.pattern}*'")
+        raise DeconvnetError(
+            f"no architecture matches {args.pattern!r}; try a wider pattern such as '*{args.pattern}*'"
+        )
     width = max(len(n) for n in names)
     for name in names:
         arch = resolve_arch(name)
@@ -32,6 +38,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         else:
             known = []
         print(f"{name:{width}}  {arch.family:11}  {', '.join(known)}".rstrip())
-    print("--arch takes these names; torchvision's also without the tv- prefix (alexnet alone is ours: the paper's single-tower AlexNet). "
-          "The third column lists --weights that fit.", file=sys.stderr)
+    print(
+        "--arch takes these names; torchvision's also without the tv- prefix (alexnet alone is ours: the paper's single-tower AlexNet). "
+        "The third column lists --weights that fit.",
+        file=sys.stderr,
+    )
     return 0

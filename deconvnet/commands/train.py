@@ -5,7 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_batch_size, add_device, add_quiet, add_workers, area_range, fraction, nonnegative_float, nonnegative_int, pair, positive_float, positive_int, positive_int_list
+from .common import (
+    add_batch_size,
+    add_device,
+    add_quiet,
+    add_workers,
+    area_range,
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    pair,
+    positive_float,
+    positive_int,
+    positive_int_list,
+)
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -13,7 +26,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="folder with train/<class>/* and val/<class>/*")
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, curves, weights)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one (its checkpoint, metrics and weights are replaced)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --out that holds one (its checkpoint, metrics and weights are replaced)",
+    )
     p.add_argument("--arch", default="zfnet", help="zfnet, zfnet-b or alexnet")
     p.add_argument("--fc", type=pair, default=None, help="widths of fc6,fc7 (default 4096,4096)")
     p.add_argument("--no-lrn", dest="lrn", action="store_false", help="drop local response normalisation")
@@ -24,25 +41,52 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--momentum", type=fraction, default=0.9)
     p.add_argument("--nesterov", action="store_true")
     p.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
-    p.add_argument("--init", choices=("paper", "kaiming"), default="paper", help="paper: N(0, 0.01) weights, zero biases")
+    p.add_argument(
+        "--init", choices=("paper", "kaiming"), default="paper", help="paper: N(0, 0.01) weights, zero biases"
+    )
     p.add_argument("--init-std", type=positive_float, default=0.01)
-    p.add_argument("--init-from", default=None, metavar="WEIGHTS",
-                   help="start from these weights (a name or a file) wherever a tensor's name and shape match, e.g. "
-                        "the conv layers of a model trained at another --crop or on other classes (fine-tuning)")
-    p.add_argument("--renorm-rms", type=nonnegative_float, default=0.1, help="rescale conv filters whose RMS exceeds this (0 disables)")
-    p.add_argument("--augment", choices=("paper", "rrc"), default="paper", help="paper: 10 fixed sub-crops with flips; rrc: random-resized crops")
-    p.add_argument("--rrc-scale", type=area_range, default=(0.25, 1.0), help="area range of random-resized crops, e.g. 0.25,1")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="WEIGHTS",
+        help="start from these weights (a name or a file) wherever a tensor's name and shape match, e.g. "
+        "the conv layers of a model trained at another --crop or on other classes (fine-tuning)",
+    )
+    p.add_argument(
+        "--renorm-rms",
+        type=nonnegative_float,
+        default=0.1,
+        help="rescale conv filters whose RMS exceeds this (0 disables)",
+    )
+    p.add_argument(
+        "--augment",
+        choices=("paper", "rrc"),
+        default="paper",
+        help="paper: 10 fixed sub-crops with flips; rrc: random-resized crops",
+    )
+    p.add_argument(
+        "--rrc-scale", type=area_range, default=(0.25, 1.0), help="area range of random-resized crops, e.g. 0.25,1"
+    )
     p.add_argument("--schedule", choices=("plateau", "cosine", "step", "constant"), default="plateau")
     p.add_argument("--lr-factor", type=positive_float, default=0.1, help="lr multiplier at a plateau or step")
     p.add_argument("--plateau-patience", type=positive_int, default=3)
-    p.add_argument("--step-epochs", type=positive_int_list, default=(), help="epochs at which --schedule step multiplies the lr")
+    p.add_argument(
+        "--step-epochs", type=positive_int_list, default=(), help="epochs at which --schedule step multiplies the lr"
+    )
     p.add_argument("--warmup-epochs", type=nonnegative_float, default=0.0)
     p.add_argument("--label-smoothing", type=fraction, default=0.0)
-    p.add_argument("--storage-size", type=positive_int, default=256, help="images are decoded to squares of this size (paper: 256)")
+    p.add_argument(
+        "--storage-size", type=positive_int, default=256, help="images are decoded to squares of this size (paper: 256)"
+    )
     p.add_argument("--crop", type=positive_int, default=224, help="training crop and model input size (paper: 224)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fast only on CPUs/GPUs with bf16 units)")
-    p.add_argument("--no-cache", dest="cache", action="store_false", help="decode from disk every time instead of caching uint8 images in memory")
+    p.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="decode from disk every time instead of caching uint8 images in memory",
+    )
     add_workers(p)
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--snapshot-epochs", type=positive_int_list, default=(1, 2, 5, 10, 20, 30, 40, 64))
@@ -61,5 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**values)
     last = train(cfg, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     if last:
-        print(f"done: val top-1 {last['val_top1']:.1%}, top-5 {last['val_top5']:.1%}; weights in {Path(cfg.out) / 'model.safetensors'}")
+        print(
+            f"done: val top-1 {last['val_top1']:.1%}, top-5 {last['val_top5']:.1%}; weights in {Path(cfg.out) / 'model.safetensors'}"
+        )
     return 0

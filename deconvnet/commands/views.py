@@ -8,8 +8,18 @@ import sys
 from pathlib import Path
 
 from .common import (
-    add_batch_size, add_device, add_layers, add_lrn_args, add_model_args, add_quiet, add_workers, load_from_args, lrn_choice,
-    nonnegative_float, nonnegative_int, positive_int,
+    add_batch_size,
+    add_device,
+    add_layers,
+    add_lrn_args,
+    add_model_args,
+    add_quiet,
+    add_workers,
+    load_from_args,
+    lrn_choice,
+    nonnegative_float,
+    nonnegative_int,
+    positive_int,
 )
 
 
@@ -25,19 +35,43 @@ def add_atlas(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder: atlas.npz, <layer>/maps-*.png, index.html")
     add_layers(p, "every convI (a graph model: its top-level layers with maps)")
     p.add_argument("--top", type=positive_int, default=9, help="activations kept per map (default 9)")
-    p.add_argument("--allow-repeats", action="store_true", help="allow several of a map's top-k from the same image (default: k distinct images)")
-    p.add_argument("--maps", default=None, help="render only these maps of every layer, e.g. 0-15,40 (the scan keeps all)")
-    p.add_argument("--random-maps", type=positive_int, default=None, metavar="N", help="render N random maps per layer, like the paper's figure")
+    p.add_argument(
+        "--allow-repeats",
+        action="store_true",
+        help="allow several of a map's top-k from the same image (default: k distinct images)",
+    )
+    p.add_argument(
+        "--maps", default=None, help="render only these maps of every layer, e.g. 0-15,40 (the scan keeps all)"
+    )
+    p.add_argument(
+        "--random-maps",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="render N random maps per layer, like the paper's figure",
+    )
     p.add_argument("--seed", type=nonnegative_int, default=0, help="for --random-maps")
     add_batch_size(p, 32)
     add_workers(p)
-    p.add_argument("--checkpoint-every", type=positive_int, default=512, metavar="N", help="save the scan state every N images")
+    p.add_argument(
+        "--checkpoint-every", type=positive_int, default=512, metavar="N", help="save the scan state every N images"
+    )
     p.add_argument("--restart", action="store_true", help="ignore a saved scan in --out and start over")
     p.add_argument("--no-render", dest="render", action="store_false", help="only scan (write atlas.npz)")
-    p.add_argument("--tile", type=positive_int, default=64, help="largest tile side in pixels (receptive fields are resized down to it)")
+    p.add_argument(
+        "--tile",
+        type=positive_int,
+        default=64,
+        help="largest tile side in pixels (receptive fields are resized down to it)",
+    )
     p.add_argument("--per-page", type=positive_int, default=16, help="maps per PNG sheet")
     p.add_argument("--columns", type=positive_int, default=4, help="maps per row of a sheet")
-    p.add_argument("--cache-mb", type=nonnegative_float, default=1024, help="memory for the pixels/switches of images in the top-k lists (saves a second forward pass)")
+    p.add_argument(
+        "--cache-mb",
+        type=nonnegative_float,
+        default=1024,
+        help="memory for the pixels/switches of images in the top-k lists (saves a second forward pass)",
+    )
     add_lrn_args(p)
     add_quiet(p)
     add_model_args(p)
@@ -53,13 +87,23 @@ def add_filters(sub: argparse._SubParsersAction) -> None:
         "models side by side (e.g. ZFNet vs AlexNet); with --images, also each model's strongest conv2 projections.",
     )
     p.add_argument("--out", required=True, help="output folder: filters.png, filter-stats.json")
-    p.add_argument("--compare", default=None, metavar="WEIGHTS", help="second model (registry name or file), e.g. alexnet-imagenet")
+    p.add_argument(
+        "--compare", default=None, metavar="WEIGHTS", help="second model (registry name or file), e.g. alexnet-imagenet"
+    )
     p.add_argument("--compare-arch", default=None, help="architecture of --compare when its file does not say")
     p.add_argument("--images", default=None, help="folder of images for the top conv2 projections")
-    p.add_argument("--max-images", type=positive_int, default=500, help="use at most this many images of --images (default 500)")
+    p.add_argument(
+        "--max-images", type=positive_int, default=500, help="use at most this many images of --images (default 500)"
+    )
     p.add_argument("--layer2-maps", type=positive_int, default=36, help="how many conv2 maps to show (the strongest)")
-    p.add_argument("--per-filter", action="store_true", help="print every filter's RMS and structure (share of its non-DC energy in its 4 strongest DCT frequencies)")
-    p.add_argument("--dead-ratio", type=nonnegative_float, default=0.2, help="dead: RMS < this x median RMS (default 0.2)")
+    p.add_argument(
+        "--per-filter",
+        action="store_true",
+        help="print every filter's RMS and structure (share of its non-DC energy in its 4 strongest DCT frequencies)",
+    )
+    p.add_argument(
+        "--dead-ratio", type=nonnegative_float, default=0.2, help="dead: RMS < this x median RMS (default 0.2)"
+    )
     add_quiet(p)
     add_model_args(p)
     p.set_defaults(func=cmd_filters)
@@ -75,9 +119,19 @@ def add_evolution(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", required=True, help="folder of images to take the strongest activations from")
     p.add_argument("--out", required=True, help="output folder: evolution.png, evolution.json")
     add_layers(p, "every convI")
-    p.add_argument("--maps-per-layer", type=positive_int, default=3, help="maps shown per layer: the strongest under the last snapshot")
+    p.add_argument(
+        "--maps-per-layer",
+        type=positive_int,
+        default=3,
+        help="maps shown per layer: the strongest under the last snapshot",
+    )
     p.add_argument("--maps", default=None, help="explicit maps for every layer instead, e.g. 0,5,9")
-    p.add_argument("--max-images", type=positive_int, default=None, help="use at most this many images (evenly spread over the sorted list)")
+    p.add_argument(
+        "--max-images",
+        type=positive_int,
+        default=None,
+        help="use at most this many images (evenly spread over the sorted list)",
+    )
     add_batch_size(p, 32)
     p.add_argument("--tile", type=positive_int, default=64)
     p.add_argument("--arch", default=None, help="architecture for snapshot files that do not say")
@@ -135,17 +189,34 @@ def cmd_atlas(args: argparse.Namespace) -> int:
             else:
                 maps[layer] = sorted(rng.sample(range(channels), min(args.random_maps, channels)))
     result = build_atlas(
-        loaded, args.images, args.out, layers=layers, k=args.top, distinct=not args.allow_repeats, maps=maps,
-        batch_size=args.batch_size, workers=args.workers, checkpoint_every=args.checkpoint_every, restart=args.restart,
-        tile=args.tile, per_page=args.per_page, columns=args.columns, render=args.render, progress=not args.quiet,
-        cache_mb=args.cache_mb, include_lrn=args.include_lrn, engine=engine,
+        loaded,
+        args.images,
+        args.out,
+        layers=layers,
+        k=args.top,
+        distinct=not args.allow_repeats,
+        maps=maps,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        checkpoint_every=args.checkpoint_every,
+        restart=args.restart,
+        tile=args.tile,
+        per_page=args.per_page,
+        columns=args.columns,
+        render=args.render,
+        progress=not args.quiet,
+        cache_mb=args.cache_mb,
+        include_lrn=args.include_lrn,
+        engine=engine,
     )
     if rank == 0:
         scan = result.scan
         times = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
-        print(f"atlas: {len(scan.files) - len(scan.skipped)} images scanned, {len(scan.skipped)} skipped"
-              f"{' (listed in ' + str(Path(args.out) / 'skipped.txt') + ')' if scan.skipped else ''}; "
-              f"layers {', '.join(scan.layers)}; top-{scan.k}; {times}")
+        print(
+            f"atlas: {len(scan.files) - len(scan.skipped)} images scanned, {len(scan.skipped)} skipped"
+            f"{' (listed in ' + str(Path(args.out) / 'skipped.txt') + ')' if scan.skipped else ''}; "
+            f"layers {', '.join(scan.layers)}; top-{scan.k}; {times}"
+        )
         index = Path(args.out) / "index.html"
         print(f"scan results: {Path(args.out) / 'atlas.npz'}" + (f"; browse: {index}" if args.render else ""))
     return 0
@@ -153,11 +224,11 @@ def cmd_atlas(args: argparse.Namespace) -> int:
 
 def cmd_filters(args: argparse.Namespace) -> int:
     from ..analysis.filters import filter_stats, layer2_top_projections
+    from ..atomic import save_json
     from ..display import save_figure
     from ..display.figures import filters_figure
-    from ..atomic import save_json
-    from ..weights import load_model
     from ..outputs import output_dir
+    from ..weights import load_model
 
     output_dir(args.out)
 
@@ -170,10 +241,15 @@ def cmd_filters(args: argparse.Namespace) -> int:
     layer2 = None
     if args.images:
         files = _subset(_image_files(args.images), args.max_images)
-        layer2 = {name: layer2_top_projections(lm, files, count=args.layer2_maps, progress=not args.quiet) for name, lm in models}
+        layer2 = {
+            name: layer2_top_projections(lm, files, count=args.layer2_maps, progress=not args.quiet)
+            for name, lm in models
+        }
     out = Path(args.out)
     stats = [filter_stats(lm, dead_ratio=args.dead_ratio) for _, lm in models]
-    path = save_figure(filters_figure([(name, st) for (name, _), st in zip(models, stats)], layer2=layer2), out / "filters.png")
+    path = save_figure(
+        filters_figure([(name, st) for (name, _), st in zip(models, stats)], layer2=layer2), out / "filters.png"
+    )
     save_json(out / "filter-stats.json", {name: st.to_dict() for (name, _), st in zip(models, stats)})
     for (name, _), st in zip(models, stats):
         print(f"{name}: {st.summary()}")
@@ -187,12 +263,12 @@ def cmd_filters(args: argparse.Namespace) -> int:
 
 def cmd_evolution(args: argparse.Namespace) -> int:
     from ..analysis.evolution import feature_evolution
-    from ..display import save_figure
     from ..analysis.layers import layer_items
     from ..atomic import save_json
+    from ..display import save_figure
     from ..errors import DeconvnetError
-    from ..training import resolve_device
     from ..outputs import output_dir
+    from ..training import resolve_device
 
     output_dir(args.out)
 
@@ -206,9 +282,19 @@ def cmd_evolution(args: argparse.Namespace) -> int:
             raise DeconvnetError(f"--maps: expected comma-separated integers, got {args.maps!r}") from None
         maps = explicit
     device = resolve_device(args.device)
-    evo = feature_evolution(args.snapshots, files, layers=args.layers, maps=None, maps_per_layer=args.maps_per_layer,
-                            tile=args.tile, batch_size=args.batch_size, device=str(device), progress=not args.quiet,
-                            arch=args.arch, explicit_maps=maps)
+    evo = feature_evolution(
+        args.snapshots,
+        files,
+        layers=args.layers,
+        maps=None,
+        maps_per_layer=args.maps_per_layer,
+        tile=args.tile,
+        batch_size=args.batch_size,
+        device=str(device),
+        progress=not args.quiet,
+        arch=args.arch,
+        explicit_maps=maps,
+    )
     out = Path(args.out)
     path = save_figure(evo.figure(), out / "evolution.png")
     save_json(out / "evolution.json", evo.to_dict())

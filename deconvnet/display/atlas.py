@@ -8,8 +8,8 @@ from __future__ import annotations
 import html
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -77,7 +77,7 @@ def _sheet_pixels(t: AtlasTiles, slots: Sequence[int], cols: int) -> tuple[np.nd
     return sheet, (bh, bw)
 
 
-def atlas_sheet(tiles: AtlasTiles, slots: Sequence[int], columns: int = 4, title: str = "") -> "plt.Figure":
+def atlas_sheet(tiles: AtlasTiles, slots: Sequence[int], columns: int = 4, title: str = "") -> plt.Figure:
     """One sheet: the blocks of the maps in ``slots`` (indices into ``tiles.maps``), ``columns`` a row,
     each titled with its map index and top activation. Save it with ``save_figure(fig, path, dpi=SHEET_DPI)``."""
     if columns < 1:

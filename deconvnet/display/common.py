@@ -13,13 +13,13 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
 
-from ..atomic import atomic_path  # noqa: E402
+from ..atomic import atomic_path
 
 __all__ = ["plt", "new_figure", "save_figure", "figure_png", "to_display", "crop_box", "png_bytes", "data_uri"]
 
@@ -52,10 +52,12 @@ def figure_png(fig: Figure, dpi: float | None = None) -> bytes:
     return buf.getvalue()
 
 
-def to_display(projection: "np.ndarray | Any") -> np.ndarray:
+def to_display(projection: np.ndarray | Any) -> np.ndarray:
     """Contrast-normalise a (3, H, W) projection for display: zero maps to mid-grey and the largest
     absolute value to black or white, per projection (signs and relative strengths are kept)."""
-    arr = np.asarray(projection.detach().float().cpu() if hasattr(projection, "detach") else projection, dtype=np.float32)
+    arr = np.asarray(
+        projection.detach().float().cpu() if hasattr(projection, "detach") else projection, dtype=np.float32
+    )
     scale = float(np.abs(arr).max())
     out = 0.5 + arr / (2 * scale) if scale > 0 else np.full_like(arr, 0.5)
     return np.clip(out.transpose(1, 2, 0), 0, 1)

@@ -7,7 +7,8 @@ saved at; the caller saves it with ``display.save_figure(fig, path)`` (or ``figu
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib import colormaps
@@ -48,10 +49,22 @@ def _clean(ax: Any) -> None:
     ax.set_yticks([])
 
 
-def _outline(ax: Any, box: tuple[int, int, int, int], color: str = "#ffcc00", linewidth: float = 1.2, linestyle: str = "-") -> None:
+def _outline(
+    ax: Any, box: tuple[int, int, int, int], color: str = "#ffcc00", linewidth: float = 1.2, linestyle: str = "-"
+) -> None:
     """An end-exclusive (y0, x0, y1, x1) box drawn around its pixels."""
     y0, x0, y1, x1 = box
-    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=linewidth, linestyle=linestyle))
+    ax.add_patch(
+        Rectangle(
+            (x0 - 0.5, y0 - 0.5),
+            x1 - x0,
+            y1 - y0,
+            fill=False,
+            edgecolor=color,
+            linewidth=linewidth,
+            linestyle=linestyle,
+        )
+    )
 
 
 # --------------------------------------------------------------------------- the model
@@ -128,7 +141,9 @@ def projection_figure(result: ProjectionResult, title: str | None = None) -> Fig
     return fig
 
 
-def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str], title: str = "confusion matrix") -> Figure:
+def confusion_figure(
+    confusion: Sequence[Sequence[int]], classes: Sequence[str], title: str = "confusion matrix"
+) -> Figure:
     """Row-normalised confusion matrix (rows: true class, columns: predicted), counts annotated."""
     counts = np.asarray(confusion, dtype=np.float64)
     rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
@@ -144,7 +159,15 @@ def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str],
         for i in range(n):
             for j in range(n):
                 if counts[i, j]:
-                    ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7, color="white" if rates[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        int(counts[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if rates[i, j] > 0.5 else "black",
+                    )
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     return fig
 
@@ -184,19 +207,35 @@ def occlusion_figure(
     ax = next(panels)
     ax.imshow(img)
     iy, ix = np.unravel_index(np.argmin(maps.probability), maps.probability.shape)
-    ax.add_patch(Rectangle((maps.xs[ix] - 0.5, maps.ys[iy] - 0.5), maps.size, maps.size, facecolor=(0.5, 0.5, 0.5, 0.85), edgecolor="white", linewidth=1))
+    ax.add_patch(
+        Rectangle(
+            (maps.xs[ix] - 0.5, maps.ys[iy] - 0.5),
+            maps.size,
+            maps.size,
+            facecolor=(0.5, 0.5, 0.5, 0.85),
+            edgecolor="white",
+            linewidth=1,
+        )
+    )
     ax.set_title(f"(a) input ({classes[maps.target]})\noccluder {maps.size} px, stride {maps.stride}", fontsize=8)
     ax.set_xlabel("grey square: where (d) is lowest", fontsize=7)
     ax = next(panels)
     im = ax.imshow(maps.activation, extent=extent, cmap="viridis", interpolation="nearest")
     colorbar(im, ax)
-    ax.set_title(f"(b) total activation, {maps.layer} map #{maps.channel}\n(unoccluded: {maps.base_activation:.3g})", fontsize=8)
+    ax.set_title(
+        f"(b) total activation, {maps.layer} map #{maps.channel}\n(unoccluded: {maps.base_activation:.3g})", fontsize=8
+    )
     if projection is not None:
         ax = next(panels)
         ax.imshow(to_display(projection))
-        if box is not None and ((box[2] - box[0]) < H or (box[3] - box[1]) < W):  # at deep layers the field often covers everything
+        if box is not None and (
+            (box[2] - box[0]) < H or (box[3] - box[1]) < W
+        ):  # at deep layers the field often covers everything
             _outline(ax, box)
-        ax.set_title(f"(c) deconvnet projection of map #{maps.channel}\n(its strongest activation; yellow: receptive field)", fontsize=8)
+        ax.set_title(
+            f"(c) deconvnet projection of map #{maps.channel}\n(its strongest activation; yellow: receptive field)",
+            fontsize=8,
+        )
     ax = next(panels)
     im = ax.imshow(maps.probability, extent=extent, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
     colorbar(im, ax)
@@ -292,7 +331,9 @@ def correspondence_figure(
     cols = min(n, 8)
     img_rows = int(np.ceil(n / cols))
     fig = new_figure((1.55 * cols + 1, 1.6 * img_rows + 3.6), dpi=80)
-    gs = fig.add_gridspec(img_rows + 1, cols, height_ratios=[1] * img_rows + [2.2 * img_rows if img_rows > 1 else 2.4], hspace=0.25)
+    gs = fig.add_gridspec(
+        img_rows + 1, cols, height_ratios=[1] * img_rows + [2.2 * img_rows if img_rows > 1 else 2.4], hspace=0.25
+    )
     part_names = list(boxes[0])
     colors = {p: c for p, c in zip(part_names, ["#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00"])}
     for i, img in enumerate(images):
@@ -311,12 +352,27 @@ def correspondence_figure(
     for layer in layers:
         vals = [next(r for r in rows if r.name == nm and r.layer == layer) for nm in names]
         label = layer_labels.get(layer, layer)
-        ax.bar(xs + (k + 0.5) * width - 0.4, [r.delta for r in vals], width, yerr=[r.spread for r in vals], capsize=2, label=f"this model, {label}")
+        ax.bar(
+            xs + (k + 0.5) * width - 0.4,
+            [r.delta for r in vals],
+            width,
+            yerr=[r.spread for r in vals],
+            capsize=2,
+            label=f"this model, {label}",
+        )
         k += 1
         if paper:
             pv = [paper.get(f"{nm}|{layer}", (np.nan, np.nan)) for nm in names]
-            ax.bar(xs + (k + 0.5) * width - 0.4, [p[0] for p in pv], width, yerr=[p[1] for p in pv], capsize=2, alpha=0.45, hatch="//",
-                   label=f"paper, {label}")
+            ax.bar(
+                xs + (k + 0.5) * width - 0.4,
+                [p[0] for p in pv],
+                width,
+                yerr=[p[1] for p in pv],
+                capsize=2,
+                alpha=0.45,
+                hatch="//",
+                label=f"paper, {label}",
+            )
             k += 1
     ax.set_xticks(xs)
     ax.set_xticklabels(names, fontsize=8, rotation=15)
@@ -341,7 +397,9 @@ def probe_figure(
     marks (e.g. end-to-end accuracy), ``chance`` a dashed line."""
     layers = list(layers) if layers is not None else list(dict.fromkeys(r.layer for r in rows))
     layer_labels = layer_labels or {}
-    kinds = sorted({r.classifier for r in rows}, key=lambda k: ["softmax", "svm"].index(k) if k in ("softmax", "svm") else 9)
+    kinds = sorted(
+        {r.classifier for r in rows}, key=lambda k: ["softmax", "svm"].index(k) if k in ("softmax", "svm") else 9
+    )
     models = list(dict.fromkeys(r.model for r in rows))
     ns = sorted({r.train_per_class for r in rows})
     fig = new_figure((5.6 * len(kinds), 4.0), dpi=80)
@@ -352,19 +410,42 @@ def probe_figure(
     for ax, kind in zip(axes[0], kinds):
         for mi, model in enumerate(models):
             for ni, n in enumerate(ns):
-                sel = [next((r for r in rows if r.model == model and r.classifier == kind and r.train_per_class == n and r.layer == l), None) for l in layers]
+                sel = [
+                    next(
+                        (
+                            r
+                            for r in rows
+                            if r.model == model and r.classifier == kind and r.train_per_class == n and r.layer == l
+                        ),
+                        None,
+                    )
+                    for l in layers
+                ]
                 if any(s is None for s in sel):
                     continue
                 c = colors(ni / max(1, len(ns) - 1) * 0.85)
-                ax.errorbar(x, [100 * s.mean for s in sel], yerr=[100 * s.std for s in sel], fmt="o" + styles[mi % 4], ms=3.5, lw=1.3, capsize=2, color=c,
-                            label=f"{model}, {n}/class")
+                ax.errorbar(
+                    x,
+                    [100 * s.mean for s in sel],
+                    yerr=[100 * s.std for s in sel],
+                    fmt="o" + styles[mi % 4],
+                    ms=3.5,
+                    lw=1.3,
+                    capsize=2,
+                    color=c,
+                    label=f"{model}, {n}/class",
+                )
                 if extra and model in extra and n in extra[model]:
                     ax.axhline(100 * extra[model][n], color=c, lw=0.8, ls=":")
         ax.set_xticks(x)
         ax.set_xticklabels([layer_labels.get(l, l) for l in layers], fontsize=8)
         ax.set_title(f"{kind} on frozen features", fontsize=9)
         ax.set_ylabel("mean per-class accuracy (%)", fontsize=8)
-        top = max([100 * (r.mean + r.std) for r in rows] + [100 * v for e in (extra or {}).values() for v in e.values()] + [10])
+        top = max(
+            [100 * (r.mean + r.std) for r in rows]
+            + [100 * v for e in (extra or {}).values() for v in e.values()]
+            + [10]
+        )
         ax.set_ylim(0, min(100, 10 * np.ceil(top / 10 + 0.5)))
         if chance:
             ax.axhline(100 * chance, color="grey", lw=0.8, ls="--")
@@ -399,12 +480,16 @@ def filters_figure(
 
     rows = 3 if layer2 else 2
     fig = new_figure((5.2 * len(models), 4.6 + 2.2 + (4.4 if layer2 else 0)))
-    axes = fig.subplots(rows, len(models), squeeze=False, gridspec_kw={"height_ratios": [4.6, 2.0] + ([4.4] if layer2 else [])})
+    axes = fig.subplots(
+        rows, len(models), squeeze=False, gridspec_kw={"height_ratios": [4.6, 2.0] + ([4.4] if layer2 else [])}
+    )
     for j, (name, st) in enumerate(models):
         k = st.shape[-1]
         ax = axes[0, j]
         ax.imshow(filter_mosaic(st.weight, scale=max(1, 28 // k)), interpolation="nearest")
-        ax.set_title(f"{name}\n{st.layer}: {st.shape[0]} filters {k}x{k}, stride {st.stride}; dead: {st.dead_count}", fontsize=9)
+        ax.set_title(
+            f"{name}\n{st.layer}: {st.shape[0]} filters {k}x{k}, stride {st.stride}; dead: {st.dead_count}", fontsize=9
+        )
         ax.set_axis_off()
         ax = axes[1, j]
         ax.hist(st.rms, bins=30, color="#4477aa")
@@ -416,7 +501,10 @@ def filters_figure(
         inset = ax.inset_axes((0.62, 0.45, 0.36, 0.5))  # filter structure beside the RMS
         inset.hist(st.structure, bins=np.linspace(0, 1, 21), color="#228833")
         inset.axvline(STRUCTURED, color="#555555", linestyle=":")
-        inset.set_title(f"structure: median {st.structure_median:.2f}, {100 * st.structured_share:.0f} % >= {STRUCTURED:g}", fontsize=6.5)
+        inset.set_title(
+            f"structure: median {st.structure_median:.2f}, {100 * st.structured_share:.0f} % >= {STRUCTURED:g}",
+            fontsize=6.5,
+        )
         inset.tick_params(labelsize=6)
         if layer2:
             ax = axes[2, j]
@@ -424,8 +512,13 @@ def filters_figure(
             tiles, _ = layer2.get(name, (None, []))
             if tiles is not None and len(tiles):
                 ax.imshow(_tile_sheet(tiles), interpolation="nearest")
-                ax.set_title(f"strongest layer-2 projections ({len(tiles)} maps with the largest top activation)", fontsize=8)
-    fig.suptitle("Layer-1 filters (zero = grey, each filter scaled to its own range), filter RMS and structure (Zeiler & Fergus Fig. 6)", fontsize=10)
+                ax.set_title(
+                    f"strongest layer-2 projections ({len(tiles)} maps with the largest top activation)", fontsize=8
+                )
+    fig.suptitle(
+        "Layer-1 filters (zero = grey, each filter scaled to its own range), filter RMS and structure (Zeiler & Fergus Fig. 6)",
+        fontsize=10,
+    )
     fig.tight_layout()
     return fig
 
@@ -441,7 +534,9 @@ def evolution_figure(evo: Evolution, title: str = "") -> Figure:
     for r, (layer, i) in enumerate(rows):
         for j in range(cols):
             ax = axes[r, j]
-            ax.imshow(evo.tiles[layer][i, j], interpolation="nearest" if evo.tiles[layer].shape[2] < 32 else "antialiased")
+            ax.imshow(
+                evo.tiles[layer][i, j], interpolation="nearest" if evo.tiles[layer].shape[2] < 32 else "antialiased"
+            )
             _clean(ax)
             for spine in ax.spines.values():
                 spine.set_visible(False)
@@ -449,6 +544,10 @@ def evolution_figure(evo: Evolution, title: str = "") -> Figure:
                 ax.set_title(f"epoch {evo.epochs[j]}", fontsize=8)
             if j == 0:
                 ax.set_ylabel(f"{layer} #{evo.maps[layer][i]}", fontsize=7)
-    fig.suptitle(title or "Feature evolution: strongest activation of each map, projected with each epoch's weights", fontsize=9, y=1 - 0.15 / height)
+    fig.suptitle(
+        title or "Feature evolution: strongest activation of each map, projected with each epoch's weights",
+        fontsize=9,
+        y=1 - 0.15 / height,
+    )
     fig.subplots_adjust(top=1 - 0.7 / height, bottom=0.1 / height, wspace=0.05, hspace=0.08)
     return fig

@@ -8,8 +8,9 @@ URI), optional "legend" [{"label", "color"}] and "wide"}."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -63,13 +64,19 @@ def map_sheet(fmaps: torch.Tensor, order: Sequence[int], columns: int) -> np.nda
 # --------------------------------------------------------------------------- filters
 
 
-def filter_mosaic(weight: np.ndarray | torch.Tensor, columns: int | None = None, scale: int = 4, per_filter: bool = True) -> np.ndarray:
+def filter_mosaic(
+    weight: np.ndarray | torch.Tensor, columns: int | None = None, scale: int = 4, per_filter: bool = True
+) -> np.ndarray:
     """RGB mosaic (H, W, 3) float in [0, 1] of first-layer filters, a (C, 3, k, k) weight: each filter
     is shown with zero at mid-grey, scaled by its own largest magnitude (``per_filter``) or by the
     layer's (then weak and dead filters look flat grey). Upscaled ``scale`` times (nearest), white gaps."""
-    w = torch.as_tensor(np.asarray(weight.detach().float().cpu() if isinstance(weight, torch.Tensor) else weight, dtype=np.float32))
+    w = torch.as_tensor(
+        np.asarray(weight.detach().float().cpu() if isinstance(weight, torch.Tensor) else weight, dtype=np.float32)
+    )
     if w.ndim != 4 or w.shape[1] != 3:
-        raise DeconvnetError(f"filters of shape {tuple(w.shape)}: the mosaic shows RGB (first-layer) filters only, (out, 3, kh, kw)")
+        raise DeconvnetError(
+            f"filters of shape {tuple(w.shape)}: the mosaic shows RGB (first-layer) filters only, (out, 3, kh, kw)"
+        )
     c, _, k, _ = w.shape
     if per_filter:
         scales = w.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
@@ -83,14 +90,18 @@ def filter_mosaic(weight: np.ndarray | torch.Tensor, columns: int | None = None,
     out = np.ones((rows * (s + gap) - gap, columns * (s + gap) - gap, 3), dtype=np.float32)
     for i in range(c):
         r, q = divmod(i, columns)
-        out[r * (s + gap) : r * (s + gap) + s, q * (s + gap) : q * (s + gap) + s] = tiles[i].repeat(scale, 0).repeat(scale, 1)
+        out[r * (s + gap) : r * (s + gap) + s, q * (s + gap) : q * (s + gap) + s] = (
+            tiles[i].repeat(scale, 0).repeat(scale, 1)
+        )
     return out
 
 
 # --------------------------------------------------------------------------- occlusion
 
 
-def draw_box(image: np.ndarray, box: tuple[int, int, int, int], colour: tuple[int, int, int] = (255, 204, 0)) -> np.ndarray:
+def draw_box(
+    image: np.ndarray, box: tuple[int, int, int, int], colour: tuple[int, int, int] = (255, 204, 0)
+) -> np.ndarray:
     """The box (y0, x0, y1, x1; y1/x1 exclusive) drawn on a copy of an HxWx3 image. Lines are 1 px per
     112 px of image, so that they survive the page's pixelated downscaling of large inputs."""
     arr = np.asarray(image)
@@ -154,30 +165,40 @@ def occlusion_panels(
     """The paper's Fig. 7 panels (b)-(e) over ``image`` (the model's input crop): total activation,
     the projection of the watched map (when given), probability of the target, most probable class."""
     shown = np.asarray(image.convert("RGB"))
-    panels = [{
-        "title": f"(b) {maps.layer} map {maps.channel}",
-        "caption": f"total activation vs occluder position (unoccluded {maps.base_activation:.3g}; dark = occluder lowers it)",
-        "image": data_uri(png_bytes(occlusion_overlay(shown, value_colours(maps.activation, "viridis"), maps))),
-    }]
+    panels = [
+        {
+            "title": f"(b) {maps.layer} map {maps.channel}",
+            "caption": f"total activation vs occluder position (unoccluded {maps.base_activation:.3g}; dark = occluder lowers it)",
+            "image": data_uri(png_bytes(occlusion_overlay(shown, value_colours(maps.activation, "viridis"), maps))),
+        }
+    ]
     if projection is not None and box is not None:
-        panels.append({
-            "title": f"(c) projection of {maps.layer} map {maps.channel}",
-            "caption": "its strongest activation, deconvnet to pixels",
-            "image": data_uri(png_bytes(draw_box(to_display(projection), box))),
-        })
+        panels.append(
+            {
+                "title": f"(c) projection of {maps.layer} map {maps.channel}",
+                "caption": "its strongest activation, deconvnet to pixels",
+                "image": data_uri(png_bytes(draw_box(to_display(projection), box))),
+            }
+        )
     target = classes[maps.target] if maps.target < len(classes) else str(maps.target)
-    panels.append({
-        "title": f"(d) p({target})",
-        "caption": f"probability of the top class vs occluder position (unoccluded {maps.base_probability:.2f}; dark = low)",
-        "image": data_uri(png_bytes(occlusion_overlay(shown, value_colours(maps.probability, "magma", 0.0, 1.0), maps))),
-    })
+    panels.append(
+        {
+            "title": f"(d) p({target})",
+            "caption": f"probability of the top class vs occluder position (unoccluded {maps.base_probability:.2f}; dark = low)",
+            "image": data_uri(
+                png_bytes(occlusion_overlay(shown, value_colours(maps.probability, "magma", 0.0, 1.0), maps))
+            ),
+        }
+    )
     colours, legend = class_colours(maps.top_class, classes)
-    panels.append({
-        "title": "(e) most probable class",
-        "caption": "vs occluder position",
-        "image": data_uri(png_bytes(occlusion_overlay(shown, colours, maps))),
-        "legend": legend,
-    })
+    panels.append(
+        {
+            "title": "(e) most probable class",
+            "caption": "vs occluder position",
+            "image": data_uri(png_bytes(occlusion_overlay(shown, colours, maps))),
+            "legend": legend,
+        }
+    )
     return panels
 
 
@@ -194,7 +215,7 @@ def invariance_panel(curves: Sequence[InvarianceCurves], name: str) -> dict[str,
     return {
         "title": "Invariance (paper Fig. 5)",
         "caption": f"||f(Tx) - f(x)|| / ||f(x)|| at {' and '.join(layers)} (the paper's layers 1 and 7), and the probability of {name} "
-                   "(the top class of the untransformed image), under vertical translation, scale and rotation",
+        "(the top class of the untransformed image), under vertical translation, scale and rotation",
         "image": data_uri(figure_png(fig)),
         "wide": True,
     }
@@ -203,7 +224,9 @@ def invariance_panel(curves: Sequence[InvarianceCurves], name: str) -> dict[str,
 # --------------------------------------------------------------------------- atlas
 
 
-def tile_panels(tiles: np.ndarray, filled: np.ndarray, values: np.ndarray, images: np.ndarray, files: Sequence[str]) -> list[dict[str, Any]]:
+def tile_panels(
+    tiles: np.ndarray, filled: np.ndarray, values: np.ndarray, images: np.ndarray, files: Sequence[str]
+) -> list[dict[str, Any]]:
     """One unit's atlas tiles, strongest first: [{"image", "projection" (PNG data URIs), "value", "label"
     (the image's file name)}]. ``tiles`` (k, 2, t, t, 3): [0] the projection, [1] the image patch."""
     out = []
@@ -211,10 +234,12 @@ def tile_panels(tiles: np.ndarray, filled: np.ndarray, values: np.ndarray, image
         if not filled[r]:
             continue
         gid = int(images[r])
-        out.append({
-            "image": data_uri(png_bytes(tiles[r, 1])),
-            "projection": data_uri(png_bytes(tiles[r, 0])),
-            "value": float(values[r]),
-            "label": Path(files[gid]).name if 0 <= gid < len(files) else str(gid),
-        })
+        out.append(
+            {
+                "image": data_uri(png_bytes(tiles[r, 1])),
+                "projection": data_uri(png_bytes(tiles[r, 0])),
+                "value": float(values[r]),
+                "label": Path(files[gid]).name if 0 <= gid < len(files) else str(gid),
+            }
+        )
     return out

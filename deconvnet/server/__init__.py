@@ -13,7 +13,7 @@ from typing import Any
 __all__ = ["create_app"]
 
 
-def create_app(*args: Any, **kwargs: Any):  # noqa: ANN201 - re-exported lazily so importing the package needs no FastAPI
+def create_app(*args: Any, **kwargs: Any):
     from .app import create_app as _create_app
 
     return _create_app(*args, **kwargs)

@@ -19,11 +19,13 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from fastapi import FastAPI, File, HTTPException, Path as PathParam, Query, Request, UploadFile
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -31,9 +33,9 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import DeconvnetError
-from ..engine import RULES
 from ..display import data_uri
+from ..engine import RULES
+from ..errors import DeconvnetError
 from ..explorer import DEFAULT_MAX_PIXELS, RULE_TITLES, Explorer, ImageSession, occlusion_view
 from ..weights import LoadedModel
 from .atlas import atlas_patches, open_atlas
@@ -53,10 +55,14 @@ class ClassScore(BaseModel):
 
 
 class LayerSummary(BaseModel):
-    name: str = Field(description="chain models (ZFNet, AlexNet, VGG): the paper's conv1..conv5; graph models (ResNet...): a module path, e.g. layer3 or layer3.1")
+    name: str = Field(
+        description="chain models (ZFNet, AlexNet, VGG): the paper's conv1..conv5; graph models (ResNet...): a module path, e.g. layer3 or layer3.1"
+    )
     channels: int
     map_size: list[int] = Field(description="[height, width] of each map")
-    rf_size: int | None = Field(description="receptive field of one unit, input pixels (null: every unit sees the whole image)")
+    rf_size: int | None = Field(
+        description="receptive field of one unit, input pixels (null: every unit sees the whole image)"
+    )
     rf_stride: int
 
 
@@ -66,14 +72,18 @@ class ModelInfo(BaseModel):
     classes: list[str]
     input_size: list[int] = Field(description="[height, width] of the model input (the preprocessing crop)")
     layers: list[LayerSummary]
-    overview_layers: list[str] = Field(description="the layers a page shows first (graph models: the top-level ones, without their blocks)")
+    overview_layers: list[str] = Field(
+        description="the layers a page shows first (graph models: the top-level ones, without their blocks)"
+    )
     rules: list[str] = Field(description="projection rules of /api/images/{id}/layers/{layer}/maps/{index}/rules")
     atlas: bool = Field(description="top-9 patches available for clicked units (--atlas)")
     atlas_layers: list[str] = Field(default_factory=list, description="layers the atlas covers")
     occlusion: bool = Field(description="the occlusion analysis is available")
     max_upload_bytes: int
     max_pixels: int
-    cache_images: int = Field(description="opened images the server keeps (least recently used dropped first; --cache-images)")
+    cache_images: int = Field(
+        description="opened images the server keeps (least recently used dropped first; --cache-images)"
+    )
     version: str
 
 
@@ -101,7 +111,9 @@ class LayerMapsInfo(BaseModel):
     map_size: list[int]
     order: list[int] = Field(description="map indices, strongest (largest maximum) first")
     maxima: list[float] = Field(description="maximum activation of each map, indexed by map index")
-    sprite_url: str = Field(description="PNG of all maps in `order`, row-major, `sprite_cols` per row, each at map_size")
+    sprite_url: str = Field(
+        description="PNG of all maps in `order`, row-major, `sprite_cols` per row, each at map_size"
+    )
     sprite_cols: int
     sprite_rows: int
 
@@ -128,7 +140,10 @@ class MapViewInfo(BaseModel):
     whole_map: str = Field(description="data: URI (PNG): deconvnet projection of the whole map")
     activation: str = Field(description="data: URI (PNG): the map itself (black 0, white its max)")
     patch: str = Field(description="data: URI (PNG): the input under the receptive field")
-    atlas_url: str | None = Field(default=None, description="where the unit's top-9 dataset patches are (with --atlas and when the atlas covers this layer)")
+    atlas_url: str | None = Field(
+        default=None,
+        description="where the unit's top-9 dataset patches are (with --atlas and when the atlas covers this layer)",
+    )
     elapsed_ms: float
 
 
@@ -154,7 +169,9 @@ class RuleComparisonInfo(BaseModel):
 class AtlasInfo(BaseModel):
     layer: str
     index: int
-    patches: list[AtlasPatch] = Field(description="strongest first: the dataset patch under the unit's receptive field and its projection")
+    patches: list[AtlasPatch] = Field(
+        description="strongest first: the dataset patch under the unit's receptive field and its projection"
+    )
 
 
 class JobInfo(BaseModel):
@@ -177,7 +194,13 @@ def _image(mime: str) -> dict:
     return {200: {"content": {mime: {}}, "description": f"the picture ({mime})"}, 404: {"model": ErrorInfo}}
 
 
-ERRORS = {400: {"model": ErrorInfo}, 404: {"model": ErrorInfo}, 413: {"model": ErrorInfo}, 422: {"model": ErrorInfo}, 429: {"model": ErrorInfo}}
+ERRORS = {
+    400: {"model": ErrorInfo},
+    404: {"model": ErrorInfo},
+    413: {"model": ErrorInfo},
+    422: {"model": ErrorInfo},
+    429: {"model": ErrorInfo},
+}
 
 
 # --------------------------------------------------------------------------- body size limit
@@ -231,9 +254,23 @@ class BodySizeLimit:
                 await self._refuse(send, received)
 
     async def _refuse(self, send: Callable, size: int) -> None:
-        what = "invalid Content-Length" if size < 0 else f"request body too large ({size:,} bytes; the limit is {self.limit:,})"
+        what = (
+            "invalid Content-Length"
+            if size < 0
+            else f"request body too large ({size:,} bytes; the limit is {self.limit:,})"
+        )
         body = JSONResponse({"error": what, "status": 413}, status_code=413).body
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -253,8 +290,16 @@ class Job:
     created: float = field(default_factory=time.time)
 
     def info(self) -> JobInfo:
-        return JobInfo(id=self.id, kind=self.kind, image_id=self.image_id, status=self.status, progress=self.progress,
-                       message=self.message, error=self.error, result=self.result)
+        return JobInfo(
+            id=self.id,
+            kind=self.kind,
+            image_id=self.image_id,
+            status=self.status,
+            progress=self.progress,
+            message=self.message,
+            error=self.error,
+            result=self.result,
+        )
 
 
 class Jobs:
@@ -266,7 +311,13 @@ class Jobs:
         self._lock = threading.Lock()
         self._run_lock = threading.Lock()
 
-    def submit(self, kind: str, image_id: str, work: Callable[[Callable[[float, str], None]], dict[str, Any]], max_pending: int = 4) -> Job:
+    def submit(
+        self,
+        kind: str,
+        image_id: str,
+        work: Callable[[Callable[[float, str], None]], dict[str, Any]],
+        max_pending: int = 4,
+    ) -> Job:
         """Queue ``work``; the same analysis of the same image already queued or running is returned
         instead of a new job, and at most ``max_pending`` jobs wait or run at once (else 429)."""
         with self._lock:
@@ -275,7 +326,9 @@ class Jobs:
                 if j.kind == kind and j.image_id == image_id:
                     return j
             if len(pending) >= max_pending:
-                raise HTTPException(429, f"{len(pending)} analyses are already queued or running; try again when one is done")
+                raise HTTPException(
+                    429, f"{len(pending)} analyses are already queued or running; try again when one is done"
+                )
             job = Job(uuid.uuid4().hex[:16], kind, image_id)
             self._jobs[job.id] = job
             while len(self._jobs) > self.keep:
@@ -343,7 +396,7 @@ def create_app(
             "sorted by strength, deconvnet projections (Zeiler & Fergus 2014) of a map's strongest activation "
             "and of the whole map with the unit's receptive field, the same unit under guided backpropagation and the plain gradient, the unit's top-9 dataset patches (atlas) and "
             "the occlusion analysis. Open an image (a listed source or an upload), then use its id. "
-            "Errors are JSON objects {\"error\": message, \"status\": code}."
+            'Errors are JSON objects {"error": message, "status": code}.'
         ),
         docs_url=None,  # FastAPI's Swagger/ReDoc pages load their scripts from a CDN: /docs is our own page
         redoc_url=None,
@@ -351,7 +404,9 @@ def create_app(
     app.state.explorer = explorer
     app.state.jobs = jobs
     app.add_middleware(BodySizeLimit, limit=max_upload_bytes + 64 * 1024)  # room for the multipart envelope
-    app.add_middleware(RequestLimits, max_in_flight=max_in_flight, body_timeout=body_timeout)  # outermost: counts every request
+    app.add_middleware(
+        RequestLimits, max_in_flight=max_in_flight, body_timeout=body_timeout
+    )  # outermost: counts every request
 
     # ------------------------------------------------------------------ errors as JSON
     @app.exception_handler(StarletteHTTPException)
@@ -378,9 +433,12 @@ def create_app(
         try:
             return explorer.get(image_id)
         except KeyError:
-            raise HTTPException(404, f"no open image {image_id!r}: the server keeps the {explorer.cache_size} most recently used images "
-                                     f"and drops older ones ({explorer.evicted} so far); open it again (or start the server with a "
-                                     "larger --cache-images)") from None
+            raise HTTPException(
+                404,
+                f"no open image {image_id!r}: the server keeps the {explorer.cache_size} most recently used images "
+                f"and drops older ones ({explorer.evicted} so far); open it again (or start the server with a "
+                "larger --cache-images)",
+            ) from None
 
     def layer_or_404(layer: str) -> str:
         if layer not in explorer.conv_layers:
@@ -392,7 +450,9 @@ def create_app(
         layer_or_404(layer)
         maps = explorer.maps(session, layer)
         if index >= maps.channels:
-            raise HTTPException(404, f"map {index} out of range: {layer} has {maps.channels} maps (0..{maps.channels - 1})")
+            raise HTTPException(
+                404, f"map {index} out of range: {layer} has {maps.channels} maps (0..{maps.channels - 1})"
+            )
 
     def image_info(session: ImageSession) -> ImageInfo:
         return ImageInfo(
@@ -419,9 +479,19 @@ def create_app(
     # ------------------------------------------------------------------ model and sources
     @app.get("/api/health", tags=["server"], summary="Liveness check")
     def health() -> dict[str, Any]:
-        return {"ok": True, "open_images": len(explorer), "cache_images": explorer.cache_size, "evicted_images": explorer.evicted}
+        return {
+            "ok": True,
+            "open_images": len(explorer),
+            "cache_images": explorer.cache_size,
+            "evicted_images": explorer.evicted,
+        }
 
-    @app.get("/api/model", response_model=ModelInfo, tags=["model"], summary="The model, its layers and the optional features")
+    @app.get(
+        "/api/model",
+        response_model=ModelInfo,
+        tags=["model"],
+        summary="The model, its layers and the optional features",
+    )
     def model_info() -> ModelInfo:
         layers = []
         size = loaded.preprocessing.crop
@@ -429,7 +499,15 @@ def create_app(
             info = explorer.engine.layer(name)
             with explorer.compute_lock:  # the first call traces the shapes with one forward pass
                 shape = explorer.engine.output_shape(name, (size, size))
-            layers.append(LayerSummary(name=name, channels=shape[0], map_size=list(shape[1:]), rf_size=info.rf_size, rf_stride=info.rf_stride))
+            layers.append(
+                LayerSummary(
+                    name=name,
+                    channels=shape[0],
+                    map_size=list(shape[1:]),
+                    rf_size=info.rf_size,
+                    rf_stride=info.rf_stride,
+                )
+            )
         return ModelInfo(
             source=Path(str(loaded.source)).name,  # a registry name, or a file's name: the server's paths stay private
             arch=loaded.arch,
@@ -447,9 +525,17 @@ def create_app(
             version=__version__,
         )
 
-    @app.get("/api/sources", response_model=list[SourceInfo], tags=["images"], summary="Images the server offers: bundled samples and --images")
+    @app.get(
+        "/api/sources",
+        response_model=list[SourceInfo],
+        tags=["images"],
+        summary="Images the server offers: bundled samples and --images",
+    )
     def list_sources() -> list[SourceInfo]:
-        return [SourceInfo(id=sid, name=name, kind=kind, thumbnail=f"/api/sources/{sid}/thumbnail.jpg") for sid, (kind, name, _) in sources.items()]
+        return [
+            SourceInfo(id=sid, name=name, kind=kind, thumbnail=f"/api/sources/{sid}/thumbnail.jpg")
+            for sid, (kind, name, _) in sources.items()
+        ]
 
     def source_or_404(source_id: str) -> tuple[str, str, Path]:
         found = sources.get(source_id)
@@ -457,8 +543,13 @@ def create_app(
             raise HTTPException(404, f"no source {source_id!r}; GET /api/sources lists them")
         return found
 
-    @app.get("/api/sources/{source_id}/thumbnail.jpg", tags=["images"], summary="Small preview of a listed image", responses=_image("image/jpeg"),
-             response_class=Response)
+    @app.get(
+        "/api/sources/{source_id}/thumbnail.jpg",
+        tags=["images"],
+        summary="Small preview of a listed image",
+        responses=_image("image/jpeg"),
+        response_class=Response,
+    )
     def source_thumbnail(source_id: str = PathParam(pattern=ID_PATTERN)) -> Response:
         kind, name, path = source_or_404(source_id)
         if source_id not in thumbnails:
@@ -476,14 +567,24 @@ def create_app(
             thumbnails[source_id] = buf.getvalue()
         return Response(thumbnails[source_id], media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-    @app.post("/api/sources/{source_id}/open", response_model=ImageInfo, tags=["images"], responses=ERRORS,
-              summary="Open a listed image (sample or --images): classify it and return its id")
+    @app.post(
+        "/api/sources/{source_id}/open",
+        response_model=ImageInfo,
+        tags=["images"],
+        responses=ERRORS,
+        summary="Open a listed image (sample or --images): classify it and return its id",
+    )
     def open_source(source_id: str = PathParam(pattern=ID_PATTERN)) -> ImageInfo:
         kind, name, path = source_or_404(source_id)
         return image_info(explorer.open_path(path, name))
 
-    @app.post("/api/upload", response_model=ImageInfo, tags=["images"], responses=ERRORS,
-              summary="Upload an image (multipart field `file`): classify it and return its id")
+    @app.post(
+        "/api/upload",
+        response_model=ImageInfo,
+        tags=["images"],
+        responses=ERRORS,
+        summary="Upload an image (multipart field `file`): classify it and return its id",
+    )
     def upload(file: UploadFile = File(description="an image file: JPEG, PNG, GIF, BMP, WebP or TIFF")) -> ImageInfo:
         if file.size is not None and file.size > max_upload_bytes:
             raise HTTPException(413, f"file too large ({file.size:,} bytes; the limit is {max_upload_bytes:,})")
@@ -492,18 +593,38 @@ def create_app(
         return image_info(explorer.open_stream(file.file, file.filename or "upload", max_upload_bytes))
 
     # ------------------------------------------------------------------ one image
-    @app.get("/api/images/{image_id}", response_model=ImageInfo, tags=["images"], responses=ERRORS, summary="An opened image's classification")
+    @app.get(
+        "/api/images/{image_id}",
+        response_model=ImageInfo,
+        tags=["images"],
+        responses=ERRORS,
+        summary="An opened image's classification",
+    )
     def get_image(image_id: str = PathParam(pattern=ID_PATTERN)) -> ImageInfo:
         return image_info(session_or_404(image_id))
 
-    @app.get("/api/images/{image_id}/input.png", tags=["images"], responses=_image("image/png"), response_class=Response,
-             summary="The crop the model sees (PNG)")
+    @app.get(
+        "/api/images/{image_id}/input.png",
+        tags=["images"],
+        responses=_image("image/png"),
+        response_class=Response,
+        summary="The crop the model sees (PNG)",
+    )
     def input_png(image_id: str = PathParam(pattern=ID_PATTERN)) -> Response:
-        return Response(session_or_404(image_id).input_png(), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+        return Response(
+            session_or_404(image_id).input_png(), media_type="image/png", headers={"Cache-Control": "max-age=3600"}
+        )
 
-    @app.get("/api/images/{image_id}/layers/{layer}", response_model=LayerMapsInfo, tags=["layers"], responses=ERRORS,
-             summary="A layer's activation maps for the image, sorted by strength")
-    def layer_maps(image_id: str = PathParam(pattern=ID_PATTERN), layer: str = PathParam(pattern=ID_PATTERN)) -> LayerMapsInfo:
+    @app.get(
+        "/api/images/{image_id}/layers/{layer}",
+        response_model=LayerMapsInfo,
+        tags=["layers"],
+        responses=ERRORS,
+        summary="A layer's activation maps for the image, sorted by strength",
+    )
+    def layer_maps(
+        image_id: str = PathParam(pattern=ID_PATTERN), layer: str = PathParam(pattern=ID_PATTERN)
+    ) -> LayerMapsInfo:
         session = session_or_404(image_id)
         maps = explorer.maps(session, layer_or_404(layer))
         return LayerMapsInfo(
@@ -518,16 +639,32 @@ def create_app(
             sprite_rows=-(-maps.channels // maps.sprite_cols),
         )
 
-    @app.get("/api/images/{image_id}/layers/{layer}/maps.png", tags=["layers"], responses=_image("image/png"), response_class=Response,
-             summary="All maps of the layer in one PNG (strongest first, see `order`)")
-    def layer_sprite(image_id: str = PathParam(pattern=ID_PATTERN), layer: str = PathParam(pattern=ID_PATTERN)) -> Response:
+    @app.get(
+        "/api/images/{image_id}/layers/{layer}/maps.png",
+        tags=["layers"],
+        responses=_image("image/png"),
+        response_class=Response,
+        summary="All maps of the layer in one PNG (strongest first, see `order`)",
+    )
+    def layer_sprite(
+        image_id: str = PathParam(pattern=ID_PATTERN), layer: str = PathParam(pattern=ID_PATTERN)
+    ) -> Response:
         session = session_or_404(image_id)
         maps = explorer.maps(session, layer_or_404(layer))
         return Response(maps.sprite_png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
-    @app.get("/api/images/{image_id}/layers/{layer}/maps/{index}", response_model=MapViewInfo, tags=["layers"], responses=ERRORS,
-             summary="Deconvnet projections of one map: its strongest activation and the whole map, with the receptive field")
-    def map_view(image_id: str = PathParam(pattern=ID_PATTERN), layer: str = PathParam(pattern=ID_PATTERN), index: int = PathParam(ge=0, le=1_000_000)) -> MapViewInfo:
+    @app.get(
+        "/api/images/{image_id}/layers/{layer}/maps/{index}",
+        response_model=MapViewInfo,
+        tags=["layers"],
+        responses=ERRORS,
+        summary="Deconvnet projections of one map: its strongest activation and the whole map, with the receptive field",
+    )
+    def map_view(
+        image_id: str = PathParam(pattern=ID_PATTERN),
+        layer: str = PathParam(pattern=ID_PATTERN),
+        index: int = PathParam(ge=0, le=1_000_000),
+    ) -> MapViewInfo:
         started = time.perf_counter()
         session = session_or_404(image_id)
         map_or_404(session, layer, index)
@@ -552,13 +689,20 @@ def create_app(
             elapsed_ms=(time.perf_counter() - started) * 1000,
         )
 
-    @app.get("/api/images/{image_id}/layers/{layer}/maps/{index}/rules", response_model=RuleComparisonInfo, tags=["layers"], responses=ERRORS,
-             summary="One map's strongest activation projected by each rule (deconvnet, guided backpropagation, gradient), side by side")
+    @app.get(
+        "/api/images/{image_id}/layers/{layer}/maps/{index}/rules",
+        response_model=RuleComparisonInfo,
+        tags=["layers"],
+        responses=ERRORS,
+        summary="One map's strongest activation projected by each rule (deconvnet, guided backpropagation, gradient), side by side",
+    )
     def rule_comparison(
         image_id: str = PathParam(pattern=ID_PATTERN),
         layer: str = PathParam(pattern=ID_PATTERN),
         index: int = PathParam(ge=0, le=1_000_000),
-        rules: str = Query(",".join(RULES), max_length=100, description=f"comma-separated rules, of {', '.join(RULES)}"),
+        rules: str = Query(
+            ",".join(RULES), max_length=100, description=f"comma-separated rules, of {', '.join(RULES)}"
+        ),
     ) -> RuleComparisonInfo:
         started = time.perf_counter()
         session = session_or_404(image_id)
@@ -573,12 +717,19 @@ def create_app(
             box=list(c.box),
             rf_size=c.rf_size,
             image_size=list(c.image_size),
-            projections=[RuleProjection(rule=r, title=RULE_TITLES[r], image=data_uri(png)) for r, png in c.images.items()],
+            projections=[
+                RuleProjection(rule=r, title=RULE_TITLES[r], image=data_uri(png)) for r, png in c.images.items()
+            ],
             elapsed_ms=(time.perf_counter() - started) * 1000,
         )
 
-    @app.get("/api/atlas/{layer}/{index}", response_model=AtlasInfo, tags=["layers"], responses=ERRORS,
-             summary="A unit's top-9 patches over the dataset the atlas was computed on (needs --atlas)")
+    @app.get(
+        "/api/atlas/{layer}/{index}",
+        response_model=AtlasInfo,
+        tags=["layers"],
+        responses=ERRORS,
+        summary="A unit's top-9 patches over the dataset the atlas was computed on (needs --atlas)",
+    )
     def atlas_view(layer: str = PathParam(pattern=ID_PATTERN), index: int = PathParam(ge=0, le=1_000_000)) -> AtlasInfo:
         if atlas is None:
             raise HTTPException(404, "no atlas: start the server with --atlas DIR (made by `deconvnet atlas`)")
@@ -593,8 +744,13 @@ def create_app(
         return AtlasInfo(layer=layer, index=index, patches=[AtlasPatch(**p) for p in patches])
 
     # ------------------------------------------------------------------ occlusion
-    @app.post("/api/images/{image_id}/occlusion", response_model=JobInfo, tags=["analyses"], responses=ERRORS,
-              summary="Start the occlusion analysis (paper Fig. 7) on the image; poll GET /api/jobs/{id}")
+    @app.post(
+        "/api/images/{image_id}/occlusion",
+        response_model=JobInfo,
+        tags=["analyses"],
+        responses=ERRORS,
+        summary="Start the occlusion analysis (paper Fig. 7) on the image; poll GET /api/jobs/{id}",
+    )
     def start_occlusion(image_id: str = PathParam(pattern=ID_PATTERN)) -> JobInfo:
         session = session_or_404(image_id)
 
@@ -605,7 +761,13 @@ def create_app(
 
         return jobs.submit("occlusion", session.id, work).info()
 
-    @app.get("/api/jobs/{job_id}", response_model=JobInfo, tags=["analyses"], responses=ERRORS, summary="A background job's progress and result")
+    @app.get(
+        "/api/jobs/{job_id}",
+        response_model=JobInfo,
+        tags=["analyses"],
+        responses=ERRORS,
+        summary="A background job's progress and result",
+    )
     def get_job(job_id: str = PathParam(pattern=ID_PATTERN)) -> JobInfo:
         return jobs.get(job_id).info()
 

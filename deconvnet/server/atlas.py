@@ -42,23 +42,30 @@ def open_atlas(atlas_dir: str | Path, loaded: LoadedModel | None = None) -> Atla
         raise DeconvnetError(f"--atlas {atlas_dir}: no such folder")
     npz = path / "atlas.npz"
     if not npz.is_file():
-        raise DeconvnetError(f"--atlas {atlas_dir}: no atlas.npz inside; make one with `deconvnet atlas --out {atlas_dir} ...`")
+        raise DeconvnetError(
+            f"--atlas {atlas_dir}: no atlas.npz inside; make one with `deconvnet atlas --out {atlas_dir} ...`"
+        )
     scan = AtlasScan.load(npz)
     # the patches are cut from the images again on demand: they must still be where the scan saw them
     missing = [scan.files[i] for i in scan.referenced_images() if not os.path.isfile(scan.files[i])]
     if missing:
         raise DeconvnetError(
             f"--atlas {atlas_dir}: {len(missing)} of the images its top-k lists refer to are missing, first {missing[0]} "
-            "(relative paths are taken from the current folder); run the server where the images are, or re-run `deconvnet atlas`")
+            "(relative paths are taken from the current folder); run the server where the images are, or re-run `deconvnet atlas`"
+        )
     if loaded is not None:
         crop = loaded.preprocessing.crop
         if tuple(scan.input_size) != (crop, crop):
-            raise DeconvnetError(f"--atlas {atlas_dir} was computed for {scan.input_size[0]} px inputs; this model takes {crop} px")
+            raise DeconvnetError(
+                f"--atlas {atlas_dir} was computed for {scan.input_size[0]} px inputs; this model takes {crop} px"
+            )
         engine = DeconvNet(loaded.model)
         for layer in scan.layers:
             channels = engine.output_shape(layer, (crop, crop))[0]
             if scan.values[layer].shape[0] != channels:
-                raise DeconvnetError(f"--atlas {atlas_dir}: {layer} has {scan.values[layer].shape[0]} maps there, {channels} in this model")
+                raise DeconvnetError(
+                    f"--atlas {atlas_dir}: {layer} has {scan.values[layer].shape[0]} maps there, {channels} in this model"
+                )
     return Atlas(scan, path)
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ...atomic import save_text
 from ...data import list_images
@@ -59,7 +60,7 @@ class AtlasResult:
 
     def figure(
         self, layer: str | None = None, page: int = 0, per_page: int = 16, columns: int = 4, title: str = ""
-    ) -> "Figure":
+    ) -> Figure:
         """Sheet ``page`` of ``layer`` (default: the first) as the atlas writes it, ``per_page`` maps,
         ``columns`` a row (needs the tiles: ``build_atlas(..., project=True)`` or ``render=True``)."""
         from ...display.atlas import atlas_sheet, page_slots

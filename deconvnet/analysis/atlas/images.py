@@ -3,7 +3,8 @@ asked) to the model's view, unreadable files reported instead of raised."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ class ImageShard(torch.utils.data.Dataset):
             return gid, model_view_pixels(self.files[gid], self.geometry), ""
         except DeconvnetError as e:
             return gid, None, str(e).split(": ", 1)[-1]
-        except Exception as e:  # noqa: BLE001 - any decoder failure: skip, count and list the file
+        except Exception as e:
             return gid, None, f"{type(e).__name__}: {e}"
 
 

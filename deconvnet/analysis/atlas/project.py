@@ -4,7 +4,8 @@ kept where it could; graph models through the engine's whole-image way down."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch

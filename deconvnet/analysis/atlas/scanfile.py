@@ -6,9 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ class AtlasScan:
     seconds: float = 0.0
 
     @classmethod
-    def empty(cls, channels: dict[str, int], grid: dict[str, tuple[int, int]], k: int, **fields: Any) -> "AtlasScan":
+    def empty(cls, channels: dict[str, int], grid: dict[str, tuple[int, int]], k: int, **fields: Any) -> AtlasScan:
         """A scan with ``channels[layer]`` empty top-k lists per layer; ``fields``: the other fields."""
         layers = list(channels)
         return cls(
@@ -80,9 +81,8 @@ class AtlasScan:
         arrays["meta"] = np.frombuffer(json.dumps(self._meta()).encode(), dtype=np.uint8)
         # JSON survives any file name (a newline included); older scans stored "\n"-joined names under "files"
         arrays["files_json"] = np.frombuffer(json.dumps(self.files).encode(), dtype=np.uint8)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub mistypes **arrays
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub mistypes **arrays
         return Path(path)
 
     def _meta(self) -> dict[str, Any]:
@@ -103,7 +103,7 @@ class AtlasScan:
         }
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "AtlasScan":
+    def load(cls, path: str | os.PathLike) -> AtlasScan:
         """Read a scan written by :meth:`save` (or by older versions with a newline-joined file list)."""
         try:
             with np.load(path) as z:

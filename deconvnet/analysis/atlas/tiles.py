@@ -3,8 +3,8 @@ field, contrast-scaled (:func:`display_scale`) and fitted into squares."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
