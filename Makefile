@@ -6,12 +6,12 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install install-test clean
+.PHONY: demo test lint docs install install-test clean
 
 demo: $(VENV)/.installed
 	$(BIN)/deconvnet demo --out out/demo
 
-test: lint
+test: lint docs
 	$(BIN)/python -m pytest -q
 
 # lint and types (settings in pyproject.toml); `make test` runs this first, so CI does too
@@ -19,6 +19,11 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m mypy deconvnet
+
+# the documentation site (mkdocs.yml): docs/*.md and the API reference from the docstrings, built
+# strictly (a broken link or reference fails); `make test` runs it, so CI does too. Output: site/
+docs: $(VENV)/.installed-test
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 install: $(VENV)/.installed
 

@@ -1,0 +1,77 @@
+"""The package's layers (docs/design.md, "Layers"): which part may import which, read from the source
+with ``ast`` so that a forbidden import anywhere (module level or inside a function) fails here."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "deconvnet"
+
+# part -> parts it must never import (a part is a top-level module or sub-package of deconvnet)
+FORBIDDEN = {
+    "engine": {"analysis", "display", "explorer", "report", "server", "commands", "cli", "training", "weights", "zoo"},
+    "models": {"engine", "analysis", "display", "explorer", "report", "server", "commands", "cli"},
+    "data": {"engine", "analysis", "display", "explorer", "report", "server", "commands", "cli"},
+    "weights": {"engine", "analysis", "display", "explorer", "report", "server", "commands", "cli"},
+    "zoo": {"engine", "analysis", "display", "explorer", "report", "server", "commands", "cli"},
+    "analysis": {"explorer", "report", "server", "commands", "cli"},
+    "display": {"explorer", "report", "server", "commands", "cli"},
+    "explorer": {"report", "server", "commands", "cli"},
+    "report": {"server", "commands", "cli"},
+    "server": {"report", "commands", "cli"},
+    "inference": {"analysis", "explorer", "report", "server", "commands", "cli"},
+    "training": {"analysis", "explorer", "report", "server", "commands", "cli"},
+}
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _imports(path: Path) -> list[tuple[str, int, bool]]:
+    """(imported deconvnet module, line, at module level?) for every import in ``path``."""
+    module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    package = package.removesuffix(".__init__")
+    tree = ast.parse(path.read_text())
+    top_level = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+            targets = [".".join([*base, node.module])] if node.module else [".".join([*base, a.name]) for a in node.names]
+            found += [(t, node.lineno, id(node) in top_level) for t in targets]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("deconvnet."):
+            found.append((node.module or "", node.lineno, id(node) in top_level))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, node.lineno, id(node) in top_level) for a in node.names if a.name.startswith("deconvnet.")]
+    return found
+
+
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_part_imports_a_layer_above_it(path: Path) -> None:
+    part = _part(".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts))
+    bad = [(t, line) for t, line, _ in _imports(path) if _part(t) in FORBIDDEN.get(part, set())]
+    assert not bad, f"{path.relative_to(PACKAGE)} ({part}) imports {bad}: see docs/design.md, Layers"
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "analysis").rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_analyses_draw_only_when_asked(path: Path) -> None:
+    """An analysis imports the display layer only inside ``figure()`` (computing never loads matplotlib)."""
+    eager = [(t, line) for t, line, top in _imports(path) if _part(t) == "display" and top]
+    assert not eager, f"{path.relative_to(PACKAGE)} imports the display layer at module level: {eager}"
+
+
+def test_the_checker_sees_imports() -> None:
+    """The checks above read real imports (relative, absolute, inside functions)."""
+    report = {t for t, _, _ in _imports(PACKAGE / "report.py")}
+    assert "deconvnet.explorer" in report
+    probes = {(t, top) for t, _, top in _imports(PACKAGE / "analysis" / "probes.py")}
+    assert ("deconvnet.display.figures", False) in probes  # ProbeResult.figure draws lazily
