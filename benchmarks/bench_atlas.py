@@ -183,7 +183,8 @@ def main() -> None:
         files = files[: args.limit]
     print(
         f"# {time.strftime('%Y-%m-%d %H:%M %Z')}  {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads; times: {'process CPU' if clock is time.process_time else 'wall-clock'})"
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads; "
+        f"times: {'process CPU' if clock is time.process_time else 'wall-clock'})"
     )
     print(f"# command: {' '.join(sys.argv)}")
     print(f"# model {loaded.source} ({loaded.arch}), input {loaded.preprocessing.crop} px; {len(files)} images")
@@ -232,7 +233,8 @@ def main() -> None:
         )
         if "render" in res.timings:
             print(
-                f"    with rendering: {t_atlas + res.timings['render']:.1f} s  ->  ratio {(t_atlas + res.timings['render']) / t_inf:.2f}"
+                f"    with rendering: {t_atlas + res.timings['render']:.1f} s  ->  "
+                f"ratio {(t_atlas + res.timings['render']) / t_inf:.2f}"
             )
 
     if args.skip_hook:
@@ -303,18 +305,22 @@ def main() -> None:
         ref = reference[s]
         worst = max(worst, float((full - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
     print(
-        f"(b) {len(selections)} top-{scan.k} selections ({args.hook_maps} random maps x {len(scan.layers)} layers, {len(needed)} images)"
+        f"(b) {len(selections)} top-{scan.k} selections "
+        f"({args.hook_maps} random maps x {len(scan.layers)} layers, {len(needed)} images)"
     )
     print(
-        f"    autograd-hook deconvnet, one call per selection: {t_hook:.2f} s ({len(selections) / t_hook:.1f} projections/s)"
+        f"    autograd-hook deconvnet, one call per selection: {t_hook:.2f} s "
+        f"({len(selections) / t_hook:.1f} projections/s)"
     )
     print(
-        f"    atlas projections (windowed, grouped, batched):  {t_ours:.2f} s ({len(selections) / t_ours:.1f} projections/s)"
+        f"    atlas projections (windowed, grouped, batched):  {t_ours:.2f} s "
+        f"({len(selections) / t_ours:.1f} projections/s)"
     )
     print(f"    speed-up {t_hook / t_ours:.1f}x; max relative difference {worst:.2e}")
     print(
         f"    as in the atlas (switches kept from the scan for {cached}/{len(needed)} images, display tiles included): "
-        f"{t_atlas_path:.2f} s ({len(selections) / t_atlas_path:.1f} projections/s), speed-up {t_hook / t_atlas_path:.1f}x"
+        f"{t_atlas_path:.2f} s ({len(selections) / t_atlas_path:.1f} projections/s), "
+        f"speed-up {t_hook / t_atlas_path:.1f}x"
     )
 
 

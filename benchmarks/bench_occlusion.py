@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torch import nn
 
-from deconvnet.analysis.occlusion import _Incremental, max_difference, occlusion_maps, occlusion_positions
+from deconvnet.analysis.occlusion import IncrementalOcclusion, max_difference, occlusion_maps, occlusion_positions
 from deconvnet.models import build_model
 
 # (occluder size, stride) for the bundled model, by its input size (128: the earlier bundled model)
@@ -80,7 +80,7 @@ def multiply_adds(model, image, size, stride):
     """(full, incremental) multiply-adds per occluder position, conv layers and FC head."""
     size_px = image.shape[-1]
     ys, xs = occlusion_positions(size_px, size_px, size, stride)
-    runner = _Incremental(model, image, size, ys, xs, 0)
+    runner = IncrementalOcclusion(model, image, size, ys, xs, 0)
     head = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
     full = inc = float(head)
     prev = [(ys, ys + size - 1), (xs, xs + size - 1)]

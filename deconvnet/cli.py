@@ -1,8 +1,8 @@
 """The ``deconvnet`` command: a thin argparse layer over the library.
 
-Sub-commands live in ``deconvnet.commands`` (grouped in a few modules; ``COMMANDS`` gives their order). A ``DeconvnetError`` (a user mistake)
-becomes one ``deconvnet: error: ...`` line on stderr and exit status 2; anything else is a bug and
-keeps its traceback.
+Sub-commands live in ``deconvnet.commands`` (grouped in a few modules; ``COMMANDS`` gives their order).
+A ``DeconvnetError`` (a user mistake) becomes one ``deconvnet: error: ...`` line on stderr and exit
+status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the house's error format: one ``deconvnet: error: ...`` line, exit status 2
     (sub-command parsers are made of the same class)."""
 
-    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"deconvnet: error: {message} (see: {self.prog} --help)\n")
 
 
@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog="deconvnet",
-        description="ZFNet and the DeconvNet of Zeiler & Fergus (ECCV 2014): see what each layer of a convnet has learned.",
+        description="ZFNet and the DeconvNet of Zeiler & Fergus (ECCV 2014): "
+        "see what each layer of a convnet has learned.",
     )
     parser.add_argument("--version", action="version", version=f"deconvnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -210,7 +210,8 @@ class Explorer:
                 raise DeconvnetError(
                     f"{name or path.name}: file too large ({path.stat().st_size:,} bytes; the limit is {max_bytes:,})"
                 )
-            stream = open(path, "rb")
+            # opened inside the try so that only the open's OSError is caught; the `with` below closes it
+            stream = open(path, "rb")  # noqa: SIM115
         except OSError as e:
             raise DeconvnetError(f"cannot read {name or path.name} ({e.strerror})") from None
         with stream:

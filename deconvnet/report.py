@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 from PIL import Image
@@ -39,7 +39,7 @@ from .errors import DeconvnetError
 from .explorer import RULE_TITLES, Explorer, ImageSession, decode_image, invariance_view, occlusion_view
 from .weights import LoadedModel
 
-__all__ = ["build_report", "layer1_filters", "model_summary", "training_history", "training_plot"]
+__all__ = ["build_report", "layer1_filters", "markdown_html", "model_summary", "training_history", "training_plot"]
 
 MODEL_CARD = Path(__file__).resolve().parents[1] / "docs" / "model-card.md"
 
@@ -71,7 +71,8 @@ def model_summary(loaded: LoadedModel) -> list[tuple[str, str]]:
         ),
         (
             "input",
-            f"resize shorter side to {pre.resize}, center crop {pre.crop}x{pre.crop}, mean/std {tuple(round(v, 3) for v in pre.mean)} / {tuple(round(v, 3) for v in pre.std)}",
+            f"resize shorter side to {pre.resize}, center crop {pre.crop}x{pre.crop}, "
+            f"mean/std {tuple(round(v, 3) for v in pre.mean)} / {tuple(round(v, 3) for v in pre.std)}",
         ),
     ]
     arch = meta.get("arch")
@@ -80,7 +81,8 @@ def model_summary(loaded: LoadedModel) -> list[tuple[str, str]]:
         rows.append(
             (
                 "layers",
-                f"conv {convs}; fc {arch.get('fc')}; LRN {'on' if arch.get('lrn') else 'off'}; pools {arch.get('pool_style')}",
+                f"conv {convs}; fc {arch.get('fc')}; LRN {'on' if arch.get('lrn') else 'off'}; "
+                f"pools {arch.get('pool_style')}",
             )
         )
     cfg = meta.get("train_config")
@@ -103,9 +105,9 @@ def model_summary(loaded: LoadedModel) -> list[tuple[str, str]]:
         if cfg.get("crop"):
             text += f", input {cfg['crop']} px"
         rows.append(("training", text))
-        pre = meta.get("pretraining")
-        if isinstance(pre, dict) and isinstance(pre.get("train_config"), dict):
-            pcfg, phist = pre["train_config"], pre.get("history") or []
+        pretraining = meta.get("pretraining")
+        if isinstance(pretraining, dict) and isinstance(pretraining.get("train_config"), dict):
+            pcfg, phist = pretraining["train_config"], pretraining.get("history") or []
             done = f" (val top-1 {100 * phist[-1]['val_top1']:.1f} %)" if phist and "val_top1" in phist[-1] else ""
             origin = f"from {pcfg['init_from']}" if pcfg.get("init_from") else "from scratch"
             rows.append(
@@ -122,7 +124,8 @@ def model_summary(loaded: LoadedModel) -> list[tuple[str, str]]:
         last = history[-1]
         best = max((h for h in history if "val_top1" in h), key=lambda h: h["val_top1"], default=None)
         parts = [
-            f"after epoch {last.get('epoch')}: val top-1 {100 * last.get('val_top1', float('nan')):.1f} %, top-5 {100 * last.get('val_top5', float('nan')):.1f} %"
+            f"after epoch {last.get('epoch')}: val top-1 {100 * last.get('val_top1', float('nan')):.1f} %, "
+            f"top-5 {100 * last.get('val_top5', float('nan')):.1f} %"
         ]
         if best is not None and best is not last:
             parts.append(f"best val top-1 {100 * best['val_top1']:.1f} % (epoch {best.get('epoch')})")
@@ -132,7 +135,7 @@ def model_summary(loaded: LoadedModel) -> list[tuple[str, str]]:
     return rows
 
 
-def _usable_history(h: Any) -> bool:
+def _usable_history(h: Any) -> TypeGuard[list[dict[str, Any]]]:
     return isinstance(h, list) and bool(h) and all(isinstance(e, dict) and "val_top1" in e for e in h)
 
 
@@ -186,8 +189,8 @@ def _model_card_text(loaded: LoadedModel) -> str | None:
     return MODEL_CARD.read_text(encoding="utf-8", errors="replace")
 
 
-def _markdown(text: str, base: Path | None = None) -> str:
-    """A small, safe Markdown subset (headings, paragraphs, lists with continuation lines, tables,
+def markdown_html(text: str, base: Path | None = None) -> str:
+    """HTML for a small, safe Markdown subset (headings, paragraphs, lists with continuation lines, tables,
     code blocks and spans, bold, links as text, images under ``base`` inlined): everything is escaped
     first, so the card cannot inject markup, and nothing is linked or loaded from elsewhere."""
     import re
@@ -283,20 +286,25 @@ def _markdown(text: str, base: Path | None = None) -> str:
 
 
 CSS = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 0; color: #1d1f21; background: #f6f6f4; }
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 0;
+       color: #1d1f21; background: #f6f6f4; }
 header { background: #24292f; color: #fff; padding: .8rem 1.2rem; }
 header h1 { margin: 0; font-size: 1.3rem; } header p { margin: .2rem 0 0; color: #c9d1d9; font-size: 12px; }
 main { padding: 1rem 1.2rem; max-width: 1250px; }
 section { background: #fff; border: 1px solid #dcdcd8; border-radius: 6px; padding: .8rem 1rem; margin-bottom: 1rem; }
 h2 { font-size: 1.1rem; margin: 0 0 .6rem; } h3 { font-size: .95rem; margin: .9rem 0 .4rem; }
-table.kv td { padding: 2px 10px 2px 0; vertical-align: top; } table.kv td:first-child { color: #6b6f75; white-space: nowrap; }
-table.card { border-collapse: collapse; font-size: 12px; } table.card td { border: 1px solid #dcdcd8; padding: 2px 6px; }
+table.kv td { padding: 2px 10px 2px 0; vertical-align: top; }
+table.kv td:first-child { color: #6b6f75; white-space: nowrap; }
+table.card { border-collapse: collapse; font-size: 12px; }
+table.card td { border: 1px solid #dcdcd8; padding: 2px 6px; }
 .muted { color: #6b6f75; } .small { font-size: 12px; }
 .top { display: flex; gap: 1.2rem; align-items: flex-start; flex-wrap: wrap; }
 .top img.input { width: 224px; image-rendering: auto; }
 ol.top5 { list-style: none; margin: 0; padding: 0; min-width: 260px; }
-ol.top5 li { position: relative; padding: 2px 6px; margin: 2px 0; display: flex; justify-content: space-between; gap: 1rem; }
-ol.top5 li .bar { position: absolute; inset: 0 auto 0 0; background: #ffd8c2; z-index: 0; } ol.top5 li span { position: relative; }
+ol.top5 li { position: relative; padding: 2px 6px; margin: 2px 0;
+             display: flex; justify-content: space-between; gap: 1rem; }
+ol.top5 li .bar { position: absolute; inset: 0 auto 0 0; background: #ffd8c2; z-index: 0; }
+ol.top5 li span { position: relative; }
 .maps { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: .7rem; }
 .unit { font-size: 11px; }
 .unit .row { display: grid; grid-template-columns: 1fr 1fr; gap: 3px; }
@@ -304,7 +312,8 @@ ol.top5 li .bar { position: absolute; inset: 0 auto 0 0; background: #ffd8c2; z-
 .rules img { width: 100%; display: block; }
 .unit .row > * { aspect-ratio: 1; background: #eee; }
 .unit img { width: 100%; height: 100%; object-fit: contain; display: block; }
-.frame { position: relative; } .rf { position: absolute; border: 2px solid #ffcc00; box-shadow: 0 0 0 1px rgba(0,0,0,.6); }
+.frame { position: relative; }
+.rf { position: absolute; border: 2px solid #ffcc00; box-shadow: 0 0 0 1px rgba(0,0,0,.6); }
 img.pixelated { image-rendering: pixelated; }
 .panels { display: grid; grid-template-columns: repeat(auto-fill, minmax(200px, 1fr)); gap: .8rem; }
 .panels img { width: 100%; display: block; }
@@ -321,7 +330,10 @@ nav.toc a { margin-right: .8rem; }
 def _box_style(box: Sequence[int], size: Sequence[int]) -> str:
     y0, x0, y1, x1 = box
     h, w = size
-    return f"top:{100 * y0 / h:.2f}%;left:{100 * x0 / w:.2f}%;height:{100 * (y1 - y0) / h:.2f}%;width:{100 * (x1 - x0) / w:.2f}%"
+    return (
+        f"top:{100 * y0 / h:.2f}%;left:{100 * x0 / w:.2f}%;"
+        f"height:{100 * (y1 - y0) / h:.2f}%;width:{100 * (x1 - x0) / w:.2f}%"
+    )
 
 
 def rf_text(rf_size: int | None) -> str:
@@ -337,12 +349,14 @@ def _rules_html(explorer: Explorer, session: ImageSession, layer: str) -> str:
     c = explorer.compare_rules(session, layer, channel)
     style = _box_style(c.box, c.image_size)
     figures = [
-        f'<figure><div class="frame"><img src="{_jpeg_uri(session.input_png())}" alt="input"><div class="rf" style="{style}"></div></div>'
+        f'<figure><div class="frame"><img src="{_jpeg_uri(session.input_png())}" alt="input">'
+        f'<div class="rf" style="{style}"></div></div>'
         f"<figcaption>input, receptive field ({esc(rf_text(c.rf_size))})</figcaption></figure>"
     ]
     for rule, png in c.images.items():
         figures.append(
-            f'<figure><div class="frame"><img src="{_jpeg_uri(png)}" alt="{esc(rule)} projection"><div class="rf" style="{style}"></div></div>'
+            f'<figure><div class="frame"><img src="{_jpeg_uri(png)}" alt="{esc(rule)} projection">'
+            f'<div class="rf" style="{style}"></div></div>'
             f"<figcaption><strong>{esc(RULE_TITLES.get(rule, rule))}</strong></figcaption></figure>"
         )
     return (
@@ -350,8 +364,9 @@ def _rules_html(explorer: Explorer, session: ImageSession, layer: str) -> str:
         f'{c.value:.3g} at ({c.position[0]}, {c.position[1]}))</span></h3><div class="rules">'
         + "".join(figures)
         + "</div>"
-        '<p class="muted small">The same unit sent down by the deconvnet (ReLU on the signal), guided backpropagation (ReLU on the '
-        "signal and the forward pass's mask) and the plain gradient (the forward mask only); each contrast-normalised on its own.</p>"
+        '<p class="muted small">The same unit sent down by the deconvnet (ReLU on the signal), '
+        "guided backpropagation (ReLU on the signal and the forward pass's mask) "
+        "and the plain gradient (the forward mask only); each contrast-normalised on its own.</p>"
     )
 
 
@@ -359,13 +374,15 @@ def _panels_html(panels: list[dict[str, Any]]) -> str:
     out = ['<div class="panels">']
     for p in panels:
         legend = "".join(
-            f'<span class="legend"><i style="background:{html.escape(item["color"])}"></i>{html.escape(item["label"])}</span>'
+            f'<span class="legend"><i style="background:{html.escape(item["color"])}"></i>'
+            f"{html.escape(item['label'])}</span>"
             for item in p.get("legend", [])
         )
         cls = ' class="pixelated"' if p.get("pixelated") else ""
         wide = ' class="wide"' if p.get("wide") else ""
         out.append(
-            f'<figure{wide}><img{cls} src="{p["image"]}" alt="{html.escape(p["title"])}"><figcaption><strong>{html.escape(p["title"])}</strong> '
+            f'<figure{wide}><img{cls} src="{p["image"]}" alt="{html.escape(p["title"])}">'
+            f"<figcaption><strong>{html.escape(p['title'])}</strong> "
             f"{html.escape(p.get('caption', ''))}</figcaption>{legend}</figure>"
         )
     out.append("</div>")
@@ -387,13 +404,15 @@ def _image_section(
     esc = html.escape
     parts = [f'<section id="image-{number}"><h2>{number}. {esc(session.name)}</h2>']
     top = "".join(
-        f'<li><span class="bar" style="width:{100 * p:.1f}%"></span><span>{esc(c)}</span><span>{100 * p:.1f} %</span></li>'
+        f'<li><span class="bar" style="width:{100 * p:.1f}%"></span>'
+        f"<span>{esc(c)}</span><span>{100 * p:.1f} %</span></li>"
         for c, p in session.top
     )
     h, w = session.size
     parts.append(
         f'<div class="top"><figure><img class="input" src="{_jpeg_uri(session.input_png())}" alt="input">'
-        f"<figcaption>model input {h}x{w} px (from {session.original_size[1]}x{session.original_size[0]})</figcaption></figure>"
+        f"<figcaption>model input {h}x{w} px (from {session.original_size[1]}x{session.original_size[0]})"
+        "</figcaption></figure>"
         f'<div><h3>Top-5 classes</h3><ol class="top5">{top}</ol></div></div>'
     )
     for layer in layers:
@@ -401,14 +420,16 @@ def _image_section(
         info = explorer.engine.layer(layer)
         parts.append(
             f"<h3>{esc(layer)}: the {min(top_maps, maps.channels)} strongest of {maps.channels} maps "
-            f'<span class="muted small">({maps.map_size[0]}x{maps.map_size[1]} maps, receptive field {rf_text(info.rf_size)})</span></h3><div class="maps">'
+            f'<span class="muted small">({maps.map_size[0]}x{maps.map_size[1]} maps, '
+            f'receptive field {rf_text(info.rf_size)})</span></h3><div class="maps">'
         )
         for channel in maps.order[:top_maps]:
             v = explorer.project(session, layer, channel)
             style = _box_style(v.box, v.image_size)
             parts.append(
                 f'<div class="unit"><div class="row">'
-                f'<div class="frame"><img src="{_jpeg_uri(v.projection_png)}" alt="projection"><div class="rf" style="{style}"></div></div>'
+                f'<div class="frame"><img src="{_jpeg_uri(v.projection_png)}" alt="projection">'
+                f'<div class="rf" style="{style}"></div></div>'
                 f'<img src="{_jpeg_uri(v.patch_png)}" alt="patch"></div>'
                 f'<div class="row"><img class="pixelated" src="{_png_uri(v.activation_png)}" alt="activation map">'
                 f'<img src="{_jpeg_uri(v.whole_map_png)}" alt="whole-map projection"></div>'
@@ -416,8 +437,9 @@ def _image_section(
             )
         parts.append("</div>")
     parts.append(
-        '<p class="muted small">Per map: the deconvnet projection of its strongest activation (receptive field outlined) and the '
-        "image patch under that field; below, the activation map itself (white = its maximum) and the projection of the whole map.</p>"
+        '<p class="muted small">Per map: the deconvnet projection of its strongest activation '
+        "(receptive field outlined) and the image patch under that field; below, the activation map itself "
+        "(white = its maximum) and the projection of the whole map.</p>"
     )
     if rules:
         log(f"  rules: {session.name} {layers[-1]}")
@@ -427,7 +449,8 @@ def _image_section(
         result = occlusion_view(explorer.loaded, session.x[0], session.shown)
         s = result["settings"]
         parts.append(
-            f'<h3>Occlusion <span class="muted small">(paper Fig. 7: a {s["size"]} px grey square moved by {s["stride"]} px, '
+            f'<h3>Occlusion <span class="muted small">'
+            f"(paper Fig. 7: a {s['size']} px grey square moved by {s['stride']} px, "
             f"{s['positions']} positions)</span></h3>"
         )
         parts.append(_panels_html(result["panels"]))
@@ -481,7 +504,8 @@ def build_report(
     esc = html.escape
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     head = (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{esc(title or 'deconvnet report')}</title><style>{CSS}</style></head><body>\n"
         f"<header><h1>{esc(title or 'deconvnet report')}</h1><p>{len(paths)} image(s) · {esc(loaded.source)} · "
         f"deconvnet {__version__} · {when}</p></header><main>"
@@ -504,7 +528,8 @@ def build_report(
     card = _model_card_text(loaded)
     if card:
         model_parts.append(
-            f"<details><summary>Model card (docs/model-card.md)</summary>{_markdown(card, MODEL_CARD.parent)}</details>"
+            "<details><summary>Model card (docs/model-card.md)</summary>"
+            f"{markdown_html(card, MODEL_CARD.parent)}</details>"
         )
     model_parts.append("</section>")
 
@@ -525,7 +550,8 @@ def build_report(
             explorer.forget(session.id)
         f.write(
             f'<p class="muted small">Made by <code>deconvnet report</code> in {time.perf_counter() - started:.0f} s. '
-            "Projections: zero is mid-grey, each contrast-normalised on its own (Zeiler &amp; Fergus, Sec. 2.1).</p></main>\n"
+            "Projections: zero is mid-grey, each contrast-normalised on its own "
+            "(Zeiler &amp; Fergus, Sec. 2.1).</p></main>\n"
         )
         f.write("</body></html>\n")
     out.chmod(0o644)

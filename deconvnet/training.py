@@ -331,19 +331,20 @@ def check_config(cfg: TrainConfig) -> None:
     """Refuse settings that cannot train, in one line each, before any data is read."""
     positive = {
         "epochs": cfg.epochs,
-        "batch-size": cfg.batch_size,
-        "storage-size": cfg.storage_size,
+        "batch_size": cfg.batch_size,
+        "storage_size": cfg.storage_size,
         "crop": cfg.crop,
-        "plateau-patience": cfg.plateau_patience,
+        "plateau_patience": cfg.plateau_patience,
     }
-    for name, value in positive.items():
-        if int(value) < 1:
-            raise DeconvnetError(f"--{name} must be at least 1, got {value}")
+    for name, count in positive.items():
+        if int(count) < 1:
+            raise DeconvnetError(f"{name} must be at least 1, got {count}")
     if cfg.workers < 0:
         raise DeconvnetError(f"workers must be 0 or more, got {cfg.workers}")
-    for name, value in (("dropout", cfg.dropout), ("label-smoothing", cfg.label_smoothing), ("momentum", cfg.momentum)):
-        if not 0 <= value < 1:
-            raise DeconvnetError(f"--{name} must be at least 0 and below 1, got {value}")
+    fractions = (("dropout", cfg.dropout), ("label_smoothing", cfg.label_smoothing), ("momentum", cfg.momentum))
+    for name, fraction in fractions:
+        if not 0 <= fraction < 1:
+            raise DeconvnetError(f"{name} must be at least 0 and below 1, got {fraction}")
     if not cfg.lr >= 0 or not math.isfinite(cfg.lr):
         raise DeconvnetError(f"lr must be a number >= 0, got {cfg.lr}")
     if cfg.arch not in ARCHITECTURES:
@@ -494,7 +495,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         saved_arch = state["config"]["arch"]
         if saved_arch != cfg.arch or not ArchConfig.from_dict(state["arch_config"]).same_network(model.config):
             raise DeconvnetError(
-                f"{checkpoint_path} was written for architecture {saved_arch!r} with other settings; use another out folder or the same options"
+                f"{checkpoint_path} was written for architecture {saved_arch!r} with other settings; "
+                "use another out folder or the same options"
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

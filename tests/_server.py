@@ -96,7 +96,8 @@ class Server:
             "cpu",
             *(extra or []),
         ]
-        self._log = open(self.log_path, "wb")
+        # the server writes here for its whole life; stop() closes it
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self._wait(timeout)
 

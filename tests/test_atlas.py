@@ -149,7 +149,7 @@ def test_windowed_projections_equal_the_generic_engine(lrn):
         )
         assert res.windows.shape[-1] == info.rf_size
         generic = engine.project(images, [Selection(i, layer, ch, position=(y, x)) for i, ch, y, x in sel])
-        for s, (i, ch, y, x) in enumerate(sel):
+        for s, (_, _, y, x) in enumerate(sel):
             oy, ox = res.origins[s].tolist()
             assert (oy, ox) == (info.rf_start + y * info.rf_stride, info.rf_start + x * info.rf_stride)
             pad = info.rf_size
@@ -558,7 +558,7 @@ def test_two_torchrun_processes_give_the_same_atlas_as_one(tmp_path):
 
 
 def test_windows_cut_to_the_map_keep_every_on_map_value():
-    """`_fit_to_map` moves every window inside the map with one common size; all cells that were on
+    """`fit_to_map` moves every window inside the map with one common size; all cells that were on
     the map keep their values, the cells gained are zero, nothing is lost."""
     torch.manual_seed(0)
     projector = WindowedProjector(DeconvNet(tiny_loaded().model))
@@ -569,7 +569,7 @@ def test_windows_cut_to_the_map_keep_every_on_map_value():
         origin[0] = torch.tensor([-(h // 2), -(w // 2)])
         if h <= size[0]:
             origin[1, 0] = size[0] - h  # one window entirely on the map along y: no cut possible there
-        before = projector._mask(x.clone(), origin, size)
+        before = projector.mask_off_map(x.clone(), origin, size)
 
         def on_map(t, o):
             canvas = torch.zeros(t.shape[0], t.shape[1], size[0] + 2 * 40, size[1] + 2 * 40)
@@ -577,7 +577,7 @@ def test_windows_cut_to_the_map_keep_every_on_map_value():
                 canvas[b, :, oy + 40 : oy + 40 + t.shape[-2], ox + 40 : ox + 40 + t.shape[-1]] += t[b]
             return canvas[:, :, 40 : 40 + size[0], 40 : 40 + size[1]]
 
-        cut, new_origin = projector._fit_to_map(x.clone(), origin.clone(), size, cl=False)
+        cut, new_origin = projector.fit_to_map(x.clone(), origin.clone(), size, cl=False)
         assert cut.shape[-2] <= min(h, size[0]) and cut.shape[-1] <= min(w, size[1])
         if cut.shape == x.shape:  # no window could shrink: kept in place, cells off the map zeroed
             assert torch.equal(new_origin, origin)

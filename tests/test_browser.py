@@ -110,7 +110,8 @@ def test_sample_hover_click_project(page, shots: Path) -> None:
     _wait_detail(page)  # the strongest conv5 map is selected on opening
     page.click("#layer-tabs button:has-text('conv2')")
     page.wait_for_function(
-        "state.maps && state.maps.layer === 'conv2' && document.querySelectorAll('#map-grid .map').length === state.maps.channels"
+        "state.maps && state.maps.layer === 'conv2' "
+        "&& document.querySelectorAll('#map-grid .map').length === state.maps.channels"
     )
     # maps are sorted by strength
     maxima = page.eval_on_selector_all("#map-grid .map", "els => els.map(e => parseFloat(e.dataset.max))")
@@ -168,7 +169,8 @@ def test_upload_and_drop(page, server: Server, shots: Path, tmp_path: Path) -> N
             const file = new File([new Uint8Array(bytes)], "dropped.png", { type: "image/png" });
             const dt = new DataTransfer();
             dt.items.add(file);
-            document.getElementById("dropzone").dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+            const drop = new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true });
+            document.getElementById("dropzone").dispatchEvent(drop);
         }""",
         data,
     )

@@ -70,7 +70,6 @@ def test_include_lrn_uses_the_lrn_jacobian():
     image = torch.randn(1, 3, 224, 224)
     engine = DeconvNet(model, include_lrn=True)
     info = engine.layer("pool2")
-    acts = engine.activations(image, "pool2")
 
     def seed_fn(h):
         s = torch.zeros_like(h)

@@ -16,7 +16,7 @@ from deconvnet.analysis.evolution import Evolution
 from deconvnet.analysis.filters import filter_stats
 from deconvnet.analysis.invariance import invariance_curves, prepare_uncropped
 from deconvnet.analysis.occlusion import occlusion_maps, projection_of_map
-from deconvnet.analysis.probes import ProbeResult, probe_layers
+from deconvnet.analysis.probes import ProbeResult, fit_probes
 from deconvnet.data import Preprocessing
 from deconvnet.display import figure_png, save_figure
 from deconvnet.display.figures import training_curves
@@ -77,8 +77,7 @@ def test_correspondence_result_draws_images_and_deltas(loaded):
     images = torch.randn(3, 3, 64, 64)
     boxes = [{"eye": (10, 10, 20, 20), "nose": (30, 30, 40, 44)} for _ in range(3)]
     result = correspondence(loaded.model, images, boxes, ["eye", "nose"], layers=("layer5", "layer7"), draws=2)
-    rows, used = result  # still unpacks as before
-    assert rows is result.rows and set(used) == {"parts", "random"}
+    assert result.rows and set(result.used) == {"parts", "random"}
     shown = [np.zeros((64, 64, 3), dtype=np.uint8)] * 3
     fig = result.figure(shown, paper={"eye|layer5": (0.07, 0.01)})
     assert len(fig.axes) == 3 + 1
@@ -93,7 +92,7 @@ def test_probe_result_one_panel_per_classifier():
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 6)
     feats = {l: rng.normal(size=(18, 5)) + y[:, None] for l in ("layer1", "layer2")}
-    rows = probe_layers(feats, y, feats, y, per_class=(2, 4), seeds=1, classifiers=("softmax", "svm"), model_name="m")
+    rows = fit_probes(feats, y, feats, y, per_class=(2, 4), seeds=1, classifiers=("softmax", "svm"), model_name="m")
     fig = ProbeResult(rows).figure(chance=1 / 3)
     assert [ax.get_title() for ax in fig.axes] == ["softmax on frozen features", "svm on frozen features"]
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["layer1", "layer2"]

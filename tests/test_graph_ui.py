@@ -253,7 +253,8 @@ def test_page_click_a_layer3_map_shows_the_three_rules(
         assert page.locator("#layer-tabs button.block").count() == 16  # layer1.0 ... layer4.2: smaller tabs
         page.click("#layer-tabs button[data-layer='layer3']")
         page.wait_for_function(
-            "state.maps && state.maps.layer === 'layer3' && document.querySelectorAll('#map-grid .map').length === 1024",
+            "state.maps && state.maps.layer === 'layer3' "
+            "&& document.querySelectorAll('#map-grid .map').length === 1024",
             timeout=60_000,
         )
         second = page.locator("#map-grid .map").nth(1)

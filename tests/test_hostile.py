@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover
 
 
 def _tree(root: Path) -> set[Path]:
-    return {p for p in root.rglob("*")}
+    return set(root.rglob("*"))
 
 
 def _only_under(new: set[Path], folder: Path) -> list[Path]:
@@ -228,9 +228,10 @@ def test_symlink_loop_and_oversized_images_say_what_they_are(weights, tmp_path, 
 
     def png_header(width: int, height: int) -> bytes:  # a valid header claiming a huge image, no pixel data
         ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-        chunk = lambda kind, data: (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )  # noqa: E731
+
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
         return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
     for side in (8000, 15000):  # 64 megapixels: our limit; 225 megapixels: PIL's own bomb guard fires first

@@ -30,7 +30,10 @@ def test_identity_values_give_the_plain_center_crop():
 def test_translation_moves_content_down_by_the_given_pixels():
     img = _square_image()
     base, moved = transform_batch(img, "translate", [0.0, 8.0], 64)
-    rows = lambda t: t[0].sum(1).nonzero().flatten()
+
+    def rows(t):
+        return t[0].sum(1).nonzero().flatten()
+
     assert rows(moved).min() - rows(base).min() == 8
     assert torch.equal(rows(moved) - 8, rows(base))
     # what comes in from outside the image is the mean (0)

@@ -43,12 +43,14 @@ def _imports(path: Path) -> list[tuple[str, int, bool]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level:
             base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-            targets = [".".join([*base, node.module])] if node.module else [".".join([*base, a.name]) for a in node.names]
+            names = [node.module] if node.module else [a.name for a in node.names]
+            targets = [".".join([*base, name]) for name in names]
             found += [(t, node.lineno, id(node) in top_level) for t in targets]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("deconvnet."):
             found.append((node.module or "", node.lineno, id(node) in top_level))
         elif isinstance(node, ast.Import):
-            found += [(a.name, node.lineno, id(node) in top_level) for a in node.names if a.name.startswith("deconvnet.")]
+            ours = [a.name for a in node.names if a.name.startswith("deconvnet.")]
+            found += [(name, node.lineno, id(node) in top_level) for name in ours]
     return found
 
 
@@ -62,7 +64,10 @@ def test_no_part_imports_a_layer_above_it(path: Path) -> None:
     assert not bad, f"{path.relative_to(PACKAGE)} ({part}) imports {bad}: see docs/design.md, Layers"
 
 
-@pytest.mark.parametrize("path", sorted((PACKAGE / "analysis").rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+ANALYSES = sorted((PACKAGE / "analysis").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", ANALYSES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_analyses_draw_only_when_asked(path: Path) -> None:
     """An analysis imports the display layer only inside ``figure()`` (computing never loads matplotlib)."""
     eager = [(t, line) for t, line, top in _imports(path) if _part(t) == "display" and top]

@@ -8,7 +8,7 @@ import torch
 
 from deconvnet.analysis import occlusion as occlusion_module
 from deconvnet.analysis.occlusion import (
-    _Incremental,
+    IncrementalOcclusion,
     fill_value,
     max_difference,
     occlude,
@@ -35,7 +35,7 @@ from tests._analysis_helpers import run_cli, tiny_model, tiny_weights, write_ima
 def test_incremental_equals_full_recompute(lrn, pool_style, size, stride, delta, monkeypatch):
     # both ways of updating a conv layer (the change's transposed convolution, the window recompute),
     # forced on every conv, and the default choice per layer
-    monkeypatch.setattr(occlusion_module, "_Incremental", functools.partial(_Incremental, delta=delta))
+    monkeypatch.setattr(occlusion_module, "IncrementalOcclusion", functools.partial(IncrementalOcclusion, delta=delta))
     model = tiny_model(64, lrn=lrn, pool_style=pool_style)
     image = torch.randn(3, 64, 64)
     fill = torch.tensor([0.3, -0.2, 0.1])
@@ -132,7 +132,7 @@ def test_plan_windows_contain_every_changed_unit_and_far_units_are_untouched():
     image = torch.randn(3, 64, 64)
     size = 8
     ys, xs = occlusion_positions(64, 64, size, 8)
-    runner = _Incremental(model, image, size, ys, xs, engine.layer("conv5").index)
+    runner = IncrementalOcclusion(model, image, size, ys, xs, engine.layer("conv5").index)
     for i in (0, len(ys) // 2, len(ys) - 1):
         occluded = occlude(image, int(ys[i]), int(xs[i]), size, 5.0)
         for step_y, step_x in zip(runner.steps_y, runner.steps_x):

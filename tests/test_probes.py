@@ -76,7 +76,10 @@ def test_training_from_scratch_fits_a_tiny_set():
     images = torch.zeros(8, 3, 72, 72, dtype=torch.uint8)
     images[4:] = 255  # class 1 is white, class 0 black
     labels = np.array([0] * 4 + [1] * 4)
-    norm = lambda x: x.float() / 255 - 0.5
+
+    def norm(x):
+        return x.float() / 255 - 0.5
+
     log = train_from_scratch(model, images, labels, 64, norm, epochs=10, batch_size=4, lr=0.5)
     assert len(log["loss"]) == 10 and all(np.isfinite(log["loss"]))
     assert log["loss"][-1] < log["loss"][0]

@@ -166,10 +166,11 @@ def test_model_summary_of_a_fine_tuned_model(tmp_path: Path) -> None:
 
 
 def test_markdown_is_escaped() -> None:
-    from deconvnet.report import _markdown
+    from deconvnet.report import markdown_html
 
-    out = _markdown(
-        "# Card <script>alert(1)</script>\n\n| a | b |\n|---|---|\n| `x<y` | **bold** |\n\n- item <img src=x onerror=alert(1)>\n"
+    out = markdown_html(
+        "# Card <script>alert(1)</script>\n\n| a | b |\n|---|---|\n| `x<y` | **bold** |\n\n"
+        "- item <img src=x onerror=alert(1)>\n"
     )
     assert "<script>" not in out and "<img" not in out
     assert "&lt;script&gt;" in out and "<code>x&lt;y</code>" in out and "<strong>bold</strong>" in out
@@ -177,11 +178,11 @@ def test_markdown_is_escaped() -> None:
 
 
 def test_markdown_lists_images_links(tmp_path: Path) -> None:
-    from deconvnet.report import _markdown
+    from deconvnet.report import markdown_html
 
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "a.png").write_bytes(photo_bytes("PNG", (8, 8)))
-    out = _markdown(
+    out = markdown_html(
         "- first item\n  continues **here**\n- second [link](https://example.org)\n\n"
         "![fig](images/a.png)\n![gone](../outside.png)\n![remote](https://example.org/x.png)\n",
         tmp_path,

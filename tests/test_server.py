@@ -200,7 +200,8 @@ def test_click_latency(client: httpx.Client) -> None:
             assert r.status_code == 200
     timings.sort()
     print(
-        f"click latency (tiny model, 64 px): median {1000 * timings[len(timings) // 2]:.0f} ms, max {1000 * timings[-1]:.0f} ms"
+        f"click latency (tiny model, 64 px): median {1000 * timings[len(timings) // 2]:.0f} ms, "
+        f"max {1000 * timings[-1]:.0f} ms"
     )
     assert timings[len(timings) // 2] < 0.5
 
@@ -248,7 +249,10 @@ def test_bad_uploads(client: httpx.Client, server: Server) -> None:
     assert "too large" in _json_error(upload("huge.jpg", blob), 413)
 
     def stream():  # a well-formed multipart start, then more file data than allowed, without Content-Length
-        yield b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="huge.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+        yield (
+            b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="huge.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n"
+        )
         for i in range(0, len(blob), 256 * 1024):
             yield blob[i : i + 256 * 1024]
         yield b"\r\n--xyz--\r\n"

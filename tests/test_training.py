@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from deconvnet.cli import main
+from deconvnet.errors import DeconvnetError
 from deconvnet.models import build_model
-from deconvnet.training import LRSchedule, TrainConfig, init_weights, renormalize_filters
+from deconvnet.training import LRSchedule, TrainConfig, check_config, init_weights, renormalize_filters
 
 from .imaging import make_image_folder, make_split_dataset
 
@@ -87,6 +88,22 @@ def test_lr_schedules():
     assert cos.lr(5, 5) == pytest.approx(0.05)  # half way through the cosine
     step = LRSchedule(TrainConfig(data="", out="", epochs=10, lr=0.1, schedule="step", step_epochs=(3, 6)), 10)
     assert [round(step.lr(e, 0), 6) for e in (2, 3, 6)] == [0.1, 0.01, 0.001]
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
+        ({"plateau_patience": 0}, "plateau_patience must be at least 1, got 0"),
+        ({"label_smoothing": 1.5}, "label_smoothing must be at least 0 and below 1, got 1.5"),
+        ({"lr": float("nan")}, "lr must be a number >= 0, got nan"),
+    ],
+)
+def test_library_errors_name_the_config_fields(setting, message):
+    # a library caller sets TrainConfig fields, not command-line flags: the message names the field
+    with pytest.raises(DeconvnetError) as err:
+        check_config(TrainConfig(data="", out="", **setting))
+    assert str(err.value) == message
 
 
 def test_train_writes_metrics_curves_snapshots_and_weights(tiny_data, tmp_path):

@@ -49,7 +49,7 @@ def test_pytorchcv_files_give_identical_logits(tmp_path, name, arch):
         ours, reference = loaded.model(x), theirs(x)
         scale = reference.abs().max()
         torch.testing.assert_close(ours / scale, reference / scale, rtol=1e-4, atol=1e-5)
-        other = build_model(arch, lrn_params=dict(size=5, alpha=5e-4, beta=0.75, k=2.0)).eval()
+        other = build_model(arch, lrn_params={"size": 5, "alpha": 5e-4, "beta": 0.75, "k": 2.0}).eval()
         other.load_state_dict(loaded.model.state_dict())
         assert (other(x) - reference).abs().max() > 1e-3 * scale, "test is insensitive to LRN parameters"
 

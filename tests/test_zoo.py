@@ -180,7 +180,8 @@ def test_torchvision_weights_enum_loads_through_torchvisions_cache(torch_home, s
 def test_torchvision_weights_errors_are_clear(torch_home):
     with pytest.raises(
         DeconvnetError,
-        match="unknown torchvision weights 'ResNet18_Weights.IMAGENET1K_V9'; ResNet18_Weights has torchvision:ResNet18_Weights.IMAGENET1K_V1",
+        match="unknown torchvision weights 'ResNet18_Weights.IMAGENET1K_V9'; "
+        "ResNet18_Weights has torchvision:ResNet18_Weights.IMAGENET1K_V1",
     ):
         load_model("torchvision:ResNet18_Weights.IMAGENET1K_V9")
     with pytest.raises(DeconvnetError, match="not weights of a torchvision classification model"):

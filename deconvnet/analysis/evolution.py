@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +23,8 @@ from ..weights import LoadedModel, load_model, read_metadata
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from .atlas import AtlasScan
 
 __all__ = ["Evolution", "snapshot_epoch", "feature_evolution"]
 
@@ -79,7 +81,7 @@ def feature_evolution(
     snapshots: Sequence[str | os.PathLike],
     files: Sequence[str | os.PathLike],
     layers: Sequence[str] | str | None = None,
-    maps: dict[str, Sequence[int]] | None = None,
+    maps: Mapping[str, Sequence[int]] | None = None,
     maps_per_layer: int = 3,
     tile: int = 64,
     batch_size: int = 32,
@@ -98,14 +100,14 @@ def feature_evolution(
         raise DeconvnetError("give at least one snapshot")
     if maps_per_layer < 1:
         raise DeconvnetError(f"maps_per_layer must be at least 1, got {maps_per_layer}")
-    files = [str(f) for f in files]
-    if not files:
+    image_files = [str(f) for f in files]
+    if not image_files:
         raise DeconvnetError("no images given")
     ordered = sorted(((snapshot_epoch(s), str(s)) for s in snapshots), key=lambda t: t[0])
     epochs = [e for e, _ in ordered]
     paths = [p for _, p in ordered]
     loaded_models: list[LoadedModel] = []
-    scans = []
+    scans: list[AtlasScan] = []
     layer_names: list[str] | None = None
     for path in paths:
         loaded = load_model(path, arch=arch, device=device, progress=progress)
@@ -114,7 +116,7 @@ def feature_evolution(
         if layer_names is not None and names != layer_names:
             raise DeconvnetError(f"{path}: its layers differ from the other snapshots'; they must come from one run")
         layer_names = names
-        scan = scan_atlas(loaded, files, names, k=1, batch_size=batch_size, progress=progress)
+        scan = scan_atlas(loaded, image_files, names, k=1, batch_size=batch_size, progress=progress)
         if scans and any(scan.values[l].shape != scans[0].values[l].shape for l in names):
             raise DeconvnetError(
                 f"{path}: its layers have other numbers of maps than {paths[0]}'s; the snapshots must come from one run"
@@ -125,8 +127,9 @@ def feature_evolution(
     chosen: dict[str, list[int]] = {}
     for layer in layer_names:
         channels = scans[-1].values[layer].shape[0]
-        if (maps and layer in maps) or explicit_maps:
-            chosen[layer] = [int(m) for m in (maps[layer] if maps and layer in maps else explicit_maps)]
+        wanted = maps[layer] if maps and layer in maps else (explicit_maps or None)
+        if wanted is not None:
+            chosen[layer] = [int(m) for m in wanted]
             bad = [m for m in chosen[layer] if not 0 <= m < channels]
             if bad:
                 raise DeconvnetError(f"maps: {layer} has {channels} maps (0..{channels - 1}); {bad} out of range")
@@ -150,5 +153,5 @@ def feature_evolution(
         tiles={l: np.stack(tiles[l], 1) for l in layer_names},
         values={l: np.stack(values[l], 1) for l in layer_names},
         images={l: np.stack(images[l], 1) for l in layer_names},
-        files=files,
+        files=image_files,
     )

@@ -129,7 +129,8 @@ class FilterStats:
             "structure": [float(v) for v in self.structure],
             "structure_median": self.structure_median,
             "structured_share": self.structured_share,
-            "structure_rule": f"share of non-DC energy in the {STRUCTURE_TOP} strongest 2-D DCT frequencies; structured: >= {STRUCTURED:g}",
+            "structure_rule": f"share of non-DC energy in the {STRUCTURE_TOP} strongest 2-D DCT frequencies; "
+            f"structured: >= {STRUCTURED:g}",
         }
 
 

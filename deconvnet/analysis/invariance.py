@@ -126,7 +126,9 @@ def _per_channel(pre: Preprocessing, image: Image.Image) -> torch.Tensor:
     return (x - mean) / std
 
 
-def transform_batch(uncropped: torch.Tensor, transform: str, values: Sequence[float], crop: int) -> torch.Tensor:
+def transform_batch(
+    uncropped: torch.Tensor, transform: str, values: Sequence[float] | np.ndarray, crop: int
+) -> torch.Tensor:
     """(3, h, w) normalised image -> (T, 3, crop, crop): each value's transform, then the centre crop."""
     out = []
     for v in values:

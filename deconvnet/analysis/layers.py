@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,7 +56,7 @@ __all__ = [
     "resolve_class",
 ]
 
-ModelLike = Union[LoadedModel, nn.Module]
+ModelLike = LoadedModel | nn.Module
 """What an analysis takes as its first argument: a loaded model (the documented form) or its bare
 ``nn.Module`` (kept for callers that build one themselves)."""
 
@@ -191,8 +191,9 @@ def parse_layers(
         numbers = [p for p in pieces if p.isdigit() or _RANGE_NUMBERS.fullmatch(p)]
         if numbers:
             raise DeconvnetError(
-                f"layer {numbers[0]!r}: the paper's layer numbers apply to chain models (ZFNet, AlexNet, VGG); name this "
-                f"model's layers instead, e.g. {', '.join(engine.layer_names[:4])} (`deconvnet layers` lists them)"
+                f"layer {numbers[0]!r}: the paper's layer numbers apply to chain models (ZFNet, AlexNet, VGG); "
+                f"name this model's layers instead, e.g. {', '.join(engine.layer_names[:4])} "
+                "(`deconvnet layers` lists them)"
             )
     position = position or _engine_position(engine)
     found: dict[str, Any] = {}
@@ -230,12 +231,12 @@ class LayerTaps:
         self.engine = DeconvNet(model)
         self.graph = not self.engine.is_chain  # named by module path, no paper numbers
         self.fc = _classifier_taps(model) if not self.graph else {}
+        self.stage_end: dict[int, int] = {}
         if self.graph:
-            self.stage_end: dict[int, int] = {}
             return
         convs = [i.index for i in self.engine.layers if isinstance(i.module, nn.Conv2d)]
         # layer k ends with the last module before conv k+1 (the last module overall for the top stage)
-        self.stage_end: dict[int, int] = {
+        self.stage_end = {
             k: (convs[k] - 1 if k < len(convs) else len(self.engine.layers) - 1) for k in range(1, len(convs) + 1)
         }
 
@@ -310,12 +311,13 @@ class LayerTaps:
         outputs: dict[tuple[str, int], torch.Tensor] = {}
         h = x
         for info in self.engine.layers[: last + 1]:
+            assert info.module is not None  # a chain's layers are its modules; only a traced graph has bare ops
             h = info.module(h)
             if info.index in feat_idx:
                 outputs[("features", info.index)] = h
         if need_head:
             h = _pre_classifier(self.model, h)
-            for i, m in enumerate(self.model.classifier.children()):
+            for i, m in enumerate(self.model.get_submodule("classifier").children()):
                 h = m(h)
                 outputs[("classifier", i)] = h
         return {layer: outputs[where] for layer, where in wanted.items()}
@@ -330,7 +332,7 @@ def _pre_classifier(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
 
 def model_head(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
     """Logits from the output of ``model.features`` (handles torchvision's ``avgpool``)."""
-    return model.classifier(_pre_classifier(model, feats))
+    return model.get_submodule("classifier")(_pre_classifier(model, feats))
 
 
 def resolve_layer(model: nn.Module, layer: str) -> str:

@@ -17,7 +17,7 @@ changes the units of each layer whose receptive field it meets (a rectangle per 
 exactly), so only those are carried from layer to layer, on top of the unoccluded image's
 activations. Convolutions add the convolution of the change (linear: conv(a + d) = conv(a) +
 conv_without_bias(d), with d non-zero on the changed units only), as a scatter through the filters;
-max pools (and convolutions where that does not pay) recompute a small window. ``_Incremental``
+max pools (and convolutions where that does not pay) recompute a small window. ``IncrementalOcclusion``
 describes the details. The results agree with the full computation to float32 round-off (the sums
 run in another order; about 5e-7 relative on the watched activation, 2e-7 on a probability);
 ``max_difference`` measures it.
@@ -48,6 +48,8 @@ __all__ = [
     "occlusion_maps",
     "max_difference",
     "fill_value",
+    "IncrementalOcclusion",
+    "OcclusionStep",
 ]
 
 
@@ -154,7 +156,10 @@ def occlude(image: torch.Tensor, y: int, x: int, size: int, fill: torch.Tensor |
 
 
 @dataclass
-class _Step:
+class OcclusionStep:
+    """One layer of an incremental occlusion plan, along one axis: the layer's geometry and, per
+    occluder position, the range of its outputs the occluder can change."""
+
     info: LayerInfo
     kernel: int
     stride: int
@@ -188,11 +193,11 @@ def _geometry(info: LayerInfo) -> tuple[int, int, int, float, bool]:
     return 1, 1, 0, 0.0, False
 
 
-def _plan(engine: DeconvNet, shapes: list[int], positions: np.ndarray, size: int, last: int) -> list[_Step]:
+def _plan(engine: DeconvNet, shapes: list[int], positions: np.ndarray, size: int, last: int) -> list[OcclusionStep]:
     """Per layer: which outputs each occluder position can change (exactly: the units whose receptive
     field meets the occluder), along one axis; the occluder and the maps are square, so the same plan
     serves rows and columns."""
-    steps: list[_Step] = []
+    steps: list[OcclusionStep] = []
     lo, hi = positions.astype(np.int64), positions.astype(np.int64) + size - 1  # changed input range, inclusive
     for info in engine.layers[: last + 1]:
         k, s, p, pad_value, spatial = _geometry(info)
@@ -205,7 +210,7 @@ def _plan(engine: DeconvNet, shapes: list[int], positions: np.ndarray, size: int
             lo, hi = np.where(empty, 0, lo), np.where(empty, -1, hi)
         length = max(1, int((hi - lo + 1).max()))
         start = np.clip(lo, 0, out_size - length)
-        steps.append(_Step(info, k, s, p, pad_value, spatial, in_size, out_size, lo, hi, start, length))
+        steps.append(OcclusionStep(info, k, s, p, pad_value, spatial, in_size, out_size, lo, hi, start, length))
     return steps
 
 
@@ -233,8 +238,8 @@ class _DeltaConv:
     def __init__(
         self,
         m: nn.Conv2d,
-        sy: _Step,
-        sx: _Step,
+        sy: OcclusionStep,
+        sx: OcclusionStep,
         prev_y: tuple[np.ndarray, np.ndarray],
         prev_x: tuple[np.ndarray, np.ndarray],
     ) -> None:
@@ -329,8 +334,9 @@ class _Workspace:
         return buf[:numel]
 
 
-class _Incremental:
-    """Everything about the unoccluded image that the occluded ones reuse.
+class IncrementalOcclusion:
+    """Everything about the unoccluded image that the occluded ones reuse (the engine of
+    ``occlusion_maps(method="incremental")``; ``run`` computes one batch of occluder positions).
 
     A batch of occluded images is carried through the layers as the units that can differ from the
     unoccluded image (a rectangle per image, from ``_plan``), as rows ``(units, channels)``; everything
@@ -366,6 +372,7 @@ class _Incremental:
             h = image[None]
             for info in self.engine.layers:
                 # not in place: a conv's output (pre-ReLU) is kept for the delta updates
+                assert info.module is not None  # a chain's layers are its modules
                 h = torch.relu(h) if isinstance(info.module, nn.ReLU) else info.module(h)
                 acts.append(h)
         if any(a.shape[-1] != a.shape[-2] for a in acts):
@@ -406,6 +413,7 @@ class _Incremental:
                 if isinstance(m, nn.Conv2d):
                     self.filters[i] = m.weight.detach().contiguous(memory_format=torch.channels_last)
             elif mode == "delta":
+                assert isinstance(m, nn.Conv2d)  # "delta" is chosen for convolutions only
                 self.deltas[i] = _DeltaConv(m, sy, sx, prev_y, prev_x)
             self.mode.append(mode)
             prev_y, prev_x = (sy.lo, sy.hi), (sx.lo, sx.hi)
@@ -481,6 +489,7 @@ class _Incremental:
             for i, mode in enumerate(self.mode):
                 m = self.steps_y[i].info.module
                 if mode == "point":  # ReLU, LRN (across channels), batch norm, dropout: unit by unit
+                    assert m is not None  # a chain's layers are its modules
                     val = torch.relu(val) if isinstance(m, nn.ReLU) else m(val[:, :, None, None]).flatten(1)
                 elif mode == "delta":
                     pos, val = self._delta(i, idx_y, idx_x, pos, val)
@@ -578,7 +587,7 @@ def occlusion_maps(
     )
     runner = None
     if method == "incremental":
-        runner = _Incremental(model, image, size, ys, xs, watch.index)
+        runner = IncrementalOcclusion(model, image, size, ys, xs, watch.index)
     bar = tqdm(total=len(flat_y), desc=f"occlusion {size}px/{stride}", unit="pos", disable=not progress)
     for start in range(0, len(flat_y), batch_size):
         by, bx = flat_y[start : start + batch_size], flat_x[start : start + batch_size]

@@ -226,7 +226,7 @@ def train_from_scratch(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, total) / total)) * min(1.0, (s + 1) / steps_per_epoch)
     )
-    log = {"loss": [], "seconds": 0.0}
+    log: dict[str, Any] = {"loss": [], "seconds": 0.0}
     t0 = time.perf_counter()
     margin = images.shape[-1] - crop
     bar = tqdm(total=total, desc="from scratch", disable=not progress, unit="step")
@@ -312,7 +312,7 @@ class ProbeResult:
         for model, kind, n in groups:
             cells = []
             for l in self.layers:
-                r = next(
+                row = next(
                     (
                         r
                         for r in self.rows
@@ -322,9 +322,11 @@ class ProbeResult:
                 )
                 cells.append(
                     ""
-                    if r is None
+                    if row is None
                     else (
-                        f"{100 * r.mean:.1f} +- {100 * r.std:.1f}" if len(r.accuracies) > 1 else f"{100 * r.mean:.1f}"
+                        f"{100 * row.mean:.1f} +- {100 * row.std:.1f}"
+                        if len(row.accuracies) > 1
+                        else f"{100 * row.mean:.1f}"
                     )
                 )
             e2e = self.from_scratch.get(n, {}).get("end_to_end_accuracy") if model == "from scratch" else None
@@ -525,7 +527,8 @@ def _scratch_rows(
     }
     if log is not None:
         log(
-            f"from scratch, {n}/class: {epochs} epochs in {trained['seconds']:.0f} s, end-to-end mean per-class accuracy {acc:.1%}"
+            f"from scratch, {n}/class: {epochs} epochs in {trained['seconds']:.0f} s, "
+            f"end-to-end mean per-class accuracy {acc:.1%}"
         )
     ft = extract_features(fresh, x_train[idx], layers, grid=grid)
     fs = extract_features(fresh, x_test, layers, grid=grid)

@@ -30,7 +30,8 @@ def add_occlusion(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", help="an image file")
     p.add_argument(
         "--label",
-        help="true class (name, folder name/WordNet id or index); default: taken from a class-named parent folder, else the top class",
+        help="true class (name, folder name/WordNet id or index); "
+        "default: taken from a class-named parent folder, else the top class",
     )
     p.add_argument(
         "--size",
@@ -248,7 +249,8 @@ def cmd_occlusion(args: argparse.Namespace) -> int:
         diff = max_difference(maps, ref)
         info["check"] = {"against": other, **diff}
         _say(
-            f"max difference vs {other}: activation {diff['activation']:.3g} (relative {diff['activation_relative']:.3g}), "
+            f"max difference vs {other}: activation {diff['activation']:.3g} "
+            f"(relative {diff['activation_relative']:.3g}), "
             f"probability {diff['probability']:.3g}, top-class disagreements {diff['top_class_disagreements']}"
         )
     projection, box = projection_of_map(loaded, image, maps.layer, maps.channel)
@@ -331,15 +333,15 @@ def cmd_invariance(args: argparse.Namespace) -> int:
         )
         vals = default_values(transform, pre.crop)
         pick = vals[::6] if transform == "rotate" else vals[np.linspace(0, len(vals) - 1, 5).round().astype(int)]
-        thumbs = transform_batch(uncropped[0], transform, pick, pre.crop).numpy()
-        thumbs = [np.clip(t * std + mean, 0, 1).transpose(1, 2, 0) for t in thumbs]
+        transformed = transform_batch(uncropped[0], transform, pick, pre.crop).numpy()
+        thumbs = [np.clip(t * std + mean, 0, 1).transpose(1, 2, 0) for t in transformed]
         figure = save_figure(
             curves.figure(
                 names,
                 loaded.classes,
                 labels_text,
                 thumbs,
-                pick,
+                pick.tolist(),
                 title=f"{transform}: {len(names)} images ({loaded.source}); top row: {names[0]}",
             ),
             out / f"invariance-{transform}.png",

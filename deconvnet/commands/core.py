@@ -75,7 +75,8 @@ def add_project(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder for the PNG figure")
     p.add_argument(
         "--raw",
-        help="also save the unnormalised projections as float32 (N, 3, H, W) .npy (.npy is appended to a name without it)",
+        help="also save the unnormalised projections as float32 (N, 3, H, W) .npy "
+        "(.npy is appended to a name without it)",
     )
     add_model_args(p)
     p.set_defaults(func=cmd_project)

@@ -49,11 +49,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     print(f"{result['images']} images, {len(result['classes'])} classes ({loaded.source})")
     print(
-        f"center crop: top-1 error {1 - result['top1']:.2%}  top-5 error {1 - result['top5']:.2%}  (top-1 acc {result['top1']:.2%})"
+        f"center crop: top-1 error {1 - result['top1']:.2%}  top-5 error {1 - result['top5']:.2%}  "
+        f"(top-1 acc {result['top1']:.2%})"
     )
     if args.ten_crop:
         print(
-            f"10-crop:     top-1 error {1 - result['top1_10crop']:.2%}  top-5 error {1 - result['top5_10crop']:.2%}  (top-1 acc {result['top1_10crop']:.2%})"
+            f"10-crop:     top-1 error {1 - result['top1_10crop']:.2%}  top-5 error {1 - result['top5_10crop']:.2%}  "
+            f"(top-1 acc {result['top1_10crop']:.2%})"
         )
     for name, acc in result["per_class_top1"].items():
         print(f"  {acc:7.2%}  {name}")

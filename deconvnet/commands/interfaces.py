@@ -39,7 +39,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         dest="cache",
         type=positive_int,
         default=128,
-        help="opened images kept in memory, the least recently used dropped first (default 128; with the bundled model 0.5 MB an image, "
+        help="opened images kept in memory, the least recently used dropped first "
+        "(default 128; with the bundled model 0.5 MB an image, "
         "up to 9 MB once every layer was looked at: at most about 1.2 GB); "
         "GET /api/health shows how many are open and how many were dropped",
     )
@@ -89,7 +90,8 @@ def add_report(sub: argparse._SubParsersAction) -> None:
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="the main job: the HTML report (as `deconvnet report`) for the bundled sample photos with the bundled model",
+        help="the main job: the HTML report (as `deconvnet report`) for the bundled sample photos "
+        "with the bundled model",
     )
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     _report_args(p)
@@ -100,7 +102,8 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-maps", type=positive_int, default=6, help="strongest maps shown per layer (default 6)")
     add_layers(
         p,
-        "the conv layers of a chain model such as ZFNet; the top-level layers of a graph model, e.g. relu,maxpool,layer1..layer4 "
+        "the conv layers of a chain model such as ZFNet; "
+        "the top-level layers of a graph model, e.g. relu,maxpool,layer1..layer4 "
         "of a ResNet (layers with maps only)",
     )
     p.add_argument(
@@ -128,7 +131,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ..server.guard import guarded_protocol
     except ImportError as e:
         raise DeconvnetError(
-            f"the explorer needs FastAPI and uvicorn ({e.name} is missing): pip install fastapi uvicorn python-multipart"
+            f"the explorer needs FastAPI and uvicorn ({e.name} is missing): "
+            "pip install fastapi uvicorn python-multipart"
         ) from None
 
     # Bind here, before the model loads: a port in use is one clear line, and --port 0 gets a free
@@ -227,7 +231,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         occlusion=not args.no_occlusion,
         invariance=not args.no_invariance,
         rules=not args.no_rules,
-        **({"title": "deconvnet demo: the bundled model on the bundled sample photos"} if demo else {}),
+        title="deconvnet demo: the bundled model on the bundled sample photos" if demo else None,
     )
     print(f"report: {Path(path).resolve()}")
     if demo:

@@ -39,7 +39,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             known = []
         print(f"{name:{width}}  {arch.family:11}  {', '.join(known)}".rstrip())
     print(
-        "--arch takes these names; torchvision's also without the tv- prefix (alexnet alone is ours: the paper's single-tower AlexNet). "
+        "--arch takes these names; torchvision's also without the tv- prefix "
+        "(alexnet alone is ours: the paper's single-tower AlexNet). "
         "The third column lists --weights that fit.",
         file=sys.stderr,
     )

@@ -106,6 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = train(cfg, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     if last:
         print(
-            f"done: val top-1 {last['val_top1']:.1%}, top-5 {last['val_top5']:.1%}; weights in {Path(cfg.out) / 'model.safetensors'}"
+            f"done: val top-1 {last['val_top1']:.1%}, top-5 {last['val_top5']:.1%}; "
+            f"weights in {Path(cfg.out) / 'model.safetensors'}"
         )
     return 0

@@ -83,7 +83,8 @@ def add_filters(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "filters",
         help="layer-1 filter mosaic, per-filter RMS and dead filters; two models side by side (paper Fig. 6)",
-        description="Dead filter: RMS below --dead-ratio x the median RMS of the layer's filters. With --compare, the two "
+        description="Dead filter: RMS below --dead-ratio x the median RMS of the layer's filters. "
+        "With --compare, the two "
         "models side by side (e.g. ZFNet vs AlexNet); with --images, also each model's strongest conv2 projections.",
     )
     p.add_argument("--out", required=True, help="output folder: filters.png, filter-stats.json")

@@ -162,7 +162,7 @@ def confusion_figure(
                     ax.text(
                         j,
                         i,
-                        int(counts[i, j]),
+                        str(int(counts[i, j])),
                         ha="center",
                         va="center",
                         fontsize=7,
@@ -241,7 +241,7 @@ def occlusion_figure(
     colorbar(im, ax)
     ax.set_title(f"(d) p({classes[maps.target]})\n(unoccluded: {maps.base_probability:.2f})", fontsize=8)
     ax = next(panels)
-    present = sorted(set(int(c) for c in np.unique(maps.top_class)))
+    present = sorted({int(c) for c in np.unique(maps.top_class)})
     palette = colormaps["tab10" if len(classes) <= 10 else "tab20"]
     colors = [palette(i % palette.N) for i in range(len(classes))]
     norm = BoundaryNorm(np.arange(len(classes) + 1) - 0.5, len(classes))
@@ -272,7 +272,7 @@ def invariance_figure(
     relative feature distance at each layer and the probability of each image's label (its
     ``label_kind``) against the transformation; one line per image. ``thumbnails`` (one
     transformation only): example transformed inputs above, titled with ``thumb_values``."""
-    rows = [curves] if not isinstance(curves, (list, tuple)) else list(curves)
+    rows = list(curves) if isinstance(curves, Sequence) else [curves]
     first = rows[0]
     layer_labels = layer_labels or {}
     n_images = len(first.labels)
@@ -335,7 +335,7 @@ def correspondence_figure(
         img_rows + 1, cols, height_ratios=[1] * img_rows + [2.2 * img_rows if img_rows > 1 else 2.4], hspace=0.25
     )
     part_names = list(boxes[0])
-    colors = {p: c for p, c in zip(part_names, ["#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00"])}
+    colors = dict(zip(part_names, ["#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00"]))
     for i, img in enumerate(images):
         ax = fig.add_subplot(gs[i // cols, i % cols])
         ax.imshow(img)
@@ -421,13 +421,14 @@ def probe_figure(
                     )
                     for l in layers
                 ]
-                if any(s is None for s in sel):
+                found = [s for s in sel if s is not None]
+                if len(found) < len(sel):
                     continue
                 c = colors(ni / max(1, len(ns) - 1) * 0.85)
                 ax.errorbar(
                     x,
-                    [100 * s.mean for s in sel],
-                    yerr=[100 * s.std for s in sel],
+                    [100 * s.mean for s in found],
+                    yerr=[100 * s.std for s in found],
                     fmt="o" + styles[mi % 4],
                     ms=3.5,
                     lw=1.3,
@@ -484,6 +485,8 @@ def filters_figure(
         rows, len(models), squeeze=False, gridspec_kw={"height_ratios": [4.6, 2.0] + ([4.4] if layer2 else [])}
     )
     for j, (name, st) in enumerate(models):
+        if st.weight is None:
+            raise ValueError(f"{name}: these FilterStats carry no weights to draw (filter_stats() keeps them)")
         k = st.shape[-1]
         ax = axes[0, j]
         ax.imshow(filter_mosaic(st.weight, scale=max(1, 28 // k)), interpolation="nearest")
@@ -516,7 +519,8 @@ def filters_figure(
                     f"strongest layer-2 projections ({len(tiles)} maps with the largest top activation)", fontsize=8
                 )
     fig.suptitle(
-        "Layer-1 filters (zero = grey, each filter scaled to its own range), filter RMS and structure (Zeiler & Fergus Fig. 6)",
+        "Layer-1 filters (zero = grey, each filter scaled to its own range), filter RMS and structure "
+        "(Zeiler & Fergus Fig. 6)",
         fontsize=10,
     )
     fig.tight_layout()

@@ -135,7 +135,10 @@ def class_colours(top: np.ndarray, classes: Sequence[str]) -> tuple[np.ndarray, 
     out = np.zeros(top.shape + (3,), dtype=np.uint8)
     for c, colour in rgb.items():
         out[top == c] = colour
-    legend = [{"label": classes[c] if c < len(classes) else str(c), "color": "#%02x%02x%02x" % rgb[c]} for c in present]
+    legend = [
+        {"label": classes[c] if c < len(classes) else str(c), "color": "#{:02x}{:02x}{:02x}".format(*rgb[c])}
+        for c in present
+    ]
     return out, legend
 
 
@@ -146,7 +149,9 @@ def occlusion_overlay(image: np.ndarray, cells: np.ndarray, maps: OcclusionMaps)
     stride, half = int(maps.stride), (int(maps.size) - 1) / 2
     ny, nx = cells.shape[:2]
     canvas = (image.astype(np.float32) * 0.35 + 0.65 * 128).astype(np.float32)
-    block = np.asarray(Image.fromarray(cells).resize((nx * stride, ny * stride), Image.NEAREST), dtype=np.float32)
+    block = np.asarray(
+        Image.fromarray(cells).resize((nx * stride, ny * stride), Image.Resampling.NEAREST), dtype=np.float32
+    )
     y0 = int(round(float(maps.ys[0]) + half - (stride - 1) / 2))
     x0 = int(round(float(maps.xs[0]) + half - (stride - 1) / 2))
     ya, xa = max(0, y0), max(0, x0)
@@ -165,10 +170,11 @@ def occlusion_panels(
     """The paper's Fig. 7 panels (b)-(e) over ``image`` (the model's input crop): total activation,
     the projection of the watched map (when given), probability of the target, most probable class."""
     shown = np.asarray(image.convert("RGB"))
-    panels = [
+    panels: list[dict[str, Any]] = [
         {
             "title": f"(b) {maps.layer} map {maps.channel}",
-            "caption": f"total activation vs occluder position (unoccluded {maps.base_activation:.3g}; dark = occluder lowers it)",
+            "caption": f"total activation vs occluder position (unoccluded {maps.base_activation:.3g}; "
+            "dark = occluder lowers it)",
             "image": data_uri(png_bytes(occlusion_overlay(shown, value_colours(maps.activation, "viridis"), maps))),
         }
     ]
@@ -184,7 +190,8 @@ def occlusion_panels(
     panels.append(
         {
             "title": f"(d) p({target})",
-            "caption": f"probability of the top class vs occluder position (unoccluded {maps.base_probability:.2f}; dark = low)",
+            "caption": "probability of the top class vs occluder position "
+            f"(unoccluded {maps.base_probability:.2f}; dark = low)",
             "image": data_uri(
                 png_bytes(occlusion_overlay(shown, value_colours(maps.probability, "magma", 0.0, 1.0), maps))
             ),
@@ -214,7 +221,8 @@ def invariance_panel(curves: Sequence[InvarianceCurves], name: str) -> dict[str,
     fig = invariance_figure(curves, names=[name], label_kind="top class")
     return {
         "title": "Invariance (paper Fig. 5)",
-        "caption": f"||f(Tx) - f(x)|| / ||f(x)|| at {' and '.join(layers)} (the paper's layers 1 and 7), and the probability of {name} "
+        "caption": f"||f(Tx) - f(x)|| / ||f(x)|| at {' and '.join(layers)} (the paper's layers 1 and 7), "
+        f"and the probability of {name} "
         "(the top class of the untransformed image), under vertical translation, scale and rotation",
         "image": data_uri(figure_png(fig)),
         "wide": True,

@@ -128,12 +128,12 @@ class WindowedProjector:
                 s, p = torch.tensor(int_pair(m.stride), device=device), torch.tensor(int_pair(m.padding), device=device)
                 x = self._transposed(below, x, cl)
                 origin, nominal = origin * s - p, nominal * s - p
-                x, origin = self._fit_to_map(x, origin, self._in_size(rec, below, input_shape), cl)
+                x, origin = self.fit_to_map(x, origin, self._in_size(rec, below, input_shape), cl)
             elif isinstance(m, nn.MaxPool2d):
                 s, p = torch.tensor(int_pair(m.stride), device=device), torch.tensor(int_pair(m.padding), device=device)
                 x, origin = self._unpool(x, origin, rec, below, m, input_shape, image_index)
                 nominal = nominal * s - p
-                x, origin = self._fit_to_map(x, origin, self._in_size(rec, below, input_shape), cl)
+                x, origin = self.fit_to_map(x, origin, self._in_size(rec, below, input_shape), cl)
             elif isinstance(m, nn.LocalResponseNorm):
                 if engine.include_lrn:
                     x = self._lrn(x, origin, rec, below, m, image_index)
@@ -151,7 +151,7 @@ class WindowedProjector:
         """The conv's transposed filters (no bias) applied to ``x``, without padding."""
         return self.engine.filters.apply(x, info.module, cl)  # type: ignore[arg-type]
 
-    def _fit_to_map(
+    def fit_to_map(
         self, x: torch.Tensor, origin: torch.Tensor, size: tuple[int, int], cl: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cut the windows to the part that lies on the map, so that no work is done outside it below.
@@ -168,7 +168,7 @@ class WindowedProjector:
         extent = (hi - lo).clamp_min(0).max(0).values.tolist()  # the common window size, per axis
         new_h, new_w = max(1, extent[0]), max(1, extent[1])
         if (new_h, new_w) == (h, w):
-            return self._mask(x, origin, size), origin
+            return self.mask_off_map(x, origin, size), origin
         new_origin = torch.minimum(lo, torch.tensor([size[0] - new_h, size[1] - new_w], device=origin.device))
         shift = origin - new_origin
         if (
@@ -212,8 +212,9 @@ class WindowedProjector:
         return self.shapes(input_shape)[info.index]
 
     @staticmethod
-    def _mask(x: torch.Tensor, origin: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Zero the window cells outside [0, H) x [0, W)."""
+    def mask_off_map(x: torch.Tensor, origin: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Zero, in place, the window cells that lie off the map [0, H) x [0, W) (``size``); ``origin``: each
+        window's top-left cell in map coordinates."""
         h, w = x.shape[-2:]
         lo = origin.min(0).values.tolist()
         hi = origin.max(0).values.tolist()

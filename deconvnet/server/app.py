@@ -56,7 +56,8 @@ class ClassScore(BaseModel):
 
 class LayerSummary(BaseModel):
     name: str = Field(
-        description="chain models (ZFNet, AlexNet, VGG): the paper's conv1..conv5; graph models (ResNet...): a module path, e.g. layer3 or layer3.1"
+        description="chain models (ZFNet, AlexNet, VGG): the paper's conv1..conv5; "
+        "graph models (ResNet...): a module path, e.g. layer3 or layer3.1"
     )
     channels: int
     map_size: list[int] = Field(description="[height, width] of each map")
@@ -190,11 +191,11 @@ class ErrorInfo(BaseModel):
     status: int
 
 
-def _image(mime: str) -> dict:
+def _image(mime: str) -> dict[int | str, dict[str, Any]]:
     return {200: {"content": {mime: {}}, "description": f"the picture ({mime})"}, 404: {"model": ErrorInfo}}
 
 
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorInfo},
     404: {"model": ErrorInfo},
     413: {"model": ErrorInfo},
@@ -394,7 +395,8 @@ def create_app(
         description=(
             "Browse what each layer of a convnet responds to in an image: top-5 classes, activation maps "
             "sorted by strength, deconvnet projections (Zeiler & Fergus 2014) of a map's strongest activation "
-            "and of the whole map with the unit's receptive field, the same unit under guided backpropagation and the plain gradient, the unit's top-9 dataset patches (atlas) and "
+            "and of the whole map with the unit's receptive field, the same unit under guided backpropagation "
+            "and the plain gradient, the unit's top-9 dataset patches (atlas) and "
             "the occlusion analysis. Open an image (a listed source or an upload), then use its id. "
             'Errors are JSON objects {"error": message, "status": code}.'
         ),
@@ -658,7 +660,8 @@ def create_app(
         response_model=MapViewInfo,
         tags=["layers"],
         responses=ERRORS,
-        summary="Deconvnet projections of one map: its strongest activation and the whole map, with the receptive field",
+        summary="Deconvnet projections of one map: its strongest activation and the whole map, "
+        "with the receptive field",
     )
     def map_view(
         image_id: str = PathParam(pattern=ID_PATTERN),
@@ -694,7 +697,8 @@ def create_app(
         response_model=RuleComparisonInfo,
         tags=["layers"],
         responses=ERRORS,
-        summary="One map's strongest activation projected by each rule (deconvnet, guided backpropagation, gradient), side by side",
+        summary="One map's strongest activation projected by each rule "
+        "(deconvnet, guided backpropagation, gradient), side by side",
     )
     def rule_comparison(
         image_id: str = PathParam(pattern=ID_PATTERN),

@@ -50,8 +50,9 @@ def open_atlas(atlas_dir: str | Path, loaded: LoadedModel | None = None) -> Atla
     missing = [scan.files[i] for i in scan.referenced_images() if not os.path.isfile(scan.files[i])]
     if missing:
         raise DeconvnetError(
-            f"--atlas {atlas_dir}: {len(missing)} of the images its top-k lists refer to are missing, first {missing[0]} "
-            "(relative paths are taken from the current folder); run the server where the images are, or re-run `deconvnet atlas`"
+            f"--atlas {atlas_dir}: {len(missing)} of the images its top-k lists refer to are missing, "
+            f"first {missing[0]} (relative paths are taken from the current folder); "
+            "run the server where the images are, or re-run `deconvnet atlas`"
         )
     if loaded is not None:
         crop = loaded.preprocessing.crop
@@ -64,7 +65,8 @@ def open_atlas(atlas_dir: str | Path, loaded: LoadedModel | None = None) -> Atla
             channels = engine.output_shape(layer, (crop, crop))[0]
             if scan.values[layer].shape[0] != channels:
                 raise DeconvnetError(
-                    f"--atlas {atlas_dir}: {layer} has {scan.values[layer].shape[0]} maps there, {channels} in this model"
+                    f"--atlas {atlas_dir}: {layer} has {scan.values[layer].shape[0]} maps there, "
+                    f"{channels} in this model"
                 )
     return Atlas(scan, path)
 

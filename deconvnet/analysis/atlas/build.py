@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,7 +83,7 @@ def build_atlas(
     layers: Sequence[str] | str | None = None,
     k: int = 9,
     distinct: bool = True,
-    maps: dict[str, Sequence[int]] | None = None,
+    maps: Mapping[str, Sequence[int]] | None = None,
     batch_size: int = 32,
     workers: int = 0,
     checkpoint_every: int = 512,
@@ -262,7 +262,7 @@ def _project_shards(
     engine: DeconvNet,
     scan: AtlasScan,
     layers: list[str],
-    maps: dict[str, Sequence[int]] | None,
+    maps: Mapping[str, Sequence[int]] | None,
     tile: int,
     cache: SwitchCache | None,
     include_lrn: bool,

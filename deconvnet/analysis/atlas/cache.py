@@ -42,7 +42,7 @@ class SwitchCache:
 
     def keep_only(self, referenced: Iterable[int]) -> None:
         """Drop every image not in ``referenced``."""
-        keep = set(int(i) for i in referenced)
+        keep = {int(i) for i in referenced}
         for gid in [g for g in self.entries if g not in keep]:
             self.bytes -= self._size(self.entries.pop(gid))
 

@@ -4,7 +4,7 @@ kept where it could; graph models through the engine's whole-image way down."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,7 @@ def project_atlas(
     loaded: LoadedModel,
     scan: AtlasScan,
     layers: Sequence[str] | None = None,
-    maps: dict[str, Sequence[int]] | None = None,
+    maps: Mapping[str, Sequence[int]] | None = None,
     tile: int = 64,
     cache: SwitchCache | None = None,
     images_per_batch: int = 512,
@@ -77,7 +77,7 @@ def project_atlas(
 
 
 def _blank_tiles(
-    engine: DeconvNet, scan: AtlasScan, layer: str, maps: dict[str, Sequence[int]] | None, tile: int
+    engine: DeconvNet, scan: AtlasScan, layer: str, maps: Mapping[str, Sequence[int]] | None, tile: int
 ) -> AtlasTiles:
     """Empty (white, unfilled) tiles of the chosen maps of ``layer``, with their scan results."""
     info = engine.layer(layer)
