@@ -384,7 +384,7 @@ def test_jobs_are_deduplicated_and_bounded() -> None:
 
     from fastapi import HTTPException
 
-    from deconvnet.server.app import Jobs
+    from deconvnet.server.jobs import Jobs
 
     release = threading.Event()
 

@@ -15,12 +15,9 @@ private folder and removes it on exit).
 from __future__ import annotations
 
 import io
-import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,338 +26,38 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..data import decode_image
 from ..display import data_uri
 from ..engine import RULES
 from ..errors import DeconvnetError
 from ..explorer import DEFAULT_MAX_PIXELS, RULE_TITLES, Explorer, ImageSession, occlusion_view
 from ..weights import LoadedModel
 from .atlas import atlas_patches, open_atlas
-from .guard import RequestLimits, TrackingSend
+from .guard import BodySizeLimit, RequestLimits
+from .jobs import Jobs
+from .schemas import (
+    ERRORS,
+    AtlasInfo,
+    AtlasPatch,
+    ClassScore,
+    ImageInfo,
+    JobInfo,
+    LayerMapsInfo,
+    LayerSummary,
+    MapViewInfo,
+    ModelInfo,
+    RuleComparisonInfo,
+    RuleProjection,
+    SourceInfo,
+    image_response,
+)
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-
-
-# --------------------------------------------------------------------------- API models (OpenAPI)
-
-
-class ClassScore(BaseModel):
-    label: str
-    probability: float
-
-
-class LayerSummary(BaseModel):
-    name: str = Field(
-        description="chain models (ZFNet, AlexNet, VGG): the paper's conv1..conv5; "
-        "graph models (ResNet...): a module path, e.g. layer3 or layer3.1"
-    )
-    channels: int
-    map_size: list[int] = Field(description="[height, width] of each map")
-    rf_size: int | None = Field(
-        description="receptive field of one unit, input pixels (null: every unit sees the whole image)"
-    )
-    rf_stride: int
-
-
-class ModelInfo(BaseModel):
-    source: str
-    arch: str
-    classes: list[str]
-    input_size: list[int] = Field(description="[height, width] of the model input (the preprocessing crop)")
-    layers: list[LayerSummary]
-    overview_layers: list[str] = Field(
-        description="the layers a page shows first (graph models: the top-level ones, without their blocks)"
-    )
-    rules: list[str] = Field(description="projection rules of /api/images/{id}/layers/{layer}/maps/{index}/rules")
-    atlas: bool = Field(description="top-9 patches available for clicked units (--atlas)")
-    atlas_layers: list[str] = Field(default_factory=list, description="layers the atlas covers")
-    occlusion: bool = Field(description="the occlusion analysis is available")
-    max_upload_bytes: int
-    max_pixels: int
-    cache_images: int = Field(
-        description="opened images the server keeps (least recently used dropped first; --cache-images)"
-    )
-    version: str
-
-
-class SourceInfo(BaseModel):
-    id: str = Field(description="opaque id to pass to POST /api/sources/{id}/open")
-    name: str
-    kind: str = Field(description="sample (bundled photo) or folder (from --images)")
-    thumbnail: str = Field(description="URL of a small JPEG preview")
-
-
-class ImageInfo(BaseModel):
-    id: str = Field(description="opaque id of the opened image, used by every /api/images/{id}/... call")
-    name: str
-    size: list[int] = Field(description="[height, width] of the model input (after resize and crop)")
-    original_size: list[int]
-    top5: list[ClassScore]
-    input_url: str = Field(description="PNG of the crop the model sees")
-    layers: list[str]
-
-
-class LayerMapsInfo(BaseModel):
-    image_id: str
-    layer: str
-    channels: int
-    map_size: list[int]
-    order: list[int] = Field(description="map indices, strongest (largest maximum) first")
-    maxima: list[float] = Field(description="maximum activation of each map, indexed by map index")
-    sprite_url: str = Field(
-        description="PNG of all maps in `order`, row-major, `sprite_cols` per row, each at map_size"
-    )
-    sprite_cols: int
-    sprite_rows: int
-
-
-class AtlasPatch(BaseModel):
-    image: str = Field(description="data: URI (PNG) of the dataset patch")
-    projection: str | None = Field(default=None, description="data: URI of its projection, when the atlas has one")
-    value: float | None = None
-    label: str | None = None
-
-
-class MapViewInfo(BaseModel):
-    image_id: str
-    layer: str
-    index: int
-    rank: int = Field(description="0 = the strongest map of the layer for this image")
-    max: float = Field(description="the map's maximum activation")
-    position: list[int] = Field(description="[y, x] of the maximum in map coordinates")
-    map_size: list[int]
-    box: list[int] = Field(description="receptive field [y0, x0, y1, x1] in input pixels (end-exclusive, clipped)")
-    rf_size: int | None = Field(description="null: every unit of the layer sees the whole image")
-    image_size: list[int]
-    projection: str = Field(description="data: URI (PNG): deconvnet projection of the strongest activation")
-    whole_map: str = Field(description="data: URI (PNG): deconvnet projection of the whole map")
-    activation: str = Field(description="data: URI (PNG): the map itself (black 0, white its max)")
-    patch: str = Field(description="data: URI (PNG): the input under the receptive field")
-    atlas_url: str | None = Field(
-        default=None,
-        description="where the unit's top-9 dataset patches are (with --atlas and when the atlas covers this layer)",
-    )
-    elapsed_ms: float
-
-
-class RuleProjection(BaseModel):
-    rule: str = Field(description="deconvnet, guided or gradient")
-    title: str
-    image: str = Field(description="data: URI (PNG) of the projection, contrast-normalised on its own (zero mid-grey)")
-
-
-class RuleComparisonInfo(BaseModel):
-    image_id: str
-    layer: str
-    index: int
-    max: float = Field(description="the map's maximum activation: the unit projected")
-    position: list[int] = Field(description="[y, x] of the maximum in map coordinates")
-    box: list[int] = Field(description="receptive field [y0, x0, y1, x1] in input pixels (end-exclusive, clipped)")
-    rf_size: int | None = Field(description="null: every unit of the layer sees the whole image")
-    image_size: list[int]
-    projections: list[RuleProjection] = Field(description="one per rule asked for, in that order")
-    elapsed_ms: float
-
-
-class AtlasInfo(BaseModel):
-    layer: str
-    index: int
-    patches: list[AtlasPatch] = Field(
-        description="strongest first: the dataset patch under the unit's receptive field and its projection"
-    )
-
-
-class JobInfo(BaseModel):
-    id: str
-    kind: str
-    image_id: str
-    status: str = Field(description="queued, running, done or error")
-    progress: float = Field(description="0..1")
-    message: str = ""
-    error: str | None = None
-    result: dict[str, Any] | None = None
-
-
-class ErrorInfo(BaseModel):
-    error: str
-    status: int
-
-
-def _image(mime: str) -> dict[int | str, dict[str, Any]]:
-    return {200: {"content": {mime: {}}, "description": f"the picture ({mime})"}, 404: {"model": ErrorInfo}}
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorInfo},
-    404: {"model": ErrorInfo},
-    413: {"model": ErrorInfo},
-    422: {"model": ErrorInfo},
-    429: {"model": ErrorInfo},
-}
-
-
-# --------------------------------------------------------------------------- body size limit
-
-
-class _TooLarge(StarletteHTTPException):
-    """Raised while the body is read; an HTTPException so that the framework's body parsing passes it
-    through unchanged (it turns other exceptions into 400) and the JSON error handler answers 413."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body too large (over {limit:,} bytes)")
-
-
-class BodySizeLimit:
-    """ASGI middleware: refuse request bodies over ``limit`` bytes with 413, whether announced by
-    Content-Length or streamed (chunked), before they are parsed or spooled."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for key, value in scope.get("headers", []):
-            if key == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = -1
-                if declared < 0 or declared > self.limit:
-                    await self._refuse(send, declared)
-                    return
-        received = 0
-        tracking_send = TrackingSend(send)
-
-        async def limited_receive() -> dict:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _TooLarge(self.limit)
-            return message
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not tracking_send.started:
-                await self._refuse(send, received)
-
-    async def _refuse(self, send: Callable, size: int) -> None:
-        what = (
-            "invalid Content-Length"
-            if size < 0
-            else f"request body too large ({size:,} bytes; the limit is {self.limit:,})"
-        )
-        body = JSONResponse({"error": what, "status": 413}, status_code=413).body
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-
-# --------------------------------------------------------------------------- background jobs
-
-
-@dataclass
-class Job:
-    id: str
-    kind: str
-    image_id: str
-    status: str = "queued"
-    progress: float = 0.0
-    message: str = ""
-    error: str | None = None
-    result: dict[str, Any] | None = None
-    created: float = field(default_factory=time.time)
-
-    def info(self) -> JobInfo:
-        return JobInfo(
-            id=self.id,
-            kind=self.kind,
-            image_id=self.image_id,
-            status=self.status,
-            progress=self.progress,
-            message=self.message,
-            error=self.error,
-            result=self.result,
-        )
-
-
-class Jobs:
-    """Long analyses run one at a time on a worker thread; clients poll their progress."""
-
-    def __init__(self, keep: int = 64) -> None:
-        self.keep = keep
-        self._jobs: OrderedDict[str, Job] = OrderedDict()
-        self._lock = threading.Lock()
-        self._run_lock = threading.Lock()
-
-    def submit(
-        self,
-        kind: str,
-        image_id: str,
-        work: Callable[[Callable[[float, str], None]], dict[str, Any]],
-        max_pending: int = 4,
-    ) -> Job:
-        """Queue ``work``; the same analysis of the same image already queued or running is returned
-        instead of a new job, and at most ``max_pending`` jobs wait or run at once (else 429)."""
-        with self._lock:
-            pending = [j for j in self._jobs.values() if j.status in ("queued", "running")]
-            for j in pending:
-                if j.kind == kind and j.image_id == image_id:
-                    return j
-            if len(pending) >= max_pending:
-                raise HTTPException(
-                    429, f"{len(pending)} analyses are already queued or running; try again when one is done"
-                )
-            job = Job(uuid.uuid4().hex[:16], kind, image_id)
-            self._jobs[job.id] = job
-            while len(self._jobs) > self.keep:
-                self._jobs.popitem(last=False)
-
-        def progress(fraction: float, message: str = "") -> None:
-            job.progress = float(min(1.0, max(0.0, fraction)))
-            if message:
-                job.message = message
-
-        def run() -> None:
-            with self._run_lock:
-                job.status = "running"
-                try:
-                    job.result = work(progress)
-                    job.progress = 1.0
-                    job.status = "done"
-                except DeconvnetError as e:
-                    job.error, job.status = str(e), "error"
-                except Exception as e:  # a bug: report it to the client, keep serving
-                    job.error, job.status = f"{type(e).__name__}: {e}", "error"
-
-        threading.Thread(target=run, name=f"job-{job.id}", daemon=True).start()
-        return job
-
-    def get(self, job_id: str) -> Job:
-        with self._lock:
-            job = self._jobs.get(job_id)
-        if job is None:
-            raise HTTPException(404, f"no job {job_id!r}")
-        return job
 
 
 # --------------------------------------------------------------------------- the app
@@ -549,14 +246,12 @@ def create_app(
         "/api/sources/{source_id}/thumbnail.jpg",
         tags=["images"],
         summary="Small preview of a listed image",
-        responses=_image("image/jpeg"),
+        responses=image_response("image/jpeg"),
         response_class=Response,
     )
     def source_thumbnail(source_id: str = PathParam(pattern=ID_PATTERN)) -> Response:
         kind, name, path = source_or_404(source_id)
         if source_id not in thumbnails:
-            from ..explorer import decode_image
-
             try:
                 data = path.read_bytes()
             except OSError as e:
@@ -602,13 +297,13 @@ def create_app(
         responses=ERRORS,
         summary="An opened image's classification",
     )
-    def get_image(image_id: str = PathParam(pattern=ID_PATTERN)) -> ImageInfo:
+    def getimage_response(image_id: str = PathParam(pattern=ID_PATTERN)) -> ImageInfo:
         return image_info(session_or_404(image_id))
 
     @app.get(
         "/api/images/{image_id}/input.png",
         tags=["images"],
-        responses=_image("image/png"),
+        responses=image_response("image/png"),
         response_class=Response,
         summary="The crop the model sees (PNG)",
     )
@@ -644,7 +339,7 @@ def create_app(
     @app.get(
         "/api/images/{image_id}/layers/{layer}/maps.png",
         tags=["layers"],
-        responses=_image("image/png"),
+        responses=image_response("image/png"),
         response_class=Response,
         summary="All maps of the layer in one PNG (strongest first, see `order`)",
     )

@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import h11
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __all__ = ["guarded_protocol", "RequestLimits", "TrackingSend"]
@@ -194,3 +195,74 @@ async def _answer(
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+# --------------------------------------------------------------------------- body size limit
+
+
+class _TooLarge(StarletteHTTPException):
+    """Raised while the body is read; an HTTPException so that the framework's body parsing passes it
+    through unchanged (it turns other exceptions into 400) and the JSON error handler answers 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body too large (over {limit:,} bytes)")
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse request bodies over ``limit`` bytes with 413, whether announced by
+    Content-Length or streamed (chunked), before they are parsed or spooled."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope.get("headers", []):
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared < 0 or declared > self.limit:
+                    await self._refuse(send, declared)
+                    return
+        received = 0
+        tracking_send = TrackingSend(send)
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _TooLarge(self.limit)
+            return message
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not tracking_send.started:
+                await self._refuse(send, received)
+
+    async def _refuse(self, send: Callable, size: int) -> None:
+        what = (
+            "invalid Content-Length"
+            if size < 0
+            else f"request body too large ({size:,} bytes; the limit is {self.limit:,})"
+        )
+        body = JSONResponse({"error": what, "status": 413}, status_code=413).body
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
