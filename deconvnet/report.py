@@ -484,7 +484,7 @@ def build_report(
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     if top_maps < 1:
-        raise DeconvnetError("--top-maps must be at least 1")
+        raise DeconvnetError("top_maps must be at least 1")
     paths: list[Path] = []
     for item in images:
         p = Path(item)

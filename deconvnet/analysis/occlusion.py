@@ -129,7 +129,7 @@ def occlusion_positions(height: int, width: int, size: int, stride: int) -> tupl
     if size > min(height, width):
         raise DeconvnetError(
             f"the occluder ({size}x{size} px) is larger than the model's input ({height}x{width} px); "
-            f"choose --size of at most {min(height, width)}"
+            f"choose size of at most {min(height, width)}"
         )
     return np.arange(0, height - size + 1, stride), np.arange(0, width - size + 1, stride)
 

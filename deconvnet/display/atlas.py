@@ -30,7 +30,7 @@ Page = tuple[str, list[int]]  # a sheet's path relative to the atlas folder, and
 def page_slots(tiles: AtlasTiles, per_page: int) -> list[list[int]]:
     """The map slots of each sheet of ``tiles``, ``per_page`` maps a sheet."""
     if per_page < 1:
-        raise DeconvnetError("--per-page and --columns must be at least 1")
+        raise DeconvnetError("per_page and columns must be at least 1")
     return [list(range(p0, min(p0 + per_page, len(tiles.maps)))) for p0 in range(0, len(tiles.maps), per_page)]
 
 
@@ -81,7 +81,7 @@ def atlas_sheet(tiles: AtlasTiles, slots: Sequence[int], columns: int = 4, title
     """One sheet: the blocks of the maps in ``slots`` (indices into ``tiles.maps``), ``columns`` a row,
     each titled with its map index and top activation. Save it with ``save_figure(fig, path, dpi=SHEET_DPI)``."""
     if columns < 1:
-        raise DeconvnetError("--per-page and --columns must be at least 1")
+        raise DeconvnetError("per_page and columns must be at least 1")
     layer = tiles.layer
     cols = min(columns, len(slots))
     sheet, (bh, bw) = _sheet_pixels(tiles, slots, cols)
@@ -126,7 +126,7 @@ def render_atlas(
     from tqdm.auto import tqdm
 
     if per_page < 1 or columns < 1:
-        raise DeconvnetError("--per-page and --columns must be at least 1")
+        raise DeconvnetError("per_page and columns must be at least 1")
     out_dir = Path(out_dir)
     written: list[Path] = []
     pages: dict[str, list[Page]] = {}

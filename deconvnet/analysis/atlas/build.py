@@ -202,7 +202,8 @@ def _existing_scan(
     existing = AtlasScan.load(atlas_path)
     if existing.fingerprint != scan_fingerprint(loaded, engine, files, k, distinct, include_lrn):
         raise DeconvnetError(
-            f"{atlas_path} was made from other images, weights or settings; use another --out or pass --restart"
+            f"{atlas_path} was made from other images, weights or settings; use another out_dir or pass "
+            "restart=True (CLI: --out, --restart)"
         )
     return existing
 

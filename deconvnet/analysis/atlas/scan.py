@@ -56,7 +56,7 @@ def scan_atlas(
     from torchvision.transforms.v2 import functional as TF  # noqa: F401 - imported early for workers
 
     if k < 1:
-        raise DeconvnetError("--top must be at least 1")
+        raise DeconvnetError(f"k must be at least 1, got {k}")
     paths = [os.path.abspath(f) for f in files]  # absolute: the scan is usable from any folder
     if not paths:
         raise DeconvnetError("no images to scan")
@@ -88,7 +88,8 @@ def _resumed_state(
     if state.fingerprint != fingerprint or state.layers != layers or (state.rank, state.world) != (rank, world):
         raise DeconvnetError(
             f"{state_path} holds a scan of other images, weights, layers or settings "
-            f"({state.layers}, shard {state.rank}/{state.world}); use another --out or pass --restart"
+            f"({state.layers}, shard {state.rank}/{state.world}); use another state_path or pass resume=False "
+            "(CLI: another --out, or --restart)"
         )
     return state
 

@@ -115,9 +115,13 @@ class AtlasScan:
                 layers = meta["layers"]
                 arrays = {kind: {l: z[f"{kind}/{l}"] for l in layers} for kind in ("values", "images", "positions")}
         except (OSError, KeyError, ValueError) as e:
-            raise DeconvnetError(f"{path}: not a readable atlas scan ({e}); delete it or pass --restart") from None
+            raise DeconvnetError(
+                f"{path}: not a readable atlas scan ({e}); delete it or pass restart=True (CLI: --restart)"
+            ) from None
         if meta.get("version") != STATE_VERSION:
-            raise DeconvnetError(f"{path}: atlas scan format {meta.get('version')} is not supported; pass --restart")
+            raise DeconvnetError(
+                f"{path}: atlas scan format {meta.get('version')} is not supported; pass restart=True (CLI: --restart)"
+            )
         return cls(
             layers=layers,
             k=int(meta["k"]),

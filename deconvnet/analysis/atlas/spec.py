@@ -74,10 +74,10 @@ def parse_maps(spec: str | None, channels: int, layer: str = "") -> list[int]:
             else:
                 out.add(int(piece))
         except ValueError:
-            raise DeconvnetError(f"--maps: expected indices like 0-15,20, got {spec!r}") from None
+            raise DeconvnetError(f"maps: expected indices like 0-15,20, got {spec!r}") from None
     bad = sorted(m for m in out if not 0 <= m < channels)
     if bad:
         raise DeconvnetError(
-            f"--maps: {layer or 'layer'} has {channels} maps (0..{channels - 1}); {bad[:5]} out of range"
+            f"maps: {layer or 'layer'} has {channels} maps (0..{channels - 1}); {bad[:5]} out of range"
         )
     return sorted(out)
