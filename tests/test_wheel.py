@@ -62,17 +62,17 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_wheel_holds_the_package_data(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
-    samples = ROOT / "deconvnet" / "assets" / "samples"
+
+    def files(folder: str) -> set[str]:
+        return {f"{folder}/{p.name}" for p in (ROOT / folder).iterdir() if p.is_file()}
+
     expected = {
         "deconvnet/py.typed",
         "deconvnet/assets/zfnet-imagenette.safetensors",
         "deconvnet/assets/model-card/model-card.md",
-        *(
-            f"deconvnet/assets/model-card/images/{p.name}"
-            for p in (ROOT / "deconvnet/assets/model-card/images").iterdir()
-        ),
-        *(f"deconvnet/assets/samples/{p.name}" for p in samples.iterdir()),
-        *(f"deconvnet/server/static/{p.name}" for p in (ROOT / "deconvnet/server/static").iterdir()),
+        *files("deconvnet/assets/model-card/images"),
+        *files("deconvnet/assets/samples"),
+        *files("deconvnet/server/static"),
     }
     assert "deconvnet/assets/samples/LICENSES.md" in expected and len(expected) >= 3 + 4 + 5 + 4
     assert expected <= names, sorted(expected - names)
