@@ -41,7 +41,10 @@ from .weights import LoadedModel
 
 __all__ = ["build_report", "layer1_filters", "markdown_html", "model_summary", "training_history", "training_plot"]
 
-MODEL_CARD = Path(__file__).resolve().parents[1] / "docs" / "model-card.md"
+# The bundled model's card and the pictures it shows ship inside the package, so an installed wheel gives
+# the same report as a checkout; docs/model-card.md (and its docs/images/) is a copy for the docs site,
+# kept identical by tests/test_packaging.py.
+MODEL_CARD = Path(__file__).resolve().parent / "assets" / "model-card" / "model-card.md"
 
 
 def _jpeg_uri(png_or_array: bytes | np.ndarray, quality: int = 88) -> str:
@@ -183,8 +186,9 @@ def layer1_filters(loaded: LoadedModel) -> tuple[np.ndarray, str] | None:
 
 
 def _model_card_text(loaded: LoadedModel) -> str | None:
-    """The project's model card, shown for the bundled model only (it describes that model)."""
-    if loaded.source != "zfnet-imagenette" or not MODEL_CARD.is_file():
+    """The project's model card, shown for the bundled model only (it describes that model). It is part of
+    the package: a missing card is a broken install and fails loudly, never a report silently without it."""
+    if loaded.source != "zfnet-imagenette":
         return None
     return MODEL_CARD.read_text(encoding="utf-8", errors="replace")
 
@@ -527,10 +531,7 @@ def build_report(
         )
     card = _model_card_text(loaded)
     if card:
-        model_parts.append(
-            "<details><summary>Model card (docs/model-card.md)</summary>"
-            f"{markdown_html(card, MODEL_CARD.parent)}</details>"
-        )
+        model_parts.append(f"<details><summary>Model card</summary>{markdown_html(card, MODEL_CARD.parent)}</details>")
     model_parts.append("</section>")
 
     # Written as it is made, one image at a time (opened, drawn, forgotten): memory is that of one

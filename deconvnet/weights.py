@@ -99,7 +99,8 @@ class WeightsSpec:
 REGISTRY: dict[str, WeightsSpec] = {
     "zfnet-imagenette": WeightsSpec(
         arch="zfnet",
-        description="ZFNet v1 trained by this project on Imagenette (10 classes); see docs/model-card.md",
+        description="ZFNet v1 trained by this project on Imagenette (10 classes); model card in its reports "
+        "(`deconvnet demo`) and in the package (deconvnet/assets/model-card/model-card.md)",
         bundled="zfnet-imagenette.safetensors",
     ),
     "zfnet-imagenet": WeightsSpec(

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .data import Preprocessing
-from .errors import DeconvnetError
+from .errors import DeconvnetError, optional_extra
 from .models import ARCHITECTURES, build_model
 
 if TYPE_CHECKING:
@@ -80,10 +80,8 @@ def torchvision_builders() -> list[str]:
 
 
 def _timm() -> Any:
-    try:
+    with optional_extra("timm", "timm models need"):
         import timm
-    except ImportError:
-        raise DeconvnetError(f"timm models need the optional timm package: {TIMM_INSTALL}") from None
     return timm
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DeconvnetError
+from ..errors import DeconvnetError, optional_extra
 from ..weights import LoadedModel
 from .layers import LAYER_LABELS, LayerTaps, ModelLike, model_of
 
@@ -106,15 +106,22 @@ def mean_per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in classes]))
 
 
+def _sklearn() -> tuple[Any, Any, Any]:
+    """scikit-learn's pieces the probes fit (the optional ``analyses`` extra; one-line error without it)."""
+    with optional_extra("analyses", "linear probes need"):
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.svm import LinearSVC
+    return ConvergenceWarning, LogisticRegression, LinearSVC
+
+
 def fit_linear(
     kind: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, C: float, seed: int = 0
 ) -> np.ndarray:
     """Standardise with the training statistics, fit a softmax or linear SVM, predict ``x_test``."""
     import warnings
 
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.svm import LinearSVC
+    ConvergenceWarning, LogisticRegression, LinearSVC = _sklearn()
 
     mean = x_train.mean(0)
     std = x_train.std(0)
@@ -417,6 +424,8 @@ def probe_layers(
         raise DeconvnetError("scratch_only needs scratch_epochs >= 1")
     if scratch_epochs > 0 and not isinstance(loaded.model, ConvNet):
         raise DeconvnetError("scratch_epochs needs one of deconvnet's own architectures (zfnet, zfnet-b, alexnet)")
+    if not scratch_only:
+        _sklearn()  # a missing extra is said now, not after minutes of feature extraction
     taps = LayerTaps(loaded.model)
     chosen = taps.parse(layers, default="1..7")
     labels = {l: l if taps.graph else LAYER_LABELS.get(l, l) for l in chosen}

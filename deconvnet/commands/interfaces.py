@@ -122,18 +122,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import socket
     import tempfile
 
-    from ..errors import DeconvnetError
+    from ..errors import DeconvnetError, optional_extra
 
-    try:
+    with optional_extra("server", "the explorer (deconvnet serve) needs"):
+        import python_multipart  # noqa: F401  (FastAPI needs it for uploads but checks only when routes are made)
         import uvicorn
 
         from ..server.app import create_app
         from ..server.guard import guarded_protocol
-    except ImportError as e:
-        raise DeconvnetError(
-            f"the explorer needs FastAPI and uvicorn ({e.name} is missing): "
-            "pip install fastapi uvicorn python-multipart"
-        ) from None
 
     # Bind here, before the model loads: a port in use is one clear line, and --port 0 gets a free
     # port whose number is printed (uvicorn serves this very socket).
