@@ -18,12 +18,22 @@ from PIL import Image
 
 from .deconv import DeconvNet, Projection, Selection
 from .errors import DeconvnetError
+from .notebook import InlineDisplay
 from .weights import LoadedModel
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["prepare_images", "classify", "iter_classify", "project_image", "ProjectionResult", "DEFAULT_BATCH_SIZE"]
+__all__ = [
+    "prepare_images",
+    "classify",
+    "iter_classify",
+    "project_image",
+    "ProjectionResult",
+    "strongest_maps",
+    "StrongestMaps",
+    "DEFAULT_BATCH_SIZE",
+]
 
 # Images per forward pass when classifying many: peak memory is that of one batch, whatever the count.
 DEFAULT_BATCH_SIZE = 32
@@ -74,8 +84,8 @@ def classify(
 
 
 @dataclass
-class ProjectionResult:
-    """Projections of one image, with what is needed to draw them."""
+class ProjectionResult(InlineDisplay):
+    """Projections of one image, with what is needed to draw them (in a notebook: its ``figure()``)."""
 
     image: Image.Image  # the cropped RGB input
     input: torch.Tensor  # (3, H, W) model input
@@ -127,3 +137,41 @@ def project_image(
         selections = [Selection(0, layer, feature, position=position)]
     projections = engine.project(batch, selections)
     return ProjectionResult(shown[0], batch[0], layer, projections)
+
+
+@dataclass
+class StrongestMaps(InlineDisplay):
+    """The ``k`` maps of one layer whose maximum activation is largest on one image, strongest first
+    (in a notebook: its ``figure()``)."""
+
+    image: Image.Image  # the cropped RGB input
+    layer: str
+    channels: list[int]  # strongest first
+    maxima: list[float]  # each map's maximum activation
+    maps: torch.Tensor  # (k, h, w) the maps, on the CPU
+
+    def to_dict(self) -> dict[str, object]:
+        return {"layer": self.layer, "channels": self.channels, "maxima": self.maxima}
+
+    def figure(self, title: str | None = None) -> Figure:
+        """The input, then each map in grey (black 0, white the map's own maximum)."""
+        from .display.figures import strongest_maps_figure
+
+        return strongest_maps_figure(self, title)
+
+
+@torch.no_grad()
+def strongest_maps(loaded: LoadedModel, path: str | os.PathLike, layer: str, k: int = 9) -> StrongestMaps:
+    """The ``k`` maps of ``layer`` with the largest maximum activation on the image at ``path``
+    (``DeconvNet.strongest``'s order); ``project_image(..., top_maps=k)`` projects them."""
+    if k < 1:
+        raise DeconvnetError(f"k must be at least 1, got {k}")
+    engine = DeconvNet(loaded.model)
+    engine.layer(layer)  # clear error for an unknown layer before any work
+    batch, shown = prepare_images(loaded, [path])
+    acts = engine.activations(batch, layer)[0].float().cpu()
+    if acts.dim() != 3:
+        raise DeconvnetError(f"{layer} has no maps (its output is {tuple(acts.shape)}); choose a layer with maps")
+    maxima = acts.flatten(1).amax(1)
+    order = maxima.argsort(descending=True, stable=True)[:k]
+    return StrongestMaps(shown[0], layer, order.tolist(), maxima[order].tolist(), acts[order].clone())

@@ -30,6 +30,7 @@ from .atomic import atomic_path
 from .data import Preprocessing
 from .errors import DeconvnetError
 from .models import ARCHITECTURES, ArchConfig, ConvNet
+from .notebook import InlineDisplay
 from .zoo import (
     ArchName,
     create_model,
@@ -59,12 +60,14 @@ __all__ = [
     "cache_dir",
     "imagenet_classes",
     "convert_state_dict",
+    "model_summary",
 ]
 
 
 @dataclass
-class LoadedModel:
-    """A model ready for inference, with what is needed to feed it and read its output."""
+class LoadedModel(InlineDisplay):
+    """A model ready for inference, with what is needed to feed it and read its output; in a notebook
+    it shows itself as a table (``model_summary`` and its layers)."""
 
     model: nn.Module
     classes: list[str]
@@ -82,6 +85,85 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def model_summary(loaded: LoadedModel) -> list[tuple[str, str]]:
+    """(field, value) rows describing the model, from the loaded model and its weights' metadata."""
+    meta = loaded.metadata or {}
+    params = sum(p.numel() for p in loaded.model.parameters())
+    pre = loaded.preprocessing
+    rows = [
+        ("weights", loaded.source),
+        ("architecture", loaded.arch),
+        ("parameters", f"{params:,}"),
+        (
+            "classes",
+            f"{len(loaded.classes)}: " + ", ".join(loaded.classes[:12]) + (", ..." if len(loaded.classes) > 12 else ""),
+        ),
+        (
+            "input",
+            f"resize shorter side to {pre.resize}, center crop {pre.crop}x{pre.crop}, "
+            f"mean/std {tuple(round(v, 3) for v in pre.mean)} / {tuple(round(v, 3) for v in pre.std)}",
+        ),
+    ]
+    arch = meta.get("arch")
+    if isinstance(arch, dict):
+        convs = ", ".join(f"{c[0]}@{c[1]}x{c[1]}/{c[2]}" for c in arch.get("conv", []))
+        rows.append(
+            (
+                "layers",
+                f"conv {convs}; fc {arch.get('fc')}; LRN {'on' if arch.get('lrn') else 'off'}; "
+                f"pools {arch.get('pool_style')}",
+            )
+        )
+    cfg = meta.get("train_config")
+    if isinstance(cfg, dict):
+        keys = (
+            "epochs",
+            "batch_size",
+            "lr",
+            "momentum",
+            "nesterov",
+            "weight_decay",
+            "schedule",
+            "augment",
+            "init",
+            "renorm_rms",
+            "label_smoothing",
+            "dropout",
+        )
+        text = ", ".join(f"{k} {cfg[k]}" for k in keys if k in cfg)
+        if cfg.get("crop"):
+            text += f", input {cfg['crop']} px"
+        rows.append(("training", text))
+        pretraining = meta.get("pretraining")
+        if isinstance(pretraining, dict) and isinstance(pretraining.get("train_config"), dict):
+            pcfg, phist = pretraining["train_config"], pretraining.get("history") or []
+            done = f" (val top-1 {100 * phist[-1]['val_top1']:.1f} %)" if phist and "val_top1" in phist[-1] else ""
+            origin = f"from {pcfg['init_from']}" if pcfg.get("init_from") else "from scratch"
+            rows.append(
+                (
+                    "started from",
+                    f"a run of {pcfg.get('epochs')} epochs {origin} at {pcfg.get('crop')} px{done}, "
+                    "whose tensors of matching shape initialised the run above (fine-tuning)",
+                )
+            )
+        if cfg.get("data"):
+            rows.append(("data", Path(str(cfg["data"])).name))
+    history = meta.get("history")
+    if isinstance(history, list) and history and isinstance(history[-1], dict):
+        last = history[-1]
+        best = max((h for h in history if "val_top1" in h), key=lambda h: h["val_top1"], default=None)
+        parts = [
+            f"after epoch {last.get('epoch')}: val top-1 {100 * last.get('val_top1', float('nan')):.1f} %, "
+            f"top-5 {100 * last.get('val_top5', float('nan')):.1f} %"
+        ]
+        if best is not None and best is not last:
+            parts.append(f"best val top-1 {100 * best['val_top1']:.1f} % (epoch {best.get('epoch')})")
+        rows.append(("results", "; ".join(parts)))
+    elif "epoch" in meta:
+        rows.append(("epoch", str(meta["epoch"])))
+    return rows
 
 
 @dataclass(frozen=True)

@@ -80,3 +80,10 @@ def test_the_checker_sees_imports() -> None:
     assert "deconvnet.explorer" in report
     probes = {(t, top) for t, _, top in _imports(PACKAGE / "analysis" / "probes.py")}
     assert ("deconvnet.display.figures", False) in probes  # ProbeResult.figure draws lazily
+
+
+def test_the_inline_display_mixin_draws_only_when_asked() -> None:
+    """``deconvnet/notebook.py`` sits under the engine and the models (``Projection`` and ``LoadedModel``
+    inherit its mixin): it imports nothing of the package but the display layer, inside its methods."""
+    found = _imports(PACKAGE / "notebook.py")
+    assert found and all(_part(t) == "display" and not top for t, _, top in found), found

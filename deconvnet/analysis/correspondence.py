@@ -36,8 +36,9 @@ import torch
 
 from ..data import Preprocessing
 from ..errors import DeconvnetError
+from ..notebook import InlineDisplay
 from ..weights import LoadedModel
-from .layers import LayerTaps, ModelLike, layer_label, model_of
+from .layers import LayerTaps, ModelLike, input_picture, layer_label, model_of
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -249,7 +250,7 @@ class CorrespondenceRow:
 
 
 @dataclass
-class CorrespondenceResult:
+class CorrespondenceResult(InlineDisplay):
     """Table 1: its rows, the layers (columns) with their labels, and the masks used."""
 
     rows: list[CorrespondenceRow]
@@ -260,7 +261,8 @@ class CorrespondenceResult:
     layer_modules: dict[str, str]
     draws: int
     seed: int
-    # set by correspondence_from_files: the image files, their boxes in the model input, the crops shown
+    # the inputs as pictures (correspondence_from_files: the crops shown); with it, the image files and
+    # their boxes in the model input
     images: list[str] = field(default_factory=list)
     boxes: list[dict[str, tuple[int, int, int, int]]] = field(default_factory=list)
     shown: list[Any] = field(default_factory=list, repr=False)
@@ -421,6 +423,7 @@ def correspondence(
         {l: taps.describe(l) for l in layers},
         draws,
         seed,
+        shown=[input_picture(loaded, x) for x in images],
     )
 
 

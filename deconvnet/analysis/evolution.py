@@ -19,6 +19,7 @@ import numpy as np
 
 from ..deconv import DeconvNet
 from ..errors import DeconvnetError
+from ..notebook import InlineDisplay
 from ..weights import LoadedModel, load_model, read_metadata
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ __all__ = ["Evolution", "snapshot_epoch", "feature_evolution"]
 
 
 @dataclass
-class Evolution:
+class Evolution(InlineDisplay):
     """``tiles[layer]`` (maps, snapshots, t, t, 3) uint8: the projection of the strongest activation of
     ``maps[layer][i]`` under snapshot j; ``values``/``images`` the activation and its image index."""
 

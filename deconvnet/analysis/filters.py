@@ -33,6 +33,7 @@ from torch import nn
 
 from ..deconv import DeconvNet
 from ..errors import DeconvnetError
+from ..notebook import InlineDisplay
 from ..weights import LoadedModel
 from .layers import ModelLike, model_of
 
@@ -74,7 +75,7 @@ def filter_structure(weight: np.ndarray | torch.Tensor, top: int = STRUCTURE_TOP
 
 
 @dataclass
-class FilterStats:
+class FilterStats(InlineDisplay):
     """Per-filter RMS of one conv layer and which filters count as dead (see module docstring)."""
 
     layer: str

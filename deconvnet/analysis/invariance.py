@@ -19,7 +19,7 @@ of the true class. Bilinear interpolation throughout.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,6 +30,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..data import Preprocessing, limit_aspect
 from ..errors import DeconvnetError
+from ..notebook import InlineDisplay
+from ..weights import LoadedModel
 from .layers import LayerTaps, ModelLike, model_of
 
 if TYPE_CHECKING:
@@ -48,7 +50,7 @@ TRANSFORMS = ("translate", "scale", "rotate")
 
 
 @dataclass
-class InvarianceCurves:
+class InvarianceCurves(InlineDisplay):
     """One transformation applied to N images at T values."""
 
     transform: str
@@ -59,6 +61,7 @@ class InvarianceCurves:
     probability: np.ndarray  # (N, T) probability of labels[n]
     top_class: np.ndarray  # (N, T) most probable class
     labels: list[int]
+    classes: list[str] = field(default_factory=list, repr=False)  # the model's class names, for the legend
 
     def figure(
         self,
@@ -73,6 +76,7 @@ class InvarianceCurves:
         against the transformation, one line per image (``names``); ``thumbnails``: example inputs."""
         from ..display.figures import invariance_figure
 
+        classes = classes if classes is not None else (self.classes or None)
         return invariance_figure(self, names, classes, layer_labels, thumbnails, thumb_values, title=title)
 
     def to_dict(self, classes: Sequence[str] | None = None, names: Sequence[str] | None = None) -> dict:
@@ -221,4 +225,5 @@ def invariance_curves(
             d = (f[1:] - f[:1]).norm(dim=1)
             raw[layer][i] = d.cpu().numpy()
             dist[layer][i] = (d / f[0].norm().clamp_min(1e-12)).cpu().numpy()
-    return InvarianceCurves(transform, vals, layers, dist, raw, prob, top, [int(l) for l in labels])
+    classes = list(loaded.classes) if isinstance(loaded, LoadedModel) else []
+    return InvarianceCurves(transform, vals, layers, dist, raw, prob, top, [int(l) for l in labels], classes)

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,6 +47,7 @@ from ..weights import LoadedModel
 __all__ = [
     "ModelLike",
     "model_of",
+    "input_picture",
     "LayerTaps",
     "layer_items",
     "main_layers",
@@ -54,6 +56,8 @@ __all__ = [
     "resolve_layer",
     "model_head",
     "resolve_class",
+    "LayerRow",
+    "layer_rows",
 ]
 
 ModelLike = LoadedModel | nn.Module
@@ -70,6 +74,17 @@ def model_of(loaded: ModelLike) -> nn.Module:
     raise DeconvnetError(
         f"expected a loaded model (deconvnet.load_model(...)) or an nn.Module, got {type(loaded).__name__}"
     )
+
+
+def input_picture(loaded: ModelLike, image: torch.Tensor) -> np.ndarray:
+    """The (H, W, 3) uint8 picture of one (3, H, W) model input, for figures: its preprocessing undone,
+    or (a bare module, whose normalisation is unknown) its range stretched to 0..255."""
+    x = image.detach().float().cpu()
+    if isinstance(loaded, LoadedModel):
+        x = loaded.preprocessing.denormalize(x)
+    else:
+        x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)
+    return (x.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
 
 
 def _classifier_taps(model: nn.Module) -> dict[str, int]:
@@ -352,3 +367,31 @@ def resolve_class(name: str | int, classes: Sequence[str], folders: Iterable[str
         return int(text)
     shown = ", ".join(classes[:12]) + (", ..." if len(classes) > 12 else "")
     raise DeconvnetError(f"unknown class {text!r}; this model's classes are: {shown}")
+
+
+class LayerRow(NamedTuple):
+    """One line of a layer table (``deconvnet layers``, a loaded model's summary in a notebook)."""
+
+    name: str
+    operation: str
+    output: str  # "96 x 55 x 55" for an input of the model's crop size
+    receptive_field: str  # "7 px", or "whole image"
+    stride: str  # of the receptive fields in input pixels ("" for the whole image)
+
+
+def layer_rows(engine: DeconvNet, size: tuple[int, int], names: Sequence[str] | None = None) -> list[LayerRow]:
+    """The layers ``names`` (default: ``engine.layer_names``) with their operation, output shape for an
+    input of ``size`` and receptive field."""
+    modules = dict(engine.model.named_modules())
+    rows = []
+    for name in engine.layer_names if names is None else names:
+        info = engine.layer(name)
+        shape = " x ".join(map(str, engine.output_shape(name, size)))
+        if name in modules:
+            what = type(modules[name]).__name__
+        else:
+            what = f"{info.path} ({info.kind})" if info.path != name else info.kind
+        field = "whole image" if info.rf_size is None else f"{info.rf_size} px"
+        stride = "" if info.rf_size is None else str(info.rf_stride)
+        rows.append(LayerRow(name, what, shape, field, stride))
+    return rows

@@ -36,7 +36,9 @@ from torch import nn
 
 from ..deconv import DeconvNet, LayerInfo, Selection
 from ..errors import DeconvnetError
-from .layers import ModelLike, model_head, model_of
+from ..notebook import InlineDisplay
+from ..weights import LoadedModel
+from .layers import ModelLike, input_picture, model_head, model_of
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -54,8 +56,10 @@ __all__ = [
 
 
 @dataclass
-class OcclusionMaps:
-    """Results over occluder positions; every map is (len(ys), len(xs)), indexed [row, col]."""
+class OcclusionMaps(InlineDisplay):
+    """Results over occluder positions; every map is (len(ys), len(xs)), indexed [row, col]. With the
+    input it was computed on (``image``) and the class names, so that ``figure()`` (and a notebook)
+    draws it without arguments."""
 
     ys: np.ndarray  # top-left row of the occluder for each map row
     xs: np.ndarray  # top-left column for each map column
@@ -73,6 +77,8 @@ class OcclusionMaps:
     base_top_class: int
     method: str = "incremental"
     logits: np.ndarray | None = field(default=None, repr=False)  # (ny, nx, classes)
+    image: np.ndarray | None = field(default=None, repr=False)  # (H, W, 3) uint8: the input as shown
+    classes: list[str] = field(default_factory=list, repr=False)  # the model's class names
 
     @property
     def centers(self) -> tuple[np.ndarray, np.ndarray]:
@@ -82,17 +88,24 @@ class OcclusionMaps:
 
     def figure(
         self,
-        image: Any,
-        classes: Sequence[str],
+        image: Any = None,
+        classes: Sequence[str] | None = None,
         projection: torch.Tensor | None = None,
         box: tuple[int, int, int, int] | None = None,
         title: str | None = None,
     ) -> Figure:
-        """The paper's Fig. 7 row over ``image`` (the model's input crop, e.g. from ``prepare_images``):
-        input, total activation, the watched map's ``projection`` (``projection_of_map``; optional),
-        probability of the target, most probable class."""
+        """The paper's Fig. 7 row over ``image`` (the model's input crop, e.g. from ``prepare_images``;
+        default: the input this was computed on): input, total activation, the watched map's
+        ``projection`` (``projection_of_map``; optional), probability of the target, most probable
+        class (``classes``: default the model's class names, else class numbers)."""
         from ..display.figures import occlusion_figure
 
+        image = self.image if image is None else image
+        if image is None:
+            raise DeconvnetError("these occlusion maps hold no image to draw over: pass figure(image=...)")
+        if classes is None:
+            count = 1 + max(self.target, self.base_top_class, int(self.top_class.max(initial=0)))
+            classes = self.classes or [f"class {i}" for i in range(count)]
         return occlusion_figure(self, image, classes, projection, box, title)
 
     def to_dict(self, classes: Sequence[str] | None = None) -> dict:
@@ -629,6 +642,8 @@ def occlusion_maps(
         base_top_class=int(base_probs.argmax()),
         method=method,
         logits=logits_all.view(*shape, -1).numpy() if keep_logits else None,
+        image=input_picture(loaded, image),
+        classes=list(loaded.classes) if isinstance(loaded, LoadedModel) else [],
     )
 
 

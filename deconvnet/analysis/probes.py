@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DeconvnetError, optional_extra
+from ..notebook import InlineDisplay
 from ..weights import LoadedModel
 from .layers import LAYER_LABELS, LayerTaps, ModelLike, model_of
 
@@ -267,7 +268,7 @@ def train_from_scratch(
 
 
 @dataclass
-class ProbeResult:
+class ProbeResult(InlineDisplay):
     """Table 7: one row per (model, layer, classifier, training images per class), with what it was
     computed from."""
 

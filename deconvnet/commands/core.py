@@ -138,25 +138,17 @@ def cmd_project(args: argparse.Namespace) -> int:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
+    from ..analysis.layers import layer_rows
     from ..engine import DeconvNet
 
     loaded = load_from_args(args, untrained_ok=True)
     engine = DeconvNet(loaded.model)
     size = (loaded.preprocessing.crop, loaded.preprocessing.crop)
-    names = engine.all_layer_names if args.all else engine.layer_names
-    modules = dict(loaded.model.named_modules())
-    width = max(8, *(len(n) for n in names))
+    rows = layer_rows(engine, size, engine.all_layer_names if args.all else engine.layer_names)
+    width = max(8, *(len(row.name) for row in rows))
     print(f"{'layer':{width}} {'operation':34} {'output':18} {'receptive field':>16} {'stride':>7}")
-    for name in names:
-        info = engine.layer(name)
-        shape = " x ".join(map(str, engine.output_shape(name, size)))
-        if name in modules:
-            what = type(modules[name]).__name__
-        else:
-            what = f"{info.path} ({info.kind})" if info.path != name else info.kind
-        field = "whole image" if info.rf_size is None else f"{info.rf_size} px"
-        stride = "" if info.rf_size is None else str(info.rf_stride)
-        print(f"{name:{width}} {what[:34]:34} {shape:18} {field:>16} {stride:>7}")
+    for row in rows:
+        print(f"{row.name:{width}} {row.operation[:34]:34} {row.output:18} {row.receptive_field:>16} {row.stride:>7}")
     print(
         f"input {size[0]} x {size[1]}; --layer takes these names"
         + (

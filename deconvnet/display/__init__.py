@@ -1,6 +1,6 @@
 """The display layer: every picture the project draws (matplotlib figures, PNG panels for the report and
 the explorer) is made here, once, from the analyses' results; the CLI, the report, the server and
-notebooks all sit on it. ``common`` holds the shared base (backend, new figures, atomic saving,
+notebooks all sit on it. ``common`` holds the shared base (new figures, atomic saving,
 encoding), ``figures`` the matplotlib figures (each function returns a Figure; save it with
 ``save_figure``), ``panels`` the arrays and PNG panels of the report and the web explorer."""
 

@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from ..analysis.atlas import AtlasTiles
 from ..atomic import save_text
 from ..errors import DeconvnetError
-from .common import plt, save_figure
+from .common import new_figure, save_figure
 
 __all__ = ["SHEET_DPI", "atlas_index_html", "atlas_sheet", "page_slots", "render_atlas", "sheet_name"]
 
@@ -77,7 +78,7 @@ def _sheet_pixels(t: AtlasTiles, slots: Sequence[int], cols: int) -> tuple[np.nd
     return sheet, (bh, bw)
 
 
-def atlas_sheet(tiles: AtlasTiles, slots: Sequence[int], columns: int = 4, title: str = "") -> plt.Figure:
+def atlas_sheet(tiles: AtlasTiles, slots: Sequence[int], columns: int = 4, title: str = "") -> Figure:
     """One sheet: the blocks of the maps in ``slots`` (indices into ``tiles.maps``), ``columns`` a row,
     each titled with its map index and top activation. Save it with ``save_figure(fig, path, dpi=SHEET_DPI)``."""
     if columns < 1:
@@ -85,7 +86,7 @@ def atlas_sheet(tiles: AtlasTiles, slots: Sequence[int], columns: int = 4, title
     layer = tiles.layer
     cols = min(columns, len(slots))
     sheet, (bh, bw) = _sheet_pixels(tiles, slots, cols)
-    fig = plt.figure(figsize=(sheet.shape[1] / SHEET_DPI, sheet.shape[0] / SHEET_DPI + 0.35), dpi=SHEET_DPI)
+    fig = new_figure((sheet.shape[1] / SHEET_DPI, sheet.shape[0] / SHEET_DPI + 0.35), dpi=SHEET_DPI)
     ax = fig.add_axes((0, 0, 1, sheet.shape[0] / (sheet.shape[0] + 35)))
     ax.imshow(sheet, interpolation="nearest")
     for j, slot in enumerate(slots):

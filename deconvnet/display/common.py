@@ -1,6 +1,7 @@
-"""The base of the display layer: the matplotlib backend (Agg: no display needed), new figures,
-atomic figure saving, the contrast mapping of a projection for display, and PNG/data-URI encoding
-shared by the figures, the HTML report and the web explorer."""
+"""The base of the display layer: new figures (drawn by Agg outside pyplot: no display needed, and
+pyplot's backend, e.g. a notebook's ``%matplotlib inline``, is never changed), atomic figure saving,
+the contrast mapping of a projection for display, and PNG/data-URI encoding shared by the figures,
+the HTML report and the web explorer."""
 
 from __future__ import annotations
 
@@ -10,10 +11,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -21,7 +18,7 @@ from PIL import Image
 
 from ..atomic import atomic_path
 
-__all__ = ["plt", "new_figure", "save_figure", "figure_png", "to_display", "crop_box", "png_bytes", "data_uri"]
+__all__ = ["new_figure", "save_figure", "figure_png", "to_display", "crop_box", "png_bytes", "data_uri"]
 
 
 def new_figure(figsize: tuple[float, float], dpi: float = 110) -> Figure:
@@ -33,22 +30,16 @@ def new_figure(figsize: tuple[float, float], dpi: float = 110) -> Figure:
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: float | None = None) -> Path:
-    """Save atomically (temp file + rename) at ``dpi`` (default: the figure's own) and close the figure."""
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi or "figure", bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
-    finally:
-        plt.close(fig)
+    """Save atomically (temp file + rename) at ``dpi`` (default: the figure's own)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi or "figure", bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
     return Path(path)
 
 
 def figure_png(fig: Figure, dpi: float | None = None) -> bytes:
-    """The figure as PNG bytes (as ``save_figure`` would write it), then closed."""
+    """The figure as PNG bytes (as ``save_figure`` would write it)."""
     buf = io.BytesIO()
-    try:
-        fig.savefig(buf, dpi=dpi or "figure", bbox_inches="tight", format="png")
-    finally:
-        plt.close(fig)
+    fig.savefig(buf, dpi=dpi or "figure", bbox_inches="tight", format="png")
     return buf.getvalue()
 
 

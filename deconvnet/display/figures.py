@@ -18,7 +18,7 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from .common import crop_box, new_figure, to_display
-from .panels import filter_mosaic
+from .panels import filter_mosaic, gray_map
 
 if TYPE_CHECKING:  # the result types drawn here (display imports the analyses; never the reverse)
     from ..analysis.correspondence import CorrespondenceRow
@@ -27,11 +27,14 @@ if TYPE_CHECKING:  # the result types drawn here (display imports the analyses; 
     from ..analysis.invariance import InvarianceCurves
     from ..analysis.occlusion import OcclusionMaps
     from ..analysis.probes import ProbeRow
-    from ..inference import ProjectionResult
+    from ..engine import Projection
+    from ..inference import ProjectionResult, StrongestMaps
 
 __all__ = [
     "training_curves",
     "projection_figure",
+    "projection_view_figure",
+    "strongest_maps_figure",
     "confusion_figure",
     "occlusion_figure",
     "invariance_figure",
@@ -138,6 +141,41 @@ def projection_figure(result: ProjectionResult, title: str | None = None) -> Fig
         for spine in ax.spines.values():
             spine.set_visible(False)
     fig.suptitle(title or f"deconvnet projections from {result.layer}", fontsize=11)
+    return fig
+
+
+def projection_view_figure(projection: Projection, title: str | None = None) -> Figure:
+    """One projection as ``projection_figure`` draws each: contrast-normalised, its receptive field outlined."""
+    fig = new_figure((3.2, 3.5))
+    ax = fig.subplots()
+    ax.imshow(to_display(projection.image))
+    _outline(ax, projection.box)
+    sel = projection.selection
+    what = "whole map" if sel.whole_map else f"({projection.position[0]},{projection.position[1]})"
+    default = f"{sel.layer} #{sel.channel} {what}\nact {projection.value:.3g}, {projection.rule}"
+    ax.set_title(title or default, fontsize=9)
+    _clean(ax)
+    return fig
+
+
+def strongest_maps_figure(maps: StrongestMaps, title: str | None = None) -> Figure:
+    """The input, then the strongest maps of a layer in grey (black 0, white the map's own maximum),
+    each titled with its channel and maximum, strongest first."""
+    n = len(maps.channels)
+    columns = min(n + 1, 6)
+    rows = math.ceil((n + 1) / columns)
+    fig = new_figure((1.9 * columns, 2.1 * rows + 0.3))
+    axes = fig.subplots(rows, columns, squeeze=False).flat
+    axes[0].imshow(maps.image)
+    axes[0].set_title("input", fontsize=9)
+    for ax, channel, top, fmap in zip(axes[1:], maps.channels, maps.maxima, maps.maps):
+        ax.imshow(gray_map(fmap), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(f"#{channel}  max {top:.3g}", fontsize=8)
+    for ax in axes:
+        _clean(ax)
+        if not ax.images:
+            ax.set_axis_off()
+    fig.suptitle(title or f"{maps.layer}: the {n} strongest maps", fontsize=11)
     return fig
 
 

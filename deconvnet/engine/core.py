@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import DeconvnetError
+from ..notebook import InlineDisplay
 from .chain import ChainRecord, LayerInfo, chain_forward, feature_layers, is_chain
 from .graph import Field, ModelGraph, trace
 from .record import ForwardRecord, run_forward
@@ -49,8 +50,9 @@ class Selection:
 
 
 @dataclass
-class Projection:
-    """A projection to pixel space, in the model-input space (same shape as one input image)."""
+class Projection(InlineDisplay):
+    """A projection to pixel space, in the model-input space (same shape as one input image); in a
+    notebook it shows itself (contrast-normalised, its receptive field outlined)."""
 
     selection: Selection
     value: float

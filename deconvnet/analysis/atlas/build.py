@@ -14,6 +14,7 @@ from ...atomic import save_text
 from ...data import list_images
 from ...engine import DeconvNet
 from ...errors import DeconvnetError
+from ...notebook import InlineDisplay
 from ...runtime import all_gather_objects, barrier, dist_info, gather_objects, join_process_group
 from ...weights import LoadedModel
 from .cache import SwitchCache
@@ -30,7 +31,7 @@ __all__ = ["AtlasResult", "build_atlas"]
 
 
 @dataclass
-class AtlasResult:
+class AtlasResult(InlineDisplay):
     """What :func:`build_atlas` made: the merged ``scan`` (this shard's, while unfinished), the display
     ``tiles`` per layer (``None`` when not projected, and on processes other than 0 under torchrun),
     the ``written`` files and the seconds each phase took (``timings``: scan, project, render)."""
