@@ -44,7 +44,7 @@ def main() -> None:
         import sys
 
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from tests.imaging import make_image_folder
+        from tests.helpers.images import make_image_folder
 
         data = make_image_folder(Path(tempfile.mkdtemp()) / "train", classes=4, per_class=args.limit // 4, size=160)
         print(f"(no {args.data}: using a synthetic ImageFolder)")

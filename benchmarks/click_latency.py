@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _serve import start_server
+from serving import start_server
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import sys
 import time
 from urllib.parse import urlparse
 
-from _serve import start_server
+from serving import start_server
 
 
 def percentile(values: list[float], q: float) -> float:

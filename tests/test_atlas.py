@@ -4,7 +4,6 @@ torchrun sharding, rendering, bad input. Small random models and small images th
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections import OrderedDict
@@ -28,24 +27,13 @@ from deconvnet.analysis.atlas import (
     project_atlas,
     scan_atlas,
 )
-from deconvnet.data import Preprocessing
 from deconvnet.deconv import DeconvNet, Selection
 from deconvnet.engine.windowed import WindowedProjector, last_pool_below
 from deconvnet.errors import DeconvnetError
-from deconvnet.models import build_model
 from deconvnet.weights import LoadedModel, save_weights
-
-from .reference import naive_topk
-
-TINY_CONV = ((8, 7, 2, 1), (12, 5, 2, 0), (12, 3, 1, 1), (12, 3, 1, 1), (8, 3, 1, 1))
-
-
-def tiny_loaded(seed: int = 0, lrn: bool = False, crop: int = 48, pool_style: str = "ceil") -> LoadedModel:
-    torch.manual_seed(seed)
-    model = build_model(
-        "zfnet", conv=TINY_CONV, fc=(8, 8), num_classes=3, lrn=lrn, input_size=crop, pool_style=pool_style
-    ).eval()
-    return LoadedModel(model, ["a", "b", "c"], Preprocessing(resize=crop + 6, crop=crop), "zfnet", f"tiny-{seed}")
+from tests.helpers.models import tiny_loaded
+from tests.helpers.processes import free_port
+from tests.reference import naive_topk
 
 
 def write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
@@ -478,12 +466,6 @@ def test_cli_errors_are_one_line(tmp_path):
 # --------------------------------------------------------------------------- torchrun
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_torchrun_processes_give_the_same_atlas_as_one(tmp_path):
     loaded = tiny_loaded(seed=8)
     weights = save_weights(loaded.model, tmp_path / "tiny.safetensors", loaded.classes, loaded.preprocessing)
@@ -525,7 +507,7 @@ def test_two_torchrun_processes_give_the_same_atlas_as_one(tmp_path):
             "--master_addr",
             "127.0.0.1",
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
             "-m",
             "deconvnet",
             *common,

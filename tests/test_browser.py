@@ -17,14 +17,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.browser import CHROMIUM, CHROMIUM_ARGS, save_screenshot
+from tests.helpers.images import photo_bytes
+from tests.helpers.models import served_weights
+from tests.helpers.processes import Server
+
 pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-try:  # tests/ as a package or as a plain folder
-    from tests._server import CHROMIUM, CHROMIUM_ARGS, Server, photo_bytes, save_screenshot, tiny_weights
-except ImportError:  # pragma: no cover
-    from _server import CHROMIUM, CHROMIUM_ARGS, Server, photo_bytes, save_screenshot, tiny_weights  # type: ignore[no-redef]
 
 if not Path(CHROMIUM).exists():  # pragma: no cover - CI installs it (.ci/run)
     pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium", allow_module_level=True)
@@ -36,7 +37,7 @@ def _weights(base: Path) -> Path:
     if os.environ.get("DECONVNET_BROWSER_WEIGHTS"):
         return Path(os.environ["DECONVNET_BROWSER_WEIGHTS"])
     bundled = BUNDLED_DIR / "zfnet-imagenette.safetensors"
-    return bundled if bundled.exists() else tiny_weights(base / "tiny.safetensors")
+    return bundled if bundled.exists() else served_weights(base / "tiny.safetensors")
 
 
 def _model_input_size(server: Server) -> int:
@@ -209,7 +210,7 @@ def test_report_opens_from_disk(browser, tmp_path: Path, shots: Path) -> None:
     from deconvnet.samples import sample_paths
     from deconvnet.weights import load_model
 
-    loaded = load_model(str(tiny_weights(tmp_path / "tiny.safetensors")))
+    loaded = load_model(str(served_weights(tmp_path / "tiny.safetensors")))
     report = build_report(
         loaded,
         sample_paths(["coffee"]),

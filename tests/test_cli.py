@@ -1,8 +1,5 @@
 """The CLI end to end on real photos: classify, project, and clear errors without tracebacks."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -13,6 +10,7 @@ from deconvnet.data import Preprocessing
 from deconvnet.models import build_model
 from deconvnet.samples import sample_paths
 from deconvnet.weights import save_weights
+from tests.helpers.processes import run_deconvnet
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +59,6 @@ def test_project_writes_figure_and_raw_projections(weights, tmp_path, how):
     assert np.abs(arr).max() > 0
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "deconvnet", *args], capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -99,7 +93,7 @@ def test_user_mistakes_are_one_line_errors(weights, tmp_path, args, message):
         argv += ["--weights", weights]
     if argv[0] == "project":
         argv += ["--out", str(tmp_path / "o")]
-    result = _cli(*argv)
+    result = run_deconvnet(*argv)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -172,7 +166,7 @@ def test_help_lists_commands_in_the_documented_order():
     import re
     from pathlib import Path
 
-    help_text = _cli("--help").stdout
+    help_text = run_deconvnet("--help").stdout
     listed = [
         line.split()[0]
         for line in help_text.split("COMMAND\n", 1)[1].splitlines()

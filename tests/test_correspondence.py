@@ -19,7 +19,9 @@ from deconvnet.analysis.correspondence import (
 from deconvnet.data import Preprocessing
 from deconvnet.errors import DeconvnetError
 from deconvnet.weights import load_model
-from tests._analysis_helpers import run_cli, tiny_model, tiny_weights, write_image
+from tests.helpers.images import write_image
+from tests.helpers.models import tiny_model, tiny_weights
+from tests.helpers.processes import run_cli
 
 
 def test_sign_hamming_on_hand_built_vectors():
@@ -89,7 +91,7 @@ GOOD = [{"file": f"d{i}.png", "boxes": {"left_eye": [30, 20, 40, 30], "nose": [4
 
 
 def test_cli_runs_and_writes_the_table(tmp_path, capsys):
-    weights = tiny_weights(tmp_path)
+    weights = tiny_weights(tmp_path / "tiny.safetensors")
     folder, boxes = _dataset(tmp_path, GOOD)
     code, out, err = run_cli(
         [
@@ -137,7 +139,7 @@ def test_cli_runs_and_writes_the_table(tmp_path, capsys):
     ],
 )
 def test_cli_bad_boxes(tmp_path, capsys, entries, message):
-    weights = tiny_weights(tmp_path)
+    weights = tiny_weights(tmp_path / "tiny.safetensors")
     folder, boxes = _dataset(tmp_path, entries)
     code, out, err = run_cli(
         [
@@ -168,7 +170,7 @@ def test_load_boxes_defaults_to_parts_common_to_all_images(tmp_path):
 
 
 def test_real_dog_boxes_fit_the_default_crop():
-    from tests.conftest import needs_shared
+    from tests.helpers.shared_data import needs_shared
 
     dogs = needs_shared("dogs")
     annotated, parts = load_boxes(dogs, dogs / "annotations.json")

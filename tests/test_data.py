@@ -7,8 +7,7 @@ from PIL import Image
 
 from deconvnet.data import AugmentedView, ImageFolderCache, Preprocessing, load_image, ten_crops
 from deconvnet.errors import DeconvnetError
-
-from .imaging import make_image_folder
+from tests.helpers.images import make_image_folder
 
 
 def _rgb(size=(40, 30)):

@@ -1,4 +1,4 @@
-"""The deconvnet against independent formulations (PAPER.md s.3)."""
+"""The deconvnet against independent formulations (Zeiler & Fergus 2014, Sec. 2.1)."""
 
 import pytest
 import torch

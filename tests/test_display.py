@@ -22,11 +22,8 @@ from deconvnet.display import figure_png, save_figure
 from deconvnet.display.figures import training_curves
 from deconvnet.inference import prepare_images, project_image
 from deconvnet.weights import LoadedModel
-
-try:  # tests/ as a package or as a plain folder
-    from tests._analysis_helpers import CLASSES, tiny_model, write_image
-except ImportError:  # pragma: no cover
-    from _analysis_helpers import CLASSES, tiny_model, write_image  # type: ignore[no-redef]
+from tests.helpers.images import write_image
+from tests.helpers.models import CLASSES, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,7 @@ from deconvnet.engine import RULES, DeconvNet, Selection
 from deconvnet.engine.reverse import TransposedFilters, batchnorm_scale, conv_transpose
 from deconvnet.errors import DeconvnetError
 from deconvnet.models import build_model
-
-from .reference import reference_projection
+from tests.reference import reference_projection
 
 # relative to the reference's largest magnitude: float32 sums over up to ~10^5 terms in a different
 # order (transposed convs vs autograd's kernels) differ by ~1e-6 of the largest value

@@ -8,36 +8,24 @@ import torch
 from PIL import Image
 
 from deconvnet.analysis.evolution import feature_evolution, snapshot_epoch
-from deconvnet.data import Preprocessing
 from deconvnet.deconv import DeconvNet
 from deconvnet.display import save_figure
 from deconvnet.errors import DeconvnetError
-from deconvnet.models import build_model
 from deconvnet.weights import load_model, save_weights
+from tests.helpers.images import noise_images
+from tests.helpers.models import NARROW_CONV, tiny_loaded
 
-CONV = ((8, 7, 2, 1), (12, 5, 2, 0), (12, 3, 1, 1), (12, 3, 1, 1), (8, 3, 1, 1))
 
-
-def _snapshots(tmp_path, epochs=(1, 4, 2), conv=CONV, names=None):
+def _snapshots(tmp_path, epochs=(1, 4, 2), conv=NARROW_CONV, names=None):
+    """One weights file per epoch, each a tiny model seeded with its epoch (48 px, resize 54)."""
     paths = []
     for j, epoch in enumerate(epochs):
-        torch.manual_seed(epoch)
-        model = build_model("zfnet", conv=conv, fc=(8, 8), num_classes=3, lrn=False, input_size=48)
+        loaded = tiny_loaded(epoch, conv=conv)
         name = names[j] if names else f"epoch-{epoch:03d}.safetensors"
         paths.append(
-            save_weights(
-                model, tmp_path / name, ["a", "b", "c"], Preprocessing(resize=54, crop=48), extra={"epoch": epoch}
-            )
+            save_weights(loaded.model, tmp_path / name, loaded.classes, loaded.preprocessing, extra={"epoch": epoch})
         )
     return paths
-
-
-def _images(folder, n=6):
-    rng = np.random.default_rng(1)
-    folder.mkdir()
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (60, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return sorted(folder.iterdir())
 
 
 def test_snapshot_epoch_from_metadata_or_name(tmp_path):
@@ -50,7 +38,7 @@ def test_snapshot_epoch_from_metadata_or_name(tmp_path):
 
 def test_columns_are_epochs_each_with_its_own_weights(tmp_path):
     paths = _snapshots(tmp_path)
-    files = _images(tmp_path / "imgs")
+    files = noise_images(tmp_path / "imgs", 6, size=(64, 60), seed=1)
     evo = feature_evolution(paths, files, layers="conv1,conv3", maps_per_layer=2, tile=32, progress=False)
     assert evo.epochs == [1, 2, 4]  # sorted, whatever the order given
     assert evo.tiles["conv1"].shape == (2, 3, 7, 7, 3) and evo.tiles["conv3"].shape[:2] == (2, 3)
@@ -73,7 +61,7 @@ def test_columns_are_epochs_each_with_its_own_weights(tmp_path):
 
 def test_explicit_maps_and_mismatched_snapshots(tmp_path):
     paths = _snapshots(tmp_path, epochs=(1, 2))
-    files = _images(tmp_path / "imgs", 3)
+    files = noise_images(tmp_path / "imgs", 3, size=(64, 60), seed=1)
     evo = feature_evolution(paths, files, layers="conv2", explicit_maps=[0, 5], progress=False)
     assert evo.maps == {"conv2": [0, 5]}
     with pytest.raises(DeconvnetError, match="out of range"):

@@ -12,31 +12,20 @@ import torch
 from PIL import Image
 
 from deconvnet.analysis.filters import filter_stats, layer2_top_projections
-from deconvnet.data import Preprocessing
 from deconvnet.display import save_figure
 from deconvnet.display.figures import filters_figure
 from deconvnet.display.panels import filter_mosaic
 from deconvnet.errors import DeconvnetError
-from deconvnet.models import build_model
 from deconvnet.weights import LoadedModel, save_weights
+from tests.helpers.images import noise_images
+from tests.helpers.models import NARROW_ALEXNET_CONV, tiny_loaded
 
 
 def _tiny(arch: str = "zfnet", seed: int = 0) -> LoadedModel:
-    torch.manual_seed(seed)
     if arch == "zfnet":
-        conv, crop = ((8, 7, 2, 1), (12, 5, 2, 0), (12, 3, 1, 1), (12, 3, 1, 1), (8, 3, 1, 1)), 48
-    else:  # AlexNet geometry: 11x11 stride 4 first layer
-        conv, crop = ((8, 11, 4, 0), (12, 5, 1, 2), (12, 3, 1, 1), (12, 3, 1, 1), (8, 3, 1, 1)), 96
-    model = build_model(arch, conv=conv, fc=(8, 8), num_classes=3, lrn=False, input_size=crop).eval()
-    return LoadedModel(model, ["a", "b", "c"], Preprocessing(resize=crop + 8, crop=crop), arch, f"tiny-{arch}")
-
-
-def _images(folder, n=5):
-    rng = np.random.default_rng(0)
-    folder.mkdir()
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (70, 80, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return sorted(folder.iterdir())
+        return tiny_loaded(seed, arch=arch, margin=8, name="tiny-zfnet")
+    # AlexNet geometry: 11x11 stride 4 first layer
+    return tiny_loaded(seed, crop=96, arch=arch, conv=NARROW_ALEXNET_CONV, margin=8, name=f"tiny-{arch}")
 
 
 def test_rms_and_dead_filters():
@@ -70,7 +59,7 @@ def test_mosaic_layout_and_scaling():
 
 
 def test_side_by_side_figure_with_layer2_projections(tmp_path):
-    files = _images(tmp_path / "imgs")
+    files = noise_images(tmp_path / "imgs", 5, size=(80, 70), seed=0)
     zf, alex = _tiny("zfnet"), _tiny("alexnet", seed=1)
     layer2 = {
         name: layer2_top_projections(lm, files, count=6, tile=24, progress=False)

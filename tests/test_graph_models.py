@@ -17,8 +17,7 @@ from deconvnet.data import Preprocessing, list_images
 from deconvnet.engine import DeconvNet, Selection
 from deconvnet.errors import DeconvnetError
 from deconvnet.weights import wrap_model
-
-from .imaging import make_image_folder
+from tests.helpers.images import make_image_folder
 
 
 @pytest.fixture(scope="module")

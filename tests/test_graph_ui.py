@@ -20,11 +20,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-try:  # tests/ as a package or as a plain folder
-    from tests._server import CHROMIUM, CHROMIUM_ARGS, Server, photo_bytes, save_screenshot
-except ImportError:  # pragma: no cover
-    from _server import CHROMIUM, CHROMIUM_ARGS, Server, photo_bytes, save_screenshot  # type: ignore[no-redef]
 from deconvnet.cli import main
+from tests.helpers.browser import CHROMIUM, CHROMIUM_ARGS, save_screenshot
+from tests.helpers.images import photo_bytes
+from tests.helpers.processes import Server
 
 RULES = ["deconvnet", "guided", "gradient"]
 
@@ -158,14 +157,6 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     srv = Server(weights, work, ["--arch", "resnet50"])
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: Server):
-    import httpx
-
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
 
 
 def _open_photo(client) -> dict:

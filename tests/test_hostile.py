@@ -2,7 +2,7 @@
 `deconvnet: error:` line, or works, within a memory cap, and writes nothing outside its output folder.
 
 The cases that could take memory (thin strips of images, crafted weights) run as real processes under
-RLIMIT_AS (see tests/_capped.py for the 6 GiB figure); argument errors run as real processes too
+RLIMIT_AS (see tests/helpers/processes.py for the 6 GiB figure); argument errors run as real processes too
 (they stop before torch is imported, so they are cheap); the rest run through `deconvnet.cli.main`
 in this process, where torch is already imported, to keep the suite fast.
 """
@@ -24,13 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from deconvnet.cli import main
 from deconvnet.errors import DeconvnetError
-
-try:  # tests/ as a package or as a plain folder
-    from tests._capped import run_capped
-    from tests._server import tiny_weights
-except ImportError:  # pragma: no cover
-    from _capped import run_capped  # type: ignore[no-redef]
-    from _server import tiny_weights  # type: ignore[no-redef]
+from tests.helpers.processes import run_capped
 
 
 def _tree(root: Path) -> set[Path]:
@@ -40,11 +34,6 @@ def _tree(root: Path) -> set[Path]:
 def _only_under(new: set[Path], folder: Path) -> list[Path]:
     """New paths that are neither the output folder (or its parents) nor inside it."""
     return sorted(p for p in new if p != folder and folder not in p.parents and p not in folder.parents)
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    return tiny_weights(tmp_path_factory.mktemp("hostile-w") / "tiny.safetensors")
 
 
 def _crafted(weights: Path, out: Path, meta_changes: dict | None = None, state_change=None) -> Path:
@@ -62,7 +51,7 @@ def _crafted(weights: Path, out: Path, meta_changes: dict | None = None, state_c
 # --------------------------------------------------------------------------- real processes, capped
 
 
-def test_thin_strips_of_images_work_within_the_cap(weights, tmp_path):
+def test_thin_strips_of_images_work_within_the_cap(served_weights_file, tmp_path):
     """A 405-byte 10000x10 PNG through `report` (which runs the uncropped invariance path) grew past
     23 GB before the long side was bounded; a 4000x40 strip needed more than 9 GB."""
     Image.fromarray(np.zeros((10, 10000), np.uint8)).save(tmp_path / "strip.png")
@@ -77,7 +66,7 @@ def test_thin_strips_of_images_work_within_the_cap(weights, tmp_path):
             "rep",
             "--no-occlusion",
             "--weights",
-            str(weights),
+            str(served_weights_file),
             "--device",
             "cpu",
         ],
@@ -96,13 +85,13 @@ def test_thin_strips_of_images_work_within_the_cap(weights, tmp_path):
         ("nan", "NaN/infinite value(s)"),
     ],
 )
-def test_crafted_weights_fail_in_one_line_before_allocating(weights, tmp_path, case, message):
+def test_crafted_weights_fail_in_one_line_before_allocating(served_weights_file, tmp_path, case, message):
     if case == "huge-fc":  # built as is, fc6 alone would need 50e6 x 96 floats: gigabytes before any check
-        arch = json.loads(safe_open(str(weights), "pt").metadata()["arch"])
-        bad = _crafted(weights, tmp_path / "w.safetensors", {"arch": {**arch, "fc": [50_000_000, 32]}})
+        arch = json.loads(safe_open(str(served_weights_file), "pt").metadata()["arch"])
+        bad = _crafted(served_weights_file, tmp_path / "w.safetensors", {"arch": {**arch, "fc": [50_000_000, 32]}})
     else:
         bad = _crafted(
-            weights,
+            served_weights_file,
             tmp_path / "w.safetensors",
             state_change=lambda s: {
                 **s,
@@ -116,7 +105,7 @@ def test_crafted_weights_fail_in_one_line_before_allocating(weights, tmp_path, c
     assert "Traceback" not in done.stderr and "nan%" not in done.stdout
 
 
-def test_project_raw_without_npy_suffix_writes_name_npy(weights, tmp_path):
+def test_project_raw_without_npy_suffix_writes_name_npy(served_weights_file, tmp_path):
     Image.new("RGB", (90, 70), "blue").save(tmp_path / "a.png")
     (tmp_path / "t").mkdir()
     before = _tree(tmp_path)
@@ -133,7 +122,7 @@ def test_project_raw_without_npy_suffix_writes_name_npy(weights, tmp_path):
             "--raw",
             "t/proj",
             "--weights",
-            str(weights),
+            str(served_weights_file),
             "--device",
             "cpu",
         ],
@@ -201,11 +190,20 @@ def test_training_settings_that_cannot_work_are_refused_before_reading_data(tmp_
     assert "exists and is a file, not a folder" in _one_error(capsys)
 
 
-def test_output_paths_are_checked_before_any_work(weights, tmp_path, capsys):
+def test_output_paths_are_checked_before_any_work(served_weights_file, tmp_path, capsys):
     Image.new("RGB", (90, 70), "blue").save(tmp_path / "a.png")
     (tmp_path / "adir").mkdir()
     (tmp_path / "afile").write_text("x")
-    project = ["project", str(tmp_path / "a.png"), "--layer", "conv2", "--feature", "0", "--weights", str(weights)]
+    project = [
+        "project",
+        str(tmp_path / "a.png"),
+        "--layer",
+        "conv2",
+        "--feature",
+        "0",
+        "--weights",
+        str(served_weights_file),
+    ]
     before = _tree(tmp_path)
     assert main([*project, "--out", str(tmp_path / "o"), "--raw", str(tmp_path / "adir")]) == 2
     assert "is a folder; give a file name" in _one_error(capsys)
@@ -213,17 +211,17 @@ def test_output_paths_are_checked_before_any_work(weights, tmp_path, capsys):
     assert "exists and is a file, not a folder" in _one_error(capsys)
     assert main([*project, "--out", str(tmp_path / "afile" / "inside")]) == 2
     assert "is a file, so nothing can be created inside it" in _one_error(capsys)
-    assert main(["convert", "--weights", str(weights), "--out", str(tmp_path / "adir")]) == 2
+    assert main(["convert", "--weights", str(served_weights_file), "--out", str(tmp_path / "adir")]) == 2
     assert "is a folder; give a file name" in _one_error(capsys)
-    assert main(["convert", "--weights", str(weights), "--out", str(tmp_path / "w.pth")]) == 2
+    assert main(["convert", "--weights", str(served_weights_file), "--out", str(tmp_path / "w.pth")]) == 2
     assert "must end with .safetensors" in _one_error(capsys)
     assert _tree(tmp_path) == before  # nothing written, no temp file left
 
 
-def test_symlink_loop_and_oversized_images_say_what_they_are(weights, tmp_path, capsys):
+def test_symlink_loop_and_oversized_images_say_what_they_are(served_weights_file, tmp_path, capsys):
     loop = tmp_path / "loop.jpg"
     os.symlink(loop, loop)
-    assert main(["classify", str(loop), "--weights", str(weights)]) == 2
+    assert main(["classify", str(loop), "--weights", str(served_weights_file)]) == 2
     assert "symbolic link loop" in _one_error(capsys)
 
     def png_header(width: int, height: int) -> bytes:  # a valid header claiming a huge image, no pixel data
@@ -236,7 +234,7 @@ def test_symlink_loop_and_oversized_images_say_what_they_are(weights, tmp_path, 
 
     for side in (8000, 15000):  # 64 megapixels: our limit; 225 megapixels: PIL's own bomb guard fires first
         (tmp_path / f"big{side}.png").write_bytes(png_header(side, side))
-        assert main(["classify", str(tmp_path / f"big{side}.png"), "--weights", str(weights)]) == 2
+        assert main(["classify", str(tmp_path / f"big{side}.png"), "--weights", str(served_weights_file)]) == 2
         line = _one_error(capsys)
         assert "image too large" in line and "the limit" in line and "40 megapixels" in line
         assert "178" not in line and "89" not in line  # PIL's two limits are never quoted
@@ -256,19 +254,19 @@ def test_symlink_loop_and_oversized_images_say_what_they_are(weights, tmp_path, 
         ({"classes": None}, "'classes' must be a list of names"),
     ],
 )
-def test_crafted_metadata_is_checked_field_by_field(weights, tmp_path, change, message):
+def test_crafted_metadata_is_checked_field_by_field(served_weights_file, tmp_path, change, message):
     from deconvnet.weights import load_model
 
-    with safe_open(str(weights), "pt") as f:
+    with safe_open(str(served_weights_file), "pt") as f:
         meta = {k: json.loads(v) for k, v in f.metadata().items() if k in ("arch", "preprocessing")}
     merged = {k: ({**meta[k], **v} if isinstance(v, dict) and k in meta else v) for k, v in change.items()}
-    bad = _crafted(weights, tmp_path / "w.safetensors", merged)
+    bad = _crafted(served_weights_file, tmp_path / "w.safetensors", merged)
     with pytest.raises(DeconvnetError) as info:
         load_model(bad)
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def test_atlas_reads_gif_and_survives_a_newline_in_a_file_name(weights, tmp_path):
+def test_atlas_reads_gif_and_survives_a_newline_in_a_file_name(served_weights_file, tmp_path):
     from deconvnet.analysis.atlas import AtlasScan, build_atlas
     from deconvnet.weights import load_model
 
@@ -277,7 +275,7 @@ def test_atlas_reads_gif_and_survives_a_newline_in_a_file_name(weights, tmp_path
     rng = np.random.default_rng(0)
     for name in ("a.png", "b.gif", "odd\nname.png"):
         Image.fromarray(rng.integers(0, 255, (70, 80, 3), dtype=np.uint8)).save(images / name)
-    loaded = load_model(weights)
+    loaded = load_model(served_weights_file)
     first = build_atlas(loaded, images, tmp_path / "atlas", layers="conv1", k=2, render=False, progress=False)
     assert len(first.scan.files) == 3 and any(f.endswith("b.gif") for f in first.scan.files)
     again = AtlasScan.load(tmp_path / "atlas" / "atlas.npz")
@@ -287,7 +285,7 @@ def test_atlas_reads_gif_and_survives_a_newline_in_a_file_name(weights, tmp_path
     assert second.scan.files == first.scan.files
 
 
-def test_old_atlas_files_with_newline_joined_lists_still_load(weights, tmp_path):
+def test_old_atlas_files_with_newline_joined_lists_still_load(served_weights_file, tmp_path):
     from deconvnet.analysis.atlas import AtlasScan, build_atlas
     from deconvnet.weights import load_model
 
@@ -296,7 +294,7 @@ def test_old_atlas_files_with_newline_joined_lists_still_load(weights, tmp_path)
     for i in range(2):
         Image.new("RGB", (70, 70), (40 * i, 90, 200)).save(images / f"{i}.png")
     result = build_atlas(
-        load_model(weights), images, tmp_path / "atlas", layers="conv1", k=1, render=False, progress=False
+        load_model(served_weights_file), images, tmp_path / "atlas", layers="conv1", k=1, render=False, progress=False
     )
     path = tmp_path / "atlas" / "atlas.npz"
     with np.load(path) as z:  # rewrite as the earlier format: "files" newline-joined, no "files_json"

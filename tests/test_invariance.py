@@ -10,7 +10,9 @@ from torchvision.transforms.v2 import functional as TF
 from deconvnet.analysis.invariance import default_values, invariance_curves, transform_batch
 from deconvnet.analysis.layers import LayerTaps
 from deconvnet.errors import DeconvnetError
-from tests._analysis_helpers import run_cli, tiny_model, tiny_weights, write_image
+from tests.helpers.images import write_image
+from tests.helpers.models import tiny_model, tiny_weights
+from tests.helpers.processes import run_cli
 
 
 def _square_image(size=80, top=30, left=30, side=12):
@@ -81,7 +83,7 @@ def test_curves_match_the_definition():
 
 
 def test_cli_writes_one_figure_and_json_per_transformation(tmp_path, capsys):
-    weights = tiny_weights(tmp_path)
+    weights = tiny_weights(tmp_path / "tiny.safetensors")
     a, b = write_image(tmp_path / "a.png", seed=1), write_image(tmp_path / "b.png", seed=2)
     code, out, err = run_cli(
         [
@@ -121,7 +123,7 @@ def test_cli_writes_one_figure_and_json_per_transformation(tmp_path, capsys):
     ],
 )
 def test_cli_bad_input(tmp_path, capsys, extra, message):
-    weights = tiny_weights(tmp_path)
+    weights = tiny_weights(tmp_path / "tiny.safetensors")
     a, b = write_image(tmp_path / "a.png"), write_image(tmp_path / "b.png")
     code, out, err = run_cli(
         ["invariance", a, b, "--weights", weights, "--quiet", "--out", tmp_path / "o", "--device", "cpu", *extra],

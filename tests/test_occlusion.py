@@ -18,7 +18,9 @@ from deconvnet.analysis.occlusion import (
 from deconvnet.deconv import DeconvNet
 from deconvnet.errors import DeconvnetError
 from deconvnet.models import build_model
-from tests._analysis_helpers import run_cli, tiny_model, tiny_weights, write_image
+from tests.helpers.images import write_image
+from tests.helpers.models import tiny_model, tiny_weights
+from tests.helpers.processes import run_cli
 
 
 @pytest.mark.parametrize("delta", [None, True, False], ids=["default", "all-convs-by-change", "all-convs-by-window"])
@@ -172,7 +174,7 @@ def test_positions_and_fill():
 
 
 def test_cli_writes_figure_and_maps(tmp_path, capsys):
-    weights = tiny_weights(tmp_path)
+    weights = tiny_weights(tmp_path / "tiny.safetensors")
     image = write_image(tmp_path / "img.png")
     code, out, err = run_cli(
         [
@@ -216,7 +218,7 @@ def test_cli_writes_figure_and_maps(tmp_path, capsys):
     ],
 )
 def test_cli_bad_input(tmp_path, capsys, extra, message):
-    weights = tiny_weights(tmp_path)
+    weights = tiny_weights(tmp_path / "tiny.safetensors")
     image = write_image(tmp_path / "img.png")
     code, out, err = run_cli(
         ["occlusion", image, "--weights", weights, "--quiet", "--out", tmp_path / "out", "--device", "cpu", *extra],

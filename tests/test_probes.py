@@ -19,7 +19,9 @@ from deconvnet.analysis.probes import (
 )
 from deconvnet.errors import DeconvnetError
 from deconvnet.weights import load_model
-from tests._analysis_helpers import run_cli, tiny_model, tiny_weights, write_image
+from tests.helpers.images import write_image
+from tests.helpers.models import tiny_model, tiny_weights
+from tests.helpers.processes import run_cli
 
 
 def test_mean_per_class_accuracy_weights_classes_equally():
@@ -98,7 +100,7 @@ def _folder(tmp_path, per_class_train=4, per_class_test=2):
 
 
 def test_cli_probe_with_scratch_baseline(tmp_path, capsys):
-    weights = tiny_weights(tmp_path)
+    weights = tiny_weights(tmp_path / "tiny.safetensors")
     root = _folder(tmp_path)
     code, out, err = run_cli(
         [
@@ -144,7 +146,7 @@ def test_cli_probe_with_scratch_baseline(tmp_path, capsys):
     ],
 )
 def test_cli_probe_bad_input(tmp_path, capsys, extra, message):
-    weights = tiny_weights(tmp_path)
+    weights = tiny_weights(tmp_path / "tiny.safetensors")
     root = _folder(tmp_path, 4, 1)
     code, out, err = run_cli(
         [
@@ -170,7 +172,7 @@ def test_cli_probe_bad_input(tmp_path, capsys, extra, message):
 def test_probe_layers_in_one_call_gives_the_cli_numbers(tmp_path, capsys):
     """A notebook user's one call (probe_layers on a loaded model) and ``deconvnet probe`` compute the
     same table: the CLI only parses, calls the library and saves."""
-    weights = tiny_weights(tmp_path)
+    weights = tiny_weights(tmp_path / "tiny.safetensors")
     root = _folder(tmp_path)
     code, out, err = run_cli(
         [

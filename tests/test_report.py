@@ -8,16 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-try:  # tests/ as a package or as a plain folder
-    from tests._server import photo_bytes, tiny_weights
-except ImportError:  # pragma: no cover
-    from _server import photo_bytes, tiny_weights  # type: ignore[no-redef]
 from deconvnet.cli import main
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_weights(tmp_path_factory.mktemp("report") / "tiny.safetensors")
+from tests.helpers.images import photo_bytes
 
 
 def _check_self_contained(text: str) -> None:
@@ -29,7 +21,9 @@ def _check_self_contained(text: str) -> None:
     assert "url(" not in text.replace("url(data:", "")
 
 
-def test_report_cli(weights: Path, tmp_path: Path, sample_image_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_report_cli(
+    served_weights_file: Path, tmp_path: Path, sample_image_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(photo_bytes("JPEG", (200, 150)))
     out = tmp_path / "out"
@@ -40,7 +34,7 @@ def test_report_cli(weights: Path, tmp_path: Path, sample_image_path: Path, caps
                 str(sample_image_path),
                 str(photo),
                 "--weights",
-                str(weights),
+                str(served_weights_file),
                 "--out",
                 str(out),
                 "--top-maps",
@@ -65,29 +59,53 @@ def test_report_cli(weights: Path, tmp_path: Path, sample_image_path: Path, caps
     assert "Occlusion" in text and "Invariance" in text
 
 
-def test_report_errors(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_report_errors(served_weights_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
-    assert main(["report", str(bad), "--weights", str(weights), "--out", str(tmp_path / "o")]) == 2
+    assert main(["report", str(bad), "--weights", str(served_weights_file), "--out", str(tmp_path / "o")]) == 2
     assert "not an image" in capsys.readouterr().err
     assert not (tmp_path / "o" / "report.html").exists()
-    assert main(["report", str(tmp_path / "missing.png"), "--weights", str(weights), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "report",
+                str(tmp_path / "missing.png"),
+                "--weights",
+                str(served_weights_file),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     photo = tmp_path / "p.png"
     photo.write_bytes(photo_bytes("PNG"))
     assert (
-        main(["report", str(photo), "--weights", str(weights), "--out", str(tmp_path / "o"), "--layers", "conv9"]) == 2
+        main(
+            [
+                "report",
+                str(photo),
+                "--weights",
+                str(served_weights_file),
+                "--out",
+                str(tmp_path / "o"),
+                "--layers",
+                "conv9",
+            ]
+        )
+        == 2
     )
     assert "unknown layer" in capsys.readouterr().err
 
 
-def test_demo(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_demo(served_weights_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "demo"
     assert (
         main(
             [
                 "demo",
                 "--weights",
-                str(weights),
+                str(served_weights_file),
                 "--out",
                 str(out),
                 "--top-maps",
@@ -107,11 +125,11 @@ def test_demo(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> N
         assert f"{name}.png" in text or f"{name}.jpg" in text
 
 
-def test_model_summary_reads_metadata(weights: Path) -> None:
+def test_model_summary_reads_metadata(served_weights_file: Path) -> None:
     from deconvnet.report import layer1_filters, model_summary
     from deconvnet.weights import load_model
 
-    loaded = load_model(str(weights))
+    loaded = load_model(str(served_weights_file))
     rows = dict(model_summary(loaded))
     assert rows["architecture"] == "zfnet" and "crop 64x64" in rows["input"]
     grid, stats = layer1_filters(loaded)

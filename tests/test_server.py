@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers.images import photo_bytes
+from tests.helpers.models import served_weights
+from tests.helpers.processes import ROOT, Server
+
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-try:  # tests/ as a package or as a plain folder
-    from tests._server import ROOT, Server, photo_bytes, tiny_weights
-except ImportError:  # pragma: no cover
-    from _server import ROOT, Server, photo_bytes, tiny_weights  # type: ignore[no-redef]
 
 MAX_UPLOAD_MB = 2
 
@@ -31,7 +31,7 @@ MAX_UPLOAD_MB = 2
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("serve")
-    weights = tiny_weights(base / "tiny.safetensors")
+    weights = served_weights(base / "tiny.safetensors")  # inside base: the last test checks base is unchanged
     images = base / "images"
     (images / "sub").mkdir(parents=True)
     (images / "a.jpg").write_bytes(photo_bytes("JPEG", seed=1))
@@ -48,12 +48,6 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     srv.before = _snapshot(base)
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: Server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def _tiny_atlas(weights: Path, base: Path) -> Path | None:

@@ -1,4 +1,4 @@
-"""`deconvnet serve` under hostile load, as a real process under the memory cap of tests/_capped.py:
+"""`deconvnet serve` under hostile load, as a real process under the memory cap of tests/helpers/processes.py:
 slow connections held open while real requests must succeed, and concurrent uploads of large
 16-bit PNGs (tiny files, tens of megabytes decoded) under a memory bound."""
 
@@ -8,7 +8,6 @@ import contextlib
 import io
 import os
 import re
-import resource
 import socket
 import subprocess
 import sys
@@ -20,22 +19,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers.images import photo_bytes
+from tests.helpers.models import served_weights
+from tests.helpers.processes import ROOT, cap_memory
+
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-try:  # tests/ as a package or as a plain folder
-    from tests._capped import CAP_BYTES, ROOT
-    from tests._server import photo_bytes, tiny_weights
-except ImportError:  # pragma: no cover
-    from _capped import CAP_BYTES, ROOT  # type: ignore[no-redef]
-    from _server import photo_bytes, tiny_weights  # type: ignore[no-redef]
 
 SLOW_CONNECTIONS = 200  # more than uvicorn's former 128-connection cap, which turned every real request into 503
 HEADER_TIMEOUT = 3.0
-
-
-def _cap() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (CAP_BYTES, CAP_BYTES))
 
 
 def _memory_mb(pid: int, field: str) -> float:
@@ -46,7 +39,7 @@ def _memory_mb(pid: int, field: str) -> float:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     base = tmp_path_factory.mktemp("limits")
-    weights = tiny_weights(base / "tiny.safetensors")
+    weights = served_weights(base / "tiny.safetensors")
     env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(base), PYTHONUNBUFFERED="1")
     cmd = [
         sys.executable,
@@ -64,7 +57,7 @@ def served(tmp_path_factory):
         str(HEADER_TIMEOUT),
     ]
     proc = subprocess.Popen(
-        cmd, cwd=base, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, preexec_fn=_cap
+        cmd, cwd=base, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, preexec_fn=cap_memory
     )
     url = None
     deadline = time.monotonic() + 120

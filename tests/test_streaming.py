@@ -2,7 +2,7 @@
 
 Before, every image was stacked into one batch (1 image 0.96 GB, 100 images 1.96 GB, 1000 images
 11.65 GB peak RSS with the bundled 224 px model). Two real processes, 20 and 200 generated images,
-under the memory cap of tests/_capped.py; their own peak RSS (getrusage of each child) must differ
+under the memory cap of tests/helpers/processes.py; their own peak RSS (getrusage of each child) must differ
 by less than 150 MB. The model is a narrow random ZFNet at the full 224 px input: cheap to run, but
 its input and activations still take about 4 MB an image, so stacking 200 images would add about
 800 MB. The batch is 16 images, so 20 images already fill whole batches and
@@ -19,11 +19,7 @@ from PIL import Image
 from deconvnet.data import Preprocessing
 from deconvnet.models import build_model
 from deconvnet.weights import save_weights
-
-try:  # tests/ as a package or as a plain folder
-    from tests._capped import run_capped
-except ImportError:  # pragma: no cover
-    from _capped import run_capped  # type: ignore[no-redef]
+from tests.helpers.processes import run_capped
 
 
 def test_classify_peak_memory_is_independent_of_the_number_of_images(tmp_path):

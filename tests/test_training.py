@@ -18,9 +18,10 @@ from deconvnet.cli import main
 from deconvnet.errors import DeconvnetError
 from deconvnet.models import build_model
 from deconvnet.training import LRSchedule, TrainConfig, check_config, init_weights, renormalize_filters
+from tests.helpers.images import make_image_folder, make_split_dataset
+from tests.helpers.processes import run_deconvnet
 
-from .imaging import make_image_folder, make_split_dataset
-
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TINY = [
     "--storage-size",
     "72",
@@ -41,11 +42,6 @@ TINY = [
     "--seed",
     "3",
 ]
-
-
-def _run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "deconvnet", *args], env=env, capture_output=True, text=True, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +122,7 @@ def test_train_writes_metrics_curves_snapshots_and_weights(tiny_data, tmp_path):
 
 def test_resume_after_kill_matches_an_uninterrupted_run(tiny_data, tmp_path):
     common = ["--data", str(tiny_data), "--epochs", "3", "--snapshot-epochs", "", *TINY]
-    straight = _run_cli("train", "--out", str(tmp_path / "a"), *common, timeout=600)
+    straight = run_deconvnet("train", "--out", str(tmp_path / "a"), *common, timeout=600, env=ONE_THREAD)
     assert straight.returncode == 0, straight.stderr
     # Kill a second run with SIGKILL as soon as epoch 1 is checkpointed, then resume it.
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -144,7 +140,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_data, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (tmp_path / "b" / "model.safetensors").exists()
-    resumed = _run_cli("train", "--out", str(tmp_path / "b"), "--resume", *common, timeout=600)
+    resumed = run_deconvnet("train", "--out", str(tmp_path / "b"), "--resume", *common, timeout=600, env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr
     a = load_file(tmp_path / "a" / "model.safetensors")
     b = load_file(tmp_path / "b" / "model.safetensors")
@@ -157,7 +153,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_data, tmp_path):
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tiny_data, tmp_path):
     common = ["--data", str(tiny_data), "--epochs", "1", "--dropout", "0", "--snapshot-epochs", "", *TINY]
-    single = _run_cli("train", "--out", str(tmp_path / "one"), *common, timeout=600)
+    single = run_deconvnet("train", "--out", str(tmp_path / "one"), *common, timeout=600, env=ONE_THREAD)
     assert single.returncode == 0, single.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ddp = subprocess.run(

@@ -2,7 +2,6 @@
 torchvision's published weights through its own cache, untrained models, user modules, the CLI."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ from deconvnet.models import ConvNet
 from deconvnet.samples import sample_paths
 from deconvnet.weights import load_model, read_metadata, save_weights, wrap_model
 from deconvnet.zoo import ArchName, create_model, list_models, resolve_arch
+from tests.helpers.processes import free_port
 
 
 def _randomise(model: nn.Module) -> nn.Module:
@@ -190,12 +190,6 @@ def test_torchvision_weights_errors_are_clear(torch_home):
         load_model("torchvision:ResNet18_Weights.DEFAULT", arch="resnet50")
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_offline_torchvision_weights_say_how_to_pass_the_file(tmp_path, sample_image_path):
     # A real process whose downloads go through a proxy that refuses connections: fails at once, offline or not.
     env = {
@@ -203,7 +197,7 @@ def test_offline_torchvision_weights_say_how_to_pass_the_file(tmp_path, sample_i
     }
     env.update(
         TORCH_HOME=str(tmp_path / "torch"),
-        https_proxy=f"http://127.0.0.1:{_closed_port()}",
+        https_proxy=f"http://127.0.0.1:{free_port()}",
         PYTHONPATH=os.pathsep.join(sys.path),
     )
     result = subprocess.run(

@@ -1,4 +1,4 @@
-"""Occlusion sensitivity (Zeiler & Fergus Fig. 7; PAPER.md s.4).
+"""Occlusion sensitivity (Zeiler & Fergus 2014, Sec. 4.2 and Fig. 7).
 
 A square of ``size`` pixels, filled with a constant colour (the dataset mean by default, i.e. 0 in
 the model's normalised input space), is slid over the image with ``stride``. Its top-left corner
