@@ -27,11 +27,8 @@ from deconvnet.analysis.probes import ProbeResult, fit_probes
 from deconvnet.engine import DeconvNet
 from deconvnet.inference import prepare_images, strongest_maps
 from deconvnet.weights import LoadedModel
-
-try:  # tests/ as a package or as a plain folder
-    from tests._analysis_helpers import CLASSES, tiny_model, tiny_weights, write_image
-except ImportError:  # pragma: no cover
-    from _analysis_helpers import CLASSES, tiny_model, tiny_weights, write_image  # type: ignore[no-redef]
+from tests.helpers.images import write_image
+from tests.helpers.models import CLASSES, tiny_model, tiny_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +49,7 @@ def _picture(png: bytes | None) -> Image.Image:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("notebook")
-    weights = tiny_weights(root)
+    weights = tiny_weights(root / "tiny.safetensors")
     images = [write_image(root / "imgs" / f"{i}.png", seed=i) for i in range(3)]
     return {"root": root, "weights": weights, "image": images[0], "images": root / "imgs"}
 
