@@ -40,11 +40,11 @@ pytestmark = pytest.mark.wheel  # ~1-2 minutes; part of `make test` (deselect lo
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel, built from a copy of what the build reads (pyproject.toml, README.md, deconvnet/)."""
+    """The wheel, built from a copy of what the build reads (pyproject.toml, README.md, LICENSE, deconvnet/)."""
     base = tmp_path_factory.mktemp("wheel")
     source = base / "source"
     source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, source / name)
     shutil.copytree(ROOT / "deconvnet", source / "deconvnet", ignore=shutil.ignore_patterns("__pycache__"))
     dist = base / "dist"
@@ -76,6 +76,7 @@ def test_wheel_holds_the_package_data(wheel: Path) -> None:
     }
     assert "deconvnet/assets/samples/LICENSES.md" in expected and len(expected) >= 3 + 4 + 5 + 4
     assert expected <= names, sorted(expected - names)
+    assert f"deconvnet-{deconvnet.__version__}.dist-info/licenses/LICENSE" in names  # the MIT licence text
     # every module of the package, and nothing from outside it (tests, docs) but its metadata
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "deconvnet").rglob("*.py")}
     assert modules <= names, sorted(modules - names)
