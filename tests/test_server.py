@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +30,18 @@ pytest.importorskip("fastapi")
 MAX_UPLOAD_MB = 2
 
 
+@dataclass
+class Served:
+    """The live server and what the tests compare against: its images folder and the files of its
+    base folder (name -> mtime) before any request."""
+
+    server: Server
+    images: Path
+    before: dict[str, float]
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     base = tmp_path_factory.mktemp("serve")
     weights = served_weights(base / "tiny.safetensors")  # inside base: the last test checks base is unchanged
     images = base / "images"
@@ -38,24 +50,22 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     (images / "sub" / "b.png").write_bytes(photo_bytes("PNG", seed=2))
     (images / "notes.txt").write_text("not an image")
     extra = ["--images", str(images), "--max-upload-mb", str(MAX_UPLOAD_MB)]
-    atlas = _tiny_atlas(weights, base)
-    if atlas is not None:
-        extra += ["--atlas", str(atlas)]
+    extra += ["--atlas", str(_tiny_atlas(weights, base))]
     work = base / "work"
     work.mkdir()
     srv = Server(weights, work, extra)
-    srv.images = images
-    srv.before = _snapshot(base)
-    yield srv
+    yield Served(srv, images, _snapshot(base))
     srv.stop()
 
 
-def _tiny_atlas(weights: Path, base: Path) -> Path | None:
-    """An atlas (top-9 of conv2 and conv5 over 12 synthetic photos) made by the atlas analysis, if installed."""
-    try:
-        from deconvnet.analysis.atlas import build_atlas
-    except ImportError:
-        return None
+@pytest.fixture(scope="module")
+def server(served: Served) -> Server:
+    return served.server
+
+
+def _tiny_atlas(weights: Path, base: Path) -> Path:
+    """An atlas (top-9 of conv2 and conv5 over 12 synthetic photos) made by the atlas analysis."""
+    from deconvnet.analysis.atlas import build_atlas
     from deconvnet.weights import load_model
 
     folder = base / "atlas-images"
@@ -125,13 +135,13 @@ def test_model_and_openapi(client: httpx.Client) -> None:
     assert "http://" not in page.text and "https://" not in page.text
 
 
-def test_sources_are_ids_not_paths(client: httpx.Client, server: Server) -> None:
+def test_sources_are_ids_not_paths(client: httpx.Client, server: Server, served: Served) -> None:
     sources = client.get("/api/sources").json()
     kinds = {s["kind"] for s in sources}
     assert kinds == {"sample", "folder"}
     folder = sorted(s["name"] for s in sources if s["kind"] == "folder")
     assert folder == ["a.jpg", "sub/b.png"]  # relative names only; the .txt is not offered
-    assert all(str(server.images) not in s["name"] and "/" not in s["id"] for s in sources)
+    assert all(str(served.images) not in s["name"] and "/" not in s["id"] for s in sources)
     img_id = next(s["id"] for s in sources if s["name"] == "sub/b.png")
     info = client.post(f"/api/sources/{img_id}/open").json()
     assert info["size"] == [64, 64] and info["name"] == "b.png"
@@ -297,9 +307,7 @@ def test_bad_requests(client: httpx.Client, server: Server) -> None:
 
 def test_atlas(client: httpx.Client) -> None:
     model = client.get("/api/model").json()
-    if not model["atlas"]:
-        pytest.skip("deconvnet.analysis.atlas is not installed")
-    assert model["atlas_layers"] == ["conv2", "conv5"]
+    assert model["atlas"] and model["atlas_layers"] == ["conv2", "conv5"]
     info = _open_sample(client)
     view = client.get(f"/api/images/{info['id']}/layers/conv5/maps/3").json()
     assert view["atlas_url"] == "/api/atlas/conv5/3"
@@ -360,13 +368,13 @@ def test_load(server: Server) -> None:
     assert server.alive()
 
 
-def test_nothing_written_outside_temp(server: Server, client: httpx.Client) -> None:
+def test_nothing_written_outside_temp(server: Server, served: Served, client: httpx.Client) -> None:
     """Run last: after everything above, the server's folders hold what they held before, and its
     temp folder holds only its own private folder."""
     assert client.get("/api/health").json()["ok"]
     after = _snapshot(server.workdir.parent)
-    created = sorted(set(after) - set(server.before))
-    changed = sorted(k for k in server.before if k in after and after[k] != server.before[k])
+    created = sorted(set(after) - set(served.before))
+    changed = sorted(k for k in served.before if k in after and after[k] != served.before[k])
     assert not changed, changed
     assert all(k.startswith("work/tmp/deconvnet-serve-") for k in created), created
     assert [p.name for p in server.tmpdir.iterdir() if not p.name.startswith("deconvnet-serve-")] == []
