@@ -7,9 +7,10 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from deconvnet.analysis.invariance import default_values, invariance_curves, transform_batch
+from deconvnet.analysis.invariance import default_values, invariance_curves, invariance_from_files, transform_batch
 from deconvnet.analysis.layers import LayerTaps
 from deconvnet.errors import DeconvnetError
+from deconvnet.weights import load_model
 from tests.helpers.images import write_image
 from tests.helpers.models import tiny_model, tiny_weights
 from tests.helpers.processes import run_cli
@@ -111,6 +112,26 @@ def test_cli_writes_one_figure_and_json_per_transformation(tmp_path, capsys):
     assert (tmp_path / "out" / "invariance-translate.png").exists() and not (
         tmp_path / "out" / "invariance-rotate.png"
     ).exists()
+
+
+def test_one_library_call_gives_the_commands_json_and_figure(tmp_path, capsys):
+    """``invariance_from_files`` is the command's whole analysis: same JSON; an image without a label
+    takes the model's top class, with a warning naming the file."""
+    weights = tiny_weights(tmp_path / "tiny.safetensors")
+    a, b = write_image(tmp_path / "a.png", seed=1), write_image(tmp_path / "b.png", seed=2)
+    argv = ["invariance", a, b, "--label", "cat", "fish", "--transforms", "rotate", "--weights", weights]
+    code, out, err = run_cli([*argv, "--quiet", "--out", tmp_path / "out", "--device", "cpu"], capsys)
+    assert code == 0, err
+    study = invariance_from_files(load_model(weights, device="cpu"), [a, b], ["cat", "fish"], ["rotate"])
+    cli = json.loads((tmp_path / "out" / "invariance-rotate.json").read_text())
+    assert json.loads(json.dumps(study.to_dict("rotate"))) == cli
+    figure = study.figure()
+    assert figure.axes and study.summary("rotate").startswith("rotate: layer 1")
+    with pytest.warns(UserWarning, match=r"no label for .*a\.png; using the top class"):
+        unlabelled = invariance_from_files(load_model(weights, device="cpu"), [a], transforms=["scale"])
+    assert unlabelled.curves["scale"].labels[0] in range(3)
+    with pytest.raises(DeconvnetError, match="transform 'translate' was not studied"):
+        unlabelled.figure("translate")
 
 
 @pytest.mark.parametrize(

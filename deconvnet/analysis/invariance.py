@@ -18,8 +18,11 @@ of the true class. Bilinear interpolation throughout.
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,6 +47,8 @@ __all__ = [
     "prepare_uncropped",
     "transform_batch",
     "invariance_curves",
+    "InvarianceStudy",
+    "invariance_from_files",
 ]
 
 TRANSFORMS = ("translate", "scale", "rotate")
@@ -227,3 +232,104 @@ def invariance_curves(
             dist[layer][i] = (d / f[0].norm().clamp_min(1e-12)).cpu().numpy()
     classes = list(loaded.classes) if isinstance(loaded, LoadedModel) else []
     return InvarianceCurves(transform, vals, layers, dist, raw, prob, top, [int(l) for l in labels], classes)
+
+
+@dataclass
+class InvarianceStudy(InlineDisplay):
+    """Fig. 5 for a set of image files: one ``InvarianceCurves`` per transformation, with what the
+    figures and the JSON need (image names and files, layer labels, example inputs of the first image
+    under each transformation)."""
+
+    curves: dict[str, InvarianceCurves]
+    files: list[str]
+    names: list[str]
+    classes: list[str]
+    layer_labels: dict[str, str]
+    layer_modules: dict[str, str]
+    thumbnails: dict[str, tuple[list[np.ndarray], list[float]]]
+    source: str = ""
+
+    def figure(self, transform: str | None = None, title: str | None = None) -> Figure:
+        """One transformation's Fig. 5 row (default: the first one studied) with example inputs."""
+        transform = transform or next(iter(self.curves))
+        if transform not in self.curves:
+            raise DeconvnetError(f"transform {transform!r} was not studied; choose from {', '.join(self.curves)}")
+        thumbs, values = self.thumbnails[transform]
+        shown = title or f"{transform}: {len(self.names)} images ({self.source}); top row: {self.names[0]}"
+        return self.curves[transform].figure(self.names, self.classes, self.layer_labels, thumbs, values, title=shown)
+
+    def to_dict(self, transform: str | None = None) -> dict[str, Any]:
+        """One transformation's curves (JSON), or all of them keyed by transformation."""
+        if transform is None:
+            return {t: self.to_dict(t) for t in self.curves}
+        return {
+            "weights": self.source,
+            "layer_modules": self.layer_modules,
+            **self.curves[transform].to_dict(self.classes, self.files),
+        }
+
+    def summary(self, transform: str) -> str:
+        """One line: the mean relative distance per layer and the true-class probability."""
+        curves = self.curves[transform]
+        per_layer = ", ".join(f"{self.layer_labels[l]} mean {curves.distances[l].mean():.3f}" for l in curves.layers)
+        p = curves.probability
+        return f"{transform}: {per_layer}; p(true) mean {p.mean():.3f}, min {p.min():.3f}"
+
+
+def invariance_from_files(
+    loaded: LoadedModel,
+    images: Sequence[str | os.PathLike],
+    labels: Sequence[str | int | None] | None = None,
+    transforms: Sequence[str] = TRANSFORMS,
+    layers: str | Sequence[str] | None = None,
+    progress: bool = False,
+) -> InvarianceStudy:
+    """Fig. 5 from image files: each image's class is ``labels[i]`` (a class name, folder name or
+    index), else its folder's class (``image_label``), else the model's top class for it (with a
+    warning); every transformation in ``transforms`` is applied to every image."""
+    from ..data import load_image
+    from .layers import image_label, layer_label
+
+    transforms = list(transforms)
+    bad = [t for t in transforms if t not in TRANSFORMS]
+    if bad or not transforms:
+        raise DeconvnetError(
+            f"unknown transformation(s) {', '.join(bad) or '(none)'}; choose from {', '.join(TRANSFORMS)}"
+        )
+    if labels is not None and len(labels) != len(images):
+        raise DeconvnetError(f"{len(images)} images but {len(labels)} labels: give one label per image, in order")
+    pre = loaded.preprocessing
+    taps = LayerTaps(loaded.model)
+    chosen = taps.parse(layers, default="1,7")
+    uncropped, classes_of = [], []
+    for i, path in enumerate(images):
+        x = prepare_uncropped(pre, load_image(path))
+        label = image_label(loaded, path, labels[i] if labels is not None else None)
+        if label is None:
+            with torch.no_grad():
+                logits = loaded.model(TF.center_crop(x, [pre.crop, pre.crop])[None].to(loaded.device))
+            label = int(logits.argmax())
+            warnings.warn(f"no label for {path}; using the top class {loaded.classes[label]!r}", stacklevel=2)
+        uncropped.append(x)
+        classes_of.append(label)
+    mean = np.asarray(pre.mean).reshape(3, 1, 1)
+    std = np.asarray(pre.std).reshape(3, 1, 1)
+    curves, thumbnails = {}, {}
+    for transform in transforms:
+        curves[transform] = invariance_curves(
+            loaded, uncropped, classes_of, transform, pre.crop, layers=chosen, progress=progress
+        )
+        vals = default_values(transform, pre.crop)
+        pick = vals[::6] if transform == "rotate" else vals[np.linspace(0, len(vals) - 1, 5).round().astype(int)]
+        shown = transform_batch(uncropped[0], transform, pick, pre.crop).numpy()
+        thumbnails[transform] = ([np.clip(t * std + mean, 0, 1).transpose(1, 2, 0) for t in shown], pick.tolist())
+    return InvarianceStudy(
+        curves,
+        [str(p) for p in images],
+        [Path(p).stem for p in images],
+        list(loaded.classes),
+        {l: layer_label(taps, l) for l in chosen},
+        {l: taps.describe(l) for l in chosen},
+        thumbnails,
+        loaded.source,
+    )

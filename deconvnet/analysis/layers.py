@@ -32,8 +32,10 @@ layers are named by module path (``layer3``, ``features.denseblock2``, ``avgpool
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -45,6 +47,7 @@ from ..errors import DeconvnetError
 from ..weights import LoadedModel
 
 __all__ = [
+    "image_label",
     "ModelLike",
     "model_of",
     "input_picture",
@@ -367,6 +370,22 @@ def resolve_class(name: str | int, classes: Sequence[str], folders: Iterable[str
         return int(text)
     shown = ", ".join(classes[:12]) + (", ..." if len(classes) > 12 else "")
     raise DeconvnetError(f"unknown class {text!r}; this model's classes are: {shown}")
+
+
+def image_label(loaded: LoadedModel, path: str | os.PathLike, name: str | int | None = None) -> int | None:
+    """The class of the image at ``path``: ``name`` (a class name, folder name / WordNet id or index)
+    when given, else the class whose name or training folder is one of the file's parent folders
+    (``.../val/n01440764/x.JPEG`` -> tench), else None."""
+    folders = list(loaded.metadata.get("class_folders") or [])
+    if name is not None:
+        return resolve_class(name, loaded.classes, folders)
+    lowered = [c.lower() for c in loaded.classes]
+    for parent in Path(path).resolve().parents:
+        if parent.name in folders:
+            return folders.index(parent.name)
+        if parent.name.lower() in lowered:
+            return lowered.index(parent.name.lower())
+    return None
 
 
 class LayerRow(NamedTuple):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -158,24 +157,6 @@ def add_probe(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def _folder_label(path: str | Path, loaded) -> int | None:
-    folders = loaded.metadata.get("class_folders") or []
-    for parent in Path(path).resolve().parents:
-        if parent.name in folders:
-            return folders.index(parent.name)
-        if parent.name.lower() in [c.lower() for c in loaded.classes]:
-            return [c.lower() for c in loaded.classes].index(parent.name.lower())
-    return None
-
-
-def _label(text: str | None, path: str | Path, loaded) -> int | None:
-    from ..analysis.layers import resolve_class
-
-    if text is not None:
-        return resolve_class(text, loaded.classes, loaded.metadata.get("class_folders"))
-    return _folder_label(path, loaded)
-
-
 def _csv(rows: Sequence[dict]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
@@ -192,6 +173,7 @@ def _say(text: str) -> None:
 
 
 def cmd_occlusion(args: argparse.Namespace) -> int:
+    from ..analysis.layers import image_label
     from ..analysis.occlusion import fill_value, max_difference, occlusion_maps, occlusion_positions, projection_of_map
     from ..atomic import save_json
     from ..display import save_figure
@@ -214,7 +196,7 @@ def cmd_occlusion(args: argparse.Namespace) -> int:
         except ValueError:
             raise DeconvnetError(f"--gray must be 'mean' or a number in [0, 1], got {args.gray!r}") from None
         fill = fill_value(gray, pre.mean, pre.std)
-    target = _label(args.label, args.image, loaded)
+    target = image_label(loaded, args.image, args.label)
     batch, shown = prepare_images(loaded, [args.image])
     image = batch[0]
     maps = occlusion_maps(
@@ -276,23 +258,17 @@ def cmd_occlusion(args: argparse.Namespace) -> int:
 
 
 def cmd_invariance(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
+    from ..analysis.invariance import TRANSFORMS, invariance_from_files
+    from ..analysis.layers import layer_items
+    from ..atomic import save_json
+    from ..display import save_figure
+    from ..errors import DeconvnetError
     from ..outputs import output_dir
 
     output_dir(args.out)
-
-    from ..analysis.invariance import TRANSFORMS, default_values, invariance_curves, prepare_uncropped, transform_batch
-    from ..analysis.layers import LayerTaps, layer_items, layer_label
-    from ..atomic import save_json
-    from ..data import load_image
-    from ..display import save_figure
-    from ..errors import DeconvnetError
-
     transforms = [t.strip() for t in args.transforms.split(",") if t.strip()]
     bad = [t for t in transforms if t not in TRANSFORMS]
-    if bad or not transforms:
+    if bad or not transforms:  # before loading the model
         raise DeconvnetError(
             f"unknown transformation(s) {', '.join(bad) or '(none)'}; choose from {', '.join(TRANSFORMS)}"
         )
@@ -302,62 +278,14 @@ def cmd_invariance(args: argparse.Namespace) -> int:
         )
     layer_items(args.layers)  # the text's form, before loading the model
     loaded = load_from_args(args)
-    pre = loaded.preprocessing
-    taps = LayerTaps(loaded.model)
-    layers = taps.parse(args.layers, default="1,7")
-    labels_text = {l: layer_label(taps, l) for l in layers}
-    uncropped, labels, names = [], [], []
-    for i, path in enumerate(args.images):
-        img = load_image(path)
-        x = prepare_uncropped(pre, img)
-        label = _label(args.label[i] if args.label else None, path, loaded)
-        if label is None:
-            from torchvision.transforms.v2 import functional as TF
-
-            with torch.no_grad():
-                logits = loaded.model(TF.center_crop(x, [pre.crop, pre.crop])[None].to(loaded.device))
-            label = int(logits.argmax())
-            print(
-                f"deconvnet: warning: no label for {path}; using the top class {loaded.classes[label]!r}",
-                file=sys.stderr,
-            )
-        uncropped.append(x)
-        labels.append(label)
-        names.append(Path(path).stem)
+    study = invariance_from_files(
+        loaded, args.images, args.label, transforms, layers=args.layers, progress=not args.quiet
+    )
     out = Path(args.out)
-    mean = np.asarray(pre.mean).reshape(3, 1, 1)
-    std = np.asarray(pre.std).reshape(3, 1, 1)
     for transform in transforms:
-        curves = invariance_curves(
-            loaded, uncropped, labels, transform, pre.crop, layers=layers, progress=not args.quiet
-        )
-        vals = default_values(transform, pre.crop)
-        pick = vals[::6] if transform == "rotate" else vals[np.linspace(0, len(vals) - 1, 5).round().astype(int)]
-        transformed = transform_batch(uncropped[0], transform, pick, pre.crop).numpy()
-        thumbs = [np.clip(t * std + mean, 0, 1).transpose(1, 2, 0) for t in transformed]
-        figure = save_figure(
-            curves.figure(
-                names,
-                loaded.classes,
-                labels_text,
-                thumbs,
-                pick.tolist(),
-                title=f"{transform}: {len(names)} images ({loaded.source}); top row: {names[0]}",
-            ),
-            out / f"invariance-{transform}.png",
-        )
-        data = save_json(
-            out / f"invariance-{transform}.json",
-            {
-                "weights": loaded.source,
-                "layer_modules": {l: taps.describe(l) for l in layers},
-                **curves.to_dict(loaded.classes, [str(p) for p in args.images]),
-            },
-        )
-        summary = ", ".join(f"{labels_text[l]} mean {curves.distances[l].mean():.3f}" for l in layers)
-        _say(
-            f"{transform}: {summary}; p(true) mean {curves.probability.mean():.3f}, min {curves.probability.min():.3f}"
-        )
+        figure = save_figure(study.figure(transform), out / f"invariance-{transform}.png")
+        data = save_json(out / f"invariance-{transform}.json", study.to_dict(transform))
+        _say(study.summary(transform))
         _say(f"figure: {figure}\ncurves: {data}")
     return 0
 
