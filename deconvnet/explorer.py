@@ -38,7 +38,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .analysis.invariance import invariance_curves, prepare_uncropped
 from .analysis.layers import LayerTaps
-from .analysis.occlusion import OcclusionMaps, occlusion_maps, occlusion_positions, projection_of_map
+from .analysis.occlusion import OcclusionMaps, default_grid, occlusion_maps, occlusion_positions, projection_of_map
 from .data import MAX_IMAGE_PIXELS, decode_image
 from .deconv import DeconvNet
 from .display import data_uri, png_bytes, to_display
@@ -423,9 +423,9 @@ def _clean_name(name: str) -> str:
 
 
 def occlusion_settings(crop: int) -> tuple[int, int]:
-    """(occluder size, stride) in input pixels for a model whose input is ``crop`` pixels square
-    (the same as ``deconvnet occlusion``'s defaults)."""
-    return max(1, crop // 6), max(1, crop // 32)
+    """(occluder size, stride) in input pixels for a model whose input is ``crop`` pixels square:
+    the analysis's defaults (``occlusion.default_grid``), as ``deconvnet occlusion`` uses them."""
+    return default_grid(crop)
 
 
 def run_occlusion(

@@ -9,6 +9,7 @@ import torch
 from deconvnet.analysis import occlusion as occlusion_module
 from deconvnet.analysis.occlusion import (
     IncrementalOcclusion,
+    default_grid,
     fill_value,
     max_difference,
     occlude,
@@ -171,6 +172,21 @@ def test_positions_and_fill():
         occlusion_positions(64, 64, 65, 4)
     with pytest.raises(DeconvnetError, match="grey level"):
         fill_value(1.5, (0.5,) * 3, (0.2,) * 3)
+
+
+def test_default_grid_is_the_commands_and_the_explorers():
+    """Without size/stride the analysis uses default_grid of the input (a sixth and a 32nd of the side),
+    as the command and the explorer do."""
+    from deconvnet.explorer import occlusion_settings
+
+    assert default_grid(224) == (37, 7) == occlusion_settings(224) and default_grid(20) == (3, 1)
+    torch.manual_seed(0)
+    model = tiny_model()
+    image = torch.randn(3, 64, 64)
+    implicit = occlusion_maps(model, image)
+    explicit = occlusion_maps(model, image, *default_grid(64))
+    assert implicit.size == 10 and implicit.stride == 2
+    assert np.array_equal(implicit.probability, explicit.probability)
 
 
 def test_cli_writes_figure_and_maps(tmp_path, capsys):

@@ -48,6 +48,7 @@ __all__ = [
     "occlusion_positions",
     "occlude",
     "occlusion_maps",
+    "default_grid",
     "max_difference",
     "fill_value",
     "IncrementalOcclusion",
@@ -527,11 +528,18 @@ def _pick(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(1)
 
 
+def default_grid(crop: int) -> tuple[int, int]:
+    """(occluder size, stride) in input pixels for an input ``crop`` pixels square when none is given:
+    a sixth and a thirty-second of the side (the paper's Fig. 7 uses a grey square of about a sixth of
+    its 224 px inputs; it does not give the stride)."""
+    return max(1, crop // 6), max(1, crop // 32)
+
+
 def occlusion_maps(
     loaded: ModelLike,
     image: torch.Tensor,
-    size: int,
-    stride: int,
+    size: int | None = None,
+    stride: int | None = None,
     layer: str | None = None,
     channel: int | None = None,
     target: int | None = None,
@@ -549,7 +557,8 @@ def occlusion_maps(
     run every occluded image through the whole network in batches (``method`` is then ``"full"``).
     ``channel`` defaults to the map of ``layer`` with the largest total activation on the unoccluded
     image (the paper's "strongest feature map"); ``target`` to the top class of the unoccluded image;
-    ``fill`` to 0 (the dataset mean in normalised input space). ``progress`` shows a console bar;
+    ``fill`` to 0 (the dataset mean in normalised input space); ``size``/``stride`` to ``default_grid``
+    of the image's shorter side. ``progress`` shows a console bar;
     ``on_progress(done, total)`` is called with the occluder positions computed so far after each batch
     (for callers with their own display, e.g. a web page).
     """
@@ -568,6 +577,9 @@ def occlusion_maps(
     if not engine.is_chain:
         method = "full"  # incremental inference walks a chain of layers
     height, width = image.shape[-2:]
+    default_size, default_stride = default_grid(min(height, width))
+    size = default_size if size is None else size
+    stride = default_stride if stride is None else stride
     ys, xs = occlusion_positions(height, width, size, stride)
     fill_t = torch.zeros(image.shape[0]) if fill is None else torch.as_tensor(fill, dtype=image.dtype).flatten()
     if fill_t.numel() == 1:

@@ -174,7 +174,14 @@ def _say(text: str) -> None:
 
 def cmd_occlusion(args: argparse.Namespace) -> int:
     from ..analysis.layers import image_label
-    from ..analysis.occlusion import fill_value, max_difference, occlusion_maps, occlusion_positions, projection_of_map
+    from ..analysis.occlusion import (
+        default_grid,
+        fill_value,
+        max_difference,
+        occlusion_maps,
+        occlusion_positions,
+        projection_of_map,
+    )
     from ..atomic import save_json
     from ..display import save_figure
     from ..errors import DeconvnetError
@@ -185,8 +192,9 @@ def cmd_occlusion(args: argparse.Namespace) -> int:
 
     loaded = load_from_args(args)
     pre = loaded.preprocessing
-    size = args.size if args.size is not None else max(1, pre.crop // 6)
-    stride = args.stride if args.stride is not None else max(1, pre.crop // 32)
+    default_size, default_stride = default_grid(pre.crop)
+    size = args.size if args.size is not None else default_size
+    stride = args.stride if args.stride is not None else default_stride
     occlusion_positions(pre.crop, pre.crop, size, stride)  # bad sizes/strides fail before any work
     if args.gray == "mean":
         fill = fill_value(None, pre.mean, pre.std)
