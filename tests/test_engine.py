@@ -264,3 +264,27 @@ def test_prepared_transposed_filters_equal_conv_transpose2d(cin, cout, k, s, p):
         with torch.no_grad():
             ref = conv_transpose(x * batchnorm_scale(bn).view(1, -1, 1, 1), conv, input_shape)
         assert got.shape == ref.shape == input_shape and _close(got, ref) < 1e-6
+
+
+def test_fast_path_projections_keep_their_window_and_do_not_share_memory_between_calls():
+    """Single units of the windowed path keep only their receptive-field window (``image`` is built
+    from it, zero outside ``window_box``), and a later call (which reuses the projector's scratch
+    buffers) leaves earlier results untouched."""
+    torch.manual_seed(0)
+    model = build_model("zfnet", lrn=False, input_size=128).eval()
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(7))
+    engine = DeconvNet(model)
+    slow = DeconvNet(model, fast_path=False)
+    sels = engine.strongest(images, "conv3", k=3)
+    first = engine.project(images, sels)
+    windows = [p.window.clone() for p in first]
+    engine.project(images.flip(-1), engine.strongest(images.flip(-1), "pool2", k=5))  # same scratch, new data
+    for p, before, q in zip(first, windows, slow.project(images, sels)):
+        assert torch.equal(p.window, before)
+        y0, x0, y1, x1 = p.window_box
+        assert p.window_box == p.box and p.window.shape[-2:] == (y1 - y0, x1 - x0)
+        assert p.window.numel() < p.image.numel()
+        outside = p.image.clone()
+        outside[:, y0:y1, x0:x1] = 0
+        assert not outside.any()
+        assert _close(p.image, q.image) < TOLERANCE
