@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from .deconv import DeconvNet, Projection, Selection
+from .engine import RULES, DeconvNet, Projection, Selection
 from .errors import DeconvnetError
 from .notebook import InlineDisplay
 from .weights import LoadedModel
@@ -29,6 +29,7 @@ __all__ = [
     "classify",
     "iter_classify",
     "project_image",
+    "parse_rules",
     "ProjectionResult",
     "strongest_maps",
     "StrongestMaps",
@@ -85,12 +86,19 @@ def classify(
 
 @dataclass
 class ProjectionResult(InlineDisplay):
-    """Projections of one image, with what is needed to draw them (in a notebook: its ``figure()``)."""
+    """Projections of one image, with what is needed to draw them (in a notebook: its ``figure()``).
+    With several rules, ``projections`` holds every selection under the first rule, then under the
+    next, and so on (``rules`` lists them in that order)."""
 
     image: Image.Image  # the cropped RGB input
     input: torch.Tensor  # (3, H, W) model input
     layer: str
     projections: list[Projection]
+
+    @property
+    def rules(self) -> list[str]:
+        """The rules of the projections, in order."""
+        return list(dict.fromkeys(p.rule for p in self.projections))
 
     def raw(self) -> torch.Tensor:
         """(N, 3, H, W) float32 projections in the model-input space (unnormalised)."""
@@ -98,10 +106,11 @@ class ProjectionResult(InlineDisplay):
 
     def figure(self, title: str | None = None) -> Figure:
         """The input, then per projection: its full frame (receptive field outlined), the projection
-        cropped to the receptive field, and the image patch under it."""
-        from .display.figures import projection_figure
+        cropped to the receptive field, and the image patch under it; with several rules, one row of
+        crops per rule under the image patches (the rules side by side for each unit)."""
+        from .display.figures import projection_figure, rules_figure
 
-        return projection_figure(self, title)
+        return rules_figure(self, title) if len(self.rules) > 1 else projection_figure(self, title)
 
 
 def project_image(
@@ -113,17 +122,19 @@ def project_image(
     whole_map: int | None = None,
     top_maps: int | None = None,
     include_lrn: bool = False,
-    rule: str = "deconvnet",
+    rule: str | Sequence[str] = "deconvnet",
 ) -> ProjectionResult:
     """Project one image's activations of ``layer``: one feature (at ``position`` or its strongest
     activation), a whole map, or the strongest activation of each of the ``top_maps`` strongest maps,
-    with ``rule`` (deconvnet, guided or gradient)."""
+    with ``rule`` (deconvnet, guided or gradient), or with each of several rules (a list, or "all")
+    for a side-by-side comparison (the units are chosen once, by their activations)."""
+    rules = parse_rules(rule)
     chosen = [v is not None for v in (feature, whole_map, top_maps)]
     if sum(chosen) != 1:
         raise DeconvnetError("choose exactly one of feature, whole_map or top_maps")
     if position is not None and feature is None:
         raise DeconvnetError("a position needs a feature (feature=K, position=(Y, X))")
-    engine = DeconvNet(loaded.model, include_lrn=include_lrn, rule=rule)
+    engine = DeconvNet(loaded.model, include_lrn=include_lrn)
     engine.layer(layer)  # clear error for an unknown layer before any work
     batch, shown = prepare_images(loaded, [path])
     if top_maps is not None:
@@ -135,8 +146,23 @@ def project_image(
     else:
         assert feature is not None
         selections = [Selection(0, layer, feature, position=position)]
-    projections = engine.project(batch, selections)
+    projections = [p for r in rules for p in engine.project(batch, selections, rule=r)]
     return ProjectionResult(shown[0], batch[0], layer, projections)
+
+
+def parse_rules(rule: str | Sequence[str]) -> list[str]:
+    """``"guided"``, ``"deconvnet,guided"``, ``["gradient", "guided"]`` or ``"all"`` -> the rules, in
+    the order given (each once), checked."""
+    names = rule.split(",") if isinstance(rule, str) else list(rule)
+    names = [n.strip() for n in names if n.strip()]
+    if names == ["all"]:
+        return list(RULES)
+    for name in names:
+        if name not in RULES:
+            raise DeconvnetError(f"unknown rule {name!r}: choose from {', '.join(RULES)} (or all, or a comma list)")
+    if not names:
+        raise DeconvnetError(f"no rule given: choose from {', '.join(RULES)}")
+    return list(dict.fromkeys(names))
 
 
 @dataclass

@@ -59,6 +59,23 @@ def test_project_writes_figure_and_raw_projections(weights, tmp_path, how):
     assert np.abs(arr).max() > 0
 
 
+def test_project_with_all_rules_draws_them_side_by_side_and_saves_each(weights, tmp_path):
+    """``--rule all``: one figure with the rules side by side; the raw file holds every unit under the
+    first rule, then the next, each equal to a one-rule run."""
+    photo = str(sample_paths(["astronaut"])[0])
+    argv = ["project", photo, "--layer", "conv3", "--top-maps", "2", "--weights", weights, "--out", str(tmp_path)]
+    assert main([*argv, "--rule", "all", "--raw", str(tmp_path / "all.npy")]) == 0
+    figure = tmp_path / "astronaut-conv3-top2-deconvnet-guided-gradient.png"
+    assert figure.stat().st_size > 5000
+    assert Image.open(figure).size[1] > Image.open(figure).size[0] / 3  # four rows of tiles, not one strip
+    both = np.load(tmp_path / "all.npy")
+    assert both.shape == (6, 3, 96, 96)
+    for k, rule in enumerate(["deconvnet", "guided", "gradient"]):
+        assert main([*argv, "--rule", rule, "--raw", str(tmp_path / f"{rule}.npy")]) == 0
+        np.testing.assert_array_equal(both[2 * k : 2 * k + 2], np.load(tmp_path / f"{rule}.npy"))
+    assert not np.array_equal(both[0:2], both[4:6])  # the rules differ on a trained-or-not network's ReLUs
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -71,6 +88,7 @@ def test_project_writes_figure_and_raw_projections(weights, tmp_path, how):
             ["project", "{photo}", "--layer", "conv5", "--whole-map", "0", "--position", "1", "1"],
             "a position needs a feature",
         ),
+        (["project", "{photo}", "--layer", "conv5", "--feature", "0", "--rule", "guided,lrp"], "unknown rule 'lrp'"),
         (["classify", "{photo}", "--weights", "nonsense-weights"], "neither a file nor a known name"),
         (["classify", "{photo}", "--device", "cuda"], "no CUDA GPU"),
     ],

@@ -2,7 +2,7 @@
 # Regenerate every figure and table in README.md, docs/ and the packaged model card that comes from the
 # bundled model (issue #13: a new bundled model means all of them are redrawn, then looked at).
 #
-#   tools/docs-figures.sh [STAGE...]        stages: project filters atlas evolution occlusion invariance
+#   tools/docs-figures.sh [STAGE...]        stages: project resnet50 filters atlas evolution occlusion invariance
 #                                           correspondence probe eval screenshots (default: all but evolution)
 #   RUN=runs/zfnet224-scratch tools/docs-figures.sh evolution eval-curves
 #   DRY_RUN=1 tools/docs-figures.sh         print the commands only
@@ -19,7 +19,7 @@ VAL=$DATA/imagenette-224/val
 OUT=out/docs-figures
 CARD=deconvnet/assets/model-card/images
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(project filters atlas occlusion invariance correspondence probe eval screenshots)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(project resnet50 filters atlas occlusion invariance correspondence probe eval screenshots)
 
 run() { echo "+ $*"; [ -n "${DRY_RUN:-}" ] || "$@"; }
 copy() { echo "+ cp $1 $2"; [ -n "${DRY_RUN:-}" ] || cp "$1" "$2"; }
@@ -30,6 +30,13 @@ for stage in "${STAGES[@]}"; do
     rocket=$(python -c "from deconvnet.samples import sample_paths; print(sample_paths(['rocket'])[0])")
     run "$DN" project "$rocket" --layer conv5 --top-maps 6 --out "$OUT/project"
     copy "$OUT/project/rocket-conv5-top6.png" docs/images/project-conv5.png ;;
+  resnet50)  # README: a random-weights ResNet-50 (no ImageNet download here), layer3, the three rules
+    chelsea=$(python -c "from deconvnet.samples import sample_paths; print(sample_paths(['chelsea'])[0])")
+    run mkdir -p "$OUT"
+    run python -c "import torch, torchvision; torch.manual_seed(0); torch.save(torchvision.models.resnet50(weights=None).state_dict(), '$OUT/resnet50-random-seed0.pth')"
+    run "$DN" project "$chelsea" --weights "$OUT/resnet50-random-seed0.pth" --arch resnet50 --layer layer3 --top-maps 4 --rule all --out "$OUT/resnet50"
+    # 256 colours: a third of the size, the same picture to the eye
+    run python -c "from PIL import Image; Image.open('$OUT/resnet50/chelsea-layer3-top4-deconvnet-guided-gradient.png').convert('RGB').quantize(256, dither=Image.Dither.NONE).save('docs/images/resnet50-layer3-rules.png', optimize=True)" ;;
   filters)  # model card: the conv1 mosaic; docs/views.md: Fig. 6 with the strongest conv2 projections
     run "$DN" filters --out "$OUT/filters-card"
     copy "$OUT/filters-card/filters.png" "$CARD/conv1-filters.png"

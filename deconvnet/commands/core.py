@@ -47,9 +47,9 @@ def add_project(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--rule",
-        choices=("deconvnet", "guided", "gradient"),
         default="deconvnet",
-        help="how ReLUs are passed on the way down: deconvnet (the paper), guided backpropagation, or plain gradient",
+        help="how ReLUs are passed on the way down: deconvnet (the paper), guided (guided backpropagation) or "
+        "gradient; several (deconvnet,guided) or all: the rules side by side for each unit",
     )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument(
@@ -75,8 +75,8 @@ def add_project(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder for the PNG figure")
     p.add_argument(
         "--raw",
-        help="also save the unnormalised projections as float32 (N, 3, H, W) .npy "
-        "(.npy is appended to a name without it)",
+        help="also save the unnormalised projections as float32 (N, 3, H, W) .npy, every unit under the first "
+        "rule, then under the next (.npy is appended to a name without it)",
     )
     add_model_args(p)
     p.set_defaults(func=cmd_project)
@@ -100,12 +100,13 @@ def cmd_project(args: argparse.Namespace) -> int:
     from ..atomic import save_npy
     from ..data import check_image_file
     from ..display import save_figure
-    from ..inference import project_image
+    from ..inference import parse_rules, project_image
     from ..outputs import output_dir, output_file
 
     out = output_dir(args.out)
     raw_path = output_file(args.raw, "--raw", suffix=".npy") if args.raw else None
     check_image_file(args.image)
+    rules = parse_rules(args.rule)
     loaded = load_from_args(args, lrn=lrn_choice(args))
     result = project_image(
         loaded,
@@ -116,7 +117,7 @@ def cmd_project(args: argparse.Namespace) -> int:
         whole_map=args.whole_map,
         top_maps=args.top_maps,
         include_lrn=args.include_lrn,
-        rule=args.rule,
+        rule=rules,
     )
     if args.top_maps is not None:
         tag = f"top{args.top_maps}"
@@ -124,8 +125,12 @@ def cmd_project(args: argparse.Namespace) -> int:
         tag = f"map{args.whole_map}"
     else:
         tag = f"f{args.feature}" + (f"-y{args.position[0]}x{args.position[1]}" if args.position else "")
+    if rules != ["deconvnet"]:
+        tag += "-" + "-".join(rules)
     figure = save_figure(
-        result.figure(title=f"{Path(args.image).name}: {args.rule} projections from {args.layer} ({loaded.source})"),
+        result.figure(
+            title=f"{Path(args.image).name}: {', '.join(rules)} projections from {args.layer} ({loaded.source})"
+        ),
         out / f"{Path(args.image).stem}-{args.layer}-{tag}.png",
     )
     print(f"figure: {figure}")

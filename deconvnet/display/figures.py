@@ -144,6 +144,40 @@ def projection_figure(result: ProjectionResult, title: str | None = None) -> Fig
     return fig
 
 
+RULE_NAMES = {"deconvnet": "deconvnet (paper)", "guided": "guided backprop", "gradient": "gradient"}
+
+
+def rules_figure(result: ProjectionResult, title: str | None = None) -> Figure:
+    """Several rules side by side: the input (receptive fields outlined), then per unit a column: the
+    image patch under its receptive field, and the unit's projection cropped to the field under each
+    rule (one row per rule, each crop contrast-normalised on its own)."""
+    image = np.asarray(result.image, dtype=np.float32) / 255.0
+    rules = result.rules
+    by_rule = {r: [p for p in result.projections if p.rule == r] for r in rules}
+    units = by_rule[rules[0]]
+    n = len(units)
+    fig = new_figure((1.9 * (n + 1), 2.05 * (len(rules) + 1)))
+    axes = fig.subplots(len(rules) + 1, n + 1, squeeze=False)
+    axes[0, 0].imshow(image)
+    for p in units:
+        _outline(axes[0, 0], p.box)
+    axes[0, 0].set_title("input", fontsize=9)
+    for row, rule in enumerate(rules, start=1):
+        axes[row, 0].text(0.5, 0.5, RULE_NAMES.get(rule, rule), ha="center", va="center", fontsize=10)
+        for i, p in enumerate(by_rule[rule], start=1):
+            axes[row, i].imshow(crop_box(to_display(p.image), p.box))
+    for i, p in enumerate(units, start=1):
+        axes[0, i].imshow(crop_box(image, p.box))
+        what = "map" if p.selection.whole_map else f"({p.position[0]},{p.position[1]})"
+        axes[0, i].set_title(f"#{p.selection.channel} {what}\nact {p.value:.3g}", fontsize=8)
+    for ax in axes.flat:
+        _clean(ax)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    fig.suptitle(title or f"projections from {result.layer}, by rule", fontsize=11)
+    return fig
+
+
 def projection_view_figure(projection: Projection, title: str | None = None) -> Figure:
     """One projection as ``projection_figure`` draws each: contrast-normalised, its receptive field outlined."""
     fig = new_figure((3.2, 3.5))
