@@ -56,6 +56,7 @@ __all__ = [
     "wrap_model",
     "save_weights",
     "read_metadata",
+    "without_machine_paths",
     "fetch_weights",
     "cache_dir",
     "imagenet_classes",
@@ -368,6 +369,21 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def without_machine_paths(value: Any) -> Any:
+    """``value`` (metadata: nested dicts, lists, strings) with every file path reduced to its last part
+    (``/root/runs/zf`` -> ``zf``, ``../shared/data/imagenette-224`` -> ``imagenette-224``): a file to
+    share should not name the folders of the machine it was trained on."""
+    if isinstance(value, dict):
+        return {k: without_machine_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_machine_paths(v) for v in value]
+    is_path = isinstance(value, str) and ("/" in value or "\\" in value) and "://" not in value
+    if is_path and not any(c.isspace() for c in value):  # a sentence with a slash is not a path
+        parts = [p for p in str(value).replace("\\", "/").split("/") if p not in ("", ".", "..")]
+        return parts[-1] if parts else value
+    return value
 
 
 # --------------------------------------------------------------------------- loading

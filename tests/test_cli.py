@@ -144,6 +144,21 @@ def test_convert_writes_loadable_fp16_safetensors(weights, tmp_path):
     assert main(["convert", "--weights", weights, "--out", str(tmp_path / "x.pth")]) == 2
 
 
+def test_convert_keeps_machine_paths_out_of_the_metadata(tmp_path):
+    """A file to share names no folder of the machine it was trained on (unless --keep-paths)."""
+    from deconvnet.weights import read_metadata
+
+    torch.manual_seed(0)
+    model = build_model("zfnet", num_classes=2, fc=(16, 16), lrn=False, input_size=64).eval()
+    config = {"data": "/home/alice/data/imagenette-224", "out": "../runs/zf-run", "epochs": 2, "note": "a/b test"}
+    source = save_weights(model, tmp_path / "run.safetensors", ["a", "b"], extra={"train_config": config})
+    assert main(["convert", "--weights", str(source), "--out", str(tmp_path / "share.safetensors")]) == 0
+    shared = read_metadata(tmp_path / "share.safetensors")["train_config"]
+    assert shared == {"data": "imagenette-224", "out": "zf-run", "epochs": 2, "note": "a/b test"}
+    assert main(["convert", "--weights", str(source), "--out", str(tmp_path / "kept.safetensors"), "--keep-paths"]) == 0
+    assert read_metadata(tmp_path / "kept.safetensors")["train_config"] == config
+
+
 def test_layers_lists_names_shapes_and_receptive_fields(weights, capsys):
     from deconvnet.deconv import DeconvNet
     from deconvnet.weights import load_model
