@@ -234,11 +234,13 @@ def test_receptive_fields_of_resnet_layers():
 
 
 @pytest.mark.parametrize(
-    "cin,cout,k,s,p", [(8, 3, 7, 2, 3), (16, 3, 5, 2, 0), (6, 3, 11, 4, 2), (4, 2, 3, 2, 1), (12, 20, 3, 1, 1)]
+    "cin,cout,k,s,p",
+    [(8, 3, 7, 2, 3), (16, 3, 5, 2, 0), (6, 3, 11, 4, 2), (4, 2, 3, 2, 1), (12, 20, 3, 1, 1), (16, 24, 1, 1, 0)],
 )
 def test_prepared_transposed_filters_equal_conv_transpose2d(cin, cout, k, s, p):
-    """The way down's transposed convolution (polyphase form for few outputs, channels-last, batch
-    norm folded into the filters) is the same sum as one ``conv_transpose2d``: float32 round-off."""
+    """The way down's transposed convolution (polyphase form for few outputs, 1x1 as a plain conv,
+    channels-last, batch norm folded into the filters) is the same sum as one ``conv_transpose2d``:
+    float32 round-off."""
     torch.manual_seed(k * 10 + s)
     conv = nn.Conv2d(cout, cin, k, s, p)  # the forward conv maps cout -> cin; its transpose cin -> cout
     bn = nn.BatchNorm2d(cin).eval()
