@@ -272,12 +272,8 @@ def plan_windows(
 
 
 def _mask_off_map(x: torch.Tensor, origins: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``x`` (S, C, h, w) with the cells off the map [0, H) x [0, W) zeroed (a new tensor where any)."""
+    """``x`` (S, C, h, w) with the cells off the map [0, H) x [0, W) zeroed (a new tensor)."""
     h, w = x.shape[-2:]
-    lo = origins.min(0).values.tolist()
-    hi = origins.max(0).values.tolist()
-    if lo[0] >= 0 and lo[1] >= 0 and hi[0] + h <= size[0] and hi[1] + w <= size[1]:
-        return x
     ys = origins[:, :1] + torch.arange(h, device=x.device)
     xs = origins[:, 1:] + torch.arange(w, device=x.device)
     inside = ((ys >= 0) & (ys < size[0]))[:, :, None] & ((xs >= 0) & (xs < size[1]))[:, None, :]
@@ -324,32 +320,47 @@ class _Pass:
         self.positions = positions
         self.cut = cut
         self.signals: dict[str, torch.Tensor] = {}
-        self._boxes: dict[str, tuple[torch.Tensor, tuple[int, int], tuple[int, int]]] = {}
+        # the extreme positions bound every window's origin (origins grow with the position)
+        self.first_position: list[int] = positions.min(0).values.tolist()
+        self.last_position: list[int] = positions.max(0).values.tolist()
+        self._boxes: dict[str, tuple[Pair, Pair, bool]] = {}
+        self._origins: dict[str, torch.Tensor] = {}
 
-    def _box(self, name: str) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    def _box(self, name: str) -> tuple[Pair, Pair, bool]:
+        """(start, size, inside): the carried cells and whether they lie on the map for every unit."""
         if name not in self._boxes:
             win = self.plan.windows[name]
-            origin = win.origins(self.positions)
+            lowest = [self.first_position[a] * win.jump[a] + win.lo[a] for a in (0, 1)]  # smallest origin
+            highest = [self.last_position[a] * win.jump[a] + win.lo[a] for a in (0, 1)]
+            limit = self.plan.map_sizes.get(name)
             start, size = (0, 0), win.size
-            if self.cut and name in self.plan.map_sizes:
-                limit = torch.tensor(self.plan.map_sizes[name], device=origin.device)
-                first = (-origin).clamp_min(0).min(0).values.tolist()  # first on-map cell of any unit
-                end = torch.minimum(limit - origin, torch.tensor(win.size, device=origin.device))
-                last = end.max(0).values.tolist()
-                start = (min(max(first[0], 0), win.size[0] - 1), min(max(first[1], 0), win.size[1] - 1))
-                size = (max(last[0] - start[0], 1), max(last[1] - start[1], 1))
-                origin = origin + torch.tensor(start, device=origin.device)
-            self._boxes[name] = (origin, start, size)
+            if self.cut and limit is not None:
+                first = [min(max(0, -highest[a]), win.size[a] - 1) for a in (0, 1)]  # first on-map cell of any unit
+                last = [min(win.size[a], limit[a] - lowest[a]) for a in (0, 1)]
+                start = (first[0], first[1])
+                size = (max(last[0] - first[0], 1), max(last[1] - first[1], 1))
+            inside = limit is not None and all(
+                lowest[a] + start[a] >= 0 and highest[a] + start[a] + size[a] <= limit[a] for a in (0, 1)
+            )
+            self._boxes[name] = (start, size, inside)
         return self._boxes[name]
 
     def origin(self, name: str) -> torch.Tensor:
         """(S, 2) map cell of each unit's first carried cell of node ``name``."""
+        if name not in self._origins:
+            win, start = self.plan.windows[name], self.start(name)
+            shifted = Window(win.jump, (win.lo[0] + start[0], win.lo[1] + start[1]), win.size)
+            self._origins[name] = shifted.origins(self.positions)
+        return self._origins[name]
+
+    def start(self, name: str) -> Pair:
         return self._box(name)[0]
 
-    def start(self, name: str) -> tuple[int, int]:
+    def size(self, name: str) -> Pair:
         return self._box(name)[1]
 
-    def size(self, name: str) -> tuple[int, int]:
+    def on_map(self, name: str) -> bool:
+        """Whether every carried cell of ``name`` lies on its map, for every unit."""
         return self._box(name)[2]
 
     def fit(self, op: Op, name: str, value: torch.Tensor) -> torch.Tensor | None:
@@ -426,17 +437,20 @@ class GraphWindowedProjector:
             if op.kind == "input":
                 break
             x = run.signals.pop(op.name)
-            kind, origin, size = op.kind, run.origin(op.name), run.size(op.name)
-            if kind in ("conv", "maxpool") or op.name in plan.avg_divisors:  # ops that mix cells
-                x = _mask_off_map(x, origin, plan.map_sizes[op.name])
+            kind, size = op.kind, run.size(op.name)
+            mixes = kind in ("conv", "maxpool") or op.name in plan.avg_divisors  # ops that mix cells
+            if mixes and not run.on_map(op.name):
+                x = _mask_off_map(x, run.origin(op.name), plan.map_sizes[op.name])
             if kind == "relu":
-                mask = _gather(record.masks[op.name], image_index, origin, size) if rule != "deconvnet" else None
+                mask = None
+                if rule != "deconvnet":
+                    mask = _gather(record.masks[op.name], image_index, run.origin(op.name), size)
                 run.send(op, op.inputs[0], relu_rule(x, rule, mask))
             elif kind == "conv":
                 bn = graph.folded_bn.get(op.name) if op.name in folding else None
                 run.send(op, op.inputs[0], self.filters.apply(x, op.module, cl, bn))  # type: ignore[arg-type]
             elif kind == "maxpool":
-                run.send(op, op.inputs[0], self._unpool(op, x, record, image_index, origin))
+                run.send(op, op.inputs[0], self._unpool(op, x, record, image_index, run.origin(op.name)))
             elif kind == "linear_op" and op.name in plan.avg_divisors:
                 run.send(op, op.inputs[0], self._avg_unpool(op, x, plan.avg_divisors[op.name]))
             elif kind == "linear_op":  # a concatenation along the channels (the plan allows no other)
@@ -450,7 +464,8 @@ class GraphWindowedProjector:
                     run.send(op, op.inputs[0], x * batchnorm_scale(op.module).view(1, -1, 1, 1))  # type: ignore[arg-type]
             elif kind == "lrn":
                 if self.include_lrn:
-                    x = lrn_vjp(op.module, _gather(record.lrn_inputs[op.name], image_index, origin, size), x)  # type: ignore[arg-type]
+                    inputs = _gather(record.lrn_inputs[op.name], image_index, run.origin(op.name), size)
+                    x = lrn_vjp(op.module, inputs, x)  # type: ignore[arg-type]
                 run.send(op, op.inputs[0], x)
             elif kind in ("add", "identity"):
                 for name in op.inputs:
