@@ -6,7 +6,12 @@ and a backward pass per selection, the peers' way; it is an optional benchmark d
 
 * the bundled model, 2 real images, the strongest activation of every map of conv2, conv3 and conv5;
 * ResNet-50 at 224 px (random weights), 256 selections (strongest activations of 128 maps x 2 images)
-  at ``layer3`` and at ``layer4``.
+  at ``layer1`` and ``layer2`` (fields of 35 and 91 px: the receptive-field-windowed way down of graph
+  models) and at ``layer3`` and ``layer4`` (fields that cover the image: whole maps).
+
+For the windowed layers the same selections also go down over whole maps
+(``DeconvNet(model, fast_path=False)``) in the same process: the windowed vs whole-map speed-up and
+the largest difference between the two are printed.
 
 Captum's rate is measured on ``--loop-limit`` selections and extrapolated (its cost per selection does
 not depend on which). Every timed Captum result is compared with ours (Captum's attribution is the
@@ -15,6 +20,7 @@ largest magnitude is printed. Timing is process CPU time when ``--threads 1`` (r
 machine), wall-clock otherwise.
 
     python benchmarks/bench_engine.py [--rule deconvnet] [--loop-limit 24] [--threads 1] [--skip-resnet]
+        [--skip-bundled] [--resnet-layers layer1,layer2,layer3,layer4]
 """
 
 from __future__ import annotations
@@ -51,9 +57,11 @@ def compare(model, images, layer: str, module, selections, rule: str, loop_limit
     # objects costs ~0.3 s and would land in whichever side it happens to hit)
     gc.collect()
     gc.disable()
+    engine.path_counts.clear()
     t0 = clock()
     ours = engine.project(images, selections, rule=rule)
     t_ours = clock() - t0
+    way = ", ".join(f"{k} {v}" for k, v in engine.path_counts.items() if v)
     # single units keep their receptive-field window; full-size images are built on first use: timed
     # apart, so that both costs are on record (Captum returns full-size images)
     t0 = clock()
@@ -79,7 +87,32 @@ def compare(model, images, layer: str, module, selections, rule: str, loop_limit
     print(
         f"  {label:<28} {len(selections):5d} selections   ours {t_ours:7.2f} s (+{t_images:.2f} s full-size images)   "
         f"captum {t_captum:8.2f} s (from {len(timed)})   speed-up {ratio:7.1f}x "
-        f"({t_captum / (t_ours + t_images):.1f}x with the images)   max rel diff {worst:.1e}"
+        f"({t_captum / (t_ours + t_images):.1f}x with the images)   max rel diff {worst:.1e}   ({way})"
+    )
+    return ratio
+
+
+def windowed_vs_whole(model, images, selections, rule: str, clock, label: str) -> float:
+    """The engine's windowed way down against its whole-map way down, same selections, same process."""
+    fast, whole = DeconvNet(model), DeconvNet(model, fast_path=False)
+    for engine in (fast, whole):
+        engine.project(images, selections[:2], rule=rule)  # warm-up
+    fast.path_counts.clear()
+    t0 = clock()
+    ours = fast.project(images, selections, rule=rule)
+    for p in ours:  # full-size images, as the whole-map way makes them
+        p.image  # noqa: B018
+    t_fast = clock() - t0
+    t0 = clock()
+    reference = whole.project(images, selections, rule=rule)
+    t_whole = clock() - t0
+    worst = max(
+        float((p.image - q.image).abs().max()) / (float(q.image.abs().max()) or 1.0) for p, q in zip(ours, reference)
+    )
+    ratio = t_whole / t_fast
+    print(
+        f"  {label:<28} {len(selections):5d} selections   windowed {t_fast:7.2f} s   whole maps {t_whole:7.2f} s   "
+        f"speed-up {ratio:5.1f}x   max rel diff {worst:.1e}   (windowed: {fast.path_counts['graph-windowed']})"
     )
     return ratio
 
@@ -92,6 +125,10 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: process CPU time)")
     parser.add_argument("--skip-resnet", action="store_true")
+    parser.add_argument("--skip-bundled", action="store_true", help="only the ResNet-50 workloads")
+    parser.add_argument(
+        "--resnet-layers", default="layer1,layer2,layer3,layer4", help="ResNet-50 layers (comma-separated)"
+    )
     parser.add_argument("--weights", default=None, help="ZFNet-style weights (default: the bundled model)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -100,21 +137,24 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", module="captum")
-    loaded = load_model(args.weights)
-    x = torch.stack([loaded.preprocessing.load(p)[0] for p in sample_paths()[:2]])
-    engine = DeconvNet(loaded.model)
-    print(f"bundled model {loaded.source} ({x.shape[-1]} px), rule {args.rule}, {args.threads} thread(s)")
-    for layer in ("conv2", "conv3", "conv5"):
-        sels = engine.strongest(x, layer)
-        module = loaded.model.get_submodule(engine.layer(layer).path)
-        compare(loaded.model, x, layer, module, sels, args.rule, args.loop_limit, clock, f"{layer} (every map)")
+    print(f"rule {args.rule}, {args.threads} thread(s)")
+    if not args.skip_bundled:
+        loaded = load_model(args.weights)
+        x = torch.stack([loaded.preprocessing.load(p)[0] for p in sample_paths()[:2]])
+        engine = DeconvNet(loaded.model)
+        print(f"bundled model {loaded.source} ({x.shape[-1]} px)")
+        for layer in ("conv2", "conv3", "conv5"):
+            sels = engine.strongest(x, layer)
+            module = loaded.model.get_submodule(engine.layer(layer).path)
+            compare(loaded.model, x, layer, module, sels, args.rule, args.loop_limit, clock, f"{layer} (every map)")
     if args.skip_resnet:
         return
     resnet = torchvision.models.resnet50(weights=None).eval()
     xr = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     engine = DeconvNet(resnet)
+    layers = args.resnet_layers.split(",")
     print("ResNet-50 (random weights), 224 px")
-    for layer in ("layer3", "layer4"):
+    for layer in layers:
         sels = engine.strongest(xr, layer, k=128)
         compare(
             resnet,
@@ -127,6 +167,9 @@ def main() -> None:
             clock,
             f"{layer} (128 maps x 2)",
         )
+    print("ResNet-50: the windowed way down vs whole maps (the engine's two ways, same selections)")
+    for layer in [name for name in layers if name in ("layer1", "layer2")]:
+        windowed_vs_whole(resnet, xr, engine.strongest(xr, layer, k=128), args.rule, clock, f"{layer} (128 maps x 2)")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from deconvnet.engine import RULES, DeconvNet, Selection
 from deconvnet.engine.reverse import TransposedFilters, batchnorm_scale, conv_transpose
 from deconvnet.errors import DeconvnetError
 from deconvnet.models import build_model
+from tests.helpers.models import randomize_batchnorm
 from tests.reference import reference_projection
 
 # relative to the reference's largest magnitude: float32 sums over up to ~10^5 terms in a different
@@ -20,22 +21,11 @@ from tests.reference import reference_projection
 TOLERANCE = 1e-5
 
 
-def _randomize_batchnorm(model: nn.Module) -> None:
-    """Non-trivial eval statistics, so that batch norm's scale matters."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-
-
 def _build(name: str) -> nn.Module:
     torch.manual_seed(0)
     kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
     model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
-    _randomize_batchnorm(model)
+    randomize_batchnorm(model)
     return model
 
 
@@ -244,15 +234,17 @@ def test_receptive_fields_of_resnet_layers():
 
 
 @pytest.mark.parametrize(
-    "cin,cout,k,s,p", [(8, 3, 7, 2, 3), (16, 3, 5, 2, 0), (6, 3, 11, 4, 2), (4, 2, 3, 2, 1), (12, 20, 3, 1, 1)]
+    "cin,cout,k,s,p",
+    [(8, 3, 7, 2, 3), (16, 3, 5, 2, 0), (6, 3, 11, 4, 2), (4, 2, 3, 2, 1), (12, 20, 3, 1, 1), (16, 24, 1, 1, 0)],
 )
 def test_prepared_transposed_filters_equal_conv_transpose2d(cin, cout, k, s, p):
-    """The way down's transposed convolution (polyphase form for few outputs, channels-last, batch
-    norm folded into the filters) is the same sum as one ``conv_transpose2d``: float32 round-off."""
+    """The way down's transposed convolution (polyphase form for few outputs, 1x1 as a plain conv,
+    channels-last, batch norm folded into the filters) is the same sum as one ``conv_transpose2d``:
+    float32 round-off."""
     torch.manual_seed(k * 10 + s)
     conv = nn.Conv2d(cout, cin, k, s, p)  # the forward conv maps cout -> cin; its transpose cin -> cout
     bn = nn.BatchNorm2d(cin).eval()
-    _randomize_batchnorm(bn)
+    randomize_batchnorm(bn)
     filters = TransposedFilters()
     x = torch.relu(torch.randn(5, cin, 9, 11))
     input_shape = (5, cout, (9 - 1) * s + k - 2 * p + (s - 1), (11 - 1) * s + k - 2 * p)

@@ -5,6 +5,7 @@
 * :mod:`.reverse`  one reverse rule per op; the deconvnet / guided / gradient rectifiers
 * :mod:`.chain`    chain models (a `features` nn.Sequential): the paper's layer names, the chain walk
 * :mod:`.windowed` the way down inside a unit's receptive field only (chain models' fast path)
+* :mod:`.graph_windowed` the same on any traced graph (graph models' fast path, and the other rules')
 * :mod:`.core`     ``DeconvNet``: ``project``, ``strongest``, ``forward``/``backward``
 """
 

@@ -391,7 +391,7 @@ class ModelGraph:
             end = _per_axis(lambda a: max(f.start[a] + size[a] for f, size in zip(ins, sizes)))
             return Field((end[0] - start[0], end[1] - start[1]), stride, start)
         f, size = ins[0], sizes[0]
-        geometry = self._window_geometry(op)
+        geometry = self.window_geometry(op)
         if geometry is None:
             if op.kind in ("relu", "bn", "lrn", "add", "identity", "getitem", "split") or self._keeps_grid(op, shapes):
                 return f
@@ -403,7 +403,7 @@ class ModelGraph:
             _per_axis(lambda a: f.start[a] - p[a] * f.stride[a]),
         )
 
-    def _window_geometry(self, op: Op) -> tuple[tuple[int, int], ...] | None:
+    def window_geometry(self, op: Op) -> tuple[tuple[int, int], ...] | None:
         """(kernel, stride, padding, dilation) of a windowed op (conv, pooling), None for others."""
         m = op.module
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):

@@ -21,6 +21,17 @@ SERVED_CONV = ((16, 7, 2, 1), (24, 5, 2, 0), (32, 3, 1, 1), (32, 3, 1, 1), (24, 
 SERVED_CLASSES = ["cat", "dog", "cup", "rocket"]
 
 
+def randomize_batchnorm(model: torch.nn.Module) -> None:
+    """Non-trivial eval statistics for every batch norm of ``model``, so that batch norm's scale matters."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
 def tiny_model(input_size: int = 64, lrn: bool = False, num_classes: int = 3, **overrides: Any) -> ConvNet:
     """A random ZFNet (seed 0) with 32-unit fully connected layers, in eval mode."""
     torch.manual_seed(0)

@@ -15,7 +15,8 @@ Three phases, each usable alone, all on one engine (``DeconvNet``) per run:
    (``cache.py``), so the projection phase needs no second forward pass for them (bounded by k x maps
    images and by ``cache_mb``; anything not cached is recomputed).
 2. :func:`project_atlas` (``project.py``) projects every kept activation with the receptive-field-
-   windowed deconvnet (:mod:`deconvnet.engine.windowed`), grouping selections by image, and returns
+   windowed deconvnet (:mod:`deconvnet.engine.windowed`; graph models: ``DeconvNet.project``, also
+   windowed where that saves work), grouping selections by image, and returns
    display tiles (:class:`AtlasTiles`, ``tiles.py``: projection and image patch, cropped to the
    receptive field, resized to at most ``tile`` pixels).
 3. :func:`deconvnet.display.atlas.render_atlas` writes per-layer PNG sheets (3x3 projections beside

@@ -1,6 +1,7 @@
 """Projection of the kept activations into display tiles (:func:`project_atlas`): chain models through
 the receptive-field-windowed way down (:mod:`deconvnet.engine.windowed`), using the switches the scan
-kept where it could; graph models through the engine's whole-image way down."""
+kept where it could; graph models through ``DeconvNet.project`` (windowed where that saves work,
+:mod:`deconvnet.engine.graph_windowed`; else over whole maps)."""
 
 from __future__ import annotations
 
@@ -278,10 +279,11 @@ def _project_graph(
     progress: bool,
     selections_per_pass: int = 128,
 ) -> None:
-    """Graph models (ResNet, DenseNet...): the engine's whole-image way down for every kept activation
-    of a few images at a time, ``selections_per_pass`` full-size projections at most in memory (each
-    pass redoes the forward pass of its few images: cheap beside the way down of its selections), cut
-    to the unit's receptive field (the whole image where the field covers it)."""
+    """Graph models (ResNet, DenseNet...): ``DeconvNet.project`` (windowed or over whole maps) for every
+    kept activation of a few images at a time, ``selections_per_pass`` full-size projections at most in
+    memory, cut to the unit's receptive field (the whole image where the field covers it). Each pass
+    redoes the forward pass of its few images: cheap beside ways down over whole maps, a large part of
+    the pass where the units go down on small windows (a ResNet's layer1)."""
     from tqdm.auto import tqdm
 
     geometry = loaded.preprocessing.geometry()

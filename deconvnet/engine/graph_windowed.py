@@ -1,0 +1,558 @@
+"""Receptive-field-windowed way down for traced graphs (ResNet, DenseNet, GoogLeNet...): the engine's
+fast path for single units of any model whose ops below the unit are all windowable.
+
+A projection of ONE unit is zero outside the unit's receptive field at every level, so the way down
+needs, at every node n below the selected (target) node, only the part of n's grid the unit can
+reach: a box of fixed size ``(h_n, w_n)`` whose top-left cell, for the unit at target position
+``pos`` = (y, x), is ``pos * jump_n + lo_n`` per axis (``jump_n``: cumulative stride from n's grid to
+the target's). The target's window is 1x1 with ``jump = 1, lo = 0``; going down through an op whose
+output window is ``(jump, lo, size)``:
+
+* conv / max pool / avg pool (kernel k, stride s, padding p, dilation d):
+  ``jump -> jump * s``, ``lo -> lo * s - p``, ``size -> (size - 1) * s + d * (k - 1) + 1``;
+* element-wise ops (ReLU, batch norm, LRN, identity), the operands of an addition, and concatenation
+  or split along the channel axis: the same box;
+* a node read by several ops takes the UNION (bounding box) of the boxes its readers ask for (they
+  agree on ``jump``; if not, the node has no fixed-size window).
+
+Any other op below the target (a linear layer, a reshape, global or adaptive pooling, padding,
+interpolation, a concatenation along a spatial axis, an addition that broadcasts, an average pool
+whose divisor depends on the position) means the target has no windowed path: :func:`plan_windows`
+returns None and the engine takes the whole-map way down.
+
+The way down on windows (:meth:`GraphWindowedProjector.project`) sends S single units of one
+target (of any recorded images) together: node n's signal is (S, C_n, h_n, w_n), each row with its
+own origin. It applies the reverse rules of :mod:`deconvnet.engine.reverse` to the windows:
+
+* conv: the engine's prepared transposed filters WITHOUT padding (``TransposedFilters.apply``, batch
+  norm folded in where the whole-map path folds it), whose output is exactly the input window;
+* max pool: switch unpooling that SUMS overlapping windows (like ``unpool_sum``), each unit's
+  switches gathered for its window; avg pool: its transpose (each cell's value spread over its
+  k x k input cells, divided by the uniform divisor);
+* ReLU: ``relu_rule`` with the forward masks gathered for the window (guided, gradient); batch norm:
+  its scale; LRN: skipped, or its Jacobian at the gathered recorded inputs (``include_lrn``; LRN is
+  cross-channel, so a window's Jacobian is the map's restricted to it);
+* addition: the signal goes to every operand; concatenation: its channel slices; split: the pieces
+  put back (autograd of the split on the window).
+
+Cells of a window that lie off its node's map (over the padding, past the border) are zeroed before
+every op that mixes cells (conv, pooling): there the whole-map path has no cell, so nothing may flow
+back from them. Element-wise ops keep such cells where they are, and the final paste into the image
+drops them. Where a window leaves the map, the gathered forward record (switches, masks, LRN inputs)
+uses clamped indices: harmless, the signal is zero there.
+
+A pass carries, at each node, only the part of the plan's window that lies on the node's map for at
+least one of its units (``GraphWindowedProjector.cut_to_maps``; the same box for all units of the
+pass, so every op stays one batched call); the engine sorts units so that a pass holds units whose
+windows leave the image alike. The result, each unit's projection on its input-pixel window, equals
+the whole-map way down to float rounding (``tests/test_graph_windowed.py``).
+
+Cost: the plan estimates the way down's multiply-adds in windows against whole maps
+(:attr:`WindowPlan.work_ratio`); the engine takes this path only where that ratio is small (see
+``deconvnet.engine.core.GRAPH_WINDOWED_MAX_WORK``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .graph import ModelGraph, Op, int_pair
+from .record import ForwardRecord
+from .reverse import TransposedFilters, batchnorm_scale, lrn_vjp, relu_rule
+from .windowed import WindowedProjections
+
+__all__ = ["Window", "WindowPlan", "plan_windows", "GraphWindowedProjector"]
+
+Pair = tuple[int, int]
+_CAT = (torch.cat, torch.concat)
+_ELEMENTWISE = ("relu", "bn", "lrn", "identity", "add", "getitem", "split")
+
+
+@dataclass(frozen=True)
+class Window:
+    """A node's window for a unit at target position ``pos``: cells ``pos * jump + lo`` to
+    ``pos * jump + lo + size`` (end-exclusive) of the node's grid, per axis (y, x)."""
+
+    jump: Pair
+    lo: Pair
+    size: Pair
+
+    def origins(self, positions: torch.Tensor) -> torch.Tensor:
+        """(S, 2) top-left cells of the windows of units at ``positions`` (S, 2)."""
+        jump = torch.tensor(self.jump, device=positions.device)
+        lo = torch.tensor(self.lo, device=positions.device)
+        return positions * jump + lo
+
+    def below(self, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair = (1, 1)) -> Window:
+        """The window of the input of a conv/pool whose output window this is."""
+        size_y, size_x = ((self.size[a] - 1) * stride[a] + dilation[a] * (kernel[a] - 1) + 1 for a in (0, 1))
+        return Window(
+            (self.jump[0] * stride[0], self.jump[1] * stride[1]),
+            (self.lo[0] * stride[0] - padding[0], self.lo[1] * stride[1] - padding[1]),
+            (size_y, size_x),
+        )
+
+    def union(self, other: Window) -> Window | None:
+        """The bounding box of both (None where the strides differ: no fixed-size window)."""
+        if self.jump != other.jump:
+            return None
+        lo = (min(self.lo[0], other.lo[0]), min(self.lo[1], other.lo[1]))
+        hi = tuple(max(self.lo[a] + self.size[a], other.lo[a] + other.size[a]) for a in (0, 1))
+        return Window(self.jump, lo, (hi[0] - lo[0], hi[1] - lo[1]))
+
+    @property
+    def area(self) -> int:
+        return self.size[0] * self.size[1]
+
+
+@dataclass
+class WindowPlan:
+    """The windows of every node below ``target`` for images of ``input_size`` (see the module
+    docstring): ``windows[n]`` the node's window, ``asks[n]`` the window op n asks of its inputs."""
+
+    target: str
+    input_size: tuple[int, int]
+    ops: list[Op]  # the ops below the target, in forward order
+    windows: dict[str, Window]
+    asks: dict[str, Window]
+    map_sizes: dict[str, tuple[int, int]]
+    channels: dict[str, int]
+    work_ratio: float  # conv multiply-adds of the windowed way down (windows cut to the maps) / whole maps
+    unit_elements: int  # elements of the largest window of one unit (memory per unit)
+    map_elements: int  # elements of the largest whole map of one selection
+    avg_divisors: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, tuple[int, int]] = field(default_factory=dict)  # strides of the ops that have one
+    cat_slices: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)
+
+    @property
+    def input_window(self) -> Window:
+        return self.windows[self.ops[0].name]
+
+    def on_image(self, position: tuple[int, int]) -> tuple[int, int, int, int]:
+        """(y0, x0, y1, x1): the cells of the input window of the unit at target ``position`` that lie on
+        the image, in window coordinates (units with equal boxes share their cut windows in a pass)."""
+        win = self.input_window
+        origin = [position[a] * win.jump[a] + win.lo[a] for a in (0, 1)]
+        first = [max(0, -origin[a]) for a in (0, 1)]
+        last = [min(win.size[a], self.input_size[a] - origin[a]) for a in (0, 1)]
+        return first[0], first[1], last[0], last[1]
+
+
+class _NotWindowable(Exception):
+    pass
+
+
+def _dim(op: Op) -> object:
+    """The ``dim`` argument of a concatenation (second) or a split (third), 0 by default."""
+    position = 2 if op.kind == "split" else 1
+    args = op.node.args
+    return op.node.kwargs.get("dim", args[position] if len(args) > position else 0)
+
+
+def _channel_axis(op: Op, rank: int) -> None:
+    dim = _dim(op)
+    if not isinstance(dim, int) or rank != 4 or (dim + rank if dim < 0 else dim) != 1:
+        raise _NotWindowable(f"{op.where}: not along the channel axis of a map")
+
+
+def _geometry(graph: ModelGraph, op: Op) -> tuple[Pair, Pair, Pair, Pair]:
+    """(kernel, stride, padding, dilation) of a conv or pooling op."""
+    geometry = graph.window_geometry(op)
+    if geometry is None:
+        raise _NotWindowable(f"{op.where}: no kernel geometry")
+    k, s, p, d = geometry
+    return k, s, p, d
+
+
+def _avg_pool_divisor(graph: ModelGraph, op: Op, shapes: dict[str, torch.Size]) -> float:
+    """The divisor of an average pool where it is the same at every output cell (raises otherwise)."""
+    k, s, p, _ = _geometry(graph, op)
+    m = op.module
+    include_pad: Any
+    override: Any
+    if isinstance(m, nn.AvgPool2d):
+        include_pad, override = m.count_include_pad, m.divisor_override
+    else:
+        args = list(op.node.args) + [None] * 7
+        include_pad = op.node.kwargs.get("count_include_pad", True if args[5] is None else args[5])
+        override = op.node.kwargs.get("divisor_override", args[6])
+    if override:
+        return float(override)
+    in_hw, out_hw = shapes[op.inputs[0]][-2:], shapes[op.name][-2:]
+    floor = all(out_hw[a] == (in_hw[a] + 2 * p[a] - k[a]) // s[a] + 1 for a in (0, 1))
+    if not floor or (p != (0, 0) and not include_pad):
+        raise _NotWindowable(f"{op.where}: average pool with a divisor that depends on the position")
+    return float(k[0] * k[1])
+
+
+def _ask(graph: ModelGraph, op: Op, win: Window, shapes: dict[str, torch.Size], plan: WindowPlan) -> Window:
+    """The window ``op`` (output window ``win``) asks of its inputs; raises where it has none."""
+    kind = op.kind
+    rank = len(shapes.get(op.name, ()))
+    if kind in ("conv", "maxpool"):
+        k, s, p, d = _geometry(graph, op)
+        plan.steps[op.name] = s
+        return win.below(k, s, p, d)
+    if kind == "linear_op" and (isinstance(op.module, nn.AvgPool2d) or op.node.target is F.avg_pool2d):
+        plan.avg_divisors[op.name] = _avg_pool_divisor(graph, op, shapes)
+        k, s, p, _ = _geometry(graph, op)
+        plan.steps[op.name] = s
+        return win.below(k, s, p)
+    if kind == "linear_op" and op.node.target in _CAT:
+        _channel_axis(op, rank)
+        pieces = op.node.args[0]
+        names = [n.name for n in pieces if isinstance(n, fx.Node)] if isinstance(pieces, (list, tuple)) else []
+        if not names or len(names) != len(pieces) or not all(n in op.inputs for n in names):  # type: ignore[arg-type]
+            raise _NotWindowable(f"{op.where}: concatenation of something not computed from the image")
+        slices, start = [], 0
+        for name in names:
+            stop = start + int(shapes[name][1])
+            slices.append((name, start, stop))
+            start = stop
+        plan.cat_slices[op.name] = slices
+        return win
+    if kind == "split":
+        _channel_axis(op, len(shapes.get(op.inputs[0], ())))
+        return win
+    if kind == "getitem" and not isinstance(op.node.args[1], int):
+        raise _NotWindowable(f"{op.where}: indexing a split by {op.node.args[1]!r}")
+    if kind == "add" and any(tuple(shapes[n][-2:]) != tuple(shapes[op.name][-2:]) for n in op.inputs):
+        raise _NotWindowable(f"{op.where}: an addition that broadcasts over the grid")
+    if kind in _ELEMENTWISE and (rank == 4 or kind in ("split", "getitem")):
+        return win
+    raise _NotWindowable(f"{op.where}: {kind} {op.reason}".strip())
+
+
+def plan_windows(
+    graph: ModelGraph, target: str, shapes: dict[str, torch.Size], input_size: tuple[int, int]
+) -> WindowPlan | None:
+    """The windows of every node below op ``target`` (``shapes``: every op's output shape for images of
+    ``input_size``), or None where some op below has no fixed-size window (see the module docstring)."""
+    if len(shapes.get(target, ())) != 4:
+        return None
+    ops = graph.below(target)
+    plan = WindowPlan(target, input_size, ops, {target: Window((1, 1), (0, 0), (1, 1))}, {}, {}, {}, 1.0, 0, 0)
+    try:
+        for op in reversed(ops):
+            if op.kind == "input":
+                continue
+            win = plan.windows[op.name]
+            ask = _ask(graph, op, win, shapes, plan)
+            plan.asks[op.name] = ask
+            for name in op.inputs:
+                known = plan.windows.get(name)
+                merged = ask if known is None else known.union(ask)
+                if merged is None:
+                    raise _NotWindowable(f"{name}: read at different strides")
+                plan.windows[name] = merged
+    except _NotWindowable:
+        return None
+    windowed = whole = 0.0
+    for op in ops:
+        shape = shapes.get(op.inputs[0] if op.kind == "split" else op.name)  # a split: its input's grid
+        if shape is not None and len(shape) == 4:
+            plan.map_sizes[op.name] = (int(shape[-2]), int(shape[-1]))
+            plan.channels[op.name] = int(shape[1])
+        if op.kind == "conv":
+            m: nn.Conv2d = op.module  # type: ignore[assignment]
+            macs = m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1] / m.groups
+            (h, w), (map_h, map_w) = plan.windows[op.name].size, plan.map_sizes[op.name]
+            windowed += macs * min(h, map_h) * min(w, map_w)  # at most the map's cells are carried
+            whole += macs * map_h * map_w
+    plan.work_ratio = windowed / whole if whole else 1.0
+    plan.unit_elements = max(plan.channels[n] * w.area for n, w in plan.windows.items() if n in plan.channels)
+    plan.map_elements = max(plan.channels[n] * s[0] * s[1] for n, s in plan.map_sizes.items())
+    return plan
+
+
+def _mask_off_map(x: torch.Tensor, origins: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``x`` (S, C, h, w) with the cells off the map [0, H) x [0, W) zeroed (a new tensor)."""
+    h, w = x.shape[-2:]
+    ys = origins[:, :1] + torch.arange(h, device=x.device)
+    xs = origins[:, 1:] + torch.arange(w, device=x.device)
+    inside = ((ys >= 0) & (ys < size[0]))[:, :, None] & ((xs >= 0) & (xs < size[1]))[:, None, :]
+    return x * inside[:, None].to(x.dtype)
+
+
+def _cells(origins: torch.Tensor, size: tuple[int, int], limit: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices (S, h), (S, w) of each window, clamped to a map of ``limit``."""
+    dev = origins.device
+    ys = (origins[:, :1] + torch.arange(size[0], device=dev)).clamp_(0, limit[0] - 1)
+    xs = (origins[:, 1:] + torch.arange(size[1], device=dev)).clamp_(0, limit[1] - 1)
+    return ys, xs
+
+
+def _gather(t: torch.Tensor, image_index: torch.Tensor, origins: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Each unit's window (S, C, h, w) of its image's recorded map ``t`` (N, C, H, W); clamped indices
+    where the window leaves the map."""
+    ys, xs = _cells(origins, size, (t.shape[-2], t.shape[-1]))
+    out = t[image_index[:, None, None], :, ys[:, :, None], xs[:, None, :]]  # (S, h, w, C)
+    return out.permute(0, 3, 1, 2)
+
+
+def _fit(x: torch.Tensor, start: tuple[int, int], size: tuple[int, int]) -> torch.Tensor | None:
+    """``x``, whose first cell is cell ``start`` of a box of ``size``, cut and zero-padded to that box
+    (None where it does not overlap it)."""
+    top, left = start
+    h, w = x.shape[-2:]
+    y0, x0, y1, x1 = max(0, -top), max(0, -left), min(h, size[0] - top), min(w, size[1] - left)
+    if y0 >= y1 or x0 >= x1:
+        return None
+    if (y0, x0, y1, x1) != (0, 0, h, w):
+        x = x[:, :, y0:y1, x0:x1]
+    pad = (left + x0, size[1] - left - x1, top + y0, size[0] - top - y1)
+    return F.pad(x, pad) if any(pad) else x
+
+
+class _Pass:
+    """The boxes and signals of one windowed pass: node n carries the cells ``start(n)`` to
+    ``start(n) + size(n)`` of its plan window (the whole window, or with ``cut`` the part that lies
+    on n's map for at least one unit of the pass)."""
+
+    def __init__(self, plan: WindowPlan, positions: torch.Tensor, cut: bool) -> None:
+        self.plan = plan
+        self.positions = positions
+        self.cut = cut
+        self.signals: dict[str, torch.Tensor] = {}
+        # the extreme positions bound every window's origin (origins grow with the position)
+        self.first_position: list[int] = positions.min(0).values.tolist()
+        self.last_position: list[int] = positions.max(0).values.tolist()
+        self._boxes: dict[str, tuple[Pair, Pair, bool]] = {}
+        self._origins: dict[str, torch.Tensor] = {}
+
+    def _box(self, name: str) -> tuple[Pair, Pair, bool]:
+        """(start, size, inside): the carried cells and whether they lie on the map for every unit."""
+        if name not in self._boxes:
+            win = self.plan.windows[name]
+            lowest = [self.first_position[a] * win.jump[a] + win.lo[a] for a in (0, 1)]  # smallest origin
+            highest = [self.last_position[a] * win.jump[a] + win.lo[a] for a in (0, 1)]
+            limit = self.plan.map_sizes.get(name)
+            start, size = (0, 0), win.size
+            if self.cut and limit is not None:
+                first = [min(max(0, -highest[a]), win.size[a] - 1) for a in (0, 1)]  # first on-map cell of any unit
+                last = [min(win.size[a], limit[a] - lowest[a]) for a in (0, 1)]
+                start = (first[0], first[1])
+                size = (max(last[0] - first[0], 1), max(last[1] - first[1], 1))
+            inside = limit is not None and all(
+                lowest[a] + start[a] >= 0 and highest[a] + start[a] + size[a] <= limit[a] for a in (0, 1)
+            )
+            self._boxes[name] = (start, size, inside)
+        return self._boxes[name]
+
+    def origin(self, name: str) -> torch.Tensor:
+        """(S, 2) map cell of each unit's first carried cell of node ``name``."""
+        if name not in self._origins:
+            win, start = self.plan.windows[name], self.start(name)
+            shifted = Window(win.jump, (win.lo[0] + start[0], win.lo[1] + start[1]), win.size)
+            self._origins[name] = shifted.origins(self.positions)
+        return self._origins[name]
+
+    def start(self, name: str) -> Pair:
+        return self._box(name)[0]
+
+    def size(self, name: str) -> Pair:
+        return self._box(name)[1]
+
+    def on_map(self, name: str) -> bool:
+        """Whether every carried cell of ``name`` lies on its map, for every unit."""
+        return self._box(name)[2]
+
+    def fit(self, op: Op, name: str, value: torch.Tensor) -> torch.Tensor | None:
+        """``op``'s contribution ``value`` to its input ``name`` (computed from op's carried cells), on
+        the cells ``name`` carries."""
+        plan = self.plan
+        ask, below = plan.asks[op.name], plan.windows[name]
+        step = plan.steps.get(op.name, (1, 1))
+        first = self.start(op.name)
+        start = tuple(ask.lo[a] - below.lo[a] + first[a] * step[a] - self.start(name)[a] for a in (0, 1))
+        return _fit(value, start, self.size(name))  # type: ignore[arg-type]
+
+    def send(self, op: Op, name: str, value: torch.Tensor) -> None:
+        """Add ``op``'s contribution ``value`` to the signal of its input ``name``."""
+        fitted = self.fit(op, name, value)
+        if fitted is not None:
+            self.signals[name] = self.signals[name] + fitted if name in self.signals else fitted
+
+
+class GraphWindowedProjector:
+    """Windowed way down of single units for a traced graph (see the module docstring); plans are
+    cached per (target op, input size)."""
+
+    def __init__(self, graph: ModelGraph, filters: TransposedFilters, include_lrn: bool = False) -> None:
+        self.graph = graph
+        self.filters = filters
+        self.include_lrn = include_lrn
+        self._plans: dict[tuple[str, int, int], WindowPlan | None] = {}
+        # carry only the cells that lie on the maps for some unit of a pass (False: whole windows)
+        self.cut_to_maps = True
+
+    def plan(self, target: str, shapes: dict[str, torch.Size], input_size: tuple[int, int]) -> WindowPlan | None:
+        """The windows below op ``target`` for images of ``input_size`` (None: no windowed path)."""
+        key = (target, int(input_size[0]), int(input_size[1]))
+        if key not in self._plans:
+            self._plans[key] = plan_windows(self.graph, target, shapes, input_size)
+        return self._plans[key]
+
+    @torch.no_grad()
+    def project(
+        self,
+        plan: WindowPlan,
+        record: ForwardRecord,
+        image_index: torch.Tensor,
+        channels: torch.Tensor,
+        positions: torch.Tensor,
+        values: torch.Tensor,
+        rule: str = "deconvnet",
+    ) -> WindowedProjections:
+        """Project S single units of the plan's target (``channels[s]`` at ``positions[s]`` = (y, x),
+        seeded with ``values[s]``) of the recorded images ``image_index[s]``; returns each unit's
+        projection on its input window (origins in input pixels, may be negative; where
+        ``cut_to_maps``, the part of the plan's window that lies on the image for some unit)."""
+        graph = self.graph
+        n = int(channels.shape[0])
+        device = values.device
+        run = _Pass(plan, positions.to(device=device, dtype=torch.long), self.cut_to_maps)
+        image_index = image_index.to(device)
+        cl = device.type == "cpu"  # channels-last: faster transposed convolutions on CPU (same sums)
+        seed = values.new_zeros(n, plan.channels[plan.target], 1, 1)
+        seed[torch.arange(n, device=device), channels.to(device), 0, 0] = values
+        run.signals[plan.target] = seed
+        pieces: dict[str, dict[int, torch.Tensor]] = {}
+        folding: set[str] = set()
+        for op in reversed(plan.ops):
+            if op.kind == "split":
+                parts = pieces.pop(op.name, None)
+                if parts:
+                    whole = self._split_back(op, record, parts, run.size(op.name), n, values)
+                    run.send(op, op.inputs[0], whole)
+                continue
+            if op.name not in run.signals:
+                continue
+            if op.kind == "input":
+                break
+            x = run.signals.pop(op.name)
+            kind, size = op.kind, run.size(op.name)
+            mixes = kind in ("conv", "maxpool") or op.name in plan.avg_divisors  # ops that mix cells
+            if mixes and not run.on_map(op.name):
+                x = _mask_off_map(x, run.origin(op.name), plan.map_sizes[op.name])
+            if kind == "relu":
+                mask = None
+                if rule != "deconvnet":
+                    mask = _gather(record.masks[op.name], image_index, run.origin(op.name), size)
+                run.send(op, op.inputs[0], relu_rule(x, rule, mask))
+            elif kind == "conv":
+                bn = graph.folded_bn.get(op.name) if op.name in folding else None
+                run.send(op, op.inputs[0], self.filters.apply(x, op.module, cl, bn))  # type: ignore[arg-type]
+            elif kind == "maxpool":
+                run.send(op, op.inputs[0], self._unpool(op, x, record, image_index, run.origin(op.name)))
+            elif kind == "linear_op" and op.name in plan.avg_divisors:
+                run.send(op, op.inputs[0], self._avg_unpool(op, x, plan.avg_divisors[op.name]))
+            elif kind == "linear_op":  # a concatenation along the channels (the plan allows no other)
+                for name, start, stop in plan.cat_slices[op.name]:
+                    run.send(op, name, x[:, start:stop])
+            elif kind == "bn":
+                if op.inputs[0] in graph.folded_bn:  # the conv below applies the scale with its filters
+                    folding.add(op.inputs[0])
+                    run.send(op, op.inputs[0], x)
+                else:
+                    run.send(op, op.inputs[0], x * batchnorm_scale(op.module).view(1, -1, 1, 1))  # type: ignore[arg-type]
+            elif kind == "lrn":
+                if self.include_lrn:
+                    inputs = _gather(record.lrn_inputs[op.name], image_index, run.origin(op.name), size)
+                    x = lrn_vjp(op.module, inputs, x)  # type: ignore[arg-type]
+                run.send(op, op.inputs[0], x)
+            elif kind in ("add", "identity"):
+                for name in op.inputs:
+                    run.send(op, name, x)
+            elif kind == "getitem":
+                piece = run.fit(op, op.inputs[0], x)
+                if piece is not None:
+                    have = pieces.setdefault(op.inputs[0], {})
+                    index = int(op.node.args[1])  # type: ignore[arg-type]
+                    have[index] = have[index] + piece if index in have else piece
+        bottom = plan.ops[0].name
+        result = run.signals.get(bottom)
+        if result is None:  # cannot happen for a traced path; zeros like the whole-map path
+            result = values.new_zeros(n, plan.channels.get(bottom, 3), *run.size(bottom))
+        return WindowedProjections(result.contiguous(), run.origin(bottom))
+
+    # ------------------------------------------------------------------ pieces
+    def _unpool(
+        self,
+        op: Op,
+        x: torch.Tensor,
+        record: ForwardRecord,
+        image_index: torch.Tensor,
+        origin: torch.Tensor,
+    ) -> torch.Tensor:
+        """Switch unpooling of the windows ``x`` (S, C, h, w; top-left cells ``origin``) onto the input
+        windows they reach, summing where overlapping pooling windows chose the same input cell
+        (``unpool_sum`` on windows)."""
+        k, s, p, d = _geometry(self.graph, op)
+        n, c, h, w = x.shape
+        dev = x.device
+        switches = record.switches[op.name]  # (N, C, Hp, Wp) flat indices into the input map
+        in_w = int(record.shapes[op.inputs[0]][-1])
+        ys, xs = _cells(origin, (h, w), (switches.shape[-2], switches.shape[-1]))
+        chosen = switches.permute(0, 2, 3, 1)[image_index[:, None, None], ys[:, :, None], xs[:, None, :]]  # (S,h,w,C)
+        out_h, out_w = (h - 1) * s[0] + d[0] * (k[0] - 1) + 1, (w - 1) * s[1] + d[1] * (k[1] - 1) + 1
+        base = origin * torch.tensor(s, device=dev) - torch.tensor(p, device=dev)  # the input window's origin
+        row = torch.div(chosen, in_w, rounding_mode="floor")
+        col = chosen - row * in_w
+        # window-local cell of each switch; cells off the pooled map (zero signal) may point outside
+        # the window after the clamping above: clamp them in too
+        row = (row - base[:, 0].view(n, 1, 1, 1)).clamp_(0, out_h - 1)
+        col = (col - base[:, 1].view(n, 1, 1, 1)).clamp_(0, out_w - 1)
+        local = (row * out_w + col).reshape(n, h * w, c)
+        signal = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view when x is channels-last
+        out = x.new_zeros(n, out_h * out_w, c)
+        out.scatter_add_(1, local, signal)
+        return out.view(n, out_h, out_w, c).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def _avg_unpool(op: Op, x: torch.Tensor, divisor: float) -> torch.Tensor:
+        """The transpose of an average pool (without padding): every cell's value over its k x k cells."""
+        m = op.module
+        if isinstance(m, nn.AvgPool2d):
+            k, s = int_pair(m.kernel_size), int_pair(m.stride or m.kernel_size)
+        else:
+            args = list(op.node.args) + [None] * 2
+            k = int_pair(op.node.kwargs.get("kernel_size", args[1]))
+            s = int_pair(op.node.kwargs.get("stride", args[2]) or k)
+        c = x.shape[1]
+        weight = x.new_full((c, 1, *k), 1.0 / divisor)
+        return F.conv_transpose2d(x, weight, None, s, 0, 0, c)
+
+    def _split_back(
+        self,
+        op: Op,
+        record: ForwardRecord,
+        parts: dict[int, torch.Tensor],
+        size: tuple[int, int],
+        rows: int,
+        like: torch.Tensor,
+    ) -> torch.Tensor:
+        """A channel split's pieces (on the split's window) back to the window of the tensor it split."""
+        node, source = op.node, op.inputs[0]
+        channels = int(record.shapes[source][1])
+        leaf = like.new_zeros(rows, channels, *size)
+        with torch.enable_grad():
+            leaf.requires_grad_(True)
+
+            def value(n: fx.Node):
+                return leaf if n.name == source else record.constants[n.name]
+
+            args = fx.node.map_arg(node.args, value)
+            kwargs = dict(fx.node.map_arg(node.kwargs, value))
+            if node.op == "call_method":
+                outs: Sequence[torch.Tensor] = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+            else:
+                outs = node.target(*args, **kwargs)  # type: ignore[operator]
+            (grad,) = torch.autograd.grad([outs[i] for i in parts], [leaf], [parts[i] for i in parts])
+        return grad

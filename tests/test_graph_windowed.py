@@ -1,0 +1,205 @@
+"""The receptive-field-windowed way down of graph models (deconvnet/engine/graph_windowed.py) equals
+the whole-map way down (``DeconvNet(model, fast_path=False)``) for the three rules, on torchvision's
+ResNet-18, ResNeXt-50, DenseNet-121 and GoogLeNet (random weights and batch-norm statistics, 96 px
+inputs), a model with a channel split, average pooling and a dilated conv, and ZFNet with LRN under
+the guided and gradient rules; the engine reports the way it took; targets without a useful
+or possible window fall back to whole maps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from deconvnet.engine import RULES, DeconvNet, Selection
+from deconvnet.engine.graph_windowed import plan_windows
+from tests.helpers.models import NARROW_CONV, randomize_batchnorm, tiny_model
+
+# relative to each whole-map projection's largest magnitude: the same float32 sums in a different
+# order (transposed convolutions over windows vs whole maps) differ by ~1e-6 of the largest value
+TOLERANCE = 1e-5
+
+
+def _build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
+    randomize_batchnorm(model)
+    return model
+
+
+def _images(n: int, size: int, seed: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _units(engine: DeconvNet, images: torch.Tensor, layer: str, channels: list[int]) -> list[Selection]:
+    """Units of the images in turn: two corners, the strongest of the top row, of the right column
+    and of the middle row, and the strongest of the map."""
+    acts = engine.activations(images, layer)
+    h, w = acts.shape[-2:]
+    out = []
+    for n in range(6):
+        image, channel = n % images.shape[0], channels[n % len(channels)]
+        a = acts[image, channel]
+        places = [(0, 0), (h - 1, w - 1), (0, int(a[0].argmax())), (int(a[:, -1].argmax()), w - 1)]
+        places += [(h // 2, int(a[h // 2].argmax())), None]
+        out.append(Selection(image, layer, channel, places[n]))
+    return out
+
+
+def _assert_equal(fast: DeconvNet, slow: DeconvNet, images: torch.Tensor, sels: list[Selection], rule: str) -> None:
+    ours = fast.project(images, sels, rule=rule)
+    whole = slow.project(images, sels, rule=rule)
+    assert sum(float(q.image.abs().max()) > 0 for q in whole) >= len(sels) // 2, "degenerate references"
+    for p, q in zip(ours, whole):
+        assert p.position == q.position and p.value == q.value and p.box == q.box
+        scale = q.image.abs().max().clamp_min(1e-12)
+        assert float((p.image - q.image).abs().max() / scale) < TOLERANCE, (p.selection, rule)
+
+
+def _windowed_count(engine: DeconvNet) -> int:
+    return engine.path_counts["graph-windowed"]
+
+
+def test_resnet18_layers_images_and_rules_in_one_call_equal_the_whole_map_way_down():
+    model = _build("resnet18")
+    images = _images(3, 96)
+    fast, slow = DeconvNet(model), DeconvNet(model, fast_path=False)
+    units = [u for layer in ("layer1", "layer2.0", "layer2") for u in _units(fast, images, layer, [3, 17, 40])]
+    units += [Selection(2, "layer1.1", 5, (13, 2)), Selection(1, "maxpool", 9, (23, 23))]
+    others = [Selection(0, "layer2", 6, whole_map=True), Selection(1, "fc", 3)]  # always over whole maps
+    for rule in RULES:
+        fast.path_counts.clear()
+        _assert_equal(fast, slow, images, units + others, rule)
+        assert fast.path_counts == {"graph-windowed": len(units), "whole-map": len(others)}
+    assert slow.path_counts["graph-windowed"] == 0
+
+
+def test_cut_and_uncut_windows_give_the_same_projections():
+    """Passes carry only the cells on the maps for some unit of the pass (``cut_to_maps``: one unit
+    a pass is the tightest cut) or the plan's whole windows."""
+    model = _build("resnet18")
+    images = _images(2, 96)
+    engine = DeconvNet(model)
+    sels = _units(engine, images, "layer2", [1, 2])
+    together = engine.project(images, sels, rule="guided")
+    alone = [engine.project(images, [s], rule="guided")[0] for s in sels]
+    engine.graph_projector.cut_to_maps = False
+    uncut = engine.project(images, sels, rule="guided")
+    for p, q, r in zip(together, alone, uncut):
+        scale = r.image.abs().max().clamp_min(1e-12)
+        assert float((p.image - r.image).abs().max() / scale) < TOLERANCE
+        assert float((q.image - r.image).abs().max() / scale) < TOLERANCE
+    assert _windowed_count(engine) == 3 * len(sels)
+
+
+@pytest.mark.parametrize(
+    "name,layer,channels,size",
+    [
+        ("resnext50_32x4d", "layer2.0", [5, 300], 96),
+        # channels from the dense layers (the first 64 of the block's output are its input, pool0's)
+        ("densenet121", "features.denseblock1", [70, 130, 250], 96),
+        # the concatenation of four branches, one behind a 3x3 stride-1 max pool (ceil mode)
+        ("googlenet", "inception3a", [10, 100, 240], 96),
+    ],
+)
+def test_torchvision_graphs_equal_the_whole_map_way_down(name, layer, channels, size):
+    model = _build(name)
+    images = _images(2, size)
+    fast, slow = DeconvNet(model), DeconvNet(model, fast_path=False)
+    sels = _units(fast, images, layer, channels)
+    for rule in RULES:
+        _assert_equal(fast, slow, images, sels, rule)
+    assert _windowed_count(fast) == 3 * len(sels)
+
+
+def test_windows_grow_like_the_receptive_fields():
+    """The input window of a unit is its receptive field (both the largest over all paths)."""
+    model = _build("googlenet")
+    engine = DeconvNet(model)
+    record = engine.forward(_images(1, 112), ["inception3a", "maxpool2"])
+    for layer in ("inception3a", "maxpool2"):
+        plan = plan_windows(engine.graph, engine.layer(layer).op, record.shapes, (112, 112))
+        assert plan is not None
+        field = engine.fields((112, 112))[engine.layer(layer).op]
+        assert plan.input_window.size == field.size
+        assert plan.input_window.lo == field.start and plan.input_window.jump == field.stride
+
+
+class Branchy(nn.Module):
+    """A channel split, a dilated conv, an average pool (uniform divisor), a ceil-mode max pool and
+    a constant added: all windowable; ``variant`` puts one op below ``out`` that is not."""
+
+    def __init__(self, variant: str = "") -> None:
+        super().__init__()
+        self.variant = variant
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.pool = nn.AvgPool2d(3, stride=1, padding=1)  # counts the padding: the same divisor everywhere
+        self.dilated = nn.Conv2d(4, 6, 3, padding=2, dilation=2)
+        self.point = nn.Conv2d(4, 6, 1)
+        self.out = nn.Conv2d(12, 10, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        if self.variant == "avg-excluding-padding":
+            x = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)  # fewer cells divide at the border
+        else:
+            x = self.pool(x)
+        a, b = torch.chunk(x, 2, dim=1)
+        y = torch.cat([F.relu(self.dilated(a)), self.point(b)], 1)
+        if self.variant == "upsample":
+            y = F.interpolate(y, scale_factor=2.0)
+        if self.variant == "spatial-cat":
+            y = torch.cat([y, y], 3)
+        y = F.max_pool2d(y, 3, 2, 0, ceil_mode=True) + 0.5
+        return F.relu(self.out(y))
+
+
+def test_split_dilation_avg_pool_and_ceil_mode_pool_are_windowed():
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    images = _images(2, 64)
+    fast, slow = DeconvNet(model), DeconvNet(model, fast_path=False)
+    sels = _units(fast, images, "out", [0, 4, 9])
+    for rule in RULES:
+        _assert_equal(fast, slow, images, sels, rule)
+    assert _windowed_count(fast) == 3 * len(sels)
+
+
+@pytest.mark.parametrize("variant", ["avg-excluding-padding", "upsample", "spatial-cat"])
+def test_an_op_without_a_fixed_window_below_falls_back_to_whole_maps(variant):
+    torch.manual_seed(0)
+    model = Branchy(variant).eval()
+    images = _images(1, 64)
+    fast, slow = DeconvNet(model), DeconvNet(model, fast_path=False)
+    record = fast.forward(images, ["out"])
+    assert plan_windows(fast.graph, fast.layer("out").op, record.shapes, (64, 64)) is None
+    sels = _units(fast, images, "out", [2, 7])
+    _assert_equal(fast, slow, images, sels, "deconvnet")
+    assert fast.path_counts == {"whole-map": len(sels)}
+
+
+def test_a_field_that_covers_the_image_falls_back_to_whole_maps():
+    model = _build("resnet18")
+    images = _images(1, 96)
+    fast, slow = DeconvNet(model), DeconvNet(model, fast_path=False)
+    assert fast.layer("layer4").rf_size > 96
+    sels = _units(fast, images, "layer4", [11])[:3]
+    _assert_equal(fast, slow, images, sels, "gradient")
+    assert fast.path_counts == {"whole-map": len(sels)}
+
+
+def test_chain_models_under_the_guided_and_gradient_rules_go_down_the_graph_on_windows():
+    """The chain fast path serves the deconvnet rule; the other rules take the graph's windows, LRN
+    (its Jacobian at the recorded inputs) included."""
+    model = tiny_model(96, lrn=True, conv=NARROW_CONV)
+    images = _images(2, 96)
+    fast, slow = DeconvNet(model, include_lrn=True), DeconvNet(model, include_lrn=True, fast_path=False)
+    sels = _units(fast, images, "conv3", [1, 5])
+    for rule in ("guided", "gradient"):
+        _assert_equal(fast, slow, images, sels, rule)
+    assert fast.path_counts == {"graph-windowed": 2 * len(sels), "whole-map": 0}
+    _assert_equal(fast, slow, images, sels, "deconvnet")
+    assert fast.path_counts["chain-windowed"] == len(sels)
