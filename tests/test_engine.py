@@ -280,3 +280,30 @@ def test_fast_path_projections_keep_their_window_and_do_not_share_memory_between
         outside[:, y0:y1, x0:x1] = 0
         assert not outside.any()
         assert _close(p.image, q.image) < TOLERANCE
+
+
+class _Doubling(nn.Module):
+    """Additions the engine must not take as "one signal per input": x + x and add with alpha."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.conv1(x))
+        b = a + a
+        c = torch.add(b, F.relu(self.conv2(b)), alpha=0.25)
+        return F.relu(self.head(c))
+
+
+def test_an_input_read_twice_and_add_with_alpha_go_down_exactly():
+    torch.manual_seed(0)
+    model = _Doubling().eval()
+    image = torch.randn(1, 3, 20, 20, generator=torch.Generator().manual_seed(3))
+    engine = DeconvNet(model)
+    for rule in RULES:
+        (p,) = engine.project(image, [Selection(0, "head", 2)], rule=rule)
+        ref = reference_projection(model, image, model.head, 2, p.position, rule)
+        assert _close(p.image, ref) < TOLERANCE, rule

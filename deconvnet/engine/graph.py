@@ -166,6 +166,13 @@ def int_pair(v: Any) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def _reads_a_node_twice(node: fx.Node) -> bool:
+    """Whether ``node`` takes the same node as two of its arguments (``x + x``)."""
+    read: list[str] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: read.append(n.name) or n)  # type: ignore[func-returns-value]
+    return len(read) != len(set(read))
+
+
 def _describe_target(node: fx.Node, root: nn.Module) -> str:
     if node.op == "call_module":
         return type(root.get_submodule(str(node.target))).__name__
@@ -249,6 +256,10 @@ class ModelGraph:
                 kind = "linear_op" if self._one_signal(node, on_path) else "unsupported"
         else:
             kind = "unsupported"
+        if kind == "add" and (_reads_a_node_twice(node) or "alpha" in node.kwargs):
+            # x + x (fx lists x once among the inputs) or torch.add(a, b, alpha=k): autograd's exact
+            # transpose instead of "the signal goes down every input once"
+            kind = "linear_op"
         reason = "" if kind != "unsupported" else f"{node.op} {_describe_target(node, self.graph_module)}"
         if (
             kind == "unsupported"
