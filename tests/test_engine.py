@@ -13,20 +13,12 @@ from deconvnet.engine import RULES, DeconvNet, Selection
 from deconvnet.engine.reverse import TransposedFilters, batchnorm_scale, conv_transpose
 from deconvnet.errors import DeconvnetError
 from deconvnet.models import build_model
-from tests.helpers.models import randomize_batchnorm
+from tests.helpers.models import randomize_batchnorm, torchvision_model
 from tests.reference import reference_projection
 
 # relative to the reference's largest magnitude: float32 sums over up to ~10^5 terms in a different
 # order (transposed convs vs autograd's kernels) differ by ~1e-6 of the largest value
 TOLERANCE = 1e-5
-
-
-def _build(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
-    model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
-    randomize_batchnorm(model)
-    return model
 
 
 CASES = {
@@ -53,7 +45,7 @@ def _close(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_every_rule_equals_autograd_with_the_rules_relu_backward(name):
-    model = _build(name)
+    model = torchvision_model(name)
     layers, size = CASES[name]
     image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
     engine = DeconvNet(model)
@@ -68,7 +60,7 @@ def test_every_rule_equals_autograd_with_the_rules_relu_backward(name):
 
 
 def test_whole_map_and_linear_units_equal_the_reference():
-    model = _build("resnet18")
+    model = torchvision_model("resnet18")
     image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     engine = DeconvNet(model)
     for rule in RULES:
@@ -82,7 +74,7 @@ def test_whole_map_and_linear_units_equal_the_reference():
 
 
 def test_gradient_rule_is_plain_backpropagation():
-    model = _build("resnet18")
+    model = torchvision_model("resnet18")
     image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     engine = DeconvNet(model, rule="gradient")
     (ours,) = engine.project(image, [Selection(0, "layer3", 9, position=(1, 2))])
@@ -118,7 +110,7 @@ def test_zfnet_all_rules_and_the_fast_path_equal_the_reference(lrn):
 
 
 def test_batched_many_images_layers_and_rules_equal_one_at_a_time():
-    model = _build("resnet18")
+    model = torchvision_model("resnet18")
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(6))
     engine = DeconvNet(model)
     sels = [
@@ -139,7 +131,7 @@ def test_batched_many_images_layers_and_rules_equal_one_at_a_time():
 def test_several_selections_of_one_image_go_down_together():
     """A record of ONE image with several rows on the way down: the residual additions keep the rows
     apart (a recorded batch of 1 is not a broadcast axis)."""
-    model = _build("resnet18")
+    model = torchvision_model("resnet18")
     image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(7))
     engine = DeconvNet(model)
     sels = [Selection(0, "layer3", 1), Selection(0, "layer3", 2, whole_map=True), Selection(0, "layer2.1", 5)]
@@ -150,7 +142,7 @@ def test_several_selections_of_one_image_go_down_together():
 
 
 def test_the_model_is_left_as_it_was():
-    model = _build("resnet50")
+    model = torchvision_model("resnet50")
     model.train()
     inplace = {n: m.inplace for n, m in model.named_modules() if isinstance(m, nn.ReLU)}
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -214,7 +206,7 @@ def test_untraceable_model_and_bad_selections_are_clear_errors():
 
     with pytest.raises(DeconvnetError, match="does not trace"):
         DeconvNet(DataDependent())
-    engine = DeconvNet(_build("resnet18"))
+    engine = DeconvNet(torchvision_model("resnet18"))
     x = torch.randn(1, 3, 64, 64)
     with pytest.raises(DeconvnetError, match="unknown layer 'layer9'"):
         engine.project(x, [Selection(0, "layer9", 0)])
@@ -225,7 +217,7 @@ def test_untraceable_model_and_bad_selections_are_clear_errors():
 
 
 def test_receptive_fields_of_resnet_layers():
-    engine = DeconvNet(_build("resnet18"))
+    engine = DeconvNet(torchvision_model("resnet18"))
     # conv1 7x7/2 p3 -> 7; maxpool 3x3/2 p1 -> 11; every BasicBlock adds two 3x3 convs
     assert engine.layer("maxpool").rf_size == 11 and engine.layer("maxpool").rf_stride == 4
     assert engine.layer("layer1").rf_size == 11 + 4 * 2 * 2 * 2

@@ -10,24 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from deconvnet.engine import RULES, DeconvNet, Selection
 from deconvnet.engine.graph_windowed import plan_windows
-from tests.helpers.models import NARROW_CONV, randomize_batchnorm, tiny_model
+from tests.helpers.models import NARROW_CONV, tiny_model, torchvision_model
 
 # relative to each whole-map projection's largest magnitude: the same float32 sums in a different
 # order (transposed convolutions over windows vs whole maps) differ by ~1e-6 of the largest value
 TOLERANCE = 1e-5
-
-
-def _build(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
-    model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
-    randomize_batchnorm(model)
-    return model
 
 
 def _images(n: int, size: int, seed: int = 2) -> torch.Tensor:
@@ -64,7 +55,7 @@ def _windowed_count(engine: DeconvNet) -> int:
 
 
 def test_resnet18_layers_images_and_rules_in_one_call_equal_the_whole_map_way_down():
-    model = _build("resnet18")
+    model = torchvision_model("resnet18")
     images = _images(3, 96)
     fast, slow = DeconvNet(model), DeconvNet(model, fast_path=False)
     units = [u for layer in ("layer1", "layer2.0", "layer2") for u in _units(fast, images, layer, [3, 17, 40])]
@@ -80,7 +71,7 @@ def test_resnet18_layers_images_and_rules_in_one_call_equal_the_whole_map_way_do
 def test_cut_and_uncut_windows_give_the_same_projections():
     """Passes carry only the cells on the maps for some unit of the pass (``cut_to_maps``: one unit
     a pass is the tightest cut) or the plan's whole windows."""
-    model = _build("resnet18")
+    model = torchvision_model("resnet18")
     images = _images(2, 96)
     engine = DeconvNet(model)
     sels = _units(engine, images, "layer2", [1, 2])
@@ -106,7 +97,7 @@ def test_cut_and_uncut_windows_give_the_same_projections():
     ],
 )
 def test_torchvision_graphs_equal_the_whole_map_way_down(name, layer, channels, size):
-    model = _build(name)
+    model = torchvision_model(name)
     images = _images(2, size)
     fast, slow = DeconvNet(model), DeconvNet(model, fast_path=False)
     sels = _units(fast, images, layer, channels)
@@ -117,7 +108,7 @@ def test_torchvision_graphs_equal_the_whole_map_way_down(name, layer, channels, 
 
 def test_windows_grow_like_the_receptive_fields():
     """The input window of a unit is its receptive field (both the largest over all paths)."""
-    model = _build("googlenet")
+    model = torchvision_model("googlenet")
     engine = DeconvNet(model)
     record = engine.forward(_images(1, 112), ["inception3a", "maxpool2"])
     for layer in ("inception3a", "maxpool2"):
@@ -182,7 +173,7 @@ def test_an_op_without_a_fixed_window_below_falls_back_to_whole_maps(variant):
 
 
 def test_a_field_that_covers_the_image_falls_back_to_whole_maps():
-    model = _build("resnet18")
+    model = torchvision_model("resnet18")
     images = _images(1, 96)
     fast, slow = DeconvNet(model), DeconvNet(model, fast_path=False)
     assert fast.layer("layer4").rf_size > 96

@@ -114,6 +114,20 @@ def training_curves(
     return fig
 
 
+def _unit_title(p: Projection) -> str:
+    """ "#channel (y,x)" (or "map") and the activation, over a projection's tile."""
+    what = "map" if p.selection.whole_map else f"({p.position[0]},{p.position[1]})"
+    return f"#{p.selection.channel} {what}\nact {p.value:.3g}"
+
+
+def _bare(axes: np.ndarray) -> None:
+    """No ticks, labels or frames on any of ``axes``."""
+    for ax in axes.flat:
+        _clean(ax)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+
+
 def projection_figure(result: ProjectionResult, title: str | None = None) -> Figure:
     """The ``deconvnet project`` figure: the input, then per projection its full-frame view (receptive
     field outlined), the projection cropped to the receptive field, and the image patch under it."""
@@ -131,15 +145,10 @@ def projection_figure(result: ProjectionResult, title: str | None = None) -> Fig
         shown = to_display(p.image)
         axes[0, i].imshow(shown)
         _outline(axes[0, i], p.box)
-        sel = p.selection
-        what = "map" if sel.whole_map else f"({p.position[0]},{p.position[1]})"
-        axes[0, i].set_title(f"#{sel.channel} {what}\nact {p.value:.3g}", fontsize=8)
+        axes[0, i].set_title(_unit_title(p), fontsize=8)
         axes[1, i].imshow(crop_box(shown, p.box))
         axes[2, i].imshow(crop_box(image, p.box))
-    for ax in axes.flat:
-        _clean(ax)
-        for spine in ax.spines.values():
-            spine.set_visible(False)
+    _bare(axes)
     fig.suptitle(title or f"deconvnet projections from {result.layer}", fontsize=11)
     return fig
 
@@ -168,12 +177,8 @@ def rules_figure(result: ProjectionResult, title: str | None = None) -> Figure:
             axes[row, i].imshow(crop_box(to_display(p.image), p.box))
     for i, p in enumerate(units, start=1):
         axes[0, i].imshow(crop_box(image, p.box))
-        what = "map" if p.selection.whole_map else f"({p.position[0]},{p.position[1]})"
-        axes[0, i].set_title(f"#{p.selection.channel} {what}\nact {p.value:.3g}", fontsize=8)
-    for ax in axes.flat:
-        _clean(ax)
-        for spine in ax.spines.values():
-            spine.set_visible(False)
+        axes[0, i].set_title(_unit_title(p), fontsize=8)
+    _bare(axes)
     fig.suptitle(title or f"projections from {result.layer}, by rule", fontsize=11)
     return fig
 

@@ -32,6 +32,18 @@ def randomize_batchnorm(model: torch.nn.Module) -> None:
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
+def torchvision_model(name: str) -> torch.nn.Module:
+    """torchvision's ``name`` with random weights (seed 0) and non-trivial batch-norm statistics, in eval
+    mode (GoogLeNet without its auxiliary heads)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
+    randomize_batchnorm(model)
+    return model
+
+
 def tiny_model(input_size: int = 64, lrn: bool = False, num_classes: int = 3, **overrides: Any) -> ConvNet:
     """A random ZFNet (seed 0) with 32-unit fully connected layers, in eval mode."""
     torch.manual_seed(0)
