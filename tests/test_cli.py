@@ -93,7 +93,9 @@ def test_project_with_all_rules_draws_them_side_by_side_and_saves_each(weights, 
         (["classify", "{photo}", "--device", "cuda"], "no CUDA GPU"),
     ],
 )
-def test_user_mistakes_are_one_line_errors(weights, tmp_path, args, message):
+def test_user_mistakes_are_one_line_errors(weights, tmp_path, capsys, args, message):
+    """In process (a real process per mistake cost ~9 s of CI each; the process wiring is checked once,
+    below): status 2, one `deconvnet: error` line naming the mistake, no traceback."""
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     (tmp_path / "notes.jpg").write_text("not an image")
@@ -111,10 +113,29 @@ def test_user_mistakes_are_one_line_errors(weights, tmp_path, args, message):
         argv += ["--weights", weights]
     if argv[0] == "project":
         argv += ["--out", str(tmp_path / "o")]
-    result = run_deconvnet(*argv)
+    status = main(argv)
+    stderr = capsys.readouterr().err
+    assert status == 2, stderr
+    assert message in stderr
+    assert "Traceback" not in stderr
+    assert len([l for l in stderr.splitlines() if l.startswith("deconvnet: error")]) == 1
+
+
+def test_a_mistake_in_a_real_process_exits_2_with_one_line(weights, tmp_path):
+    result = run_deconvnet(
+        "project",
+        str(sample_paths(["coffee"])[0]),
+        "--layer",
+        "conv9",
+        "--feature",
+        "0",
+        "--weights",
+        weights,
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert result.returncode == 2, result.stderr
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "unknown layer 'conv9'" in result.stderr and "Traceback" not in result.stderr
     assert len([l for l in result.stderr.splitlines() if l.startswith("deconvnet: error")]) == 1
 
 
