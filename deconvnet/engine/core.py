@@ -512,11 +512,12 @@ class DeconvNet:
         if acts.dim() == 2:
             values = acts[image_index, channel_index].tolist()
             return [(v, (0, 0)) for v in values]
-        strongest = acts[image_index, channel_index].flatten(1).argmax(1).tolist()  # first maximum
+        maps = acts[image_index, channel_index]  # (S, H, W), gathered once
+        strongest = maps.flatten(1).argmax(1).tolist()  # first maximum
         positions = [s.position if s.position is not None else divmod(int(f), w) for s, f in zip(sels, strongest)]
         ys = torch.tensor([p[0] for p in positions], device=acts.device)
         xs = torch.tensor([p[1] for p in positions], device=acts.device)
-        values = acts[image_index, channel_index, ys, xs].tolist()
+        values = maps[torch.arange(len(sels), device=acts.device), ys, xs].tolist()
         return [(v, (int(p[0]), int(p[1]))) for v, p in zip(values, positions)]
 
     # ------------------------------------------------------------------ fast path (chain models)

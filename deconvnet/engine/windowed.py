@@ -20,6 +20,7 @@ Results equal the generic engine's to float rounding (tested in ``tests/test_atl
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -230,9 +231,7 @@ class WindowedProjector:
         buffers = getattr(self._scratch, "buffers", None)
         if buffers is None:
             buffers = self._scratch.buffers = {}
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         key = (slot, like.dtype, like.device)
         buf = buffers.get(key)
         if buf is None or buf.numel() < numel:
