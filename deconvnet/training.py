@@ -11,7 +11,16 @@ label smoothing, Kaiming init). A run directory holds::
     model.safetensors    the final weights, loadable by every command
 
 Exact resumption: the data order and each sample's augmentation depend only on (seed, epoch, index),
-and the RNG state used by dropout is saved with the checkpoint.
+and the RNG state used by dropout is saved with the checkpoint. A run may be resumed with other options
+(more epochs, a per-layer weight decay): each change is recorded with the epoch it starts after
+(``config_changes`` in the checkpoint and in the weights' metadata), and the momentum buffers follow
+their parameters into the new parameter groups.
+
+Weight decay is SGD's coupled L2 term: with momentum mu, a weight that no gradient drives shrinks by a
+factor of about ``exp(-lr * wd / (1 - mu))`` per step. A short run on a small dataset (thousands of
+steps, not the paper's ~450,000) therefore leaves much of the random initialisation in filters whose
+gradients are weak, e.g. the high frequencies of layer-1 filters; ``layer_weight_decay`` (e.g.
+``{"conv1": 0.005}``) lets those layers decay faster than the rest.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +51,8 @@ if TYPE_CHECKING:
     from .weights import LoadedModel
 
 __all__ = [
+    "parameter_groups",
+    "config_changes",
     "TrainConfig",
     "train",
     "evaluate",
@@ -68,6 +79,9 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
+    # per-layer weight decay of the weights (biases never decay), e.g. {"conv1": 0.005}: a layer's module
+    # name or full path; the layers not named here decay by weight_decay
+    layer_weight_decay: dict[str, float] = field(default_factory=dict)
     init: str = "paper"  # "paper": N(0, init_std) weights, zero biases; "kaiming": He-normal
     init_std: float = 0.01
     init_from: str | None = None  # weights (name or file) whose tensors of matching name and shape start the run
@@ -345,6 +359,9 @@ def check_config(cfg: TrainConfig) -> None:
     for name, fraction in fractions:
         if not 0 <= fraction < 1:
             raise DeconvnetError(f"{name} must be at least 0 and below 1, got {fraction}")
+    for name, value in {"weight_decay": cfg.weight_decay, **cfg.layer_weight_decay}.items():
+        if not value >= 0 or not math.isfinite(value):
+            raise DeconvnetError(f"weight decay of {name} must be a number >= 0, got {value}")
     if not cfg.lr >= 0 or not math.isfinite(cfg.lr):
         raise DeconvnetError(f"lr must be a number >= 0, got {cfg.lr}")
     if cfg.arch not in ARCHITECTURES:
@@ -471,12 +488,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for p in model.parameters():
-        (no_decay if p.dim() == 1 else decay).append(p)
     optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        parameter_groups(model, cfg.weight_decay, cfg.layer_weight_decay),
         lr=cfg.lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov,
@@ -489,6 +502,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     schedule = LRSchedule(cfg, steps_per_epoch)
     start_epoch = 0
     history: list[dict[str, Any]] = []
+    changes: list[dict[str, Any]] = []  # options changed when the run was resumed, with the epoch
 
     if resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
@@ -499,7 +513,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
                 "use another out folder or the same options"
             )
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        saved_config = state["config"]
+        _load_optimizer_state(optimizer, state["optimizer"], model, saved_config, cfg)
+        changes = state.get("config_changes", [])
+        changed = config_changes(saved_config, cfg)
+        if changed:
+            changes = [*changes, {"after_epoch": state["epoch"], "changed": changed}]
+            if is_main and progress:
+                print("resuming with changed options: " + "; ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
@@ -599,6 +620,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
                     f"| {record['train_images_per_s']:.0f} img/s"
                 )
             meta = {"epoch": epoch + 1, "class_folders": train_set.classes, "train_config": cfg.to_dict()}
+            if changes:
+                meta["config_changes"] = changes
             if epoch + 1 in cfg.snapshot_epochs:
                 save_weights(
                     model, out / "snapshots" / f"epoch-{epoch + 1:03d}.safetensors", classes, preprocessing, extra=meta
@@ -613,6 +636,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
                     "epoch": epoch + 1,
                     "history": history,
                     "config": cfg.to_dict(),
+                    "config_changes": changes,
                     "arch_config": model.config.to_dict(),
                     "classes": classes,
                     "class_folders": train_set.classes,
@@ -631,10 +655,90 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
             "train_config": cfg.to_dict(),
             "history": history,
         }
+        if changes:
+            meta["config_changes"] = changes
         save_weights(model, out / "model.safetensors", classes, preprocessing, extra=meta)
     if world > 1:
         dist.barrier()
     return history[-1] if history else {}
+
+
+def parameter_groups(
+    model: nn.Module, weight_decay: float, layer_weight_decay: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """SGD parameter groups: weights decay by ``weight_decay``, or by ``layer_weight_decay[layer]`` for
+    the layers named there (a module's own name such as ``conv1``, or its full path such as
+    ``features.conv1``); biases and other 1-D parameters never decay. Groups in a fixed order: the
+    weights at ``weight_decay``, the undecayed parameters, then one group per named layer."""
+    overrides = dict(layer_weight_decay or {})
+    owner: dict[int, str] = {}  # parameter id -> the override naming its module
+    named = {name: module for name, module in model.named_modules() if name}
+    for key in overrides:
+        matches = [m for name, m in named.items() if key in (name, name.rsplit(".", 1)[-1])]
+        weights = [p for m in matches for p in m.parameters(recurse=False) if p.dim() > 1]
+        if not weights:
+            layers = [
+                n.rsplit(".", 1)[-1] for n, m in named.items() if any(p.dim() > 1 for p in m.parameters(recurse=False))
+            ]
+            raise DeconvnetError(
+                f"layer_weight_decay names {key!r}, which is no layer with weights of this model; its layers: "
+                + ", ".join(layers)
+            )
+        for p in weights:
+            if id(p) in owner:
+                raise DeconvnetError(f"layer_weight_decay names one layer twice ({owner[id(p)]!r} and {key!r})")
+            owner[id(p)] = key
+    default: list[nn.Parameter] = []
+    undecayed: list[nn.Parameter] = []
+    per_layer: dict[str, list[nn.Parameter]] = {key: [] for key in overrides}
+    for p in model.parameters():
+        if p.dim() == 1:
+            undecayed.append(p)
+        elif id(p) in owner:
+            per_layer[owner[id(p)]].append(p)
+        else:
+            default.append(p)
+    groups = [{"params": default, "weight_decay": weight_decay}, {"params": undecayed, "weight_decay": 0.0}]
+    groups += [{"params": params, "weight_decay": overrides[key]} for key, params in per_layer.items()]
+    return [g for g in groups if g["params"]]
+
+
+def _load_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    saved: dict[str, Any],
+    model: nn.Module,
+    saved_config: dict[str, Any],
+    cfg: TrainConfig,
+) -> None:
+    """Load a checkpoint's optimizer state (momentum buffers) into ``optimizer``, also when the run's
+    parameter groups changed on resume (a new per-layer weight decay): the state is matched per
+    parameter through the groups the saved options made."""
+    old_groups = parameter_groups(
+        model, saved_config.get("weight_decay", 0.0), saved_config.get("layer_weight_decay") or {}
+    )
+    new_layout = [[id(p) for p in g["params"]] for g in optimizer.param_groups]
+    if [[id(p) for p in g["params"]] for g in old_groups] == new_layout:
+        optimizer.load_state_dict(saved)
+        return
+    old = torch.optim.SGD(old_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    old.load_state_dict(saved)
+    for p, state in old.state.items():
+        optimizer.state[p] = state
+
+
+def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, list[Any]]:
+    """The options of ``cfg`` that differ from a checkpoint's saved ones, as {name: [old, new]}
+    (an option the checkpoint predates counts as its default)."""
+    defaults = {
+        f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(TrainConfig)
+    }
+    current = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, like the saved JSON-like values
+    changed = {}
+    for key, new in current.items():
+        old = json.loads(json.dumps(saved.get(key, defaults.get(key))))
+        if old != new:
+            changed[key] = [old, new]
+    return changed
 
 
 def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:

@@ -160,6 +160,17 @@ def pair(text: str) -> tuple[int, int]:
     return positive_int(parts[0].strip()), positive_int(parts[1].strip())
 
 
+def layer_values(text: str) -> dict[str, float]:
+    """argparse type: comma-separated LAYER=VALUE pairs with values >= 0, e.g. conv1=0.005,conv2=0.001."""
+    values: dict[str, float] = {}
+    for item in (part.strip() for part in text.split(",")):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"expected LAYER=VALUE pairs like conv1=0.005, got {item!r}")
+        values[name.strip()] = nonnegative_float(value.strip())
+    return values
+
+
 def int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())

@@ -12,6 +12,7 @@ from .common import (
     add_workers,
     area_range,
     fraction,
+    layer_values,
     nonnegative_float,
     nonnegative_int,
     pair,
@@ -41,6 +42,14 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--momentum", type=fraction, default=0.9)
     p.add_argument("--nesterov", action="store_true")
     p.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
+    p.add_argument(
+        "--layer-weight-decay",
+        type=layer_values,
+        default={},
+        metavar="LAYER=WD[,...]",
+        help="weight decay of some layers' weights instead of --weight-decay, e.g. conv1=0.005 (a layer's name "
+        "or module path)",
+    )
     p.add_argument(
         "--init", choices=("paper", "kaiming"), default="paper", help="paper: N(0, 0.01) weights, zero biases"
     )
