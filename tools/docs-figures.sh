@@ -4,7 +4,8 @@
 #
 #   tools/docs-figures.sh [STAGE...]        stages: project resnet50 filters atlas evolution occlusion invariance
 #                                           correspondence probe eval screenshots (default: all but evolution)
-#   RUN=runs/zfnet224-scratch tools/docs-figures.sh evolution eval-curves
+#   RUN=runs/zfnet224-scratch tools/docs-figures.sh evolution eval-curves   (eval-curves also prints the
+#                                           snapshot table of tools/snapshot-table.py for the model card)
 #   DRY_RUN=1 tools/docs-figures.sh         print the commands only
 #
 # Run from the repository root with ../shared present and the venv active (or DECONVNET=...). Raw
@@ -54,9 +55,10 @@ for stage in "${STAGES[@]}"; do
     : "${RUN:?set RUN to the training run folder (its snapshots/epoch-*.safetensors)}"
     run "$DN" evolution "$RUN"/snapshots/epoch-*.safetensors --images "$VAL" --max-images 800 --out "$OUT/evolution"
     copy "$OUT/evolution/evolution.png" docs/views/evolution.png ;;
-  eval-curves)  # model card: the run's learning curves (RUN=the run folder)
+  eval-curves)  # model card: the run's learning curves and its snapshots' accuracy/filter table (RUN=the run folder)
     : "${RUN:?set RUN to the training run folder}"
-    copy "$RUN/curves.png" "$CARD/training-curves-224.png" ;;
+    copy "$RUN/curves.png" "$CARD/training-curves-224.png"
+    run python tools/snapshot-table.py "$RUN" ;;
   occlusion)  # docs/analyses.md: Fig. 7 on three Imagenette val photos
     for f in n03417042/ILSVRC2012_val_00006922 n02102040/ILSVRC2012_val_00007032 n01440764/ILSVRC2012_val_00017472; do
       run "$DN" occlusion "$VAL/$f.JPEG" --size 42 --stride 7 --check --out docs/analyses
