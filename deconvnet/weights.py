@@ -88,6 +88,27 @@ class LoadedModel(InlineDisplay):
         return next(self.model.parameters()).device
 
 
+# options whose change on resume does not change the training's maths (not shown in the summary)
+_BOOKKEEPING_OPTIONS = frozenset({"out", "data", "device", "workers", "cache", "snapshot_epochs"})
+
+
+def _resume_changes(changes: Any) -> str:
+    """The options a run was resumed with, one clause per resume: 'after epoch 12: epochs 30 -> 40'."""
+    clauses = []
+    for change in changes if isinstance(changes, list) else []:
+        changed = change.get("changed") if isinstance(change, dict) else None
+        if not isinstance(changed, dict):
+            continue
+        items = [
+            f"{key} {pair[0]} -> {pair[1]}"
+            for key, pair in changed.items()
+            if key not in _BOOKKEEPING_OPTIONS and isinstance(pair, list) and len(pair) == 2
+        ]
+        if items:
+            clauses.append(f"after epoch {change.get('after_epoch')}: " + ", ".join(items))
+    return "; ".join(clauses)
+
+
 def model_summary(loaded: LoadedModel) -> list[tuple[str, str]]:
     """(field, value) rows describing the model, from the loaded model and its weights' metadata."""
     meta = loaded.metadata or {}
@@ -134,9 +155,14 @@ def model_summary(loaded: LoadedModel) -> list[tuple[str, str]]:
             "dropout",
         )
         text = ", ".join(f"{k} {cfg[k]}" for k in keys if k in cfg)
+        if cfg.get("layer_weight_decay"):
+            text += f", layer_weight_decay {cfg['layer_weight_decay']}"
         if cfg.get("crop"):
             text += f", input {cfg['crop']} px"
         rows.append(("training", text))
+        changes = _resume_changes(meta.get("config_changes"))
+        if changes:
+            rows.append(("resumed with", changes))
         pretraining = meta.get("pretraining")
         if isinstance(pretraining, dict) and isinstance(pretraining.get("train_config"), dict):
             pcfg, phist = pretraining["train_config"], pretraining.get("history") or []

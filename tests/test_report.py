@@ -183,6 +183,31 @@ def test_model_summary_of_a_fine_tuned_model(tmp_path: Path) -> None:
     assert training_plot(loaded).startswith("data:image/png;base64,")
 
 
+def test_model_summary_lists_the_options_a_run_was_resumed_with(tmp_path: Path) -> None:
+    """A run resumed with other options (here a conv1 weight decay after epoch 12) says so; moving
+    the run folder (out) is bookkeeping and is left out."""
+    import torch
+
+    from deconvnet.data import Preprocessing
+    from deconvnet.models import build_model
+    from deconvnet.weights import load_model, model_summary, save_weights
+
+    torch.manual_seed(0)
+    model = build_model("zfnet", fc=(8, 8), num_classes=2, input_size=64)
+    changed = {"out": ["a", "b"], "layer_weight_decay": [{}, {"conv1": 0.01}]}
+    extra = {
+        "train_config": {"epochs": 40, "weight_decay": 0.0005, "layer_weight_decay": {"conv1": 0.01}},
+        "config_changes": [
+            {"after_epoch": 12, "changed": changed},
+            {"after_epoch": 20, "changed": {"out": ["b", "c"]}},
+        ],
+    }
+    path = save_weights(model, tmp_path / "m.safetensors", ["a", "b"], Preprocessing(resize=73, crop=64), extra=extra)
+    rows = dict(model_summary(load_model(str(path))))
+    assert "weight_decay 0.0005, layer_weight_decay {'conv1': 0.01}" in rows["training"]
+    assert rows["resumed with"] == "after epoch 12: layer_weight_decay {} -> {'conv1': 0.01}"
+
+
 def test_markdown_is_escaped() -> None:
     from deconvnet.report import markdown_html
 
