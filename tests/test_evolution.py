@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from deconvnet.analysis.evolution import feature_evolution, snapshot_epoch
+from deconvnet.analysis.filters import filter_stats
+from deconvnet.cli import main
 from deconvnet.deconv import DeconvNet
 from deconvnet.display import save_figure
 from deconvnet.errors import DeconvnetError
@@ -57,6 +61,35 @@ def test_columns_are_epochs_each_with_its_own_weights(tmp_path):
     assert not np.array_equal(evo.tiles["conv1"][:, 0], evo.tiles["conv1"][:, 1])
     out = save_figure(evo.figure(), tmp_path / "evo.png")
     assert Image.open(out).width > 100
+    # each snapshot's layer-1 filters, measured as `deconvnet filters` measures them
+    rows = evo.first_layer_rows()
+    assert [r["epoch"] for r in rows] == [1, 2, 4]
+    for row, path in zip(rows, evo.snapshots):
+        stats = filter_stats(load_model(path))
+        assert row["structure_median"] == pytest.approx(stats.structure_median, abs=1e-4)
+        assert row["structured_share"] == pytest.approx(stats.structured_share, abs=1e-4)
+        assert row["rms_median"] == pytest.approx(float(np.median(stats.rms)), rel=1e-4)
+        assert row["dead"] == stats.dead_count
+    assert len({r["rms_median"] for r in rows}) == 3  # three different snapshots
+    assert evo.to_dict()["first_layer_filters"] == rows
+    trend = save_figure(evo.filter_trend_figure(), tmp_path / "trend.png")
+    assert Image.open(trend).width > 100
+
+
+def test_evolution_command_writes_both_figures_and_prints_the_filter_trend(tmp_path, capsys):
+    paths = _snapshots(tmp_path, epochs=(1, 2, 5))
+    noise_images(tmp_path / "imgs", 3, size=(64, 60), seed=2)
+    out = tmp_path / "out"
+    argv = ["evolution", *map(str, paths), "--images", str(tmp_path / "imgs"), "--layers", "conv1,conv2"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("layer-1 structure median") == 3 and "  epoch   5: layer-1 structure median" in printed
+    assert {p.name for p in out.iterdir()} == {"evolution.png", "filter-trend.png", "evolution.json"}
+    saved = json.loads((out / "evolution.json").read_text())
+    assert [r["epoch"] for r in saved["first_layer_filters"]] == [1, 2, 5] and saved["maps"].keys() == {
+        "conv1",
+        "conv2",
+    }
 
 
 def test_explicit_maps_and_mismatched_snapshots(tmp_path):

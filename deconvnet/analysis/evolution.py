@@ -4,6 +4,10 @@ each snapshot's own weights; one column per epoch.
 
 The paper uses all training images and epochs 1, 2, 5, 10, 20, 30, 40, 64; here the images are any
 folder (e.g. a validation set) and the epochs are whatever snapshots the run saved.
+
+Beside the pictures, the layer-1 filters of every snapshot are measured as ``deconvnet filters``
+measures them (``analysis.filters``: RMS, dead filters, structure median and the share of filters at
+0.5 or more), so a run shows when its first layer turns from noise into edges and colour blobs.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +25,7 @@ from ..deconv import DeconvNet
 from ..errors import DeconvnetError
 from ..notebook import InlineDisplay
 from ..weights import LoadedModel, load_model, read_metadata
+from .filters import FilterStats, filter_stats
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -43,6 +48,20 @@ class Evolution(InlineDisplay):
     values: dict[str, np.ndarray]  # (maps, snapshots)
     images: dict[str, np.ndarray]  # (maps, snapshots)
     files: list[str]
+    first_layer: list[FilterStats] = field(default_factory=list)  # per snapshot, its layer-1 filters
+
+    def first_layer_rows(self) -> list[dict]:
+        """Per snapshot: epoch, layer-1 structure median, share of filters >= 0.5, RMS median, dead count."""
+        return [
+            {
+                "epoch": epoch,
+                "structure_median": round(stats.structure_median, 4),
+                "structured_share": round(stats.structured_share, 4),
+                "rms_median": round(float(np.median(stats.rms)), 6),
+                "dead": stats.dead_count,
+            }
+            for epoch, stats in zip(self.epochs, self.first_layer)
+        ]
 
     def to_dict(self) -> dict:
         """The chosen maps, their strongest activation and its image under every snapshot (JSON)."""
@@ -53,6 +72,7 @@ class Evolution(InlineDisplay):
             "maps": self.maps,
             "values": {l: self.values[l].tolist() for l in self.layers},
             "image_files": {l: [[self.files[i] for i in row] for row in self.images[l].tolist()] for l in self.layers},
+            "first_layer_filters": self.first_layer_rows(),
         }
 
     def figure(self, title: str = "") -> Figure:
@@ -60,6 +80,12 @@ class Evolution(InlineDisplay):
         from ..display.figures import evolution_figure
 
         return evolution_figure(self, title)
+
+    def filter_trend_figure(self) -> Figure:
+        """Layer-1 filter structure (median, share >= 0.5) and RMS against the epoch."""
+        from ..display.figures import filter_trend_figure
+
+        return filter_trend_figure(self)
 
 
 def snapshot_epoch(path: str | os.PathLike) -> int:
@@ -109,6 +135,7 @@ def feature_evolution(
     paths = [p for _, p in ordered]
     loaded_models: list[LoadedModel] = []
     scans: list[AtlasScan] = []
+    first_layer: list[FilterStats] = []
     layer_names: list[str] | None = None
     for path in paths:
         loaded = load_model(path, arch=arch, device=device, progress=progress)
@@ -124,6 +151,7 @@ def feature_evolution(
             )
         scans.append(scan)
         loaded_models.append(loaded)
+        first_layer.append(filter_stats(loaded))
     assert layer_names is not None
     chosen: dict[str, list[int]] = {}
     for layer in layer_names:
@@ -155,4 +183,5 @@ def feature_evolution(
         values={l: np.stack(values[l], 1) for l in layer_names},
         images={l: np.stack(images[l], 1) for l in layer_names},
         files=image_files,
+        first_layer=first_layer,
     )

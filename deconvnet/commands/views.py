@@ -118,7 +118,9 @@ def add_evolution(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("snapshots", nargs="+", help="snapshot files of one run (e.g. runs/x/snapshots/epoch-*.safetensors)")
     p.add_argument("--images", required=True, help="folder of images to take the strongest activations from")
-    p.add_argument("--out", required=True, help="output folder: evolution.png, evolution.json")
+    p.add_argument(
+        "--out", required=True, help="output folder: evolution.png, filter-trend.png (layer-1 filters), evolution.json"
+    )
     add_layers(p, "every convI")
     p.add_argument(
         "--maps-per-layer",
@@ -298,6 +300,14 @@ def cmd_evolution(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     path = save_figure(evo.figure(), out / "evolution.png")
+    trend = save_figure(evo.filter_trend_figure(), out / "filter-trend.png")
     save_json(out / "evolution.json", evo.to_dict())
-    print(f"epochs {evo.epochs}; {len(files)} images; maps {evo.maps}\nfigure: {path}")
+    print(f"epochs {evo.epochs}; {len(files)} images; maps {evo.maps}")
+    for row in evo.first_layer_rows():
+        print(
+            f"  epoch {row['epoch']:>3}: layer-1 structure median {row['structure_median']:.2f}, "
+            f"{100 * row['structured_share']:.0f} % of filters >= 0.5, RMS median {row['rms_median']:.4f}, "
+            f"dead {row['dead']}"
+        )
+    print(f"figure: {path}\nlayer-1 filters: {trend}")
     return 0

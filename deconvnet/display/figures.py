@@ -604,6 +604,49 @@ def filters_figure(
     return fig
 
 
+def filter_trend_figure(evo: Evolution) -> Figure:
+    """The layer-1 filter measures of a run's snapshots against the epoch: structure median and share
+    of filters >= 0.5 (left axis, with white noise's and a Gabor bank's medians for reference), RMS
+    median (right axis)."""
+    from ..analysis.filters import STRUCTURED
+
+    rows = evo.first_layer_rows()
+    epochs = [r["epoch"] for r in rows]
+    fig = new_figure((5.6, 3.2))
+    ax = fig.subplots()
+    ax.plot(epochs, [r["structure_median"] for r in rows], "o-", color="#228833", label="structure median")
+    ax.plot(
+        epochs,
+        [r["structured_share"] for r in rows],
+        "s--",
+        color="#4477aa",
+        label=f"share of filters >= {STRUCTURED:g}",
+    )
+    for level, text in ((0.23, "white noise"), (0.78, "Gabor bank")):
+        ax.axhline(level, color="#999999", linestyle=":", linewidth=0.8)
+        ax.text(epochs[0], level + 0.01, text, fontsize=6.5, color="#777777")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("epoch", fontsize=8)
+    ax.set_ylabel("structure / share", fontsize=8)
+    ax.tick_params(labelsize=7)
+    rms = ax.twinx()
+    rms.plot(epochs, [r["rms_median"] for r in rows], "^-", color="#cc3311", alpha=0.6, label="RMS median")
+    rms.set_ylabel("filter RMS median", fontsize=8, color="#cc3311")
+    rms.set_ylim(0, None)
+    rms.tick_params(labelsize=7, colors="#cc3311")
+    handles = ax.get_legend_handles_labels()[0] + rms.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=7, loc="lower right")
+    if len(epochs) > 1 and max(epochs) / max(1, min(epochs)) >= 8:
+        ax.set_xscale("log")  # the paper's snapshot spacing (1, 2, 5, 10, 20, ...)
+        ax.set_xticks(epochs, [str(e) for e in epochs])
+        ax.minorticks_off()
+    first = evo.first_layer[0] if evo.first_layer else None
+    layer = first.layer if first else "conv1"
+    ax.set_title(f"Layer-1 filters over training ({layer}; deconvnet filters' measures)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def evolution_figure(evo: Evolution, title: str = "") -> Figure:
     """Rows: the chosen maps, grouped by layer; columns: epochs. Each cell is the projection of the
     map's strongest activation under that snapshot (zero = grey, cropped to the receptive field)."""
