@@ -51,10 +51,11 @@ for stage in "${STAGES[@]}"; do
       sheet=$(ls -t "$OUT/atlas/$layer"/maps-*.png | head -1)
       copy "$sheet" "docs/views/atlas-$layer.png"
     done ;;
-  evolution)  # docs/views.md: Fig. 4 from the training run's snapshots (RUN=the run folder)
+  evolution)  # docs/views.md: Fig. 4 from the training run's snapshots; model card: their conv1 filter trend (RUN=...)
     : "${RUN:?set RUN to the training run folder (its snapshots/epoch-*.safetensors)}"
     run "$DN" evolution "$RUN"/snapshots/epoch-*.safetensors --images "$VAL" --max-images 800 --out "$OUT/evolution"
-    copy "$OUT/evolution/evolution.png" docs/views/evolution.png ;;
+    copy "$OUT/evolution/evolution.png" docs/views/evolution.png
+    copy "$OUT/evolution/filter-trend.png" "$CARD/conv1-filter-trend.png" ;;
   eval-curves)  # model card: the run's learning curves and its snapshots' accuracy/filter table (RUN=the run folder)
     : "${RUN:?set RUN to the training run folder}"
     copy "$RUN/curves.png" "$CARD/training-curves-224.png"
