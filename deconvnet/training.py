@@ -371,6 +371,12 @@ def check_config(cfg: TrainConfig) -> None:
             f"crop {cfg.crop} is larger than storage_size {cfg.storage_size} (images are stored as "
             f"{cfg.storage_size} px squares and crops are cut from them); lower crop or raise storage_size"
         )
+    if cfg.layer_weight_decay:  # the layer names, on the meta device (nothing is allocated)
+        with torch.device("meta"):
+            overrides: dict[str, Any] = {"lrn": cfg.lrn, "input_size": cfg.crop}
+            if cfg.fc:
+                overrides["fc"] = tuple(cfg.fc)
+            parameter_groups(build_model(cfg.arch, **overrides), cfg.weight_decay, cfg.layer_weight_decay)
     if not _accepts_input(ARCHITECTURES[cfg.arch], cfg.crop):
         smallest = min_input_size(ARCHITECTURES[cfg.arch])
         raise DeconvnetError(
@@ -673,13 +679,24 @@ def parameter_groups(
     overrides = dict(layer_weight_decay or {})
     owner: dict[int, str] = {}  # parameter id -> the override naming its module
     named = {name: module for name, module in model.named_modules() if name}
+
+    def has_weights(module: nn.Module) -> bool:
+        return any(p.dim() > 1 for p in module.parameters(recurse=False))
+
     for key in overrides:
-        matches = [m for name, m in named.items() if key in (name, name.rsplit(".", 1)[-1])]
-        weights = [p for m in matches for p in m.parameters(recurse=False) if p.dim() > 1]
+        # a full module path, else a module's own name if exactly one layer with weights has it
+        # (on a ResNet, conv1 is the stem and also every block's first convolution)
+        matches = [name for name in named if name == key]
+        if not matches:
+            matches = [name for name, m in named.items() if name.rsplit(".", 1)[-1] == key and has_weights(m)]
+        if len(matches) > 1:
+            raise DeconvnetError(
+                f"layer_weight_decay: {key!r} names {len(matches)} layers ({', '.join(matches[:4])}"
+                f"{', ...' if len(matches) > 4 else ''}); give the full module path"
+            )
+        weights = [p for name in matches for p in named[name].parameters(recurse=False) if p.dim() > 1]
         if not weights:
-            layers = [
-                n.rsplit(".", 1)[-1] for n, m in named.items() if any(p.dim() > 1 for p in m.parameters(recurse=False))
-            ]
+            layers = [n.rsplit(".", 1)[-1] for n, m in named.items() if has_weights(m)]
             raise DeconvnetError(
                 f"layer_weight_decay names {key!r}, which is no layer with weights of this model; its layers: "
                 + ", ".join(layers)

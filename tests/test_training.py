@@ -377,6 +377,16 @@ def test_parameter_groups_give_named_layers_their_own_weight_decay():
         parameter_groups(model, 5e-4, {"conv9": 0.1})
     with pytest.raises(DeconvnetError, match="names one layer twice"):
         parameter_groups(model, 5e-4, {"conv1": 0.1, "features.conv1": 0.2})
+    # a full module path first (a ResNet's conv1 is its stem), else a unique own name: conv2 is in every
+    # block of a ResNet, so its full path is needed
+    import torchvision
+
+    resnet = torchvision.models.resnet18()
+    groups = parameter_groups(resnet, 1e-4, {"conv1": 0.01, "layer1.0.conv2": 0.02})
+    assert [g["params"] for g in groups if g["weight_decay"] == 0.01] == [[resnet.conv1.weight]]
+    assert [g["params"] for g in groups if g["weight_decay"] == 0.02] == [[resnet.layer1[0].conv2.weight]]
+    with pytest.raises(DeconvnetError, match=r"'conv2' names 8 layers \(layer1.0.conv2, layer1.1.conv2, .*full"):
+        parameter_groups(resnet, 1e-4, {"conv2": 0.01})
 
 
 def test_an_undriven_weight_decays_as_the_training_docstring_says():
@@ -437,3 +447,6 @@ def test_layer_weight_decay_option_errors_are_one_line(tiny_data, tmp_path, caps
     assert "must be 0 or more" in capsys.readouterr().err
     assert main([*run, "--layer-weight-decay", "conv7=0.1"]) == 2
     assert "'conv7', which is no layer with weights of this model" in capsys.readouterr().err
+    # refused before any image is read
+    with pytest.raises(DeconvnetError, match="'fc9', which is no layer"):
+        check_config(TrainConfig(data="", out="", layer_weight_decay={"fc9": 0.1}))
