@@ -31,7 +31,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -373,15 +373,23 @@ def check_config(cfg: TrainConfig) -> None:
         )
     if cfg.layer_weight_decay:  # the layer names, on the meta device (nothing is allocated)
         with torch.device("meta"):
-            overrides: dict[str, Any] = {"lrn": cfg.lrn, "input_size": cfg.crop}
-            if cfg.fc:
-                overrides["fc"] = tuple(cfg.fc)
-            parameter_groups(build_model(cfg.arch, **overrides), cfg.weight_decay, cfg.layer_weight_decay)
+            parameter_groups(_build_run_model(cfg), cfg.weight_decay, cfg.layer_weight_decay)
     if not _accepts_input(ARCHITECTURES[cfg.arch], cfg.crop):
         smallest = min_input_size(ARCHITECTURES[cfg.arch])
         raise DeconvnetError(
             f"crop {cfg.crop} is too small for {cfg.arch}: its layers need an input of at least {smallest} px"
         )
+
+
+def _build_run_model(cfg: TrainConfig, num_classes: int | None = None) -> ConvNet:
+    """The untrained network a run with ``cfg`` trains (``num_classes`` from its data; the builder's
+    default when only the layers matter)."""
+    overrides: dict[str, Any] = {"lrn": cfg.lrn, "dropout": cfg.dropout, "input_size": cfg.crop}
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    if cfg.fc:
+        overrides["fc"] = tuple(cfg.fc)
+    return build_model(cfg.arch, **overrides)
 
 
 def _accepts_input(config: ArchConfig, size: int) -> bool:
@@ -471,15 +479,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     classes = english_names(train_set.classes)
     preprocessing = Preprocessing(resize=cfg.storage_size, crop=cfg.crop)
 
-    overrides: dict[str, Any] = {
-        "num_classes": len(classes),
-        "lrn": cfg.lrn,
-        "dropout": cfg.dropout,
-        "input_size": cfg.crop,
-    }
-    if cfg.fc:
-        overrides["fc"] = tuple(cfg.fc)
-    model = build_model(cfg.arch, **overrides)
+    model = _build_run_model(cfg, len(classes))
     init_weights(model, cfg.init, cfg.init_std)
     if cfg.init_from and not (resume and checkpoint_path.exists()):
         copied, kept = init_from_weights(model, cfg.init_from)
@@ -746,13 +746,11 @@ def _load_optimizer_state(
 def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, list[Any]]:
     """The options of ``cfg`` that differ from a checkpoint's saved ones, as {name: [old, new]}
     (an option the checkpoint predates counts as its default)."""
-    defaults = {
-        f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(TrainConfig)
-    }
+    defaults = TrainConfig(data=cfg.data, out=cfg.out).to_dict()
     current = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, like the saved JSON-like values
     changed = {}
     for key, new in current.items():
-        old = json.loads(json.dumps(saved.get(key, defaults.get(key))))
+        old = json.loads(json.dumps(saved.get(key, defaults[key])))
         if old != new:
             changed[key] = [old, new]
     return changed

@@ -611,6 +611,8 @@ def filter_trend_figure(evo: Evolution) -> Figure:
     from ..analysis.filters import STRUCTURED
 
     rows = evo.first_layer_rows()
+    if not rows:
+        raise ValueError("this Evolution holds no layer-1 filter measures (feature_evolution() makes them)")
     epochs = [r["epoch"] for r in rows]
     fig = new_figure((5.6, 3.2))
     ax = fig.subplots()
@@ -640,8 +642,7 @@ def filter_trend_figure(evo: Evolution) -> Figure:
         ax.set_xscale("log")  # the paper's snapshot spacing (1, 2, 5, 10, 20, ...)
         ax.set_xticks(epochs, [str(e) for e in epochs])
         ax.minorticks_off()
-    first = evo.first_layer[0] if evo.first_layer else None
-    layer = first.layer if first else "conv1"
+    layer = evo.first_layer[0].layer
     ax.set_title(f"Layer-1 filters over training ({layer}; deconvnet filters' measures)", fontsize=9)
     fig.tight_layout()
     return fig
