@@ -27,10 +27,10 @@ copy() { echo "+ cp $1 $2"; [ -n "${DRY_RUN:-}" ] || cp "$1" "$2"; }
 
 for stage in "${STAGES[@]}"; do
   case $stage in
-  project)  # README: the strongest conv5 maps of the rocket photo
-    rocket=$(python -c "from deconvnet.samples import sample_paths; print(sample_paths(['rocket'])[0])")
-    run "$DN" project "$rocket" --layer conv5 --top-maps 6 --out "$OUT/project"
-    copy "$OUT/project/rocket-conv5-top6.png" docs/images/project-conv5.png ;;
+  project)  # README: the strongest conv5 maps of the cat photo (eyes, nose: what conv5 responds to)
+    chelsea=$(python -c "from deconvnet.samples import sample_paths; print(sample_paths(['chelsea'])[0])")
+    run "$DN" project "$chelsea" --layer conv5 --top-maps 6 --out "$OUT/project"
+    copy "$OUT/project/chelsea-conv5-top6.png" docs/images/project-conv5.png ;;
   resnet50)  # README: a random-weights ResNet-50 (no ImageNet download here), layer3, the three rules
     chelsea=$(python -c "from deconvnet.samples import sample_paths; print(sample_paths(['chelsea'])[0])")
     run mkdir -p "$OUT"
