@@ -4,7 +4,7 @@ deconvnet projection of the map's strongest activation and of the whole map, not
 
 By default the model is a full-size ZFNet (paper Fig. 3, 1000 classes, 224 px input) with random
 weights: the cost of a click does not depend on the weights' values, and the ImageNet weights may not
-be downloadable here. Pass --weights for any other model (e.g. the bundled 128 px one).
+be downloadable here. Pass --weights for any other model (e.g. the bundled one).
 
     python benchmarks/click_latency.py                       # ZFNet at 224 px
     python benchmarks/click_latency.py --weights zfnet-imagenette

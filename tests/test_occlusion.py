@@ -56,7 +56,7 @@ def test_incremental_equals_full_recompute(lrn, pool_style, size, stride, delta,
 
 @pytest.fixture(scope="module")
 def bundled_geometry():
-    """The bundled model's architecture (ZFNet v1 without LRN, FC 1024, 128 px) with random weights."""
+    """The bundled model's architecture (ZFNet v1 without LRN, FC 1024) at 128 px, with random weights."""
     torch.manual_seed(0)
     return build_model("zfnet", num_classes=10, fc=(1024, 1024), lrn=False, input_size=128).eval()
 

@@ -137,7 +137,7 @@ def test_model_summary_reads_metadata(served_weights_file: Path) -> None:
 
 
 def test_model_summary_of_a_fine_tuned_model(tmp_path: Path) -> None:
-    """A model fine-tuned from another run (the bundled one: 128 px, then 224 px) says so, and its
+    """A model fine-tuned from another run (e.g. a 128 px run fine-tuned at 224 px) says so, and its
     accuracy plot shows both runs, the second one's epochs after the first's."""
     import torch
 
