@@ -37,7 +37,9 @@ def main() -> None:
     only_b = sum(y and not x for x, y in zip(a, b))
     print(f"{len(paths)} images; top-1 A {100 * sum(a) / len(a):.2f} %, B {100 * sum(b) / len(b):.2f} %")
     print(f"right only by A: {only_a}, right only by B: {only_b}, by both: {sum(x and y for x, y in zip(a, b))}")
-    print(f"McNemar exact p = {binomtest(only_a, only_a + only_b).pvalue:.3f}")
+    # no image told the two apart: nothing to test (binomtest refuses n = 0)
+    p_value = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
+    print(f"McNemar exact p = {p_value:.3f}")
 
 
 if __name__ == "__main__":
