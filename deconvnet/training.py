@@ -246,6 +246,7 @@ def evaluate_model(
     desc: str = "eval",
     class_map: Sequence[int] | None = None,
     workers: int = 0,
+    per_image: bool = False,
 ) -> dict[str, Any]:
     """Center-crop (and optionally 10-crop) evaluation; returns counts and a confusion matrix.
 
@@ -253,7 +254,8 @@ def evaluate_model(
     side, center crop", and the 10 crops are the paper's. Under DDP each rank takes a shard and the
     counts are summed. ``class_map[i]`` is the model output index of dataset class ``i``. An uncached
     dataset is decoded ``batch_size`` images at a time (by ``workers`` processes): memory is that of
-    one batch, whatever the number of images.
+    one batch, whatever the number of images. ``per_image`` adds ``predicted``: the model output index
+    of each image's center-crop top-1, in dataset order (one integer an image).
     """
     from tqdm.auto import tqdm
 
@@ -262,6 +264,8 @@ def evaluate_model(
     index_map = torch.tensor(class_map if class_map is not None else range(n_classes), device=device)
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long, device=device)
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, top1, top5, 10c top1, 10c top5, n
+    # -1 where another rank classified the image: the all-reduce's max fills it in
+    predicted = torch.full((len(dataset) if per_image else 0,), -1, dtype=torch.long, device=device)
     indices = list(range(rank, len(dataset), world))
     crop = preprocessing.crop
     batches = _image_batches(dataset, indices, batch_size, workers)
@@ -278,6 +282,8 @@ def evaluate_model(
         c1, c5 = _topk_correct(logits, model_target)
         sums[1] += c1
         sums[2] += c5
+        if per_image:
+            predicted[torch.tensor(chunk, device=device)] = logits.argmax(1)
         # Confusion over the dataset's classes: predicted model index -> dataset class, where mapped.
         restricted = logits[:, index_map]
         confusion.index_put_((target, restricted.argmax(1)), torch.ones_like(target), accumulate=True)
@@ -293,6 +299,8 @@ def evaluate_model(
     if world > 1:
         dist.all_reduce(sums)
         dist.all_reduce(confusion)
+        if per_image:
+            dist.all_reduce(predicted, op=dist.ReduceOp.MAX)
     n = float(sums[5])
     result: dict[str, Any] = {
         "images": int(n),
@@ -304,6 +312,8 @@ def evaluate_model(
     if ten_crop:
         result["top1_10crop"] = float(sums[3]) / n
         result["top5_10crop"] = float(sums[4]) / n
+    if per_image:
+        result["predicted"] = predicted.cpu().tolist()
     return result
 
 
@@ -775,6 +785,8 @@ def evaluate(
     Folder names are matched to the model's classes by the ``class_folders`` its checkpoint records,
     or else by sorted order when the counts agree (ImageNet's sorted WordNet ids are its index order).
     Images are streamed ``batch_size`` at a time unless ``cache`` (decode them all into memory first).
+    ``predictions`` lists every image (path relative to ``root``, its class, the center crop's top-1
+    class, whether they agree), so that two models can be compared image by image.
     """
     pre = loaded.preprocessing
     dataset = ImageFolderCache(root, size=pre.resize, cache=cache, progress=progress, num_workers=workers)
@@ -806,7 +818,18 @@ def evaluate(
         desc="evaluating",
         class_map=class_map,
         workers=workers,
+        per_image=True,
     )
+    predicted = result.pop("predicted")
+    result["predictions"] = [
+        {
+            "file": path.relative_to(dataset.root).as_posix(),
+            "class": loaded.classes[class_map[target]],
+            "predicted": loaded.classes[index],
+            "correct": index == class_map[target],
+        }
+        for (path, target), index in zip(dataset.samples, predicted)
+    ]
     confusion = torch.tensor(result["confusion"])
     per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1).float()).tolist()
     result["classes"] = [loaded.classes[i] for i in class_map]

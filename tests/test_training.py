@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -200,12 +201,17 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tiny_dat
     assert moved < 1e-4
 
 
-def test_eval_reports_center_and_ten_crop_and_confusion(tiny_data, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert (
-        main(["train", "--data", str(tiny_data), "--out", str(run), "--epochs", "1", "--snapshot-epochs", "", *TINY])
-        == 0
-    )
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    """One epoch of the tiny recipe: a trained run folder (model.safetensors, metrics.jsonl)."""
+    run = tmp_path_factory.mktemp("run")
+    argv = ["train", "--data", str(tiny_data), "--out", str(run), "--epochs", "1", "--snapshot-epochs", "", *TINY]
+    assert main(argv) == 0
+    return run
+
+
+def test_eval_reports_center_and_ten_crop_and_confusion(tiny_data, tiny_run, tmp_path, capsys):
+    run = tiny_run
     capsys.readouterr()
     assert (
         main(
@@ -233,6 +239,92 @@ def test_eval_reports_center_and_ten_crop_and_confusion(tiny_data, tmp_path, cap
     # and equals the training run's own last validation (same center crop)
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert result["top1"] == pytest.approx(last["val_top1"])
+    # one row an image, outside metrics.json; its right answers are the center crop's top-1
+    with open(tmp_path / "ev" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert "predictions" not in result and len(rows) == 18
+    assert sorted(r["file"] for r in rows) == sorted(
+        p.relative_to(tiny_data / "val").as_posix() for p in (tiny_data / "val").glob("*/*")
+    )
+    assert all(r["class"] == r["file"].split("/")[0] for r in rows)  # the tiny run's classes are its folders
+    assert all(r["correct"] == str(r["class"] == r["predicted"]) for r in rows)
+    assert sum(r["correct"] == "True" for r in rows) == round(result["top1"] * 18)
+    # the predicted classes are the confusion matrix's columns (3 classes: no class outside the folders)
+    classes = result["classes"]
+    for i, name in enumerate(classes):
+        assert [sum(r["class"] == name and r["predicted"] == other for r in rows) for other in classes] == (
+            result["confusion"][i]
+        )
+
+
+def _ddp_predictions(rank: int, world: int, weights: str, root: str, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from deconvnet.data import ImageFolderCache
+    from deconvnet.training import evaluate_model
+    from deconvnet.weights import load_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        loaded = load_model(weights, progress=False)
+        dataset = ImageFolderCache(root, size=loaded.preprocessing.resize, cache=False, progress=False)
+        cpu = torch.device("cpu")
+        result = evaluate_model(
+            loaded.model, dataset, loaded.preprocessing, cpu, batch_size=4, rank=rank, world=world, per_image=True
+        )
+        if rank == 0:
+            Path(out).write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_per_image_predictions_under_ddp_equal_one_process(tiny_data, tiny_run, tmp_path):
+    """Each rank fills in its own shard (every 2nd image, batches of 4); the all-reduce must give
+    rank 0 every image's prediction, the same as one process computes."""
+    import torch.multiprocessing as mp
+
+    from deconvnet.data import ImageFolderCache
+    from deconvnet.training import evaluate_model
+    from deconvnet.weights import load_model
+    from tests.helpers.processes import free_port
+
+    weights, root = str(tiny_run / "model.safetensors"), str(tiny_data / "val")
+    mp.spawn(_ddp_predictions, args=(2, weights, root, free_port(), str(tmp_path / "ddp.json")), nprocs=2)
+    sharded = json.loads((tmp_path / "ddp.json").read_text())
+    loaded = load_model(weights, progress=False)
+    dataset = ImageFolderCache(root, size=loaded.preprocessing.resize, cache=False, progress=False)
+    one = evaluate_model(loaded.model, dataset, loaded.preprocessing, torch.device("cpu"), per_image=True)
+    assert len(sharded["predicted"]) == 18 and min(sharded["predicted"]) >= 0
+    assert sharded["predicted"] == one["predicted"]
+    assert sharded["top1"] == pytest.approx(one["top1"])
+
+
+def test_paired_accuracy_tool(tiny_data, tiny_run, tmp_path):
+    """tools/paired-accuracy.py: a model against itself differs on no image (p = 1); a bad folder is
+    one error line and exit 2."""
+    tool = Path(__file__).resolve().parents[1] / "tools" / "paired-accuracy.py"
+    weights = str(tiny_run / "model.safetensors")
+    env = {**os.environ, **ONE_THREAD}
+    same = subprocess.run(
+        [sys.executable, str(tool), str(tiny_data / "val"), weights, weights],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert same.returncode == 0, same.stderr[-2000:]
+    last = json.loads((tiny_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"top-1 A {100 * last['val_top1']:.2f} %" in same.stdout
+    assert "right only by A: 0, right only by B: 0" in same.stdout and "p = 1.000" in same.stdout
+    bad = subprocess.run(
+        [sys.executable, str(tool), str(tmp_path / "nowhere"), weights, weights],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
 
 
 def test_bad_training_input_is_clear(tmp_path, capsys):

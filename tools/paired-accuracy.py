@@ -4,43 +4,51 @@ more than this validation set can tell apart?). The model card's comparison come
 
     python tools/paired-accuracy.py VAL_DIR WEIGHTS_A WEIGHTS_B
 
-VAL_DIR is an ImageFolder whose class folders are the models' recorded class folders (WordNet ids).
+VAL_DIR is an ImageFolder, read and matched to each model's classes as `deconvnet eval` does (both call
+`deconvnet.training.evaluate`, whose per-image predictions are paired here by file).
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import sys
 
 from scipy.stats import binomtest
 
-from deconvnet.inference import iter_classify
+from deconvnet.errors import DeconvnetError
+from deconvnet.training import evaluate
 from deconvnet.weights import load_model
 
 
-def right_or_wrong(weights: str, paths: list[Path]) -> list[bool]:
-    loaded = load_model(weights, progress=False)
-    names = dict(zip(loaded.metadata["class_folders"], loaded.classes))
-    rankings = iter_classify(loaded, paths, top=1, batch_size=50)
-    return [ranking[0][0] == names[Path(p).parent.name] for p, ranking in rankings]
+def correct_by_file(weights: str, val_dir: str) -> dict[str, bool]:
+    result = evaluate(load_model(weights, progress=False), val_dir, ten_crop=False)
+    return {p["file"]: p["correct"] for p in result["predictions"]}
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("val_dir")
     parser.add_argument("weights_a")
     parser.add_argument("weights_b")
     args = parser.parse_args()
-    paths = sorted(p for p in Path(args.val_dir).glob("*/*") if p.is_file())
-    a, b = right_or_wrong(args.weights_a, paths), right_or_wrong(args.weights_b, paths)
-    only_a = sum(x and not y for x, y in zip(a, b))
-    only_b = sum(y and not x for x, y in zip(a, b))
-    print(f"{len(paths)} images; top-1 A {100 * sum(a) / len(a):.2f} %, B {100 * sum(b) / len(b):.2f} %")
-    print(f"right only by A: {only_a}, right only by B: {only_b}, by both: {sum(x and y for x, y in zip(a, b))}")
+    try:
+        a = correct_by_file(args.weights_a, args.val_dir)
+        b = correct_by_file(args.weights_b, args.val_dir)
+    except DeconvnetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    files = sorted(a.keys() & b.keys())  # both read the same folder: only a file unreadable once could differ
+    only_a = sum(a[f] and not b[f] for f in files)
+    only_b = sum(b[f] and not a[f] for f in files)
+    both = sum(a[f] and b[f] for f in files)
+    top1_a, top1_b = 100 * (only_a + both) / len(files), 100 * (only_b + both) / len(files)
+    print(f"{len(files)} images; top-1 A {top1_a:.2f} %, B {top1_b:.2f} %")
+    print(f"right only by A: {only_a}, right only by B: {only_b}, by both: {both}")
     # no image told the two apart: nothing to test (binomtest refuses n = 0)
     p_value = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
     print(f"McNemar exact p = {p_value:.3f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 from pathlib import Path
 
 from .common import add_batch_size, add_model_args, add_quiet, add_workers, load_from_args
@@ -11,7 +13,9 @@ from .common import add_batch_size, add_model_args, add_quiet, add_workers, load
 def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="top-1/top-5 error (center crop and 10-crop), per-class accuracy, confusion matrix")
     p.add_argument("data", help="an ImageFolder: <class>/<images> (e.g. imagenette-224/val)")
-    p.add_argument("--out", default=None, help="folder for metrics.json and confusion.png")
+    p.add_argument(
+        "--out", default=None, help="folder for metrics.json, confusion.png and predictions.csv (one row an image)"
+    )
     p.add_argument("--no-ten-crop", dest="ten_crop", action="store_false", help="center crop only")
     add_batch_size(p, 50)
     add_workers(p)
@@ -29,7 +33,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..atomic import save_json
+    from ..atomic import save_json, save_text
     from ..display import save_figure
     from ..display.figures import confusion_figure
     from ..outputs import output_dir
@@ -61,6 +65,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"  {acc:7.2%}  {name}")
     if args.out:
         out = Path(args.out)
+        save_text(out / "predictions.csv", predictions_csv(result.pop("predictions")))
         save_json(out / "metrics.json", result)
         save_figure(
             confusion_figure(
@@ -68,5 +73,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             ),
             out / "confusion.png",
         )
-        print(f"wrote {out / 'metrics.json'} and {out / 'confusion.png'}")
+        print(f"wrote {out / 'metrics.json'}, {out / 'confusion.png'} and {out / 'predictions.csv'}")
     return 0
+
+
+def predictions_csv(predictions: list[dict]) -> str:
+    """``evaluate``'s per-image predictions as CSV text: file, class, predicted, correct."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["file", "class", "predicted", "correct"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(predictions)
+    return buffer.getvalue()
