@@ -305,25 +305,17 @@ def test_paired_accuracy_tool(tiny_data, tiny_run, tmp_path):
     one error line and exit 2."""
     tool = Path(__file__).resolve().parents[1] / "tools" / "paired-accuracy.py"
     weights = str(tiny_run / "model.safetensors")
-    env = {**os.environ, **ONE_THREAD}
-    same = subprocess.run(
-        [sys.executable, str(tool), str(tiny_data / "val"), weights, weights],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+
+    def paired(val_dir: Path) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, str(tool), str(val_dir), weights, weights]
+        return subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, timeout=300)
+
+    same = paired(tiny_data / "val")
     assert same.returncode == 0, same.stderr[-2000:]
     last = json.loads((tiny_run / "metrics.jsonl").read_text().splitlines()[-1])
     assert f"top-1 A {100 * last['val_top1']:.2f} %" in same.stdout
     assert "right only by A: 0, right only by B: 0" in same.stdout and "p = 1.000" in same.stdout
-    bad = subprocess.run(
-        [sys.executable, str(tool), str(tmp_path / "nowhere"), weights, weights],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    bad = paired(tmp_path / "nowhere")
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
 
 
