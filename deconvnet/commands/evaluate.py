@@ -1,4 +1,4 @@
-"""``deconvnet eval``: top-1/top-5 error, per-class accuracy and the confusion matrix of a model."""
+"""``deconvnet eval``: top-1/top-5 error, per-class accuracy, the confusion matrix and per-image predictions."""
 
 from __future__ import annotations
 
