@@ -11,7 +11,10 @@ from .common import add_batch_size, add_model_args, add_quiet, add_workers, load
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="top-1/top-5 error (center crop and 10-crop), per-class accuracy, confusion matrix")
+    p = sub.add_parser(
+        "eval",
+        help="top-1/top-5 error (center crop and 10-crop), per-class accuracy, confusion matrix, per-image predictions",
+    )
     p.add_argument("data", help="an ImageFolder: <class>/<images> (e.g. imagenette-224/val)")
     p.add_argument(
         "--out", default=None, help="folder for metrics.json, confusion.png and predictions.csv (one row an image)"
