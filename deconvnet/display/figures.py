@@ -626,7 +626,8 @@ def filter_trend_figure(evo: Evolution) -> Figure:
     )
     for level, text in ((0.23, "white noise"), (0.78, "Gabor bank")):
         ax.axhline(level, color="#999999", linestyle=":", linewidth=0.8)
-        ax.text(epochs[0], level + 0.01, text, fontsize=6.5, color="#777777")
+        # below its line: an untrained layer's own markers sit on the white-noise level
+        ax.text(epochs[0], level - 0.015, text, fontsize=6.5, color="#777777", va="top")
     ax.set_ylim(0, 1)
     ax.set_xlabel("epoch", fontsize=8)
     ax.set_ylabel("structure / share", fontsize=8)
