@@ -46,7 +46,8 @@ def main() -> int:
     print(f"right only by A: {only_a}, right only by B: {only_b}, by both: {both}")
     # no image told the two apart: nothing to test (binomtest refuses n = 0)
     p_value = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
-    print(f"McNemar exact p = {p_value:.3f}")
+    # three decimals would print a tiny p as 0.000; below 0.001 its order of magnitude is what counts
+    print(f"McNemar exact p = {p_value:.3f}" if p_value >= 0.001 else f"McNemar exact p = {p_value:.1e} (< 0.001)")
     return 0
 
 
