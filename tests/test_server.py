@@ -49,6 +49,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     (images / "a.jpg").write_bytes(photo_bytes("JPEG", seed=1))
     (images / "sub" / "b.png").write_bytes(photo_bytes("PNG", seed=2))
     (images / "notes.txt").write_text("not an image")
+    # a link to a file outside the folder: followed, as the atlas does (the user chose the folder)
+    (base / "elsewhere").mkdir()
+    (base / "elsewhere" / "c.png").write_bytes(photo_bytes("PNG", seed=3))
+    (images / "linked.png").symlink_to(base / "elsewhere" / "c.png")
     extra = ["--images", str(images), "--max-upload-mb", str(MAX_UPLOAD_MB)]
     extra += ["--atlas", str(_tiny_atlas(weights, base))]
     work = base / "work"
@@ -140,13 +144,61 @@ def test_sources_are_ids_not_paths(client: httpx.Client, server: Server, served:
     kinds = {s["kind"] for s in sources}
     assert kinds == {"sample", "folder"}
     folder = sorted(s["name"] for s in sources if s["kind"] == "folder")
-    assert folder == ["a.jpg", "sub/b.png"]  # relative names only; the .txt is not offered
+    assert folder == ["a.jpg", "linked.png", "sub/b.png"]  # relative names only; the .txt is not offered
     assert all(str(served.images) not in s["name"] and "/" not in s["id"] for s in sources)
     img_id = next(s["id"] for s in sources if s["name"] == "sub/b.png")
     info = client.post(f"/api/sources/{img_id}/open").json()
     assert info["size"] == [64, 64] and info["name"] == "b.png"
     thumb = client.get(sources[0]["thumbnail"])
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    linked = next(s for s in sources if s["name"] == "linked.png")
+    assert client.post(f"/api/sources/{linked['id']}/open").json()["name"] == "linked.png"
+
+
+# --------------------------------------------------------------------------- who may ask
+
+
+def test_foreign_host_is_refused(client: httpx.Client, server: Server) -> None:
+    """DNS rebinding: a page of attacker.example whose name now resolves to 127.0.0.1 sends its own
+    Host; the server answers only its own names (with its port)."""
+    thumbnail = client.get("/api/sources").json()[0]["thumbnail"]
+    for host in ("attacker.example", f"attacker.example:{server.port}", f"127.0.0.1:{server.port + 1}", "localhost"):
+        r = client.get(thumbnail, headers={"Host": host})
+        assert "does not answer to host" in _json_error(r, 403)
+        assert len(r.text.splitlines()) == 1 and "image" not in r.headers["content-type"]
+    _json_error(client.get("/api/health", headers={"Host": "127.0.0.1:notaport"}), 400)
+    for host in (f"127.0.0.1:{server.port}", f"localhost:{server.port}", f"LOCALHOST:{server.port}"):
+        r = client.get(thumbnail, headers={"Host": host})
+        assert r.status_code == 200 and r.headers["cross-origin-resource-policy"] == "same-origin", host
+
+
+def test_cross_origin_writes_are_refused(client: httpx.Client, server: Server) -> None:
+    """Any site may make the browser POST a form here (no CORS preflight); its Origin gives it away."""
+    jpeg = photo_bytes("JPEG", seed=5)
+    sample = "/api/sources/sample-chelsea/open"
+    foreign = [
+        {"Origin": "http://attacker.example"},
+        {"Origin": f"http://attacker.example:{server.port}"},
+        {"Origin": "null"},  # sandboxed frames, file:// pages
+        {"Origin": f"http://127.0.0.1:{server.port + 1}"},  # another local service
+        {"Referer": "http://attacker.example/page.html"},  # an old browser without Origin
+        {"Sec-Fetch-Site": "cross-site"},
+    ]
+    for headers in foreign:
+        up = client.post("/api/upload", files={"file": ("x.jpg", jpeg, "image/jpeg")}, headers=headers)
+        assert "cross" in _json_error(up, 403), headers
+        assert "cross" in _json_error(client.post(sample, headers=headers), 403), headers
+    # a cross-site <img> or fetch of a thumbnail is refused too; following a link to the page is not
+    thumbnail = client.get("/api/sources").json()[0]["thumbnail"]
+    _json_error(client.get(thumbnail, headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}), 403)
+    page = client.get("/", headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"})
+    assert page.status_code == 200 and page.headers["x-frame-options"] == "DENY"
+    # the page itself (same origin) and clients that are not browsers (no Origin) are served
+    own = {"Origin": server.url, "Referer": server.url + "/", "Sec-Fetch-Site": "same-origin"}
+    assert client.post(sample, headers=own).status_code == 200
+    assert client.post(sample, headers={"Origin": f"http://localhost:{server.port}"}).status_code == 200
+    up = client.post("/api/upload", files={"file": ("x.jpg", jpeg, "image/jpeg")})
+    assert up.status_code == 200, up.text
 
 
 def test_open_classify_layers_and_click(client: httpx.Client) -> None:

@@ -18,6 +18,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "--port", type=port, default=8000, help="TCP port (default 8000; 0: any free port, printed at start)"
     )
     p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another host name the page may be opened by (repeatable); the server answers only "
+        "127.0.0.1, localhost, [::1], --host and these, which stops DNS-rebinding sites from reading it",
+    )
+    p.add_argument(
         "--images",
         default=None,
         metavar="DIR",
@@ -129,7 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from ..server.app import create_app
-        from ..server.guard import guarded_protocol
+        from ..server.guard import guarded_protocol, served_names
 
     # Bind here, before the model loads: a port in use is one clear line, and --port 0 gets a free
     # port whose number is printed (uvicorn serves this very socket).
@@ -174,6 +182,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             parallel=args.parallel,
             max_in_flight=args.max_requests,
             body_timeout=args.body_timeout,
+            allowed_hosts=served_names(args.host, args.allow_host),
+            port=port,
         )
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             print(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from ..errors import DeconvnetError
 from ..explorer import DEFAULT_MAX_PIXELS, RULE_TITLES, Explorer, ImageSession, occlusion_view
 from ..weights import LoadedModel
 from .atlas import atlas_patches, open_atlas
-from .guard import BodySizeLimit, RequestLimits
+from .guard import LOOPBACK_NAMES, BodySizeLimit, OriginGuard, RequestLimits
 from .jobs import Jobs
 from .schemas import (
     ERRORS,
@@ -74,12 +74,16 @@ def create_app(
     parallel: int = 1,
     max_in_flight: int = 64,
     body_timeout: float = 60.0,
+    allowed_hosts: Sequence[str] = LOOPBACK_NAMES,
+    port: int | None = None,
 ) -> FastAPI:
     """The explorer for one model. ``images_dir``: a folder whose images are offered by id;
     ``atlas_dir``: the output of the atlas analysis for this model (top-9 patches per unit).
     ``cache_size`` opened images are kept (least recently used dropped first); at most
     ``max_in_flight`` requests are served at once (more get 503) and a request body must arrive
-    within ``body_timeout`` seconds (else 408); decoding and model work share ``parallel`` slots."""
+    within ``body_timeout`` seconds (else 408); decoding and model work share ``parallel`` slots.
+    Only requests for the host names ``allowed_hosts`` (at ``port``, when given) are answered, and
+    none a browser sends for another site (403; see ``deconvnet.server.guard.OriginGuard``)."""
     explorer = Explorer(loaded, cache_size=cache_size, max_pixels=max_pixels, parallel=parallel)
     sources = _list_sources(images_dir, samples)
     atlas = open_atlas(atlas_dir, loaded) if atlas_dir else None
@@ -105,7 +109,8 @@ def create_app(
     app.add_middleware(BodySizeLimit, limit=max_upload_bytes + 64 * 1024)  # room for the multipart envelope
     app.add_middleware(
         RequestLimits, max_in_flight=max_in_flight, body_timeout=body_timeout
-    )  # outermost: counts every request
+    )
+    app.add_middleware(OriginGuard, names=allowed_hosts, port=port)  # outermost: foreign requests cost nothing
 
     # ------------------------------------------------------------------ errors as JSON
     @app.exception_handler(StarletteHTTPException)
@@ -491,7 +496,9 @@ def _list_sources(images_dir: str | Path | None, samples: bool) -> OrderedDict[s
         root = Path(images_dir).resolve()
         if not root.is_dir():
             raise DeconvnetError(f"--images {images_dir}: no such folder")
-        files = [p for p in list_images(root) if p.resolve().is_relative_to(root)][:10_000]
+        # symbolic links are followed wherever they point, as the atlas does: the user chose the folder
+        # (a folder of links into a dataset is common), and clients only ever name files by id
+        files = list_images(root)[:10_000]
         for i, path in enumerate(files):
             out[f"img-{i:05d}"] = ("folder", str(path.relative_to(root)), path)
     return out

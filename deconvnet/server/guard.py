@@ -9,21 +9,30 @@
 * ``RequestLimits``: ASGI middleware: at most ``max_in_flight`` requests in progress (more get 503
   with Retry-After at once instead of queueing without bound) and a deadline for reading a request
   body (408 after ``body_timeout`` seconds), so a slow upload holds no worker for long.
+* ``OriginGuard``: ASGI middleware: only the server's own names are answered (a ``Host`` header of
+  another name is refused 403, which defeats DNS rebinding) and a request a browser sends on behalf of
+  another site is refused 403: a state-changing one whose ``Origin`` (or ``Referer``) is foreign, and
+  any request the browser marks ``Sec-Fetch-Site: cross-site`` or ``same-site`` other than following
+  a link to a page. Every answer carries ``Cross-Origin-Resource-Policy: same-origin`` (other sites
+  cannot embed its images) and ``X-Frame-Options: DENY`` (nor frame the page). See
+  docs/reliability.md for the threat model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import h11
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["guarded_protocol", "RequestLimits", "TrackingSend"]
+__all__ = ["guarded_protocol", "OriginGuard", "RequestLimits", "TrackingSend", "LOOPBACK_NAMES", "served_names"]
 
 _TIMEOUT_BODY = b'{"error": "request headers not received in time; send them at once", "status": 408}'
 REQUEST_TIMEOUT = (
@@ -266,3 +275,117 @@ class BodySizeLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+# --------------------------------------------------------------------------- Host and Origin
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def served_names(host: str, extra: Iterable[str] = ()) -> list[str]:
+    """The host names a server listening on ``host`` answers to: the loopback names, ``host`` itself
+    and ``extra``; on a wildcard address (0.0.0.0, ::) also this machine's host name."""
+    names = [*LOOPBACK_NAMES, host.strip("[]").lower(), *(n.strip("[]").lower() for n in extra)]
+    if host in WILDCARD_HOSTS:
+        names += [socket.gethostname().lower(), socket.getfqdn().lower()]
+    return list(dict.fromkeys(n for n in names if n and n not in WILDCARD_HOSTS))
+
+
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """``name[:port]`` or ``[v6]:port`` -> (lower-case name, port or None); None when malformed."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            return None
+        port_text = rest[1:] if rest else ""
+    else:
+        name, _, port_text = value.partition(":") if value.count(":") <= 1 else (value, "", "")
+    if not name:
+        return None
+    if not port_text:
+        return name, None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        return None
+    return name, int(port_text)
+
+
+class OriginGuard:
+    """ASGI middleware: requests for another host name and cross-site requests refused (403).
+
+    ``names``: the host names served (see :func:`served_names`); ``port``: the port listened on
+    (``None``: any port of those names, for an app mounted by other means). A request without
+    ``Origin``, ``Referer`` and ``Sec-Fetch-Site`` (curl, scripts) is not a browser acting for
+    another site and is served when its ``Host`` is one of ours."""
+
+    def __init__(self, app: Any, names: Iterable[str] = LOOPBACK_NAMES, port: int | None = None) -> None:
+        self.app = app
+        self.names = frozenset(n.strip("[]").lower() for n in names)
+        self.port = port
+
+    def ours(self, name: str, port: int | None, scheme: str = "http") -> bool:
+        """Whether ``name:port`` (the port missing: the scheme's default) is this server."""
+        if name.strip("[]") not in self.names:
+            return False
+        if self.port is None:
+            return True
+        return (port if port is not None else {"http": 80, "https": 443}.get(scheme)) == self.port
+
+    def refusal(self, scope: dict) -> tuple[int, str] | None:
+        """(status, why) for a request to refuse, or None."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host = headers.get("host")
+        if host is None:
+            return 400, "a Host header is required"
+        parsed = split_host(host)
+        if parsed is None:
+            return 400, "malformed Host header"
+        if not self.ours(*parsed):
+            return 403, (
+                f"this server does not answer to host {host!r}: open it as http://127.0.0.1:PORT/ "
+                "(deconvnet serve --allow-host NAME adds a name)"
+            )
+        site = headers.get("sec-fetch-site")
+        navigating = headers.get("sec-fetch-mode") == "navigate" and scope.get("method") == "GET"
+        if site in ("cross-site", "same-site") and not navigating:
+            return 403, "cross-site request refused: the explorer answers only its own page"
+        if scope.get("method", "GET") in SAFE_METHODS:
+            return None
+        origin = headers.get("origin")
+        source = origin if origin is not None else headers.get("referer")
+        if source is None:
+            return None
+        url = urlsplit(source)
+        try:
+            port = url.port
+        except ValueError:
+            port = -1
+        web = url.scheme in ("http", "https")
+        if source == "null" or not web or not self.ours(url.hostname or "", port, url.scheme):
+            what = "Origin" if origin is not None else "Referer"
+            return 403, f"cross-origin request refused ({what} {source!r}): the explorer answers only its own page"
+        return None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_policy(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"cross-origin-resource-policy", b"same-origin"),
+                    (b"x-frame-options", b"DENY"),
+                    (b"x-content-type-options", b"nosniff"),
+                ]
+            await send(message)
+
+        refused = self.refusal(scope)
+        if refused is not None:
+            await _answer(with_policy, *refused)
+            return
+        await self.app(scope, receive, with_policy)
