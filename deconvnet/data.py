@@ -6,13 +6,14 @@ random-resized crops).
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import io
 import math
 import os
 import stat
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -20,11 +21,13 @@ from typing import IO, Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.transforms import v2 as T
-from torchvision.transforms.v2 import functional as TF
 
 from .errors import DeconvnetError
+
+# torchvision is imported only where a tensor transform needs it (training augmentations): importing
+# it costs about 1.4 s (torchvision.ops pulls in torch._dynamo), which every CLI command would pay at
+# start-up. The resize and centre crop of PIL images below are the two PIL calls torchvision makes for
+# them (tests/test_data.py checks they match torchvision's pixel for pixel).
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,9 +43,7 @@ IMAGE_FORMATS: dict[str, tuple[str, ...]] = {
     "TIFF": (".tif", ".tiff"),
     "PPM": (".ppm", ".pgm", ".pbm", ".pnm"),
 }
-IMAGE_EXTENSIONS = tuple(
-    sorted({e for exts in IMAGE_FORMATS.values() for e in exts} | {e.lower() for e in IMG_EXTENSIONS})
-)
+IMAGE_EXTENSIONS = tuple(sorted({e for exts in IMAGE_FORMATS.values() for e in exts}))  # torchvision's included
 SUPPORTED_TYPES = "JPEG, PNG, GIF, BMP, WebP, TIFF, PPM/PGM"
 
 # Bounds that make every path from a file to a tensor cost bounded memory, whatever the file says:
@@ -252,13 +253,10 @@ class Preprocessing:
         d["std"] = tuple(d.get("std", IMAGENET_STD))
         return cls(**d)
 
-    def _interp(self) -> T.InterpolationMode:
-        return T.InterpolationMode(self.interpolation)
-
-    def geometry(self) -> T.Compose:
+    def geometry(self) -> Callable[[Image.Image], Image.Image]:
         """PIL image -> cropped PIL image (what the model sees, before normalisation)."""
-        return T.Compose(
-            [limit_aspect, T.Resize(self.resize, interpolation=self._interp(), antialias=True), T.CenterCrop(self.crop)]
+        return functools.partial(
+            _resize_center_crop, resize=self.resize, crop=self.crop, interpolation=self.interpolation
         )
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -281,12 +279,12 @@ class Preprocessing:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """PIL image -> normalised float tensor (3, crop, crop): the model's input."""
-        return self.normalize(TF.pil_to_tensor(self.geometry()(img)))
+        return self.normalize(pil_to_tensor(self.geometry()(img)))
 
     def load(self, path: str | os.PathLike) -> tuple[torch.Tensor, Image.Image]:
         """Load a file; return (model input, the cropped RGB image it shows)."""
         shown = self.geometry()(load_image(path))
-        return self.normalize(TF.pil_to_tensor(shown)), shown
+        return self.normalize(pil_to_tensor(shown)), shown
 
 
 def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -311,8 +309,41 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Pa
 
 def square_uint8(img: Image.Image, size: int, interpolation: str = "bilinear") -> torch.Tensor:
     """Resize the shorter side to ``size`` and center-crop a square: (3, size, size) uint8."""
-    img = TF.resize(limit_aspect(img), size, interpolation=T.InterpolationMode(interpolation), antialias=True)
-    return TF.pil_to_tensor(TF.center_crop(img, size))
+    return pil_to_tensor(_resize_center_crop(img, size, size, interpolation))
+
+
+_PIL_RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def _resize_center_crop(img: Image.Image, resize: int, crop: int, interpolation: str = "bilinear") -> Image.Image:
+    """torchvision's ``Resize(resize)`` then ``CenterCrop(crop)`` on a PIL image, after ``limit_aspect``:
+    the short side to ``resize`` (the long side ``int(resize * long / short)``), then the centred
+    ``crop x crop`` box (offsets rounded as torchvision rounds them; zeros outside the image)."""
+    if interpolation not in _PIL_RESAMPLING:
+        raise ValueError(f"interpolation must be one of {', '.join(_PIL_RESAMPLING)}, got {interpolation!r}")
+    img = limit_aspect(img)
+    width, height = img.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = resize, int(resize * long / short)
+    size = (new_short, new_long) if width <= height else (new_long, new_short)
+    if size != img.size:
+        img = img.resize(size, resample=_PIL_RESAMPLING[interpolation])
+    width, height = img.size
+    left = int(round((width - crop) / 2.0)) if crop <= width else -((crop - width) // 2)
+    top = int(round((height - crop) / 2.0)) if crop <= height else -((crop - height) // 2)
+    return img.crop((left, top, left + crop, top + crop))
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> (3, H, W) uint8 tensor (torchvision's ``pil_to_tensor``)."""
+    return torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
 
 
 class ImageFolderCache(torch.utils.data.Dataset):
@@ -439,6 +470,8 @@ class _Decoder(torch.utils.data.Dataset):
 def compute_pixel_mean(dataset: ImageFolderCache, crop: int, path: str | os.PathLike | None = None) -> np.ndarray:
     """The paper's per-pixel mean: the average (3, crop, crop) center crop of a dataset's images, in
     [0, 1]. With ``path`` it is also saved as .npy, for ``Preprocessing(pixel_mean=path)``."""
+    from torchvision.transforms.v2 import functional as TF
+
     total = torch.zeros(3, crop, crop, dtype=torch.float64)
     for i in range(len(dataset)):
         total += TF.center_crop(dataset.image(i), crop).double()
@@ -484,6 +517,8 @@ class AugmentedView(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from torchvision.transforms.v2 import functional as TF
+
         img, target = self.base[index]
         g = torch.Generator().manual_seed(mixed_seed(self.seed, self.epoch, index))
         if self.mode == "center":

@@ -155,16 +155,52 @@ class ConvNet(nn.Module):
         )
 
     def feature_shape(self) -> tuple[int, int, int]:
-        """(channels, height, width) of pool5 for the configured input size."""
-        with torch.no_grad():
-            x = torch.zeros(1, self.config.in_channels, self.config.input_size, self.config.input_size)
-            y = self.features(x)
-        c, h, w = y.shape[1:]
-        return c, h, w
+        """(channels, height, width) of pool5 for the configured input size.
+
+        Computed from the layers' geometry (PyTorch's output-size formulas for ``Conv2d`` and
+        ``MaxPool2d``; the other feature layers keep the size) rather than by a forward pass: a model
+        built on the meta device (weights validation) would otherwise import ``torch._dynamo``
+        (about 1 s of every command's start-up) through the meta kernels. Raises ``RuntimeError``
+        where the input is too small, as the forward pass would.
+        """
+        size, channels = self.config.input_size, self.config.in_channels
+        for name, layer in self.features.named_children():
+            if isinstance(layer, nn.Conv2d):
+                kernel, stride, padding, dilation = (
+                    layer.kernel_size[0],
+                    layer.stride[0],
+                    int_first(layer.padding),
+                    layer.dilation[0],
+                )
+                size = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+                channels = layer.out_channels
+            elif isinstance(layer, nn.MaxPool2d):
+                kernel, stride, padding = (
+                    int_first(layer.kernel_size),
+                    int_first(layer.stride),
+                    int_first(layer.padding),
+                )
+                span = size + 2 * padding - int_first(layer.dilation) * (kernel - 1) - 1
+                out = (-(-span // stride) if layer.ceil_mode else span // stride) + 1
+                if layer.ceil_mode and (out - 1) * stride >= size + padding:
+                    out -= 1  # the last window must start inside the input or its left padding
+                size = out
+            if size < 1:
+                raise RuntimeError(
+                    f"input size {self.config.input_size} is too small: {name} would output {size} x {size}"
+                )
+        return channels, size, size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
         return self.classifier(torch.flatten(x, 1))
+
+
+def int_first(value: int | tuple[int, ...] | str) -> int:
+    """A square layer's kernel/stride/padding as one int (PyTorch stores an int or a pair)."""
+    if isinstance(value, str):
+        raise ValueError(f"string padding {value!r} is not used by these models")
+    return value if isinstance(value, int) else value[0]
 
 
 def build_model(arch: str | ArchConfig = "zfnet", **overrides: Any) -> ConvNet:

@@ -108,3 +108,36 @@ def test_per_pixel_mean_preprocessing_centres_every_pixel(tmp_path):
     assert batch.mean(0).abs().max() < 1e-5  # zero mean at every pixel and channel
     assert batch.std(0).mean() > 0.01
     torch.testing.assert_close(pre.denormalize(batch[0]), data.image(0)[:, 2:34, 2:34].float() / 255)
+
+
+@pytest.mark.parametrize(
+    ("size", "resize", "crop", "interpolation"),
+    [
+        ((40, 30), 256, 224, "bilinear"),  # upscaled, landscape
+        ((301, 517), 256, 224, "bilinear"),  # downscaled, portrait, odd margins (rounding of the offsets)
+        ((517, 301), 255, 227, "bicubic"),
+        ((64, 64), 32, 48, "nearest"),  # crop larger than the resized image: zeros around it
+        ((1000, 90), 64, 60, "bilinear"),  # a thin strip: limit_aspect first
+    ],
+)
+def test_preprocessing_geometry_matches_torchvision(size, resize, crop, interpolation):
+    """The resize and centre crop are done with PIL directly (torchvision's import is slow); they must
+    give torchvision's pixels exactly."""
+    from torchvision.transforms import v2 as T
+    from torchvision.transforms.v2 import functional as TF
+
+    from deconvnet.data import limit_aspect
+
+    img = _rgb(size)
+    pre = Preprocessing(resize=resize, crop=crop, interpolation=interpolation)
+    theirs = T.Compose(
+        [
+            limit_aspect,
+            T.Resize(resize, interpolation=T.InterpolationMode(interpolation), antialias=True),
+            T.CenterCrop(crop),
+        ]
+    )(img)
+    ours = pre.geometry()(img)
+    assert ours.size == theirs.size == (crop, crop)
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    assert torch.equal(pre(img), pre.normalize(TF.pil_to_tensor(theirs)))

@@ -48,3 +48,22 @@ def test_config_round_trip_and_overrides():
 def test_unknown_architecture_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown architecture"):
         build_model("lenet")
+
+
+@pytest.mark.parametrize("arch", ["zfnet", "zfnet-b", "alexnet"])
+@pytest.mark.parametrize("pool_style", ["ceil", "blog"])
+def test_feature_shape_from_geometry_matches_a_forward_pass(arch, pool_style):
+    """feature_shape() computes pool5's shape from the layers' geometry (no forward pass, see its
+    docstring); it must give the forward pass's shape, and fail as it does where the input is too small.
+    Built on the meta device: shapes only, no weights allocated."""
+    with torch.device("meta"):
+        for size in (224, 225, 231, 257, 96, 64, 40):
+            try:
+                model = build_model(arch, input_size=size, pool_style=pool_style)
+            except RuntimeError:  # too small: the forward pass must fail too
+                features = build_model(arch, pool_style=pool_style).features
+                with pytest.raises(RuntimeError):
+                    features(torch.zeros(1, 3, size, size))
+                continue
+            shape = tuple(model.features(torch.zeros(1, 3, size, size)).shape[1:])
+            assert model.feature_shape() == shape, size
