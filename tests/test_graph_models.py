@@ -99,3 +99,28 @@ def test_first_layer_filters_of_graph_models():
     res = torchvision.models.resnet18(weights=None)
     assert filter_stats(res, "conv1").shape == (64, 3, 7, 7)
     assert filter_stats(res, "layer1.0").shape == tuple(res.layer1[0].conv2.weight.shape)  # nearest conv below
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: torchvision.models.resnet18(weights=None),
+        lambda: torchvision.models.densenet121(weights=None),
+        lambda: torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False),
+        lambda: torchvision.models.mobilenet_v3_small(weights=None),
+    ],
+    ids=["resnet18", "densenet121", "googlenet", "mobilenet_v3_small"],
+)
+def test_path_tracer_names_nodes_as_torchvisions_node_path_tracer(build):
+    """Our tracer (deconvnet.engine.tracer, kept to spare torchvision's import at start-up) must name
+    every node as torchvision's NodePathTracer does: the layer names users type depend on it."""
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    from deconvnet.engine.tracer import PathTracer
+
+    model = build().eval()
+    theirs, ours = NodePathTracer(), PathTracer()
+    theirs.trace(model)
+    ours.trace(model)
+    assert list(ours.node_to_qualname.values()) == list(theirs.node_to_qualname.values())
+    assert len(ours.node_to_qualname) > 50

@@ -1,9 +1,9 @@
 """The model as a graph of reversible operations (torch.fx), with names and receptive fields.
 
-``trace(model)`` runs torchvision's fx tracer (``NodePathTracer``: it names every node by its module
-path, e.g. ``layer3.1.relu_1``, ``features.denseblock2.cat``) and classifies each node into one of the
-operation kinds the reverse pass knows (:data:`KINDS`). Nodes that do not depend on the input image
-(parameters, shape queries such as ``x.size(0)``) are constants of the way down.
+``trace(model)`` runs an fx tracer (``tracer.PathTracer``, torchvision's ``NodePathTracer`` naming: it
+names every node by its module path, e.g. ``layer3.1.relu_1``, ``features.denseblock2.cat``) and
+classifies each node into one of the operation kinds the reverse pass knows (:data:`KINDS`). Nodes
+that do not depend on the input image (parameters, shape queries such as ``x.size(0)``) are constants of the way down.
 
 Selectable layers: every node's qualified name, and every module path (``layer3``, ``layer4.0``,
 ``features.denseblock2``), which means the last node computed inside that module (torchvision's
@@ -447,11 +447,11 @@ class ModelGraph:
 
 
 def trace(model: nn.Module) -> ModelGraph:
-    """Trace ``model`` with torchvision's ``NodePathTracer`` (torch.fx). Raises ``DeconvnetError``
-    when the model does not trace (data-dependent control flow)."""
-    from torchvision.models.feature_extraction import NodePathTracer
+    """Trace ``model`` with ``PathTracer`` (torch.fx, torchvision's ``NodePathTracer`` naming). Raises
+    ``DeconvnetError`` when the model does not trace (data-dependent control flow)."""
+    from .tracer import PathTracer
 
-    tracer = NodePathTracer()
+    tracer = PathTracer()
     was_training = model.training
     try:
         model.eval()  # trace the inference graph (no auxiliary heads, dropout off)
