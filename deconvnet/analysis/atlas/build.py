@@ -3,6 +3,7 @@ sharded under torchrun), merge, project, render; and its result (:class:`AtlasRe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,7 @@ from ...notebook import InlineDisplay
 from ...runtime import all_gather_objects, barrier, dist_info, gather_objects, join_process_group
 from ...weights import LoadedModel
 from .cache import SwitchCache
+from .lock import FolderLock
 from .project import project_atlas
 from .scan import scan_atlas
 from .scanfile import AtlasScan, combine_layers, merge_scans, scan_fingerprint
@@ -117,57 +119,80 @@ def build_atlas(
     engine = atlas_engine(loaded, include_lrn, engine)
     layers = parse_layers(layers, engine)
     join_process_group("gloo")
-    atlas_path = out_dir / "atlas.npz"
-    existing = _existing_scan(atlas_path, loaded, engine, files, k, distinct, include_lrn) if not restart else None
-    cache = SwitchCache(cache_mb) if not include_lrn else None
-    t0 = time.perf_counter()
-    missing = [l for l in layers if existing is None or l not in existing.layers]
-    scan = existing
-    if missing:
-        scan = _scan_layers(
-            loaded,
-            engine,
-            files,
-            missing,
-            out_dir,
-            existing,
-            restart,
-            progress,
-            k=k,
-            distinct=distinct,
-            batch_size=batch_size,
-            workers=workers,
-            checkpoint_every=checkpoint_every,
-            cache=cache,
-            max_images=max_images,
-            include_lrn=include_lrn,
-        )
-        if not scan.complete:
-            return AtlasResult(scan, None, [], {"scan": time.perf_counter() - t0})
-    assert scan is not None
-    timings = {"scan": time.perf_counter() - t0}
-    if not project:
-        return AtlasResult(scan, None, [atlas_path], timings)
-    t0 = time.perf_counter()
-    tiles = _project_shards(loaded, engine, scan, layers, maps, tile, cache, include_lrn, progress)
-    timings["project"] = time.perf_counter() - t0
-    written: list[Path] = []
-    if tiles is not None and render:
-        from ...display.atlas import render_atlas
-
+    folders_before = _folders(out_dir)
+    lock = FolderLock(out_dir, rank)
+    lock.acquire()  # before atlas.npz is read: the merge of layer sets is done under the lock
+    try:
+        atlas_path = out_dir / "atlas.npz"
+        existing = _existing_scan(atlas_path, loaded, engine, files, k, distinct, include_lrn) if not restart else None
+        cache = SwitchCache(cache_mb) if not include_lrn else None
         t0 = time.perf_counter()
-        written = render_atlas(
-            tiles,
-            out_dir,
-            per_page=per_page,
-            columns=columns,
-            title=Path(str(loaded.source)).stem,
-            files=scan.files,
-            progress=progress,
-        )
-        timings["render"] = time.perf_counter() - t0
-    barrier()
-    return AtlasResult(scan, tiles, written, timings)
+        missing = [l for l in layers if existing is None or l not in existing.layers]
+        scan = existing
+        if missing:
+            scan = _scan_layers(
+                loaded,
+                engine,
+                files,
+                missing,
+                out_dir,
+                existing,
+                restart,
+                progress,
+                k=k,
+                distinct=distinct,
+                batch_size=batch_size,
+                workers=workers,
+                checkpoint_every=checkpoint_every,
+                cache=cache,
+                max_images=max_images,
+                include_lrn=include_lrn,
+            )
+            if not scan.complete:
+                return AtlasResult(scan, None, [], {"scan": time.perf_counter() - t0})
+        assert scan is not None
+        timings = {"scan": time.perf_counter() - t0}
+        if not project:
+            return AtlasResult(scan, None, [atlas_path], timings)
+        t0 = time.perf_counter()
+        tiles = _project_shards(loaded, engine, scan, layers, maps, tile, cache, include_lrn, progress)
+        timings["project"] = time.perf_counter() - t0
+        written: list[Path] = []
+        if tiles is not None and render:
+            from ...display.atlas import render_atlas
+
+            t0 = time.perf_counter()
+            written = render_atlas(
+                tiles,
+                out_dir,
+                per_page=per_page,
+                columns=columns,
+                title=Path(str(loaded.source)).stem,
+                files=scan.files,
+                progress=progress,
+            )
+            timings["render"] = time.perf_counter() - t0
+        barrier()
+        return AtlasResult(scan, tiles, written, timings)
+    except BaseException:
+        lock.release()
+        _remove_new_empty_folders(out_dir, folders_before)  # a failed run leaves no empty folder behind
+        raise
+    finally:
+        lock.release()
+
+
+def _folders(root: Path) -> set[Path]:
+    """``root`` and the folders inside it that exist now (an atlas folder holds a few)."""
+    return {root, *(p for p in root.rglob("*") if p.is_dir())} if root.is_dir() else set()
+
+
+def _remove_new_empty_folders(root: Path, before: set[Path]) -> None:
+    """Remove the folders under ``root`` (itself included) made since ``before`` and left empty,
+    deepest first."""
+    for folder in sorted(_folders(root) - before, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty: it holds something of value
+            folder.rmdir()
 
 
 def _image_files(image_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -243,6 +268,7 @@ def _scan_layers(
         return part
     merged = merge_scans(all_gather_objects(part))
     if len(merged.skipped) >= len(files):
+        state_path.unlink(missing_ok=True)  # nothing to resume: a rerun reads the same broken files
         first, why = merged.skipped[0]
         raise DeconvnetError(f"none of the {len(files)} image file(s) could be read; first: {first} ({why})")
     scan = merged if existing is None else combine_layers(existing, merged)

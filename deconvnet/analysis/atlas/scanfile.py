@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,38 +108,65 @@ class AtlasScan:
     def load(cls, path: str | os.PathLike) -> AtlasScan:
         """Read a scan written by :meth:`save` (or by older versions with a newline-joined file list)."""
         try:
-            with np.load(path) as z:
+            with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta"]).decode())
+                if meta.get("version") != STATE_VERSION:
+                    raise DeconvnetError(
+                        f"{path}: atlas scan format {meta.get('version')} is not supported; "
+                        "pass restart=True (CLI: --restart)"
+                    )
                 if "files_json" in z.files:
                     files = json.loads(bytes(z["files_json"]).decode())
                 else:  # written before file lists were JSON
                     files = bytes(z["files"]).decode().split("\n") if z["files"].size else []
                 layers = meta["layers"]
                 arrays = {kind: {l: z[f"{kind}/{l}"] for l in layers} for kind in ("values", "images", "positions")}
-        except (OSError, KeyError, ValueError) as e:
-            raise DeconvnetError(
-                f"{path}: not a readable atlas scan ({e}); delete it or pass restart=True (CLI: --restart)"
-            ) from None
-        if meta.get("version") != STATE_VERSION:
-            raise DeconvnetError(
-                f"{path}: atlas scan format {meta.get('version')} is not supported; pass restart=True (CLI: --restart)"
+            scan = cls(
+                layers=layers,
+                k=int(meta["k"]),
+                distinct=bool(meta["distinct"]),
+                files=files,
+                **arrays,
+                grid={k: tuple(v) for k, v in meta["grid"].items()},
+                input_size=tuple(meta["input_size"]),
+                fingerprint=meta["fingerprint"],
+                rank=int(meta["rank"]),
+                world=int(meta["world"]),
+                processed=int(meta["processed"]),
+                skipped=[(path, why) for path, why in meta["skipped"]],
+                complete=bool(meta["complete"]),
+                seconds=float(meta.get("seconds", 0.0)),
             )
-        return cls(
-            layers=layers,
-            k=int(meta["k"]),
-            distinct=bool(meta["distinct"]),
-            files=files,
-            **arrays,
-            grid={k: tuple(v) for k, v in meta["grid"].items()},
-            input_size=tuple(meta["input_size"]),
-            fingerprint=meta["fingerprint"],
-            rank=int(meta["rank"]),
-            world=int(meta["world"]),
-            processed=int(meta["processed"]),
-            skipped=[(path, why) for path, why in meta["skipped"]],
-            complete=bool(meta["complete"]),
-            seconds=float(meta.get("seconds", 0.0)),
-        )
+            scan.check()
+        except DeconvnetError:
+            raise
+        # a damaged file (bit flips, truncation) fails in zipfile, zlib, json, numpy or above: all of
+        # them mean the same to the user
+        except (
+            OSError,
+            EOFError,
+            KeyError,
+            IndexError,
+            TypeError,
+            ValueError,
+            AttributeError,
+            zipfile.BadZipFile,
+            zlib.error,
+        ) as e:
+            raise DeconvnetError(
+                f"{path}: damaged atlas scan ({type(e).__name__}: {str(e)[:120]}); delete it or pass "
+                "restart=True (CLI: --restart) to scan again"
+            ) from None
+        return scan
+
+    def check(self) -> None:
+        """Raise ``ValueError`` unless the arrays agree with each other (a damaged file may still unzip)."""
+        for layer in self.layers:
+            c, k = self.values[layer].shape
+            if k != self.k or self.images[layer].shape != (c, k) or self.positions[layer].shape != (c, k, 2):
+                raise ValueError(f"{layer}: arrays of inconsistent shapes")
+            if self.images[layer].max(initial=-1) >= len(self.files):
+                raise ValueError(f"{layer}: image index out of range")
 
     def referenced_images(self) -> np.ndarray:
         """Sorted unique image indices present in any top-k list."""

