@@ -249,12 +249,11 @@ class WindowedProjector:
         key = (int(input_shape[0]), int(input_shape[1]))
         if key not in self._shapes:
             channels = next(m.in_channels for m in (i.module for i in self.chain) if isinstance(m, nn.Conv2d))
-            try:
-                probe = torch.empty(1, channels, *key, device="meta")
-                rec = chain_forward(self.chain, probe, len(self.chain) - 1, record=False)[1]
-            except (NotImplementedError, RuntimeError):  # pragma: no cover - meta kernels missing
-                probe = torch.zeros(1, channels, *key, device=next(self.engine.model.parameters()).device)
-                rec = chain_forward(self.chain, probe, len(self.chain) - 1, record=False)[1]
+            # one real forward of a blank image, not one on the meta device: meta kernels of
+            # element-wise ops import torch._dynamo (about 1 s of a command's start-up), more than
+            # this forward costs; cached per size
+            probe = torch.zeros(1, channels, *key, device=next(self.engine.model.parameters()).device)
+            rec = chain_forward(self.chain, probe, len(self.chain) - 1, record=False)[1]
             self._shapes[key] = {i: (int(s[-2]), int(s[-1])) for i, s in rec.shapes.items()}
         return self._shapes[key]
 
