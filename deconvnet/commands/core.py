@@ -15,6 +15,8 @@ from .common import (
     positive_int,
 )
 
+DEFAULT_TOP_MAPS = 9  # `project` with no unit option: as the report does, the strongest maps
+
 
 def add_layers_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("layers", help="the model's layers: names to use with --layer, output shapes, receptive fields")
@@ -51,7 +53,7 @@ def add_project(sub: argparse._SubParsersAction) -> None:
         help="how ReLUs are passed on the way down: deconvnet (the paper), guided (guided backpropagation) or "
         "gradient; several (deconvnet,guided) or all: the rules side by side for each unit",
     )
-    what = p.add_mutually_exclusive_group(required=True)
+    what = p.add_mutually_exclusive_group()  # none of them: the DEFAULT_TOP_MAPS strongest maps
     what.add_argument(
         "--feature", type=nonnegative_int, help="feature map index: project its strongest activation (or --position)"
     )
@@ -62,7 +64,8 @@ def add_project(sub: argparse._SubParsersAction) -> None:
         "--top-maps",
         type=positive_int,
         metavar="N",
-        help="the strongest activation of each of the N strongest maps, one projection each",
+        help="the strongest activation of each of the N strongest maps, one projection each "
+        f"(the default, with N = {DEFAULT_TOP_MAPS}, when no unit option is given)",
     )
     p.add_argument(
         "--position",
@@ -108,6 +111,12 @@ def cmd_project(args: argparse.Namespace) -> int:
     check_image_file(args.image)
     rules = parse_rules(args.rule)
     loaded = load_from_args(args, lrn=lrn_choice(args))
+    if args.feature is None and args.whole_map is None and args.top_maps is None:
+        args.top_maps = DEFAULT_TOP_MAPS
+        print(
+            f"no unit chosen (--feature, --whole-map or --top-maps): projecting the {DEFAULT_TOP_MAPS} strongest "
+            f"maps of {args.layer}"
+        )
     result = project_image(
         loaded,
         args.image,
@@ -133,6 +142,12 @@ def cmd_project(args: argparse.Namespace) -> int:
         ),
         out / f"{Path(args.image).stem}-{args.layer}-{tag}.png",
     )
+    if args.top_maps is not None:
+        channels = list(dict.fromkeys(p.selection.channel for p in result.projections))
+        print(
+            f"maps of {args.layer}, strongest first (by maximum activation): {', '.join(map(str, channels))}; "
+            "each projected from its strongest activation"
+        )
     print(f"figure: {figure}")
     if raw_path is not None:
         import numpy as np
