@@ -204,6 +204,7 @@ COMMAND_ORDER = [
     "demo",
     "serve",
     "atlas",
+    "visualize",
     "filters",
     "evolution",
     "occlusion",

@@ -5,7 +5,8 @@ lists them in the order ``deconvnet --help`` shows them, which is the order a ne
 1. look at a model: ``models``, ``layers``, ``classify``;
 2. project: ``project``;
 3. the main job: ``report``, ``demo`` (the same report on the bundled photos), ``serve`` (the explorer);
-4. the paper's views and analyses, in the paper's order: ``atlas`` (Fig. 2), ``filters`` (Fig. 6),
+4. the paper's views and analyses, in the paper's order: ``atlas`` (Fig. 2) and beside it ``visualize`` (images
+   optimised to excite a unit), ``filters`` (Fig. 6),
    ``evolution`` (Fig. 4), ``occlusion`` (Fig. 7), ``invariance`` (Fig. 5), ``correspondence``
    (Table 1), ``probe`` (Table 7);
 5. train and measure: ``train``, ``eval``;
@@ -31,6 +32,7 @@ COMMANDS: tuple[tuple[str, Callable[[argparse._SubParsersAction], None]], ...] =
     ("demo", interfaces.add_demo),
     ("serve", interfaces.add_serve),
     ("atlas", views.add_atlas),
+    ("visualize", views.add_visualize),
     ("filters", views.add_filters),
     ("evolution", views.add_evolution),
     ("occlusion", analyses.add_occlusion),

@@ -1,4 +1,5 @@
-"""``deconvnet atlas``, ``deconvnet filters`` and ``deconvnet evolution``: the paper's Figs. 2, 6 and 4."""
+"""``deconvnet atlas``, ``deconvnet filters`` and ``deconvnet evolution``: the paper's Figs. 2, 6 and 4; and
+``deconvnet visualize``: images optimised to excite units, the companion of the atlas's top-9."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .common import (
     lrn_choice,
     nonnegative_float,
     nonnegative_int,
+    positive_float,
     positive_int,
 )
 
@@ -76,6 +78,52 @@ def add_atlas(sub: argparse._SubParsersAction) -> None:
     add_quiet(p)
     add_model_args(p)
     p.set_defaults(func=cmd_atlas)
+
+
+def add_visualize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "visualize",
+        help="what a unit wants to see: an image optimised to excite each chosen unit (feature visualization)",
+        description="Optimise one image per unit (Olah et al. 2017: Fourier parameterisation with decorrelated colour, "
+        "random jitter, scale and rotation at every step), many units in one batch, seeded. With --atlas, each "
+        "unit's activation is compared with its best natural exemplar's (the atlas's top-1).",
+    )
+    p.add_argument("--out", required=True, help="output folder: visualize.png, <layer>-<unit>.png, visualize.json")
+    p.add_argument(
+        "--layer",
+        default=None,
+        help="a layer name (`deconvnet layers`; module paths such as layer4 or features.3 too) or 'logits' "
+        "(class logits); default: the layer analyses watch (conv5 on ZFNet)",
+    )
+    p.add_argument(
+        "--units",
+        default="0-15",
+        help="channels (or, with --layer logits, classes by name), e.g. 0-15,40 (default 0-15)",
+    )
+    p.add_argument(
+        "--objective",
+        choices=("centre", "map"),
+        default="centre",
+        help="a map's centre unit (default) or the whole map's mean",
+    )
+    p.add_argument("--steps", type=positive_int, default=256, help="optimisation steps (default 256)")
+    p.add_argument("--size", type=positive_int, default=None, help="image side in pixels (default: the model's crop)")
+    p.add_argument("--lr", type=positive_float, default=0.05, help="Adam's learning rate (default 0.05)")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--jitter", type=nonnegative_int, default=8, help="random shift in pixels per step (default 8)")
+    p.add_argument("--tv", type=nonnegative_float, default=0.0, help="total-variation weight (default 0: none)")
+    p.add_argument("--no-fourier", dest="fourier", action="store_false", help="optimise pixels, not the spectrum")
+    p.add_argument("--no-decorrelate", dest="decorrelate", action="store_false", help="no colour decorrelation")
+    p.add_argument(
+        "--atlas",
+        default=None,
+        help="an atlas (its folder or atlas.npz) of this model: compare with the best exemplars",
+    )
+    add_batch_size(p, 32, "units optimised together")
+    p.add_argument("--columns", type=positive_int, default=8, help="images per row of visualize.png")
+    add_quiet(p)
+    add_model_args(p)
+    p.set_defaults(func=cmd_visualize)
 
 
 def add_filters(sub: argparse._SubParsersAction) -> None:
@@ -222,6 +270,62 @@ def cmd_atlas(args: argparse.Namespace) -> int:
         )
         index = Path(args.out) / "index.html"
         print(f"scan results: {Path(args.out) / 'atlas.npz'}" + (f"; browse: {index}" if args.render else ""))
+    return 0
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from ..analysis.visualize import LOGITS, visualize
+    from ..atomic import atomic_path, save_json
+    from ..display import save_figure
+    from ..display.common import png_bytes
+    from ..errors import DeconvnetError
+    from ..outputs import output_dir
+
+    output_dir(args.out)
+    atlas = None
+    if args.atlas:
+        atlas = Path(args.atlas) / "atlas.npz" if Path(args.atlas).is_dir() else Path(args.atlas)
+        if not atlas.is_file():
+            raise DeconvnetError(f"--atlas: {atlas} not found (give an atlas folder or its atlas.npz)")
+    loaded = load_from_args(args)
+    layer = args.layer
+    if layer is None:
+        from ..deconv import DeconvNet
+
+        layer = DeconvNet(loaded.model).default_layer
+    vis = visualize(
+        loaded,
+        layer,
+        args.units,
+        objective=args.objective,
+        steps=args.steps,
+        size=args.size,
+        lr=args.lr,
+        seed=args.seed,
+        fourier=args.fourier,
+        decorrelate=args.decorrelate,
+        jitter=args.jitter,
+        tv=args.tv,
+        batch_size=args.batch_size,
+        atlas=atlas,
+        progress=not args.quiet,
+    )
+    out = Path(args.out)
+    for channel, image in zip(vis.channels, vis.images):
+        name = f"{'class' if layer == LOGITS else layer}-{channel}.png"
+        with atomic_path(out / name) as tmp:
+            tmp.write_bytes(png_bytes(image))
+    figure = save_figure(vis.figure(columns=args.columns), out / "visualize.png")
+    save_json(out / "visualize.json", vis.to_dict())
+    print(f"  {'unit':<24} {'start':>9} {'reached':>9} {'peak':>9} {'exemplar':>9}")
+    for row in vis.rows():
+        exemplar = "" if row["exemplar"] is None else f"{row['exemplar']:>9.4g}"
+        beats = "" if row["beats"] is None else ("  beats it" if row["beats"] else "  below it")
+        print(
+            f"  {row['label']:<24} {row['start']:>9.4g} {row['reached']:>9.4g} {row['peak']:>9.4g} {exemplar:>9}{beats}"
+        )
+    print(vis.summary())
+    print(f"figure: {figure}\nunits: {out / 'visualize.json'}")
     return 0
 
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # the result types drawn here (display imports the analyses; 
     from ..analysis.invariance import InvarianceCurves
     from ..analysis.occlusion import OcclusionMaps
     from ..analysis.probes import ProbeRow
+    from ..analysis.visualize import Visualization
     from ..engine import Projection
     from ..inference import ProjectionResult, StrongestMaps
 
@@ -42,6 +43,7 @@ __all__ = [
     "probe_figure",
     "filters_figure",
     "evolution_figure",
+    "visualization_figure",
 ]
 
 TRANSFORM_UNITS = {"translate": "vertical shift (px)", "scale": "scale factor", "rotate": "rotation (degrees)"}
@@ -676,4 +678,39 @@ def evolution_figure(evo: Evolution, title: str = "") -> Figure:
         y=1 - 0.15 / height,
     )
     fig.subplots_adjust(top=1 - 0.7 / height, bottom=0.1 / height, wspace=0.05, hspace=0.08)
+    return fig
+
+def visualization_figure(vis: Visualization, columns: int = 8, tile: float = 1.4) -> Figure:
+    """The optimised images of a ``visualize`` run in a grid; each titled with its unit and the
+    activation the image reaches (the map's peak), against the best natural exemplar's when known
+    (green: beats it, red: does not)."""
+    n = len(vis.channels)
+    cols = max(1, min(columns, n))
+    rows = math.ceil(n / cols)
+    height = tile * 1.22 * rows + 0.45
+    fig = new_figure((tile * cols + 0.2, height))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        _clean(ax)
+        ax.set_axis_off()
+    for i, row in enumerate(vis.rows()):
+        ax = axes.flat[i]
+        ax.set_axis_on()
+        ax.imshow(vis.images[i], interpolation="antialiased")
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        text = f"{row['label']}\n{row['peak']:.3g}"
+        color = "black"
+        if row["exemplar"] is not None:
+            text += f" vs {row['exemplar']:.3g}"
+            color = "#117733" if row["beats"] else "#cc3311"
+        ax.set_title(text, fontsize=6.5, color=color)
+    what = {"centre": "the map's centre unit", "map": "the whole map (mean)", "logit": "the class logit"}
+    fig.suptitle(
+        f"What a unit wants to see: {vis.layer}, {what.get(vis.objective, vis.objective)}, {vis.steps} steps "
+        f"(peak activation{' vs best natural exemplar' if vis.beats_share is not None else ''})",
+        fontsize=8,
+        y=1 - 0.12 / height,
+    )
+    fig.subplots_adjust(top=1 - 0.45 / height, bottom=0.02, left=0.02, right=0.98, wspace=0.06, hspace=0.35)
     return fig
