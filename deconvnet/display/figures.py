@@ -680,6 +680,7 @@ def evolution_figure(evo: Evolution, title: str = "") -> Figure:
     fig.subplots_adjust(top=1 - 0.7 / height, bottom=0.1 / height, wspace=0.05, hspace=0.08)
     return fig
 
+
 def visualization_figure(vis: Visualization, columns: int = 8, tile: float = 1.4) -> Figure:
     """The optimised images of a ``visualize`` run in a grid; each titled with its unit and the
     activation the image reaches (the map's peak), against the best natural exemplar's when known
