@@ -20,8 +20,9 @@ EXTRAS: dict[str, dict[str, str]] = {
         "python_multipart": "python-multipart",
         "multipart": "python-multipart",
     },
-    "analyses": {"sklearn": "scikit-learn"},
+    "analyses": {"sklearn": "scikit-learn", "skimage": "scikit-image"},
     "timm": {"timm": "timm"},
+    "quantus": {"quantus": "quantus"},
 }
 
 

@@ -211,6 +211,7 @@ COMMAND_ORDER = [
     "invariance",
     "correspondence",
     "probe",
+    "sanity",
     "train",
     "eval",
     "convert",
@@ -256,6 +257,7 @@ def test_layers_grammar_is_the_same_in_every_command(weights, tmp_path, capsys):
         "invariance": ["invariance", photo],
         "correspondence": ["correspondence", "--images", str(folder), "--boxes", str(boxes)],
         "probe": ["probe", "--data", str(folder)],
+        "sanity": ["sanity", photo, photo],
         "report": ["report", photo],
         "demo": ["demo"],
     }

@@ -8,7 +8,7 @@ lists them in the order ``deconvnet --help`` shows them, which is the order a ne
 4. the paper's views and analyses, in the paper's order: ``atlas`` (Fig. 2) and beside it ``visualize`` (images
    optimised to excite a unit), ``filters`` (Fig. 6),
    ``evolution`` (Fig. 4), ``occlusion`` (Fig. 7), ``invariance`` (Fig. 5), ``correspondence``
-   (Table 1), ``probe`` (Table 7);
+   (Table 1), ``probe`` (Table 7); then ``sanity``, how far to trust the projections;
 5. train and measure: ``train``, ``eval``;
 6. tools: ``convert``.
 
@@ -39,6 +39,7 @@ COMMANDS: tuple[tuple[str, Callable[[argparse._SubParsersAction], None]], ...] =
     ("invariance", analyses.add_invariance),
     ("correspondence", analyses.add_correspondence),
     ("probe", analyses.add_probe),
+    ("sanity", analyses.add_sanity),
     ("train", train.add_train),
     ("eval", evaluate.add_eval),
     ("convert", tools.add_convert),

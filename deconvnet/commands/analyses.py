@@ -1,4 +1,5 @@
-"""The paper's perturbation analyses: ``deconvnet occlusion``, ``invariance``, ``correspondence``, ``probe``.
+"""The paper's perturbation analyses: ``deconvnet occlusion``, ``invariance``, ``correspondence``, ``probe``;
+and ``deconvnet sanity``, how far to trust the projections.
 
 A thin layer over ``deconvnet.analysis``: parse, load, call the library, write PNG + JSON/CSV.
 """
@@ -152,6 +153,34 @@ def add_probe(sub: argparse._SubParsersAction) -> None:
     add_quiet(p)
     add_model_args(p)
     p.set_defaults(func=cmd_probe)
+
+
+def add_sanity(sub: argparse._SubParsersAction) -> None:
+
+    p = sub.add_parser(
+        "sanity",
+        help="how far to trust each rule's pictures: model randomisation, unit selectivity, deletion/insertion",
+    )
+    p.add_argument("images", nargs="*", help="image files (at least 2; default: the bundled sample photos)")
+    add_layers(p, "the model's main layers (ZFNet: conv1..conv5)")
+    p.add_argument("--rules", default="deconvnet,guided,gradient", help="comma-separated rules (default: all three)")
+    p.add_argument(
+        "--units", type=positive_int, default=4, help="channels compared at the same position (selectivity; default 4)"
+    )
+    p.add_argument(
+        "--steps", type=positive_int, default=10, help="points of the deletion/insertion curves (default 10)"
+    )
+    p.add_argument(
+        "--random-orders", type=nonnegative_int, default=2, help="random pixel orders compared with (default 2)"
+    )
+    p.add_argument("--no-independent", action="store_true", help="skip randomising one block at a time")
+    p.add_argument("--no-faithfulness", action="store_true", help="skip the deletion/insertion curves")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the random weights and orders")
+    add_batch_size(p, 32, "units per way down and perturbed images per forward pass")
+    p.add_argument("--out", required=True, help="output folder (table as MD + JSON of every number + PNG)")
+    add_quiet(p)
+    add_model_args(p)
+    p.set_defaults(func=cmd_sanity)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -374,4 +403,53 @@ def cmd_probe(args: argparse.Namespace) -> int:
         result.figure(title=f"linear probes on {Path(args.data).name} ({loaded.source}){note}"), out / "probe.png"
     )
     _say(f"table: {out / 'probe.md'}\nfigure: {figure}")
+    return 0
+
+
+# --------------------------------------------------------------------------- sanity
+
+
+def cmd_sanity(args: argparse.Namespace) -> int:
+    from ..analysis.layers import layer_items
+    from ..analysis.sanity import sanity_checks
+    from ..atomic import save_json, save_text
+    from ..display import save_figure
+    from ..engine import RULES
+    from ..errors import DeconvnetError
+    from ..outputs import output_dir
+    from ..samples import sample_paths
+
+    output_dir(args.out)
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    bad = [r for r in rules if r not in RULES]
+    if bad or not rules:  # before loading the model
+        raise DeconvnetError(f"unknown rule(s) {', '.join(bad) or '(none)'}; choose from {', '.join(RULES)}")
+    images = args.images or [str(p) for p in sample_paths()]
+    if len(images) < 2:
+        raise DeconvnetError("the sanity checks compare images with each other: give at least 2 images")
+    if args.units < 2:
+        raise DeconvnetError("--units must be at least 2 (selectivity compares different units)")
+    layer_items(args.layers)
+    loaded = load_from_args(args)
+    report = sanity_checks(
+        loaded,
+        images,
+        layers=args.layers,
+        rules=rules,
+        independent=not args.no_independent,
+        units=args.units,
+        steps=args.steps,
+        random_orders=args.random_orders,
+        faithfulness=not args.no_faithfulness,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    out = Path(args.out)
+    table = report.table_text()
+    _say(table)
+    save_text(out / "sanity.md", table + "\n")
+    save_json(out / "sanity.json", {"weights": loaded.source, "arch": loaded.arch, **report.to_dict()})
+    figure = save_figure(report.figure(), out / "sanity.png")
+    _say(f"table: {out / 'sanity.md'}\nnumbers: {out / 'sanity.json'}\nfigure: {figure}")
     return 0
