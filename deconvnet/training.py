@@ -521,7 +521,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     changes: list[dict[str, Any]] = []  # options changed when the run was resumed, with the epoch
 
     if resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        state = _read_checkpoint(checkpoint_path)
         saved_arch = state["config"]["arch"]
         if saved_arch != cfg.arch or not ArchConfig.from_dict(state["arch_config"]).same_network(model.config):
             raise DeconvnetError(
@@ -728,6 +728,28 @@ def parameter_groups(
     groups = [{"params": default, "weight_decay": weight_decay}, {"params": undecayed, "weight_decay": 0.0}]
     groups += [{"params": params, "weight_decay": overrides[key]} for key, params in per_layer.items()]
     return [g for g in groups if g["params"]]
+
+
+CHECKPOINT_KEYS = ("config", "arch_config", "model", "optimizer", "schedule", "rng", "epoch", "history")
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """A run's ``checkpoint.pt``; a damaged one (truncated, bit flips, not ours) is one error that says
+    what to do instead of an unpickling or zip traceback."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
+            raise ValueError("not a deconvnet training checkpoint")
+        if not isinstance(state["config"], dict) or "arch" not in state["config"]:
+            raise ValueError("its config is missing")
+    except Exception as e:  # torch.load fails with zip, pickle, EOF or storage errors: all mean "damaged"
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise DeconvnetError(
+            f"{path}: damaged training checkpoint ({first}); start the run over with overwrite=True "
+            f"(CLI: --overwrite) or another out folder (the weights of finished epochs are in "
+            f"{path.parent / 'snapshots'}: --init-from one of them keeps them)"
+        ) from None
+    return state
 
 
 def _load_optimizer_state(

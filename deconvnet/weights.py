@@ -352,8 +352,7 @@ def save_weights(
         if name.family == "deconvnet":
             raise TypeError(f"{arch!r} is one of our ConvNet architectures, but the model is a {type(model).__name__}")
         arch_meta = name.canonical
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)  # its folder is made by atomic_path (and removed again if the write fails)
     tensors = {
         k: v.detach().to("cpu", dtype if (dtype is not None and v.is_floating_point()) else v.dtype).contiguous()
         for k, v in model.state_dict().items()
@@ -556,6 +555,9 @@ def _load_torchvision_weights(spec: str, arch: ArchName | None, progress: bool) 
     )
 
 
+REDO = "the file is damaged or of another kind: download, convert or train it again"
+
+
 def _load_file(path: Path, arch: ArchName | None) -> LoadedModel:
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
@@ -567,7 +569,7 @@ def _load_file(path: Path, arch: ArchName | None) -> LoadedModel:
             metadata = read_metadata(path)
             shapes = _header_shapes(path)
         except (SafetensorError, OSError, ValueError) as e:
-            raise DeconvnetError(f"{path}: not a readable safetensors file ({e})") from None
+            raise DeconvnetError(f"{path}: not a readable safetensors file ({e}); {REDO}") from None
         tagged = metadata.get("format") == FORMAT_TAG
         # a torchvision/timm model: its name and builder arguments
         zoo = tagged and isinstance(metadata.get("arch"), str)
@@ -583,7 +585,7 @@ def _load_file(path: Path, arch: ArchName | None) -> LoadedModel:
         try:
             state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise DeconvnetError(f"{path}: not a readable safetensors file ({e})") from None
+            raise DeconvnetError(f"{path}: not a readable safetensors file ({e}); {REDO}") from None
         check_finite(state, path)
         if tagged:
             state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
@@ -609,7 +611,7 @@ def _load_file(path: Path, arch: ArchName | None) -> LoadedModel:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle/zip errors have many types; all mean "not a weights file"
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DeconvnetError(f"{path}: not a readable PyTorch weights file ({first_line})") from None
+            raise DeconvnetError(f"{path}: not a readable PyTorch weights file ({first_line}); {REDO}") from None
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]  # our training checkpoints
         elif isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

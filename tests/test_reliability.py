@@ -6,6 +6,7 @@ memory of the scan bounded by bytes, and inputs too small for the model refused 
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from deconvnet.analysis.atlas.lock import lock_name
 from deconvnet.errors import DeconvnetError
 from deconvnet.weights import save_weights
 from tests.helpers.models import tiny_loaded
-from tests.helpers.processes import ROOT
+from tests.helpers.processes import ROOT, run_cli
 
 
 def _images(folder: Path, n: int, size: tuple[int, int] = (60, 52), seed: int = 0) -> Path:
@@ -162,6 +163,39 @@ def test_a_damaged_scan_state_says_what_to_do(tmp_path):
     assert res.scan.complete and not list(out.glob("scan*.npz"))
 
 
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_weights_say_what_to_do(tmp_path, capsys, damage):
+    weights = _weights(tmp_path)
+    data = bytearray(weights.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:  # the header's length field: a reader must not trust it
+        data[3] ^= 0x40
+    weights.write_bytes(bytes(data))
+    image = _images(tmp_path / "images", 1) / "a" / "b" / "im000.png"
+    code, _, err = run_cli(["classify", image, "--weights", weights, "--device", "cpu"], capsys)
+    line = _one_error_line(err)
+    assert code == 2 and str(weights) in line and "download, convert or train it again" in line
+
+
+def test_a_damaged_training_checkpoint_says_what_to_do(tmp_path, capsys):
+    from tests.helpers.images import make_split_dataset
+
+    data = make_split_dataset(tmp_path / "data", classes=2, train=4, val=2, size=56)
+    run = tmp_path / "run"
+    tiny = ["--storage-size", "56", "--crop", "48", "--fc", "8,8", "--batch-size", "4", "--init", "kaiming"]
+    base = ["train", "--data", data, "--out", run, "--device", "cpu", "--quiet", "--snapshot-epochs", "", *tiny]
+    code, _, err = run_cli([*base, "--epochs", "1"], capsys)
+    assert code == 0, err
+    checkpoint = run / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-4096])
+    code, _, err = run_cli([*base, "--epochs", "2", "--resume"], capsys)
+    line = _one_error_line(err)
+    assert code == 2 and "checkpoint.pt: damaged training checkpoint" in line and "--overwrite" in line
+    code, _, err = run_cli([*base, "--epochs", "1", "--overwrite"], capsys)
+    assert code == 0, err
+
+
 # --------------------------------------------------------------------------- nothing left behind
 
 
@@ -181,3 +215,98 @@ def test_an_atlas_over_only_broken_files_leaves_nothing(tmp_path):
     with pytest.warns(UserWarning), pytest.raises(DeconvnetError, match="none of the 2 image"):
         build_atlas(loaded, bad, kept, layers=["conv1"], progress=False)
     assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]  # a folder the user made stays
+
+
+# --------------------------------------------------------------------------- full and failing disks
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 2 MiB tmpfs (root only; skipped elsewhere) and a function that fills it but ``room`` bytes."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip() or 'not root'})")
+
+    def fill(room: int = 0) -> None:
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        with open(disk / "filler", "wb") as f:
+            f.write(b"\0" * max(0, free - room))
+
+    try:
+        yield disk, fill
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    """Temp files and empty folders under ``folder``: what a failed write must not leave."""
+    found = [str(p) for p in folder.rglob(".*.tmp*")]
+    return found + [str(p) for p in folder.rglob("*") if p.is_dir() and not any(p.iterdir())]
+
+
+def test_a_full_disk_keeps_the_previous_weights(small_disk, tmp_path, capsys):
+    disk, fill = small_disk
+    weights = _weights(tmp_path)
+    good = disk / "model.safetensors"
+    good.write_bytes(weights.read_bytes())
+    fill()
+    code, _, err = run_cli(["convert", "--weights", weights, "--out", good, "--device", "cpu"], capsys)
+    line = _one_error_line(err)
+    assert code == 2 and "no space left on the device" in line and "the previous model.safetensors is kept" in line
+    assert good.read_bytes() == weights.read_bytes() and not _leftovers(disk)
+
+
+def test_a_full_disk_ends_report_and_atlas_in_one_line_and_leaves_no_folder(small_disk, tmp_path, capsys):
+    disk, fill = small_disk
+    weights = _weights(tmp_path)
+    images = _images(tmp_path / "images", 6)
+    fill(room=64 * 1024)  # room for the scan, not for every sheet
+    for argv in (
+        ["report", *sorted(images.glob("*.png"))[:1], "--out", disk / "report", "--no-occlusion", "--no-invariance"],
+        ["atlas", images, "--out", disk / "atlas", "--quiet"],
+    ):
+        code, _, err = run_cli([*argv, "--weights", weights, "--device", "cpu"], capsys)
+        assert code == 2 and "no space left on the device" in _one_error_line(err), err
+        assert not _leftovers(disk)
+    assert not (disk / "report").exists() and not (disk / "atlas" / lock_name()).exists()
+
+
+def test_the_file_size_limit_is_one_line_too(tmp_path):
+    """RLIMIT_FSIZE (a quota of sorts, any machine): writes past it fail with EFBIG once SIGXFSZ is ignored."""
+    import resource
+
+    weights = _weights(tmp_path)
+    out = tmp_path / "out" / "copy.safetensors"
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+
+    run = subprocess.run(
+        [sys.executable, "-m", "deconvnet", "convert", "--weights", str(weights), "--out", str(out), "--device", "cpu"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=limited,
+    )
+    assert run.returncode == 2 and "file too large" in _one_error_line(run.stderr)
+    assert not (tmp_path / "out").exists()  # the folder it made is gone with the partial file
+
+
+def test_a_failing_device_is_one_line_and_keeps_the_previous_file(tmp_path):
+    """EIO cannot be caused on demand without a faulty device: raised by the writer here, as the OS would."""
+    import errno
+
+    from deconvnet.atomic import atomic_path, save_text
+
+    path = save_text(tmp_path / "notes.txt", "good\n")
+    failed = pytest.raises(DeconvnetError, match=r"notes\.txt \(input/output error on the device\); the previous")
+    with failed, atomic_path(path) as tmp:
+        tmp.write_text("half")
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    assert path.read_text() == "good\n" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    with pytest.raises(ValueError, match="a bug"), atomic_path(path):  # other errors keep their type
+        raise ValueError("a bug")
