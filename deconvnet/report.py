@@ -36,7 +36,7 @@ from .display import data_uri, figure_png, png_bytes
 from .display.figures import training_curves
 from .display.panels import filter_mosaic
 from .errors import DeconvnetError
-from .explorer import RULE_TITLES, Explorer, ImageSession, decode_image, invariance_view, occlusion_view
+from .explorer import RULE_TITLES, Explorer, ImageSession, MapView, decode_image, invariance_view, occlusion_view
 from .weights import LoadedModel, model_summary
 
 __all__ = ["build_report", "layer1_filters", "markdown_html", "model_summary", "training_history", "training_plot"]
@@ -236,6 +236,13 @@ ol.top5 li span { position: relative; }
 .rules { display: grid; grid-template-columns: repeat(4, minmax(0, 200px)); gap: .6rem; }
 .rules img { width: 100%; display: block; }
 .unit .row > * { aspect-ratio: 1; background: #eee; }
+.unit .pair { display: grid; grid-template-columns: 1fr 1fr; gap: 3px; }
+.unit .pair img { width: 100%; aspect-ratio: 1; object-fit: contain; background: #eee; display: block; }
+.unit details { margin-top: 2px; } .unit details .row { margin-top: 3px; }
+.unit details .row.three { grid-template-columns: 1fr 1fr 1fr; }
+.note { border-left: 4px solid #d9a400; background: #fff8e1; padding: .4rem .7rem; margin: .6rem 0; max-width: 900px; }
+.note.unsure { border-color: #d9480f; background: #fff0e8; }
+.intro { background: #eef5ff; border: 1px solid #c7dbf5; }
 .unit img { width: 100%; height: 100%; object-fit: contain; display: block; }
 .frame { position: relative; }
 .rf { position: absolute; border: 2px solid #ffcc00; box-shadow: 0 0 0 1px rgba(0,0,0,.6); }
@@ -314,6 +321,46 @@ def _panels_html(panels: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _crop_uri(png: bytes) -> str:
+    """A crop enlarged by the page: small ones as PNG (exact pixels, drawn pixelated), large as JPEG."""
+    width, height = Image.open(io.BytesIO(png)).size
+    return _png_uri(png) if max(width, height) <= SMALL_CROP else _jpeg_uri(png)
+
+
+# receptive fields up to this size (px) are drawn with visible pixels when enlarged (a conv1 unit: 7 px)
+SMALL_CROP = 48
+
+
+def _unit_html(v: MapView) -> str:
+    """One unit as in the paper's Fig. 2 (its projection cropped to the receptive field, enlarged,
+    beside the image patch), with the full frame, the activation map and the whole map one click away."""
+    box_h, box_w = v.box[2] - v.box[0], v.box[3] - v.box[1]
+    pixelated = ' class="pixelated"' if max(box_h, box_w) <= SMALL_CROP else ""
+    style = _box_style(v.box, v.image_size)
+    return (
+        f'<div class="unit"><div class="pair">'
+        f'<img{pixelated} src="{_crop_uri(v.crop_png)}" alt="projection, cropped to the receptive field" '
+        f'title="projection of map {v.channel}\'s strongest activation ({box_h}x{box_w} px receptive field)">'
+        f'<img{pixelated} src="{_crop_uri(v.patch_png)}" alt="image patch" title="the image under the field"></div>'
+        f"<div>map {v.channel}: max {v.value:.3g} at ({v.position[0]}, {v.position[1]})</div>"
+        "<details><summary>full frame</summary>"
+        '<div class="row three">'
+        f'<div class="frame"><img src="{_jpeg_uri(v.projection_png)}" alt="projection, full frame" '
+        'title="projection in the whole input"><div class="rf" style="' + style + '"></div></div>'
+        f'<img class="pixelated" src="{_png_uri(v.activation_png)}" alt="activation map" title="activation map">'
+        f'<img src="{_jpeg_uri(v.whole_map_png)}" alt="whole-map projection" title="projection of the whole map">'
+        "</div></details></div>"
+    )
+
+
+def _note_html(session: ImageSession) -> str:
+    """The note beside the top-5 (``explorer.prediction_note``): unsure, or the classes the model knows."""
+    note = session.note
+    if note is None:
+        return ""
+    return f'<p class="note{" unsure" if note.unsure else ""} small">{html.escape(note.text)}</p>'
+
+
 def _image_section(
     explorer: Explorer,
     session: ImageSession,
@@ -338,7 +385,15 @@ def _image_section(
         f'<div class="top"><figure><img class="input" src="{_jpeg_uri(session.input_png())}" alt="input">'
         f"<figcaption>model input {h}x{w} px (from {session.original_size[1]}x{session.original_size[0]})"
         "</figcaption></figure>"
-        f'<div><h3>Top-5 classes</h3><ol class="top5">{top}</ol></div></div>'
+        f'<div><h3>Top-5 classes</h3><ol class="top5">{top}</ol>{_note_html(session)}</div></div>'
+    )
+    parts.append(
+        '<p class="muted small">Per map, as in the paper\'s Fig. 2: the deconvnet projection of its strongest '
+        "activation, <strong>cropped to the unit's receptive field and enlarged</strong>, beside the image patch "
+        "under that field. Each projection is contrast-normalised on its own: zero is mid-grey, its largest "
+        "absolute value black or white (Zeiler &amp; Fergus, Sec. 2.1). <em>full frame</em>: the projection in "
+        "the whole input (receptive field outlined), the activation map (white = its maximum) and the "
+        "projection of the whole map.</p>"
     )
     for layer in layers:
         maps = explorer.maps(session, layer)
@@ -346,26 +401,12 @@ def _image_section(
         parts.append(
             f"<h3>{esc(layer)}: the {min(top_maps, maps.channels)} strongest of {maps.channels} maps "
             f'<span class="muted small">({maps.map_size[0]}x{maps.map_size[1]} maps, '
-            f'receptive field {rf_text(info.rf_size)})</span></h3><div class="maps">'
+            f"receptive field {rf_text(info.rf_size)}; each unit: projection · image patch)</span></h3>"
+            '<div class="maps">'
         )
         for channel in maps.order[:top_maps]:
-            v = explorer.project(session, layer, channel)
-            style = _box_style(v.box, v.image_size)
-            parts.append(
-                f'<div class="unit"><div class="row">'
-                f'<div class="frame"><img src="{_jpeg_uri(v.projection_png)}" alt="projection">'
-                f'<div class="rf" style="{style}"></div></div>'
-                f'<img src="{_jpeg_uri(v.patch_png)}" alt="patch"></div>'
-                f'<div class="row"><img class="pixelated" src="{_png_uri(v.activation_png)}" alt="activation map">'
-                f'<img src="{_jpeg_uri(v.whole_map_png)}" alt="whole-map projection"></div>'
-                f"<div>map {channel}: max {v.value:.3g} at ({v.position[0]}, {v.position[1]})</div></div>"
-            )
+            parts.append(_unit_html(explorer.project(session, layer, channel)))
         parts.append("</div>")
-    parts.append(
-        '<p class="muted small">Per map: the deconvnet projection of its strongest activation '
-        "(receptive field outlined) and the image patch under that field; below, the activation map itself "
-        "(white = its maximum) and the projection of the whole map.</p>"
-    )
     if rules:
         log(f"  rules: {session.name} {layers[-1]}")
         parts.append(_rules_html(explorer, session, layers[-1]))
@@ -399,12 +440,15 @@ def build_report(
     title: str | None = None,
     log: Callable[[str], None] | None = None,
     rules: bool = True,
+    intro: str | None = None,
 ) -> Path:
     """Write ``out_dir/report.html`` for ``images`` (files or folders of images) and return its path.
 
     ``layers``: default ``Explorer.overview_layers`` (chain models' conv layers, graph models'
     top-level layers); any of ``Explorer.conv_layers`` may be chosen. ``rules``: the strongest unit
-    of the last layer shown under the three rules (deconvnet, guided, gradient)."""
+    of the last layer shown under the three rules (deconvnet, guided, gradient). ``intro``: a
+    paragraph (plain text) shown first, e.g. what the images are (``deconvnet demo`` says that its
+    sample photos are none of the bundled model's classes)."""
     from .data import list_images
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
@@ -461,6 +505,8 @@ def build_report(
     with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(head + "\n")
         f.write(f'<nav class="toc small"><a href="#model">the model</a> {toc}</nav>\n')
+        if intro:
+            f.write(f'<section class="intro"><p>{esc(intro)}</p></section>\n')
         f.write("\n".join(model_parts) + "\n")
         for number, path in enumerate(paths, start=1):
             session = explorer.open_path(path, path.name)

@@ -22,6 +22,14 @@ SAMPLES = {
     "rocket": "rocket.jpg",
 }
 
+# what each photo shows, in words (the demo's report says it)
+SAMPLE_CONTENT = {
+    "chelsea": "a cat",
+    "coffee": "a cup of coffee",
+    "astronaut": "an astronaut",
+    "rocket": "a rocket",
+}
+
 
 def sample_dir() -> Path:
     """The folder holding the sample photos (inside the installed package)."""

@@ -104,10 +104,27 @@ def _wait_detail(pg, timeout: float = 30_000) -> None:
     pg.wait_for_function("document.getElementById('d-projection').src.startsWith('data:image/png')", timeout=timeout)
 
 
+def _detail_box(pg) -> list[int]:
+    """The clicked unit's receptive field (y0, x0, y1, x1), read from the page's text."""
+    text = pg.inner_text("#detail-meta")  # "... box y 10–17, x 3–10 ..."
+    ys, xs = text.split("box y ")[1].split(", x ")
+    y0, y1 = (int(v) for v in ys.split("–"))
+    x0, x1 = (int(v) for v in xs.split(" ")[0].split("–"))
+    return [y0, x0, y1, x1]
+
+
+def _model_input_size_from_page(pg) -> int:
+    return int(pg.evaluate("state.image.size[1]"))
+
+
 def test_sample_hover_click_project(page, shots: Path) -> None:
     _pick(page, 0)
     page.wait_for_selector("#top5 li")
     assert page.locator("#top5 li").count() == min(5, len(page.evaluate("state.model.classes")))
+    # beside the answer: the classes the model knows (a model of few classes), or that it is unsure
+    classes = page.evaluate("state.model.classes")
+    note = page.inner_text("#note")
+    assert page.is_visible("#note") and all(c in note for c in classes) and "classes" in note
     _wait_detail(page)  # the strongest conv5 map is selected on opening
     page.click("#layer-tabs button:has-text('conv2')")
     page.wait_for_function(
@@ -126,6 +143,19 @@ def test_sample_hover_click_project(page, shots: Path) -> None:
     page.wait_for_function(f"document.getElementById('detail-title').textContent.includes('map {index} ')")
     _wait_detail(page)
     assert page.get_attribute("#d-projection", "src") != before
+    # the projection cropped to the receptive field, enlarged beside the patch (Fig. 2): the crop's
+    # container has the field's shape and shows the frame scaled so that the field fills it
+    assert page.get_attribute("#d-crop-img", "src") == page.get_attribute("#d-projection", "src")
+    y0, x0, y1, x1 = _detail_box(page)
+    crop = page.locator("#d-crop").bounding_box()
+    shown = page.locator("#d-crop-img").bounding_box()
+    assert crop and shown and crop["width"] > 100
+    assert abs(crop["width"] / crop["height"] - (x1 - x0) / (y1 - y0)) < 0.05  # px rounding
+    size = _model_input_size_from_page(page)
+    assert abs(shown["width"] - crop["width"] * size / (x1 - x0)) < 2  # the frame enlarged by field/size
+    # the full frame is one click away
+    assert not page.is_visible("#d-projection-rf")
+    page.click("#full-frame summary")
     assert page.is_visible("#d-input-rf") and page.is_visible("#d-projection-rf") and page.is_visible("#input-rf")
     box = page.locator("#d-projection-rf").bounding_box()
     assert box and box["width"] > 2 and box["height"] > 2

@@ -56,3 +56,54 @@ def test_commands_on_our_models_do_not_import_torchvision_or_dynamo(command, tmp
     done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout, done.stdout[-500:]
+
+
+def test_prediction_note_says_unsure_or_lists_the_classes():
+    from deconvnet.explorer import UNSURE_BELOW, prediction_note
+
+    few = ["tench", "church", "parachute"]
+    unsure = prediction_note([("church", UNSURE_BELOW - 0.01), ("tench", 0.3)], few)
+    assert (
+        unsure is not None and unsure.unsure and "unsure" in unsure.text and "tench, church, parachute" in unsure.text
+    )
+    sure = prediction_note([("church", 0.9)], few)
+    assert sure is not None and not sure.unsure and "knows only 3 classes: tench, church, parachute" in sure.text
+    many = [f"class {i}" for i in range(1000)]
+    assert prediction_note([("class 3", 0.9)], many) is None  # a sure answer of a 1000-class model: nothing to say
+    unsure_many = prediction_note([("class 3", 0.2)], many)
+    assert unsure_many is not None and "1000 classes" in unsure_many.text and "class 999" not in unsure_many.text
+
+
+def test_explorer_crops_the_projection_to_the_receptive_field(weights):
+    """MapView.crop_png is the full-frame projection (contrast-normalised once) cut to the unit's box."""
+    import io
+
+    from PIL import Image
+
+    from deconvnet.explorer import Explorer
+    from deconvnet.weights import load_model
+
+    explorer = Explorer(load_model(weights))
+    session = explorer.open_path(sample_paths(["coffee"])[0])
+    assert session.note is not None and "cat, cup, rocket, person" in session.note.text
+    for layer in ("conv1", "conv3"):
+        view = explorer.project(session, layer, explorer.maps(session, layer).order[0])
+        full = np.asarray(Image.open(io.BytesIO(view.projection_png)))
+        crop = np.asarray(Image.open(io.BytesIO(view.crop_png)))
+        patch = np.asarray(Image.open(io.BytesIO(view.patch_png)))
+        y0, x0, y1, x1 = view.box
+        assert crop.shape == patch.shape == (y1 - y0, x1 - x0, 3)
+        assert np.array_equal(crop, full[y0:y1, x0:x1])
+        outside = full.copy()
+        outside[y0:y1, x0:x1] = 128
+        assert np.abs(outside.astype(int) - 128).max() <= 1  # nothing projected outside the field: mid-grey
+
+
+def test_demo_intro_with_the_bundled_model_says_the_photos_are_none_of_its_classes():
+    from deconvnet.commands.interfaces import demo_intro
+    from deconvnet.weights import load_model
+
+    loaded = load_model()
+    intro = demo_intro(loaded.classes, loaded.source)
+    assert "are none of the 10 classes the bundled model knows" in intro
+    assert all(c in intro for c in loaded.classes) and "a cat" in intro

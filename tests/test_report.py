@@ -53,7 +53,13 @@ def test_report_cli(
     for layer in ("conv1", "conv2", "conv3", "conv4", "conv5"):
         assert f"{layer}: the 3 strongest of" in text
     assert "Top-5 classes" in text and "Layer-1 filters" in text and "The model" in text
-    assert text.count('alt="projection"') == 2 * 5 * 3
+    # per unit (Fig. 2): the projection cropped to the receptive field beside the patch, the full frame in <details>
+    assert text.count('alt="projection, cropped to the receptive field"') == 2 * 5 * 3
+    assert text.count('alt="image patch"') == 2 * 5 * 3
+    assert text.count("<details><summary>full frame</summary>") == 2 * 5 * 3
+    assert "contrast-normalised on its own: zero is mid-grey" in text
+    # beside each top-5: the classes the model knows (4: listed) or that it is unsure
+    assert text.count('class="note') == 2 and "cat, dog, cup, rocket" in text
     assert text.count("Three rules, one unit") == 2  # per image: conv5's strongest unit under each rule
     assert text.count('alt="guided projection"') == 2 and text.count('alt="gradient projection"') == 2
     assert "Occlusion" in text and "Invariance" in text
@@ -123,6 +129,10 @@ def test_demo(served_weights_file: Path, tmp_path: Path, capsys: pytest.CaptureF
     _check_self_contained(text)
     for name in ("chelsea", "coffee", "astronaut", "rocket"):
         assert f"{name}.png" in text or f"{name}.jpg" in text
+    # the demo says first what its photos are and the model's classes (with the bundled model: that
+    # the photos are none of them, tested in test_first_run.py)
+    intro = text.split('<section class="intro"><p>')[1].split("</p>")[0]
+    assert "a cat, a cup of coffee" in intro and "cat, dog, cup, rocket" in intro and "none of" not in intro
 
 
 def test_model_summary_reads_metadata(served_weights_file: Path) -> None:

@@ -238,8 +238,28 @@ def cmd_report(args: argparse.Namespace) -> int:
         invariance=not args.no_invariance,
         rules=not args.no_rules,
         title="deconvnet demo: the bundled model on the bundled sample photos" if demo else None,
+        intro=demo_intro(loaded.classes, loaded.source) if demo else None,
     )
     print(f"report: {Path(path).resolve()}")
     if demo:
         print("open it in a browser (no server needed); `deconvnet serve` starts the interactive explorer")
     return 0
+
+
+def demo_intro(classes: list[str], source: str) -> str:
+    """What ``deconvnet demo``'s report says first: what the sample photos are and, with the bundled
+    model (trained on Imagenette's 10 classes), that they are none of its classes."""
+    from ..samples import SAMPLE_CONTENT
+    from ..weights import DEFAULT_WEIGHTS
+
+    photos = f"The {len(SAMPLE_CONTENT)} sample photos ({', '.join(SAMPLE_CONTENT.values())}; public domain or CC0, "
+    listed = f"{', '.join(classes)}" if len(classes) <= 30 else f"{classes[0]} ... {classes[-1]}"
+    if source != DEFAULT_WEIGHTS:
+        return photos + f"shipped with the package), with the model {source} ({len(classes)} classes: {listed})."
+    return (
+        photos + f"shipped with the package) are none of the {len(classes)} classes the bundled model knows: "
+        f"{listed}. A classifier always answers with one of its classes, so the top-5 lists below name the "
+        "nearest of those, not what the photos show. What the report is for is below them: what each layer's "
+        "strongest maps respond to in the photo, as the deconvnet projects them back to pixels. "
+        "For photos of your own: deconvnet report PHOTO... --out DIR."
+    )

@@ -165,6 +165,8 @@ def create_app(
             size=list(session.size),
             original_size=list(session.original_size),
             top5=[ClassScore(label=c, probability=p) for c, p in session.top],
+            note=session.note.text if session.note else None,
+            unsure=bool(session.note and session.note.unsure),
             input_url=f"/api/images/{session.id}/input.png",
             layers=explorer.conv_layers,
         )

@@ -60,6 +60,12 @@ class ImageInfo(BaseModel):
     size: list[int] = Field(description="[height, width] of the model input (after resize and crop)")
     original_size: list[int]
     top5: list[ClassScore]
+    note: str | None = Field(
+        None,
+        description="what the page says beside the top-5: that the model is unsure (top-1 under 50 %) and the photo "
+        "probably none of its classes, or (a model of at most 30 classes) which classes it knows; null otherwise",
+    )
+    unsure: bool = Field(False, description="the top-1 probability is under 50 %")
     input_url: str = Field(description="PNG of the crop the model sees")
     layers: list[str]
 

@@ -26,6 +26,19 @@ function rfText(size) { return size == null ? "covers the whole image" : `${size
 
 function fmt(v) { return Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(3); }
 
+// The projection cropped to the receptive field and enlarged (the paper's Fig. 2), from the full
+// frame: the frame is scaled so that the box fills the container; small fields show their pixels.
+function placeCrop(container, img, src, box, size) {
+  const [y0, x0, y1, x1] = box, [h, w] = size, bh = y1 - y0, bw = x1 - x0;
+  container.style.aspectRatio = `${bw} / ${bh}`;
+  img.src = src;
+  img.style.width = `${(100 * w) / bw}%`;
+  img.style.height = `${(100 * h) / bh}%`;
+  img.style.left = `${(-100 * x0) / bw}%`;
+  img.style.top = `${(-100 * y0) / bh}%`;
+  img.classList.toggle("pixelated", Math.max(bh, bw) <= 48);
+}
+
 function placeBox(el, box, size) {
   const [y0, x0, y1, x1] = box, [h, w] = size;
   el.style.top = `${(100 * y0) / h}%`;
@@ -133,6 +146,10 @@ function showImage(info) {
     li.append(bar, name, p);
     ol.appendChild(li);
   }
+  const note = $("note");
+  note.textContent = info.note || "";
+  note.hidden = !info.note;
+  note.classList.toggle("unsure", !!info.unsure);
   $("occlusion-panels").innerHTML = "";
   $("occlusion-progress").hidden = true;
   $("occlusion-run").disabled = false;
@@ -198,6 +215,8 @@ async function selectMap(layer, channel, button) {
     $("d-whole").src = v.whole_map;
     $("d-activation").src = v.activation;
     $("d-patch").src = v.patch;
+    $("d-patch").classList.toggle("pixelated", Math.max(v.box[2] - v.box[0], v.box[3] - v.box[1]) <= 48);
+    placeCrop($("d-crop"), $("d-crop-img"), v.projection, v.box, v.image_size);
     placeBox($("d-input-rf"), v.box, v.image_size);
     placeBox($("d-projection-rf"), v.box, v.image_size);
     placeBox($("input-rf"), v.box, v.image_size);
