@@ -233,3 +233,37 @@ def test_cli_writes_images_and_json(tmp_path, served_weights_file):
     errors = [line for line in bad.stderr.splitlines() if line.startswith("deconvnet: error:")]
     assert bad.returncode == 2 and len(errors) == 1 and "conv9" in errors[0], bad.stderr
     assert bad.stderr.strip().splitlines()[-1] == errors[0] and "Traceback" not in bad.stderr
+
+
+def test_atlas_sheets_show_the_optimised_image_beside_the_top_k(tmp_path):
+    from PIL import Image
+
+    from deconvnet.analysis.atlas import build_atlas
+    from deconvnet.display import save_figure
+    from deconvnet.display.atlas import SHEET_DPI, atlas_sheet
+    from tests.helpers.images import noise_images
+
+    loaded = tiny_loaded(crop=48)
+    noise_images(tmp_path / "imgs", 6, (56, 60), seed=1)
+    res = build_atlas(
+        loaded,
+        tmp_path / "imgs",
+        tmp_path / "atlas",
+        layers="conv3",
+        k=4,
+        maps={"conv3": [3, 5]},
+        visualize_steps=4,
+        progress=False,
+    )
+    assert res.visualizations is not None
+    vis = res.visualizations["conv3"]
+    assert vis.channels == [3, 5] and vis.steps == 4
+    assert vis.exemplar.tolist() == pytest.approx(res.scan.values["conv3"][[3, 5], 0].tolist())  # the scan's top-1
+    assert res.to_dict()["visualizations"]["conv3"]["units"][0]["channel"] == 3
+    tiles = res.tiles["conv3"]
+    title = str(loaded.source)  # what build_atlas titles the sheets with
+    with_image, without = atlas_sheet(tiles, [0, 1], 2, title, vis=vis), atlas_sheet(tiles, [0, 1], 2, title)
+    assert with_image.get_figwidth() > without.get_figwidth()  # a third panel per block
+    assert "optimised" in " ".join(t.get_text() for t in with_image.axes[0].texts)
+    page = Image.open(tmp_path / "atlas" / "conv3" / "maps-0003-0005.png")  # what build_atlas wrote: the same
+    assert page.size == Image.open(save_figure(with_image, tmp_path / "with.png", dpi=SHEET_DPI)).size

@@ -66,6 +66,14 @@ def add_atlas(sub: argparse._SubParsersAction) -> None:
         default=64,
         help="largest tile side in pixels (receptive fields are resized down to it)",
     )
+    p.add_argument(
+        "--visualize",
+        type=nonnegative_int,
+        default=0,
+        metavar="STEPS",
+        help="also optimise an image for each shown map's centre unit (STEPS steps; 256 is typical), drawn beside "
+        "its top-k and compared with its best exemplar (default 0: none)",
+    )
     p.add_argument("--per-page", type=positive_int, default=16, help="maps per PNG sheet")
     p.add_argument("--columns", type=positive_int, default=4, help="maps per row of a sheet")
     p.add_argument(
@@ -259,6 +267,7 @@ def cmd_atlas(args: argparse.Namespace) -> int:
         cache_mb=args.cache_mb,
         include_lrn=args.include_lrn,
         engine=engine,
+        visualize_steps=args.visualize,
     )
     if rank == 0:
         scan = result.scan
@@ -268,6 +277,8 @@ def cmd_atlas(args: argparse.Namespace) -> int:
             f"{' (listed in ' + str(Path(args.out) / 'skipped.txt') + ')' if scan.skipped else ''}; "
             f"layers {', '.join(scan.layers)}; top-{scan.k}; {times}"
         )
+        for vis in (result.visualizations or {}).values():
+            print(f"visualize: {vis.summary()}")
         index = Path(args.out) / "index.html"
         print(f"scan results: {Path(args.out) / 'atlas.npz'}" + (f"; browse: {index}" if args.render else ""))
     return 0

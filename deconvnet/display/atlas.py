@@ -1,15 +1,18 @@
 """Sheets of the top-k atlas (paper Fig. 2): per map its k strongest activations projected (left grid)
 beside the image patches under them (right grid), ``per_page`` maps a sheet, and the ``index.html``
 that browses them. :func:`atlas_sheet` returns one sheet as a figure; :func:`render_atlas` writes them
-all (through :func:`~deconvnet.display.common.save_figure`) with the index."""
+all (through :func:`~deconvnet.display.common.save_figure`) with the index. Given a layer's
+:class:`~deconvnet.analysis.visualize.Visualization`, each map's block ends with the image optimised
+to excite the map's centre unit (what the unit wants to see, beside what it saw)."""
 
 from __future__ import annotations
 
 import html
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -18,6 +21,9 @@ from ..analysis.atlas import AtlasTiles
 from ..atomic import save_text
 from ..errors import DeconvnetError
 from .common import new_figure, save_figure
+
+if TYPE_CHECKING:
+    from ..analysis.visualize import Visualization
 
 __all__ = ["SHEET_DPI", "atlas_index_html", "atlas_sheet", "page_slots", "render_atlas", "sheet_name"]
 
@@ -40,8 +46,9 @@ def sheet_name(tiles: AtlasTiles, slots: Sequence[int]) -> str:
     return f"maps-{tiles.maps[slots[0]]:04d}-{tiles.maps[slots[-1]]:04d}.png"
 
 
-def _block(t: AtlasTiles, slot: int, scale: int, gap: int) -> np.ndarray:
-    """One map's block: 3x3 (k-grid) projections | 3x3 patches, on white."""
+def _block(t: AtlasTiles, slot: int, scale: int, gap: int, optimised: np.ndarray | None = None) -> np.ndarray:
+    """One map's block: 3x3 (k-grid) projections | 3x3 patches (| the optimised image, as tall as the
+    grids), on white."""
     k = t.tiles.shape[1]
     side = math.ceil(math.sqrt(k))
     rows = math.ceil(k / side)
@@ -60,13 +67,22 @@ def _block(t: AtlasTiles, slot: int, scale: int, gap: int) -> np.ndarray:
             if scale > 1:
                 img = img.repeat(scale, 0).repeat(scale, 1)
             block[y0 : y0 + s, x0 : x0 + s] = img
-    return block
+    if optimised is None:
+        return block
+    from PIL import Image
+
+    picture = np.asarray(Image.fromarray(optimised).resize((h, h), Image.Resampling.LANCZOS))
+    extra = np.full((h, 3 * gap + h, 3), 255, dtype=np.uint8)
+    extra[:, 3 * gap :] = picture
+    return np.concatenate([block, extra], axis=1)
 
 
-def _sheet_pixels(t: AtlasTiles, slots: Sequence[int], cols: int) -> tuple[np.ndarray, tuple[int, int]]:
+def _sheet_pixels(
+    t: AtlasTiles, slots: Sequence[int], cols: int, vis: Visualization | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
     """The sheet as one RGB array (blocks on a grid of ``cols`` columns) and a block's (height, width)."""
     scale = max(1, math.ceil(36 / t.tiles.shape[3]))  # small receptive fields (conv1: 7 px) are enlarged
-    blocks = [_block(t, s, scale, _GAP) for s in slots]
+    blocks = [_block(t, s, scale, _GAP, _optimised(vis, t.maps[s])) for s in slots]
     bh, bw = blocks[0].shape[:2]
     rows = math.ceil(len(slots) / cols)
     sheet = np.full((rows * (bh + _PAD_Y) + 4, cols * (bw + _PAD_X), 3), 255, dtype=np.uint8)
@@ -78,24 +94,36 @@ def _sheet_pixels(t: AtlasTiles, slots: Sequence[int], cols: int) -> tuple[np.nd
     return sheet, (bh, bw)
 
 
-def atlas_sheet(tiles: AtlasTiles, slots: Sequence[int], columns: int = 4, title: str = "") -> Figure:
+def _optimised(vis: Visualization | None, m: int) -> np.ndarray | None:
+    return vis.image(m) if vis is not None and m in vis.channels else None
+
+
+def atlas_sheet(
+    tiles: AtlasTiles, slots: Sequence[int], columns: int = 4, title: str = "", vis: Visualization | None = None
+) -> Figure:
     """One sheet: the blocks of the maps in ``slots`` (indices into ``tiles.maps``), ``columns`` a row,
-    each titled with its map index and top activation. Save it with ``save_figure(fig, path, dpi=SHEET_DPI)``."""
+    each titled with its map index and top activation; with ``vis`` (the layer's optimised images), each
+    block ends with its map's optimised image and the title adds the activation that image reaches.
+    Save it with ``save_figure(fig, path, dpi=SHEET_DPI)``."""
     if columns < 1:
         raise DeconvnetError("per_page and columns must be at least 1")
     layer = tiles.layer
     cols = min(columns, len(slots))
-    sheet, (bh, bw) = _sheet_pixels(tiles, slots, cols)
+    sheet, (bh, bw) = _sheet_pixels(tiles, slots, cols, vis)
     fig = new_figure((sheet.shape[1] / SHEET_DPI, sheet.shape[0] / SHEET_DPI + 0.35), dpi=SHEET_DPI)
     ax = fig.add_axes((0, 0, 1, sheet.shape[0] / (sheet.shape[0] + 35)))
     ax.imshow(sheet, interpolation="nearest")
     for j, slot in enumerate(slots):
         rr, cc = divmod(j, cols)
         top = float(tiles.values[slot, 0]) if tiles.filled[slot].any() else float("nan")
+        reached = ""
+        if _optimised(vis, tiles.maps[slot]) is not None:
+            assert vis is not None
+            reached = f"   optimised {float(vis.peak[vis.channels.index(tiles.maps[slot])]):.3g}"
         ax.text(
             cc * (bw + _PAD_X) + _PAD_X // 2,
             rr * (bh + _PAD_Y) + _PAD_Y - 4,
-            f"{layer} #{tiles.maps[slot]}   max {top:.3g}",
+            f"{layer} #{tiles.maps[slot]}   max {top:.3g}{reached}",
             fontsize=8,
             va="bottom",
             ha="left",
@@ -103,7 +131,8 @@ def atlas_sheet(tiles: AtlasTiles, slots: Sequence[int], columns: int = 4, title
     ax.set_axis_off()
     fig.suptitle(
         f"{title}{' - ' if title else ''}{layer}: top-{tiles.tiles.shape[1]} projections (left) "
-        f"and image patches (right); {tiles.field_note}",
+        f"and image patches ({'middle; right: the image optimised for the centre unit' if vis else 'right'}); "
+        f"{tiles.field_note}",
         fontsize=9,
         y=1.0,
         va="top",
@@ -119,11 +148,13 @@ def render_atlas(
     title: str = "",
     files: Sequence[str] | None = None,
     progress: bool = True,
+    visualizations: Mapping[str, Visualization] | None = None,
 ) -> list[Path]:
     """Write ``<layer>/maps-AAAA-BBBB.png`` sheets (``per_page`` maps each, ``columns`` maps a row) and
     ``index.html``; returns the written paths. Each map's block is the paper's layout: its k strongest
     activations projected (left grid) and the matching image patches (right grid), strongest first,
-    row by row. ``files``: the scanned files (the index names the images)."""
+    row by row. ``files``: the scanned files (the index names the images). ``visualizations``: per layer,
+    the optimised images of (some of) its maps, drawn at the end of their blocks."""
     from tqdm.auto import tqdm
 
     if per_page < 1 or columns < 1:
@@ -137,7 +168,9 @@ def render_atlas(
         pages[layer] = []
         for slots in slots_of[layer]:
             name = sheet_name(t, slots)
-            written.append(save_figure(atlas_sheet(t, slots, columns, title), out_dir / layer / name, dpi=SHEET_DPI))
+            vis = (visualizations or {}).get(layer)
+            sheet = atlas_sheet(t, slots, columns, title, vis)
+            written.append(save_figure(sheet, out_dir / layer / name, dpi=SHEET_DPI))
             pages[layer].append((f"{layer}/{name}", [t.maps[s] for s in slots]))
             bar.update(1)
     bar.close()

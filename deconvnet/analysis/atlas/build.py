@@ -29,6 +29,8 @@ from .tiles import AtlasTiles, merge_tiles
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from ..visualize import Visualization
+
 __all__ = ["AtlasResult", "build_atlas"]
 
 
@@ -36,12 +38,14 @@ __all__ = ["AtlasResult", "build_atlas"]
 class AtlasResult(InlineDisplay):
     """What :func:`build_atlas` made: the merged ``scan`` (this shard's, while unfinished), the display
     ``tiles`` per layer (``None`` when not projected, and on processes other than 0 under torchrun),
-    the ``written`` files and the seconds each phase took (``timings``: scan, project, render)."""
+    the ``written`` files and the seconds each phase took (``timings``: scan, project, render); with
+    ``visualize_steps``, per layer the images optimised for the shown maps (``visualizations``)."""
 
     scan: AtlasScan
     tiles: dict[str, AtlasTiles] | None
     written: list[Path]
     timings: dict[str, float]
+    visualizations: dict[str, Visualization] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable summary: layers, k, images scanned and skipped, maps shown per layer,
@@ -59,6 +63,7 @@ class AtlasResult(InlineDisplay):
             "shown": {layer: [int(m) for m in t.maps] for layer, t in self.tiles.items()} if self.tiles else {},
             "written": [str(p) for p in self.written],
             "timings": {phase: round(seconds, 3) for phase, seconds in self.timings.items()},
+            "visualizations": {layer: v.to_dict() for layer, v in (self.visualizations or {}).items()},
         }
 
     def figure(
@@ -76,7 +81,7 @@ class AtlasResult(InlineDisplay):
         pages = page_slots(self.tiles[layer], per_page)
         if not 0 <= page < len(pages):
             raise DeconvnetError(f"page={page} is out of range: {layer} has {len(pages)} page(s) of {per_page} maps")
-        return atlas_sheet(self.tiles[layer], pages[page], columns, title)
+        return atlas_sheet(self.tiles[layer], pages[page], columns, title, (self.visualizations or {}).get(layer))
 
 
 def build_atlas(
@@ -101,6 +106,7 @@ def build_atlas(
     include_lrn: bool = False,
     max_images: int | None = None,
     engine: DeconvNet | None = None,
+    visualize_steps: int = 0,
 ) -> AtlasResult:
     """Scan (resuming ``out_dir/scan*.npz`` if present), merge shards under torchrun, project and render.
 
@@ -110,7 +116,10 @@ def build_atlas(
     A completed ``atlas.npz`` is reused: rendering other maps or re-rendering does not rescan, and
     requested layers that it lacks are scanned alone and added to it. ``render=False`` stops after the
     scan unless ``project=True`` (then the tiles are computed and returned, not drawn). ``engine``:
-    the run's one engine (see :func:`atlas_engine`), made here if not given.
+    the run's one engine (see :func:`atlas_engine`), made here if not given. ``visualize_steps`` > 0:
+    each shown map also gets an image optimised (that many steps) to excite its centre unit
+    (:func:`~deconvnet.analysis.visualize.visualize`, compared with the scan's best exemplar), drawn at
+    the end of its block (process 0).
     """
     project = render if project is None else (project or render)
     rank, world = dist_info()
@@ -157,6 +166,16 @@ def build_atlas(
         t0 = time.perf_counter()
         tiles = _project_shards(loaded, engine, scan, layers, maps, tile, cache, include_lrn, progress)
         timings["project"] = time.perf_counter() - t0
+        visualizations = None
+        if tiles is not None and visualize_steps > 0:
+            from ..visualize import visualize
+
+            t0 = time.perf_counter()
+            visualizations = {
+                layer: visualize(loaded, layer, t.maps, steps=visualize_steps, atlas=scan, progress=progress)
+                for layer, t in tiles.items()
+            }
+            timings["visualize"] = time.perf_counter() - t0
         written: list[Path] = []
         if tiles is not None and render:
             from ...display.atlas import render_atlas
@@ -170,10 +189,11 @@ def build_atlas(
                 title=Path(str(loaded.source)).stem,
                 files=scan.files,
                 progress=progress,
+                visualizations=visualizations,
             )
             timings["render"] = time.perf_counter() - t0
         barrier()
-        return AtlasResult(scan, tiles, written, timings)
+        return AtlasResult(scan, tiles, written, timings, visualizations)
     except BaseException:
         lock.release()
         _remove_new_empty_folders(out_dir, folders_before)  # a failed run leaves no empty folder behind
