@@ -1,7 +1,17 @@
-"""Pixels and pooling switches kept from the scan's forward pass for the projections."""
+"""Pixels and pooling switches kept from the scan's forward pass for the projections, and the
+byte budget of one forward pass (:func:`images_per_pass`).
+
+Memory of a forward pass over ``n`` images of the model's input size is about ``n`` times a fixed
+per-image cost: the float32 output of every layer up to the deepest one needed, and for each max
+pool whose switches are kept its int64 indices plus the two int64 working copies made when they
+are turned into codes. The scan and the projections split their batches into passes of at most
+``budget / per-image cost`` images, so their peak memory is bounded whatever ``batch_size`` and
+whatever the images (every image is cut to the model's input size before the pass).
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -9,7 +19,9 @@ from torch import nn
 
 from ...engine import DeconvNet
 
-__all__ = ["SwitchCache", "pools_below"]
+__all__ = ["FORWARD_BUDGET_BYTES", "SwitchCache", "images_per_pass", "pools_below"]
+
+FORWARD_BUDGET_BYTES = 384 * 2**20  # one pass of the bundled ZFNet at 224 px: 14 images, peak about 1.3 GB
 
 CacheEntry = tuple[torch.Tensor, dict[int, torch.Tensor]]  # uint8 pixels, {pool index: switch codes}
 
@@ -56,3 +68,32 @@ class SwitchCache:
 def pools_below(engine: DeconvNet, upto: int) -> list[int]:
     """Chain indices of the max pools among layers ``0..upto`` (their switches make the way down)."""
     return [i.index for i in engine.layers[: upto + 1] if isinstance(i.module, nn.MaxPool2d)]
+
+
+def forward_bytes_per_image(engine: DeconvNet, upto: int | None, input_size: tuple[int, int], switches: bool) -> int:
+    """Bytes one image costs in a forward pass to chain index ``upto`` (a graph model: every layer
+    with maps), with ``switches`` kept for the projections (see the module docstring)."""
+    total = 0
+    if engine.is_chain:
+        for info in engine.layers[: (upto if upto is not None else len(engine.layers) - 1) + 1]:
+            numel = math.prod(engine.output_shape(info.name, input_size))
+            total += 4 * numel
+            if switches and isinstance(info.module, nn.MaxPool2d):
+                total += 3 * 8 * numel
+    else:  # the top-level layers' outputs, four times: a block's inner tensors are alive meanwhile
+        for name in engine.map_layers:
+            total += 4 * 4 * math.prod(engine.output_shape(name, input_size))
+    return max(1, total)
+
+
+def images_per_pass(
+    engine: DeconvNet,
+    upto: int | None,
+    input_size: tuple[int, int],
+    switches: bool = True,
+    budget: int | None = None,
+) -> int:
+    """The most images one forward pass may hold within ``budget`` bytes (default
+    ``FORWARD_BUDGET_BYTES``), at least one."""
+    budget = FORWARD_BUDGET_BYTES if budget is None else budget
+    return max(1, budget // forward_bytes_per_image(engine, upto, input_size, switches))

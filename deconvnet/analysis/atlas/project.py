@@ -15,7 +15,7 @@ from ...engine import ChainRecord, DeconvNet, Selection
 from ...engine.windowed import last_pool_below
 from ...errors import DeconvnetError
 from ...weights import LoadedModel
-from .cache import SwitchCache, pools_below
+from .cache import SwitchCache, images_per_pass, pools_below
 from .images import model_view_pixels
 from .scanfile import AtlasScan
 from .spec import atlas_engine
@@ -210,7 +210,8 @@ def _fresh_codes(
     """Switch codes per pool for ``pixels`` from forward passes of ``forward_batch`` images (bounded
     memory); with LRN all at once (its inputs are needed as one record), returned with them."""
     projector = engine.projector()
-    step = len(pixels) if engine.include_lrn else forward_batch
+    # at most forward_batch images, and no more than the forward-pass byte budget allows
+    step = len(pixels) if engine.include_lrn else min(forward_batch, images_per_pass(engine, upto, input_size))
     parts: dict[int, list[torch.Tensor]] = {pi: [] for pi in pools}
     lrn: dict = {}
     for f0 in range(0, len(pixels), step):

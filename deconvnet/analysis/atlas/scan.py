@@ -16,7 +16,7 @@ from ...engine import ChainRecord, DeconvNet, chain_forward
 from ...errors import DeconvnetError
 from ...runtime import dist_info
 from ...weights import LoadedModel
-from .cache import SwitchCache, pools_below
+from .cache import SwitchCache, images_per_pass, pools_below
 from .images import ImageShard, keep_as_list
 from .scanfile import AtlasScan, scan_fingerprint
 from .spec import atlas_engine, parse_layers
@@ -145,13 +145,21 @@ class _Scanner:
         self.cache = cache if cache is not None and not engine.include_lrn and engine.is_chain else None
         if channels_last and loaded.device.type == "cpu":
             loaded.model.to(memory_format=torch.channels_last)
+        # a batch goes through the model in passes of at most this many images: memory bounded by
+        # bytes whatever --batch-size (see cache.images_per_pass)
+        self.per_pass = images_per_pass(
+            engine, self.upto if engine.is_chain else None, state.input_size, switches=self.cache is not None
+        )
 
     def add_batch(self, batch: list[tuple[int, torch.Tensor | None, str]]) -> None:
         """Update the top-k lists with one batch of :class:`ImageShard` items; list the unreadable."""
         good = [(gid, t) for gid, t, _ in batch if t is not None]
         self.state.skipped.extend((self.state.files[gid], why) for gid, t, why in batch if t is None)
-        if not good:
-            return
+        for start in range(0, len(good), self.per_pass):
+            self._add_pass(good[start : start + self.per_pass])
+
+    def _add_pass(self, good: list[tuple[int, torch.Tensor]]) -> None:
+        """One forward pass over readable images (exact: the top-k merge is the same in any grouping)."""
         gids = torch.tensor([g for g, _ in good])
         pixels = torch.stack([t for _, t in good])
         outs, rec = self._forward(pixels)
