@@ -99,7 +99,9 @@ def test_probe_result_one_panel_per_classifier():
 def test_filter_stats_and_evolution_figures(loaded):
     stats = filter_stats(loaded.model)
     fig = stats.figure(name="tiny")
-    assert len(fig.axes) == 2 and len(fig.axes[1].child_axes) == 1  # mosaic; RMS histogram with the structure inset
+    assert len(fig.axes) == 3  # mosaic; RMS histogram; each filter's orientation against its flat share
+    assert fig.axes[2].collections[0].get_offsets().shape == (stats.shape[0], 2)  # one point a filter
+    assert f"oriented structure {stats.oriented_count} of {stats.shape[0]}" in fig.axes[0].get_title()
     assert fig.axes[0].get_title().startswith("tiny\nconv1: ") and fig.axes[0].get_images()[0].get_array().shape[2] == 3
     tiles = np.zeros((2, 3, 8, 8, 3), dtype=np.uint8)
     evo = Evolution([1, 2, 5], ["a", "b", "c"], ["conv1"], {"conv1": [4, 7]}, {"conv1": tiles}, {}, {}, [])

@@ -121,3 +121,59 @@ def test_filter_structure_separates_noise_from_edges_and_gratings():
     edge = np.exp(-(xs**2 + ys**2) / 8.0) * np.sign(xs)  # a smooth vertical edge detector
     assert filter_structure(np.stack([edge] * 3)[None])[0] > 0.7
     assert filter_structure(np.zeros((1, 3, 7, 7)))[0] == 0.0
+
+
+def _gabor(k: int, theta: float, wavelength: float, phase: float, sigma: float = 1.5) -> np.ndarray:
+    y, x = np.mgrid[-(k // 2) : k // 2 + 1, -(k // 2) : k // 2 + 1].astype(float)
+    along = x * np.cos(theta) + y * np.sin(theta)
+    across = -x * np.sin(theta) + y * np.cos(theta)
+    return np.exp(-(along**2 + across**2) / (2 * sigma**2)) * np.cos(2 * np.pi * along / wavelength + phase)
+
+
+def test_orientation_and_flatness_tell_edges_from_colour_blobs():
+    """The two measures of the module docstring: a grating of one orientation is oriented (1) and not
+    flat; a uniform colour is flat (1) and not oriented; an isotropic zero-mean blob is neither; noise
+    is not oriented; a Gabor bank is. The old structure measure rates the flat colour as structured."""
+    from deconvnet.analysis.filters import filter_flatness, filter_orientation, filter_structure
+
+    i = np.arange(7)
+    grating = np.stack([np.cos(2 * np.pi * 2 * i / 7)[None, :].repeat(7, 0)] * 3)[None]  # vertical stripes, no mean
+    assert filter_orientation(grating)[0] == pytest.approx(1.0, abs=1e-9)
+    assert filter_flatness(grating)[0] == pytest.approx(0.0, abs=1e-9)
+    colour = np.stack([np.full((7, 7), v) for v in (0.3, -0.1, 0.05)])[None]  # one flat colour
+    assert filter_flatness(colour)[0] == pytest.approx(1.0) and filter_orientation(colour)[0] == pytest.approx(0.0)
+    shaded = colour + 0.02 * np.linspace(-1, 1, 7)[None, None, None, :]  # a colour with a faint ramp
+    assert filter_structure(shaded)[0] > 0.9  # what the old measure called structured...
+    assert filter_flatness(shaded)[0] > 0.9 and filter_orientation(shaded)[0] < 0.1  # ...is a colour blob
+    y, x = np.mgrid[-3:4, -3:4]
+    dog = np.exp(-(x**2 + y**2) / 2.0) - 0.5 * np.exp(-(x**2 + y**2) / 8.0)
+    dog -= dog.mean()
+    assert filter_orientation(np.stack([dog] * 3)[None])[0] < 0.05  # isotropic: no orientation
+    noise = filter_orientation(np.random.default_rng(0).standard_normal((300, 3, 7, 7)))
+    assert np.median(noise) < 0.15 and np.percentile(noise, 95) < 0.25  # measured: median 0.09, 95th 0.19
+    bank = np.stack(
+        [
+            np.stack([_gabor(7, t, w, p)] * 3)
+            for t in np.linspace(0, np.pi, 8, endpoint=False)
+            for w in (3.0, 4.0, 6.0)
+            for p in (0.0, np.pi / 2)
+        ]
+    )
+    assert np.median(filter_orientation(bank)) > 0.7  # measured 0.81
+    assert np.all(filter_orientation(bank) + filter_flatness(bank) <= 1 + 1e-9)
+
+
+def test_filter_stats_report_both_counts_in_json(tmp_path):
+    from deconvnet.analysis.filters import FLAT, ORIENTED, filter_stats
+    from deconvnet.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("zfnet", num_classes=3, fc=(16, 16), input_size=64)
+    with torch.no_grad():
+        model.features.conv1.weight[:10] = 0.1  # ten flat grey filters
+    stats = filter_stats(model)
+    d = stats.to_dict()
+    assert d["blob_count"] == int((np.array(d["flat"]) >= FLAT).sum()) >= 10
+    assert d["oriented_count"] == int((np.array(d["oriented"]) >= ORIENTED).sum())
+    assert d["blob_share"] == pytest.approx(d["blob_count"] / 96)
+    assert f"colour blobs {d['blob_count']}" in stats.summary()

@@ -556,9 +556,10 @@ def filters_figure(
     layer2: dict[str, tuple[np.ndarray, list[int]]] | None = None,
 ) -> Figure:
     """One column per (name, stats of its first layer): the filter mosaic (titled with RMS / dead
-    counts), a histogram of filter RMS with the structure measure inset, and (if ``layer2`` has the
+    counts and the oriented / colour-blob counts), a histogram of filter RMS with each filter's
+    orientation coherence against its flat share inset, and (if ``layer2`` has the
     name) its top layer-2 projections."""
-    from ..analysis.filters import STRUCTURED
+    from ..analysis.filters import FLAT, ORIENTED
 
     rows = 3 if layer2 else 2
     fig = new_figure((5.2 * len(models), 4.6 + 2.2 + (4.4 if layer2 else 0)))
@@ -572,24 +573,30 @@ def filters_figure(
         ax = axes[0, j]
         ax.imshow(filter_mosaic(st.weight, scale=max(1, 28 // k)), interpolation="nearest")
         ax.set_title(
-            f"{name}\n{st.layer}: {st.shape[0]} filters {k}x{k}, stride {st.stride}; dead: {st.dead_count}", fontsize=9
+            f"{name}\n{st.layer}: {st.shape[0]} filters {k}x{k}, stride {st.stride}; dead: {st.dead_count}\n"
+            f"{st.kinds()}",
+            fontsize=9,
         )
         ax.set_axis_off()
-        ax = axes[1, j]
+        # the second row, split: the RMS histogram, and each filter's orientation against its flat share
+        spec = axes[1, j].get_subplotspec().subgridspec(1, 2, wspace=0.35, width_ratios=[1.4, 1])
+        axes[1, j].remove()
+        ax, kinds = fig.add_subplot(spec[0]), fig.add_subplot(spec[1])
         ax.hist(st.rms, bins=30, color="#4477aa")
         ax.axvline(st.threshold, color="#cc3311", linestyle="--", label=f"dead threshold ({st.dead_ratio:g} x median)")
         ax.set_xlabel("filter RMS", fontsize=8)
         ax.set_ylabel("filters", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7, loc="upper left")
-        inset = ax.inset_axes((0.62, 0.45, 0.36, 0.5))  # filter structure beside the RMS
-        inset.hist(st.structure, bins=np.linspace(0, 1, 21), color="#228833")
-        inset.axvline(STRUCTURED, color="#555555", linestyle=":")
-        inset.set_title(
-            f"structure: median {st.structure_median:.2f}, {100 * st.structured_share:.0f} % >= {STRUCTURED:g}",
-            fontsize=6.5,
-        )
-        inset.tick_params(labelsize=6)
+        kinds.scatter(st.oriented, st.flat, s=7, color="#228833")
+        kinds.axvline(ORIENTED, color="#555555", linestyle=":")
+        kinds.axhline(FLAT, color="#555555", linestyle=":")
+        kinds.set_xlim(0, 1)
+        kinds.set_ylim(0, 1)
+        kinds.set_aspect("equal")
+        kinds.set_xlabel(f"oriented (>= {ORIENTED:g}: {st.oriented_count} edges)", fontsize=7)
+        kinds.set_ylabel(f"flat (>= {FLAT:g}: {st.blob_count} blobs)", fontsize=7)
+        kinds.tick_params(labelsize=6)
         if layer2:
             ax = axes[2, j]
             ax.set_axis_off()
@@ -600,8 +607,8 @@ def filters_figure(
                     f"strongest layer-2 projections ({len(tiles)} maps with the largest top activation)", fontsize=8
                 )
     fig.suptitle(
-        "Layer-1 filters (zero = grey, each filter scaled to its own range), filter RMS and structure "
-        "(Zeiler & Fergus Fig. 6)",
+        "Layer-1 filters (zero = grey, each filter scaled to its own range), filter RMS, oriented structure "
+        "and colour blobs (Zeiler & Fergus Fig. 6)",
         fontsize=10,
     )
     fig.tight_layout()
