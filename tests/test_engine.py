@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from deconvnet.engine import RULES, DeconvNet, Selection
 from deconvnet.engine.reverse import TransposedFilters, batchnorm_scale, conv_transpose
@@ -79,7 +80,7 @@ def test_gradient_rule_is_plain_backpropagation():
     engine = DeconvNet(model, rule="gradient")
     (ours,) = engine.project(image, [Selection(0, "layer3", 9, position=(1, 2))])
     x = image.clone().requires_grad_(True)
-    out = torchvision.models.feature_extraction.create_feature_extractor(model, ["layer3"])(x)["layer3"]
+    out = create_feature_extractor(model, ["layer3"])(x)["layer3"]
     (grad,) = torch.autograd.grad(out[0, 9, 1, 2] * out[0, 9, 1, 2].detach(), x)
     assert _close(ours.image, grad[0]) < TOLERANCE
 
@@ -163,36 +164,26 @@ def test_the_model_is_left_as_it_was():
     assert torch.equal(image, original)
 
 
-class _WithGelu(nn.Module):
+class _WithCustomOp(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 4, 3)
-        self.act = nn.GELU()
+        self.act = nn.Softmin(dim=1)  # no rule of its own
         self.conv2 = nn.Conv2d(4, 4, 3)
 
     def forward(self, x):
         return self.conv2(self.act(self.conv1(x)))
 
 
-class _WithAttention(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.gate = nn.Conv2d(4, 4, 1)
-
-    def forward(self, x):
-        y = torch.relu(self.conv(x))
-        return y * torch.sigmoid(self.gate(y))  # a product of two signals
-
-
-def test_unsupported_operations_are_named_in_a_clear_error():
+def test_an_op_without_a_rule_is_named_in_a_one_line_error_and_goes_down_under_gradient():
     x = torch.randn(1, 3, 16, 16)
-    engine = DeconvNet(_WithGelu())
-    engine.project(x, [Selection(0, "conv1", 0)])  # below the GELU: fine
-    with pytest.raises(DeconvnetError, match=r"GELU at act"):
-        engine.project(x, [Selection(0, "conv2", 0)])
-    with pytest.raises(DeconvnetError, match=r"sigmoid|mul"):
-        DeconvNet(_WithAttention()).project(x, [Selection(0, "mul", 0)])
+    engine = DeconvNet(_WithCustomOp())
+    engine.project(x, [Selection(0, "conv1", 0)])  # below it: fine
+    for rule in ("deconvnet", "guided"):
+        with pytest.raises(DeconvnetError, match=rf"the {rule} rule cannot reverse Softmin at act") as e:
+            engine.project(x, [Selection(0, "conv2", 0)], rule=rule)
+        assert "\n" not in str(e.value) and "gradient rule reverses it exactly" in str(e.value)
+    engine.project(x, [Selection(0, "conv2", 0)], rule="gradient")
 
 
 def test_untraceable_model_and_bad_selections_are_clear_errors():
@@ -299,3 +290,77 @@ def test_an_input_read_twice_and_add_with_alpha_go_down_exactly():
         (p,) = engine.project(image, [Selection(0, "head", 2)], rule=rule)
         ref = reference_projection(model, image, model.head, 2, p.position, rule)
         assert _close(p.image, ref) < TOLERANCE, rule
+
+
+# Families beyond ReLU (docs/rules.md): activations, squeeze-excitation gates, channel shuffle, layer
+# norm (channels-last too), window and global attention. Random weights with non-trivial batch-norm
+# statistics and norm affines; small inputs; the layers named have every op kind of the family below.
+FAMILIES = {
+    "mobilenet_v2": (["features.6", "features.14"], 64),  # ReLU6
+    "mobilenet_v3_large": (["features.12"], 64),  # hard swish, hard-sigmoid gates
+    "efficientnet_b0": (["features.5"], 64),  # SiLU, sigmoid gates, stochastic depth
+    "regnet_y_400mf": (["trunk_output.block3"], 64),  # sigmoid gates
+    "shufflenet_v2_x0_5": (["stage3"], 64),  # channel shuffle (size, view, transpose, chunk)
+    "convnext_tiny": (["features.3"], 64),  # channels-last layer norm, GELU, layer scale
+    "swin_t": (["permute"], 64),  # window attention, patch merging, layer norm
+    "vit_b_16": (["heads"], 32),  # multi-head attention, class token
+}
+
+
+def _family_model(name: str, size: int) -> nn.Module:
+    torch.manual_seed(0)
+    kwargs = {"image_size": size} if name == "vit_b_16" else {}
+    model = torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs).eval()
+    randomize_batchnorm(model)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+        if name == "vit_b_16":  # torchvision zeroes the head: random, so that the logits depend on the image
+            model.heads.head.weight.normal_(0, 0.05, generator=g)
+    return model
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_families_beyond_relu_equal_the_reference_under_every_rule(name):
+    layers, size = FAMILIES[name]
+    model = _family_model(name, size)
+    image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
+    engine = DeconvNet(model)
+    for layer in layers:
+        acts = engine.activations(image, layer)
+        channel = int(acts[0].flatten(1).amax(1).argmax()) if acts.dim() == 4 else int(acts[0].argmax())
+        refs = {}
+        for rule in RULES:
+            (ours,) = engine.project(image, [Selection(0, layer, channel)], rule=rule)
+            refs[rule] = reference_projection(model, image, model.get_submodule(layer), channel, ours.position, rule)
+            assert refs[rule].abs().max() > 0, f"{name} {layer} {rule}: degenerate reference"
+            assert _close(ours.image, refs[rule]) < TOLERANCE, f"{name} {layer} {rule}"
+        # the rules differ on these models (a rule silently taking another's way would pass above)
+        assert _close(refs["deconvnet"], refs["gradient"]) > 1e-3 and _close(refs["guided"], refs["gradient"]) > 1e-3
+
+
+def test_a_product_of_two_signals_without_a_gate_is_refused_under_deconvnet_and_exact_under_gradient():
+    class Bilinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.a(x) * self.b(x)
+
+    torch.manual_seed(0)
+    model = Bilinear().eval()
+    x = torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    engine = DeconvNet(model)
+    for rule in ("deconvnet", "guided"):
+        with pytest.raises(DeconvnetError, match=rf"the {rule} rule cannot reverse call_function mul of two signals"):
+            engine.project(x, [Selection(0, "mul", 1)], rule=rule)
+    (p,) = engine.project(x, [Selection(0, "mul", 1)], rule="gradient")
+    leaf = x.clone().requires_grad_(True)
+    out = model(leaf)
+    y, x_ = p.position
+    (grad,) = torch.autograd.grad(out[0, 1, y, x_] * out[0, 1, y, x_].detach(), leaf)
+    assert _close(p.image, grad[0]) < TOLERANCE

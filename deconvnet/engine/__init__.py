@@ -2,7 +2,8 @@
 
 * :mod:`.graph`    the model as a graph of reversible ops (torch.fx), layer names, receptive fields
 * :mod:`.record`   the forward pass and its public record (switches, ReLU masks, shapes)
-* :mod:`.reverse`  one reverse rule per op; the deconvnet / guided / gradient rectifiers
+* :mod:`.rules`    the rules as objects (``RULE_TABLE``: deconvnet, guided, gradient) and ``HoldMode``
+* :mod:`.reverse`  the way down: one step per op kind (``STEPS``), shared by every rule
 * :mod:`.chain`    chain models (a `features` nn.Sequential): the paper's layer names, the chain walk
 * :mod:`.windowed` the way down inside a unit's receptive field only (chain models' fast path)
 * :mod:`.graph_windowed` the same on any traced graph (graph models' fast path, and the other rules')
@@ -13,13 +14,17 @@ from .chain import ChainRecord, LayerInfo, chain_forward, feature_layers, is_cha
 from .core import DeconvNet, Projection, Selection
 from .graph import KINDS, Field, ModelGraph, trace
 from .record import ForwardRecord
-from .reverse import RULES, unpool_sum
+from .reverse import unpool_sum
+from .rules import RULE_TABLE, RULES, Rule, get_rule
 
 __all__ = [
     "DeconvNet",
     "Selection",
     "Projection",
     "RULES",
+    "RULE_TABLE",
+    "Rule",
+    "get_rule",
     "ForwardRecord",
     "LayerInfo",
     "Field",

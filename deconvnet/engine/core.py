@@ -34,6 +34,7 @@ from .graph import Field, ModelGraph, trace
 from .graph_windowed import GraphWindowedProjector, WindowPlan
 from .record import ForwardRecord, run_forward
 from .reverse import RULES, TransposedFilters, check_rule, run_backward
+from .rules import get_rule
 from .windowed import WindowedProjector
 
 __all__ = ["Selection", "Projection", "DeconvNet", "RULES", "CPU_PASS_BYTES", "GRAPH_WINDOWED_MAX_WORK"]
@@ -127,6 +128,7 @@ class DeconvNet:
         self.chain: list[LayerInfo] | None = feature_layers(model) if is_chain(model) else None
         # input size -> (output shape, receptive field) of every traced op
         self._fields: dict[tuple[int, int], tuple[dict[str, torch.Size], dict[str, Field]]] = {}
+        self._min_sizes: dict[tuple[str, ...], int] = {}  # op set -> smallest square input side
         self._projector: WindowedProjector | None = None
         self.filters = TransposedFilters()  # prepared transposed filters, shared by all ways down
         self.graph_projector = GraphWindowedProjector(self.graph, self.filters, include_lrn)
@@ -237,7 +239,11 @@ class DeconvNet:
     @property
     def probe_size(self) -> tuple[int, int]:
         """The input size used to read shapes and receptive fields: the model's configured size, else 224."""
-        size = getattr(getattr(self.model, "config", None), "input_size", None) or 224
+        size = (
+            getattr(getattr(self.model, "config", None), "input_size", None)
+            or getattr(self.model, "image_size", None)  # torchvision's ViT: the size it was built for
+            or 224
+        )
         return int(size), int(size)
 
     def _shapes(self, input_size: tuple[int, int]) -> dict[str, torch.Size]:
@@ -253,7 +259,7 @@ class DeconvNet:
             targets = [op.name for op in self.graph.ops if op.kind not in ("constant", "input", "split")]
             try:
                 record = run_forward(self.graph, probe, [last] if last in targets else targets[-1:])
-            except RuntimeError as e:
+            except (RuntimeError, AssertionError, ValueError) as e:
                 raise DeconvnetError(
                     f"a {key[0]}x{key[1]} input does not fit this model ({str(e).splitlines()[0]})"
                 ) from None
@@ -268,16 +274,77 @@ class DeconvNet:
         """Shape of one image's output of ``layer`` (without the batch axis)."""
         return tuple(self._shapes(input_size)[self._op_name(layer)][1:])
 
+    def min_input_size(self, layers: str | Sequence[str]) -> int:
+        """The side of the smallest square input from which ``layers`` can be computed (each of
+        their convolutions and pools needs an input at least as large as its window): found once
+        per layer set by bisection between 1 and the model's own size, with forward passes of zeros."""
+        names = [layers] if isinstance(layers, str) else list(layers)
+        ops = tuple(sorted({self._op_name(n) for n in names}))
+        if ops not in self._min_sizes:
+            channels = next((m.in_channels for m in self.model.modules() if isinstance(m, nn.Conv2d)), 3)
+            param = next(self.model.parameters(), None)
+            device = param.device if param is not None else torch.device("cpu")
+
+            def fits(side: int) -> bool:
+                try:
+                    with torch.no_grad():
+                        run_forward(self.graph, torch.zeros(1, channels, side, side, device=device), list(ops))
+                    return True
+                except (RuntimeError, AssertionError, ValueError):
+                    return False
+
+            low, high = 1, max(self.probe_size)  # the model's own size fits (sizes fit monotonically)
+            while low < high:
+                middle = (low + high) // 2
+                if fits(middle):
+                    high = middle
+                else:
+                    low = middle + 1
+            self._min_sizes[ops] = low
+        return self._min_sizes[ops]
+
+    def check_input_size(self, images: torch.Tensor, layers: str | Sequence[str]) -> None:
+        """Refuse ``images`` smaller than :meth:`min_input_size` for ``layers`` with a
+        ``DeconvnetError`` that gives the smallest size (free for inputs of the model's own size)."""
+        if images.dim() < 3:
+            return
+        height, width = int(images.shape[-2]), int(images.shape[-1])
+        if min(height, width) >= min(self.probe_size):
+            return
+        smallest = self.min_input_size(layers)
+        if min(height, width) < smallest:
+            names = [layers] if isinstance(layers, str) else list(layers)
+            raise DeconvnetError(
+                f"a {height}x{width} input is too small for this model: {', '.join(names)} "
+                f"{'needs' if len(names) == 1 else 'need'} at least {smallest}x{smallest} pixels "
+                "(enlarge the image, or let prepare_images/load_image resize it to the model's size)"
+            )
+
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor, layers: str | Sequence[str], rule: str | None = None) -> ForwardRecord:
         """One forward pass up to ``layers``; the record's ``values`` hold their outputs by the names
         given, and it serves the way down from any layer below them."""
         names = [layers] if isinstance(layers, str) else list(layers)
         ops = [self._op_name(n) for n in names]
-        for name, op in zip(names, ops):
-            self.graph.check_reversible(op, name)
+        self.check_input_size(images, names)
         rule = check_rule(rule or self.rule)
-        record = run_forward(self.graph, images, ops, keep_masks=rule != "deconvnet", keep_lrn_inputs=self.include_lrn)
+        for name, op in zip(names, ops):
+            self.graph.check_reversible(op, name, rule)
+        try:
+            record = run_forward(
+                self.graph,
+                images,
+                ops,
+                keep_masks=get_rule(rule).looks_at_forward,
+                keep_lrn_inputs=self.include_lrn,
+                keep=self.graph.recorded_values(ops, rule),
+            )
+        except (RuntimeError, AssertionError) as e:  # the model's own checks of its input's size
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if isinstance(e, RuntimeError) and not any(w in first for w in ("shape", "size", "Expected")):
+                raise
+            size = "x".join(str(int(v)) for v in images.shape[-2:])
+            raise DeconvnetError(f"a {size} input does not fit this model ({first})") from None
         for name, op in zip(names, ops):
             record.values[name] = record.values[op]
         return record
@@ -286,6 +353,7 @@ class DeconvNet:
         """The outputs of ``layers`` (and, with ``logits``, the model's output under the key
         ``"logits"``) from one forward pass, for analyses that read features without projecting."""
         ops = [self._op_name(n) for n in layers]
+        self.check_input_size(images, layers)
         if logits:
             if self.graph.output_name is None:
                 raise DeconvnetError(f"{type(self.model).__name__} does not return one tensor of logits")
@@ -310,6 +378,8 @@ class DeconvNet:
 
     def activations(self, images: torch.Tensor, layer: str | int) -> torch.Tensor:
         """The output of ``layer`` for ``images`` (chain models also take a chain index)."""
+        if not isinstance(layer, int):
+            self.check_input_size(images, str(layer))
         if self.chain is not None and isinstance(layer, int):
             return chain_forward(self.chain, images, layer, record=False)[0]
         if self.chain is not None and layer in self._infos:
@@ -330,8 +400,9 @@ class DeconvNet:
         recorded image's switches (and masks) the s-th signal uses."""
         rule = check_rule(rule or self.rule)
         op = self._op_name(layer)
-        if rule != "deconvnet" and not record.masks and any(o.kind == "relu" for o in self.graph.below(op)):
-            raise DeconvnetError(f"the record was made for the deconvnet rule; call forward(..., rule={rule!r}) first")
+        needs_masks = get_rule(rule).looks_at_forward and any(o.kind == "relu" for o in self.graph.below(op))
+        if (needs_masks and not record.masks) or not self.graph.recorded_values([op], rule) <= set(record.kept):
+            raise DeconvnetError(f"the record was made for another rule; call forward(..., rule={rule!r}) first")
         return run_backward(
             self.graph, record, op, signal, image_index.to(signal.device), rule, self.include_lrn, self.filters
         )

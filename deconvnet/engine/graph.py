@@ -5,11 +5,18 @@ names every node by its module path, e.g. ``layer3.1.relu_1``, ``features.denseb
 classifies each node into one of the operation kinds the reverse pass knows (:data:`KINDS`). Nodes
 that do not depend on the input image (parameters, shape queries such as ``x.size(0)``) are constants of the way down.
 
+Shape queries on the image's path (``x.size()``, ``x.shape``, ``x.dim()``) and everything computed
+from them alone (``h // p``, ``torch._assert``) are constants too; those that still carry the batch
+size (a class token ``expand``-ed to ``x.size(0)`` rows) are ``derived`` constants, indexed like the
+image's values on the way down.
+
 Selectable layers: every node's qualified name, and every module path (``layer3``, ``layer4.0``,
 ``features.denseblock2``), which means the last node computed inside that module (torchvision's
-feature-extraction convention). An operation the engine cannot reverse (GELU, attention, a product of
-two signals...) is recorded as ``unsupported`` with its module path; selecting a layer above it is an
-error naming it.
+feature-extraction convention). Which kinds a rule can go down is said by
+:meth:`ModelGraph.check_reversible`: under ``gradient`` every traced op (its exact vector-Jacobian
+product); under ``deconvnet``/``guided`` every kind but ``product`` (two signals multiplied with no
+gate among them) and ``generic`` (an op with no rule of its own), which are errors naming the op,
+its module path and the rule it would need (see ``docs/rules.md``).
 
 Receptive fields, per axis, as (size, stride, start): a conv/pool of kernel k, stride s, padding p,
 dilation d maps (n, j, r) to (n + d(k-1) j, j s, r - p j); element-wise operations keep it; an
@@ -30,7 +37,7 @@ from torch import fx, nn
 
 from ..errors import DeconvnetError
 
-__all__ = ["Op", "ModelGraph", "Field", "trace", "KINDS", "int_pair"]
+__all__ = ["Op", "ModelGraph", "Field", "trace", "KINDS", "HELD_KINDS", "RECORDS_INPUTS", "int_pair"]
 
 # Operation kinds and how the way down treats them (see deconvnet.engine.reverse).
 KINDS = {
@@ -47,10 +54,95 @@ KINDS = {
     "getitem": "one piece of a split",
     "identity": "passed through (dropout in eval, identity, contiguous, clone)",
     "linear_op": "its exact transpose (autograd of a linear map: pooling averages, concatenation, slicing, padding...)",
+    "activation": "deconvnet: ReLU of the signal; guided: local derivative at the recorded input, then ReLU; "
+    "gradient: exact",
+    "gate": "a product with a gate (sigmoid, hard sigmoid, softmax): held at its recorded value, the signal goes down "
+    "the gated operand (deconvnet, guided); gradient: exact",
+    "norm": "layer/group norm: 1/sigma held at its recorded value (deconvnet, guided); gradient: exact",
+    "attention": "attention weights held at their recorded values, the value path reversed (deconvnet, guided); "
+    "gradient: exact",
+    "product": "two signals multiplied without a gate: gradient only",
+    "generic": "an op with no rule of its own: gradient only (autograd at the recorded inputs)",
     "constant": "not on the image's path",
     "unsupported": "cannot be reversed",
 }
 
+# kinds every rule goes down; the others need the gradient rule
+HELD_KINDS = frozenset(KINDS) - {"product", "generic", "unsupported"}
+# kinds whose way down reads the recorded values of their inputs (the rules that need them)
+RECORDS_INPUTS = {
+    "activation": ("guided", "gradient"),
+    "gate": ("deconvnet", "guided", "gradient"),
+    "norm": ("deconvnet", "guided", "gradient"),
+    "attention": ("deconvnet", "guided", "gradient"),
+    "product": ("gradient",),
+    "generic": ("gradient",),
+}
+
+_ACTIVATION_MODULES = (
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Mish,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.Softsign,
+    nn.LogSigmoid,
+    nn.Tanhshrink,
+)
+_ACTIVATION_FUNCTIONS = {
+    F.relu6,
+    F.leaky_relu,
+    F.prelu,
+    F.elu,
+    F.celu,
+    F.selu,
+    torch.selu,
+    F.silu,
+    F.gelu,
+    F.hardswish,
+    F.hardsigmoid,
+    F.mish,
+    F.hardtanh,
+    torch.sigmoid,
+    F.sigmoid,
+    torch.tanh,
+    F.tanh,
+    F.softplus,
+    F.softsign,
+    F.logsigmoid,
+}
+_ACTIVATION_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_"}
+# what makes a gate: an operand of a product computed by one of these (squeeze-excitation's sigmoid,
+# MobileNetV3's hard sigmoid, attention's softmax)
+_GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
+_GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softmax, torch.softmax}
+_GATE_METHODS = {"sigmoid", "sigmoid_", "softmax"}
+_NORM_MODULES = (nn.LayerNorm, nn.GroupNorm)
+_NORM_FUNCTIONS = {F.layer_norm, F.group_norm}
+_ATTENTION_MODULES = (nn.MultiheadAttention,)
+_ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention}
+# functions torchvision wraps for torch.fx (they appear whole in the traced graph), by name: the
+# Swin window attention (attention) and its patch-merging padding (linear)
+_ATTENTION_WRAPPED = {"shifted_window_attention"}
+_LINEAR_WRAPPED = {"_patch_merging_pad"}
+# queries of a tensor's shape: constants of the way down
+_SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "type", "get_device"}
+_SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout"}
+# products: linear when one operand is a constant, a gate or a product of two signals otherwise
+_PRODUCT_FUNCTIONS = {operator.mul, operator.imul, torch.mul, operator.matmul, torch.matmul, torch.bmm, torch.einsum}
+_PRODUCT_METHODS = {"mul", "mul_", "matmul", "bmm"}
+_BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _IDENTITY_MODULES = (nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout, nn.Identity)
 _LINEAR_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.ZeroPad2d, nn.Upsample)
 _RESHAPE_MODULES = (nn.Flatten, nn.Unflatten)
@@ -62,6 +154,7 @@ _LINEAR_FUNCTIONS = {
     torch.stack,
     operator.getitem,
     operator.sub,
+    operator.isub,
     torch.sub,
     operator.neg,
     torch.neg,
@@ -78,8 +171,17 @@ _LINEAR_FUNCTIONS = {
     torch.permute,
     torch.transpose,
     torch.narrow,
+    torch.swapaxes,
+    torch.movedim,
+    torch.roll,
+    torch.flip,
+    torch.unflatten,
+    F.pixel_shuffle,
+    F.pixel_unshuffle,
+    F.linear,
+    F.conv2d,
 }
-_SCALE_FUNCTIONS = {operator.mul, torch.mul, operator.truediv, torch.div}  # linear when one side is a constant
+_SCALE_FUNCTIONS = {operator.truediv, operator.itruediv, torch.div}  # linear when the divisor is a constant
 _IDENTITY_FUNCTIONS = {F.dropout, F.dropout2d, F.dropout1d, F.alpha_dropout, torch.clone}
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
 _SPLIT_FUNCTIONS = {torch.split, torch.chunk, torch.tensor_split}
@@ -104,11 +206,19 @@ _METHOD_KINDS = {
     "unsqueeze": "linear_op",
     "narrow": "linear_op",
     "sub": "linear_op",
+    "sub_": "linear_op",
     "neg": "linear_op",
-    "mul": "scale",
-    "mul_": "scale",
     "div": "scale",
     "div_": "scale",
+    "expand": "linear_op",
+    "expand_as": "linear_op",
+    "repeat": "linear_op",
+    "roll": "linear_op",
+    "flip": "linear_op",
+    "swapaxes": "linear_op",
+    "movedim": "linear_op",
+    "unflatten": "linear_op",
+    "__getitem__": "linear_op",
 }
 # spatial geometry of the linear operations that keep a local field
 _GLOBAL = None
@@ -190,12 +300,18 @@ class ModelGraph:
         self.by_name: dict[str, Op] = {}
         self.input_name: str | None = None
         on_path: set[str] = set()
+        # constants computed from the image's shape (they may carry its batch size)
+        self.derived: set[str] = set()
         for node in graph_module.graph.nodes:
             op = self._classify(node, qualnames.get(node, node.name), on_path)
             self.ops.append(op)
             self.by_name[op.name] = op
             if op.kind not in ("constant",) and node.op != "output":
                 on_path.add(op.name)
+            elif op.kind == "constant" and any(
+                n.name in on_path or n.name in self.derived for n in node.all_input_nodes
+            ):
+                self.derived.add(op.name)
         if self.input_name is None:
             raise DeconvnetError(f"{type(model).__name__}: the traced model has no input")
         self.order: dict[str, int] = {op.name: i for i, op in enumerate(self.ops)}
@@ -240,8 +356,8 @@ class ModelGraph:
             return replace(constant, kind="input")
         if node.op == "output":
             return constant
-        if not inputs:
-            return constant  # parameters, shapes, anything not computed from the image
+        if not inputs or self._is_shape_query(node):
+            return constant  # parameters, shapes, anything not computed from the image's values
         if node.op == "call_module":
             module = self.model.get_submodule(str(node.target))
             path = str(node.target)
@@ -251,26 +367,78 @@ class ModelGraph:
         if node.op == "call_function":
             kind = self._function_kind(node, on_path)
         elif node.op == "call_method":
-            kind = _METHOD_KINDS.get(str(node.target), "unsupported")
+            method = str(node.target)
+            if method in _PRODUCT_METHODS:
+                kind = self._product_kind(node, on_path)
+            elif method in _ACTIVATION_METHODS:
+                kind = "activation"
+            else:
+                kind = _METHOD_KINDS.get(method, "generic")
             if kind == "scale":
-                kind = "linear_op" if self._one_signal(node, on_path) else "unsupported"
+                kind = "linear_op" if self._one_signal(node, on_path) else "generic"
         else:
-            kind = "unsupported"
+            kind = "generic"
         if kind == "add" and (_reads_a_node_twice(node) or "alpha" in node.kwargs):
             # x + x (fx lists x once among the inputs) or torch.add(a, b, alpha=k): autograd's exact
             # transpose instead of "the signal goes down every input once"
             kind = "linear_op"
-        reason = "" if kind != "unsupported" else f"{node.op} {_describe_target(node, self.graph_module)}"
-        if (
-            kind == "unsupported"
-            and len(inputs) > 1
-            and str(_describe_target(node, self.graph_module)) in ("mul", "matmul", "bmm", "truediv")
-        ):
-            reason += " of two signals (not a linear map of the image's path)"
+        reason = f"{node.op} {_describe_target(node, self.graph_module)}"
+        if kind == "product":
+            reason += " of two signals with no gate among them"
         return replace(constant, kind=kind, reason=reason)
 
     @staticmethod
+    def _is_shape_query(node: fx.Node) -> bool:
+        if node.op == "call_method":
+            return str(node.target) in _SHAPE_METHODS
+        if node.op == "call_function" and node.target is getattr:
+            return len(node.args) > 1 and node.args[1] in _SHAPE_ATTRIBUTES
+        return False
+
+    def _gate_producer(self, name: str) -> bool:
+        """Whether node ``name`` is a gate: a sigmoid/hard sigmoid/softmax output, possibly reshaped,
+        dropped out or sliced on the way."""
+        op = self.by_name.get(name)
+        while op is not None:
+            node = op.node
+            if node.op == "call_module" and isinstance(op.module, _GATE_MODULES):
+                return True
+            if node.op == "call_function" and node.target in _GATE_FUNCTIONS:
+                return True
+            if node.op == "call_method" and str(node.target) in _GATE_METHODS:
+                return True
+            if op.kind in ("identity", "reshape", "linear_op") and len(op.inputs) == 1:
+                op = self.by_name.get(op.inputs[0])
+                continue
+            return False
+        return False
+
+    def _product_kind(self, node: fx.Node, on_path: set[str]) -> str:
+        """A product: linear in its one signal operand, a gate when one of two is a gate, else a
+        product of two signals."""
+        signals = [n.name for n in node.all_input_nodes if n.name in on_path]
+        if len(signals) == 1:
+            return "linear_op"
+        gates = [n for n in signals if self._gate_producer(n)]
+        return "gate" if len(signals) == 2 and len(gates) == 1 else "product"
+
+    def gate_operand(self, op: Op) -> str:
+        """The gate operand of a ``gate`` op (held on the way down of deconvnet and guided)."""
+        return next(n for n in op.inputs if self._gate_producer(n))
+
+    @staticmethod
     def _module_kind(module: nn.Module) -> tuple[str, str]:
+        name = type(module).__name__
+        if isinstance(module, _ACTIVATION_MODULES):
+            return "activation", name
+        if isinstance(module, _NORM_MODULES):
+            return "norm", name
+        if isinstance(module, _ATTENTION_MODULES):
+            if getattr(module, "bias_k", None) is not None or getattr(module, "add_zero_attn", False):
+                return "generic", f"{name} with bias_k/add_zero_attn"
+            return "attention", name
+        if isinstance(module, nn.Softmax):
+            return "generic", name
         if isinstance(module, nn.Conv2d):
             if module.padding_mode != "zeros" or isinstance(module.padding, str):
                 return "unsupported", f"Conv2d with padding {module.padding!r} / padding_mode {module.padding_mode!r}"
@@ -281,7 +449,7 @@ class ModelGraph:
             return "relu", ""
         if isinstance(module, nn.MaxPool2d):
             return "maxpool", ""
-        if isinstance(module, nn.BatchNorm2d):
+        if isinstance(module, _BATCHNORM_MODULES):
             return "bn", ""
         if isinstance(module, nn.LocalResponseNorm):
             return "lrn", ""
@@ -293,7 +461,7 @@ class ModelGraph:
             if isinstance(module, nn.Upsample) and module.mode not in ("nearest", "bilinear", "linear", "bicubic"):
                 return "unsupported", f"Upsample mode {module.mode}"
             return "linear_op", ""
-        return "unsupported", type(module).__name__
+        return "generic", name
 
     def _function_kind(self, node: fx.Node, on_path: set[str]) -> str:
         target = node.target
@@ -311,15 +479,36 @@ class ModelGraph:
             return "split"
         if target is operator.getitem and node.args and isinstance(node.args[0], fx.Node):
             producer = self.by_name.get(node.args[0].name)
-            if producer is not None and producer.kind == "split":
+            # a piece of an op's tuple output (a split, attention's (output, weights))
+            if producer is not None and (
+                producer.kind == "split"
+                or (producer.kind in ("attention", "generic") and isinstance(node.args[1], int))
+            ):
                 return "getitem"
         if target is F.pad and node.kwargs.get("mode", "constant") != "constant":
-            return "unsupported"
+            return "generic"
+        if target in _PRODUCT_FUNCTIONS:
+            return self._product_kind(node, on_path)
+        if target in (F.linear, F.conv2d):
+            return "linear_op" if self._one_signal(node, on_path) else "product"
         if target in _LINEAR_FUNCTIONS:
             return "linear_op"
         if target in _SCALE_FUNCTIONS:
-            return "linear_op" if self._one_signal(node, on_path) else "unsupported"
-        return "unsupported"
+            return "linear_op" if self._one_signal(node, on_path) else "generic"
+        if target in _ACTIVATION_FUNCTIONS:
+            return "activation"
+        if target in _NORM_FUNCTIONS:
+            return "norm"
+        if target in _ATTENTION_FUNCTIONS:
+            return "attention"
+        name = getattr(target, "__name__", "")
+        if name == "stochastic_depth" and (node.args[3:4] == (False,) or node.kwargs.get("training") is False):
+            return "identity"  # torchvision's stochastic depth in eval
+        if name in _ATTENTION_WRAPPED:
+            return "attention"
+        if name in _LINEAR_WRAPPED:
+            return "linear_op"
+        return "generic"
 
     @staticmethod
     def _one_signal(node: fx.Node, on_path: set[str]) -> bool:
@@ -367,13 +556,46 @@ class ModelGraph:
             stack.extend(self.by_name[name].inputs)
         return [op for op in self.ops if op.name in needed]
 
-    def check_reversible(self, target: str, layer: str) -> None:
-        for op in self.below(target):
-            if op.kind == "unsupported":
+    def reached(self, target: str, holds: bool) -> list[Op]:
+        """Ops the way down from ``target`` sends a signal through, in forward order: those below it,
+        less the gates' branches when the rule ``holds`` gates at their recorded values."""
+        reached: set[str] = set()
+        stack = [target]
+        while stack:
+            name = stack.pop()
+            if name in reached:
+                continue
+            reached.add(name)
+            op = self.by_name[name]
+            inputs = op.inputs
+            if holds and op.kind == "gate":
+                gate = self.gate_operand(op)
+                inputs = tuple(n for n in inputs if n != gate)
+            stack.extend(inputs)
+        return [op for op in self.ops if op.name in reached]
+
+    def recorded_values(self, targets: list[str], rule: str) -> set[str]:
+        """Names of the values the forward pass must keep for ``rule``'s way down from ``targets``
+        (the inputs of the kinds in :data:`RECORDS_INPUTS`)."""
+        keep: set[str] = set()
+        for target in targets:
+            for op in self.reached(target, rule != "gradient"):
+                if rule in RECORDS_INPUTS.get(op.kind, ()):
+                    keep.update(op.inputs)
+        return keep
+
+    def check_reversible(self, target: str, layer: str, rule: str = "deconvnet") -> None:
+        """A one-line error naming the first op below ``layer`` that ``rule`` cannot go down."""
+        holds = rule != "gradient"
+        for op in self.reached(target, holds):
+            if op.kind == "unsupported" or (holds and op.kind not in HELD_KINDS):
+                need = {
+                    "product": "a rule for products of two signals (which operand is held)",
+                    "generic": "a reverse rule of its own",
+                }.get(op.kind, "a reverse rule")
                 raise DeconvnetError(
-                    f"the deconvnet cannot reverse {op.reason} at {op.where} (below layer {layer!r}); "
-                    "supported: conv, linear, max/avg pooling, ReLU, batch norm, LRN, addition, concatenation, "
-                    "split, reshape, dropout, padding; choose a layer below it"
+                    f"the {rule} rule cannot reverse {op.reason} at {op.where} (below layer {layer!r}): it needs "
+                    f"{need}; the gradient rule reverses it exactly, or choose a layer below it"
                 )
 
     # ------------------------------------------------------------------ receptive fields
@@ -404,7 +626,16 @@ class ModelGraph:
         f, size = ins[0], sizes[0]
         geometry = self.window_geometry(op)
         if geometry is None:
-            if op.kind in ("relu", "bn", "lrn", "add", "identity", "getitem", "split") or self._keeps_grid(op, shapes):
+            if op.kind in (
+                "relu",
+                "activation",
+                "bn",
+                "lrn",
+                "add",
+                "identity",
+                "getitem",
+                "split",
+            ) or self._keeps_grid(op, shapes):
                 return f
             return Field(None)
         k, s, p, d = geometry

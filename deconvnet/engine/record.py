@@ -9,6 +9,8 @@ recorded value stays what the forward pass saw, and the caller's tensors are unt
 * ``switches``: max-pooling argmax indices (flat per map), the deconvnet's switches;
 * ``masks``: where each ReLU's output is positive (used by the guided and gradient rules);
 * ``lrn_inputs``: inputs of LRN layers (for ``include_lrn``);
+* ``kept``: the values of the ops named in ``keep`` (the inputs of activations, gates, norms and
+  attention, whose way down reads them: see ``graph.RECORDS_INPUTS``);
 * ``shapes``: every op's output shape; ``constants``: values not computed from the image.
 """
 
@@ -24,8 +26,14 @@ from torch import fx, nn
 
 from .graph import ModelGraph, Op
 
-__all__ = ["ForwardRecord", "run_forward"]
+__all__ = ["ForwardRecord", "run_forward", "out_of_place", "OUT_OF_PLACE_OPERATORS"]
 
+OUT_OF_PLACE_OPERATORS: dict[Any, Any] = {
+    operator.iadd: operator.add,
+    operator.imul: operator.mul,
+    operator.isub: operator.sub,
+    operator.itruediv: operator.truediv,
+}
 _OUT_OF_PLACE_METHODS = {"relu_": "relu", "add_": "add", "mul_": "mul", "div_": "div", "sub_": "sub"}
 
 
@@ -38,6 +46,7 @@ class ForwardRecord:
     switches: dict[str, torch.Tensor] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     lrn_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    kept: dict[str, Any] = field(default_factory=dict)
     shapes: dict[str, torch.Size] = field(default_factory=dict)
     constants: dict[str, Any] = field(default_factory=dict)
 
@@ -59,6 +68,7 @@ def run_forward(
     targets: list[str],
     keep_masks: bool = False,
     keep_lrn_inputs: bool = False,
+    keep: set[str] | frozenset[str] = frozenset(),
 ) -> ForwardRecord:
     """Evaluate the ops below ``targets`` (op names) for ``images``; see the module docstring."""
     needed = {op.name for t in targets for op in graph.below(t)}
@@ -72,7 +82,7 @@ def run_forward(
     for i, op in enumerate(graph.ops[: last + 1]):
         for n in op.node.all_input_nodes:
             last_use[n.name] = i
-    keep = set(targets)
+    targets_kept = set(targets)
     try:
         with torch.no_grad():
             for op in graph.ops[: last + 1]:
@@ -93,8 +103,12 @@ def run_forward(
                     record.shapes[op.name] = out.shape
                 if op.kind == "relu" and keep_masks:
                     record.masks[op.name] = out > 0
+                if op.name in keep:
+                    record.kept[op.name] = out
                 for n in op.node.all_input_nodes:
-                    freed = last_use.get(n.name) == graph.order[op.name] and n.name not in keep and n.name in env
+                    freed = (
+                        last_use.get(n.name) == graph.order[op.name] and n.name not in targets_kept and n.name in env
+                    )
                     if freed and graph.by_name[n.name].kind != "constant":
                         del env[n.name]
             for t in targets:
@@ -123,6 +137,15 @@ def _evaluate_constant(model: nn.Module, node: fx.Node, env: dict[str, Any]) -> 
     return node.target(*args, **kwargs)  # type: ignore[operator]
 
 
+def out_of_place(method: str) -> str:
+    """The out-of-place form of a tensor method (``sigmoid_`` -> ``sigmoid``; others unchanged)."""
+    if method in _OUT_OF_PLACE_METHODS:
+        return _OUT_OF_PLACE_METHODS[method]
+    if method.endswith("_") and not method.endswith("__") and hasattr(torch.Tensor, method[:-1]):
+        return method[:-1]
+    return method
+
+
 def _evaluate(op: Op, env: dict[str, Any], record: ForwardRecord, keep_lrn_inputs: bool) -> Any:
     node = op.node
     args, kwargs = _args(node, env)
@@ -146,11 +169,10 @@ def _evaluate(op: Op, env: dict[str, Any], record: ForwardRecord, keep_lrn_input
         module = op.module
         if isinstance(module, nn.ReLU):  # pragma: no cover - classified as relu above
             return F.relu(args[0])
+        if getattr(module, "inplace", False) is True:  # an in-place activation: on a copy
+            args = (args[0].clone(), *args[1:])
         return module(*args, **kwargs)  # type: ignore[misc]
     if node.op == "call_method":
-        method = _OUT_OF_PLACE_METHODS.get(str(node.target), str(node.target))
-        return getattr(args[0], method)(*args[1:], **kwargs)
-    target = node.target
-    if target is operator.iadd:
-        target = operator.add
-    return target(*args, **kwargs)  # type: ignore[operator]
+        return getattr(args[0], out_of_place(str(node.target)))(*args[1:], **kwargs)
+    target = OUT_OF_PLACE_OPERATORS.get(node.target, node.target)
+    return target(*args, **kwargs)

@@ -24,7 +24,8 @@ the input (max pooling's gradient is exactly switch unpooling), i.e. plain backp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,17 +34,26 @@ from torch import fx, nn
 
 from ..errors import DeconvnetError
 from .graph import ModelGraph, Op, int_pair
-from .record import ForwardRecord
+from .record import OUT_OF_PLACE_OPERATORS, ForwardRecord, out_of_place
+from .rules import RULES, HoldMode, Rule, get_rule
 
-__all__ = ["RULES", "check_rule", "unpool_sum", "run_backward", "relu_rule", "TransposedFilters", "conv_transpose"]
-
-RULES = ("deconvnet", "guided", "gradient")
+__all__ = [
+    "RULES",
+    "STEPS",
+    "WayDown",
+    "check_rule",
+    "unpool_sum",
+    "run_backward",
+    "op_vjp",
+    "relu_rule",
+    "TransposedFilters",
+    "conv_transpose",
+]
 
 
 def check_rule(rule: str) -> str:
-    if rule not in RULES:
-        raise DeconvnetError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
-    return rule
+    """``rule`` if it names a rule (see :data:`deconvnet.engine.rules.RULE_TABLE`), else a one-line error."""
+    return get_rule(rule).name
 
 
 def unpool_sum(signal: torch.Tensor, indices: torch.Tensor, input_shape: Sequence[int]) -> torch.Tensor:
@@ -59,12 +69,7 @@ def unpool_sum(signal: torch.Tensor, indices: torch.Tensor, input_shape: Sequenc
 
 def relu_rule(signal: torch.Tensor, rule: str, mask: torch.Tensor | None) -> torch.Tensor:
     """The rectifier on the way down for ``rule`` (``mask``: forward output > 0, per selection)."""
-    if rule == "deconvnet":
-        return F.relu(signal)
-    assert mask is not None, "the guided and gradient rules need the forward masks"
-    if rule == "gradient":
-        return signal * mask
-    return F.relu(signal) * mask
+    return get_rule(rule).relu(signal, mask)
 
 
 # transposed convolutions with stride > 1 and at most this many (output channels x stride^2) run as a
@@ -236,33 +241,84 @@ def _batched_shape(shape: torch.Size, rows: int) -> tuple[int, ...]:
     return (rows, *shape[1:])
 
 
-def _linear_vjp(op: Op, graph: ModelGraph, record: ForwardRecord, signal: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Transpose of a linear map of the signal-path inputs, by autograd on the map itself (evaluated
-    at zero inputs with S rows; constants as recorded)."""
+def _call(op: Op, args: Any, kwargs: dict[str, Any]) -> Any:
+    """The op itself on ``args`` (never in place)."""
     node = op.node
-    rows = signal.shape[0]
+    kwargs.pop("inplace", None)
+    if node.op == "call_module":
+        if getattr(op.module, "inplace", False) is True:
+            args = (args[0].clone(), *args[1:])
+        return op.module(*args, **kwargs)  # type: ignore[misc]
+    if node.op == "call_method":
+        return getattr(args[0], out_of_place(str(node.target)))(*args[1:], **kwargs)
+    return OUT_OF_PLACE_OPERATORS.get(node.target, node.target)(*args, **kwargs)
+
+
+def _constant(graph: ModelGraph, record: ForwardRecord, name: str, image_index: torch.Tensor) -> Any:
+    """A constant of the way down; one computed from the image's shape that carries the recorded
+    batch (a class token expanded to N rows) is indexed like the recorded values."""
+    value = record.constants[name]
+    if (
+        name in graph.derived
+        and isinstance(value, torch.Tensor)
+        and value.dim() > 0
+        and value.shape[0] == record.num_images
+    ):
+        return value[image_index]
+    return value
+
+
+def op_vjp(
+    op: Op,
+    graph: ModelGraph,
+    record: ForwardRecord,
+    image_index: torch.Tensor,
+    cotangent: torch.Tensor | dict[int, torch.Tensor],
+    at_record: bool,
+    held: tuple[str, ...] = (),
+    hold: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The vector-Jacobian product of one op: ``cotangent`` (its output's signal, or its tuple
+    output's pieces by index) to each of its signal-path inputs but those ``held``.
+
+    ``at_record``: taken at the recorded inputs (of the images ``image_index`` says); else at zero
+    inputs (a linear map's transpose does not depend on where it is taken). ``held`` inputs are fixed
+    at their recorded values (a gate); ``hold``: the op runs under :class:`HoldMode` (1/sigma and
+    attention weights held)."""
+    node = op.node
+    pieces = cotangent if isinstance(cotangent, dict) else None
+    like = next(iter(pieces.values())) if pieces is not None else cotangent
+    rows = int(image_index.shape[0])
     leaves: dict[str, torch.Tensor] = {}
 
     def value(n: fx.Node) -> Any:
-        if n.name in op.inputs:
-            if n.name not in leaves:
-                leaves[n.name] = signal.new_zeros(_batched_shape(record.shapes[n.name], rows)).requires_grad_(True)
-            return leaves[n.name]
-        return record.constants[n.name]
+        if n.name not in op.inputs:
+            return _constant(graph, record, n.name, image_index)
+        if n.name in held:
+            return record.kept[n.name][image_index]
+        if n.name not in leaves:
+            if at_record:
+                start = record.kept[n.name][image_index].detach()
+            else:
+                start = like.new_zeros(_batched_shape(record.shapes[n.name], rows))  # type: ignore[union-attr]
+            leaves[n.name] = start.requires_grad_(True)
+        return leaves[n.name]
 
     args = fx.node.map_arg(node.args, value)
     kwargs = dict(fx.node.map_arg(node.kwargs, value))
-    kwargs.pop("inplace", None)
     with torch.enable_grad():
-        if node.op == "call_module":
-            out = op.module(*args, **kwargs)  # type: ignore[misc]
-        elif node.op == "call_method":
-            method = str(node.target).rstrip("_")
-            out = getattr(args[0], method)(*args[1:], **kwargs)
+        if hold:
+            with HoldMode():
+                out = _call(op, args, kwargs)
         else:
-            out = node.target(*args, **kwargs)  # type: ignore[operator]
+            out = _call(op, args, kwargs)
+        if pieces is not None:
+            outputs = [out[i] for i in pieces]
+            grads_out = list(pieces.values())
+        else:
+            outputs, grads_out = [out], [cotangent]  # type: ignore[list-item]
         names = list(leaves)
-        grads = torch.autograd.grad(out, [leaves[n] for n in names], signal, allow_unused=True)
+        grads = torch.autograd.grad(outputs, [leaves[n] for n in names], grads_out, allow_unused=True)
     return {n: g for n, g in zip(names, grads) if g is not None}
 
 
@@ -286,84 +342,176 @@ def _split_back(
     return grad
 
 
+@dataclass
+class WayDown:
+    """What every step of one way down reads: the graph, the forward record, the rule, which
+    recorded image each signal row belongs to, the prepared filters."""
+
+    graph: ModelGraph
+    record: ForwardRecord
+    rule: Rule
+    image_index: torch.Tensor
+    include_lrn: bool
+    filters: TransposedFilters
+    channels_last: bool
+    folding: set[str] = field(default_factory=set)  # convs whose batch norm (passed on the way down) they apply
+
+    @property
+    def rows(self) -> int:
+        return int(self.image_index.shape[0])
+
+
+# One step per op kind: (op, its output's signal, the way down) -> the signals of its inputs. A new
+# kind is one function here and one line in STEPS; a rule's choices are in deconvnet.engine.rules.
+Step = Callable[[Op, Any, WayDown], dict[str, torch.Tensor]]
+
+
+def _relu_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tensor]:
+    mask = w.record.masks[op.name][w.image_index] if w.rule.looks_at_forward else None
+    return {op.inputs[0]: w.rule.relu(x, mask)}
+
+
+def _activation_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tensor]:
+    def local(s: torch.Tensor) -> torch.Tensor:
+        return op_vjp(op, w.graph, w.record, w.image_index, s, at_record=True)[op.inputs[0]]
+
+    return {op.inputs[0]: w.rule.activation(x, local)}
+
+
+def _maxpool_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tensor]:
+    switches = w.record.switches[op.name][w.image_index]
+    return {op.inputs[0]: unpool_sum(x, switches, w.record.shapes[op.inputs[0]])}
+
+
+def _conv_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tensor]:
+    bn = w.graph.folded_bn.get(op.name) if op.name in w.folding else None
+    shape = w.record.shapes[op.inputs[0]]
+    return {op.inputs[0]: w.filters.to_input(x, op.module, shape, w.channels_last, bn)}  # type: ignore[arg-type]
+
+
+def _linear_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tensor]:
+    return {op.inputs[0]: x @ op.module.weight}  # type: ignore[union-attr,operator]
+
+
+def _bn_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tensor]:
+    if op.inputs[0] in w.graph.folded_bn:  # the conv below applies the scale with its filters
+        w.folding.add(op.inputs[0])
+        return {op.inputs[0]: x}
+    scale = batchnorm_scale(op.module)  # type: ignore[arg-type]
+    return {op.inputs[0]: x * scale.view(1, -1, *([1] * (x.dim() - 2)))}
+
+
+def _lrn_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tensor]:
+    if not w.include_lrn:
+        return {op.inputs[0]: x}
+    return {op.inputs[0]: lrn_vjp(op.module, w.record.lrn_inputs[op.name][w.image_index], x)}  # type: ignore[arg-type]
+
+
+def _add_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tensor]:
+    return {name: _sum_to(x, w.record.shapes[name], w.rows) for name in op.inputs}
+
+
+def _identity_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tensor]:
+    return {op.inputs[0]: x}
+
+
+def _reshape_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tensor]:
+    return {op.inputs[0]: x.reshape(_batched_shape(w.record.shapes[op.inputs[0]], w.rows))}
+
+
+def _linear_op_step(op: Op, x: Any, w: WayDown) -> dict[str, torch.Tensor]:
+    return op_vjp(op, w.graph, w.record, w.image_index, x, at_record=False)
+
+
+def _gate_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tensor]:
+    held = (w.graph.gate_operand(op),) if w.rule.holds else ()
+    return op_vjp(op, w.graph, w.record, w.image_index, x, at_record=True, held=held)
+
+
+def _held_step(op: Op, x: Any, w: WayDown) -> dict[str, torch.Tensor]:
+    """Norms and attention: autograd at the recorded input, the multipliers held if the rule holds."""
+    return op_vjp(op, w.graph, w.record, w.image_index, x, at_record=True, hold=w.rule.holds)
+
+
+def _exact_step(op: Op, x: Any, w: WayDown) -> dict[str, torch.Tensor]:
+    """Products of two signals and ops with no rule of their own: the exact vector-Jacobian product
+    (the gradient rule; the others refuse them in ``check_reversible``)."""
+    if w.rule.holds:
+        raise DeconvnetError(f"the {w.rule.name} rule cannot reverse {op.reason} at {op.where}")
+    return op_vjp(op, w.graph, w.record, w.image_index, x, at_record=True)
+
+
+STEPS: dict[str, Step] = {
+    "relu": _relu_step,
+    "activation": _activation_step,
+    "maxpool": _maxpool_step,
+    "conv": _conv_step,
+    "linear": _linear_step,
+    "bn": _bn_step,
+    "lrn": _lrn_step,
+    "add": _add_step,
+    "identity": _identity_step,
+    "reshape": _reshape_step,
+    "linear_op": _linear_op_step,
+    "gate": _gate_step,
+    "norm": _held_step,
+    "attention": _held_step,
+    "product": _exact_step,
+    "generic": _exact_step,
+}
+# kinds whose output may be a tuple: their users' pieces come down as {index: signal}
+_PIECEWISE = ("split", "attention", "generic")
+
+
 def run_backward(
     graph: ModelGraph,
     record: ForwardRecord,
     target: str,
     signal: torch.Tensor,
     image_index: torch.Tensor,
-    rule: str = "deconvnet",
+    rule: str | Rule = "deconvnet",
     include_lrn: bool = False,
     filters: TransposedFilters | None = None,
 ) -> torch.Tensor:
     """Send ``signal`` (S, ...) at op ``target`` down to the input; returns (S, C, H, W).
 
     ``filters``: the engine's prepared transposed filters (made here if not given)."""
-    ops = graph.below(target)
-    filters = filters or TransposedFilters()
+    rule_ = get_rule(rule)
+    ops = graph.reached(target, rule_.holds)
     cl = signal.device.type == "cpu"  # channels-last: faster transposed convolutions on CPU (same sums)
     if cl and signal.dim() == 4:
         signal = signal.contiguous(memory_format=torch.channels_last)
+    way = WayDown(graph, record, rule_, image_index, include_lrn, filters or TransposedFilters(), cl)
     signals: dict[str, Any] = {target: signal}
-    split_pieces: dict[str, dict[int, torch.Tensor]] = {}
-    folding: set[str] = set()  # convs whose batch norm (passed on the way down) they apply
+    pieces_of: dict[str, dict[int, torch.Tensor]] = {}
     rows = signal.shape[0]
     with torch.no_grad():
         for op in reversed(ops):
-            if op.kind == "split":
-                pieces = split_pieces.pop(op.name, None)
-                if pieces:
+            if op.kind in _PIECEWISE and op.name in pieces_of:
+                pieces = pieces_of.pop(op.name)
+                if op.kind == "split":
                     _accumulate(signals, op.inputs[0], _split_back(op, record, pieces, rows, signal))
-                continue
+                    continue
+                if op.name in signals:  # used whole and by pieces: the whole as piece... not expected
+                    raise DeconvnetError(f"{op.where}: an output used both whole and by index is not supported")
+                signals[op.name] = pieces
             if op.name not in signals:
                 continue
             if op.kind == "input":
                 break
             x = signals.pop(op.name)
-            kind = op.kind
-            if kind == "relu":
-                mask = record.masks[op.name][image_index] if rule != "deconvnet" else None
-                _accumulate(signals, op.inputs[0], relu_rule(x, rule, mask))
-            elif kind == "maxpool":
-                _accumulate(
-                    signals,
-                    op.inputs[0],
-                    unpool_sum(x, record.switches[op.name][image_index], record.shapes[op.inputs[0]]),
-                )
-            elif kind == "conv":
-                bn = graph.folded_bn.get(op.name) if op.name in folding else None
-                _accumulate(signals, op.inputs[0], filters.to_input(x, op.module, record.shapes[op.inputs[0]], cl, bn))  # type: ignore[arg-type]
-            elif kind == "linear":
-                _accumulate(signals, op.inputs[0], x @ op.module.weight)  # type: ignore[union-attr]
-            elif kind == "bn":
-                if op.inputs[0] in graph.folded_bn:  # the conv below applies the scale with its filters
-                    folding.add(op.inputs[0])
-                    _accumulate(signals, op.inputs[0], x)
-                else:
-                    scale = batchnorm_scale(op.module)  # type: ignore[arg-type]
-                    _accumulate(signals, op.inputs[0], x * scale.view(1, -1, *([1] * (x.dim() - 2))))
-            elif kind == "lrn":
-                y = lrn_vjp(op.module, record.lrn_inputs[op.name][image_index], x) if include_lrn else x  # type: ignore[arg-type]
-                _accumulate(signals, op.inputs[0], y)
-            elif kind == "add":
-                for name in op.inputs:
-                    _accumulate(signals, name, _sum_to(x, record.shapes[name], rows))
-            elif kind == "identity":
-                _accumulate(signals, op.inputs[0], x)
-            elif kind == "reshape":
-                _accumulate(signals, op.inputs[0], x.reshape(_batched_shape(record.shapes[op.inputs[0]], rows)))
-            elif kind == "getitem":
+            if op.kind == "getitem":
                 index = op.node.args[1]
                 if not isinstance(index, int):
                     raise DeconvnetError(f"{op.where}: indexing a split by {index!r} is not supported")
-                split_pieces.setdefault(op.inputs[0], {})
-                pieces = split_pieces[op.inputs[0]]
+                pieces = pieces_of.setdefault(op.inputs[0], {})
                 pieces[index] = pieces[index] + x if index in pieces else x
-            elif kind == "linear_op":
-                for name, g in _linear_vjp(op, graph, record, x).items():
-                    _accumulate(signals, name, g)
-            else:
+                continue
+            step = STEPS.get(op.kind)
+            if step is None:
                 raise DeconvnetError(f"the deconvnet cannot reverse {op.reason or op.kind} at {op.where}")
+            for name, g in step(op, x, way).items():
+                _accumulate(signals, name, g)
     result = signals.get(graph.input_name)  # type: ignore[arg-type]
     if result is None:  # the selection does not depend on the image (cannot happen for a traced path)
         result = signal.new_zeros(_batched_shape(record.input_shape, rows))
