@@ -24,6 +24,7 @@ lint: $(VENV)/.installed-test
 # strictly (a broken link or reference fails); `make test` runs it, so CI does too. Output: site/
 docs: $(VENV)/.installed-test
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	@echo "docs: $(CURDIR)/site/index.html (open it in a browser; or $(BIN)/mkdocs serve, then http://127.0.0.1:8000)"
 
 install: $(VENV)/.installed
 

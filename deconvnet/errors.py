@@ -23,6 +23,8 @@ EXTRAS: dict[str, dict[str, str]] = {
     "analyses": {"sklearn": "scikit-learn", "skimage": "scikit-image"},
     "timm": {"timm": "timm"},
     "quantus": {"quantus": "quantus"},
+    # Jupyter itself and the widgets tqdm.auto draws progress bars with (without them: a warning and text bars)
+    "notebook": {"jupyterlab": "jupyterlab", "ipywidgets": "ipywidgets"},
 }
 
 
