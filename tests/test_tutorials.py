@@ -36,6 +36,7 @@ EXPECTED = {
         ["unoccluded, lowest", "translate: at +10 layer 1", "conv1: 96 filters 7x7x3", "the paper's cap 0.1"],
     ),
 }
+WIDGETS = ["02-your-own-network.ipynb", "03-paper-analyses.ipynb"]  # tutorials that show a progress bar
 WITH_DATA = ["20 images from", "paper (Table 1):", "random     layer5 0.107 +- 0.017", "layer 5:", "paper 86.2"]
 
 
@@ -81,6 +82,12 @@ def test_tutorial_runs(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+    # progress bars render as widgets (tqdm.auto with ipywidgets, the notebook extra), with no warning
+    outputs = [o for c in nb.cells for o in c.get("outputs", [])]
+    streams = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "TqdmWarning" not in streams and "IProgress not found" not in streams, streams[-1000:]
+    if name in WIDGETS:
+        assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs), name
     images, text = _outputs(nb)
     (with_data, without_data), lines = EXPECTED[name]
     assert images == (with_data if has_data else without_data), text[-2000:]
