@@ -193,8 +193,33 @@ def check_metadata(metadata: Mapping[str, Any], path: str | os.PathLike) -> tupl
         raise _fail(path, f"{len(classes)} class names for {config.num_classes} outputs")
     preprocessing = _preprocessing(path, metadata["preprocessing"])
     # preprocessing.crop may differ from arch.input_size: save_weights allows it, and the tensors are
-    # still usable (e.g. to initialise another run by name and shape)
+    # still usable (e.g. to initialise another run by name and shape); but not be too small for the layers
+    if not _accepts_input(config, preprocessing.crop):
+        smallest = _smallest_input(config, max(preprocessing.crop, config.input_size))
+        raise DeconvnetError(
+            f"{path}: preprocessing.crop = {preprocessing.crop} is too small for this model: its layers need "
+            f"an input of at least {smallest}x{smallest} pixels; save the weights again with a larger crop"
+        )
     return config, list(classes), preprocessing
+
+
+def _accepts_input(config: ArchConfig, side: int) -> bool:
+    """Whether the architecture's layers accept a ``side`` square input (built on the meta device)."""
+    try:
+        with torch.device("meta"):
+            ConvNet(config.with_(input_size=side))
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+def _smallest_input(config: ArchConfig, fits: int) -> int:
+    """The smallest square input side the layers accept, by bisection below ``fits`` (one that does)."""
+    low, high = 1, fits
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if _accepts_input(config, middle) else (middle + 1, high)
+    return low
 
 
 def expected_shapes(config: ArchConfig, path: str | os.PathLike = "weights") -> dict[str, tuple[int, ...]]:

@@ -354,3 +354,39 @@ def test_scan_passes_are_bounded_by_bytes_whatever_the_batch_size(tmp_path, monk
         np.testing.assert_array_equal(split.values[layer], whole.values[layer])
         np.testing.assert_array_equal(split.images[layer], whole.images[layer])
         np.testing.assert_array_equal(split.positions[layer], whole.positions[layer])
+
+
+# --------------------------------------------------------------------------- inputs too small
+
+
+def test_an_input_too_small_for_the_model_names_the_smallest_size(tmp_path, capsys):
+    import torch
+
+    from deconvnet.data import Preprocessing
+    from deconvnet.deconv import DeconvNet
+
+    loaded = tiny_loaded()
+    engine = DeconvNet(loaded.model)
+    tiny = torch.rand(1, 3, 1, 1)
+    for call in (
+        lambda: engine.forward(tiny, "conv5"),
+        lambda: engine.outputs(tiny, ["conv5"]),
+        lambda: engine.activations(tiny, "conv5"),
+        lambda: engine.strongest(tiny, "conv5"),
+    ):
+        with pytest.raises(DeconvnetError, match=r"a 1x1 input is too small for this model: conv5 needs at least"):
+            call()
+    smallest = engine.min_input_size("conv5")
+    assert engine.activations(torch.rand(1, 3, smallest, smallest), "conv5").shape[-1] >= 1  # it is enough
+    with pytest.raises(DeconvnetError, match=rf"needs at least {smallest}x{smallest} pixels"):
+        engine.activations(torch.rand(1, 3, smallest - 1, smallest - 1), "conv5")  # and one less is not
+    with pytest.raises(RuntimeError):  # what the bare model does with it: the check is no stricter than torch
+        loaded.model.features(torch.rand(1, 3, smallest - 1, smallest - 1))
+    assert engine.min_input_size("conv1") < smallest
+
+    # the CLI: a weights file whose preprocessing crops smaller than its layers accept
+    weights = save_weights(loaded.model, tmp_path / "small.safetensors", loaded.classes, Preprocessing(10, 8))
+    image = _images(tmp_path / "images", 1) / "a" / "b" / "im000.png"
+    code, _, err = run_cli(["classify", image, "--weights", weights, "--device", "cpu"], capsys)
+    line = _one_error_line(err)
+    assert code == 2 and "preprocessing.crop = 8 is too small" in line and "at least 47x47" in line
