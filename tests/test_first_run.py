@@ -107,3 +107,26 @@ def test_demo_intro_with_the_bundled_model_says_the_photos_are_none_of_its_class
     intro = demo_intro(loaded.classes, loaded.source)
     assert "are none of the 10 classes the bundled model knows" in intro
     assert all(c in intro for c in loaded.classes) and "a cat" in intro
+
+
+@pytest.mark.parametrize("arch", ["zfnet", "zfnet-blog", "tv-alexnet", "tv-vgg11_bn"])
+def test_chain_input_sizes_from_geometry_match_a_forward_pass(arch):
+    """The windowed projector sizes its layers from their geometry (no forward pass at start-up); the
+    sizes must be those of a forward pass, at sizes with odd remainders."""
+    import torchvision
+
+    from deconvnet.engine import chain_forward
+    from deconvnet.engine.core import DeconvNet
+    from deconvnet.engine.windowed import chain_input_sizes
+
+    torch.manual_seed(0)
+    if arch.startswith("tv-"):
+        model = getattr(torchvision.models, arch[3:])(weights=None).eval()
+    else:
+        model = build_model("zfnet", pool_style="blog" if arch.endswith("blog") else "ceil", fc=(8, 8)).eval()
+    chain = DeconvNet(model).chain
+    for size in [(224, 224), (97, 131), (64, 80)]:
+        with torch.no_grad():
+            record = chain_forward(chain, torch.zeros(1, 3, *size), len(chain) - 1, record=False)[1]
+        expected = {i: (int(s[-2]), int(s[-1])) for i, s in record.shapes.items()}
+        assert chain_input_sizes(chain, size) == expected, size

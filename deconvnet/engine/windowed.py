@@ -84,6 +84,44 @@ def last_pool_below(engine: DeconvNet, layer: LayerInfo) -> int:
     return needed
 
 
+# layers whose output has their input's spatial size
+_SIZE_KEEPING = (nn.ReLU, nn.LocalResponseNorm, nn.BatchNorm2d, nn.Dropout, nn.Identity)
+
+
+def chain_input_sizes(chain: list[LayerInfo], size: tuple[int, int]) -> dict[int, tuple[int, int]] | None:
+    """Spatial size of every chain layer's input for images of ``size``, from PyTorch's output-size
+    formulas of ``Conv2d`` and ``MaxPool2d`` (the other layers kinds of ``_SIZE_KEEPING``); ``None``
+    where a layer is of another kind or a size would be below 1 (the caller then runs a forward pass,
+    which also gives the error)."""
+    height, width = size
+    sizes: dict[int, tuple[int, int]] = {}
+    for info in chain:
+        m = info.module
+        sizes[info.index] = (height, width)
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
+            if isinstance(m, nn.Conv2d) and isinstance(m.padding, str):
+                return None
+            kernel, stride, padding, dilation = (int_pair(v) for v in (m.kernel_size, m.stride, m.padding, m.dilation))
+            ceil = isinstance(m, nn.MaxPool2d) and m.ceil_mode
+            height, width = (
+                _output_size(n, kernel[a], stride[a], padding[a], dilation[a], ceil)
+                for a, n in enumerate((height, width))
+            )
+            if height < 1 or width < 1:
+                return None
+        elif not isinstance(m, _SIZE_KEEPING):
+            return None
+    return sizes
+
+
+def _output_size(n: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
+    span = n + 2 * padding - dilation * (kernel - 1) - 1
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= n + padding:
+        out -= 1  # the last window must start inside the input or its left padding
+    return out
+
+
 class WindowedProjector:
     """Windowed projections of single units for a :class:`DeconvNet` (see module docstring)."""
 
@@ -249,12 +287,15 @@ class WindowedProjector:
         key = (int(input_shape[0]), int(input_shape[1]))
         if key not in self._shapes:
             channels = next(m.in_channels for m in (i.module for i in self.chain) if isinstance(m, nn.Conv2d))
-            # one real forward of a blank image, not one on the meta device: meta kernels of
-            # element-wise ops import torch._dynamo (about 1 s of a command's start-up), more than
-            # this forward costs; cached per size
-            probe = torch.zeros(1, channels, *key, device=next(self.engine.model.parameters()).device)
-            rec = chain_forward(self.chain, probe, len(self.chain) - 1, record=False)[1]
-            self._shapes[key] = {i: (int(s[-2]), int(s[-1])) for i, s in rec.shapes.items()}
+            # From the layers' geometry where every layer is a kind whose output size is known, else
+            # by one real forward of a blank image; not on the meta device: meta kernels of element-wise
+            # ops import torch._dynamo (about 1 s of a command's start-up). Cached per size.
+            shapes = chain_input_sizes(self.chain, key)
+            if shapes is None:
+                probe = torch.zeros(1, channels, *key, device=next(self.engine.model.parameters()).device)
+                rec = chain_forward(self.chain, probe, len(self.chain) - 1, record=False)[1]
+                shapes = {i: (int(s[-2]), int(s[-1])) for i, s in rec.shapes.items()}
+            self._shapes[key] = shapes
         return self._shapes[key]
 
     def _in_size(self, rec, info: LayerInfo, input_shape: tuple[int, int]) -> tuple[int, int]:
