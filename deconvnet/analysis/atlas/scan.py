@@ -155,8 +155,10 @@ class _Scanner:
         """Update the top-k lists with one batch of :class:`ImageShard` items; list the unreadable."""
         good = [(gid, t) for gid, t, _ in batch if t is not None]
         self.state.skipped.extend((self.state.files[gid], why) for gid, t, why in batch if t is None)
-        for start in range(0, len(good), self.per_pass):
-            self._add_pass(good[start : start + self.per_pass])
+        passes = -(-len(good) // self.per_pass)
+        step = -(-len(good) // max(1, passes))  # even passes: 32 images at 18 a pass go as 16 + 16
+        for start in range(0, len(good), max(1, step)):
+            self._add_pass(good[start : start + step])
 
     def _add_pass(self, good: list[tuple[int, torch.Tensor]]) -> None:
         """One forward pass over readable images (exact: the top-k merge is the same in any grouping)."""
