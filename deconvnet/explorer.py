@@ -42,7 +42,7 @@ from .data import MAX_IMAGE_PIXELS, decode_image, pil_to_tensor
 from .deconv import DeconvNet
 from .display import crop_box, data_uri, png_bytes, to_display
 from .display.panels import gray_map, invariance_panel, map_sheet, occlusion_panels
-from .engine import RULES
+from .engine import RULE_TABLE, RULES
 from .engine.reverse import check_rule
 from .errors import DeconvnetError
 from .weights import LoadedModel
@@ -70,12 +70,8 @@ __all__ = [
 # A 50-megapixel photo or a decompression bomb is refused before its pixels are decoded (the same
 # limit as every command: deconvnet.data.MAX_IMAGE_PIXELS).
 DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS
-# what a page calls each rule of the engine
-RULE_TITLES = {
-    "deconvnet": "deconvnet (Zeiler & Fergus)",
-    "guided": "guided backpropagation",
-    "gradient": "gradient (plain backpropagation)",
-}
+# what a page calls each rule of the engine (the rule table's titles)
+RULE_TITLES = {name: rule.title for name, rule in RULE_TABLE.items()}
 
 
 # A classifier always answers with one of its classes; a page says so beside its answer. Under this

@@ -212,9 +212,13 @@ def reference_projection(
     position: tuple[int, int] | None,
     rule: str,
     whole_map: bool = False,
+    layout: str = "maps",
+    extra_tokens: int = 0,
 ) -> torch.Tensor:
     """(C, H, W): d(seed . output of ``module``)/d(image) under ``rule``, seed = the activation value
-    at ``position`` (the map's first maximum if None) or the whole map."""
+    at ``position`` (the map's first maximum if None) or the whole map. ``layout``: how the module's
+    output holds its maps: "maps" (N, C, H, W), "channels_last" (N, H, W, C) or "tokens" (N, T, C):
+    ``extra_tokens`` class tokens, then a square grid of patch tokens in row-major order."""
     model.eval()
     x = image.detach().clone().requires_grad_(True)
     captured: list[torch.Tensor] = []
@@ -225,6 +229,11 @@ def reference_projection(
     finally:
         handle.remove()
     out = captured[0]
+    if layout == "channels_last":
+        out = out.permute(0, 3, 1, 2)
+    elif layout == "tokens":
+        side = int(round((out.shape[1] - extra_tokens) ** 0.5))
+        out = out[:, extra_tokens:, :].transpose(1, 2).reshape(out.shape[0], out.shape[2], side, side)
     seed = torch.zeros_like(out)
     if out.dim() == 2 or whole_map:
         seed[0, channel] = out[0, channel].detach()

@@ -342,6 +342,42 @@ def test_families_beyond_relu_equal_the_reference_under_every_rule(name):
         assert _close(refs["deconvnet"], refs["gradient"]) > 1e-3 and _close(refs["guided"], refs["gradient"]) > 1e-3
 
 
+# layers whose maps are channels-last (Swin's stages, inside ConvNeXt's blocks) or patch tokens (ViT)
+LAYOUTS = {
+    "swin_t": ([("features.3", "channels_last", 0), ("features.0", "channels_last", 0)], 64),
+    "convnext_tiny": ([("features.1.0.block.3", "channels_last", 0)], 64),
+    "vit_b_16": ([("encoder.layers.encoder_layer_1", "tokens", 1), ("encoder", "tokens", 1)], 48),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_channels_last_and_token_layers_are_maps_that_equal_the_reference(name):
+    layers, size = LAYOUTS[name]
+    model = _family_model(name, size)
+    image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(4))
+    engine = DeconvNet(model)
+    for layer, layout, extra in layers:
+        raw = model.get_submodule(layer)
+        assert engine.layout(layer, (size, size)).kind == layout
+        acts = engine.activations(image, layer)  # (N, C, H, W) whatever the layout
+        shape = engine.output_shape(layer, (size, size))
+        assert acts.shape[1:] == shape and acts.dim() == 4
+        channel = int(acts[0].flatten(1).amax(1).argmax())
+        for rule in RULES:
+            (ours,) = engine.project(image, [Selection(0, layer, channel)], rule=rule)
+            ref = reference_projection(
+                model, image, raw, channel, ours.position, rule, layout=layout, extra_tokens=extra
+            )
+            assert ours.value == pytest.approx(float(acts[0, channel].max()), rel=1e-6)
+            assert ref.abs().max() > 0 and _close(ours.image, ref) < TOLERANCE, (name, layer, rule)
+            (whole,) = engine.project(image, [Selection(0, layer, channel, whole_map=True)], rule=rule)
+            ref = reference_projection(
+                model, image, raw, channel, None, rule, whole_map=True, layout=layout, extra_tokens=extra
+            )
+            assert _close(whole.image, ref) < TOLERANCE, (name, layer, rule, "whole map")
+    assert set(engine.map_layers) >= {layer for layer, _, _ in layers if layer in engine.layer_names}
+
+
 def test_a_product_of_two_signals_without_a_gate_is_refused_under_deconvnet_and_exact_under_gradient():
     class Bilinear(nn.Module):
         def __init__(self) -> None:

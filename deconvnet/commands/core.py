@@ -165,7 +165,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     engine = DeconvNet(loaded.model)
     size = (loaded.preprocessing.crop, loaded.preprocessing.crop)
     rows = layer_rows(engine, size, engine.all_layer_names if args.all else engine.layer_names)
-    width = max(8, *(len(row.name) for row in rows))
+    width = max([8, *(len(row.name) for row in rows)])
     print(f"{'layer':{width}} {'operation':34} {'output':18} {'receptive field':>16} {'stride':>7}")
     for row in rows:
         print(f"{row.name:{width}} {row.operation[:34]:34} {row.output:18} {row.receptive_field:>16} {row.stride:>7}")

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
+from ..engine.rules import RULE_TABLE
 from .common import crop_box, new_figure, to_display
 from .panels import filter_mosaic, gray_map
 
@@ -157,7 +158,7 @@ def projection_figure(result: ProjectionResult, title: str | None = None) -> Fig
     return fig
 
 
-RULE_NAMES = {"deconvnet": "deconvnet (paper)", "guided": "guided backprop", "gradient": "gradient"}
+RULE_NAMES = {name: rule.label for name, rule in RULE_TABLE.items()}  # the rule table's short names
 
 
 def rules_figure(result: ProjectionResult, title: str | None = None) -> Figure:

@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import DeconvnetError
 from ..notebook import InlineDisplay
 from .chain import ChainRecord, LayerInfo, chain_forward, feature_layers, is_chain
-from .graph import Field, ModelGraph, trace
+from .graph import MAPS, Field, Layout, ModelGraph, trace
 from .graph_windowed import GraphWindowedProjector, WindowPlan
 from .record import ForwardRecord, run_forward
 from .reverse import RULES, TransposedFilters, check_rule, run_backward
@@ -128,6 +128,7 @@ class DeconvNet:
         self.chain: list[LayerInfo] | None = feature_layers(model) if is_chain(model) else None
         # input size -> (output shape, receptive field) of every traced op
         self._fields: dict[tuple[int, int], tuple[dict[str, torch.Size], dict[str, Field]]] = {}
+        self._layouts: dict[tuple[int, int], dict[str, Layout]] = {}
         self._min_sizes: dict[tuple[str, ...], int] = {}  # op set -> smallest square input side
         self._projector: WindowedProjector | None = None
         self.filters = TransposedFilters()  # prepared transposed filters, shared by all ways down
@@ -177,24 +178,44 @@ class DeconvNet:
         selectable name."""
         if self.chain is not None:
             return [i.name for i in self.chain if i.name.startswith(("conv", "pool", "norm"))]
-        shapes = self._shapes(self.probe_size)
+        layouts = self.layouts(self.probe_size)
+        containers = (nn.Sequential, nn.ModuleDict, nn.ModuleList)
         out = []
         for path, _module in self.model.named_modules():
-            if not path or path.count(".") > 1:
+            depth = path.count(".")
+            if not path or depth > 2:
                 continue
-            if path.count(".") == 1:
-                parent = self.model.get_submodule(path.rsplit(".", 1)[0])
-                if not isinstance(parent, (nn.Sequential, nn.ModuleDict, nn.ModuleList)):
+            parent = self.model.get_submodule(path.rsplit(".", 1)[0]) if depth else None
+            if depth == 1 and not isinstance(parent, containers):
+                continue
+            if depth == 2:
+                # the blocks of a container inside a top-level module that is not one (ViT's
+                # encoder.layers.encoder_layer_N)
+                top = self.model.get_submodule(path.split(".", 1)[0])
+                if isinstance(top, containers) or not isinstance(parent, containers):
                     continue
             try:
                 op = self.graph.resolve(path)
             except KeyError:
                 continue
-            shape = shapes.get(op.name)
-            # maps only, and not a conv or batch norm whose rectified output follows as its own layer
-            if shape is not None and len(shape) == 4 and op.kind not in ("bn", "conv"):
+            # maps (any layout), and not a conv or batch norm whose rectified output follows as its own layer
+            if op.name in layouts and op.kind not in ("bn", "conv"):
                 out.append(path)
         return out
+
+    def layouts(self, input_size: tuple[int, int]) -> dict[str, Layout]:
+        """The layout of every traced op's output that holds maps, for inputs of ``input_size``
+        (see :class:`deconvnet.engine.graph.Layout`)."""
+        key = (int(input_size[0]), int(input_size[1]))
+        if key not in self._layouts:
+            self._layouts[key] = self.graph.layouts(self._shapes(key))
+        return self._layouts[key]
+
+    def layout(self, layer: str, input_size: tuple[int, int]) -> Layout:
+        """How ``layer``'s output holds its maps (plain (N, C, H, W) maps for chain models)."""
+        if self.chain is not None and layer in self._infos:
+            return MAPS
+        return self.layouts(input_size).get(self._op_name(layer), MAPS)
 
     @property
     def map_layers(self) -> list[str]:
@@ -202,7 +223,17 @@ class DeconvNet:
         whose units have a local receptive field (not after global pooling)."""
         if self.chain is not None:
             return [n for n in self.layer_names if n.startswith("conv")]
-        return [n for n in self.layer_names if not self.layer(n).covers_image]
+        return [n for n in self.layer_names if self._has_maps(n)]
+
+    def _has_maps(self, layer: str) -> bool:
+        """Units with a local receptive field, or maps larger than 1x1 whose field is the whole
+        image because of attention, gates or normalisation below (not global pooling)."""
+        if not self.layer(layer).covers_image:
+            return True
+        op = self._op_name(layer)
+        shape = self.output_shape(layer, self.probe_size)
+        mixing = ("attention", "gate", "norm", "product", "generic")
+        return len(shape) == 3 and shape[1] * shape[2] > 1 and any(o.kind in mixing for o in self.graph.below(op))
 
     @property
     def all_layer_names(self) -> list[str]:
@@ -226,12 +257,13 @@ class DeconvNet:
                 f"unknown layer {layer!r}; this model has {shown} (`deconvnet layers --all` lists every name)"
             ) from None
 
-    def layer(self, name: str) -> LayerInfo:
-        """The layer a name means (paper name, module path or traced op name)."""
+    def layer(self, name: str, input_size: tuple[int, int] | None = None) -> LayerInfo:
+        """The layer a name means (paper name, module path or traced op name), its receptive field
+        read at ``input_size`` (default: ``probe_size``)."""
         if name in self._infos:
             return self._infos[name]
         op = self.graph.by_name[self._op_name(name)]
-        f = self.fields(self.probe_size).get(op.name, Field(None))
+        f = self.fields(input_size or self.probe_size).get(op.name, Field(None))
         size = None if f.size is None else max(f.size)
         path = name if name in dict(self.model.named_modules()) else (op.module_path or op.qualname)
         return LayerInfo(self.graph.order[op.name], name, path, op.module, size, f.stride[0], f.start[0], op.name)
@@ -271,8 +303,10 @@ class DeconvNet:
         return self._trace_shapes(input_size)[1]
 
     def output_shape(self, layer: str, input_size: tuple[int, int]) -> tuple[int, ...]:
-        """Shape of one image's output of ``layer`` (without the batch axis)."""
-        return tuple(self._shapes(input_size)[self._op_name(layer)][1:])
+        """Shape of one image's output of ``layer`` (without the batch axis); a layer with maps in
+        another layout (channels-last, tokens) as its maps, (C, H, W)."""
+        shape = self._shapes(input_size)[self._op_name(layer)]
+        return tuple(self.layout(layer, input_size).map_shape(shape)[1:])
 
     def min_input_size(self, layers: str | Sequence[str]) -> int:
         """The side of the smallest square input from which ``layers`` can be computed (each of
@@ -311,6 +345,11 @@ class DeconvNet:
         height, width = int(images.shape[-2]), int(images.shape[-1])
         if min(height, width) >= min(self.probe_size):
             return
+        try:  # the whole model at this size (one forward, cached for its shapes and fields) fits: so do the layers
+            self._trace_shapes((height, width))
+            return
+        except DeconvnetError:
+            pass
         smallest = self.min_input_size(layers)
         if min(height, width) < smallest:
             names = [layers] if isinstance(layers, str) else list(layers)
@@ -343,10 +382,11 @@ class DeconvNet:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if isinstance(e, RuntimeError) and not any(w in first for w in ("shape", "size", "Expected")):
                 raise
-            size = "x".join(str(int(v)) for v in images.shape[-2:])
-            raise DeconvnetError(f"a {size} input does not fit this model ({first})") from None
+            shown = "x".join(str(int(v)) for v in images.shape[-2:])
+            raise DeconvnetError(f"a {shown} input does not fit this model ({first})") from None
+        size = (int(images.shape[-2]), int(images.shape[-1]))
         for name, op in zip(names, ops):
-            record.values[name] = record.values[op]
+            record.values[name] = self.layout(name, size).to_maps(record.values[op])
         return record
 
     def outputs(self, images: torch.Tensor, layers: Sequence[str], logits: bool = False) -> dict[str, torch.Tensor]:
@@ -359,7 +399,8 @@ class DeconvNet:
                 raise DeconvnetError(f"{type(self.model).__name__} does not return one tensor of logits")
             ops.append(self.graph.output_name)
         record = run_forward(self.graph, images, ops)
-        out = {name: record.values[op] for name, op in zip(layers, ops)}
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        out = {name: self.layout(name, size).to_maps(record.values[op]) for name, op in zip(layers, ops)}
         if logits:
             out["logits"] = record.values[self.graph.output_name]  # type: ignore[index]
         return out
@@ -385,7 +426,8 @@ class DeconvNet:
         if self.chain is not None and layer in self._infos:
             return chain_forward(self.chain, images, self._infos[str(layer)].index, record=False)[0]
         op = self._op_name(str(layer))
-        return run_forward(self.graph, images, [op]).values[op]
+        layout = self.layout(str(layer), (int(images.shape[-2]), int(images.shape[-1])))
+        return layout.to_maps(run_forward(self.graph, images, [op]).values[op])
 
     # ------------------------------------------------------------------ backward
     def backward(
@@ -452,12 +494,13 @@ class DeconvNet:
         for layer, members in by_layer.items():
             acts = acts_by_layer[layer]
             seeds = dict(zip(members, self._seeds(acts, [selections[i] for i in members], layer)))
-            info = self.layer(layer)
+            info = self.layer(layer, (height, width))
+            layout = self.layout(layer, (height, width))
             fast = [i for i in members if not selections[i].whole_map] if fast_layers else []
             if fast:
                 self._project_windowed(images, chain_record, layer, fast, selections, seeds, results)
                 self.path_counts["chain-windowed"] += len(fast)
-            elif self.fast_path and record is not None and acts.dim() == 4:
+            elif self.fast_path and record is not None and acts.dim() == 4 and layout.kind == "maps":
                 units = [i for i in members if not selections[i].whole_map]
                 plan = (
                     self.graph_projector.plan(self._op_name(layer), record.shapes, (height, width)) if units else None
@@ -487,7 +530,14 @@ class DeconvNet:
                 image_index = torch.tensor([selections[i].image for i in chunk], device=acts.device)
                 assert record is not None
                 down = run_backward(
-                    self.graph, record, self._op_name(layer), signal, image_index, rule, self.include_lrn, self.filters
+                    self.graph,
+                    record,
+                    self._op_name(layer),
+                    layout.from_maps(signal),
+                    image_index,
+                    rule,
+                    self.include_lrn,
+                    self.filters,
                 )
                 for r, i in enumerate(chunk):
                     value, pos = seeds[i]
@@ -511,8 +561,8 @@ class DeconvNet:
     ) -> None:
         """Single units of a layer down the traced graph on windows (graph_windowed), in passes of
         bounded memory; each projection keeps its window (its full-size image is built on first use)."""
-        info = self.layer(layer)
         height, width = images.shape[-2:]
+        info = self.layer(layer, (height, width))
         device = images.device
         if device.type == "cpu":
             # cache-sized passes here too (measured on ResNet-50 layer2: 1 MB 1.6x slower, 16 MB the same)

@@ -18,6 +18,12 @@ product); under ``deconvnet``/``guided`` every kind but ``product`` (two signals
 gate among them) and ``generic`` (an op with no rule of its own), which are errors naming the op,
 its module path and the rule it would need (see ``docs/rules.md``).
 
+Layouts (:class:`Layout`): an op's output is a stack of maps when it is (N, C, H, W) ("maps"),
+(N, H, W, C) after a ``permute(0, 2, 3, 1)`` of maps and the ops that keep it (Swin's stages,
+ConvNeXt's blocks inside: "channels_last"), or (N, T, C) patch tokens on a square grid, possibly after
+a few class/register tokens ("tokens": ViT's encoder). :meth:`ModelGraph.layouts` says which; a map
+of any of them is a channel over the grid (``Layout.to_maps`` / ``Layout.from_maps``).
+
 Receptive fields, per axis, as (size, stride, start): a conv/pool of kernel k, stride s, padding p,
 dilation d maps (n, j, r) to (n + d(k-1) j, j s, r - p j); element-wise operations keep it; an
 operation with several inputs (addition, concatenation) takes the union of its inputs' fields (the
@@ -26,8 +32,9 @@ largest over all paths); global operations (linear, adaptive pooling, means) see
 
 from __future__ import annotations
 
+import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -37,7 +44,7 @@ from torch import fx, nn
 
 from ..errors import DeconvnetError
 
-__all__ = ["Op", "ModelGraph", "Field", "trace", "KINDS", "HELD_KINDS", "RECORDS_INPUTS", "int_pair"]
+__all__ = ["Op", "ModelGraph", "Field", "Layout", "trace", "KINDS", "HELD_KINDS", "RECORDS_INPUTS", "int_pair"]
 
 # Operation kinds and how the way down treats them (see deconvnet.engine.reverse).
 KINDS = {
@@ -245,6 +252,71 @@ class Field:
     @property
     def covers_image(self) -> bool:
         return self.size is None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an op's output holds maps: ``kind`` "maps" (N, C, H, W), "channels_last" (N, H, W, C) or
+    "tokens" (N, extra + H*W, C) with ``extra`` leading class/register tokens."""
+
+    kind: str = "maps"
+    extra: int = 0
+
+    def to_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The output as (N, C, H, W) maps (a view where possible)."""
+        if self.kind == "channels_last":
+            return x.permute(0, 3, 1, 2)
+        if self.kind == "tokens":
+            grid = x[:, self.extra :, :]
+            side = math.isqrt(grid.shape[1])
+            return grid.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+        return x
+
+    def from_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """(S, C, H, W) maps back to this layout (class/register tokens zero)."""
+        if self.kind == "channels_last":
+            return maps.permute(0, 2, 3, 1)
+        if self.kind == "tokens":
+            s, c = maps.shape[:2]
+            out = maps.new_zeros(s, self.extra + maps.shape[2] * maps.shape[3], c)
+            out[:, self.extra :, :] = maps.reshape(s, c, -1).transpose(1, 2)
+            return out
+        return maps
+
+    def map_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The (N, C, H, W) shape of an output of ``shape`` in this layout."""
+        if self.kind == "channels_last":
+            return (shape[0], shape[3], shape[1], shape[2])
+        if self.kind == "tokens":
+            side = math.isqrt(shape[1] - self.extra)
+            return (shape[0], shape[2], side, side)
+        return tuple(shape)
+
+
+MAPS = Layout()
+# at most this many class/register tokens before the grid of patch tokens
+MAX_EXTRA_TOKENS = 8
+
+
+def _token_layout(shape: Sequence[int]) -> Layout | None:
+    """(N, T, C) with T = extra + g*g (g >= 2, extra <= MAX_EXTRA_TOKENS): patch tokens."""
+    if len(shape) != 3:
+        return None
+    for extra in range(MAX_EXTRA_TOKENS + 1):
+        side = math.isqrt(max(0, shape[1] - extra))
+        if side >= 2 and side * side == shape[1] - extra:
+            return Layout("tokens", extra)
+    return None
+
+
+def _permutation(node: fx.Node) -> tuple[int, ...] | None:
+    """The dims of a ``permute`` node (method or function), if it is one."""
+    if node.target not in ("permute", torch.permute):
+        return None
+    dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = tuple(dims[0])
+    return tuple(dims) if all(isinstance(d, int) for d in dims) else None  # type: ignore[arg-type]
 
 
 @dataclass
@@ -598,9 +670,39 @@ class ModelGraph:
                     f"{need}; the gradient rule reverses it exactly, or choose a layer below it"
                 )
 
+    # ------------------------------------------------------------------ layouts
+    def layouts(self, shapes: dict[str, torch.Size]) -> dict[str, Layout]:
+        """The layout of every op whose output holds maps (see :class:`Layout`): (N, C, H, W) from
+        the input, convolutions and pooling; a ``permute(0, 2, 3, 1)`` of maps is channels-last and
+        ``permute(0, 3, 1, 2)`` of channels-last is maps again; other 4-D ops keep their input's
+        layout; (N, T, C) outputs are tokens when T is a square grid plus a few tokens."""
+        out: dict[str, Layout] = {}
+        for op in self.ops:
+            shape = shapes.get(op.name)
+            if shape is None or op.kind in ("constant", "split"):
+                continue
+            before = out.get(op.inputs[0]) if op.inputs else None
+            if len(shape) == 4:
+                dims = _permutation(op.node)
+                if op.kind == "input" or isinstance(op.module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+                    out[op.name] = MAPS
+                elif dims == (0, 2, 3, 1) and before == MAPS:
+                    out[op.name] = Layout("channels_last")
+                elif dims == (0, 3, 1, 2) and before is not None and before.kind == "channels_last":
+                    out[op.name] = MAPS
+                elif before is not None and len(shapes.get(op.inputs[0], ())) == 4:
+                    out[op.name] = before
+                else:
+                    out[op.name] = MAPS
+            elif (tokens := _token_layout(shape)) is not None:
+                out[op.name] = tokens
+        return out
+
     # ------------------------------------------------------------------ receptive fields
     def fields(self, shapes: dict[str, torch.Size]) -> dict[str, Field]:
         """Receptive field of every op on the image's path (``shapes``: each op's output shape)."""
+        layouts = self.layouts(shapes)
+        shapes = {n: torch.Size(layouts[n].map_shape(s)) if n in layouts else s for n, s in shapes.items()}
         out: dict[str, Field] = {}
         for op in self.ops:
             if op.kind == "input":
@@ -668,8 +770,16 @@ class ModelGraph:
         in_shape = shapes.get(op.inputs[0]) if op.inputs else None
         if out_shape is None or in_shape is None or len(out_shape) != 4 or len(in_shape) != 4:
             return False
+        if op.kind not in ("linear_op", "linear", "norm", "reshape"):
+            return False  # attention, products, ops without a rule: every cell may reach every other
         if op.node.target in (torch.cat, torch.concat):
             return True
+        if _permutation(op.node) in ((0, 2, 3, 1), (0, 3, 1, 2)) or op.kind in ("linear", "norm"):
+            # a layout change, or a per-position op over the channels (ConvNeXt/Swin's channels-last
+            # layer norm and MLP: shapes here are the maps' (N, C, H, W))
+            return tuple(out_shape[-2:]) == tuple(in_shape[-2:]) and not (
+                isinstance(op.module, nn.GroupNorm) or op.node.target is F.group_norm
+            )
         return (
             tuple(out_shape[-2:]) == tuple(in_shape[-2:])
             and op.node.target not in (F.pad,)

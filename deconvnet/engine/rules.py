@@ -45,7 +45,8 @@ class Rule:
     """One way of sending a signal down (see the module docstring)."""
 
     name: str
-    title: str  # how pages and figures name it
+    title: str  # how pages (report, explorer) name it
+    label: str  # its short name beside a figure's row
     looks_at_forward: bool  # rectifiers read the forward pass (ReLU masks, activations' inputs)
     rectifies: bool  # rectifiers rectify the signal coming down
     holds: bool  # gates, 1/sigma and attention weights held at their recorded values
@@ -68,9 +69,23 @@ class Rule:
 RULE_TABLE: dict[str, Rule] = {
     r.name: r
     for r in (
-        Rule("deconvnet", "deconvnet (paper)", looks_at_forward=False, rectifies=True, holds=True),
-        Rule("guided", "guided backprop", looks_at_forward=True, rectifies=True, holds=True),
-        Rule("gradient", "gradient", looks_at_forward=True, rectifies=False, holds=False),
+        Rule(
+            "deconvnet",
+            "deconvnet (Zeiler & Fergus)",
+            "deconvnet (paper)",
+            looks_at_forward=False,
+            rectifies=True,
+            holds=True,
+        ),
+        Rule("guided", "guided backpropagation", "guided backprop", looks_at_forward=True, rectifies=True, holds=True),
+        Rule(
+            "gradient",
+            "gradient (plain backpropagation)",
+            "gradient",
+            looks_at_forward=True,
+            rectifies=False,
+            holds=False,
+        ),
     )
 }
 RULES = tuple(RULE_TABLE)
