@@ -771,8 +771,9 @@ def sanity_checks(
             inse = inse.reshape(n_rules + random_orders, n_img, steps + 1)
             deletion[:n_rules, li] = dele[:n_rules]
             insertion[:n_rules, li] = inse[:n_rules]
-            deletion[n_rules, li] = dele[n_rules:].mean(0)
-            insertion[n_rules, li] = inse[n_rules:].mean(0)
+            with _quiet():  # no random order (random_orders=0): the "random" row is NaN
+                deletion[n_rules, li] = dele[n_rules:].mean(0)
+                insertion[n_rules, li] = inse[n_rules:].mean(0)
             activations[li] = base[:n_img]
     else:
         with torch.no_grad():
