@@ -124,3 +124,40 @@ def test_path_tracer_names_nodes_as_torchvisions_node_path_tracer(build):
     ours.trace(model)
     assert list(ours.node_to_qualname.values()) == list(theirs.node_to_qualname.values())
     assert len(ours.node_to_qualname) > 50
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(weights=None, image_size=32, num_classes=4).eval()
+    with torch.no_grad():
+        model.heads.head.weight.normal_(0, 0.05)  # torchvision zeroes the head
+    return wrap_model(model, preprocessing=Preprocessing(resize=36, crop=32))
+
+
+def test_atlas_and_occlusion_of_a_vision_transformer_read_its_tokens_as_maps(vit, tmp_path):
+    """ViT's encoder blocks output (N, 1 + 2*2, 768) tokens: a map is a channel over the 2x2 patch grid."""
+    engine = DeconvNet(vit.model)
+    layer = "encoder.layers.encoder_layer_1"
+    assert layer in engine.map_layers and engine.default_layer == "encoder"
+    assert engine.output_shape(layer, (32, 32)) == (768, 2, 2)
+    folder = make_image_folder(tmp_path / "images", classes=2, per_class=2, size=36)
+    result = build_atlas(vit, folder, tmp_path / "atlas", layers=layer, k=2, maps={layer: [0, 1]}, progress=False)
+    files = [str(p) for p in list_images(folder)]
+    x = torch.stack([vit.preprocessing.load(f)[0] for f in files])
+    acts = engine.activations(x, layer)  # (4, 768, 2, 2)
+    tokens = vit.model.encoder.layers[1](vit.model.encoder.layers[0](_vit_tokens(vit.model, x)))
+    assert torch.allclose(acts, tokens[:, 1:].transpose(1, 2).reshape(4, 768, 2, 2), atol=1e-5)
+    best = acts.flatten(2).amax(2).amax(0)  # each map's strongest activation over the folder
+    assert np.allclose(result.scan.values[layer][:, 0], best.numpy(), rtol=1e-5)
+    assert result.tiles[layer].filled.all() and result.tiles[layer].rf_size is None  # after attention: whole image
+    maps = occlusion_maps(vit.model, x[0], size=16, stride=16, layer=layer)
+    assert maps.activation.shape == (2, 2) and np.isfinite(maps.activation).all()
+
+
+def _vit_tokens(model, x):
+    """ViT's encoder input by hand: patches, class token, position embedding."""
+    n = x.shape[0]
+    patches = model.conv_proj(x).flatten(2).transpose(1, 2)
+    tokens = torch.cat([model.class_token.expand(n, -1, -1), patches], dim=1)
+    return tokens + model.encoder.pos_embedding
