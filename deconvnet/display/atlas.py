@@ -18,9 +18,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..analysis.atlas import AtlasTiles
-from ..atomic import save_text
+from ..atomic import atomic_path, save_json, save_text
 from ..errors import DeconvnetError
-from .common import new_figure, save_figure
+from .common import new_figure, png_bytes, save_figure
 
 if TYPE_CHECKING:
     from ..analysis.visualize import Visualization
@@ -154,7 +154,9 @@ def render_atlas(
     ``index.html``; returns the written paths. Each map's block is the paper's layout: its k strongest
     activations projected (left grid) and the matching image patches (right grid), strongest first,
     row by row. ``files``: the scanned files (the index names the images). ``visualizations``: per layer,
-    the optimised images of (some of) its maps, drawn at the end of their blocks."""
+    the optimised images of (some of) its maps, drawn at the end of their blocks and also written as
+    ``<layer>/optimised-MMMM.png`` with their measures in ``<layer>/visualize.json`` (for the report and
+    the explorer to show beside the top-k)."""
     from tqdm.auto import tqdm
 
     if per_page < 1 or columns < 1:
@@ -174,6 +176,12 @@ def render_atlas(
             pages[layer].append((f"{layer}/{name}", [t.maps[s] for s in slots]))
             bar.update(1)
     bar.close()
+    for layer, vis in (visualizations or {}).items():
+        for m, image in zip(vis.channels, vis.images):
+            with atomic_path(out_dir / layer / f"optimised-{m:04d}.png") as tmp:
+                tmp.write_bytes(png_bytes(image))
+            written.append(out_dir / layer / f"optimised-{m:04d}.png")
+        written.append(save_json(out_dir / layer / "visualize.json", vis.to_dict()))
     written.append(save_text(out_dir / "index.html", atlas_index_html(tiles, pages, title, files)))
     return written
 
