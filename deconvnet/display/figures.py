@@ -589,7 +589,8 @@ def filters_figure(
         ax.set_ylabel("filters", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7, loc="upper left")
-        kinds.scatter(st.oriented, st.flat, s=7, color="#228833")
+        if st.oriented is not None and st.flat is not None:  # computed from the weights, which are here
+            kinds.scatter(st.oriented, st.flat, s=7, color="#228833")
         kinds.axvline(ORIENTED, color="#555555", linestyle=":")
         kinds.axhline(FLAT, color="#555555", linestyle=":")
         kinds.set_xlim(0, 1)
