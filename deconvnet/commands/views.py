@@ -33,8 +33,16 @@ def add_atlas(sub: argparse._SubParsersAction) -> None:
         "project each with the deconvnet, and write per-layer PNG sheets (3x3 projections beside 3x3 image patches) "
         "and index.html. Resumable (re-run the same command); runs under torchrun (each process scans a shard).",
     )
-    p.add_argument("images", help="folder of images (searched recursively; unreadable files are skipped and listed)")
-    p.add_argument("--out", required=True, help="output folder: atlas.npz, <layer>/maps-*.png, index.html")
+    p.add_argument(
+        "images",
+        nargs="+",
+        help="folder of images (searched recursively), a .txt file listing image paths, or WebDataset-style tar "
+        "shards: 'train-{000000..001281}.tar' (quoted; or the shards themselves); unreadable images are skipped "
+        "and listed",
+    )
+    p.add_argument(
+        "--out", required=True, help="output folder: manifest.json, atlas.npz, <layer>/maps-*.png, index.html"
+    )
     add_layers(p, "every convI (a graph model: its top-level layers with maps)")
     p.add_argument("--top", type=positive_int, default=9, help="activations kept per map (default 9)")
     p.add_argument(
@@ -249,7 +257,7 @@ def cmd_atlas(args: argparse.Namespace) -> int:
                 maps[layer] = sorted(rng.sample(range(channels), min(args.random_maps, channels)))
     result = build_atlas(
         loaded,
-        args.images,
+        args.images[0] if len(args.images) == 1 else args.images,
         args.out,
         layers=layers,
         k=args.top,

@@ -5,7 +5,6 @@ client-given path), drawn as PNG panels and cached."""
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ def open_atlas(atlas_dir: str | Path, loaded: LoadedModel | None = None) -> Atla
         )
     scan = AtlasScan.load(npz)
     # the patches are cut from the images again on demand: they must still be where the scan saw them
-    missing = [scan.files[i] for i in scan.referenced_images() if not os.path.isfile(scan.files[i])]
+    missing = scan.files.missing(scan.referenced_images())  # files, or the tar shards holding them
     if missing:
         raise DeconvnetError(
             f"--atlas {atlas_dir}: {len(missing)} of the images its top-k lists refer to are missing, "

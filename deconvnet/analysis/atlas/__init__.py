@@ -4,8 +4,10 @@ the image patch under the unit's receptive field.
 
 Three phases, each usable alone, all on one engine (``DeconvNet``) per run:
 
-1. :func:`scan_atlas` (``scan.py``) streams the images once (a ``DataLoader`` over the files; memory
-   bounded by k x maps, never by the number of images) and keeps, per map, the k strongest
+1. :func:`scan_atlas` (``scan.py``) streams the images once (a ``DataLoader`` over an
+   :class:`ImageSource`, ``sources.py``: a folder, a ``.txt`` file list or WebDataset-style tar
+   shards, each image known by a deterministic global id; memory bounded by k x maps, never by the
+   number of images) and keeps, per map, the k strongest
    activations (value, image, position), by default from k distinct images (``topk.py``). Its state,
    an :class:`AtlasScan` (``scanfile.py``), is saved atomically every ``checkpoint_every`` images, so
    an interrupted scan resumes where it stopped. Under ``torchrun`` each process scans the shard
@@ -31,10 +33,12 @@ from __future__ import annotations
 from ...runtime import dist_info  # moved to deconvnet.runtime; kept importable from here for old callers
 from .build import AtlasResult, build_atlas
 from .cache import SwitchCache, pools_below
-from .images import ImageShard, keep_as_list, model_view_pixels
+from .images import ImageShard, keep_as_list, model_view_pixels, source_pixels
+from .manifest import check_manifest
 from .project import project_atlas
 from .scan import scan_atlas
-from .scanfile import STATE_VERSION, AtlasScan, combine_layers, merge_scans, scan_fingerprint
+from .scanfile import STATE_VERSION, AtlasScan, combine_layers, merge_scans, model_hash, scan_fingerprint
+from .sources import ImageFiles, ImageSource, TarShards, expand_braces, open_source
 from .spec import atlas_engine, default_layers, parse_layers, parse_maps
 from .tiles import DISPLAY_QUANTILE, AtlasTiles, display_scale, merge_tiles
 from .topk import candidates, empty_topk, select_topk
@@ -45,20 +49,27 @@ __all__ = [
     "AtlasResult",
     "AtlasScan",
     "AtlasTiles",
+    "ImageFiles",
     "ImageShard",
+    "ImageSource",
     "SwitchCache",
+    "TarShards",
     "atlas_engine",
     "build_atlas",
     "candidates",
+    "check_manifest",
     "combine_layers",
     "default_layers",
     "display_scale",
     "dist_info",
     "empty_topk",
+    "expand_braces",
     "keep_as_list",
     "merge_scans",
     "merge_tiles",
+    "model_hash",
     "model_view_pixels",
+    "open_source",
     "parse_layers",
     "parse_maps",
     "pools_below",
@@ -66,4 +77,5 @@ __all__ = [
     "scan_atlas",
     "scan_fingerprint",
     "select_topk",
+    "source_pixels",
 ]

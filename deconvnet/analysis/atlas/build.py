@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...atomic import save_text
-from ...data import list_images
 from ...engine import DeconvNet
 from ...errors import DeconvnetError
 from ...notebook import InlineDisplay
@@ -20,9 +19,11 @@ from ...runtime import all_gather_objects, barrier, dist_info, gather_objects, j
 from ...weights import LoadedModel
 from .cache import SwitchCache
 from .lock import FolderLock
+from .manifest import MANIFEST, check_manifest
 from .project import project_atlas
 from .scan import scan_atlas
-from .scanfile import AtlasScan, combine_layers, merge_scans, scan_fingerprint
+from .scanfile import AtlasScan, combine_layers, merge_scans, model_hash, scan_fingerprint
+from .sources import ImageSource, open_source
 from .spec import atlas_engine, parse_layers
 from .tiles import AtlasTiles, merge_tiles
 
@@ -86,7 +87,7 @@ class AtlasResult(InlineDisplay):
 
 def build_atlas(
     loaded: LoadedModel,
-    image_dir: str | os.PathLike | Sequence[str | os.PathLike],
+    image_dir: str | os.PathLike | Sequence[str | os.PathLike] | ImageSource,
     out_dir: str | os.PathLike,
     layers: Sequence[str] | str | None = None,
     k: int = 9,
@@ -110,9 +111,13 @@ def build_atlas(
 ) -> AtlasResult:
     """Scan (resuming ``out_dir/scan*.npz`` if present), merge shards under torchrun, project and render.
 
-    Writes ``out_dir/atlas.npz`` (the merged scan), ``out_dir/skipped.txt`` (unreadable files, if any),
-    ``out_dir/<layer>/maps-*.png`` and ``out_dir/index.html``. Under torchrun every process scans and
-    projects its own shard; process 0 merges, renders and returns the tiles (others return ``None``).
+    ``image_dir``: a folder, a ``.txt`` list of paths, tar shards (``train-{000000..001281}.tar``), a
+    list of paths or an :class:`~.sources.ImageSource` (see :func:`~.sources.open_source`).
+    Writes ``out_dir/manifest.json`` (model, images, layers, k, rule: a folder of another model or
+    other images is refused, see ``manifest.py``), ``out_dir/atlas.npz`` (the merged scan),
+    ``out_dir/skipped.txt`` (unreadable files, if any), ``out_dir/<layer>/maps-*.png`` and
+    ``out_dir/index.html``. Under torchrun every process scans and projects its own shard; process 0
+    merges, renders and returns the tiles (others return ``None``).
     A completed ``atlas.npz`` is reused: rendering other maps or re-rendering does not rescan, and
     requested layers that it lacks are scanned alone and added to it. ``render=False`` stops after the
     scan unless ``project=True`` (then the tiles are computed and returned, not drawn). ``engine``:
@@ -124,14 +129,27 @@ def build_atlas(
     project = render if project is None else (project or render)
     rank, world = dist_info()
     out_dir = Path(out_dir)
-    files = _image_files(image_dir)
+    files = open_source(image_dir)
     engine = atlas_engine(loaded, include_lrn, engine)
     layers = parse_layers(layers, engine)
     join_process_group("gloo")
     folders_before = _folders(out_dir)
     lock = FolderLock(out_dir, rank)
     lock.acquire()  # before atlas.npz is read: the merge of layer sets is done under the lock
+    new_manifest = not (out_dir / MANIFEST).exists()
     try:
+        # one model and one set of images per folder, refused up front with what differs
+        entries = {
+            "model": model_hash(loaded, engine),
+            "source": files.fingerprint(),
+            "images": files.describe(),
+            "layers": layers,
+            "k": k,
+            "distinct": distinct,
+            "include_lrn": include_lrn,
+            "rule": engine.rule,
+        }
+        check_manifest(out_dir, entries, restart=restart, write=rank == 0)
         atlas_path = out_dir / "atlas.npz"
         existing = _existing_scan(atlas_path, loaded, engine, files, k, distinct, include_lrn) if not restart else None
         cache = SwitchCache(cache_mb) if not include_lrn else None
@@ -196,6 +214,8 @@ def build_atlas(
         return AtlasResult(scan, tiles, written, timings, visualizations)
     except BaseException:
         lock.release()
+        if new_manifest and rank == 0 and not any(out_dir.glob("*.npz")):  # nothing of this run to resume
+            (out_dir / MANIFEST).unlink(missing_ok=True)
         _remove_new_empty_folders(out_dir, folders_before)  # a failed run leaves no empty folder behind
         raise
     finally:
@@ -215,29 +235,11 @@ def _remove_new_empty_folders(root: Path, before: set[Path]) -> None:
             folder.rmdir()
 
 
-def _image_files(image_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Absolute paths (the atlas works from any folder) of the images of a folder (recursively) or a list."""
-    if not isinstance(image_dir, (str, os.PathLike)):
-        files = [os.path.abspath(p) for p in image_dir]
-        if not files:
-            raise DeconvnetError("no image files given")
-        return files
-    root = Path(image_dir)
-    if not root.exists():
-        raise DeconvnetError(f"no such folder: {root}")
-    files = [os.path.abspath(p) for p in list_images(root)]
-    if not files:
-        raise DeconvnetError(
-            f"{root}: no image files found (looked for {', '.join(('.jpg', '.png', '.bmp', '...'))}, recursively)"
-        )
-    return files
-
-
 def _existing_scan(
     atlas_path: Path,
     loaded: LoadedModel,
     engine: DeconvNet,
-    files: list[str],
+    files: ImageSource,
     k: int,
     distinct: bool,
     include_lrn: bool,
@@ -257,7 +259,7 @@ def _existing_scan(
 def _scan_layers(
     loaded: LoadedModel,
     engine: DeconvNet,
-    files: list[str],
+    files: ImageSource,
     layers: list[str],
     out_dir: Path,
     existing: AtlasScan | None,

@@ -5,6 +5,7 @@ kept where it could; graph models through ``DeconvNet.project`` (windowed where 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -16,13 +17,14 @@ from ...engine.windowed import last_pool_below
 from ...errors import DeconvnetError
 from ...weights import LoadedModel
 from .cache import SwitchCache, images_per_pass, pools_below
-from .images import model_view_pixels
+from .images import source_pixels
 from .scanfile import AtlasScan
 from .spec import atlas_engine
 from .tiles import AtlasTiles, projection_and_patch_tiles, windows_of
 
 __all__ = ["project_atlas"]
 
+ESTIMATE_AFTER_S = 2.0  # a projection stage still running after this long says its count and ETA
 GRAPH_IMAGES_PER_PASS = 8  # graph models: images whose forward pass is redone for each pass of selections
 
 Work = dict[int, list[tuple[str, int, int]]]  # image index -> its (layer, map slot, rank) to project
@@ -112,6 +114,53 @@ def _work_by_image(scan: AtlasScan, out: dict[str, AtlasTiles], only_images: Cal
     return work
 
 
+class ProjectionBar:
+    """The projections' progress bar, which also says once, when projecting is still under way after
+    ``ESTIMATE_AFTER_S`` seconds, in one line: how many projections this run makes (under torchrun:
+    this process's share), the rate measured on the first ones, the estimated total time, and how to
+    draw fewer (a ResNet's layer3 at every map is thousands of projections: minutes to hours on a
+    CPU). A stage done sooner says nothing."""
+
+    def __init__(self, work: Work, progress: bool, **tqdm_options: Any) -> None:
+        import time
+
+        from tqdm.auto import tqdm
+
+        self.total = sum(len(v) for v in work.values())
+        self.layers = sorted({layer for items in work.values() for layer, _, _ in items})
+        self.bar = tqdm(total=self.total, desc="atlas projections", unit="proj", disable=not progress, **tqdm_options)
+        self.progress, self.done, self.said = progress, 0, False
+        self.clock = time.perf_counter
+        self.started = self.clock()
+        self.line = ""
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        self.done += n
+        elapsed = self.clock() - self.started
+        if not self.said and elapsed >= ESTIMATE_AFTER_S and self.done < self.total:
+            self.said = True
+            self.line = projection_estimate(self.total, len(self.layers), self.done, elapsed)
+            if self.progress:
+                self.bar.write(self.line, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def projection_estimate(total: int, layers: int, done: int, seconds: float) -> str:
+    """The line said before a long projection stage: ``total`` projections of ``layers`` layers, at the
+    rate of the first ``done`` (measured in ``seconds``)."""
+    rate = done / max(seconds, 1e-9)
+    eta = total / rate if rate > 0 else float("inf")
+    took = f"{eta:.0f} s" if eta < 120 else f"{eta / 60:.0f} min" if eta < 7200 else f"{eta / 3600:.1f} h"
+    return (
+        f"atlas: {total:,} projections ({layers} layer(s) x maps x top-k) at {rate:.1f}/s "
+        f"(measured on the first {done}): about {took} in all; draw fewer with --maps (e.g. 0-15) or "
+        "--random-maps N (library: maps=)"
+    )
+
+
 # --------------------------------------------------------------------------- chain models
 
 
@@ -130,17 +179,9 @@ def _project_chain(
 ) -> None:
     """Chunks of ``images_per_batch`` images: their switches (cached or recomputed), then each layer's
     selections in batches of ``selections_per_batch`` down the windowed way."""
-    from tqdm.auto import tqdm
-
     needs = {l: last_pool_below(engine, engine.layer(l)) for l in out}
     image_ids = list(work)
-    bar = tqdm(
-        total=sum(len(v) for v in work.values()),
-        desc="atlas projections",
-        unit="proj",
-        disable=not progress,
-        smoothing=0.1,
-    )
+    bar = ProjectionBar(work, progress, smoothing=0.1)
     for start in range(0, len(image_ids), images_per_batch):
         chunk = image_ids[start : start + images_per_batch]
         upto = max(needs[l] for gid in chunk for l, _, _ in work[gid])
@@ -179,7 +220,7 @@ def _chunk_record(
             pixels.append(entry[0])
             codes.append(entry[1])
         else:
-            pixels.append(model_view_pixels(scan.files[gid], geometry))
+            pixels.append(source_pixels(scan.files, gid, geometry))
             codes.append(None)
     pix = torch.stack(pixels)
     missing = [b for b, c in enumerate(codes) if c is None]
@@ -285,14 +326,12 @@ def _project_graph(
     memory, cut to the unit's receptive field (the whole image where the field covers it). Each pass
     redoes the forward pass of its few images: cheap beside ways down over whole maps, a large part of
     the pass where the units go down on small windows (a ResNet's layer1)."""
-    from tqdm.auto import tqdm
-
     geometry = loaded.preprocessing.geometry()
     image_ids = list(work)
-    bar = tqdm(total=sum(len(v) for v in work.values()), desc="atlas projections", unit="proj", disable=not progress)
+    bar = ProjectionBar(work, progress)
     for start in range(0, len(image_ids), GRAPH_IMAGES_PER_PASS):
         chunk = image_ids[start : start + GRAPH_IMAGES_PER_PASS]
-        pix = torch.stack([model_view_pixels(scan.files[gid], geometry) for gid in chunk])
+        pix = torch.stack([source_pixels(scan.files, gid, geometry) for gid in chunk])
         x = loaded.preprocessing.normalize(pix.to(loaded.device))
         items = [(b, layer, slot, r) for b, gid in enumerate(chunk) for layer, slot, r in work[gid]]
         for p0 in range(0, len(items), selections_per_pass):

@@ -19,6 +19,7 @@ from ...weights import LoadedModel
 from .cache import SwitchCache, images_per_pass, pools_below
 from .images import ImageShard, keep_as_list
 from .scanfile import AtlasScan, scan_fingerprint
+from .sources import ImageSource, open_source
 from .spec import atlas_engine, parse_layers
 from .topk import TopK, candidates, flat_positions, grid_positions, select_topk
 
@@ -27,7 +28,7 @@ __all__ = ["scan_atlas"]
 
 def scan_atlas(
     loaded: LoadedModel,
-    files: Sequence[str | os.PathLike],
+    files: Sequence[str | os.PathLike] | str | os.PathLike | ImageSource,
     layers: Sequence[str] | str | None = None,
     k: int = 9,
     distinct: bool = True,
@@ -46,7 +47,9 @@ def scan_atlas(
     engine: DeconvNet | None = None,
 ) -> AtlasScan:
     """Scan ``files`` (this process's shard of them under torchrun) for the top-``k`` activations of
-    every map of ``layers``; see the package docstring. With ``state_path``, the state is saved there
+    every map of ``layers``; ``files``: image paths, or anything :func:`~.sources.open_source` takes (a
+    folder, a ``.txt`` list, tar shards or their brace pattern, an :class:`ImageSource`); see the
+    package docstring. With ``state_path``, the state is saved there
     every ``checkpoint_every`` images and at the end, and an existing state for the same model, files
     and settings is resumed (``resume=False`` starts over). ``max_images`` stops after that many
     files of the shard (the state stays resumable): used to test interruption. Returns this shard's
@@ -57,18 +60,18 @@ def scan_atlas(
 
     if k < 1:
         raise DeconvnetError(f"k must be at least 1, got {k}")
-    paths = [os.path.abspath(f) for f in files]  # absolute: the scan is usable from any folder
-    if not paths:
+    if not isinstance(files, (str, os.PathLike, ImageSource)) and not len(files):
         raise DeconvnetError("no images to scan")
+    source = open_source(files)  # paths made absolute: the scan is usable from any folder
     env_rank, env_world = dist_info()
     rank = env_rank if rank is None else rank
     world = env_world if world is None else world
     engine = atlas_engine(loaded, include_lrn, engine)
     layers = parse_layers(layers, engine)
-    fingerprint = scan_fingerprint(loaded, engine, paths, k, distinct, include_lrn)
+    fingerprint = scan_fingerprint(loaded, engine, source, k, distinct, include_lrn)
     state = _resumed_state(state_path, fingerprint, layers, rank, world) if state_path is not None and resume else None
     if state is None:
-        state = _empty_state(loaded, engine, paths, layers, k, distinct, fingerprint, rank, world)
+        state = _empty_state(loaded, engine, source, layers, k, distinct, fingerprint, rank, world)
     if state.complete:
         return state
     scanner = _Scanner(loaded, engine, state, cache, channels_last)
@@ -97,7 +100,7 @@ def _resumed_state(
 def _empty_state(
     loaded: LoadedModel,
     engine: DeconvNet,
-    files: list[str],
+    files: ImageSource,
     layers: list[str],
     k: int,
     distinct: bool,

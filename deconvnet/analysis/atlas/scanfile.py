@@ -20,9 +20,10 @@ from ...atomic import atomic_path
 from ...engine import DeconvNet
 from ...errors import DeconvnetError
 from ...weights import LoadedModel
+from .sources import Ids, ImageFiles, ImageSource, open_source, source_from_spec
 from .topk import flat_positions, grid_positions, select_topk
 
-__all__ = ["STATE_VERSION", "AtlasScan", "combine_layers", "merge_scans", "scan_fingerprint"]
+__all__ = ["STATE_VERSION", "AtlasScan", "combine_layers", "merge_scans", "model_hash", "scan_fingerprint"]
 
 STATE_VERSION = 1
 
@@ -31,8 +32,9 @@ STATE_VERSION = 1
 class AtlasScan:
     """The k strongest activations of every map of ``layers`` over ``files`` (or one shard of them).
 
-    Per layer: ``values`` (C, k) float32 (``-inf`` for an empty slot), ``images`` (C, k) int64 global
-    indices into ``files`` (-1 empty), ``positions`` (C, k, 2) int32 (y, x) in the layer's grid; each
+    ``files``: the :class:`ImageSource` (a list of paths given here becomes one); ``files[gid]`` names
+    image ``gid``. Per layer: ``values`` (C, k) float32 (``-inf`` for an empty slot), ``images`` (C, k)
+    int64 global ids into ``files`` (-1 empty), ``positions`` (C, k, 2) int32 (y, x) in the layer's grid; each
     row strongest first. ``processed`` counts the files of this shard already consumed (readable or
     not), ``skipped`` lists unreadable files with the reason.
     """
@@ -40,7 +42,7 @@ class AtlasScan:
     layers: list[str]
     k: int
     distinct: bool
-    files: list[str]
+    files: ImageSource
     values: dict[str, np.ndarray]
     images: dict[str, np.ndarray]
     positions: dict[str, np.ndarray]
@@ -53,6 +55,10 @@ class AtlasScan:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     complete: bool = False
     seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.files, ImageSource):
+            self.files = ImageFiles(list(self.files))  # paths as stored
 
     @classmethod
     def empty(cls, channels: dict[str, int], grid: dict[str, tuple[int, int]], k: int, **fields: Any) -> AtlasScan:
@@ -69,9 +75,9 @@ class AtlasScan:
         )
 
     @property
-    def shard(self) -> list[int]:
-        """Global indices of the files this scan's process reads."""
-        return list(range(self.rank, len(self.files), self.world))
+    def shard(self) -> Ids:
+        """Global ids of the images this scan's process reads (a range or an int64 array)."""
+        return self.files.shard_ids(self.rank, self.world)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the scan atomically to ``path`` (an ``.npz``)."""
@@ -81,8 +87,10 @@ class AtlasScan:
             arrays[f"images/{layer}"] = self.images[layer]
             arrays[f"positions/{layer}"] = self.positions[layer]
         arrays["meta"] = np.frombuffer(json.dumps(self._meta()).encode(), dtype=np.uint8)
-        # JSON survives any file name (a newline included); older scans stored "\n"-joined names under "files"
-        arrays["files_json"] = np.frombuffer(json.dumps(self.files).encode(), dtype=np.uint8)
+        if self.files.spec() is None:  # a list of paths (tar shards: their spec in meta, no per-image list)
+            # JSON survives any file name (a newline included); older scans stored "\n"-joined names under "files"
+            paths = json.dumps(list(self.files)).encode()
+            arrays["files_json"] = np.frombuffer(paths, dtype=np.uint8)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub mistypes **arrays
         return Path(path)
@@ -102,6 +110,7 @@ class AtlasScan:
             "skipped": [list(s) for s in self.skipped],
             "complete": self.complete,
             "seconds": self.seconds,
+            "source": self.files.spec(),
         }
 
     @classmethod
@@ -115,10 +124,13 @@ class AtlasScan:
                         f"{path}: atlas scan format {meta.get('version')} is not supported; "
                         "pass restart=True (CLI: --restart)"
                     )
-                if "files_json" in z.files:
-                    files = json.loads(bytes(z["files_json"]).decode())
+                files: ImageSource
+                if meta.get("source") is not None:
+                    files = source_from_spec(meta["source"])
+                elif "files_json" in z.files:
+                    files = ImageFiles(json.loads(bytes(z["files_json"]).decode()))
                 else:  # written before file lists were JSON
-                    files = bytes(z["files"]).decode().split("\n") if z["files"].size else []
+                    files = ImageFiles(bytes(z["files"]).decode().split("\n") if z["files"].size else [])
                 layers = meta["layers"]
                 arrays = {kind: {l: z[f"{kind}/{l}"] for l in layers} for kind in ("values", "images", "positions")}
             scan = cls(
@@ -177,10 +189,31 @@ class AtlasScan:
 
 
 def scan_fingerprint(
-    loaded: LoadedModel, engine: DeconvNet, files: Sequence[str], k: int, distinct: bool, include_lrn: bool
+    loaded: LoadedModel,
+    engine: DeconvNet,
+    files: Sequence[str] | ImageSource,
+    k: int,
+    distinct: bool,
+    include_lrn: bool,
 ) -> str:
-    """Identifies what a scan depends on: weights, preprocessing, file list, k, distinctness, LRN."""
+    """Identifies what a scan depends on: weights, preprocessing, images (the file list, or the tar
+    shards and their image counts), k, distinctness, LRN."""
     h = hashlib.sha1()
+    _hash_model(h, loaded, engine)
+    h.update(open_source(files).identity())
+    h.update(f"k={k};distinct={distinct};lrn={include_lrn}".encode())
+    return h.hexdigest()
+
+
+def model_hash(loaded: LoadedModel, engine: DeconvNet) -> str:
+    """sha1 of what the model contributes to :func:`scan_fingerprint`: the weights the atlas's layers
+    use and the preprocessing."""
+    h = hashlib.sha1()
+    _hash_model(h, loaded, engine)
+    return h.hexdigest()
+
+
+def _hash_model(h: Any, loaded: LoadedModel, engine: DeconvNet) -> None:
     if engine.is_chain:
         for info in engine.layers:
             for p in info.module.parameters(recurse=False) if info.module is not None else ():
@@ -189,9 +222,6 @@ def scan_fingerprint(
         for p in loaded.model.state_dict().values():
             h.update(p.detach().float().cpu().numpy().tobytes())
     h.update(json.dumps(loaded.preprocessing.to_dict(), sort_keys=True).encode())
-    h.update("\n".join(files).encode())
-    h.update(f"k={k};distinct={distinct};lrn={include_lrn}".encode())
-    return h.hexdigest()
 
 
 def merge_scans(scans: Sequence[AtlasScan]) -> AtlasScan:
@@ -217,7 +247,7 @@ def merge_scans(scans: Sequence[AtlasScan]) -> AtlasScan:
         layers=list(first.layers),
         k=first.k,
         distinct=first.distinct,
-        files=list(first.files),
+        files=first.files,
         values=values,
         images=images,
         positions=positions,

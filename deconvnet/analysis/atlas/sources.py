@@ -1,0 +1,321 @@
+"""Where an atlas's images come from (:class:`ImageSource`): a folder, a file list, or WebDataset-style
+tar shards, each image known by a deterministic global id.
+
+* :class:`ImageFiles`: a folder (its image files, recursively, sorted), a text file of paths (one a
+  line, in the list's order; relative paths are taken from the list's folder) or a list given in
+  code. Global id = position in that list.
+* :class:`TarShards`: tar files such as ``train-{000000..001281}.tar`` (a brace pattern, expanded by
+  :func:`expand_braces`, or the shard paths themselves). The images are the members with an image
+  extension (WebDataset's ``key.jpg``; other members, e.g. ``key.cls``, are ignored). Global id =
+  (images in the shards before it) + the member's order among its shard's images. Opening counts
+  each shard's images from the tar headers alone (the reader seeks past the data); only one shard's
+  member list is ever held (the one being read), so memory does not grow with the number of images
+  and an atlas tile reads its one member on demand.
+
+Plain :mod:`tarfile` rather than the ``webdataset`` package: the atlas needs random access by id
+(a tile's image, a resumed scan starting inside a shard), which ``webdataset``'s sequential pipelines
+do not offer, and the member-order convention is the same.
+
+Under torchrun (``world`` processes) :meth:`ImageSource.shard_ids` divides the work deterministically:
+tar shards by shard (``shards[rank::world]``, each process reading whole files) when there are at
+least as many shards as processes, else, like files, images ``rank::world``. The per-process top-k
+lists are merged exactly whatever the division (``merge_scans``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+from PIL import Image
+
+from ...data import IMAGE_EXTENSIONS, decode_image, list_images, load_image
+from ...errors import DeconvnetError
+
+__all__ = ["ImageFiles", "ImageSource", "TarShards", "expand_braces", "open_source", "source_from_spec"]
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+Ids = Sequence[int] | np.ndarray  # global image ids: a range, a list or an int64 array
+
+
+class ImageSource(Sequence[str]):
+    """The images of an atlas as a sequence of names (``source[gid]``: a path, or ``shard.tar/member``);
+    :meth:`read` decodes one image by its id."""
+
+    kind = ""
+
+    def read(self, gid: int) -> Image.Image:
+        """The image with global id ``gid`` as 8-bit RGB (``DeconvnetError`` if unreadable)."""
+        raise NotImplementedError
+
+    def shard_ids(self, rank: int, world: int) -> Ids:
+        """The global ids process ``rank`` of ``world`` scans, in reading order."""
+        return range(rank, len(self), world)
+
+    def identity(self) -> bytes:
+        """What identifies the images (hashed into the scan's fingerprint)."""
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any] | None:
+        """A JSON description to reopen the source from (``None``: the scan stores the file list)."""
+        return None
+
+    def fingerprint(self) -> str:
+        """sha1 of :meth:`identity` (the manifest's ``source`` entry)."""
+        return hashlib.sha1(self.identity()).hexdigest()
+
+    def missing(self, ids: Ids) -> list[str]:
+        """Names of the files holding the images ``ids`` that are no longer there."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """A few words for messages: how many images, from what."""
+        return f"{len(self)} images"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ImageSource) and self.kind == other.kind and self.identity() == other.identity()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking sequence: compared by value only
+
+
+class ImageFiles(ImageSource):
+    """Image files by path; global id = position in ``paths``."""
+
+    kind = "files"
+
+    def __init__(self, paths: Sequence[str | os.PathLike]) -> None:
+        self.paths = [str(p) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @overload
+    def __getitem__(self, gid: int) -> str: ...
+    @overload
+    def __getitem__(self, gid: slice) -> Sequence[str]: ...
+    def __getitem__(self, gid: int | slice) -> str | Sequence[str]:
+        return self.paths[gid]
+
+    def read(self, gid: int) -> Image.Image:
+        return load_image(self.paths[gid])
+
+    def identity(self) -> bytes:
+        return "\n".join(self.paths).encode()  # as scans have always hashed their file list
+
+    def missing(self, ids: Ids) -> list[str]:
+        return [self.paths[int(i)] for i in ids if not os.path.isfile(self.paths[int(i)])]
+
+
+class TarShards(ImageSource):
+    """The image members of tar ``shards`` (in shard order, then member order); ``counts``: images per
+    shard, counted from the headers when not given."""
+
+    kind = "tar"
+
+    def __init__(self, shards: Sequence[str | os.PathLike], counts: Sequence[int] | None = None) -> None:
+        self._open: tuple[int, tarfile.TarFile, list[tarfile.TarInfo]] | None = None
+        self._opened_by = 0
+        self.shards = [str(s) for s in shards]
+        if not self.shards:
+            raise DeconvnetError("no tar shards given")
+        self.counts = [int(c) for c in counts] if counts is not None else [_count_images(s) for s in self.shards]
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def locate(self, gid: int) -> tuple[int, int]:
+        """(shard index, order among that shard's images) of global id ``gid``."""
+        if not 0 <= gid < len(self):
+            raise IndexError(f"image id {gid} out of range (0..{len(self) - 1})")
+        shard = int(np.searchsorted(self.starts, gid, side="right")) - 1
+        return shard, gid - int(self.starts[shard])
+
+    def _members(self, shard: int) -> tuple[tarfile.TarFile, list[tarfile.TarInfo]]:
+        """The open shard and its image members; the previously open shard is closed (one at a time)."""
+        if self._open is not None and self._opened_by != os.getpid():
+            self._open = None  # a forked DataLoader worker: the parent's file offset is not ours to move
+        if self._open is None or self._open[0] != shard:
+            self.close()
+            try:
+                tf = tarfile.open(self.shards[shard])  # noqa: SIM115 - held open while this shard is read
+                members = [m for m in tf if _is_image(m)]
+            except (OSError, tarfile.TarError) as e:
+                raise DeconvnetError(f"{self.shards[shard]}: cannot read the tar shard ({e})") from None
+            if len(members) != self.counts[shard]:
+                tf.close()
+                raise DeconvnetError(
+                    f"{self.shards[shard]} now holds {len(members)} images, {self.counts[shard]} when the atlas "
+                    "was started; the shards changed: start again (--restart) or restore them"
+                )
+            self._open, self._opened_by = (shard, tf, members), os.getpid()
+        return self._open[1], self._open[2]
+
+    def close(self) -> None:
+        """Close the open shard, if any."""
+        if self._open is not None:
+            self._open[1].close()
+            self._open = None
+
+    @overload
+    def __getitem__(self, gid: int) -> str: ...
+    @overload
+    def __getitem__(self, gid: slice) -> Sequence[str]: ...
+    def __getitem__(self, gid: int | slice) -> str | Sequence[str]:
+        if isinstance(gid, slice):
+            return [self[i] for i in range(*gid.indices(len(self)))]
+        shard, order = self.locate(int(gid))
+        return f"{self.shards[shard]}/{self._members(shard)[1][order].name}"
+
+    def __iter__(self) -> Iterator[str]:
+        for gid in range(len(self)):
+            yield self[gid]
+
+    def read(self, gid: int) -> Image.Image:
+        shard, order = self.locate(int(gid))
+        tf, members = self._members(shard)
+        member = members[order]
+        name = f"{self.shards[shard]}/{member.name}"
+        handle = tf.extractfile(member)
+        if handle is None:
+            raise DeconvnetError(f"{name}: not a regular file")
+        return decode_image(handle.read(), name)
+
+    def shard_ids(self, rank: int, world: int) -> Ids:
+        if len(self.shards) < world:  # fewer shards than processes: divide images instead
+            return range(rank, len(self), world)
+        parts = [np.arange(self.starts[s], self.starts[s + 1]) for s in range(rank, len(self.shards), world)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def identity(self) -> bytes:
+        return json.dumps(self.spec(), sort_keys=True).encode()
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "shards": self.shards, "counts": self.counts}
+
+    def missing(self, ids: Ids) -> list[str]:
+        shards = sorted({self.locate(int(i))[0] for i in ids})
+        return [self.shards[s] for s in shards if not os.path.isfile(self.shards[s])]
+
+    def describe(self) -> str:
+        return f"{len(self)} images in {len(self.shards)} tar shard(s)"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers get a copy without the open file; each opens its own
+        return {**self.__dict__, "_open": None}
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _is_image(member: tarfile.TarInfo) -> bool:
+    return member.isfile() and os.path.splitext(member.name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _count_images(shard: str) -> int:
+    """Image members of a tar shard, from its headers (an uncompressed tar is read header by header)."""
+    try:
+        with tarfile.open(shard) as tf:
+            return sum(1 for m in tf if _is_image(m))
+    except FileNotFoundError:
+        raise DeconvnetError(f"no such tar shard: {shard}") from None
+    except (OSError, tarfile.TarError) as e:
+        raise DeconvnetError(f"{shard}: cannot read the tar shard ({e})") from None
+
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand ``{000000..001281}`` ranges (zero-padded to the first bound's width) and ``{a,b}``
+    alternatives, left to right, as the shell and WebDataset do: ``"s-{0..2}.tar"`` ->
+    ``["s-0.tar", "s-1.tar", "s-2.tar"]``."""
+    m = _BRACE.search(pattern)
+    if m is None:
+        return [pattern]
+    body = m.group(1)
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        lo, hi = numeric.group(1), numeric.group(2)
+        width = len(lo) if lo.startswith("0") and len(lo) > 1 else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        raise DeconvnetError(f"{pattern}: cannot expand {{{body}}} (expected {{000..099}} or {{a,b}})")
+    head, tail = pattern[: m.start()], pattern[m.end() :]
+    return [head + o + rest for o in options for rest in expand_braces(tail)]
+
+
+def _is_tar(path: str) -> bool:
+    return path.lower().endswith(TAR_SUFFIXES)
+
+
+def open_source(images: str | os.PathLike | Sequence[str | os.PathLike] | ImageSource) -> ImageSource:
+    """The image source ``images`` names: an :class:`ImageSource` (as is); a folder; a ``.txt`` list of
+    paths; a tar shard or a brace pattern of shards; or a sequence of image paths or of shards.
+    Paths are made absolute (an atlas is usable from any folder)."""
+    if isinstance(images, ImageSource):
+        return images
+    if not isinstance(images, (str, os.PathLike)):
+        paths = [str(p) for p in images]
+        if not paths:
+            raise DeconvnetError("no image files given")
+        if all(_is_tar(p) for p in paths):
+            return _shards(paths, " ".join(paths[:2]))
+        return ImageFiles([os.path.abspath(p) for p in paths])
+    text = str(images)
+    if "{" in text:
+        return _shards(expand_braces(text), text)
+    if _is_tar(text):
+        return _shards([text], text)
+    root = Path(text)
+    if root.suffix.lower() == ".txt" and root.is_file():
+        return _file_list(root)
+    if not root.exists():
+        raise DeconvnetError(f"no such folder: {root}")
+    files = [os.path.abspath(p) for p in list_images(root)]
+    if not files:
+        raise DeconvnetError(
+            f"{root}: no image files found (looked for {', '.join(('.jpg', '.png', '.bmp', '...'))}, recursively)"
+        )
+    return ImageFiles(files)
+
+
+def _shards(paths: list[str], pattern: str) -> TarShards:
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DeconvnetError(f"{pattern}: {len(missing)} of {len(paths)} tar shard(s) missing, first {missing[0]}")
+    source = TarShards([os.path.abspath(p) for p in paths])
+    if len(source) == 0:
+        raise DeconvnetError(f"{pattern}: no image members in {len(paths)} tar shard(s)")
+    return source
+
+
+def _file_list(listing: Path) -> ImageFiles:
+    """The paths in a text file, one a line (blank lines and ``#`` comments skipped)."""
+    try:
+        lines = listing.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DeconvnetError(f"{listing}: cannot read the file list ({e})") from None
+    base = listing.resolve().parent
+    paths = [os.path.abspath(base / s) for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+    if not paths:
+        raise DeconvnetError(f"{listing}: the file list names no images")
+    return ImageFiles(paths)
+
+
+def source_from_spec(spec: dict[str, Any]) -> ImageSource:
+    """Reopen a source from its :meth:`ImageSource.spec` (counts trusted: no shard is read here)."""
+    if spec.get("kind") == "tar":
+        return TarShards(spec["shards"], spec["counts"])
+    raise ValueError(f"unknown image source kind {spec.get('kind')!r}")
