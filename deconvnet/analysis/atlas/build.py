@@ -19,11 +19,11 @@ from ...runtime import all_gather_objects, barrier, dist_info, gather_objects, j
 from ...weights import LoadedModel
 from .cache import SwitchCache
 from .lock import FolderLock
-from .manifest import MANIFEST, check_manifest
+from .manifest import MANIFEST, check_manifest, known_shards
 from .project import project_atlas
 from .scan import scan_atlas
 from .scanfile import AtlasScan, combine_layers, merge_scans, model_hash, scan_fingerprint
-from .sources import ImageSource, open_source
+from .sources import ImageSource, TarShards, open_source
 from .spec import atlas_engine, parse_layers
 from .tiles import AtlasTiles, merge_tiles
 
@@ -129,7 +129,7 @@ def build_atlas(
     project = render if project is None else (project or render)
     rank, world = dist_info()
     out_dir = Path(out_dir)
-    files = open_source(image_dir)
+    files = open_source(image_dir, known_shards(out_dir))
     engine = atlas_engine(loaded, include_lrn, engine)
     layers = parse_layers(layers, engine)
     join_process_group("gloo")
@@ -149,6 +149,8 @@ def build_atlas(
             "include_lrn": include_lrn,
             "rule": engine.rule,
         }
+        if isinstance(files, TarShards):
+            entries["shards"] = files.shard_stats()
         check_manifest(out_dir, entries, restart=restart, write=rank == 0)
         atlas_path = out_dir / "atlas.npz"
         existing = _existing_scan(atlas_path, loaded, engine, files, k, distinct, include_lrn) if not restart else None

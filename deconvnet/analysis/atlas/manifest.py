@@ -18,7 +18,7 @@ from typing import Any
 from ...atomic import save_text
 from ...errors import DeconvnetError
 
-__all__ = ["MANIFEST", "check_manifest"]
+__all__ = ["MANIFEST", "check_manifest", "known_shards"]
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -36,8 +36,9 @@ _MUST_MATCH = {
 
 def check_manifest(out_dir: str | Path, entries: dict[str, Any], restart: bool = False, write: bool = True) -> None:
     """Refuse (``DeconvnetError``) when ``out_dir`` holds an atlas whose manifest differs from
-    ``entries`` (keys: model, source, images, layers, k, distinct, include_lrn, rule) in anything but
-    its layers; else write the manifest (``write``: process 0 only), layers merged."""
+    ``entries`` (keys: model, source, images, layers, k, distinct, include_lrn, rule; optional:
+    shards, see :func:`known_shards`) in anything but its layers; else write the manifest
+    (``write``: process 0 only), layers merged."""
     path = Path(out_dir) / MANIFEST
     layers = list(entries["layers"])
     if path.exists() and not restart:
@@ -61,6 +62,16 @@ def check_manifest(out_dir: str | Path, entries: dict[str, Any], restart: bool =
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         body = {"version": MANIFEST_VERSION, **entries, "layers": layers}
         save_text(path, json.dumps(body, indent=1) + "\n")
+
+
+def known_shards(out_dir: str | Path) -> dict[str, Any]:
+    """The tar shards' ``[size, mtime_ns, images]`` the folder's manifest recorded (``{}`` if none):
+    a rerun (resume, other layers, other sheets) need not count a million images again."""
+    try:
+        shards = json.loads((Path(out_dir) / MANIFEST).read_text(encoding="utf-8")).get("shards", {})
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return {}
+    return shards if isinstance(shards, dict) else {}
 
 
 def _short(value: Any) -> str:

@@ -24,12 +24,13 @@ lists are merged exactly whatever the division (``merge_scans``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
 
@@ -116,17 +117,27 @@ class ImageFiles(ImageSource):
 
 class TarShards(ImageSource):
     """The image members of tar ``shards`` (in shard order, then member order); ``counts``: images per
-    shard, counted from the headers when not given."""
+    shard, else counted from the headers (about 0.1 ms an image, measured: 2.4 s for 20,000; so
+    ``known`` (``{path: [size, mtime_ns, count]}``, :meth:`shard_stats` of an earlier run, kept in
+    the atlas manifest) gives the count of each shard whose size and modification time match)."""
 
     kind = "tar"
 
-    def __init__(self, shards: Sequence[str | os.PathLike], counts: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        shards: Sequence[str | os.PathLike],
+        counts: Sequence[int] | None = None,
+        known: Mapping[str, Any] | None = None,
+    ) -> None:
         self._open: tuple[int, tarfile.TarFile, list[tarfile.TarInfo]] | None = None
         self._opened_by = 0
         self.shards = [str(s) for s in shards]
         if not self.shards:
             raise DeconvnetError("no tar shards given")
-        self.counts = [int(c) for c in counts] if counts is not None else [_count_images(s) for s in self.shards]
+        if counts is None:
+            found = [_known_count(s, known) if known else None for s in self.shards]
+            counts = [_count_images(s) if c is None else c for s, c in zip(self.shards, found)]
+        self.counts = [int(c) for c in counts]
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
 
     def __len__(self) -> int:
@@ -201,6 +212,15 @@ class TarShards(ImageSource):
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "shards": self.shards, "counts": self.counts}
 
+    def shard_stats(self) -> dict[str, list[int]]:
+        """``{path: [size, mtime_ns, images]}`` of the shards that exist (for ``known=``)."""
+        out = {}
+        for path, count in zip(self.shards, self.counts):
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                out[path] = [st.st_size, st.st_mtime_ns, count]
+        return out
+
     def missing(self, ids: Ids) -> list[str]:
         shards = sorted({self.locate(int(i))[0] for i in ids})
         return [self.shards[s] for s in shards if not os.path.isfile(self.shards[s])]
@@ -218,6 +238,17 @@ class TarShards(ImageSource):
 
 def _is_image(member: tarfile.TarInfo) -> bool:
     return member.isfile() and os.path.splitext(member.name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _known_count(shard: str, known: Mapping[str, Any]) -> int | None:
+    """The image count ``known`` holds for ``shard`` if its size and modification time still match."""
+    entry = known.get(shard)
+    try:
+        st = os.stat(shard)
+        size, mtime, count = (int(v) for v in entry)  # type: ignore[union-attr]
+    except (OSError, TypeError, ValueError):
+        return None
+    return count if (size, mtime) == (st.st_size, st.st_mtime_ns) and count >= 0 else None
 
 
 def _count_images(shard: str) -> int:
@@ -260,10 +291,13 @@ def _is_tar(path: str) -> bool:
     return path.lower().endswith(TAR_SUFFIXES)
 
 
-def open_source(images: str | os.PathLike | Sequence[str | os.PathLike] | ImageSource) -> ImageSource:
+def open_source(
+    images: str | os.PathLike | Sequence[str | os.PathLike] | ImageSource, known_shards: Mapping[str, Any] | None = None
+) -> ImageSource:
     """The image source ``images`` names: an :class:`ImageSource` (as is); a folder; a ``.txt`` list of
     paths; a tar shard or a brace pattern of shards; or a sequence of image paths or of shards.
-    Paths are made absolute (an atlas is usable from any folder)."""
+    Paths are made absolute (an atlas is usable from any folder). ``known_shards``: image counts of
+    unchanged shards from an earlier run (:meth:`TarShards.shard_stats`), not counted again."""
     if isinstance(images, ImageSource):
         return images
     if not isinstance(images, (str, os.PathLike)):
@@ -271,13 +305,13 @@ def open_source(images: str | os.PathLike | Sequence[str | os.PathLike] | ImageS
         if not paths:
             raise DeconvnetError("no image files given")
         if all(_is_tar(p) for p in paths):
-            return _shards(paths, " ".join(paths[:2]))
+            return _shards(paths, " ".join(paths[:2]), known_shards)
         return ImageFiles([os.path.abspath(p) for p in paths])
     text = str(images)
     if "{" in text:
-        return _shards(expand_braces(text), text)
+        return _shards(expand_braces(text), text, known_shards)
     if _is_tar(text):
-        return _shards([text], text)
+        return _shards([text], text, known_shards)
     root = Path(text)
     if root.suffix.lower() == ".txt" and root.is_file():
         return _file_list(root)
@@ -291,11 +325,11 @@ def open_source(images: str | os.PathLike | Sequence[str | os.PathLike] | ImageS
     return ImageFiles(files)
 
 
-def _shards(paths: list[str], pattern: str) -> TarShards:
+def _shards(paths: list[str], pattern: str, known: Mapping[str, Any] | None) -> TarShards:
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DeconvnetError(f"{pattern}: {len(missing)} of {len(paths)} tar shard(s) missing, first {missing[0]}")
-    source = TarShards([os.path.abspath(p) for p in paths])
+    source = TarShards([os.path.abspath(p) for p in paths], known=known)
     if len(source) == 0:
         raise DeconvnetError(f"{pattern}: no image members in {len(paths)} tar shard(s)")
     return source
