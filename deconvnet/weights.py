@@ -594,8 +594,9 @@ def _load_file(path: Path, arch: ArchName | None) -> LoadedModel:
                 load_state_strict(model, state, str(path))
                 arch_name = stored.canonical
             else:
-                model = ConvNet(config)
-                load_state_strict(model, state, str(path))
+                with torch.device("meta"):  # no random initialisation of weights about to be replaced
+                    model = ConvNet(config)
+                load_state_strict(model, state, str(path), assign=True)
                 arch_name, kwargs = config.name, {}
             return LoadedModel(
                 model=model,

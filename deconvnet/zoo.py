@@ -312,9 +312,10 @@ def model_from_state_dict(
     return model, kwargs, weights
 
 
-def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str) -> None:
+def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str, assign: bool = False) -> None:
     """``model.load_state_dict(state)`` with a one-line ``DeconvnetError`` naming the first missing,
-    unexpected or mis-shaped keys."""
+    unexpected or mis-shaped keys. ``assign``: the model's tensors become ``state``'s (a model built on
+    the meta device, never initialised)."""
     expected = model.state_dict()
     # Files saved before PyTorch 0.4.1 lack batch norm's step counter; load_state_dict fills it in.
     missing = [k for k in expected if k not in state and not k.endswith(".num_batches_tracked")]
@@ -330,4 +331,4 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], origi
             raise DeconvnetError(
                 f"{origin}: {key} has shape {tuple(state[key].shape)}, the model expects {tuple(value.shape)}"
             )
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=assign)
