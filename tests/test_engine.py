@@ -400,3 +400,23 @@ def test_a_product_of_two_signals_without_a_gate_is_refused_under_deconvnet_and_
     y, x_ = p.position
     (grad,) = torch.autograd.grad(out[0, 1, y, x_] * out[0, 1, y, x_].detach(), leaf)
     assert _close(p.image, grad[0]) < TOLERANCE
+
+
+def test_in_place_activations_gates_and_norms_leave_the_model_as_it_was():
+    model = _family_model("efficientnet_b0", 64)  # SiLU(inplace=True), sigmoid gates, stochastic depth
+    model.train()
+    model.features[1].eval()  # mixed modes come back as they were
+    modes = {n: m.training for n, m in model.named_modules()}
+    inplace = {n: m.inplace for n, m in model.named_modules() if hasattr(m, "inplace")}
+    assert any(inplace.values())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    image = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    original = image.clone()
+    engine = DeconvNet(model)
+    for rule in RULES:
+        engine.project(image, engine.strongest(image, "features.4", k=2), rule=rule)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert {n: m.inplace for n, m in model.named_modules() if hasattr(m, "inplace")} == inplace
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(image, original)
+    assert all(p.grad is None for p in model.parameters())  # the way down's autograd leaves no gradients

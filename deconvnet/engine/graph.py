@@ -44,7 +44,19 @@ from torch import fx, nn
 
 from ..errors import DeconvnetError
 
-__all__ = ["Op", "ModelGraph", "Field", "Layout", "trace", "KINDS", "HELD_KINDS", "RECORDS_INPUTS", "int_pair"]
+__all__ = [
+    "Op",
+    "ModelGraph",
+    "Field",
+    "Layout",
+    "trace",
+    "KINDS",
+    "HELD_KINDS",
+    "RECORDS_INPUTS",
+    "int_pair",
+    "eval_mode",
+    "restore_modes",
+]
 
 # Operation kinds and how the way down treats them (see deconvnet.engine.reverse).
 KINDS = {
@@ -787,15 +799,27 @@ class ModelGraph:
         )
 
 
+def eval_mode(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Put ``model`` in eval mode; returns each module's former mode for :func:`restore_modes` (a
+    model whose modules were in mixed modes gets exactly those back)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    return modes
+
+
+def restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for module, training in modes:
+        module.training = training
+
+
 def trace(model: nn.Module) -> ModelGraph:
     """Trace ``model`` with ``PathTracer`` (torch.fx, torchvision's ``NodePathTracer`` naming). Raises
     ``DeconvnetError`` when the model does not trace (data-dependent control flow)."""
     from .tracer import PathTracer
 
     tracer = PathTracer()
-    was_training = model.training
+    modes = eval_mode(model)  # trace the inference graph (no auxiliary heads, dropout off)
     try:
-        model.eval()  # trace the inference graph (no auxiliary heads, dropout off)
         graph = tracer.trace(model)
     except Exception as e:  # fx raises many types for untraceable Python; all mean "cannot trace"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -804,6 +828,6 @@ def trace(model: nn.Module) -> ModelGraph:
             "forward pass has no data-dependent Python control flow"
         ) from None
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     graph_module = fx.GraphModule(tracer.root, graph, type(model).__name__)
     return ModelGraph(model, graph_module, dict(tracer.node_to_qualname))

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import ModelGraph, Op
+from .graph import ModelGraph, Op, eval_mode, restore_modes
 
-__all__ = ["ForwardRecord", "run_forward", "out_of_place", "OUT_OF_PLACE_OPERATORS"]
+__all__ = ["ForwardRecord", "run_forward", "out_of_place", "OUT_OF_PLACE_OPERATORS", "eval_mode", "restore_modes"]
 
 OUT_OF_PLACE_OPERATORS: dict[Any, Any] = {
     operator.iadd: operator.add,
@@ -75,8 +75,7 @@ def run_forward(
     record = ForwardRecord(images.shape)
     env: dict[str, Any] = {}
     model = graph.model
-    was_training = model.training
-    model.eval()
+    modes = eval_mode(model)
     last = max(graph.order[t] for t in targets)
     last_use: dict[str, int] = {}  # free each value after its last reader (memory of one layer, not all)
     for i, op in enumerate(graph.ops[: last + 1]):
@@ -114,7 +113,7 @@ def run_forward(
             for t in targets:
                 record.values[t] = env[t]
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     return record
 
 

@@ -34,7 +34,7 @@ from torch import fx, nn
 
 from ..errors import DeconvnetError
 from .graph import ModelGraph, Op, int_pair
-from .record import OUT_OF_PLACE_OPERATORS, ForwardRecord, out_of_place
+from .record import OUT_OF_PLACE_OPERATORS, ForwardRecord, eval_mode, out_of_place, restore_modes
 from .rules import RULES, HoldMode, Rule, get_rule
 
 __all__ = [
@@ -485,37 +485,56 @@ def run_backward(
     signals: dict[str, Any] = {target: signal}
     pieces_of: dict[str, dict[int, torch.Tensor]] = {}
     rows = signal.shape[0]
-    with torch.no_grad():
-        for op in reversed(ops):
-            if op.kind in _PIECEWISE and op.name in pieces_of:
-                pieces = pieces_of.pop(op.name)
-                if op.kind == "split":
-                    _accumulate(signals, op.inputs[0], _split_back(op, record, pieces, rows, signal))
-                    continue
-                if op.name in signals:  # used whole and by pieces: the whole as piece... not expected
-                    raise DeconvnetError(f"{op.where}: an output used both whole and by index is not supported")
-                signals[op.name] = pieces
-            if op.name not in signals:
-                continue
-            if op.kind == "input":
-                break
-            x = signals.pop(op.name)
-            if op.kind == "getitem":
-                index = op.node.args[1]
-                if not isinstance(index, int):
-                    raise DeconvnetError(f"{op.where}: indexing a split by {index!r} is not supported")
-                pieces = pieces_of.setdefault(op.inputs[0], {})
-                pieces[index] = pieces[index] + x if index in pieces else x
-                continue
-            step = STEPS.get(op.kind)
-            if step is None:
-                raise DeconvnetError(f"the deconvnet cannot reverse {op.reason or op.kind} at {op.where}")
-            for name, g in step(op, x, way).items():
-                _accumulate(signals, name, g)
+    # steps that call the model's modules again (activations, norms, attention) run them in eval
+    # mode, as the forward pass did: no dropout, no batch statistics updated
+    modes = eval_mode(graph.model)
+    try:
+        with torch.no_grad():
+            _walk_down(ops, way, signals, pieces_of, record, rows, signal)
+    finally:
+        restore_modes(modes)
     result = signals.get(graph.input_name)  # type: ignore[arg-type]
     if result is None:  # the selection does not depend on the image (cannot happen for a traced path)
         result = signal.new_zeros(_batched_shape(record.input_shape, rows))
     return result
+
+
+def _walk_down(
+    ops: list[Op],
+    way: WayDown,
+    signals: dict[str, Any],
+    pieces_of: dict[str, dict[int, torch.Tensor]],
+    record: ForwardRecord,
+    rows: int,
+    signal: torch.Tensor,
+) -> None:
+    """The loop of :func:`run_backward`: each op's step, in reverse forward order."""
+    for op in reversed(ops):
+        if op.kind in _PIECEWISE and op.name in pieces_of:
+            pieces = pieces_of.pop(op.name)
+            if op.kind == "split":
+                _accumulate(signals, op.inputs[0], _split_back(op, record, pieces, rows, signal))
+                continue
+            if op.name in signals:  # read both whole and by index (x and x[0]): none of these models does
+                raise DeconvnetError(f"{op.where}: an output used both whole and by index is not supported")
+            signals[op.name] = pieces
+        if op.name not in signals:
+            continue
+        if op.kind == "input":
+            break
+        x = signals.pop(op.name)
+        if op.kind == "getitem":
+            index = op.node.args[1]
+            if not isinstance(index, int):
+                raise DeconvnetError(f"{op.where}: indexing a split by {index!r} is not supported")
+            pieces = pieces_of.setdefault(op.inputs[0], {})
+            pieces[index] = pieces[index] + x if index in pieces else x
+            continue
+        step = STEPS.get(op.kind)
+        if step is None:
+            raise DeconvnetError(f"the deconvnet cannot reverse {op.reason or op.kind} at {op.where}")
+        for name, g in step(op, x, way).items():
+            _accumulate(signals, name, g)
 
 
 def _sum_to(x: torch.Tensor, shape: torch.Size, rows: int) -> torch.Tensor:
