@@ -7,6 +7,7 @@ projection stage says up front how many projections it makes. Tiny random models
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -31,6 +32,7 @@ from deconvnet.data import list_images
 from deconvnet.errors import DeconvnetError
 from deconvnet.weights import save_weights
 from tests.helpers.models import tiny_loaded
+from tests.helpers.processes import free_port
 from tests.test_atlas import write_images
 
 
@@ -140,6 +142,9 @@ def test_shards_divided_by_rank_merge_exactly_and_resume_inside_a_shard(tmp_path
     # shards, images rank::world
     assert list(source.shard_ids(0, 2)) == [0, 1, 2, 6, 7, 8] and list(source.shard_ids(1, 2)) == [3, 4, 5, 9]
     assert list(source.shard_ids(1, 5)) == [1, 6]
+    for world in (2, 5):  # the process that scans an image also projects it
+        owners = {g: r for r in range(world) for g in source.shard_ids(r, world)}
+        assert sorted(owners) == list(range(10)) and all(source.owner(g, world) == owners[g] for g in owners)
     whole = scan_atlas(loaded, source, "conv1,conv4", k=3, batch_size=2, progress=False)
     for world in (2, 5):
         parts = [
@@ -203,20 +208,42 @@ def test_the_manifest_refuses_another_model_or_other_images(tmp_path):
     assert res.scan.layers == ["conv1"] and '"conv2"' not in (out / "manifest.json").read_text()
 
 
-def test_cli_takes_a_shard_pattern_and_refuses_mixing_in_one_line(tmp_path):
+def test_cli_over_shards_same_atlas_under_torchrun_and_refuses_another_model(tmp_path):
     loaded, other = tiny_loaded(seed=10), tiny_loaded(seed=11)
     weights = save_weights(loaded.model, tmp_path / "a.safetensors", loaded.classes, loaded.preprocessing)
     weights_b = save_weights(other.model, tmp_path / "b.safetensors", other.classes, other.preprocessing)
-    pattern = write_shards(write_images(tmp_path / "imgs", 6), tmp_path / "shards", per_shard=3)
+    pattern = write_shards(write_images(tmp_path / "imgs", 6), tmp_path / "shards", per_shard=2)  # 3 shards
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
-    def atlas(w: Path) -> subprocess.CompletedProcess:
-        args = ["atlas", pattern, "--out", str(tmp_path / "o"), "--weights", str(w), "--device", "cpu"]
-        args += ["--layers", "conv1", "--top", "2", "--per-page", "4", "--workers", "0"]
-        return subprocess.run([sys.executable, "-m", "deconvnet", *args], capture_output=True, text=True, timeout=120)
+    def atlas(w: Path, out: str = "o", launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        args = ["atlas", pattern, "--out", str(tmp_path / out), "--weights", str(w), "--device", "cpu"]
+        args += ["--layers", "conv1,conv3", "--top", "2", "--per-page", "4", "--workers", "0", "--quiet"]
+        command = [sys.executable, "-m", *launcher, "deconvnet", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
     first = atlas(weights)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "atlas: 6 images scanned" in first.stdout and (tmp_path / "o" / "conv1").is_dir()
+    # two torchrun processes, whole shards each (0 and 2; 1): the same atlas and sheets
+    port = str(free_port())
+    two = atlas(
+        weights,
+        "two",
+        ("torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", port, "-m"),
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = AtlasScan.load(tmp_path / "o" / "atlas.npz"), AtlasScan.load(tmp_path / "two" / "atlas.npz")
+    assert a.files == b.files and a.layers == b.layers
+    for layer in a.layers:
+        np.testing.assert_array_equal(a.images[layer], b.images[layer])
+        np.testing.assert_array_equal(a.positions[layer], b.positions[layer])
+        np.testing.assert_allclose(a.values[layer], b.values[layer], rtol=1e-5)  # other batch groupings
+    sheets = sorted(p.relative_to(tmp_path / "o") for p in (tmp_path / "o").rglob("*.png"))
+    assert sheets and sheets == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.png"))
+    for rel in sheets:  # same tiles, up to the rounding of values computed in other groupings
+        pa = np.asarray(Image.open(tmp_path / "o" / rel).convert("RGB")).astype(int)
+        pb = np.asarray(Image.open(tmp_path / "two" / rel).convert("RGB")).astype(int)
+        assert pa.shape == pb.shape and np.abs(pa - pb).max() <= 2, rel
     second = atlas(weights_b)
     assert second.returncode == 2 and "Traceback" not in second.stderr
     last = second.stderr.strip().splitlines()[-1]
@@ -245,7 +272,6 @@ def test_shard_counts_are_kept_for_reruns(tmp_path):
     """Counting a shard's images reads all its headers (about 0.1 ms an image): a rerun into the same
     folder takes the counts of unchanged shards (same size and modification time) from the manifest."""
     import json
-    import os
 
     from deconvnet.analysis.atlas.manifest import known_shards
 

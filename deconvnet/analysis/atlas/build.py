@@ -323,7 +323,8 @@ def _project_shards(
     """The tiles, each process projecting its own shard's images; all of them on process 0, ``None``
     on the others."""
     rank, world = dist_info()
-    own = (lambda gid: gid % world == rank) if world > 1 else None
+    # the process that scanned an image projects it (tar shards: whole shards, each read by one process)
+    own = (lambda gid: scan.files.owner(gid, world) == rank) if world > 1 else None
     tiles = project_atlas(
         loaded,
         scan,

@@ -61,6 +61,10 @@ class ImageSource(Sequence[str]):
         """The global ids process ``rank`` of ``world`` scans, in reading order."""
         return range(rank, len(self), world)
 
+    def owner(self, gid: int, world: int) -> int:
+        """The process (of ``world``) whose :meth:`shard_ids` hold image ``gid``."""
+        return gid % world
+
     def identity(self) -> bytes:
         """What identifies the images (hashed into the scan's fingerprint)."""
         raise NotImplementedError
@@ -205,6 +209,9 @@ class TarShards(ImageSource):
             return range(rank, len(self), world)
         parts = [np.arange(self.starts[s], self.starts[s + 1]) for s in range(rank, len(self.shards), world)]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def owner(self, gid: int, world: int) -> int:
+        return self.locate(gid)[0] % world if len(self.shards) >= world else gid % world
 
     def identity(self) -> bytes:
         return json.dumps(self.spec(), sort_keys=True).encode()
