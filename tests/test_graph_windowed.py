@@ -194,3 +194,14 @@ def test_chain_models_under_the_guided_and_gradient_rules_go_down_the_graph_on_w
     assert fast.path_counts == {"graph-windowed": 2 * len(sels), "whole-map": 0}
     _assert_equal(fast, slow, images, sels, "deconvnet")
     assert fast.path_counts["chain-windowed"] == len(sels)
+
+
+def test_activations_beyond_relu_go_down_on_windows():
+    """MobileNetV2's ReLU6 blocks (depthwise convs, residual additions): windowed, equal to whole maps."""
+    model = torchvision_model("mobilenet_v2")
+    images = _images(2, 96)
+    fast, slow = DeconvNet(model), DeconvNet(model, fast_path=False)
+    sels = _units(fast, images, "features.4", [3, 17])
+    for rule in RULES:
+        _assert_equal(fast, slow, images, sels, rule)
+    assert _windowed_count(fast) == 3 * len(sels)

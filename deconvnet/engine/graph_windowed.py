@@ -54,6 +54,7 @@ Cost: the plan estimates the way down's multiply-adds in windows against whole m
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,15 +64,16 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .graph import ModelGraph, Op, int_pair
-from .record import ForwardRecord
+from .record import ForwardRecord, out_of_place
 from .reverse import TransposedFilters, batchnorm_scale, lrn_vjp, relu_rule
+from .rules import get_rule
 from .windowed import WindowedProjections
 
 __all__ = ["Window", "WindowPlan", "plan_windows", "GraphWindowedProjector"]
 
 Pair = tuple[int, int]
 _CAT = (torch.cat, torch.concat)
-_ELEMENTWISE = ("relu", "bn", "lrn", "identity", "add", "getitem", "split")
+_ELEMENTWISE = ("relu", "activation", "bn", "lrn", "identity", "add", "getitem", "split")
 
 
 @dataclass(frozen=True)
@@ -296,6 +298,25 @@ def _gather(t: torch.Tensor, image_index: torch.Tensor, origins: torch.Tensor, s
     return out.permute(0, 3, 1, 2)
 
 
+def _local_vjp(op: Op, inputs: torch.Tensor | None, signal: torch.Tensor) -> torch.Tensor:
+    """``f'(inputs) * signal`` for an element-wise activation op (its module or function, with the
+    traced op's other arguments), by autograd of f on the window."""
+    assert inputs is not None
+    node = op.node
+    with torch.enable_grad():
+        leaf = inputs.detach().requires_grad_(True)
+        args = [leaf if isinstance(a, fx.Node) else a for a in node.args]
+        kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace" and not isinstance(v, fx.Node)}
+        if node.op == "call_module":
+            out = op.module(leaf.clone() if getattr(op.module, "inplace", False) is True else leaf)  # type: ignore[misc]
+        elif node.op == "call_method":
+            out = getattr(leaf, out_of_place(str(node.target)))(*args[1:], **kwargs)
+        else:
+            out = node.target(*args, **kwargs)  # type: ignore[operator]
+        (grad,) = torch.autograd.grad(out, leaf, signal)
+    return grad
+
+
 def _fit(x: torch.Tensor, start: tuple[int, int], size: tuple[int, int]) -> torch.Tensor | None:
     """``x``, whose first cell is cell ``start`` of a box of ``size``, cut and zero-padded to that box
     (None where it does not overlap it)."""
@@ -446,6 +467,13 @@ class GraphWindowedProjector:
                 if rule != "deconvnet":
                     mask = _gather(record.masks[op.name], image_index, run.origin(op.name), size)
                 run.send(op, op.inputs[0], relu_rule(x, rule, mask))
+            elif kind == "activation":  # element-wise: its local derivative at the gathered recorded inputs
+                gathered = (
+                    _gather(record.kept[op.inputs[0]], image_index, run.origin(op.name), size)
+                    if get_rule(rule).looks_at_forward
+                    else None
+                )
+                run.send(op, op.inputs[0], get_rule(rule).activation(x, functools.partial(_local_vjp, op, gathered)))
             elif kind == "conv":
                 bn = graph.folded_bn.get(op.name) if op.name in folding else None
                 run.send(op, op.inputs[0], self.filters.apply(x, op.module, cl, bn))  # type: ignore[arg-type]
