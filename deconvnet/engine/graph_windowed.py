@@ -10,8 +10,8 @@ output window is ``(jump, lo, size)``:
 
 * conv / max pool / avg pool (kernel k, stride s, padding p, dilation d):
   ``jump -> jump * s``, ``lo -> lo * s - p``, ``size -> (size - 1) * s + d * (k - 1) + 1``;
-* element-wise ops (ReLU, batch norm, LRN, identity), the operands of an addition, and concatenation
-  or split along the channel axis: the same box;
+* element-wise ops (ReLU and other activations, batch norm, LRN, identity), the operands of an
+  addition, and concatenation or split along the channel axis: the same box;
 * a node read by several ops takes the UNION (bounding box) of the boxes its readers ask for (they
   agree on ``jump``; if not, the node has no fixed-size window).
 
@@ -29,7 +29,8 @@ own origin. It applies the reverse rules of :mod:`deconvnet.engine.reverse` to t
 * max pool: switch unpooling that SUMS overlapping windows (like ``unpool_sum``), each unit's
   switches gathered for its window; avg pool: its transpose (each cell's value spread over its
   k x k input cells, divided by the uniform divisor);
-* ReLU: ``relu_rule`` with the forward masks gathered for the window (guided, gradient); batch norm:
+* ReLU: ``relu_rule`` with the forward masks gathered for the window (guided, gradient); other
+  activations: the rule's step with the local derivative at the gathered recorded inputs; batch norm:
   its scale; LRN: skipped, or its Jacobian at the gathered recorded inputs (``include_lrn``; LRN is
   cross-channel, so a window's Jacobian is the map's restricted to it);
 * addition: the signal goes to every operand; concatenation: its channel slices; split: the pieces
