@@ -189,7 +189,7 @@ class DeconvNet:
             if depth == 1 and not isinstance(parent, containers):
                 continue
             if depth == 2:
-                # the blocks of a container inside a top-level module that is not one (ViT's
+                # the token blocks of a container inside a top-level module that is not one (ViT's
                 # encoder.layers.encoder_layer_N)
                 top = self.model.get_submodule(path.split(".", 1)[0])
                 if isinstance(top, containers) or not isinstance(parent, containers):
@@ -198,6 +198,8 @@ class DeconvNet:
                 op = self.graph.resolve(path)
             except KeyError:
                 continue
+            if depth == 2 and (op.name not in layouts or layouts[op.name].kind != "tokens"):
+                continue  # (GoogLeNet's inception3a.branch2.0 stays a module path, not a main layer)
             # maps (any layout), and not a conv or batch norm whose rectified output follows as its own layer
             if op.name in layouts and op.kind not in ("bn", "conv"):
                 out.append(path)
