@@ -38,6 +38,7 @@ from PIL import Image
 from .analysis.invariance import invariance_curves, prepare_uncropped
 from .analysis.layers import LayerTaps
 from .analysis.occlusion import OcclusionMaps, default_grid, occlusion_maps, occlusion_positions, projection_of_map
+from .analysis.sanity import UNIT_SCORES_READING, UnitScores, unit_scores
 from .data import MAX_IMAGE_PIXELS, decode_image, pil_to_tensor
 from .deconv import DeconvNet
 from .display import crop_box, data_uri, png_bytes, to_display
@@ -65,6 +66,8 @@ __all__ = [
     "run_occlusion",
     "occlusion_view",
     "invariance_view",
+    "UNIT_SCORES_READING",
+    "unit_scores_rows",
 ]
 
 # A 50-megapixel photo or a decompression bomb is refused before its pixels are decoded (the same
@@ -186,6 +189,7 @@ class ImageSession:
         self.maps: dict[str, LayerMaps] = {}
         self.views: OrderedDict[tuple[str, int], MapView] = OrderedDict()
         self.comparisons: OrderedDict[tuple[str, int], RuleComparison] = OrderedDict()
+        self.scores: OrderedDict[tuple[str, int], UnitScores] = OrderedDict()  # sanity measures per unit
         self.extras: dict[str, Any] = {}  # analyses' results (occlusion...) by name
         self._input_png: bytes | None = None
         self.lock = threading.Lock()  # computing this image's forward passes
@@ -455,6 +459,50 @@ class Explorer:
             found.image_size,
             {r: found.images[r] for r in rules},
         )
+
+    def unit_scores(self, session: ImageSession, layer: str, channel: int) -> UnitScores:
+        """The sanity measures (``analysis.sanity.unit_scores``) of the map's strongest activation, the
+        unit ``project`` and ``compare_rules`` show, under each rule; computed once per unit and image
+        (seconds: about 110 forward passes of the image for the deletion and insertion curves)."""
+        self.check_layer(layer)
+        maps = self.maps(session, layer)
+        if not 0 <= channel < maps.channels:
+            raise DeconvnetError(
+                f"map {channel} out of range: {layer} has {maps.channels} maps (0..{maps.channels - 1})"
+            )
+        key = (layer, channel)
+        found = session.scores.get(key)
+        if found is None:
+            acts, _ = self._forward(session, layer)
+            fmap = acts[0, channel]
+            position = divmod(int(fmap.argmax()), int(fmap.shape[-1]))
+            with self.compute_lock:
+                found = unit_scores(self.loaded, session.x, layer, channel, position=position)
+            session.scores[key] = found
+            while len(session.scores) > self.views_per_image:
+                session.scores.popitem(last=False)
+        session.scores.move_to_end(key)
+        return found
+
+
+def unit_scores_rows(scores: UnitScores) -> list[dict[str, Any]]:
+    """A page's table of ``scores``: per rule, then the random order, its title, the other-units
+    similarity (None for the random order) and the deletion and insertion areas (None: undefined)."""
+    deletion, insertion = scores.deletion_auc, scores.insertion_auc
+
+    def number(v: float) -> float | None:
+        return float(v) if np.isfinite(v) else None
+
+    return [
+        {
+            "rule": r,
+            "title": RULE_TITLES.get(r, "random order"),
+            "other_units": number(scores.other_units[r]) if r in scores.other_units else None,
+            "deletion_auc": number(deletion[r]),
+            "insertion_auc": number(insertion[r]),
+        }
+        for r in scores.curve_rows
+    ]
 
 
 def _clean_name(name: str) -> str:

@@ -235,6 +235,30 @@ def test_occlusion(page, shots: Path) -> None:
     save_screenshot(page, shots / "explorer-occlusion.png", full_page=True)
 
 
+def test_unit_scores_button(page, shots: Path) -> None:
+    """'How far to trust these pictures?': the selected unit's scores per rule, computed on a click."""
+    _pick(page, 1)
+    _wait_detail(page)
+    page.wait_for_selector("#rules:not([hidden])")
+    assert not page.is_visible("#scores-result")
+    title = page.inner_text("#detail-title")
+    page.click("#scores-run")
+    page.wait_for_selector("#scores-result:not([hidden])", timeout=60_000)
+    rules = page.eval_on_selector_all("#scores-table tbody tr", "els => els.map(e => e.dataset.rule)")
+    assert rules == ["deconvnet", "guided", "gradient", "random"]
+    cells = page.eval_on_selector_all("#scores-table tbody tr td", "els => els.map(e => e.textContent)")
+    assert all(c == "–" or c.replace(".", "", 1).replace("-", "", 1).isdigit() for c in cells[1:4]), cells
+    layer_map = title.split(" (rank")[0].replace(" · ", " ")  # "conv2 map 7"
+    assert page.inner_text("#scores-meta").startswith(layer_map)
+    assert "other units" in page.inner_text("#scores-reading")
+    assert page.evaluate("document.getElementById('scores-curves').naturalWidth") > 100
+    page.wait_for_timeout(200)
+    save_screenshot(page, shots / "explorer-scores.png", full_page=True)
+    # another map clears them until asked again
+    page.locator("#map-grid .map").nth(3).click()
+    page.wait_for_function("document.getElementById('scores-result').hidden")
+
+
 def test_report_opens_from_disk(browser, tmp_path: Path, shots: Path) -> None:
     from deconvnet.report import build_report
     from deconvnet.samples import sample_paths

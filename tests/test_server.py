@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import struct
 import subprocess
@@ -78,6 +79,17 @@ def _tiny_atlas(weights: Path, base: Path) -> Path:
         (folder / f"photo-{i:02d}.png").write_bytes(photo_bytes("PNG", (90, 80), seed=10 + i))
     build_atlas(
         load_model(str(weights)), folder, base / "atlas", layers=["conv2", "conv5"], k=9, render=False, progress=False
+    )
+    # conv5 map 3 also gets its optimised image (`deconvnet atlas --visualize`; 4 steps: only its presence is tested)
+    build_atlas(
+        load_model(str(weights)),
+        folder,
+        base / "atlas",
+        layers=["conv5"],
+        maps={"conv5": [3]},
+        k=9,
+        visualize_steps=4,
+        progress=False,
     )
     return base / "atlas"
 
@@ -357,7 +369,7 @@ def test_bad_requests(client: httpx.Client, server: Server) -> None:
     assert server.alive()
 
 
-def test_atlas(client: httpx.Client) -> None:
+def test_atlas(client: httpx.Client, served: Served) -> None:
     model = client.get("/api/model").json()
     assert model["atlas"] and model["atlas_layers"] == ["conv2", "conv5"]
     info = _open_sample(client)
@@ -370,10 +382,54 @@ def test_atlas(client: httpx.Client) -> None:
     for p in atlas["patches"]:
         assert _decode_uri(p["image"]).size == _decode_uri(p["projection"]).size
         assert p["label"].startswith("photo-")
+    # the optimised image written by the atlas run, with its measures from visualize.json
+    rows = json.loads((served.server.workdir.parent / "atlas" / "conv5" / "visualize.json").read_text())["units"]
+    assert [r["channel"] for r in rows] == [3]
+    optimised = _decode_uri(atlas["optimised"])
+    assert optimised.size[0] > 1 and optimised.mode == "RGB"
+    assert atlas["optimised_peak"] == pytest.approx(rows[0]["peak"]) and atlas["exemplar"] == pytest.approx(
+        rows[0]["exemplar"]
+    )
+    other = client.get("/api/atlas/conv5/2").json()  # a map the atlas did not optimise an image for
+    assert other["optimised"] is None and other["optimised_peak"] is None and other["patches"]
     assert client.get(f"/api/images/{info['id']}/layers/conv1/maps/0").json()["atlas_url"] is None
     assert "does not cover" in _json_error(client.get("/api/atlas/conv1/0"), 404)
     assert "out of range" in _json_error(client.get("/api/atlas/conv5/24"), 404)
     _json_error(client.get("/api/atlas/..%2Fconv5/1"), 404)
+
+
+def test_unit_scores_of_the_shown_unit(client: httpx.Client, served: Served) -> None:
+    """The sanity measures beside a projection: the library's numbers for the map's strongest activation,
+    cached per image and unit, with one-line errors."""
+    from deconvnet.analysis.sanity import unit_scores
+    from deconvnet.inference import prepare_images
+    from deconvnet.samples import sample_paths
+    from deconvnet.weights import load_model
+
+    info = _open_sample(client)
+    url = f"/api/images/{info['id']}/layers/conv3/maps/2/scores"
+    first = client.get(url)
+    assert first.status_code == 200, first.text
+    s = first.json()
+    view = client.get(f"/api/images/{info['id']}/layers/conv3/maps/2").json()
+    assert s["position"] == view["position"] and s["box"] == view["box"] and s["max"] == pytest.approx(view["max"])
+    assert [r["rule"] for r in s["rows"]] == ["deconvnet", "guided", "gradient", "random"]
+    assert s["rows"][-1]["other_units"] is None and "other units" in s["reading"]
+    assert _decode_uri(s["curves"]).size[0] > 100
+    # the same numbers as the library on the same model input (same preprocessing: float32 equal inputs)
+    loaded = load_model(str(served.server.weights))
+    x, _ = prepare_images(loaded, sample_paths(["chelsea"]))
+    expected = unit_scores(loaded, x, "conv3", 2)
+    for row in s["rows"]:
+        assert row["deletion_auc"] == pytest.approx(expected.deletion_auc[row["rule"]], abs=1e-5)
+        assert row["insertion_auc"] == pytest.approx(expected.insertion_auc[row["rule"]], abs=1e-5)
+        if row["rule"] != "random":
+            assert row["other_units"] == pytest.approx(expected.other_units[row["rule"]], abs=1e-5)
+    again = client.get(url).json()  # cached: the same numbers, no recomputation
+    assert again["rows"] == s["rows"] and again["elapsed_ms"] < s["elapsed_ms"]
+    assert "out of range" in _json_error(client.get(f"/api/images/{info['id']}/layers/conv3/maps/999/scores"), 404)
+    assert "unknown layer" in _json_error(client.get(f"/api/images/{info['id']}/layers/fc7/maps/0/scores"), 404)
+    _json_error(client.get("/api/images/nope/layers/conv3/maps/0/scores"), 404)
 
 
 def test_occlusion_job(client: httpx.Client) -> None:

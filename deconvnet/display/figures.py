@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # the result types drawn here (display imports the analyses; 
     from ..analysis.invariance import InvarianceCurves
     from ..analysis.occlusion import OcclusionMaps
     from ..analysis.probes import ProbeRow
-    from ..analysis.sanity import SanityReport
+    from ..analysis.sanity import SanityReport, UnitScores
     from ..analysis.visualize import Visualization
     from ..engine import Projection
     from ..inference import ProjectionResult, StrongestMaps
@@ -46,6 +46,7 @@ __all__ = [
     "filters_figure",
     "evolution_figure",
     "sanity_figure",
+    "unit_scores_figure",
     "visualization_figure",
 ]
 
@@ -798,4 +799,32 @@ def sanity_figure(report: SanityReport, title: str | None = None) -> Figure:
     shown = report.images[0].replace("\\", "/").rsplit("/", 1)[-1] if report.images else ""
     default = f"sanity checks: {len(report.images)} images, layers {', '.join(report.layers)}; "
     fig.suptitle(title or f"{default}maps of {shown}'s strongest {layer} unit", fontsize=9)
+    return fig
+
+
+def unit_scores_figure(scores: UnitScores, title: str | None = None) -> Figure:
+    """One unit's deletion and insertion curves per rule (legend: its area, and the mean Spearman
+    similarity of its picture to other units' at the same position) and for random orders (black)."""
+    fig = new_figure((7.2, 2.6))
+    colours = colormaps["tab10"]
+    deletion_auc, insertion_auc = scores.deletion_auc, scores.insertion_auc
+    for k, (curves, aucs, name) in enumerate(
+        ((scores.deletion, deletion_auc, "deletion"), (scores.insertion, insertion_auc, "insertion"))
+    ):
+        ax = fig.add_subplot(1, 2, k + 1)
+        for row, rule in enumerate(scores.curve_rows):
+            colour = "black" if rule == "random" else colours(row)
+            label = f"{rule}: AUC {aucs[rule]:.2f}"
+            if rule in scores.other_units:
+                label += f", other units {scores.other_units[rule]:.2f}"
+            ax.plot(scores.fractions, curves[rule], color=colour, label=label, linewidth=1.2)
+        ax.set_xlabel(f"fraction of the receptive field {'removed' if name == 'deletion' else 'kept'}", fontsize=8)
+        ax.set_ylabel("unit activation / intact", fontsize=8)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    fig.suptitle(
+        title or f"{scores.layer} map {scores.channel} at {scores.position}: activation {scores.value:.3g}", fontsize=9
+    )
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.2, top=0.82, wspace=0.3)
     return fig

@@ -30,12 +30,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..data import decode_image
-from ..display import data_uri
+from ..display import data_uri, figure_png
 from ..engine import RULES
 from ..errors import DeconvnetError
-from ..explorer import DEFAULT_MAX_PIXELS, RULE_TITLES, Explorer, ImageSession, occlusion_view
+from ..explorer import (
+    DEFAULT_MAX_PIXELS,
+    RULE_TITLES,
+    UNIT_SCORES_READING,
+    Explorer,
+    ImageSession,
+    occlusion_view,
+    unit_scores_rows,
+)
 from ..weights import LoadedModel
-from .atlas import atlas_patches, open_atlas
+from .atlas import atlas_optimised, atlas_patches, open_atlas
 from .guard import LOOPBACK_NAMES, BodySizeLimit, OriginGuard, RequestLimits
 from .jobs import Jobs
 from .schemas import (
@@ -52,6 +60,8 @@ from .schemas import (
     RuleComparisonInfo,
     RuleProjection,
     SourceInfo,
+    UnitScoreRow,
+    UnitScoresInfo,
     image_response,
 )
 
@@ -430,6 +440,37 @@ def create_app(
         )
 
     @app.get(
+        "/api/images/{image_id}/layers/{layer}/maps/{index}/scores",
+        response_model=UnitScoresInfo,
+        tags=["analyses"],
+        responses=ERRORS,
+        summary="How far to trust the pictures of one map's strongest activation: its selectivity (similarity "
+        "to other units' pictures) and deletion/insertion areas under each rule (seconds; cached per unit)",
+    )
+    def unit_scores_view(
+        image_id: str = PathParam(pattern=ID_PATTERN),
+        layer: str = PathParam(pattern=ID_PATTERN),
+        index: int = PathParam(ge=0, le=1_000_000),
+    ) -> UnitScoresInfo:
+        started = time.perf_counter()
+        session = session_or_404(image_id)
+        map_or_404(session, layer, index)
+        scores = explorer.unit_scores(session, layer, index)
+        return UnitScoresInfo(
+            image_id=session.id,
+            layer=layer,
+            index=index,
+            max=scores.value,
+            position=list(scores.position),
+            box=list(scores.box),
+            others=scores.others,
+            rows=[UnitScoreRow(**row) for row in unit_scores_rows(scores)],
+            reading=UNIT_SCORES_READING,
+            curves=data_uri(figure_png(scores.figure(), dpi=80)),
+            elapsed_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    @app.get(
         "/api/atlas/{layer}/{index}",
         response_model=AtlasInfo,
         tags=["layers"],
@@ -447,7 +488,16 @@ def create_app(
             raise HTTPException(404, f"map {index} out of range: {layer} has {channels} maps (0..{channels - 1})")
         with explorer.compute_lock:
             patches = atlas_patches(atlas, loaded, layer, index)
-        return AtlasInfo(layer=layer, index=index, patches=[AtlasPatch(**p) for p in patches])
+        optimised = atlas_optimised(atlas, layer, index)
+        png, measures = optimised if optimised is not None else (None, {})
+        return AtlasInfo(
+            layer=layer,
+            index=index,
+            patches=[AtlasPatch(**p) for p in patches],
+            optimised=data_uri(png) if png is not None else None,
+            optimised_peak=measures.get("peak"),
+            exemplar=measures.get("exemplar"),
+        )
 
     # ------------------------------------------------------------------ occlusion
     @app.post(

@@ -5,6 +5,7 @@ client-given path), drawn as PNG panels and cached."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from ..engine import DeconvNet
 from ..errors import DeconvnetError
 from ..weights import LoadedModel
 
-__all__ = ["Atlas", "open_atlas", "atlas_patches"]
+__all__ = ["Atlas", "open_atlas", "atlas_patches", "atlas_optimised"]
 
 CACHED_UNITS = 2048  # units whose panels are kept (oldest dropped first)
 
@@ -27,6 +28,7 @@ class Atlas:
         self.scan = scan
         self.folder = folder
         self.cache: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        self.measures: dict[str, dict[int, dict[str, Any]]] = {}  # layer -> channel -> visualize.json's row
         self.lock = threading.Lock()
 
     @property
@@ -85,3 +87,26 @@ def atlas_patches(atlas: Atlas, loaded: LoadedModel, layer: str, channel: int, t
         if len(atlas.cache) > CACHED_UNITS:
             atlas.cache.pop(next(iter(atlas.cache)))
         return out
+
+
+def atlas_optimised(atlas: Atlas, layer: str, channel: int) -> tuple[bytes, dict[str, Any]] | None:
+    """The image optimised for the unit by ``deconvnet atlas --visualize`` (``<layer>/optimised-MMMM.png``)
+    and its measures from ``<layer>/visualize.json`` (``peak``, ``exemplar``, ``ratio``..., empty when the
+    file lacks the unit); None when the folder has no such image. Only a layer of the scan and a
+    channel number make the path: never a client's text."""
+    if layer not in atlas.scan.layers or not 0 <= channel < atlas.scan.values[layer].shape[0]:
+        return None
+    path = atlas.folder / layer / f"optimised-{channel:04d}.png"
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    with atlas.lock:
+        if layer not in atlas.measures:
+            try:
+                rows = json.loads((atlas.folder / layer / "visualize.json").read_text())["units"]
+                atlas.measures[layer] = {int(r["channel"]): r for r in rows}
+            except (OSError, ValueError, KeyError, TypeError):  # no measures (or an older file): the image alone
+                atlas.measures[layer] = {}
+        row = atlas.measures[layer].get(channel, {})
+    return data, row

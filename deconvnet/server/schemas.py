@@ -132,12 +132,42 @@ class RuleComparisonInfo(BaseModel):
     elapsed_ms: float
 
 
+class UnitScoreRow(BaseModel):
+    rule: str = Field(description="a rule, or `random` (the mean of seeded random orders)")
+    title: str
+    other_units: float | None = Field(
+        description="mean Spearman similarity of the unit's picture to other strongest channels' at its position "
+        "(null for random orders)"
+    )
+    deletion_auc: float | None = Field(description="area under activation / intact as top-ranked pixels are removed")
+    insertion_auc: float | None = Field(description="area under activation / intact as top-ranked pixels are kept")
+
+
+class UnitScoresInfo(BaseModel):
+    image_id: str
+    layer: str
+    index: int
+    max: float = Field(description="the unit's activation (the map's maximum)")
+    position: list[int] = Field(description="[y, x] in map coordinates")
+    box: list[int] = Field(description="receptive field [y0, x0, y1, x1] in input pixels")
+    others: list[int] = Field(description="the channels compared with (strongest at the position first)")
+    rows: list[UnitScoreRow] = Field(description="one per rule, then `random`")
+    reading: str = Field(description="how to read the numbers, in one sentence")
+    curves: str = Field(description="the deletion and insertion curves (PNG data URI)")
+    elapsed_ms: float
+
+
 class AtlasInfo(BaseModel):
     layer: str
     index: int
     patches: list[AtlasPatch] = Field(
         description="strongest first: the dataset patch under the unit's receptive field and its projection"
     )
+    optimised: str | None = Field(
+        None, description="the image optimised to excite the unit (PNG data URI), when the atlas ran with --visualize"
+    )
+    optimised_peak: float | None = Field(None, description="the unit's activation on the optimised image")
+    exemplar: float | None = Field(None, description="the unit's activation on its best dataset example")
 
 
 class JobInfo(BaseModel):

@@ -127,6 +127,7 @@ function showImage(info) {
   $("detail").hidden = true;
   $("rules").hidden = true;
   $("rules-grid").innerHTML = "";
+  clearScores();
   $("input-rf").hidden = true;
   $("image-name").textContent = info.name;
   $("input-img").src = info.input_url;
@@ -206,6 +207,7 @@ async function selectMap(layer, channel, button) {
   const imageId = state.image.id;
   const ticket = ++state.request;
   state.selected = channel;
+  clearScores();
   try {
     const v = await api(`/api/images/${imageId}/layers/${layer}/maps/${channel}`);
     if (ticket !== state.request) return;
@@ -241,6 +243,20 @@ async function selectMap(layer, channel, button) {
           img.src = src; img.alt = alt; img.title = label;
           halves[i].appendChild(img);
         });
+      }
+      if (a.optimised) {
+        // what the unit wants to see (`deconvnet atlas --visualize`) beside what excites it in the dataset
+        const fig = document.createElement("figure");
+        fig.className = "atlas-optimised";
+        const img = document.createElement("img");
+        img.src = a.optimised; img.alt = "image optimised for the unit";
+        const cap = document.createElement("figcaption");
+        cap.className = "small muted";
+        cap.textContent = "optimised to excite the unit" +
+          (a.optimised_peak != null ? ` · reaches ${fmt(a.optimised_peak)}` : "") +
+          (a.exemplar != null ? ` (best example ${fmt(a.exemplar)})` : "");
+        fig.append(img, cap);
+        grid.appendChild(fig);
       }
       atlas.hidden = a.patches.length === 0;
     }
@@ -279,6 +295,48 @@ async function showRules(imageId, layer, channel, ticket) {
   $("rules-meta").textContent = `(${layer} map ${channel}, max ${fmt(r.max)} at (${r.position.join(", ")}) · ${r.elapsed_ms.toFixed(0)} ms)`;
   panel.removeAttribute("aria-busy");
   panel.hidden = false;
+}
+
+// ------------------------------------------------------------------ sanity measures of the selected unit
+function clearScores() {
+  $("scores-result").hidden = true;
+  $("scores-table").querySelector("tbody").innerHTML = "";
+  $("scores-meta").textContent = "";
+  $("scores-run").disabled = false;
+}
+
+// computed on demand (seconds: a hundred forward passes), cached by the server per image and unit
+async function runScores() {
+  if (!state.image || state.selected == null) return;
+  const imageId = state.image.id, layer = state.layer, channel = state.selected, ticket = state.request;
+  const button = $("scores-run");
+  button.disabled = true;
+  $("scores-meta").textContent = "computing…";
+  try {
+    const s = await api(`/api/images/${imageId}/layers/${layer}/maps/${channel}/scores`);
+    if (ticket !== state.request) return;
+    const body = $("scores-table").querySelector("tbody");
+    body.innerHTML = "";
+    for (const row of s.rows) {
+      const tr = document.createElement("tr");
+      tr.dataset.rule = row.rule;
+      [row.title, row.other_units, row.deletion_auc, row.insertion_auc].forEach((value, i) => {
+        const td = document.createElement("td");
+        td.textContent = i === 0 ? value : (value == null ? "–" : value.toFixed(2));
+        tr.appendChild(td);
+      });
+      body.appendChild(tr);
+    }
+    $("scores-reading").textContent = s.reading;
+    $("scores-curves").src = s.curves;
+    $("scores-meta").textContent = `${layer} map ${channel} against maps ${s.others.join(", ")} · ${s.elapsed_ms.toFixed(0)} ms`;
+    $("scores-result").hidden = false;
+  } catch (e) {
+    $("scores-meta").textContent = "";
+    if (ticket === state.request) setStatus(e.message, "error");
+  } finally {
+    button.disabled = false;
+  }
 }
 
 // ------------------------------------------------------------------ occlusion
@@ -346,6 +404,7 @@ function wire() {
   window.addEventListener("dragover", (e) => e.preventDefault());
   window.addEventListener("drop", (e) => e.preventDefault());
   $("occlusion-run").addEventListener("click", runOcclusion);
+  $("scores-run").addEventListener("click", runScores);
 }
 
 (async function main() {
