@@ -125,6 +125,8 @@ def test_a_file_list_gives_the_folders_atlas(tmp_path):
     b = scan_atlas(loaded, str(listing), "conv2", k=2, progress=False)
     np.testing.assert_array_equal(a.images["conv2"], b.images["conv2"])
     np.testing.assert_array_equal(a.values["conv2"], b.values["conv2"])
+    with pytest.raises(DeconvnetError, match="is a folder among 2 paths"):
+        open_source([tmp_path / "imgs", ordered[0]])
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(DeconvnetError, match="names no images"):
         open_source(tmp_path / "empty.txt")
@@ -288,3 +290,20 @@ def test_shard_counts_are_kept_for_reruns(tmp_path):
     os.utime(shards[0], ns=(1, 1))  # touched: counted again
     assert open_source(pattern, planted).counts == [3, 2]
     assert open_source(pattern, {shards[0]: "damaged"}).counts == [3, 2]
+
+
+def test_a_broken_member_is_skipped_and_a_broken_shard_is_one_line(tmp_path):
+    loaded = tiny_loaded(seed=14)
+    files = write_images(tmp_path / "imgs", 4)
+    with tarfile.open(tmp_path / "s-0.tar", "w") as tf:
+        for name, data in (("a.jpg", files[0].read_bytes()), ("b.jpg", b"\xff\xd8\xff garbage"), ("c.png", b"")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\): .*s-0\.tar/b\.jpg"):
+        scan = scan_atlas(loaded, str(tmp_path / "s-0.tar"), "conv1", k=1, progress=False)
+    assert [Path(p).name for p, _ in scan.skipped] == ["b.jpg", "c.png"] and "empty file" in scan.skipped[1][1]
+    assert set(scan.referenced_images().tolist()) == {0}
+    (tmp_path / "bad.tar").write_bytes(b"not a tar file at all" * 40)
+    with pytest.raises(DeconvnetError, match=r"bad\.tar: cannot read the tar shard"):
+        open_source(str(tmp_path / "bad.tar"))

@@ -29,7 +29,8 @@ def add_atlas(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "atlas",
         help="top-k activations of every feature map over a folder of images, projected (paper Fig. 2)",
-        description="Scan a folder (recursively) for the k strongest activations of every map of the chosen layers, "
+        description="Scan a folder (recursively), a file list or tar shards for the k strongest activations of every "
+        "map of the chosen layers, "
         "project each with the deconvnet, and write per-layer PNG sheets (3x3 projections beside 3x3 image patches) "
         "and index.html. Resumable (re-run the same command); runs under torchrun (each process scans a shard).",
     )

@@ -313,6 +313,12 @@ def open_source(
             raise DeconvnetError("no image files given")
         if all(_is_tar(p) for p in paths):
             return _shards(paths, " ".join(paths[:2]), known_shards)
+        folders = [p for p in paths if os.path.isdir(p)]
+        if folders:
+            raise DeconvnetError(
+                f"{folders[0]} is a folder among {len(paths)} paths: give one folder, one .txt list, tar shards "
+                "or image files"
+            )
         return ImageFiles([os.path.abspath(p) for p in paths])
     text = str(images)
     if "{" in text:
