@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from deconvnet.cli import main
 from tests.helpers.images import photo_bytes
@@ -243,3 +244,36 @@ def test_markdown_lists_images_links(tmp_path: Path) -> None:
     assert "<li>first item continues <strong>here</strong></li>" in out
     assert "<li>second link</li>" in out and "example.org" not in out
     assert out.count("<img") == 1 and 'src="data:image/png;base64,' in out
+
+
+def test_report_sanity_scores(served_weights_file: Path, tmp_path: Path, sample_image_path: Path) -> None:
+    """`--sanity`: beside the rules panel, that unit's scores per rule: the library's numbers."""
+    from deconvnet.analysis.sanity import unit_scores
+    from deconvnet.deconv import DeconvNet
+    from deconvnet.inference import prepare_images
+    from deconvnet.weights import load_model
+
+    out = tmp_path / "out"
+    args = ["report", str(sample_image_path), "--weights", str(served_weights_file), "--out", str(out)]
+    args += ["--layers", "conv2,conv3", "--top-maps", "1", "--no-occlusion", "--no-invariance", "--device", "cpu"]
+    assert main([*args, "--sanity"]) == 0
+    text = (out / "report.html").read_text()
+    _check_self_contained(text)
+    assert text.count("<h4>How far to trust these pictures") == 1 and "other units" in text
+    assert 'alt="deletion and insertion curves"' in text
+    # the numbers are those of unit_scores for conv3's strongest map at its maximum, to the 2 decimals shown
+    loaded = load_model(str(served_weights_file))
+    x, _ = prepare_images(loaded, [sample_image_path])
+    with torch.no_grad():
+        acts = DeconvNet(loaded.model).activations(x, "conv3")[0]
+    channel = int(acts.flatten(1).amax(1).argmax())
+    scores = unit_scores(loaded, x, "conv3", channel)
+    for rule in ("deconvnet", "guided", "gradient", "random"):
+        row = re.search(rf'<tr data-rule="{rule}">(.*?)</tr>', text)
+        assert row, rule
+        cells = re.findall(r"<td>(.*?)</td>", row.group(1))
+        assert cells[2] == f"{scores.deletion_auc[rule]:.2f}" and cells[3] == f"{scores.insertion_auc[rule]:.2f}"
+        if rule != "random":
+            assert cells[1] == f"{scores.other_units[rule]:.2f}"
+    assert main(args) == 0  # off by default (seconds per image)
+    assert "How far to trust these pictures" not in (out / "report.html").read_text()
