@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,7 +38,6 @@ from PIL import Image
 from .analysis.invariance import invariance_curves, prepare_uncropped
 from .analysis.layers import LayerTaps
 from .analysis.occlusion import OcclusionMaps, default_grid, occlusion_maps, occlusion_positions, projection_of_map
-from .analysis.sanity import UNIT_SCORES_READING, UnitScores, unit_scores
 from .data import MAX_IMAGE_PIXELS, decode_image, pil_to_tensor
 from .deconv import DeconvNet
 from .display import crop_box, data_uri, png_bytes, to_display
@@ -47,6 +46,10 @@ from .engine import RULE_TABLE, RULES
 from .engine.reverse import check_rule
 from .errors import DeconvnetError
 from .weights import LoadedModel
+
+if TYPE_CHECKING:  # imported when first used: scipy.stats (sanity) adds about 1 s to a page's start-up
+    from .analysis.sanity import UnitScores
+    from .analysis.visualize import Visualization
 
 __all__ = [
     "Explorer",
@@ -66,9 +69,14 @@ __all__ = [
     "run_occlusion",
     "occlusion_view",
     "invariance_view",
-    "UNIT_SCORES_READING",
     "unit_scores_rows",
+    "WANTED_STEPS",
 ]
+
+# Steps of the explorer's on-demand optimised image ("what this unit wants to see"): a quarter of
+# `deconvnet visualize`'s default, enough for the unit's pattern to appear (about 30 s for a conv5
+# unit of the bundled model on 2 CPU cores); `deconvnet atlas --visualize 256` makes finer ones.
+WANTED_STEPS = 64
 
 # A 50-megapixel photo or a decompression bomb is refused before its pixels are decoded (the same
 # limit as every command: deconvnet.data.MAX_IMAGE_PIXELS).
@@ -230,6 +238,7 @@ class Explorer:
         self.views_per_image = views_per_image
         self._sessions: OrderedDict[str, ImageSession] = OrderedDict()
         self._lock = threading.Lock()  # the session table
+        self._wanted: OrderedDict[tuple[str, int, int], Visualization] = OrderedDict()  # per unit, not per image
         # The worker pool: at most ``parallel`` decodes or forward/backward passes at once (1: PyTorch's
         # own threads do the rest). Decoding takes a slot too, so N concurrent uploads of the largest
         # accepted image cost ``parallel`` decodes of memory, not N.
@@ -473,6 +482,8 @@ class Explorer:
         key = (layer, channel)
         found = session.scores.get(key)
         if found is None:
+            from .analysis.sanity import unit_scores
+
             acts, _ = self._forward(session, layer)
             fmap = acts[0, channel]
             position = divmod(int(fmap.argmax()), int(fmap.shape[-1]))
@@ -482,6 +493,25 @@ class Explorer:
             while len(session.scores) > self.views_per_image:
                 session.scores.popitem(last=False)
         session.scores.move_to_end(key)
+        return found
+
+    def wanted(self, layer: str, channel: int, steps: int = WANTED_STEPS) -> Visualization:
+        """What the unit wants to see: an image optimised (``analysis.visualize``, ``steps`` steps, seed 0)
+        to excite the centre unit of map ``channel``; one per unit whatever the image (the model's
+        property), computed once and cached (the 256 most recent)."""
+        self.check_layer(layer)
+        key = (layer, channel, steps)
+        with self._lock:
+            found = self._wanted.get(key)
+        if found is None:
+            from .analysis.visualize import visualize
+
+            with self.compute_lock:
+                found = visualize(self.loaded, layer, [channel], steps=steps, progress=False)
+            with self._lock:
+                self._wanted[key] = found
+                while len(self._wanted) > 256:
+                    self._wanted.popitem(last=False)
         return found
 
 

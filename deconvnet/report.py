@@ -38,7 +38,6 @@ from .display.panels import filter_mosaic
 from .errors import DeconvnetError
 from .explorer import (
     RULE_TITLES,
-    UNIT_SCORES_READING,
     Explorer,
     ImageSession,
     MapView,
@@ -332,7 +331,7 @@ def _scores_html(explorer: Explorer, session: ImageSession, layer: str) -> str:
         f'<h4>How far to trust these pictures <span class="muted small">({esc(layer)} map {channel} against maps '
         f"{', '.join(str(c) for c in scores.others)})</span></h4>"
         '<table class="kv scores"><tr><th>rule</th><th>other units</th><th>deletion AUC</th><th>insertion AUC</th></tr>'
-        f'{rows}</table><p class="muted small">{esc(UNIT_SCORES_READING)}</p>'
+        f'{rows}</table><p class="muted small">{esc(scores.reading)}</p>'
         f'<img src="{curves}" alt="deletion and insertion curves" style="max-width:560px">'
     )
 

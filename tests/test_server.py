@@ -432,6 +432,40 @@ def test_unit_scores_of_the_shown_unit(client: httpx.Client, served: Served) -> 
     _json_error(client.get("/api/images/nope/layers/conv3/maps/0/scores"), 404)
 
 
+def _finish(client: httpx.Client, job: dict, seconds: float = 120) -> dict:
+    deadline = time.monotonic() + seconds
+    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = client.get(f"/api/jobs/{job['id']}").json()
+    return job
+
+
+def test_what_the_unit_wants_to_see(client: httpx.Client, served: Served) -> None:
+    """The optimised image of the selected map's centre unit: the library's image (same seed, steps and
+    device), computed once per unit whatever the image."""
+    from deconvnet.analysis.visualize import visualize
+    from deconvnet.explorer import WANTED_STEPS
+    from deconvnet.weights import load_model
+
+    info = _open_sample(client)
+    job = client.post(f"/api/images/{info['id']}/layers/conv5/maps/5/wanted")
+    assert job.status_code == 200, job.text
+    done = _finish(client, job.json())
+    assert done["status"] == "done", done
+    r = done["result"]
+    expected = visualize(load_model(str(served.server.weights)), "conv5", [5], steps=WANTED_STEPS, progress=False)
+    assert r["steps"] == WANTED_STEPS and r["peak"] == pytest.approx(expected.rows()[0]["peak"], rel=1e-5)
+    # the server's process sums in another order (its own thread count): a few pixels may round to the
+    # next grey level after 64 steps, the mean difference stays far under one level
+    diff = np.abs(np.asarray(_decode_uri(r["image"])).astype(int) - expected.images[0].astype(int))
+    assert diff.mean() < 0.1 and diff.max() <= 4, (diff.mean(), diff.max())
+    # another image, the same unit: the cached result
+    other = _open_sample(client, "sample-coffee")
+    again = _finish(client, client.post(f"/api/images/{other['id']}/layers/conv5/maps/5/wanted").json())
+    assert again["result"]["image"] == r["image"] and again["result"]["seconds"] == r["seconds"]
+    assert "out of range" in _json_error(client.post(f"/api/images/{info['id']}/layers/conv5/maps/999/wanted"), 404)
+
+
 def test_occlusion_job(client: httpx.Client) -> None:
     if not client.get("/api/model").json()["occlusion"]:
         pytest.skip("deconvnet.analysis.occlusion is not installed")

@@ -854,6 +854,11 @@ class UnitScores(InlineDisplay):
         return [*self.rules, "random"]
 
     @property
+    def reading(self) -> str:
+        """One sentence on how to read the numbers (``UNIT_SCORES_READING``)."""
+        return UNIT_SCORES_READING
+
+    @property
     def deletion_auc(self) -> dict[str, float]:
         return {r: float(_auc(self.deletion[r], self.fractions)) for r in self.curve_rows}
 

@@ -30,13 +30,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..data import decode_image
-from ..display import data_uri, figure_png
+from ..display import data_uri, figure_png, png_bytes
 from ..engine import RULES
 from ..errors import DeconvnetError
 from ..explorer import (
     DEFAULT_MAX_PIXELS,
     RULE_TITLES,
-    UNIT_SCORES_READING,
+    WANTED_STEPS,
     Explorer,
     ImageSession,
     occlusion_view,
@@ -465,7 +465,7 @@ def create_app(
             box=list(scores.box),
             others=scores.others,
             rows=[UnitScoreRow(**row) for row in unit_scores_rows(scores)],
-            reading=UNIT_SCORES_READING,
+            reading=scores.reading,
             curves=data_uri(figure_png(scores.figure(), dpi=80)),
             elapsed_ms=(time.perf_counter() - started) * 1000,
         )
@@ -516,6 +516,37 @@ def create_app(
             return session.extras["occlusion"]
 
         return jobs.submit("occlusion", session.id, work).info()
+
+    @app.post(
+        "/api/images/{image_id}/layers/{layer}/maps/{index}/wanted",
+        response_model=JobInfo,
+        tags=["analyses"],
+        responses=ERRORS,
+        summary="What the unit wants to see: start optimising an image to excite the centre unit of the map "
+        f"(feature visualization, {WANTED_STEPS} steps; cached per unit); poll GET /api/jobs/{{id}}",
+    )
+    def start_wanted(
+        image_id: str = PathParam(pattern=ID_PATTERN),
+        layer: str = PathParam(pattern=ID_PATTERN),
+        index: int = PathParam(ge=0, le=1_000_000),
+    ) -> JobInfo:
+        session = session_or_404(image_id)
+        map_or_404(session, layer, index)
+
+        def work(progress: Callable[[float, str], None]) -> dict[str, Any]:
+            progress(0.0, f"optimising an image for {layer} map {index} ({WANTED_STEPS} steps)")
+            vis = explorer.wanted(layer, index)
+            row = vis.rows()[0]
+            return {
+                "layer": layer,
+                "index": index,
+                "image": data_uri(png_bytes(vis.images[0])),
+                "peak": row["peak"],
+                "steps": vis.steps,
+                "seconds": vis.seconds,
+            }
+
+        return jobs.submit(f"wanted:{layer}:{index}", session.id, work).info()
 
     @app.get(
         "/api/jobs/{job_id}",

@@ -299,6 +299,9 @@ async function showRules(imageId, layer, channel, ticket) {
 
 // ------------------------------------------------------------------ sanity measures of the selected unit
 function clearScores() {
+  $("wanted-result").hidden = true;
+  $("wanted-meta").textContent = "";
+  $("wanted-run").disabled = false;
   $("scores-result").hidden = true;
   $("scores-table").querySelector("tbody").innerHTML = "";
   $("scores-meta").textContent = "";
@@ -333,6 +336,37 @@ async function runScores() {
     $("scores-result").hidden = false;
   } catch (e) {
     $("scores-meta").textContent = "";
+    if (ticket === state.request) setStatus(e.message, "error");
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// what the unit wants to see: an image optimised to excite the map's centre unit (a background job,
+// cached by the server per unit whatever the image)
+async function runWanted() {
+  if (!state.image || state.selected == null) return;
+  const imageId = state.image.id, layer = state.layer, channel = state.selected, ticket = state.request;
+  const shownMax = state.maps ? state.maps.maxima[channel] : null;
+  const button = $("wanted-run");
+  button.disabled = true;
+  $("wanted-meta").textContent = "optimising…";
+  try {
+    let job = await api(`/api/images/${imageId}/layers/${layer}/maps/${channel}/wanted`, { method: "POST" });
+    while (job.status === "queued" || job.status === "running") {
+      await new Promise((r) => setTimeout(r, 500));
+      job = await api(`/api/jobs/${job.id}`);
+    }
+    if (ticket !== state.request) return;
+    if (job.status === "error") throw new Error(job.error || "optimisation failed");
+    const r = job.result;
+    $("wanted-img").src = r.image;
+    $("wanted-caption").textContent = `optimised for ${layer} map ${channel}'s centre unit (${r.steps} steps): the map reaches ${fmt(r.peak)}` +
+      (shownMax != null ? ` (on this image ${fmt(shownMax)})` : "");
+    $("wanted-meta").textContent = "";
+    $("wanted-result").hidden = false;
+  } catch (e) {
+    $("wanted-meta").textContent = "";
     if (ticket === state.request) setStatus(e.message, "error");
   } finally {
     button.disabled = false;
@@ -405,6 +439,7 @@ function wire() {
   window.addEventListener("drop", (e) => e.preventDefault());
   $("occlusion-run").addEventListener("click", runOcclusion);
   $("scores-run").addEventListener("click", runScores);
+  $("wanted-run").addEventListener("click", runWanted);
 }
 
 (async function main() {
