@@ -375,6 +375,12 @@ def test_channels_last_and_token_layers_are_maps_that_equal_the_reference(name):
                 model, image, raw, channel, None, rule, whole_map=True, layout=layout, extra_tokens=extra
             )
             assert _close(whole.image, ref) < TOLERANCE, (name, layer, rule, "whole map")
+            # the lower-level way: forward, a signal shaped like the recorded maps, backward
+            record = engine.forward(image, layer, rule=rule)
+            signal = torch.zeros_like(record.values[layer])
+            signal[0, channel] = record.values[layer][0, channel]
+            down = engine.backward(signal, layer, record, torch.tensor([0]), rule=rule)
+            assert _close(down[0], ref) < TOLERANCE, (name, layer, rule, "backward")
     assert set(engine.map_layers) >= {layer for layer, _, _ in layers if layer in engine.layer_names}
 
 

@@ -441,9 +441,14 @@ class DeconvNet:
         rule: str | None = None,
     ) -> torch.Tensor:
         """Send ``signal`` (S, ...) at ``layer`` down to pixel space. ``image_index[s]`` says which
-        recorded image's switches (and masks) the s-th signal uses."""
+        recorded image's switches (and masks) the s-th signal uses. A layer in another layout
+        (channels-last, tokens) takes its signal as maps (S, C, H, W), like ``record.values[layer]``."""
         rule = check_rule(rule or self.rule)
         op = self._op_name(layer)
+        layout = self.layout(layer, (int(record.input_shape[-2]), int(record.input_shape[-1])))
+        as_maps = signal.dim() == 4 and op in record.shapes
+        if layout.kind != "maps" and as_maps and tuple(signal.shape[1:]) == layout.map_shape(record.shapes[op])[1:]:
+            signal = layout.from_maps(signal)
         needs_masks = get_rule(rule).looks_at_forward and any(o.kind == "relu" for o in self.graph.below(op))
         if (needs_masks and not record.masks) or not self.graph.recorded_values([op], rule) <= set(record.kept):
             raise DeconvnetError(f"the record was made for another rule; call forward(..., rule={rule!r}) first")
