@@ -61,6 +61,11 @@ def test_one_step_deletion_is_the_mean_of_intact_and_blanked_field(loaded):
     assert set(d["rules"]) == {"deconvnet", "guided", "gradient", "random"}
     assert d["rules"]["random"]["other_units"] is None and "reading" in d
     assert len(scores.others) == 3 and 1 not in scores.others
+    # the figure: deletion and insertion, one curve per rule and the random order, areas in the legend
+    fig = scores.figure()
+    assert [ax.get_title() for ax in fig.axes] == ["deletion", "insertion"]
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels[-1] == f"random: AUC {scores.deletion_auc['random']:.2f}" and len(labels) == 4
 
 
 def test_default_position_is_the_maps_maximum_and_errors_are_one_line(loaded):
