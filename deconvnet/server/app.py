@@ -117,9 +117,7 @@ def create_app(
     app.state.explorer = explorer
     app.state.jobs = jobs
     app.add_middleware(BodySizeLimit, limit=max_upload_bytes + 64 * 1024)  # room for the multipart envelope
-    app.add_middleware(
-        RequestLimits, max_in_flight=max_in_flight, body_timeout=body_timeout
-    )
+    app.add_middleware(RequestLimits, max_in_flight=max_in_flight, body_timeout=body_timeout)
     app.add_middleware(OriginGuard, names=allowed_hosts, port=port)  # outermost: foreign requests cost nothing
 
     # ------------------------------------------------------------------ errors as JSON
