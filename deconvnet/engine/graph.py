@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import DeconvnetError
+from .rules import get_rule
 
 __all__ = [
     "Op",
@@ -663,14 +664,14 @@ class ModelGraph:
         (the inputs of the kinds in :data:`RECORDS_INPUTS`)."""
         keep: set[str] = set()
         for target in targets:
-            for op in self.reached(target, rule != "gradient"):
+            for op in self.reached(target, get_rule(rule).holds):
                 if rule in RECORDS_INPUTS.get(op.kind, ()):
                     keep.update(op.inputs)
         return keep
 
     def check_reversible(self, target: str, layer: str, rule: str = "deconvnet") -> None:
         """A one-line error naming the first op below ``layer`` that ``rule`` cannot go down."""
-        holds = rule != "gradient"
+        holds = get_rule(rule).holds
         for op in self.reached(target, holds):
             if op.kind == "unsupported" or (holds and op.kind not in HELD_KINDS):
                 need = {

@@ -465,7 +465,7 @@ class GraphWindowedProjector:
                 x = _mask_off_map(x, run.origin(op.name), plan.map_sizes[op.name])
             if kind == "relu":
                 mask = None
-                if rule != "deconvnet":
+                if get_rule(rule).looks_at_forward:
                     mask = _gather(record.masks[op.name], image_index, run.origin(op.name), size)
                 run.send(op, op.inputs[0], relu_rule(x, rule, mask))
             elif kind == "activation":  # element-wise: its local derivative at the gathered recorded inputs
