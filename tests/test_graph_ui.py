@@ -79,7 +79,8 @@ def test_report_of_a_resnet_has_its_layers_and_the_rule_panel(tmp_path: Path, ca
     for layer in ("relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
         assert f"<h3>{layer}: the 2 strongest of" in text
     assert "layer3.1:" not in text
-    assert re.search(r"layer3: the 2 strongest of 256 maps <span[^>]*>\(14x14 maps, receptive field \d+ px\)", text)
+    heading = r"layer3: the 2 strongest of 256 maps <span[^>]*>\(14x14 maps, receptive field \d+ px; each unit: "
+    assert re.search(heading + r"projection · image patch\)", text)
     # the top layer's strongest unit under the three rules, as JPEG tiles with the field outlined
     panel = text.split("Three rules, one unit", 1)[1].split("</div><p", 1)[0]
     assert "layer4 map" in panel
