@@ -214,6 +214,22 @@ def test_api_rules_of_a_layer3_map(client) -> None:
     assert r.status_code == 404 and "out of range: layer3 has 1024 maps" in r.json()["error"]
 
 
+def test_api_opens_a_block_layer_whose_name_is_a_module_path(client) -> None:
+    # /api/model lists blocks such as layer3.5; their routes take the dotted name (module paths of
+    # ConvNeXt/ViT layers too: features.5, encoder.layers.encoder_layer_5)
+    img = _open_photo(client)
+    maps = client.get(f"/api/images/{img['id']}/layers/layer3.5")
+    assert maps.status_code == 200, maps.text
+    channel = maps.json()["order"][0]
+    view = client.get(f"/api/images/{img['id']}/layers/layer3.5/maps/{channel}")
+    assert view.status_code == 200, view.text
+    assert view.json()["rf_size"] > 0
+    r = client.get(f"/api/images/{img['id']}/layers/layer3.9/maps/0")  # a path the model does not have
+    assert r.status_code == 404, r.text
+    r = client.get(f"/api/images/{img['id']}/layers/.hidden/maps/0")  # not a module path at all
+    assert r.status_code == 422, r.text
+
+
 def test_api_docs_describe_the_rules_endpoint(client) -> None:
     spec = client.get("/openapi.json").json()
     op = spec["paths"]["/api/images/{image_id}/layers/{layer}/maps/{index}/rules"]["get"]

@@ -68,6 +68,9 @@ from .schemas import (
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+# layer names are module paths (`layer3.5`, `features.5`, `encoder.layers.encoder_layer_5`): dots allowed;
+# the name is only ever looked up among the model's layers (layer_or_404), never used as a path
+LAYER_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$"
 
 
 # --------------------------------------------------------------------------- the app
@@ -335,7 +338,7 @@ def create_app(
         summary="A layer's activation maps for the image, sorted by strength",
     )
     def layer_maps(
-        image_id: str = PathParam(pattern=ID_PATTERN), layer: str = PathParam(pattern=ID_PATTERN)
+        image_id: str = PathParam(pattern=ID_PATTERN), layer: str = PathParam(pattern=LAYER_PATTERN)
     ) -> LayerMapsInfo:
         session = session_or_404(image_id)
         maps = explorer.maps(session, layer_or_404(layer))
@@ -359,7 +362,7 @@ def create_app(
         summary="All maps of the layer in one PNG (strongest first, see `order`)",
     )
     def layer_sprite(
-        image_id: str = PathParam(pattern=ID_PATTERN), layer: str = PathParam(pattern=ID_PATTERN)
+        image_id: str = PathParam(pattern=ID_PATTERN), layer: str = PathParam(pattern=LAYER_PATTERN)
     ) -> Response:
         session = session_or_404(image_id)
         maps = explorer.maps(session, layer_or_404(layer))
@@ -375,7 +378,7 @@ def create_app(
     )
     def map_view(
         image_id: str = PathParam(pattern=ID_PATTERN),
-        layer: str = PathParam(pattern=ID_PATTERN),
+        layer: str = PathParam(pattern=LAYER_PATTERN),
         index: int = PathParam(ge=0, le=1_000_000),
     ) -> MapViewInfo:
         started = time.perf_counter()
@@ -412,7 +415,7 @@ def create_app(
     )
     def rule_comparison(
         image_id: str = PathParam(pattern=ID_PATTERN),
-        layer: str = PathParam(pattern=ID_PATTERN),
+        layer: str = PathParam(pattern=LAYER_PATTERN),
         index: int = PathParam(ge=0, le=1_000_000),
         rules: str = Query(
             ",".join(RULES), max_length=100, description=f"comma-separated rules, of {', '.join(RULES)}"
@@ -447,7 +450,7 @@ def create_app(
     )
     def unit_scores_view(
         image_id: str = PathParam(pattern=ID_PATTERN),
-        layer: str = PathParam(pattern=ID_PATTERN),
+        layer: str = PathParam(pattern=LAYER_PATTERN),
         index: int = PathParam(ge=0, le=1_000_000),
     ) -> UnitScoresInfo:
         started = time.perf_counter()
@@ -475,7 +478,9 @@ def create_app(
         responses=ERRORS,
         summary="A unit's top-9 patches over the dataset the atlas was computed on (needs --atlas)",
     )
-    def atlas_view(layer: str = PathParam(pattern=ID_PATTERN), index: int = PathParam(ge=0, le=1_000_000)) -> AtlasInfo:
+    def atlas_view(
+        layer: str = PathParam(pattern=LAYER_PATTERN), index: int = PathParam(ge=0, le=1_000_000)
+    ) -> AtlasInfo:
         if atlas is None:
             raise HTTPException(404, "no atlas: start the server with --atlas DIR (made by `deconvnet atlas`)")
         layer_or_404(layer)
@@ -525,7 +530,7 @@ def create_app(
     )
     def start_wanted(
         image_id: str = PathParam(pattern=ID_PATTERN),
-        layer: str = PathParam(pattern=ID_PATTERN),
+        layer: str = PathParam(pattern=LAYER_PATTERN),
         index: int = PathParam(ge=0, le=1_000_000),
     ) -> JobInfo:
         session = session_or_404(image_id)
