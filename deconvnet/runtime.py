@@ -1,6 +1,11 @@
-"""Process-wide settings: the process layout under ``torchrun`` and opt-in speed settings for CPU work.
+"""Process-wide settings: the device to run on, the process layout under ``torchrun`` and opt-in speed
+settings for CPU work.
 
-:func:`dist_info` reads this process's rank and the world size from torchrun's environment; the
+:func:`resolve_device` turns a device name (``auto``, ``cpu``, ``cuda``, ``cuda:N``) into a
+``torch.device``, or a one-line error when the GPU asked for is absent.
+
+:func:`dist_info` reads this process's rank and the world size from torchrun's environment (and
+:func:`local_rank` the rank on this machine); the
 helpers after it (:func:`join_process_group`, :func:`all_gather_objects`, :func:`gather_objects`,
 :func:`barrier`) are the few collective steps the sharded atlas needs, and do nothing in a single
 process.
@@ -22,7 +27,12 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .errors import DeconvnetError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "all_gather_objects",
@@ -32,6 +42,8 @@ __all__ = [
     "join_process_group",
     "keep_freed_memory",
     "limit_malloc_arenas",
+    "local_rank",
+    "resolve_device",
 ]
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's <malloc.h>
@@ -76,12 +88,35 @@ def limit_malloc_arenas(count: int) -> bool:
         return False
 
 
+# --------------------------------------------------------------------------- device
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` (the GPU when PyTorch sees one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N`` as a
+    ``torch.device``; a ``DeconvnetError`` for another name or for ``cuda`` without a GPU."""
+    import torch  # here, not at the top: this module stays importable without loading torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeconvnetError("device='cuda' was asked for, but PyTorch sees no CUDA GPU; use device='cpu'")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise DeconvnetError(f"device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
 # --------------------------------------------------------------------------- torchrun
 
 
 def dist_info() -> tuple[int, int]:
     """(rank, world size) from torchrun's environment (0, 1 without it)."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    """This process's rank among those on its machine, from torchrun's environment (0 without it):
+    the GPU it uses."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def join_process_group(backend: str = "gloo") -> None:

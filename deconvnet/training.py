@@ -44,6 +44,7 @@ from .atomic import atomic_path, save_text
 from .data import AugmentedView, ImageFolderCache, Preprocessing, mixed_seed, ten_crops
 from .errors import DeconvnetError
 from .models import ARCHITECTURES, ArchConfig, ConvNet, build_model
+from .runtime import dist_info, local_rank, resolve_device  # resolve_device: kept importable from here
 from .weights import save_weights
 from .wnids import english_names
 
@@ -130,16 +131,6 @@ def init_from_weights(model: nn.Module, weights: str) -> tuple[list[str], list[s
             target[k].copy_(source[k].to(target[k].dtype))
     kept = [k for k in target if k not in copied and not k.endswith("num_batches_tracked")]
     return copied, kept
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DeconvnetError("device='cuda' was asked for, but PyTorch sees no CUDA GPU; use device='cpu'")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise DeconvnetError(f"device must be auto, cpu or cuda, got {device!r}")
-    return torch.device(device)
 
 
 def init_weights(model: nn.Module, scheme: str = "paper", std: float = 0.01) -> None:
@@ -334,11 +325,6 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def _dist_info() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def _check_balance(counts: list[int], classes: list[str]) -> None:
     if max(counts) > 3 * min(counts):
         detail = ", ".join(f"{c}: {n}" for c, n in zip(classes, counts))
@@ -448,11 +434,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         raise DeconvnetError("resume and overwrite contradict each other; choose one")
     check_config(cfg)
 
-    rank, world, local_rank = _dist_info()
+    rank, world = dist_info()
     device = resolve_device(cfg.device)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
+            device = torch.device("cuda", local_rank())
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     is_main = rank == 0

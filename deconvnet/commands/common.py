@@ -78,7 +78,7 @@ def load_from_args(
 ) -> LoadedModel:
     """The model the arguments name; a one-line warning for an untrained one unless ``untrained_ok``
     (``deconvnet layers`` only needs the architecture)."""
-    from ..training import resolve_device
+    from ..runtime import resolve_device
     from ..weights import load_model
 
     device = resolve_device(args.device)

@@ -395,7 +395,7 @@ def cmd_evolution(args: argparse.Namespace) -> int:
     from ..display import save_figure
     from ..errors import DeconvnetError
     from ..outputs import output_dir
-    from ..training import resolve_device
+    from ..runtime import resolve_device
 
     output_dir(args.out)
 
