@@ -65,7 +65,6 @@ __all__ = [
     "png_bytes",
     "data_uri",
     "DEFAULT_MAX_PIXELS",
-    "occlusion_settings",
     "run_occlusion",
     "occlusion_view",
     "invariance_view",
@@ -549,19 +548,14 @@ def _clean_name(name: str) -> str:
 # bundled one; 21 px / 4 px on a 128 px one).
 
 
-def occlusion_settings(crop: int) -> tuple[int, int]:
-    """(occluder size, stride) in input pixels for a model whose input is ``crop`` pixels square:
-    the analysis's defaults (``occlusion.default_grid``), as ``deconvnet occlusion`` uses them."""
-    return default_grid(crop)
-
-
 def run_occlusion(
     loaded: LoadedModel, x: torch.Tensor, progress: Callable[[float, str], None] | None = None
 ) -> OcclusionMaps:
-    """``occlusion_maps`` on one (3, H, W) model input with ``occlusion_settings``; ``progress`` gets
+    """``occlusion_maps`` on one (3, H, W) model input with the analysis's default occluder
+    (``occlusion.default_grid``, as ``deconvnet occlusion`` uses it); ``progress`` gets
     the fraction of occluder positions done after each batch, and what is being done."""
     height, width = int(x.shape[-2]), int(x.shape[-1])
-    size, stride = occlusion_settings(min(height, width))
+    size, stride = default_grid(min(height, width))
     ys, xs = occlusion_positions(height, width, size, stride)
     label = f"{len(ys) * len(xs)} occluder positions ({size} px square, stride {stride} px)"
     if progress is not None:

@@ -20,7 +20,7 @@ from deconvnet.deconv import DeconvNet
 from deconvnet.errors import DeconvnetError
 from deconvnet.models import build_model
 from tests.helpers.images import write_image
-from tests.helpers.models import tiny_model, tiny_weights
+from tests.helpers.models import tiny_loaded, tiny_model, tiny_weights
 from tests.helpers.processes import run_cli
 
 
@@ -177,9 +177,9 @@ def test_positions_and_fill():
 def test_default_grid_is_the_commands_and_the_explorers():
     """Without size/stride the analysis uses default_grid of the input (a sixth and a 32nd of the side),
     as the command and the explorer do."""
-    from deconvnet.explorer import occlusion_settings
+    from deconvnet.explorer import run_occlusion
 
-    assert default_grid(224) == (37, 7) == occlusion_settings(224) and default_grid(20) == (3, 1)
+    assert default_grid(224) == (37, 7) and default_grid(20) == (3, 1)
     torch.manual_seed(0)
     model = tiny_model()
     image = torch.randn(3, 64, 64)
@@ -187,6 +187,9 @@ def test_default_grid_is_the_commands_and_the_explorers():
     explicit = occlusion_maps(model, image, *default_grid(64))
     assert implicit.size == 10 and implicit.stride == 2
     assert np.array_equal(implicit.probability, explicit.probability)
+    loaded = tiny_loaded(crop=64)
+    in_explorer = run_occlusion(loaded, image)
+    assert (in_explorer.size, in_explorer.stride) == default_grid(64)
 
 
 def test_cli_writes_figure_and_maps(tmp_path, capsys):
