@@ -244,6 +244,7 @@ ol.top5 li span { position: relative; }
 .unit .row { display: grid; grid-template-columns: 1fr 1fr; gap: 3px; }
 .rules { display: grid; grid-template-columns: repeat(4, minmax(0, 200px)); gap: .6rem; }
 .rules img { width: 100%; display: block; }
+.rules.five { grid-template-columns: repeat(5, minmax(0, 200px)); }
 .unit .row > * { aspect-ratio: 1; background: #eee; }
 .unit .pair { display: grid; grid-template-columns: 1fr 1fr; gap: 3px; }
 .unit .pair img { width: 100%; aspect-ratio: 1; object-fit: contain; background: #eee; display: block; }
@@ -282,8 +283,9 @@ def rf_text(rf_size: int | None) -> str:
     return "covers the whole image" if rf_size is None else f"{rf_size} px"
 
 
-def _rules_html(explorer: Explorer, session: ImageSession, layer: str) -> str:
-    """The strongest unit of ``layer`` (its strongest map's maximum) projected by each rule."""
+def _rules_html(explorer: Explorer, session: ImageSession, layer: str, visualize_steps: int = 0) -> str:
+    """The strongest unit of ``layer`` (its strongest map's maximum) projected by each rule; with
+    ``visualize_steps``, beside them what the unit wants to see (``Explorer.wanted``)."""
     esc = html.escape
     maps = explorer.maps(session, layer)
     channel = maps.order[0]
@@ -300,14 +302,28 @@ def _rules_html(explorer: Explorer, session: ImageSession, layer: str) -> str:
             f'<div class="rf" style="{style}"></div></div>'
             f"<figcaption><strong>{esc(RULE_TITLES.get(rule, rule))}</strong></figcaption></figure>"
         )
+    wanted = ""
+    if visualize_steps:
+        vis = explorer.wanted(layer, channel, visualize_steps)
+        figures.append(
+            f'<figure class="wanted"><img src="{_png_uri(vis.image(channel))}" alt="image optimised for the unit">'
+            f"<figcaption><strong>What it wants to see</strong> (map {channel} reaches "
+            f"{vis.rows()[0]['peak']:.3g})</figcaption></figure>"
+        )
+        wanted = (
+            f" Last: an image optimised to excite map {channel}'s centre unit ({vis.steps} steps of "
+            "<code>deconvnet visualize</code>, seed 0; the map's units share their filter, so this is the same "
+            "feature wherever the unit sits) and the map's maximum on it, against this image's maximum above."
+        )
+    panel = "rules five" if wanted else "rules"
     return (
         f'<h3>Three rules, one unit <span class="muted small">({esc(layer)} map {channel}, its strongest activation '
-        f'{c.value:.3g} at ({c.position[0]}, {c.position[1]}))</span></h3><div class="rules">'
+        f'{c.value:.3g} at ({c.position[0]}, {c.position[1]}))</span></h3><div class="{panel}">'
         + "".join(figures)
         + "</div>"
         '<p class="muted small">The same unit sent down by the deconvnet (ReLU on the signal), '
         "guided backpropagation (ReLU on the signal and the forward pass's mask) "
-        "and the plain gradient (the forward mask only); each contrast-normalised on its own.</p>"
+        f"and the plain gradient (the forward mask only); each contrast-normalised on its own.{wanted}</p>"
     )
 
 
@@ -407,6 +423,7 @@ def _image_section(
     log: Callable[[str], None],
     rules: bool = True,
     sanity: bool = False,
+    visualize_steps: int = 0,
 ) -> str:
     esc = html.escape
     parts = [f'<section id="image-{number}"><h2>{number}. {esc(session.name)}</h2>']
@@ -444,7 +461,9 @@ def _image_section(
         parts.append("</div>")
     if rules:
         log(f"  rules: {session.name} {layers[-1]}")
-        parts.append(_rules_html(explorer, session, layers[-1]))
+        if visualize_steps:
+            log(f"  visualize: {layers[-1]} ({visualize_steps} steps)")
+        parts.append(_rules_html(explorer, session, layers[-1], visualize_steps))
         if sanity:
             log(f"  sanity: {session.name} {layers[-1]}")
             parts.append(_scores_html(explorer, session, layers[-1]))
@@ -480,6 +499,7 @@ def build_report(
     rules: bool = True,
     intro: str | None = None,
     sanity: bool = False,
+    visualize_steps: int = 0,
 ) -> Path:
     """Write ``out_dir/report.html`` for ``images`` (files or folders of images) and return its path.
 
@@ -489,12 +509,20 @@ def build_report(
     paragraph (plain text) shown first, e.g. what the images are (``deconvnet demo`` says that its
     sample photos are none of the bundled model's classes). ``sanity``: beside the rules panel, that
     unit's selectivity and deletion/insertion scores per rule (``analysis.sanity.unit_scores``;
-    seconds per image: about 16 s on the bundled model's conv5 on 2 CPU cores)."""
+    seconds per image: about 16 s on the bundled model's conv5 on 2 CPU cores). ``visualize_steps``:
+    in the rules panel, an image optimised for ``visualize_steps`` steps to excite that unit's map
+    (``Explorer.wanted``: ``analysis.visualize``'s centre unit, seed 0; once per unit, whatever the
+    image); 0 (the default): none, as it costs seconds per unit (about 25 s for 64 steps on the
+    bundled model's conv5 on 2 CPU cores)."""
     from .data import list_images
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     if top_maps < 1:
         raise DeconvnetError("top_maps must be at least 1")
+    if visualize_steps < 0:
+        raise DeconvnetError("visualize_steps must be 0 (none) or more")
+    if visualize_steps and not rules:
+        raise DeconvnetError("the optimised image is shown in the rules panel: visualize needs rules (drop --no-rules)")
     paths: list[Path] = []
     for item in images:
         p = Path(item)
@@ -554,7 +582,18 @@ def build_report(
             log(f"report: image {number}/{len(paths)} {session.name}")
             f.write(
                 _image_section(
-                    explorer, session, number, chosen, top_maps, occlusion, invariance, path, log, rules, sanity
+                    explorer,
+                    session,
+                    number,
+                    chosen,
+                    top_maps,
+                    occlusion,
+                    invariance,
+                    path,
+                    log,
+                    rules,
+                    sanity,
+                    visualize_steps,
                 )
                 + "\n"
             )

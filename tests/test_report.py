@@ -277,3 +277,44 @@ def test_report_sanity_scores(served_weights_file: Path, tmp_path: Path, sample_
             assert cells[1] == f"{scores.other_units[rule]:.2f}"
     assert main(args) == 0  # off by default (seconds per image)
     assert "How far to trust these pictures" not in (out / "report.html").read_text()
+
+
+def test_report_visualize(
+    served_weights_file: Path, tmp_path: Path, sample_image_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`--visualize STEPS`: in the rules panel, the image optimised for the unit's map: the library's
+    `visualize` (centre unit, seed 0) pixel for pixel (PNG, lossless, same process); off by default."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from deconvnet.analysis.visualize import visualize
+    from deconvnet.deconv import DeconvNet
+    from deconvnet.inference import prepare_images
+    from deconvnet.weights import load_model
+
+    out = tmp_path / "out"
+    args = ["report", str(sample_image_path), "--weights", str(served_weights_file), "--out", str(out)]
+    args += ["--layers", "conv2,conv3", "--top-maps", "1", "--no-occlusion", "--no-invariance", "--device", "cpu"]
+    assert main([*args, "--visualize", "6"]) == 0
+    text = (out / "report.html").read_text()
+    _check_self_contained(text)
+    found = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="image optimised for the unit">', text)
+    assert len(found) == 1
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(found[0]))).convert("RGB"))
+    loaded = load_model(str(served_weights_file))
+    x, _ = prepare_images(loaded, [sample_image_path])
+    with torch.no_grad():
+        acts = DeconvNet(loaded.model).activations(x, "conv3")[0]
+    channel = int(acts.flatten(1).amax(1).argmax())
+    assert "Three rules, one unit <span" in text and f"(conv3 map {channel}," in text
+    expected = visualize(loaded, "conv3", [channel], steps=6, progress=False)
+    assert shown.shape == expected.images[0].shape and np.array_equal(shown, expected.images[0])
+    assert f"map {channel} reaches {expected.rows()[0]['peak']:.3g}" in text
+    assert "6 steps of <code>deconvnet visualize</code>" in text
+    assert main(args) == 0  # off by default (seconds per unit)
+    assert "image optimised for the unit" not in (out / "report.html").read_text()
+    capsys.readouterr()
+    assert main([*args, "--visualize", "6", "--no-rules"]) == 2
+    assert "deconvnet: error: " in capsys.readouterr().err

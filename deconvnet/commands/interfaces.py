@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import add_layers, add_model_args, load_from_args, port, positive_float, positive_int
+from .common import add_layers, add_model_args, load_from_args, nonnegative_int, port, positive_float, positive_int
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -124,6 +124,15 @@ def _report_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="beside the three rules, that unit's selectivity and deletion/insertion scores per rule "
         "(seconds per image: about 16 s on the bundled model on 2 CPU cores)",
+    )
+    p.add_argument(
+        "--visualize",
+        type=nonnegative_int,
+        default=0,
+        metavar="STEPS",
+        help="beside the three rules, an image optimised for STEPS steps to excite that unit's map "
+        "(what it wants to see; default 0: none, as it costs seconds per unit: about 25 s for 64 steps "
+        "on the bundled model on 2 CPU cores)",
     )
     p.add_argument("--no-occlusion", action="store_true", help="skip the occlusion maps")
     p.add_argument("--no-invariance", action="store_true", help="skip the invariance curves")
@@ -244,6 +253,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         invariance=not args.no_invariance,
         rules=not args.no_rules,
         sanity=args.sanity,
+        visualize_steps=args.visualize,
         title="deconvnet demo: the bundled model on the bundled sample photos" if demo else None,
         intro=demo_intro(loaded.classes, loaded.source) if demo else None,
     )
