@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.helpers.models import served_weights
+from tests.helpers.requirements import require
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,6 +43,6 @@ def served_weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def client(server: Any) -> Iterator[Any]:
     """An httpx client on the module's ``server`` fixture (a helpers.processes.Server). The timeout is
     generous: one request on a 224 px ResNet takes seconds on two busy cores."""
-    httpx = pytest.importorskip("httpx")
+    httpx = require("httpx")
     with httpx.Client(base_url=server.url, timeout=120) as c:
         yield c

@@ -21,14 +21,12 @@ from tests.helpers.browser import CHROMIUM, CHROMIUM_ARGS, save_screenshot
 from tests.helpers.images import photo_bytes
 from tests.helpers.models import served_weights
 from tests.helpers.processes import Server
+from tests.helpers.requirements import require, require_chromium
 
-pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
-sync_api = pytest.importorskip("playwright.sync_api")
-
-
-if not Path(CHROMIUM).exists():  # pragma: no cover - CI installs it (.ci/run)
-    pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium", allow_module_level=True)
+require("httpx")
+require("fastapi")
+sync_api = require("playwright.sync_api")
+require_chromium()
 
 
 def _weights(base: Path) -> Path:
@@ -221,8 +219,7 @@ def test_upload_and_drop(page, server: Server, shots: Path, tmp_path: Path) -> N
 
 
 def test_occlusion(page, shots: Path) -> None:
-    if not page.evaluate("state.model.occlusion"):
-        pytest.skip("deconvnet.analysis.occlusion is not installed")
+    assert page.evaluate("state.model.occlusion") is True  # part of every installation
     _pick(page, 1)
     _wait_detail(page)
     page.click("#occlusion-run")

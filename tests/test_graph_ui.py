@@ -24,6 +24,7 @@ from deconvnet.cli import main
 from tests.helpers.browser import CHROMIUM, CHROMIUM_ARGS, save_screenshot
 from tests.helpers.images import photo_bytes
 from tests.helpers.processes import Server
+from tests.helpers.requirements import require, require_chromium
 
 RULES = ["deconvnet", "guided", "gradient"]
 
@@ -149,8 +150,8 @@ def test_receptive_field_in_words() -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    pytest.importorskip("httpx")
-    pytest.importorskip("fastapi")
+    require("httpx")
+    require("fastapi")
     base = tmp_path_factory.mktemp("resnet-serve")
     weights = _state_dict_file(base / "resnet50.pth", "resnet50")
     work = base / "work"
@@ -243,9 +244,8 @@ def test_api_docs_describe_the_rules_endpoint(client) -> None:
 def test_page_click_a_layer3_map_shows_the_three_rules(
     server: Server, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():  # pragma: no cover - CI installs it (.ci/run)
-        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium")
+    sync_api = require("playwright.sync_api")
+    require_chromium()
     shots = Path(os.environ.get("DECONVNET_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
     shots.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as p:

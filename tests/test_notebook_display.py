@@ -29,6 +29,7 @@ from deconvnet.inference import prepare_images, strongest_maps
 from deconvnet.weights import LoadedModel
 from tests.helpers.images import write_image
 from tests.helpers.models import CLASSES, tiny_model, tiny_weights
+from tests.helpers.requirements import require
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,8 +164,9 @@ def test_a_real_notebook_shows_the_pictures(
     """A small notebook run by a real IPython kernel (nbclient, the python3 kernel of this
     interpreter): the loaded model displays as HTML, project_image and the occlusion as PNG, and
     ``%matplotlib inline`` survives importing deconvnet.display."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    nbformat = require("nbformat")
+    nbclient = require("nbclient")
+    require("ipykernel")
     # a kernel spec for this very interpreter, found through JUPYTER_PATH only (no user-wide install)
     spec = tmp_path / "jupyter" / "kernels" / "deconvnet-test"
     spec.mkdir(parents=True)

@@ -26,6 +26,7 @@ from deconvnet.errors import DeconvnetError
 from deconvnet.samples import sample_paths
 from tests.helpers.models import tiny_weights
 from tests.helpers.processes import run_cli
+from tests.helpers.requirements import require
 
 KERNEL = 9
 
@@ -277,7 +278,7 @@ def test_quantus_pixel_flipping_on_our_projections_equals_our_deletion_curve(qua
     """Quantus's PixelFlipping (baseline 0, the guided projection's order) against our deletion curve
     of the same unit: the same activations, to float rounding (rtol 1e-4: the same forward passes on
     differently batched inputs), at every step where Quantus has removed only receptive-field pixels."""
-    quantus = pytest.importorskip("quantus")
+    quantus = require("quantus")
     from deconvnet.analysis.sanity import strongest_units
     from deconvnet.integrations.quantus import a_batch, explain_func
 
@@ -314,7 +315,7 @@ def test_quantus_randomisation_metric_runs_on_our_projections(quantus_inputs):
     cannot change a conv5 unit's projection (similarity 1), randomising conv5 and below does. (Quantus
     correlates whole images, where the pixels outside the unit's receptive field, 0 in both maps, count
     as agreement: about 0.98 here where our measure, inside the receptive field, gives about 0.75.)"""
-    quantus = pytest.importorskip("quantus")
+    quantus = require("quantus")
     from deconvnet.integrations.quantus import a_batch, explain_func
 
     _, wrapped, x, targets = quantus_inputs

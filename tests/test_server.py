@@ -23,9 +23,10 @@ from PIL import Image
 from tests.helpers.images import photo_bytes
 from tests.helpers.models import served_weights
 from tests.helpers.processes import ROOT, Server
+from tests.helpers.requirements import require
 
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
+httpx = require("httpx")
+require("fastapi")
 
 
 MAX_UPLOAD_MB = 2
@@ -467,8 +468,7 @@ def test_what_the_unit_wants_to_see(client: httpx.Client, served: Served) -> Non
 
 
 def test_occlusion_job(client: httpx.Client) -> None:
-    if not client.get("/api/model").json()["occlusion"]:
-        pytest.skip("deconvnet.analysis.occlusion is not installed")
+    assert client.get("/api/model").json()["occlusion"] is True  # part of every installation
     info = _open_sample(client, "sample-coffee")
     job = client.post(f"/api/images/{info['id']}/occlusion").json()
     seen = set()

@@ -22,9 +22,10 @@ from PIL import Image
 from tests.helpers.images import photo_bytes
 from tests.helpers.models import served_weights
 from tests.helpers.processes import ROOT, cap_memory
+from tests.helpers.requirements import require
 
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
+httpx = require("httpx")
+require("fastapi")
 
 
 SLOW_CONNECTIONS = 200  # more than uvicorn's former 128-connection cap, which turned every real request into 503

@@ -24,6 +24,7 @@ from deconvnet.weights import (
     register_weights,
     save_weights,
 )
+from tests.helpers.requirements import require
 
 
 def _randomise(model):
@@ -36,7 +37,7 @@ def _randomise(model):
 
 @pytest.mark.parametrize("name, arch", [("zfnet", "zfnet"), ("zfnetb", "zfnet-b"), ("alexnet", "alexnet")])
 def test_pytorchcv_files_give_identical_logits(tmp_path, name, arch):
-    pytorchcv = pytest.importorskip("pytorchcv.model_provider")
+    pytorchcv = require("pytorchcv.model_provider")
     theirs = _randomise(pytorchcv.get_model(name, pretrained=False))
     path = tmp_path / f"{name}.pth"
     torch.save(theirs.state_dict(), path)
@@ -119,7 +120,7 @@ def test_corrupt_files_are_clear(tmp_path):
 
 
 def test_wrong_shapes_and_missing_keys_are_clear(tmp_path):
-    pytorchcv = pytest.importorskip("pytorchcv.model_provider")
+    pytorchcv = require("pytorchcv.model_provider")
     state = pytorchcv.get_model("zfnet", pretrained=False).state_dict()
     missing = dict(state)
     del missing["output.fc2.fc.weight"]
@@ -165,7 +166,7 @@ def http_server(tmp_path):
 
 
 def _zip_of_weights(root: Path, name: str) -> str:
-    pytorchcv = pytest.importorskip("pytorchcv.model_provider")
+    pytorchcv = require("pytorchcv.model_provider")
     model = _randomise(pytorchcv.get_model("zfnet", pretrained=False))
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)

@@ -19,6 +19,7 @@ from deconvnet.samples import sample_paths
 from deconvnet.weights import load_model, read_metadata, save_weights, wrap_model
 from deconvnet.zoo import ArchName, create_model, list_models, resolve_arch
 from tests.helpers.processes import free_port
+from tests.helpers.requirements import require
 
 
 def _randomise(model: nn.Module) -> nn.Module:
@@ -352,7 +353,7 @@ def test_cli_models_lists_names_and_weights(capsys):
 
 
 def test_timm_checkpoint_round_trips(tmp_path):
-    timm = pytest.importorskip("timm", reason="timm is optional (pip install 'deconvnet[timm]')")
+    timm = require("timm", install="pip install 'deconvnet[timm]'")
     theirs = _randomise(timm.create_model("test_resnet", pretrained=False, num_classes=6))
     torch.save({"state_dict": theirs.state_dict()}, tmp_path / "timm.pth")
     loaded = load_model(tmp_path / "timm.pth", arch="timm:test_resnet")
