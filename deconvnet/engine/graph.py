@@ -244,6 +244,14 @@ _METHOD_KINDS = {
 _GLOBAL = None
 
 
+def _batch_norm_uses_running_stats(node: fx.Node) -> bool:
+    """``F.batch_norm`` with recorded running statistics and ``training=False``: an affine map."""
+    args = list(node.args) + [None] * 6
+    running_mean = node.kwargs.get("running_mean", args[1])
+    training = node.kwargs.get("training", args[5] if len(node.args) > 5 else False)
+    return running_mean is not None and training is False
+
+
 @dataclass(frozen=True)
 class Field:
     """Receptive field of one unit, per axis (y, x): ``size`` pixels, ``stride`` pixels between
@@ -572,6 +580,10 @@ class ModelGraph:
                 return "getitem"
         if target is F.pad and node.kwargs.get("mode", "constant") != "constant":
             return "generic"
+        if target is F.batch_norm and _batch_norm_uses_running_stats(node):
+            # batch norm in eval (timm's BatchNormAct2d calls it as a function): a per-channel affine
+            # map of running statistics, reversed as the linear map it is, like the module
+            return "linear_op"
         if target in _PRODUCT_FUNCTIONS:
             return self._product_kind(node, on_path)
         if target in (F.linear, F.conv2d):
