@@ -7,7 +7,14 @@ and a backward pass per selection, the peers' way; it is an optional benchmark d
 * the bundled model, 2 real images, the strongest activation of every map of conv2, conv3 and conv5;
 * ResNet-50 at 224 px (random weights), 256 selections (strongest activations of 128 maps x 2 images)
   at ``layer1`` and ``layer2`` (fields of 35 and 91 px: the receptive-field-windowed way down of graph
-  models) and at ``layer3`` and ``layer4`` (fields that cover the image: whole maps).
+  models) and at ``layer3`` and ``layer4`` (fields that cover the image: whole maps);
+* with ``--families convnext_tiny,efficientnet_b0`` (issue 24): torchvision's ConvNeXt-T and
+  EfficientNet-B0 at 224 px (random weights), a middle and a late stage (``FAMILY_LAYERS``), the
+  strongest activations of up to 128 maps x 2 images (EfficientNet-B0's ``features.4`` has 80 maps:
+  160 selections). Captum's ``NeuronGuidedBackprop`` hooks only ``nn.ReLU`` modules, so on these
+  GELU/SiLU models it returns the plain gradient: under ``--rule guided`` the printed difference is
+  ours (guided through GELU/SiLU, gates held) against Captum's gradient, not an equality check;
+  under ``--rule gradient`` the two are the same quantity and must agree.
 
 For the windowed layers the same selections also go down over whole maps
 (``DeconvNet(model, fast_path=False)``) in the same process: the windowed vs whole-map speed-up and
@@ -23,6 +30,7 @@ machine), wall-clock otherwise.
 
     python benchmarks/bench_engine.py [--rule deconvnet] [--loop-limit 24] [--threads 1] [--skip-resnet]
         [--skip-bundled] [--resnet-layers layer1,layer2,layer3,layer4]
+        [--families convnext_tiny,efficientnet_b0]
 """
 
 from __future__ import annotations
@@ -38,6 +46,12 @@ import torchvision
 from deconvnet.engine import DeconvNet
 from deconvnet.samples import sample_paths
 from deconvnet.weights import load_model
+
+# torchvision builder -> (a middle stage, a late stage): module paths the engine lists as map layers
+FAMILY_LAYERS = {
+    "convnext_tiny": ("features.5", "features.7"),  # stage 3 (384 maps, 14 x 14), stage 4 (768 maps, 7 x 7)
+    "efficientnet_b0": ("features.4", "features.6"),  # 80 maps at 14 x 14, 192 maps at 7 x 7
+}
 
 
 def _clock(threads: int):
@@ -139,6 +153,11 @@ def main() -> None:
     parser.add_argument(
         "--resnet-layers", default="layer1,layer2,layer3,layer4", help="ResNet-50 layers (comma-separated)"
     )
+    parser.add_argument(
+        "--families",
+        default="",
+        help=f"torchvision builders to add (comma-separated, of {', '.join(FAMILY_LAYERS)}); none by default",
+    )
     parser.add_argument("--weights", default=None, help="ZFNet-style weights (default: the bundled model)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -157,7 +176,12 @@ def main() -> None:
             sels = engine.strongest(x, layer)
             module = loaded.model.get_submodule(engine.layer(layer).path)
             compare(loaded.model, x, layer, module, sels, args.rule, args.loop_limit, clock, f"{layer} (every map)")
+    families = [name for name in args.families.split(",") if name]
+    for name in families:
+        if name not in FAMILY_LAYERS:
+            raise SystemExit(f"--families: unknown {name!r} (known: {', '.join(FAMILY_LAYERS)})")
     if args.skip_resnet:
+        run_families(families, args, clock)
         return
     resnet = torchvision.models.resnet50(weights=None).eval()
     xr = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -180,6 +204,32 @@ def main() -> None:
     print("ResNet-50: the windowed way down vs whole maps (the engine's two ways, same selections)")
     for layer in [name for name in layers if name in ("layer1", "layer2")]:
         windowed_vs_whole(resnet, xr, engine.strongest(xr, layer, k=128), args.rule, clock, f"{layer} (128 maps x 2)")
+    run_families(families, args, clock)
+
+
+def run_families(families: list[str], args: argparse.Namespace, clock) -> None:
+    """ConvNeXt-T / EfficientNet-B0 workloads: the same comparison as ResNet-50's."""
+    for name in families:
+        model = getattr(torchvision.models, name)(weights=None).eval()
+        x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        engine = DeconvNet(model)
+        print(f"{name} (random weights), 224 px")
+        if args.rule == "guided":
+            print("  (Captum's guided backprop hooks nn.ReLU only: here it is the gradient; diff is no equality)")
+        for layer in FAMILY_LAYERS[name]:
+            sels = engine.strongest(x, layer, k=128)
+            maps = len(sels) // x.shape[0]
+            compare(
+                model,
+                x,
+                layer,
+                model.get_submodule(engine.layer(layer).path),
+                sels,
+                args.rule,
+                args.loop_limit,
+                clock,
+                f"{layer} ({maps} maps x 2)",
+            )
 
 
 if __name__ == "__main__":
