@@ -463,6 +463,20 @@ STEPS: dict[str, Step] = {
 _PIECEWISE = ("split", "attention", "generic")
 
 
+def _check_batch_first(ops: list[Op], record: ForwardRecord) -> None:
+    """Every step takes a recorded tensor's first axis to be the images (timm's ``Attention`` stacks
+    q, k, v on axis 0 and the images on axis 1): a one-line error where a recorded output's first
+    axis does not have the batch's length (an axis of the same length cannot be told apart here)."""
+    images = record.num_images
+    for op in ops:
+        shape = record.shapes.get(op.name)
+        if shape is not None and len(shape) > 0 and shape[0] != images:
+            raise DeconvnetError(
+                f"{op.where}: its output {tuple(shape)} does not hold the {images} image(s) on its first "
+                "axis, which every way down needs; choose a layer below it"
+            )
+
+
 def run_backward(
     graph: ModelGraph,
     record: ForwardRecord,
@@ -478,6 +492,7 @@ def run_backward(
     ``filters``: the engine's prepared transposed filters (made here if not given)."""
     rule_ = get_rule(rule)
     ops = graph.reached(target, rule_.holds)
+    _check_batch_first(ops, record)
     cl = signal.device.type == "cpu"  # channels-last: faster transposed convolutions on CPU (same sums)
     if cl and signal.dim() == 4:
         signal = signal.contiguous(memory_format=torch.channels_last)
