@@ -5,7 +5,8 @@ optimised image beats the best natural exemplar of an atlas.
 Same model (the bundled ZFNet), same units (centres of conv5 maps: lucent reads ``features.conv5``'s
 output, the pre-activation of ``conv5`` that deconvnet optimises too), same image size, steps,
 optimiser (Adam, lr 0.05), parameterisation (Fourier, decorrelated colour) and transforms (pad 12,
-jitter 8, scale 0.9-1.1, rotation -10..10 degrees, jitter 4: lucent's ``standard_transforms``).
+jitter 8, scale 0.9-1.1, rotation -10..10 degrees, jitter 4: the steps and ranges of lucent's
+``standard_transforms``; its jitter is a one-sided 0..d-1 px shift, ours symmetric, +-d).
 Both final images go through the model once, untransformed; the activation compared is the centre
 unit of the rectified ``conv5`` map.
 

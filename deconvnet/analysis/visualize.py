@@ -30,7 +30,9 @@ the image is padded by ``pad`` pixels of mid-grey, then warped by one affine map
 ``grid_sample``, bilinear, batched; for class logits the padded view is resized back to the image's
 size, as classifiers often take one input size only): a rotation by an angle from ``angles`` (degrees), a scaling by a
 factor from ``scales`` and a translation by two integer jitters (``jitter`` then ``jitter // 2``
-pixels at most, as Lucid's standard transforms jitter before and after scaling and rotating). An
+pixels at most, in Lucid's order: jitter before and after scaling and rotating; the ranges are not
+Lucid's: its jitter(d) crops, a shift of about +-d/2, and lucent 0.1.8's is a one-sided 0..d-1 px shift,
+so ours moves about twice as far; ``jitter`` sets it). An
 optional total-variation penalty ``tv * sum |x[y+1,x] - x[y,x]| + |x[y,x+1] - x[y,x]|`` (mean over
 pixels) smooths the image further.
 
