@@ -390,3 +390,35 @@ def test_an_input_too_small_for_the_model_names_the_smallest_size(tmp_path, caps
     code, _, err = run_cli(["classify", image, "--weights", weights, "--device", "cpu"], capsys)
     line = _one_error_line(err)
     assert code == 2 and "preprocessing.crop = 8 is too small" in line and "at least 47x47" in line
+
+
+def test_serve_says_at_start_up_when_a_folder_holds_more_images_than_it_offers(served_weights_file, tmp_path):
+    # the page lists a folder's images at once, so at most MAX_FOLDER_IMAGES are offered: never silently
+    pytest.importorskip("fastapi")
+    from deconvnet.server.app import MAX_FOLDER_IMAGES, create_app
+    from tests.helpers.processes import Server
+
+    small = tmp_path / "small"
+    small.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i * 80, 0, 0)).save(small / f"{i}.png")
+    app = create_app(tiny_loaded(), images_dir=small, samples=False, max_folder_images=2)
+    assert app.state.folder_images == (3, 2)
+    assert create_app(tiny_loaded(), images_dir=small, samples=False).state.folder_images == (3, 3)
+
+    # the command: one more (empty) file than the cap is listed (only the chosen ones are ever decoded)
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(MAX_FOLDER_IMAGES + 1):
+        (big / f"{i:05d}.jpg").touch()
+    work = tmp_path / "work"
+    work.mkdir()
+    server = Server(served_weights_file, work, ["--images", str(big), "--no-samples"])
+    try:
+        sources = __import__("httpx").get(f"{server.url}/api/sources", timeout=60).json()
+        assert len(sources) == MAX_FOLDER_IMAGES
+        log = server.log()  # printed before the server answers
+    finally:
+        server.stop()
+    assert f"holds {MAX_FOLDER_IMAGES + 1:,} images; the explorer offers the first {MAX_FOLDER_IMAGES:,}" in log
+    assert "Traceback" not in log

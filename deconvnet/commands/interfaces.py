@@ -200,6 +200,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             allowed_hosts=served_names(args.host, args.allow_host),
             port=port,
         )
+        found, offered = app.state.folder_images
+        if offered < found:
+            print(
+                f"deconvnet: warning: --images {args.images} holds {found:,} images; the explorer offers the first "
+                f"{offered:,} in path order (point --images at a sub-folder; `deconvnet atlas` takes the whole folder)",
+                file=sys.stderr,
+            )
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             print(
                 f"deconvnet: warning: listening on {args.host}: anyone who can reach this machine can use the explorer",

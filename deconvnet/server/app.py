@@ -68,6 +68,7 @@ from .schemas import (
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+MAX_FOLDER_IMAGES = 10_000  # images of --images offered (the page lists them all at once)
 # layer names are module paths (`layer3.5`, `features.5`, `encoder.layers.encoder_layer_5`): dots allowed;
 # the name is only ever looked up among the model's layers (layer_or_404), never used as a path
 LAYER_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$"
@@ -89,6 +90,7 @@ def create_app(
     body_timeout: float = 60.0,
     allowed_hosts: Sequence[str] = LOOPBACK_NAMES,
     port: int | None = None,
+    max_folder_images: int = MAX_FOLDER_IMAGES,
 ) -> FastAPI:
     """The explorer for one model. ``images_dir``: a folder whose images are offered by id;
     ``atlas_dir``: the output of the atlas analysis for this model (top-9 patches per unit).
@@ -96,9 +98,11 @@ def create_app(
     ``max_in_flight`` requests are served at once (more get 503) and a request body must arrive
     within ``body_timeout`` seconds (else 408); decoding and model work share ``parallel`` slots.
     Only requests for the host names ``allowed_hosts`` (at ``port``, when given) are answered, and
-    none a browser sends for another site (403; see ``deconvnet.server.guard.OriginGuard``)."""
+    none a browser sends for another site (403; see ``deconvnet.server.guard.OriginGuard``).
+    The first ``max_folder_images`` images of ``images_dir`` (in path order) are offered;
+    ``app.state.folder_images`` holds (images found, images offered)."""
     explorer = Explorer(loaded, cache_size=cache_size, max_pixels=max_pixels, parallel=parallel)
-    sources = _list_sources(images_dir, samples)
+    sources, folder_images = _list_sources(images_dir, samples, max_folder_images)
     atlas = open_atlas(atlas_dir, loaded) if atlas_dir else None
     jobs = Jobs()
     thumbnails: dict[str, bytes] = {}
@@ -119,6 +123,8 @@ def create_app(
     )
     app.state.explorer = explorer
     app.state.jobs = jobs
+    # (images found in --images, images offered): `deconvnet serve` says so at start-up when they differ
+    app.state.folder_images = (folder_images, min(folder_images, max_folder_images))
     app.add_middleware(BodySizeLimit, limit=max_upload_bytes + 64 * 1024)  # room for the multipart envelope
     app.add_middleware(RequestLimits, max_in_flight=max_in_flight, body_timeout=body_timeout)
     app.add_middleware(OriginGuard, names=allowed_hosts, port=port)  # outermost: foreign requests cost nothing
@@ -564,8 +570,12 @@ def create_app(
     return app
 
 
-def _list_sources(images_dir: str | Path | None, samples: bool) -> OrderedDict[str, tuple[str, str, Path]]:
-    """id -> (kind, display name, path). Ids are made here; clients only ever see the ids."""
+def _list_sources(
+    images_dir: str | Path | None, samples: bool, max_folder_images: int
+) -> tuple[OrderedDict[str, tuple[str, str, Path]], int]:
+    """(id -> (kind, display name, path), the number of images in ``images_dir``). Ids are made here;
+    clients only ever see the ids. At most ``max_folder_images`` of the folder's images (in path order)
+    are offered: the page lists them all at once."""
     out: OrderedDict[str, tuple[str, str, Path]] = OrderedDict()
     if samples:
         from ..samples import SAMPLES, sample_paths
@@ -584,7 +594,8 @@ def _list_sources(images_dir: str | Path | None, samples: bool) -> OrderedDict[s
             raise DeconvnetError(f"--images {images_dir}: no such folder")
         # symbolic links are followed wherever they point, as the atlas does: the user chose the folder
         # (a folder of links into a dataset is common), and clients only ever name files by id
-        files = list_images(root)[:10_000]
-        for i, path in enumerate(files):
+        files = list_images(root)
+        for i, path in enumerate(files[:max_folder_images]):
             out[f"img-{i:05d}"] = ("folder", str(path.relative_to(root)), path)
-    return out
+        return out, len(files)
+    return out, 0
