@@ -62,7 +62,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from ..engine import RULES, DeconvNet, Selection
+from ..engine import RULES, DeconvNet, Selection, get_rule
 from ..errors import DeconvnetError, optional_extra
 from ..notebook import InlineDisplay
 from ..weights import LoadedModel
@@ -627,8 +627,7 @@ def sanity_checks(
     if bad or not measures:
         raise DeconvnetError(f"unknown measure(s) {', '.join(bad) or '(none)'}; choose from {', '.join(MEASURES)}")
     for r in rules:
-        if r not in RULES:
-            raise DeconvnetError(f"unknown rule {r!r}; choose from {', '.join(RULES)}")
+        get_rule(r)  # the engine's one check of a rule's name
     if units < 2:
         raise DeconvnetError("units must be at least 2 (selectivity compares different units)")
     if steps < 1:
@@ -930,8 +929,7 @@ def unit_scores(
     if batch.shape[0] != 1:
         raise DeconvnetError(f"unit_scores takes one image, got {batch.shape[0]}")
     for r in rules:
-        if r not in RULES:
-            raise DeconvnetError(f"unknown rule {r!r}; choose from {', '.join(RULES)}")
+        get_rule(r)  # the engine's one check of a rule's name
     if not rules:
         raise DeconvnetError(f"no rule given; choose from {', '.join(RULES)}")
     if units < 2:
