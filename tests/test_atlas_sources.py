@@ -58,6 +58,12 @@ def test_expand_braces():
     assert expand_braces("plain.tar") == ["plain.tar"]
     with pytest.raises(DeconvnetError, match="cannot expand"):
         expand_braces("s-{x}.tar")
+    # a hostile pattern is refused before its names are made (memory stays bounded)
+    with pytest.raises(DeconvnetError, match="more than 1,000,000 shards"):
+        expand_braces("s-{0..999999999999}.tar")
+    with pytest.raises(DeconvnetError, match="more than 1,000,000 shards"):
+        expand_braces("s-{0..999}-{0..999}-{0..9}.tar")
+    assert len(expand_braces("s-{0..999}-{0..999}.tar")) == 1_000_000
 
 
 def test_tar_shards_and_a_folder_give_the_same_atlas(tmp_path):

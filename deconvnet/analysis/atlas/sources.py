@@ -272,6 +272,11 @@ def _count_images(shard: str) -> int:
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
+# a shard pattern names at most this many shards (ImageNet is 1,282 of them): a hostile pattern such as
+# {0..999999999999} is refused before its names are made
+MAX_SHARDS = 1_000_000
+
+
 def expand_braces(pattern: str) -> list[str]:
     """Expand ``{000000..001281}`` ranges (zero-padded to the first bound's width) and ``{a,b}``
     alternatives, left to right, as the shell and WebDataset do: ``"s-{0..2}.tar"`` ->
@@ -285,13 +290,18 @@ def expand_braces(pattern: str) -> list[str]:
         lo, hi = numeric.group(1), numeric.group(2)
         width = len(lo) if lo.startswith("0") and len(lo) > 1 else 0
         step = 1 if int(hi) >= int(lo) else -1
+        if abs(int(hi) - int(lo)) + 1 > MAX_SHARDS:  # counted before any string is made
+            raise DeconvnetError(f"{pattern}: {{{body}}} names more than {MAX_SHARDS:,} shards")
         options = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
     elif "," in body:
         options = body.split(",")
     else:
         raise DeconvnetError(f"{pattern}: cannot expand {{{body}}} (expected {{000..099}} or {{a,b}})")
     head, tail = pattern[: m.start()], pattern[m.end() :]
-    return [head + o + rest for o in options for rest in expand_braces(tail)]
+    rests = expand_braces(tail)
+    if len(options) * len(rests) > MAX_SHARDS:
+        raise DeconvnetError(f"{pattern}: names more than {MAX_SHARDS:,} shards")
+    return [head + o + rest for o in options for rest in rests]
 
 
 def _is_tar(path: str) -> bool:
