@@ -18,6 +18,7 @@ from ...runtime import dist_info
 from ...weights import LoadedModel
 from .cache import SwitchCache, images_per_pass, pools_below
 from .images import ImageShard, keep_as_list
+from .progress import JobProgress
 from .scanfile import AtlasScan, scan_fingerprint
 from .sources import ImageSource, open_source
 from .spec import atlas_engine, parse_layers
@@ -237,8 +238,6 @@ def _scan_shard(
 ) -> None:
     """Read the rest of the shard (at most ``max_images`` files) in a ``DataLoader``, saving the state
     every ``checkpoint_every`` files and at the end, even when interrupted."""
-    from tqdm.auto import tqdm
-
     state = scanner.state
     shard = state.shard
     todo = shard[state.processed :]
@@ -248,14 +247,10 @@ def _scan_shard(
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=keep_as_list)
     started = time.perf_counter()
     since_checkpoint = 0
-    shard_note = f" [{state.rank}/{state.world}]" if state.world > 1 else ""
-    bar = tqdm(
-        total=len(shard),
-        initial=state.processed,
-        desc=f"atlas scan{shard_note}",
-        unit="img",
-        disable=not progress,
-        smoothing=0.1,
+    # under torchrun process 0 draws the whole job's images/s and ETA (see progress.py)
+    name = f"{state.fingerprint[:16]}-{'_'.join(state.layers)}"
+    bar = JobProgress(
+        state.rank, state.world, len(state.files), state.processed, len(shard), name, progress, "atlas scan"
     )
     try:
         for batch in loader:
@@ -268,6 +263,7 @@ def _scan_shard(
                 started = time.perf_counter()
                 state.save(state_path)
                 since_checkpoint = 0
+        bar.finish()
     finally:
         bar.close()
         scanner.store(time.perf_counter() - started)

@@ -1,0 +1,144 @@
+"""The atlas across processes and machines (issue 27): two torchrun launches on 127.0.0.1 as two
+"machines" (``--nnodes 2``, c10d rendezvous) over tar shards give the one-process atlas (top-k ids,
+values, positions and sheet pixels); a rank killed with SIGKILL after a checkpoint and the command
+run again give the same atlas; rank 0's progress bar counts the whole job. Real processes, tiny random
+model, small real JPEG/PNG files in real tar shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deconvnet.analysis.atlas import AtlasScan
+from deconvnet.weights import save_weights
+from tests.helpers.models import tiny_loaded
+from tests.helpers.processes import free_port
+from tests.test_atlas import write_images
+from tests.test_atlas_sources import write_shards
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def atlas_command(weights: Path, images: str, out: Path, *extra: str, launcher: tuple[str, ...] = ()) -> list[str]:
+    args = ["atlas", images, "--out", str(out), "--weights", str(weights), "--device", "cpu"]
+    args += ["--layers", "conv1,conv3", "--top", "3", "--per-page", "4", "--workers", "0", *extra]
+    return [sys.executable, "-m", *launcher, "deconvnet", *args]
+
+
+def torchrun(*options: str) -> tuple[str, ...]:
+    return ("torch.distributed.run", *options, "-m")
+
+
+def assert_same_atlas(a_dir: Path, b_dir: Path) -> None:
+    """Same top-k ids and positions, values to float rounding (other batch groupings), same sheets to
+    2 grey levels (the projections' normalisation rounds values computed in other groupings)."""
+    a, b = AtlasScan.load(a_dir / "atlas.npz"), AtlasScan.load(b_dir / "atlas.npz")
+    assert a.complete and b.complete and a.files == b.files and a.layers == b.layers
+    for layer in a.layers:
+        np.testing.assert_array_equal(a.images[layer], b.images[layer])
+        np.testing.assert_array_equal(a.positions[layer], b.positions[layer])
+        np.testing.assert_allclose(a.values[layer], b.values[layer], rtol=1e-5)
+    sheets = sorted(p.relative_to(a_dir) for p in a_dir.rglob("*.png"))
+    assert sheets and sheets == sorted(p.relative_to(b_dir) for p in b_dir.rglob("*.png"))
+    for rel in sheets:
+        pa = np.asarray(Image.open(a_dir / rel).convert("RGB")).astype(int)
+        pb = np.asarray(Image.open(b_dir / rel).convert("RGB")).astype(int)
+        assert pa.shape == pb.shape and np.abs(pa - pb).max() <= 2, rel
+
+
+@pytest.fixture(scope="module")
+def shards_and_weights(tmp_path_factory):
+    """Weights, 9 images in 5 tar shards and their one-process atlas (in ``one``)."""
+    tmp_path = tmp_path_factory.mktemp("atlas27")
+    loaded = tiny_loaded(seed=21)
+    weights = save_weights(loaded.model, tmp_path / "w.safetensors", loaded.classes, loaded.preprocessing)
+    pattern = write_shards(write_images(tmp_path / "imgs", 9), tmp_path / "shards", per_shard=2)  # 5 shards
+    one = subprocess.run(atlas_command(weights, pattern, tmp_path / "one", "--quiet"), capture_output=True, text=True,
+                         timeout=300, env=ENV)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    return weights, pattern, tmp_path / "one"
+
+
+def test_two_machines_by_c10d_rendezvous_give_the_one_process_atlas(tmp_path, shards_and_weights):
+    """What the README's multi-machine command does, with both "machines" on 127.0.0.1 writing one
+    shared output folder: each launch runs one process; the per-rank top-k lists are merged over the
+    process group (gloo), rank 0 writes atlas.npz and the sheets."""
+    weights, pattern, one = shards_and_weights
+    port = free_port()
+    launches = [
+        subprocess.Popen(
+            atlas_command(
+                weights,
+                pattern,
+                tmp_path / "two",
+                launcher=torchrun(
+                    "--nnodes",
+                    "2",
+                    "--nproc-per-node",
+                    "1",
+                    "--node-rank",
+                    str(node),
+                    "--rdzv-backend",
+                    "c10d",
+                    "--rdzv-endpoint",
+                    f"127.0.0.1:{port}",
+                    "--rdzv-id",
+                    "atlas27",
+                ),  # fmt: skip
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for node in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300) for p in launches]
+    for p, (_, err) in zip(launches, outputs):
+        assert p.returncode == 0, err[-3000:]
+    # one progress bar, rank 0's, counting the whole job's 9 images (its own shard holds 3 to 6 of them)
+    bars = [line for _, err in outputs for line in err.replace("\r", "\n").splitlines() if "atlas scan" in line]
+    assert bars and all("[1/2]" not in line and "/9 " in line for line in bars), bars
+    assert any("9/9 " in line for line in bars), bars
+    assert_same_atlas(one, tmp_path / "two")
+    assert not list((tmp_path / "two").glob("scan*.npz"))  # the per-rank states are gone once merged
+
+
+@pytest.mark.slow  # about 25 s: two torchrun launches of two processes
+def test_a_rank_killed_after_a_checkpoint_and_a_restart_give_the_same_atlas(tmp_path, shards_and_weights):
+    """kill -9 of rank 1 once it has saved a checkpoint (torchrun then stops rank 0 too); the same
+    command again resumes both ranks from their scan-<rank>of2 states and finishes the same atlas."""
+    weights, pattern, one = shards_and_weights
+    out = tmp_path / "killed"
+    # one image a batch and a checkpoint after each: rank 1 is still scanning when its first state appears
+
+    def command() -> list[str]:
+        launcher = torchrun("--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()))
+        return atlas_command(weights, pattern, out, "--quiet", "--batch-size", "1", "--checkpoint-every", "1",
+                             launcher=launcher)  # fmt: skip
+
+    run = subprocess.Popen(command(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    state = out / "scan-1of2-conv1_conv3.npz"
+    deadline = time.monotonic() + 240
+    while not state.exists():
+        assert run.poll() is None and time.monotonic() < deadline, "rank 1 never saved a checkpoint"
+        time.sleep(0.002)
+    pid = json.loads((out / ".atlas-1.lock").read_text())["pid"]  # rank 1 holds its lock file while it runs
+    os.kill(pid, signal.SIGKILL)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode != 0, "torchrun should report the killed rank"
+    saved = AtlasScan.load(state)
+    assert (saved.rank, saved.world) == (1, 2) and 0 < saved.processed < len(saved.shard) and not saved.complete
+    assert not (out / "atlas.npz").exists()
+    again = subprocess.run(command(), capture_output=True, text=True, timeout=300, env=ENV)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_atlas(one, out)
