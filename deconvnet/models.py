@@ -30,6 +30,7 @@ __all__ = [
     "zfnet",
     "zfnet_b",
     "alexnet",
+    "init_weights",
 ]
 
 POOL_STYLES = ("ceil", "blog")
@@ -232,3 +233,18 @@ def zfnet_b(**overrides: Any) -> ConvNet:
 def alexnet(**overrides: Any) -> ConvNet:
     """Single-tower AlexNet, the paper's baseline."""
     return build_model("alexnet", **overrides)
+
+
+def init_weights(model: nn.Module, scheme: str = "paper", std: float = 0.01) -> None:
+    """``paper``: every weight ~ N(0, std), biases 0 (Sec. 3). ``kaiming``: torchvision's VGG scheme
+    for nets without batch norm: He-normal (fan-out) conv filters, N(0, 0.01) linear layers."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if scheme == "paper" or (scheme == "kaiming" and isinstance(m, nn.Linear)):
+                nn.init.normal_(m.weight, 0.0, std)
+            elif scheme == "kaiming":
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                raise ValueError(f"init must be 'paper' or 'kaiming', got {scheme!r}")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

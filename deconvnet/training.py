@@ -43,7 +43,7 @@ from torch import nn
 from .atomic import atomic_path, save_text
 from .data import AugmentedView, ImageFolderCache, Preprocessing, mixed_seed, ten_crops
 from .errors import DeconvnetError
-from .models import ARCHITECTURES, ArchConfig, ConvNet, build_model
+from .models import ARCHITECTURES, ArchConfig, ConvNet, build_model, init_weights  # init_weights: also from here
 from .runtime import dist_info, local_rank, resolve_device  # resolve_device: kept importable from here
 from .weights import save_weights
 from .wnids import english_names
@@ -131,21 +131,6 @@ def init_from_weights(model: nn.Module, weights: str) -> tuple[list[str], list[s
             target[k].copy_(source[k].to(target[k].dtype))
     kept = [k for k in target if k not in copied and not k.endswith("num_batches_tracked")]
     return copied, kept
-
-
-def init_weights(model: nn.Module, scheme: str = "paper", std: float = 0.01) -> None:
-    """``paper``: every weight ~ N(0, std), biases 0 (Sec. 3). ``kaiming``: torchvision's VGG scheme
-    for nets without batch norm: He-normal (fan-out) conv filters, N(0, 0.01) linear layers."""
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            if scheme == "paper" or (scheme == "kaiming" and isinstance(m, nn.Linear)):
-                nn.init.normal_(m.weight, 0.0, std)
-            elif scheme == "kaiming":
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            else:
-                raise ValueError(f"init must be 'paper' or 'kaiming', got {scheme!r}")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
 
 
 @torch.no_grad()

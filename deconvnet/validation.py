@@ -25,6 +25,7 @@ __all__ = [
     "check_metadata",
     "check_builder_metadata",
     "check_header_shapes",
+    "check_state_shapes",
     "check_finite",
     "expected_shapes",
     "LIMITS",
@@ -232,22 +233,32 @@ def expected_shapes(config: ArchConfig, path: str | os.PathLike = "weights") -> 
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def check_header_shapes(found: Mapping[str, tuple[int, ...]], config: ArchConfig, path: str | os.PathLike) -> None:
-    """The tensors a file declares match the architecture by name and shape (before loading them)."""
-    expected = expected_shapes(config, path)
-    missing = [k for k in expected if k not in found]
+def check_state_shapes(
+    found: Mapping[str, tuple[int, ...]],
+    expected: Mapping[str, tuple[int, ...]],
+    origin: str | os.PathLike,
+    what: str,
+    may_lack: tuple[str, ...] = (),
+) -> None:
+    """The one key and shape check of weights against a model: ``found`` (tensor name -> shape, from a
+    file's header or a state dict) against what ``what`` expects; a one-line ``DeconvnetError`` naming
+    the first missing, unexpected or mis-shaped tensors. Expected names ending in ``may_lack`` may be absent."""
+    missing = [k for k in expected if k not in found and not k.endswith(may_lack)]
     unexpected = [k for k in found if k not in expected]
     if missing or unexpected:
         raise DeconvnetError(
-            f"{path}: tensors do not match the architecture in its metadata (missing: "
-            f"{', '.join(missing[:4]) or 'none'}; "
-            f"unexpected: {', '.join(unexpected[:4]) or 'none'})"
+            f"{origin}: tensors do not match {what} (missing: {', '.join(missing[:4]) or 'none'}"
+            f"{'...' if len(missing) > 4 else ''}; unexpected: {', '.join(unexpected[:4]) or 'none'}"
+            f"{'...' if len(unexpected) > 4 else ''})"
         )
     for key, shape in expected.items():
-        if tuple(found[key]) != shape:
-            raise DeconvnetError(
-                f"{path}: {key} has shape {tuple(found[key])}, its metadata's architecture expects {shape}"
-            )
+        if key in found and tuple(found[key]) != tuple(shape):
+            raise DeconvnetError(f"{origin}: {key} has shape {tuple(found[key])}, {what} expects {tuple(shape)}")
+
+
+def check_header_shapes(found: Mapping[str, tuple[int, ...]], config: ArchConfig, path: str | os.PathLike) -> None:
+    """The tensors a file declares match the architecture by name and shape (before loading them)."""
+    check_state_shapes(found, expected_shapes(config, path), path, "the architecture in its metadata")
 
 
 def check_finite(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:

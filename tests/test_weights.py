@@ -3,6 +3,7 @@
 import hashlib
 import http.server
 import io
+import json
 import threading
 import zipfile
 from functools import partial
@@ -236,3 +237,101 @@ def test_registry_names_the_imagenet_zfnet_release():
     spec = REGISTRY["zfnet-imagenet"]
     assert spec.sha1 == "d010ddca1eb32a50a8cceb475c792f53e769b631"
     assert spec.url.endswith("v0.0.395/zfnet-1727-d010ddca.pth.zip")
+
+
+# --------------------------------------------------------------------------- registry entries
+
+
+def test_every_entry_carries_its_preprocessing_and_categories():
+    """Like torchvision's Weights: pytorchcv's ImageNet entries say their input and their 1000 classes;
+    the bundled entry leaves both to its file (our safetensors carry them)."""
+    from deconvnet.weights import imagenet_classes
+
+    for name in ("zfnet-imagenet", "zfnetb-imagenet", "alexnet-imagenet"):
+        entry = REGISTRY[name]
+        assert entry.name == name and entry.transforms() == Preprocessing()
+        assert entry.classes() == imagenet_classes()
+    bundled = REGISTRY["zfnet-imagenette"]
+    assert bundled.classes() is None and bundled.preprocessing is None
+    loaded = load_model("zfnet-imagenette")
+    assert len(loaded.classes) == 10 and loaded.preprocessing.crop == 224
+
+
+def test_torchvision_entry_is_the_enums_transforms_and_categories():
+    from torchvision.models import ResNet18_Weights
+
+    from deconvnet.weights import get_weights
+
+    entry = get_weights("torchvision:ResNet18_Weights.IMAGENET1K_V1")
+    t = ResNet18_Weights.IMAGENET1K_V1.transforms()
+    pre = entry.transforms()
+    assert (pre.resize, pre.crop) == (t.resize_size[0], t.crop_size[0])
+    assert pre.mean == tuple(t.mean) and pre.std == tuple(t.std) and pre.interpolation == t.interpolation.value
+    assert entry.classes() == list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+    assert entry.arch == "tv-resnet18" and entry.upstream is ResNet18_Weights.IMAGENET1K_V1
+    with pytest.raises(DeconvnetError, match="unknown weights 'nope'"):
+        get_weights("nope")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+def test_timm_entry_is_timms_data_config_without_building_the_model(name):
+    """The entry reads timm's pretrained configuration by name; it must equal what timm resolves from
+    the built model (``resolve_data_config(model=...)``), with resize = floor(crop / crop_pct)."""
+    timm = require("timm")
+    from timm.data import resolve_data_config
+
+    from deconvnet.weights.registry import from_timm
+
+    cfg = resolve_data_config({}, model=timm.create_model(name, pretrained=False))
+    pre = from_timm(name).transforms()
+    assert pre.crop == cfg["input_size"][-1] and pre.resize == int(cfg["input_size"][-1] // cfg["crop_pct"])
+    assert pre.mean == tuple(cfg["mean"]) and pre.std == tuple(cfg["std"])
+    assert pre.interpolation == cfg["interpolation"]
+
+
+def test_a_registered_entry_gives_its_categories_and_preprocessing(http_server, tmp_path, monkeypatch):
+    """A file without metadata (pytorchcv's .pth) takes the classes and input of its registry entry."""
+    root, base = http_server
+    monkeypatch.setenv("DECONVNET_CACHE", str(tmp_path / "cache"))
+    sha1 = _zip_of_weights(root, "zfnet-named.pth")
+    names = [f"thing {i}" for i in range(1000)]
+    pre = Preprocessing(resize=240, crop=224, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    register_weights(
+        "zfnet-named",
+        WeightsSpec(
+            arch="zfnet",
+            url=f"{base}/zfnet-named.pth.zip",
+            sha1=sha1,
+            filename="zfnet-named.pth",
+            preprocessing=pre,
+            categories=names,
+        ),
+    )
+    try:
+        loaded = load_model("zfnet-named", progress=False)
+        assert loaded.classes == names and loaded.preprocessing == pre and loaded.source == "zfnet-named"
+    finally:
+        REGISTRY.pop("zfnet-named")
+
+
+def test_one_key_and_shape_check_for_headers_and_state_dicts(tmp_path):
+    """A file's declared shapes (before loading) and a state dict loaded into a model are checked by the
+    same function, so both name the same tensor, the shape found and the shape expected."""
+    from safetensors.torch import load_file, save_file
+
+    from deconvnet.weights import load_state_strict, read_metadata
+
+    model = build_model("zfnet", num_classes=3, fc=(8, 8), input_size=96)
+    path = save_weights(model, tmp_path / "w.safetensors", ["a", "b", "c"], Preprocessing(resize=110, crop=96))
+    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in read_metadata(path).items()}
+    state = load_file(str(path))
+    state["features.conv2.weight"] = torch.zeros(3, 3, 5, 5)
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    shape = r"features.conv2.weight has shape \(3, 3, 5, 5\), .* expects \(256, 96, 5, 5\)"
+    with pytest.raises(DeconvnetError, match=shape):
+        load_model(tmp_path / "bad.safetensors")
+    with pytest.raises(DeconvnetError, match=shape):
+        load_state_strict(build_model("zfnet", num_classes=3, fc=(8, 8), input_size=96), state, "bad")
+    del state["features.conv2.weight"]
+    with pytest.raises(DeconvnetError, match=r"bad: tensors do not match the model \(missing: features.conv2.weight"):
+        load_state_strict(build_model("zfnet", num_classes=3, fc=(8, 8), input_size=96), state, "bad")

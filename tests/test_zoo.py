@@ -136,7 +136,7 @@ def test_file_of_an_unknown_layout_asks_for_arch(tmp_path):
     torch.save(create_model("resnet18").state_dict(), tmp_path / "r18.pth")
     with pytest.raises(DeconvnetError, match="unrecognised weights layout.*pass --arch NAME"):
         load_model(tmp_path / "r18.pth")
-    with pytest.raises(DeconvnetError, match="keys do not match the model"):
+    with pytest.raises(DeconvnetError, match="tensors do not match the model"):
         load_model(tmp_path / "r18.pth", arch="resnet50")
 
 

@@ -515,8 +515,7 @@ def _scratch_rows(
 ) -> list[ProbeRow]:
     """Train the architecture from scratch on ``n`` images per class (seed 0), record its end-to-end
     accuracy in ``info[n]`` and probe its layers."""
-    from ..models import ConvNet
-    from ..training import init_weights
+    from ..models import ConvNet, init_weights
 
     model = loaded.model
     assert isinstance(model, ConvNet)

@@ -18,8 +18,8 @@ def add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from ..weights import REGISTRY
-    from ..zoo import list_models, resolve_arch, torchvision_weight_names
+    from ..weights.registry import weights_for
+    from ..zoo import list_models, resolve_arch
 
     names = list_models(args.pattern, include_timm=args.timm)
     if not names:
@@ -31,12 +31,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     width = max(len(n) for n in names)
     for name in names:
         arch = resolve_arch(name)
-        if arch.family == "deconvnet":
-            known = [n for n, spec in REGISTRY.items() if spec.arch == arch.name]
-        elif arch.family == "torchvision":
-            known = torchvision_weight_names(arch.name)
-        else:
-            known = []
+        known = weights_for(arch)
         print(f"{name:{width}}  {arch.family:11}  {', '.join(known)}".rstrip())
     print(
         "--arch takes these names; torchvision's also without the tv- prefix "
