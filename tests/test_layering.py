@@ -106,3 +106,59 @@ def test_the_inline_display_mixin_draws_only_when_asked() -> None:
     inherit its mixin): it imports nothing of the package but the display layer, inside its methods."""
     found = _imports(PACKAGE / "notebook.py")
     assert found and all(_part(t) == "display" and not top for t, _, top in found), found
+
+
+def _module_file(name: str) -> Path | None:
+    """The file of a deconvnet module or package name (None for a name that is neither, e.g. a class)."""
+    base = PACKAGE.parent.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _module_level_graph() -> dict[str, set[str]]:
+    """Module -> modules it runs on import (module-level imports, and the packages above each of them)."""
+    graph: dict[str, set[str]] = {}
+    for path in SOURCES:
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        edges = set()
+        for target, _, top in _imports(path):
+            if not top:
+                continue
+            while _module_file(target) is None and "." in target:
+                target = target.rsplit(".", 1)[0]  # `from .pkg import name`: the package runs
+            parts = target.split(".")
+            edges |= {".".join(parts[:i]) for i in range(2, len(parts) + 1)}  # parents' __init__ run first
+        graph[name] = edges - {name}
+    return graph
+
+
+def _reaches(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_the_notebook_mixin_is_in_no_import_circle() -> None:
+    """The mixin (``deconvnet.notebook``) and what it draws with (``display/notebook.py``) are in no
+    circle of module-level imports: the display module imports the engine, the weights and the
+    analyses only inside its functions, so the classes inheriting the mixin are not tied into one knot."""
+    graph = _module_level_graph()
+    for module in ("deconvnet.notebook", "deconvnet.display.notebook"):
+        assert module not in _reaches(graph, module), f"{module} imports itself through a circle"
+    below = _reaches(graph, "deconvnet.display.notebook")
+    assert not {m for m in below if _part(m) in {"engine", "weights", "analysis"}}, sorted(below)
+
+
+def test_the_circle_check_finds_a_circle() -> None:
+    """The graph above sees module-level imports: the engine's core imports the engine's package."""
+    graph = _module_level_graph()
+    assert "deconvnet.engine" in graph["deconvnet.engine.core"] or "deconvnet.engine" in _reaches(
+        graph, "deconvnet.engine.core"
+    )
+    assert "deconvnet.engine.core" in _reaches(graph, "deconvnet.engine")

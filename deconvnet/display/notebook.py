@@ -1,21 +1,27 @@
 """What a notebook shows for the objects that show themselves (``deconvnet.notebook.InlineDisplay``):
 a result's default ``figure()`` as PNG, a single projection, and a loaded model's summary as an HTML
-table. The pictures are the ones the CLI saves and the report shows, drawn here by the same code."""
+table. The pictures are the ones the CLI saves and the report shows, drawn here by the same code.
+
+The classes that show themselves (the engine's ``Projection``, ``LoadedModel``, the analyses' results)
+inherit ``deconvnet.notebook.InlineDisplay``, which imports this module when Jupyter asks; so at module
+level this module imports only the base (errors) and the display layer's ``common``, never the engine,
+the weights, the analyses or ``figures`` (which reads the engine's rule table): importing any of them
+here would close a circle through every class that inherits the mixin (``tests/test_layering.py``).
+"""
 
 from __future__ import annotations
 
 import html
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
-
-from ..analysis.layers import layer_rows
-from ..engine import DeconvNet, Projection
 from ..errors import DeconvnetError
-from ..weights import LoadedModel, model_summary
 from .common import figure_png
-from .figures import projection_view_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from ..weights import LoadedModel
 
 __all__ = ["default_figure", "inline_png", "inline_html", "model_html"]
 
@@ -23,6 +29,9 @@ __all__ = ["default_figure", "inline_png", "inline_html", "model_html"]
 def default_figure(obj: Any) -> Figure | None:
     """The picture of ``obj`` with no arguments: a projection's view, else its ``figure()``; None for
     an object with nothing to draw (a loaded model: its table is HTML)."""
+    from ..engine import Projection
+    from .figures import projection_view_figure
+
     if isinstance(obj, Projection):
         return projection_view_figure(obj)
     draw = getattr(obj, "figure", None)
@@ -41,6 +50,8 @@ def inline_png(obj: Any) -> bytes | None:
 
 def inline_html(obj: Any) -> str | None:
     """HTML of ``obj`` where it is a table (a loaded model), else None."""
+    from ..weights import LoadedModel
+
     return model_html(obj) if isinstance(obj, LoadedModel) else None
 
 
@@ -55,6 +66,10 @@ def _table(head: list[str] | None, rows: Sequence[Sequence[object]]) -> str:
 def model_html(loaded: LoadedModel) -> str:
     """The model as the report describes it (``model_summary``), then its layers as ``deconvnet
     layers`` lists them: operation, output shape for the model's input size, receptive field."""
+    from ..analysis.layers import layer_rows
+    from ..engine import DeconvNet
+    from ..weights import model_summary
+
     size = (loaded.preprocessing.crop, loaded.preprocessing.crop)
     parts = [f"<div><strong>{html.escape(loaded.arch)}</strong> ({html.escape(loaded.source)})"]
     parts.append(_table(None, model_summary(loaded)))
