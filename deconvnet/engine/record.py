@@ -49,6 +49,9 @@ class ForwardRecord:
     kept: dict[str, Any] = field(default_factory=dict)
     shapes: dict[str, torch.Size] = field(default_factory=dict)
     constants: dict[str, Any] = field(default_factory=dict)
+    # element-wise activations' local derivatives f'(x) at the recorded inputs, made on first use by
+    # the way down (reverse.local_derivative): one multiply per pass instead of autograd per pass
+    derivatives: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_images(self) -> int:

@@ -24,6 +24,7 @@ the input (max pooling's gradient is exactly switch unpooling), i.e. plain backp
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -360,6 +361,18 @@ class WayDown:
     def rows(self) -> int:
         return int(self.image_index.shape[0])
 
+    @functools.cached_property
+    def single_image(self) -> int | None:
+        """The recorded image of every row where they all share one (None otherwise)."""
+        first = int(self.image_index[0]) if self.rows else 0
+        return first if self.rows and bool((self.image_index == first).all()) else None
+
+    def of_rows(self, recorded: torch.Tensor) -> torch.Tensor:
+        """A recorded (N, ...) tensor for the signal's rows: indexed by ``image_index``, or a view of
+        one image's slice (broadcast, no copy) where every row reads that image."""
+        one = self.single_image
+        return recorded[one : one + 1] if one is not None else recorded[self.image_index]
+
 
 # One step per op kind: (op, its output's signal, the way down) -> the signals of its inputs. A new
 # kind is one function here and one line in STEPS; a rule's choices are in deconvnet.engine.rules.
@@ -371,11 +384,32 @@ def _relu_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tensor]:
     return {op.inputs[0]: w.rule.relu(x, mask)}
 
 
-def _activation_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tensor]:
-    def local(s: torch.Tensor) -> torch.Tensor:
-        return op_vjp(op, w.graph, w.record, w.image_index, s, at_record=True)[op.inputs[0]]
+def local_derivative(op: Op, graph: ModelGraph, record: ForwardRecord, channels_last: bool = False) -> torch.Tensor:
+    """f'(x) of an element-wise activation op at its recorded inputs (N, ...), made once per record:
+    its Jacobian is diagonal, so the vector-Jacobian product of the ones is f'(x) and that of any
+    signal s is ``f'(x) * s`` (one multiply per pass instead of f and its backward by autograd).
+    ``channels_last``: a 4-D derivative in the channels-last memory of the signals it multiplies (a
+    multiply of two memory formats runs ~5x slower on a CPU)."""
+    derivative = record.derivatives.get(op.name)
+    if derivative is None:
+        inputs = record.kept[op.inputs[0]]
+        every_image = torch.arange(record.num_images, device=inputs.device)
+        ones = torch.ones_like(inputs)
+        derivative = op_vjp(op, graph, record, every_image, ones, at_record=True)[op.inputs[0]]
+    if channels_last and derivative.dim() == 4:
+        derivative = derivative.contiguous(memory_format=torch.channels_last)
+    record.derivatives[op.name] = derivative
+    return derivative
 
-    return {op.inputs[0]: w.rule.activation(x, local)}
+
+def _activation_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tensor]:
+    derivative = None
+    if w.rule.looks_at_forward:
+        # channels innermost (the transposed convolutions' channels-last output, or a view of it cut
+        # by the padding): the derivative in the same order
+        channels_last = x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1
+        derivative = w.of_rows(local_derivative(op, w.graph, w.record, channels_last))
+    return {op.inputs[0]: w.rule.activation(x, lambda s: s * derivative)}
 
 
 def _maxpool_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tensor]:
