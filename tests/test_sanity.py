@@ -4,6 +4,7 @@ models whose answer is known, the papers' directions on the bundled model, the c
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -152,6 +153,59 @@ def test_deletion_and_insertion_curves_equal_the_sums_of_the_remaining_terms():
         k = int(round(f * KERNEL * KERNEL))
         assert deletion[0, t] * base[0] == pytest.approx(terms[order[k:]].sum(), abs=1e-4)
         assert insertion[0, t] * base[0] == pytest.approx(terms[order[:k]].sum(), abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["zfnet", "resnet18"])
+def test_deletion_through_the_units_window_equals_whole_images(arch):
+    """``perturbation_curves`` sends only each unit's window forward (its receptive field moved back to
+    the layer's stride grid): the curves must equal those of whole images, on a chain with padding,
+    strided convolutions, max pooling and LRN, and on a graph model (ResNet-18: residual sums). The
+    windows' forward passes are smaller convolutions, so equal to float rounding (1e-5 relative)."""
+    from deconvnet.analysis.sanity import strongest_units
+    from deconvnet.analysis.sanity.faithfulness import unit_window
+    from tests.helpers.models import tiny_model
+
+    if arch == "zfnet":
+        model, size, layers = tiny_model(64, lrn=True), 64, ["conv2", "conv5"]
+    else:
+        from torchvision.models import resnet18
+
+        torch.manual_seed(0)
+        model, size, layers = resnet18().eval(), 64, ["layer1.0"]
+    engine = DeconvNet(model)
+    batch = images(2, size)
+    fractions = np.linspace(0, 1, 4)
+    windowed = 0
+    for layer in layers:
+        units = [u for row in strongest_units(engine, batch, layer, units=2) for u in row]
+        rng = np.random.default_rng(1)
+        orders = [rng.permutation((u.box[2] - u.box[0]) * (u.box[3] - u.box[1])) for u in units]
+        fast = perturbation_curves(engine, batch, units, orders, fractions, batch_size=8)
+        whole = perturbation_curves(engine, batch, units, orders, fractions, batch_size=8, windows=False)
+        for a, b in zip(fast, whole):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        windowed += sum(unit_window(engine, u, size, size)[0] != (0, 0, size, size) for u in units)
+    assert windowed >= 2  # the windows were smaller than the image, so the comparison tested them
+
+
+def test_a_partial_run_equals_the_full_runs_parts():
+    """Without selectivity, insertion and random orders (what Quantus computes, benchmarks/bench_sanity.py)
+    the cascading similarities and deletion curves are the full run's, and the table leaves the rest out."""
+    from tests.helpers.models import tiny_model
+
+    model, batch = tiny_model(48), images(2, 48)
+    kwargs: dict[str, Any] = {"layers": "conv1,conv3", "rules": ["guided", "gradient"], "measures": ["spearman"]}
+    full = sanity_checks(model, batch, independent=False, units=2, steps=4, **kwargs)
+    part = sanity_checks(
+        model, batch, independent=False, selectivity=False, insertion=False, random_orders=0, steps=4, **kwargs
+    )
+    np.testing.assert_array_equal(part.cascading["spearman"], full.cascading["spearman"])
+    np.testing.assert_array_equal(part.deletion[:-1], full.deletion[:-1])
+    assert np.isnan(part.insertion).all() and np.isnan(part.other_units["spearman"]).all()
+    row = part.table()[0]
+    assert "insertion_auc" not in row and "other_units" not in row and "deletion_auc" in row
+    assert "insertion" not in part.table_text() and "other units" not in part.table_text()
+    json.dumps(part.to_dict(), allow_nan=False)
 
 
 def test_the_gradient_order_deletes_a_linear_unit_faster_than_random_orders():

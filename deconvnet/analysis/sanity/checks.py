@@ -61,6 +61,8 @@ def sanity_checks(
     steps: int = 10,
     random_orders: int = 2,
     faithfulness: bool = True,
+    selectivity: bool = True,
+    insertion: bool = True,
     seed: int = 0,
     batch_size: int = 32,
     progress: bool = False,
@@ -71,8 +73,10 @@ def sanity_checks(
 
     ``units``: channels compared at the same position (selectivity); ``steps``: points of the
     deletion/insertion curves after the intact image; ``random_orders``: seeded random orders the
-    rules are compared with; ``independent``: also randomise one block at a time. See the module
-    docstring for the definitions."""
+    rules are compared with; ``independent``: also randomise one block at a time; ``selectivity``,
+    ``faithfulness``, ``insertion``: whether to compute the unit selectivity, the deletion/insertion
+    curves, and the insertion curves among them (what is not computed is NaN, and left out of the
+    table). See the package docstring for the definitions."""
     model = model_of(loaded)
     model.eval()
     batch, names = prepare_batch(loaded, images)
@@ -118,9 +122,9 @@ def sanity_checks(
     trained = {r: method_maps(m, model, engine, batch, flat_units, batch_size) for r, m in methods.items()}
     trained = {r: v.reshape(len(layer_list), n_img, 2, height, width) for r, v in trained.items()}
 
-    def compare(reference: np.ndarray, other: np.ndarray) -> dict[str, np.ndarray]:
-        out = {m: np.zeros((len(layer_list), n_img)) for m in measures}
-        for li in range(len(layer_list)):
+    def compare(reference: np.ndarray, other: np.ndarray, reached: np.ndarray) -> dict[str, np.ndarray]:
+        out = {m: np.ones((len(layer_list), n_img)) for m in measures}  # a layer not reached: its own maps
+        for li in np.flatnonzero(reached):
             for n in range(n_img):
                 sims = map_similarity(reference[li, n], other[li, n], selected[li][n].box, measures)
                 for m in measures:
@@ -135,19 +139,26 @@ def sanity_checks(
     for ri, r in enumerate(names_rules):
         example[ri, 0] = trained[r][li_top, 0, 0]
 
-    def randomised_maps(model_r: nn.Module) -> dict[str, np.ndarray]:
+    def randomised_maps(model_r: nn.Module, reached: np.ndarray) -> dict[str, np.ndarray]:
+        """The maps of the layers ``reached`` (L,) on ``model_r``; a layer not reached (every randomised
+        block lies above it) keeps the trained maps, which it has exactly."""
         engine_r = DeconvNet(model_r)
+        wanted = [u for li in np.flatnonzero(reached) for u in selected[li]]
         out = {}
         for r, m in methods.items():
-            maps = method_maps(m, model_r, engine_r, batch, flat_units, batch_size)
-            out[r] = maps.reshape(len(layer_list), n_img, 2, height, width)
+            maps = trained[r].copy()
+            if wanted:
+                computed = method_maps(m, model_r, engine_r, batch, wanted, batch_size)
+                maps[reached] = computed.reshape(int(reached.sum()), n_img, 2, height, width)
+            out[r] = maps
         return out
 
     for step in range(1, n_blocks + 1):
         model_r = randomised(model, blocks[:step], seed)
-        maps_r = randomised_maps(model_r)
+        reached = np.asarray(affects[:, :step].any(1))
+        maps_r = randomised_maps(model_r, reached)
         for ri, r in enumerate(names_rules):
-            sims = compare(trained[r], maps_r[r])
+            sims = compare(trained[r], maps_r[r], reached)
             for m in measures:
                 cascading[m][ri, :, step] = sims[m]
             example[ri, step] = maps_r[r][li_top, 0, 0]
@@ -155,9 +166,9 @@ def sanity_checks(
         bar.update()
     if independent:
         for k, block in enumerate(blocks):
-            maps_r = randomised_maps(randomised(model, [block], seed))
+            maps_r = randomised_maps(randomised(model, [block], seed), affects[:, k])
             for ri, r in enumerate(names_rules):
-                sims = compare(trained[r], maps_r[r])
+                sims = compare(trained[r], maps_r[r], affects[:, k])
                 for m in measures:
                     indep[m][ri, :, k] = sims[m]
             bar.update()
@@ -172,44 +183,45 @@ def sanity_checks(
     # unit selectivity
     other_units = {m: np.full((n_rules, len(layer_list), n_img), np.nan) for m in measures}
     other_images = {m: np.full((n_rules, len(layer_list), n_img), np.nan) for m in measures}
-    for li, layer in enumerate(layer_list):
-        group = [u for n in range(n_img) for u in chosen[layer][n]]
-        # the selected unit (channel and position) of image n, on every other image
-        transplanted = [
-            Unit(m_img, layer, selected[li][n].channel, selected[li][n].y, selected[li][n].x, selected[li][n].box)
-            for n in range(n_img)
-            for m_img in range(n_img)
-        ]
-        for ri, method in enumerate(methods.values()):
-            maps_u = method_maps(method, model, engine, batch, group, batch_size)
-            maps_i = method_maps(method, model, engine, batch, transplanted, batch_size)
-            maps_i = maps_i.reshape(n_img, n_img, 2, height, width)
-            for n in range(n_img):
-                own = [i for i, u in enumerate(group) if u.image == n]
-                sims_u = [
-                    map_similarity(maps_u[own[a]], maps_u[own[b]], group[own[0]].box, measures)
-                    for a, b in _pairs(len(own))
-                ]
-                sims_i = [
-                    map_similarity(maps_i[n, n], maps_i[n, m_img], selected[li][n].box, measures)
-                    for m_img in range(n_img)
-                    if m_img != n
-                ]
-                for m in measures:
-                    with quiet_nan():
-                        other_units[m][ri, li, n] = np.nanmean([s[m] for s in sims_u]) if sims_u else np.nan
-                        other_images[m][ri, li, n] = np.nanmean([s[m] for s in sims_i])
+    if selectivity:
+        for li, layer in enumerate(layer_list):
+            group = [u for n in range(n_img) for u in chosen[layer][n]]
+            # the selected unit (channel and position) of image n, on every other image
+            transplanted = [
+                Unit(m_img, layer, selected[li][n].channel, selected[li][n].y, selected[li][n].x, selected[li][n].box)
+                for n in range(n_img)
+                for m_img in range(n_img)
+            ]
+            for ri, method in enumerate(methods.values()):
+                maps_u = method_maps(method, model, engine, batch, group, batch_size)
+                maps_i = method_maps(method, model, engine, batch, transplanted, batch_size)
+                maps_i = maps_i.reshape(n_img, n_img, 2, height, width)
+                for n in range(n_img):
+                    own = [i for i, u in enumerate(group) if u.image == n]
+                    sims_u = [
+                        map_similarity(maps_u[own[a]], maps_u[own[b]], group[own[0]].box, measures)
+                        for a, b in _pairs(len(own))
+                    ]
+                    sims_i = [
+                        map_similarity(maps_i[n, n], maps_i[n, m_img], selected[li][n].box, measures)
+                        for m_img in range(n_img)
+                        if m_img != n
+                    ]
+                    for m in measures:
+                        with quiet_nan():
+                            other_units[m][ri, li, n] = np.nanmean([s[m] for s in sims_u]) if sims_u else np.nan
+                            other_images[m][ri, li, n] = np.nanmean([s[m] for s in sims_i])
     bar.update()
 
     # deletion / insertion
     fractions = np.linspace(0.0, 1.0, steps + 1)
-    deletion = np.zeros((0,))
-    insertion = np.zeros((0,))
+    deletion_curves = np.zeros((0,))
+    insertion_curves = np.zeros((0,))
     activations = np.zeros((len(layer_list), n_img))
     if faithfulness:
         rng = np.random.default_rng(seed)
-        deletion = np.zeros((n_rules + 1, len(layer_list), n_img, steps + 1))
-        insertion = np.zeros_like(deletion)
+        deletion_curves = np.zeros((n_rules + 1, len(layer_list), n_img, steps + 1))
+        insertion_curves = np.zeros_like(deletion_curves)
         for li in range(len(layer_list)):
             us = selected[li]
             jobs_units: list[Unit] = []
@@ -223,14 +235,16 @@ def sanity_checks(
                     y0, x0, y1, x1 = u.box
                     jobs_units.append(u)
                     orders.append(rng.permutation((y1 - y0) * (x1 - x0)))
-            dele, inse, base = perturbation_curves(engine, batch, jobs_units, orders, fractions, batch_size)
+            dele, inse, base = perturbation_curves(
+                engine, batch, jobs_units, orders, fractions, batch_size, insertion=insertion
+            )
             dele = dele.reshape(n_rules + random_orders, n_img, steps + 1)
             inse = inse.reshape(n_rules + random_orders, n_img, steps + 1)
-            deletion[:n_rules, li] = dele[:n_rules]
-            insertion[:n_rules, li] = inse[:n_rules]
+            deletion_curves[:n_rules, li] = dele[:n_rules]
+            insertion_curves[:n_rules, li] = inse[:n_rules]
             with quiet_nan():  # no random order (random_orders=0): the "random" row is NaN
-                deletion[n_rules, li] = dele[n_rules:].mean(0)
-                insertion[n_rules, li] = inse[n_rules:].mean(0)
+                deletion_curves[n_rules, li] = dele[n_rules:].mean(0)
+                insertion_curves[n_rules, li] = inse[n_rules:].mean(0)
             activations[li] = base[:n_img]
     else:
         with torch.no_grad():
@@ -252,8 +266,8 @@ def sanity_checks(
         other_units=other_units,
         other_images=other_images,
         fractions=fractions,
-        deletion=deletion,
-        insertion=insertion,
+        deletion=deletion_curves,
+        insertion=insertion_curves,
         activations=activations,
         units=selected,
         example=example,
@@ -265,5 +279,7 @@ def sanity_checks(
             "random_orders": random_orders,
             "seed": seed,
             "independent": independent,
+            "selectivity": selectivity,
+            "insertion": insertion,
         },
     )

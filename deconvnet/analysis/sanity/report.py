@@ -113,13 +113,14 @@ class SanityReport(InlineDisplay):
                     s = nan_summary(self.fully_randomised(m)[ri, li])
                     row[f"random_{m}"] = float(s["mean"])
                     row[f"random_{m}_std"] = float(s["std"])
-                for m in self.measures[:1]:
+                for m in self.measures[: 1 if self.settings.get("selectivity", True) else 0]:
                     row["other_units"] = float(nan_summary(self.other_units[m][ri, li])["mean"])
                     row["other_images"] = float(nan_summary(self.other_images[m][ri, li])["mean"])
                     row["selectivity"] = row["other_images"] - row["other_units"]
                 if faith:
                     row["deletion_auc"] = float(nan_summary(deletion[ri, li])["mean"])
                     row["deletion_auc_random"] = float(nan_summary(deletion[-1, li])["mean"])
+                if faith and self.settings.get("insertion", True):
                     row["insertion_auc"] = float(nan_summary(insertion[ri, li])["mean"])
                     row["insertion_auc_random"] = float(nan_summary(insertion[-1, li])["mean"])
                 rows.append(row)
@@ -129,20 +130,23 @@ class SanityReport(InlineDisplay):
         """The table as Markdown: similarity to the trained model's map once every block at or below
         the layer is random (mean +- std over images), selectivity (Spearman), deletion/insertion AUC
         (the rule's, then a random order's)."""
-        head = ["rule", "layer", *(f"{m} (random)" for m in self.measures), "other units", "other images"]
+        selective = self.settings.get("selectivity", True)
+        inserted = self.settings.get("insertion", True)
+        head = ["rule", "layer", *(f"{m} (random)" for m in self.measures)]
+        head += ["other units", "other images"] if selective else []
         faith = bool(self.deletion.size)
         if faith:
-            head += ["deletion AUC (random)", "insertion AUC (random)"]
+            head += ["deletion AUC (random)"] + (["insertion AUC (random)"] if inserted else [])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in self.table():
             cells = [row["rule"], row["layer"]]
             cells += [f"{row[f'random_{m}']:.2f} ± {row[f'random_{m}_std']:.2f}" for m in self.measures]
-            cells += [f"{row['other_units']:.2f}", f"{row['other_images']:.2f}"]
+            if selective:
+                cells += [f"{row['other_units']:.2f}", f"{row['other_images']:.2f}"]
             if faith:
-                cells += [
-                    f"{row['deletion_auc']:.2f} ({row['deletion_auc_random']:.2f})",
-                    f"{row['insertion_auc']:.2f} ({row['insertion_auc_random']:.2f})",
-                ]
+                cells.append(f"{row['deletion_auc']:.2f} ({row['deletion_auc_random']:.2f})")
+            if faith and inserted:
+                cells.append(f"{row['insertion_auc']:.2f} ({row['insertion_auc_random']:.2f})")
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
