@@ -142,3 +142,46 @@ def test_a_rank_killed_after_a_checkpoint_and_a_restart_give_the_same_atlas(tmp_
     again = subprocess.run(command(), capture_output=True, text=True, timeout=300, env=ENV)
     assert again.returncode == 0, again.stderr[-3000:]
     assert_same_atlas(one, out)
+
+
+def test_the_explorer_opens_an_atlas_of_100k_images_with_the_memory_of_one_of_1k(tmp_path):
+    """What ``serve --atlas`` does at start-up (``open_atlas``) reads the scan file and checks that the
+    tar shards its top-k lists name exist; it never lists the images nor opens a shard (tiles are
+    projected on demand). The same scan claiming 1,000 or 100,000 images in 10 shards: same file
+    size (to the digits of the counts), and the start-up's peak Python allocation within 10 % + 64 KiB
+    (tracemalloc; the slack covers interpreter noise, while a per-image list or read would add
+    megabytes at 100,000). The shards hold 4 images each but claim more: reading one would fail."""
+    import tracemalloc
+
+    from deconvnet.analysis.atlas import TarShards, scan_atlas
+    from deconvnet.server.atlas import open_atlas
+
+    loaded = tiny_loaded(seed=22)
+    pattern = write_shards(write_images(tmp_path / "imgs", 4), tmp_path / "shards", per_shard=4)
+    real = scan_atlas(loaded, pattern, "conv1,conv3", k=3, progress=False)
+    shard = real.files.shards[0]
+    rng = np.random.default_rng(0)
+    peaks, sizes = [], []
+    for n in (1_000, 100_000):
+        scan = AtlasScan.load(_saved(real, tmp_path / "tmp.npz"))
+        scan.files = TarShards([shard] * 10, [n // 10] * 10)  # counts trusted, as a saved scan's are
+        for layer in scan.layers:
+            scan.images[layer] = rng.integers(0, n, scan.images[layer].shape)
+        scan.processed = n
+        out = tmp_path / f"atlas{n}"
+        out.mkdir()
+        scan.save(out / "atlas.npz")
+        sizes.append((out / "atlas.npz").stat().st_size)
+        open_atlas(out, loaded)  # warm: imports and the model's shapes
+        tracemalloc.start()
+        opened = open_atlas(out, loaded)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert len(opened.scan.files) == n
+    assert abs(sizes[0] - sizes[1]) <= 32, sizes
+    assert peaks[1] <= peaks[0] * 1.1 + 65536, peaks
+
+
+def _saved(scan: AtlasScan, path: Path) -> Path:
+    scan.save(path)
+    return path
