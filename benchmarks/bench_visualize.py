@@ -8,9 +8,12 @@ optimiser (Adam, lr 0.05), parameterisation (Fourier, decorrelated colour) and t
 jitter 8, scale 0.9-1.1, rotation -10..10 degrees, jitter 4: the steps and ranges of lucent's
 ``standard_transforms``; its jitter is a one-sided 0..d-1 px shift, ours symmetric, +-d).
 Both final images go through the model once, untransformed; the activation compared is the centre
-unit of the rectified ``conv5`` map.
+unit of the rectified ``conv5`` map. Ours sends forward only the part of each transformed view that
+the centre unit sees (``visualize(windowed=True)``, the default: the same values); ``--whole-views``
+times it without. Process CPU time at ``--threads`` (default 1: the ratio then does not depend on how
+many cores other jobs leave free); all runs in this process, one after the other.
 
-    python benchmarks/bench_visualize.py --lucent-units 8 --steps 64
+    python benchmarks/bench_visualize.py --lucent-units 16 --steps 48
     python benchmarks/bench_visualize.py --skip-lucent --atlas ATLAS_DIR --units 20 --steps 128 --out DIR
 """
 
@@ -46,7 +49,7 @@ def run_lucent(loaded, channels: list[int], steps: int, size: int) -> tuple[floa
 
     model = loaded.model.eval()
     images = []
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for c in channels:
         torch.manual_seed(c)
         out = render.render_vis(
@@ -58,13 +61,16 @@ def run_lucent(loaded, channels: list[int], steps: int, size: int) -> tuple[floa
             progress=False,
         )
         images.append(out[-1][0])
-    seconds = time.perf_counter() - t0
+    seconds = time.process_time() - t0
     return seconds, np.stack(images)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lucent-units", type=int, default=8, help="units in the comparison with lucent")
+    p.add_argument("--lucent-units", type=int, default=16, help="units in the comparison with lucent")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--skip-loop", action="store_true", help="skip our own one-unit-at-a-time loop")
+    p.add_argument("--whole-views", action="store_true", help="also time ours with windowed=False")
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--skip-lucent", action="store_true")
@@ -74,7 +80,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for the exemplar run's figure and JSON")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     loaded = deconvnet.load_model()
     from deconvnet.deconv import DeconvNet
 
@@ -89,13 +95,23 @@ def main() -> int:
         except Exception as e:  # an old package on a new torch: say why, compare with our own loop
             print(f"lucent failed: {type(e).__name__}: {e}", file=sys.stderr)
             lucent_s, lucent_images = None, None
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         ours = visualize(loaded, "conv5", channels, steps=args.steps, size=args.size, progress=False)
-        ours_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for c in channels:  # our own unbatched loop: the same work one unit at a time
-            visualize(loaded, "conv5", [c], steps=args.steps, size=args.size, progress=False)
-        loop_s = time.perf_counter() - t0
+        ours_s = time.process_time() - t0
+        loop_s = float("nan")
+        if not args.skip_loop:
+            t0 = time.process_time()
+            for c in channels:  # our own unbatched loop: the same work one unit at a time
+                visualize(loaded, "conv5", [c], steps=args.steps, size=args.size, progress=False)
+            loop_s = time.process_time() - t0
+        if args.whole_views:
+            t0 = time.process_time()
+            visualize(loaded, "conv5", channels, steps=args.steps, size=args.size, progress=False, windowed=False)
+            whole_s = time.process_time() - t0
+            print(
+                f"deconvnet batched, whole views: {whole_s / len(channels):.2f} s/unit "
+                f"(windowed x{whole_s / ours_s:.2f})"
+            )
         row = {
             "units": channels,
             "steps": args.steps,
@@ -103,6 +119,7 @@ def main() -> int:
             "ours_batched_s_per_unit": ours_s / len(channels),
             "ours_unbatched_s_per_unit": loop_s / len(channels),
             "ours_activation": ours.reached.tolist(),
+            "windowed": ours.settings["windowed"],
         }
         print(
             f"{len(channels)} conv5 centre units, {args.steps} steps, {args.size} px: deconvnet batched "
@@ -120,6 +137,11 @@ def main() -> int:
                 f"  activation reached: deconvnet median {np.median(ours.reached):.3g}, lucent median "
                 f"{np.median(lucent_act):.3g}; deconvnet >= lucent on {(ours.reached >= lucent_act).sum()} of "
                 f"{len(channels)} units"
+            )
+            ratio = ours.reached / lucent_act
+            print(
+                f"  per unit, deconvnet / lucent: median x{np.median(ratio):.2f}, "
+                f"quartiles x{np.quantile(ratio, 0.25):.2f}..x{np.quantile(ratio, 0.75):.2f}"
             )
         report["lucent"] = row
 

@@ -134,6 +134,22 @@ def test_batched_equals_unit_by_unit():
             assert other.reached[j] == pytest.approx(together.reached[i], rel=1e-4, abs=1e-6)
 
 
+def test_the_centre_units_window_equals_whole_views():
+    """With the centre objective only the part of each transformed view the centre unit sees (its
+    receptive field on the layer's stride grid) is warped and sent forward: the same images as whole
+    views after 12 steps, to the tolerance of the batching test (1 grey level, 1e-4 relative: the
+    window's convolutions are smaller, so they round differently)."""
+    loaded = tiny_loaded(crop=64)
+    units = [0, 3, 5, 7]
+    part = visualize(loaded, "conv2", units, steps=12, size=64, progress=False)
+    whole = visualize(loaded, "conv2", units, steps=12, size=64, progress=False, windowed=False)
+    assert part.settings["windowed"] and not whole.settings["windowed"]
+    assert np.abs(part.images.astype(int) - whole.images.astype(int)).max() <= 1
+    np.testing.assert_allclose(part.reached, whole.reached, rtol=1e-4, atol=1e-6)
+    # the map objective and class logits read the whole view: nothing to window
+    assert not visualize(loaded, "conv2", [0], objective="map", steps=1, size=64, progress=False).settings["windowed"]
+
+
 def test_exemplars_from_an_atlas_and_the_measure(tmp_path):
     from deconvnet.analysis.atlas import AtlasScan
 

@@ -230,8 +230,11 @@ class _Watch:
         return caught[0]
 
 
-def _objective(acts: torch.Tensor, channels: torch.Tensor, objective: str) -> torch.Tensor:
-    """(N,) the objective's value of sample i for its channel channels[i]."""
+def _objective(
+    acts: torch.Tensor, channels: torch.Tensor, objective: str, at: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """(N,) the objective's value of sample i for its channel channels[i]; ``at``: where the centre
+    unit is in these maps (a window's maps), default their centre."""
     rows = torch.arange(len(channels), device=acts.device)
     if acts.dim() == 2:  # logits, or a vector layer
         return acts[rows, channels]
@@ -239,7 +242,8 @@ def _objective(acts: torch.Tensor, channels: torch.Tensor, objective: str) -> to
         raise DeconvnetError(f"expected the layer's output to be (N, C) or (N, C, H, W), got {tuple(acts.shape)}")
     maps = acts[rows, channels]  # (N, H, W)
     if objective == "centre":
-        return maps[:, maps.shape[1] // 2, maps.shape[2] // 2]
+        y, x = at if at is not None else (maps.shape[1] // 2, maps.shape[2] // 2)
+        return maps[:, y, x]
     return maps.mean(dim=(1, 2))
 
 
@@ -263,10 +267,12 @@ def _warp(
     scales: torch.Tensor,
     shifts: torch.Tensor,
     out: tuple[int, int] | None = None,
+    window: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Pad with mid-grey, then one affine warp per image: output pixel p reads input pixel
     R(-angle) p / scale - shift (about the centre), bilinear. ``out``: the output's size (default the
-    padded size; a model with a fixed input size gets its own, the padded view resized to it)."""
+    padded size; a model with a fixed input size gets its own, the padded view resized to it).
+    ``window`` (y0, x0, y1, x1): only those output pixels (the same values as the whole output's)."""
     if pad:
         x = F.pad(x, (pad, pad, pad, pad), value=0.5)
     n, _, h, w = x.shape
@@ -282,7 +288,48 @@ def _warp(
     affine[:, 0, 2] = -2 * shifts[:, 1] / w
     affine[:, 1, 2] = -2 * shifts[:, 0] / h
     grid = F.affine_grid(affine, [n, 3, *out], align_corners=False)
+    if window is not None:
+        grid = grid[:, window[0] : window[2], window[1] : window[3]]
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _centre_window(
+    model: nn.Module, module: nn.Module | None, view: tuple[int, int], maps: tuple[int, int]
+) -> tuple[tuple[int, int, int, int], tuple[int, int]] | None:
+    """The part of a (H, W) ``view`` that the centre unit of ``module``'s (h, w) ``maps`` sees (its
+    receptive field on the layer's stride grid, ``sanity.faithfulness.receptive_window``) and the
+    unit's position in that part's maps; None where the unit sees the whole view or the engine does
+    not know the layer's receptive field."""
+    from ..deconv import DeconvNet
+    from .sanity.faithfulness import receptive_window
+
+    if module is None:
+        return None
+    try:
+        info = next((i for i in DeconvNet(model).layers if i.module is module), None)
+    except DeconvnetError:  # a model the engine does not trace: optimise whole views
+        return None
+    if info is None or info.rf_size is None:
+        return None
+    box, at = receptive_window(info, maps[0] // 2, maps[1] // 2, *view)
+    return None if box == (0, 0, *view) else (box, at)
+
+
+def _window_agrees(
+    watch: _Watch,
+    x: torch.Tensor,
+    pad: int,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    channels: torch.Tensor,
+    window: tuple[tuple[int, int, int, int], tuple[int, int]],
+) -> bool:
+    """Whether the window's centre unit equals the whole view's (to 1e-4 relative) on ``x`` padded."""
+    n = len(x)
+    still = (x.new_zeros(n), x.new_ones(n), x.new_zeros(n, 2))
+    whole = _objective(watch((_warp(x, pad, *still) - mean) / std), channels, "centre")
+    part = _objective(watch((_warp(x, pad, *still, window=window[0]) - mean) / std), channels, "centre", window[1])
+    return bool(torch.allclose(part, whole, rtol=1e-4, atol=1e-5))
 
 
 class _UnitRandomness:
@@ -490,6 +537,7 @@ def visualize(
     atlas: AtlasScan | str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    windowed: bool = True,
 ) -> Visualization:
     """Optimise one image per unit of ``layer`` (see the module docstring).
 
@@ -498,7 +546,10 @@ def visualize(
     or text like ``"0-15,40"``). ``objective``: ``"centre"`` (the map's centre unit) or ``"map"`` (its
     mean). ``size``: the image's side(s) (default: the model's crop, else 224). ``atlas``: an
     :class:`~deconvnet.analysis.atlas.AtlasScan` (or its ``atlas.npz``) with this layer, for the best
-    natural exemplars. Deterministic for a given seed on a given device.
+    natural exemplars. ``windowed``: with the centre objective, only the part of each transformed view
+    that the centre unit sees is warped and sent forward (its receptive field on the layer's stride
+    grid; the same values, checked on the first batch against whole views); ``False``: whole views.
+    Deterministic for a given seed on a given device.
     """
     model = model_of(loaded)
     if objective not in OBJECTIVES:
@@ -540,6 +591,14 @@ def visualize(
         channels = _channels(units, count, layer)
         exemplar = _exemplars(atlas, layer, channels)
         param = FourierImage(size, fourier=fourier, decorrelate=decorrelate)
+        # the centre unit sees only part of each transformed view: only that part is warped and goes
+        # forward (same values, about 2.6x fewer pixels on ZFNet's conv5), checked once below
+        window = None
+        if windowed and objective == "centre" and not is_logits and probe.dim() == 4:
+            view_size = (size[0] + 2 * pad, size[1] + 2 * pad)
+            with torch.no_grad():
+                view_maps = watch(torch.zeros((1, 3, *view_size), device=dev)).shape[-2:]
+            window = _centre_window(model, watch.module, view_size, (int(view_maps[0]), int(view_maps[1])))
         seeds = [unit_seed(seed, layer, kind, c) for c in channels]
         chunks = [range(i, min(i + batch_size, len(channels))) for i in range(0, len(channels), batch_size)]
         images, reached, peak, start = [], [], [], []
@@ -558,13 +617,16 @@ def visualize(
             with torch.no_grad():
                 first = watch.rectify(watch((param.image(z) - mean) / std))
                 start.append(_objective(first, chan, objective).cpu())
+                if window is not None and not _window_agrees(watch, param.image(z), pad, mean, std, chan, window):
+                    window = None
             opt = torch.optim.Adam([z], lr=lr)
             for _ in range(steps):
                 angle, scale, shift = (t.to(dev) for t in rand.step())
                 x = param.image(z)
-                view = _warp(x, pad, angle, scale, shift, out=size if is_logits else None)
+                box, at = window if window is not None else (None, None)
+                view = _warp(x, pad, angle, scale, shift, out=size if is_logits else None, window=box)
                 acts = watch((view - mean) / std)
-                loss = -_objective(acts, chan, objective).sum()
+                loss = -_objective(acts, chan, objective, at).sum()
                 if tv:
                     loss = loss + tv * _total_variation(x).sum()
                 opt.zero_grad(set_to_none=True)
@@ -610,6 +672,7 @@ def visualize(
             "tv": tv,
             "batch_size": batch_size,
             "device": str(dev),
+            "windowed": window is not None,
         },
         seconds=seconds,
         labels=labels,

@@ -8,25 +8,30 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ...engine import DeconvNet
+from ...engine import DeconvNet, LayerInfo
 from ...errors import DeconvnetError
 from .maps import Box, Unit
 from .similarity import crop
 
 
-def unit_window(engine: DeconvNet, unit: Unit, height: int, width: int) -> tuple[Box, tuple[int, int]]:
-    """The input window (y0, x0, y1, x1) whose forward pass alone gives ``unit``'s activation, and the
-    unit's position in that window's maps: its receptive field, the top-left corner moved back to a
-    multiple of the layer's stride (so that every layer's grid in the window is the image's grid
-    shifted by whole units; the padding the window adds on its top-left side then lies outside the
-    unit's cone). The whole image, the unit where it is, for a layer whose units see all of it."""
-    info = engine.layer(unit.layer)
+def receptive_window(info: LayerInfo, y: int, x: int, height: int, width: int) -> tuple[Box, tuple[int, int]]:
+    """The input window (y0, x0, y1, x1) whose forward pass alone gives unit (y, x) of the layer
+    ``info``, and the unit's position in that window's maps: its receptive field, the top-left corner
+    moved back to a multiple of the layer's stride (so that every layer's grid in the window is the
+    image's grid shifted by whole units; the padding the window adds on its top-left side then lies
+    outside the unit's cone). The whole image, the unit where it is, for a layer whose units see all of
+    it. Callers check the window once against the whole image (a model need not be local)."""
     if info.rf_size is None:
-        return (0, 0, height, width), (unit.y, unit.x)
+        return (0, 0, height, width), (y, x)
     stride = info.rf_stride
-    y0, x0, y1, x1 = info.receptive_field(unit.y, unit.x, height, width)
+    y0, x0, y1, x1 = info.receptive_field(y, x, height, width)
     top, left = y0 // stride * stride, x0 // stride * stride
-    return (top, left, y1, x1), (unit.y - top // stride, unit.x - left // stride)
+    return (top, left, y1, x1), (y - top // stride, x - left // stride)
+
+
+def unit_window(engine: DeconvNet, unit: Unit, height: int, width: int) -> tuple[Box, tuple[int, int]]:
+    """``receptive_window`` of ``unit`` in a (height, width) image."""
+    return receptive_window(engine.layer(unit.layer), unit.y, unit.x, height, width)
 
 
 def perturbation_curves(
