@@ -205,3 +205,80 @@ def test_activations_beyond_relu_go_down_on_windows():
     for rule in RULES:
         _assert_equal(fast, slow, images, sels, rule)
     assert _windowed_count(fast) == 3 * len(sels)
+
+
+class LocalOps(nn.Module):
+    """Every op kind that acts on each cell alone, around the convolutions that give the windows: a
+    depthwise conv, ConvNeXt's block in channels-last (``permute``, ``nn.LayerNorm`` over the
+    channels, ``nn.Linear``, GELU, layer scale), a grouped strided conv, torchvision's ``LayerNorm2d``
+    form (``F.layer_norm`` with the weights as model attributes), squeeze-excitation (``x * sigmoid``
+    of a pooled branch), Hardswish, SiLU and ReLU6; ``top`` reads the gated maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.depthwise = nn.Conv2d(8, 8, 5, padding=2, groups=8)
+        self.norm = nn.LayerNorm(8)
+        self.up = nn.Linear(8, 16)
+        self.down = nn.Linear(16, 8)
+        self.layer_scale = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.grouped = nn.Conv2d(8, 12, 3, stride=2, padding=1, groups=4)
+        self.norm2d_weight = nn.Parameter(torch.rand(12) + 0.5)
+        self.norm2d_bias = nn.Parameter(torch.randn(12) * 0.1)
+        self.squeeze = nn.Conv2d(12, 4, 1)
+        self.excite = nn.Conv2d(4, 12, 1)
+        self.mid = nn.Conv2d(12, 12, 3, padding=1)
+        self.top = nn.Conv2d(12, 10, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.hardswish(self.stem(x))
+        y = self.depthwise(x).permute(0, 2, 3, 1)
+        y = self.down(F.gelu(self.up(self.norm(y))))
+        x = x + self.layer_scale * y.permute(0, 3, 1, 2)
+        x = self.grouped(x).permute(0, 2, 3, 1)
+        x = F.layer_norm(x, (12,), self.norm2d_weight, self.norm2d_bias, 1e-6).permute(0, 3, 1, 2)
+        x = F.relu6(self.mid(x))
+        gate = torch.sigmoid(self.excite(F.silu(self.squeeze(F.adaptive_avg_pool2d(x, 1)))))
+        return self.top(x * gate)
+
+
+def test_depthwise_grouped_convs_channels_last_norms_layer_scale_and_gates_go_down_on_windows():
+    """Units below the gate go down on windows under every rule; units above it under the rules that
+    hold the gate (deconvnet, guided: a per-channel factor), while the gradient, for which the gate's
+    pooled branch reaches every cell, takes whole maps. All equal to the whole-map way down."""
+    torch.manual_seed(0)
+    model = LocalOps().eval()
+    images = _images(2, 64)
+    fast, slow = DeconvNet(model), DeconvNet(model, fast_path=False)
+    below, above = _units(fast, images, "mid", [0, 5, 11]), _units(fast, images, "top", [1, 6])
+    for rule in RULES:
+        fast.path_counts.clear()
+        _assert_equal(fast, slow, images, below + above, rule)
+        windowed = len(below) + (0 if rule == "gradient" else len(above))
+        assert fast.path_counts == {"graph-windowed": windowed, "whole-map": len(below) + len(above) - windowed}
+    record = fast.forward(images, ["top"])
+    plan = plan_windows(fast.graph, fast.layer("top").op, record.shapes, (64, 64), holds=True)
+    assert plan is not None
+    assert sorted(set(plan.local.values())) == ["gate", "layer_norm", "layout", "linear", "scale"]
+    assert plan_windows(fast.graph, fast.layer("top").op, record.shapes, (64, 64), holds=False) is None
+
+
+@pytest.mark.parametrize(
+    "name,layer,channels,size,gated",
+    [
+        # depthwise 7x7 convs, channels-last LayerNorm (and LayerNorm2d), Linear, GELU, layer scale
+        ("convnext_tiny", "features.1", [3, 40, 90], 64, False),
+        # depthwise convs, SiLU, squeeze-excitation gates: windowed under deconvnet/guided only
+        ("efficientnet_b0", "features.2", [2, 11, 20], 64, True),
+    ],
+)
+def test_convnext_and_efficientnet_early_stages_go_down_on_windows(name, layer, channels, size, gated):
+    model = torchvision_model(name)
+    images = _images(2, size)
+    fast, slow = DeconvNet(model), DeconvNet(model, fast_path=False)
+    sels = _units(fast, images, layer, channels)
+    for rule in RULES:
+        fast.path_counts.clear()
+        _assert_equal(fast, slow, images, sels, rule)
+        windowed = 0 if gated and rule == "gradient" else len(sels)
+        assert fast.path_counts["graph-windowed"] == windowed, rule

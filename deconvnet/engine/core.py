@@ -509,9 +509,8 @@ class DeconvNet:
                 self.path_counts["chain-windowed"] += len(fast)
             elif self.fast_path and record is not None and acts.dim() == 4 and layout.kind == "maps":
                 units = [i for i in members if not selections[i].whole_map]
-                plan = (
-                    self.graph_projector.plan(self._op_name(layer), record.shapes, (height, width)) if units else None
-                )
+                op_name = self._op_name(layer)
+                plan = self.graph_projector.plan(op_name, record.shapes, (height, width), rule) if units else None
                 if plan is not None and plan.work_ratio <= GRAPH_WINDOWED_MAX_WORK:
                     self._project_graph_windowed(
                         images, record, plan, layer, units, selections, seeds, rule, batch_size, results

@@ -12,13 +12,22 @@ output window is ``(jump, lo, size)``:
   ``jump -> jump * s``, ``lo -> lo * s - p``, ``size -> (size - 1) * s + d * (k - 1) + 1``;
 * element-wise ops (ReLU and other activations, batch norm, LRN, identity), the operands of an
   addition, and concatenation or split along the channel axis: the same box;
+* ops that act on each cell alone (``WindowPlan.local``): a ``permute`` between maps and channels-last
+  (N, H, W, C), ``nn.Linear`` over the channels of channels-last maps, a layer norm over the channels
+  (ConvNeXt's ``LayerNorm``, ``LayerNorm2d``'s ``F.layer_norm``; its ``1 / sigma`` is a per-cell scale),
+  a product or quotient with a constant the same at every cell (layer scale), and, for the rules that
+  hold gates (deconvnet, guided), a product with a gate (squeeze-excitation's ``x * sigmoid(...)``:
+  the gate held at its recorded value is a per-channel factor, and its pooled branch is not gone down):
+  the same box. Windows are carried as (S, C, h, w) maps whatever the node's layout;
+* depthwise and grouped convolutions are convolutions (their ``groups`` in the transposed filters);
 * a node read by several ops takes the UNION (bounding box) of the boxes its readers ask for (they
   agree on ``jump``; if not, the node has no fixed-size window).
 
-Any other op below the target (a linear layer, a reshape, global or adaptive pooling, padding,
-interpolation, a concatenation along a spatial axis, an addition that broadcasts, an average pool
-whose divisor depends on the position) means the target has no windowed path: :func:`plan_windows`
-returns None and the engine takes the whole-map way down.
+Any other op below the target (a linear layer on (N, C), a reshape, global or adaptive pooling,
+padding, interpolation, a concatenation along a spatial axis, an addition that broadcasts, an average
+pool whose divisor depends on the position, attention, a gate under the ``gradient`` rule, whose
+exact way down goes through the gate's pooled branch to every cell) means the target has no windowed
+path: :func:`plan_windows` returns None and the engine takes the whole-map way down.
 
 The way down on windows (:meth:`GraphWindowedProjector.project`) sends S single units of one
 target (of any recorded images) together: node n's signal is (S, C_n, h_n, w_n), each row with its
@@ -30,8 +39,12 @@ own origin. It applies the reverse rules of :mod:`deconvnet.engine.reverse` to t
   switches gathered for its window; avg pool: its transpose (each cell's value spread over its
   k x k input cells, divided by the uniform divisor);
 * ReLU: ``relu_rule`` with the forward masks gathered for the window (guided, gradient); other
-  activations: the rule's step with the local derivative at the gathered recorded inputs; batch norm:
-  its scale; LRN: skipped, or its Jacobian at the gathered recorded inputs (``include_lrn``; LRN is
+  activations: the rule's step with the local derivative (``reverse.local_derivative``, made once per
+  record) gathered for the window; batch norm: its scale; channels-last ``nn.Linear``: the signal
+  times the weight; layer norm over the channels: ``r * (g - mean(g))`` with ``r = 1 / sigma``
+  held (deconvnet, guided) or its exact vector-Jacobian product (gradient), from the recorded inputs
+  gathered for the window; a held gate: its recorded per-channel value; layer scale: autograd of the
+  op at zero on the window; LRN: skipped, or its Jacobian at the gathered recorded inputs (``include_lrn``; LRN is
   cross-channel, so a window's Jacobian is the map's restricted to it);
 * addition: the signal goes to every operand; concatenation: its channel slices; split: the pieces
   put back (autograd of the split on the window).
@@ -56,6 +69,7 @@ Cost: the plan estimates the way down's multiply-adds in windows against whole m
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,9 +78,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import ModelGraph, Op, int_pair
-from .record import ForwardRecord, out_of_place
-from .reverse import TransposedFilters, batchnorm_scale, lrn_vjp, relu_rule
+from .graph import MAPS, Layout, ModelGraph, Op, int_pair
+from .record import ForwardRecord
+from .reverse import TransposedFilters, batchnorm_scale, local_derivative, lrn_vjp, relu_rule
 from .rules import get_rule
 from .windowed import WindowedProjections
 
@@ -75,6 +89,9 @@ __all__ = ["Window", "WindowPlan", "plan_windows", "GraphWindowedProjector"]
 Pair = tuple[int, int]
 _CAT = (torch.cat, torch.concat)
 _ELEMENTWISE = ("relu", "activation", "bn", "lrn", "identity", "add", "getitem", "split")
+_LAYOUT_CHANGES = ((0, 2, 3, 1), (0, 3, 1, 2))  # maps <-> channels-last
+_MULTIPLY = (operator.mul, torch.mul, "mul")
+_DIVIDE = (operator.truediv, torch.div, torch.true_divide, "div", "true_divide")
 
 
 @dataclass(frozen=True)
@@ -130,8 +147,16 @@ class WindowPlan:
     unit_elements: int  # elements of the largest window of one unit (memory per unit)
     map_elements: int  # elements of the largest whole map of one selection
     avg_divisors: dict[str, float] = field(default_factory=dict)
+    holds: bool = False  # planned for a rule that holds gates (their branches not gone down)
     steps: dict[str, tuple[int, int]] = field(default_factory=dict)  # strides of the ops that have one
     cat_slices: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)
+    # every node's layout (windows are carried as (S, C, h, w) maps whatever the layout)
+    layouts: dict[str, Layout] = field(default_factory=dict)
+    # ops that act on each cell alone, by how they go down: "layout" (a permute between maps and
+    # channels-last), "linear" (nn.Linear over the channels of channels-last maps), "layer_norm" (over
+    # the channels), "scale" (a product or quotient with a constant without a grid: layer scale),
+    # "gate" (a product with a gate held at its recorded value)
+    local: dict[str, str] = field(default_factory=dict)
 
     @property
     def input_window(self) -> Window:
@@ -162,6 +187,82 @@ def _channel_axis(op: Op, rank: int) -> None:
     dim = _dim(op)
     if not isinstance(dim, int) or rank != 4 or (dim + rank if dim < 0 else dim) != 1:
         raise _NotWindowable(f"{op.where}: not along the channel axis of a map")
+
+
+def _permutation(node: fx.Node) -> tuple[int, ...] | None:
+    """The dims of a ``permute`` node (method or function) given as integers, if it is one."""
+    if node.target not in ("permute", torch.permute):
+        return None
+    dims: Any = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = tuple(dims[0])
+    return tuple(dims) if all(isinstance(d, int) for d in dims) else None
+
+
+def _spatial_axes(layout: Layout) -> tuple[int, int]:
+    """The grid's axes of a 4-D value in ``layout``, counted from the end."""
+    return (-3, -2) if layout.kind == "channels_last" else (-2, -1)
+
+
+def _no_grid(value: object, layout: Layout) -> bool:
+    """Whether a constant operand is the same at every cell of a 4-D value in ``layout`` (a number,
+    or a tensor broadcast over the grid: layer scale's (C, 1, 1))."""
+    if not isinstance(value, torch.Tensor):
+        return isinstance(value, (int, float))
+    shape = tuple(value.shape)
+    return all(len(shape) < -a or shape[a] == 1 for a in _spatial_axes(layout))
+
+
+def _local_kind(
+    graph: ModelGraph, op: Op, shapes: dict[str, torch.Size], layouts: dict[str, Layout], holds: bool
+) -> str | None:
+    """How ``op`` goes down a window where it acts on each cell alone (see ``WindowPlan.local``)."""
+    node, layout = op.node, layouts.get(op.name)
+    if layout is None or layout.kind == "tokens" or len(shapes.get(op.name, ())) != 4:
+        return None
+    source = layouts.get(op.inputs[0]) if op.inputs else None
+    if op.kind == "linear_op" and _permutation(node) in _LAYOUT_CHANGES and source is not None and source != layout:
+        return "layout"
+    if op.kind == "linear" and layout.kind == "channels_last" and isinstance(op.module, nn.Linear):
+        return "linear"
+    if op.kind == "norm" and layout.kind == "channels_last" and source == layout:
+        if isinstance(op.module, nn.LayerNorm):
+            normalized = tuple(op.module.normalized_shape)
+        elif node.target is F.layer_norm:
+            normalized = tuple(node.kwargs.get("normalized_shape", node.args[1] if len(node.args) > 1 else ()))  # type: ignore[arg-type]
+        else:
+            return None
+        return "layer_norm" if normalized == (int(shapes[op.name][-1]),) else None
+    if op.kind == "linear_op" and node.target in _MULTIPLY + _DIVIDE and len(op.inputs) == 1:
+        signal = op.inputs[0]
+        if source != layout or tuple(shapes.get(signal, ())) != tuple(shapes[op.name]):
+            return None
+        operands = [a for a in node.args if not (isinstance(a, fx.Node) and a.name == signal)]
+        if node.target in _DIVIDE and not (isinstance(node.args[0], fx.Node) and node.args[0].name == signal):
+            return None
+        return "scale" if all(_no_grid(_parameter(graph, a), layout) for a in operands) else None
+    if op.kind == "gate" and holds:
+        gate = graph.gate_operand(op)
+        signal = next(n for n in op.inputs if n != gate)
+        gate_shape = tuple(shapes.get(gate, ()))
+        if layouts.get(signal) != layout or tuple(shapes.get(signal, ())) != tuple(shapes[op.name]):
+            return None
+        per_channel = len(gate_shape) == 4 and all(gate_shape[a] == 1 for a in _spatial_axes(layout))
+        return "gate" if per_channel or gate_shape == tuple(shapes[op.name]) else None
+    return None
+
+
+def _parameter(graph: ModelGraph, arg: object) -> object:
+    """A product's operand: a number as it is, a model attribute (``get_attr``) as its tensor; None
+    for anything else (a value computed in the forward pass)."""
+    if not isinstance(arg, fx.Node):
+        return arg
+    if arg.op != "get_attr":
+        return None
+    value: Any = graph.model
+    for part in str(arg.target).split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _geometry(graph: ModelGraph, op: Op) -> tuple[Pair, Pair, Pair, Pair]:
@@ -198,6 +299,10 @@ def _ask(graph: ModelGraph, op: Op, win: Window, shapes: dict[str, torch.Size], 
     """The window ``op`` (output window ``win``) asks of its inputs; raises where it has none."""
     kind = op.kind
     rank = len(shapes.get(op.name, ()))
+    local = _local_kind(graph, op, shapes, plan.layouts, plan.holds)
+    if local is not None:
+        plan.local[op.name] = local
+        return win
     if kind in ("conv", "maxpool"):
         k, s, p, d = _geometry(graph, op)
         plan.steps[op.name] = s
@@ -233,14 +338,21 @@ def _ask(graph: ModelGraph, op: Op, win: Window, shapes: dict[str, torch.Size], 
 
 
 def plan_windows(
-    graph: ModelGraph, target: str, shapes: dict[str, torch.Size], input_size: tuple[int, int]
+    graph: ModelGraph,
+    target: str,
+    shapes: dict[str, torch.Size],
+    input_size: tuple[int, int],
+    holds: bool = False,
 ) -> WindowPlan | None:
     """The windows of every node below op ``target`` (``shapes``: every op's output shape for images of
-    ``input_size``), or None where some op below has no fixed-size window (see the module docstring)."""
-    if len(shapes.get(target, ())) != 4:
+    ``input_size``), or None where some op below has no fixed-size window (see the module docstring).
+    ``holds``: the rule holds gates at their recorded values (their branches are not gone down)."""
+    layouts = graph.layouts(shapes)
+    if len(shapes.get(target, ())) != 4 or layouts.get(target) != MAPS:
         return None
-    ops = graph.below(target)
+    ops = graph.reached(target, holds)
     plan = WindowPlan(target, input_size, ops, {target: Window((1, 1), (0, 0), (1, 1))}, {}, {}, {}, 1.0, 0, 0)
+    plan.layouts, plan.holds = layouts, holds
     try:
         for op in reversed(ops):
             if op.kind == "input":
@@ -248,7 +360,10 @@ def plan_windows(
             win = plan.windows[op.name]
             ask = _ask(graph, op, win, shapes, plan)
             plan.asks[op.name] = ask
+            held = graph.gate_operand(op) if plan.local.get(op.name) == "gate" else None
             for name in op.inputs:
+                if name == held:
+                    continue
                 known = plan.windows.get(name)
                 merged = ask if known is None else known.union(ask)
                 if merged is None:
@@ -258,13 +373,20 @@ def plan_windows(
         return None
     windowed = whole = 0.0
     for op in ops:
-        shape = shapes.get(op.inputs[0] if op.kind == "split" else op.name)  # a split: its input's grid
+        grid = op.inputs[0] if op.kind == "split" else op.name  # a split: its input's grid
+        shape = shapes.get(grid)
         if shape is not None and len(shape) == 4:
+            shape = torch.Size(layouts.get(grid, MAPS).map_shape(shape))
             plan.map_sizes[op.name] = (int(shape[-2]), int(shape[-1]))
             plan.channels[op.name] = int(shape[1])
+        macs = 0.0
         if op.kind == "conv":
             m: nn.Conv2d = op.module  # type: ignore[assignment]
             macs = m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1] / m.groups
+        elif plan.local.get(op.name) == "linear":
+            linear: nn.Linear = op.module  # type: ignore[assignment]
+            macs = float(linear.in_features * linear.out_features)
+        if macs:
             (h, w), (map_h, map_w) = plan.windows[op.name].size, plan.map_sizes[op.name]
             windowed += macs * min(h, map_h) * min(w, map_w)  # at most the map's cells are carried
             whole += macs * map_h * map_w
@@ -297,25 +419,6 @@ def _gather(t: torch.Tensor, image_index: torch.Tensor, origins: torch.Tensor, s
     ys, xs = _cells(origins, size, (t.shape[-2], t.shape[-1]))
     out = t[image_index[:, None, None], :, ys[:, :, None], xs[:, None, :]]  # (S, h, w, C)
     return out.permute(0, 3, 1, 2)
-
-
-def _local_vjp(op: Op, inputs: torch.Tensor | None, signal: torch.Tensor) -> torch.Tensor:
-    """``f'(inputs) * signal`` for an element-wise activation op (its module or function, with the
-    traced op's other arguments), by autograd of f on the window."""
-    assert inputs is not None
-    node = op.node
-    with torch.enable_grad():
-        leaf = inputs.detach().requires_grad_(True)
-        args = [leaf if isinstance(a, fx.Node) else a for a in node.args]
-        kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace" and not isinstance(v, fx.Node)}
-        if node.op == "call_module":
-            out = op.module(leaf.clone() if getattr(op.module, "inplace", False) is True else leaf)  # type: ignore[misc]
-        elif node.op == "call_method":
-            out = getattr(leaf, out_of_place(str(node.target)))(*args[1:], **kwargs)
-        else:
-            out = node.target(*args, **kwargs)  # type: ignore[operator]
-        (grad,) = torch.autograd.grad(out, leaf, signal)
-    return grad
 
 
 def _fit(x: torch.Tensor, start: tuple[int, int], size: tuple[int, int]) -> torch.Tensor | None:
@@ -410,15 +513,19 @@ class GraphWindowedProjector:
         self.graph = graph
         self.filters = filters
         self.include_lrn = include_lrn
-        self._plans: dict[tuple[str, int, int], WindowPlan | None] = {}
+        self._plans: dict[tuple[str, int, int, bool], WindowPlan | None] = {}
         # carry only the cells that lie on the maps for some unit of a pass (False: whole windows)
         self.cut_to_maps = True
 
-    def plan(self, target: str, shapes: dict[str, torch.Size], input_size: tuple[int, int]) -> WindowPlan | None:
-        """The windows below op ``target`` for images of ``input_size`` (None: no windowed path)."""
-        key = (target, int(input_size[0]), int(input_size[1]))
+    def plan(
+        self, target: str, shapes: dict[str, torch.Size], input_size: tuple[int, int], rule: str = "deconvnet"
+    ) -> WindowPlan | None:
+        """The windows below op ``target`` for images of ``input_size`` and ``rule`` (None: no
+        windowed path; a rule that holds gates goes down past them on windows, the gradient does not)."""
+        holds = get_rule(rule).holds
+        key = (target, int(input_size[0]), int(input_size[1]), holds)
         if key not in self._plans:
-            self._plans[key] = plan_windows(self.graph, target, shapes, input_size)
+            self._plans[key] = plan_windows(self.graph, target, shapes, input_size, holds)
         return self._plans[key]
 
     @torch.no_grad()
@@ -468,13 +575,14 @@ class GraphWindowedProjector:
                 if get_rule(rule).looks_at_forward:
                     mask = _gather(record.masks[op.name], image_index, run.origin(op.name), size)
                 run.send(op, op.inputs[0], relu_rule(x, rule, mask))
-            elif kind == "activation":  # element-wise: its local derivative at the gathered recorded inputs
-                gathered = (
-                    _gather(record.kept[op.inputs[0]], image_index, run.origin(op.name), size)
-                    if get_rule(rule).looks_at_forward
-                    else None
-                )
-                run.send(op, op.inputs[0], get_rule(rule).activation(x, functools.partial(_local_vjp, op, gathered)))
+            elif kind == "activation":  # element-wise: its local derivative at the recorded inputs, gathered
+                derivative = x.new_ones(())  # read only by rules that look at the forward pass
+                if get_rule(rule).looks_at_forward:
+                    recorded = plan.layouts.get(op.name, MAPS).to_maps(local_derivative(op, graph, record))
+                    derivative = _gather(recorded, image_index, run.origin(op.name), size)
+                run.send(op, op.inputs[0], get_rule(rule).activation(x, functools.partial(torch.mul, derivative)))
+            elif op.name in plan.local:
+                run.send(op, *self._local(op, plan, x, record, image_index, run.origin(op.name), size, rule))
             elif kind == "conv":
                 bn = graph.folded_bn.get(op.name) if op.name in folding else None
                 run.send(op, op.inputs[0], self.filters.apply(x, op.module, cl, bn))  # type: ignore[arg-type]
@@ -512,6 +620,91 @@ class GraphWindowedProjector:
         return WindowedProjections(result.contiguous(), run.origin(bottom))
 
     # ------------------------------------------------------------------ pieces
+    def _local(
+        self,
+        op: Op,
+        plan: WindowPlan,
+        x: torch.Tensor,
+        record: ForwardRecord,
+        image_index: torch.Tensor,
+        origin: torch.Tensor,
+        size: tuple[int, int],
+        rule: str,
+    ) -> tuple[str, torch.Tensor]:
+        """(input, its signal) of an op that acts on each cell alone (``WindowPlan.local``), from its
+        output's signal ``x``: windows (S, C, h, w) of maps, whatever the op's layout."""
+        how, source = plan.local[op.name], op.inputs[0]
+        if how == "layout":  # maps <-> channels-last: the same maps held another way
+            return source, x
+        if how == "linear":  # y = x W^T + b over the channels of each cell: the signal times W
+            weight: torch.Tensor = op.module.weight  # type: ignore[union-attr,assignment]
+            return source, (x.permute(0, 2, 3, 1) @ weight).permute(0, 3, 1, 2)
+        if how == "gate":  # x * g with g held: the signal times the recorded gate
+            gate = self.graph.gate_operand(op)
+            operand = next(n for n in op.inputs if n != gate)
+            held = plan.layouts.get(gate, MAPS).to_maps(record.kept[gate])
+            if held.shape[-2:] == (1, 1):  # squeeze-excitation: one factor per channel
+                return operand, x * held[image_index]
+            return operand, x * _gather(held, image_index, origin, size)
+        if how == "layer_norm":
+            return source, self._layer_norm_back(op, plan, x, record, image_index, origin, size, rule)
+        # "scale": a product or quotient with a constant the same at every cell (layer scale): linear,
+        # so its transpose is autograd of the op itself at zero, on the window in the op's layout
+        layout = plan.layouts[op.name]
+        signal = layout.from_maps(x)
+        with torch.enable_grad():
+            leaf = signal.new_zeros(signal.shape).requires_grad_(True)
+
+            def value(n: fx.Node) -> Any:
+                return leaf if n.name == source else record.constants[n.name]
+
+            args = fx.node.map_arg(op.node.args, value)
+            kwargs = dict(fx.node.map_arg(op.node.kwargs, value))
+            target = op.node.target
+            if op.node.op == "call_method":
+                out = getattr(args[0], str(target))(*args[1:], **kwargs)
+            else:
+                out = target(*args, **kwargs)  # type: ignore[operator]
+            (grad,) = torch.autograd.grad(out, leaf, signal)
+        return source, layout.to_maps(grad)
+
+    def _layer_norm_back(
+        self,
+        op: Op,
+        plan: WindowPlan,
+        x: torch.Tensor,
+        record: ForwardRecord,
+        image_index: torch.Tensor,
+        origin: torch.Tensor,
+        size: tuple[int, int],
+        rule: str,
+    ) -> torch.Tensor:
+        """A layer norm over the channels of each cell, y = gamma * (u - mean(u)) * r + beta with
+        r = 1 / sqrt(var(u) + eps), on windows: with g = gamma * x (x the signal at y),
+        held r (deconvnet, guided): ``r * (g - mean(g))``; exact (gradient):
+        ``r * (g - mean(g) - u_hat * mean(g * u_hat))``, u_hat = (u - mean(u)) * r, means over the
+        channels; u the recorded input, gathered for the windows."""
+        module = op.module
+        weight: object
+        eps: Any
+        if isinstance(module, nn.LayerNorm):
+            weight, eps = module.weight, module.eps
+        else:
+            node = op.node
+            names = ("input", "normalized_shape", "weight", "bias", "eps")
+            given = dict(zip(names, node.args), **node.kwargs)
+            weight, eps = _parameter(self.graph, given.get("weight")), given.get("eps", 1e-5)
+        recorded = plan.layouts[op.inputs[0]].to_maps(record.kept[op.inputs[0]])
+        inputs = _gather(recorded, image_index, origin, size)
+        centred = inputs - inputs.mean(1, keepdim=True)
+        scale = torch.rsqrt(centred.pow(2).mean(1, keepdim=True) + float(eps))
+        g = x * weight.view(1, -1, 1, 1) if isinstance(weight, torch.Tensor) else x
+        down = g - g.mean(1, keepdim=True)
+        if not get_rule(rule).holds:
+            normalised = centred * scale
+            down = down - normalised * (g * normalised).mean(1, keepdim=True)
+        return down * scale
+
     def _unpool(
         self,
         op: Op,
