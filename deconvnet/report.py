@@ -17,7 +17,6 @@ accuracy per epoch and its layer-1 filters. The pictures are drawn by ``deconvne
 from __future__ import annotations
 
 import datetime as _dt
-import html
 import io
 import os
 import sys
@@ -35,6 +34,7 @@ from .atomic import atomic_path
 from .display import data_uri, figure_png, png_bytes
 from .display.figures import training_curves
 from .display.panels import filter_mosaic
+from .display.templating import markdown_html, render
 from .errors import DeconvnetError
 from .explorer import (
     RULE_TITLES,
@@ -123,152 +123,6 @@ def _model_card_text(loaded: LoadedModel) -> str | None:
     return MODEL_CARD.read_text(encoding="utf-8", errors="replace")
 
 
-def markdown_html(text: str, base: Path | None = None) -> str:
-    """HTML for a small, safe Markdown subset (headings, paragraphs, lists with continuation lines, tables,
-    code blocks and spans, bold, links as text, images under ``base`` inlined): everything is escaped
-    first, so the card cannot inject markup, and nothing is linked or loaded from elsewhere."""
-    import re
-
-    def inline(s: str) -> str:
-        s = html.escape(s, quote=False)
-        s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
-        s = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", s)
-        s = re.sub(r"(?<![!\w])\[([^\]]+)\]\([^)]*\)", r"\1", s)  # links: their text only
-        return s
-
-    def image(alt: str, target: str) -> str:
-        if base is None or "://" in target:
-            return ""
-        path = (base / target).resolve()
-        if (
-            not path.is_file()
-            or not path.is_relative_to(base.resolve())
-            or path.suffix.lower() not in (".png", ".jpg", ".jpeg")
-        ):
-            return ""
-        mime = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
-        return f'<p><img src="{data_uri(path.read_bytes(), mime)}" alt="{html.escape(alt)}" style="max-width:100%"></p>'
-
-    out: list[str] = []
-    para: list[str] = []
-    items: list[list[str]] = []
-    rows: list[list[str]] = []
-    code: list[str] | None = None
-
-    def flush() -> None:
-        if para:
-            out.append(f"<p>{inline(' '.join(para))}</p>")
-            para.clear()
-        if items:
-            out.append("<ul>" + "".join(f"<li>{inline(' '.join(i))}</li>" for i in items) + "</ul>")
-            items.clear()
-        if rows:
-            out.append(
-                '<table class="card">'
-                + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-                + "</table>"
-            )
-            rows.clear()
-
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("```"):
-            if code is None:
-                flush()
-                code = []
-            else:
-                out.append("<pre>" + html.escape("\n".join(code)) + "</pre>")
-                code = None
-            continue
-        if code is not None:
-            code.append(line)
-            continue
-        picture = re.fullmatch(r"!\[([^\]]*)\]\(([^)\s]+)\)", stripped)
-        if not stripped:
-            flush()
-        elif picture:
-            flush()
-            out.append(image(picture.group(1), picture.group(2)))
-        elif stripped.startswith("#"):
-            flush()
-            level = min(6, len(stripped) - len(stripped.lstrip("#")) + 2)
-            out.append(f"<h{level}>{inline(stripped.lstrip('#').strip())}</h{level}>")
-        elif stripped.startswith(("- ", "* ")):
-            if para or rows:
-                keep = list(items)
-                items.clear()
-                flush()
-                items.extend(keep)
-            items.append([stripped[2:]])
-        elif items and line[:1].isspace():
-            items[-1].append(stripped)  # continuation of the list item
-        elif stripped.startswith("|"):
-            cells = [c.strip() for c in stripped.strip("|").split("|")]
-            if all(set(c) <= set("-: ") for c in cells):
-                continue
-            if not rows:
-                flush()
-            rows.append(cells)
-        else:
-            if items or rows:
-                flush()
-            para.append(stripped)
-    flush()
-    if code is not None:
-        out.append("<pre>" + html.escape("\n".join(code)) + "</pre>")
-    return "\n".join(out)
-
-
-CSS = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 0;
-       color: #1d1f21; background: #f6f6f4; }
-header { background: #24292f; color: #fff; padding: .8rem 1.2rem; }
-header h1 { margin: 0; font-size: 1.3rem; } header p { margin: .2rem 0 0; color: #c9d1d9; font-size: 12px; }
-main { padding: 1rem 1.2rem; max-width: 1250px; }
-section { background: #fff; border: 1px solid #dcdcd8; border-radius: 6px; padding: .8rem 1rem; margin-bottom: 1rem; }
-h2 { font-size: 1.1rem; margin: 0 0 .6rem; } h3 { font-size: .95rem; margin: .9rem 0 .4rem; }
-table.kv td { padding: 2px 10px 2px 0; vertical-align: top; }
-table.kv td:first-child { color: #6b6f75; white-space: nowrap; }
-table.card { border-collapse: collapse; font-size: 12px; }
-table.card td { border: 1px solid #dcdcd8; padding: 2px 6px; }
-.muted { color: #6b6f75; } .small { font-size: 12px; }
-.top { display: flex; gap: 1.2rem; align-items: flex-start; flex-wrap: wrap; }
-.top img.input { width: 224px; image-rendering: auto; }
-ol.top5 { list-style: none; margin: 0; padding: 0; min-width: 260px; }
-ol.top5 li { position: relative; padding: 2px 6px; margin: 2px 0;
-             display: flex; justify-content: space-between; gap: 1rem; }
-ol.top5 li .bar { position: absolute; inset: 0 auto 0 0; background: #ffd8c2; z-index: 0; }
-ol.top5 li span { position: relative; }
-.maps { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: .7rem; }
-.unit { font-size: 11px; }
-.unit .row { display: grid; grid-template-columns: 1fr 1fr; gap: 3px; }
-.rules { display: grid; grid-template-columns: repeat(4, minmax(0, 200px)); gap: .6rem; }
-.rules img { width: 100%; display: block; }
-.rules.five { grid-template-columns: repeat(5, minmax(0, 200px)); }
-.unit .row > * { aspect-ratio: 1; background: #eee; }
-.unit .pair { display: grid; grid-template-columns: 1fr 1fr; gap: 3px; }
-.unit .pair img { width: 100%; aspect-ratio: 1; object-fit: contain; background: #eee; display: block; }
-.unit details { margin-top: 2px; } .unit details .row { margin-top: 3px; }
-.unit details .row.three { grid-template-columns: 1fr 1fr 1fr; }
-.note { border-left: 4px solid #d9a400; background: #fff8e1; padding: .4rem .7rem; margin: .6rem 0; max-width: 900px; }
-.note.unsure { border-color: #d9480f; background: #fff0e8; }
-.intro { background: #eef5ff; border: 1px solid #c7dbf5; }
-.unit img { width: 100%; height: 100%; object-fit: contain; display: block; }
-.frame { position: relative; }
-.rf { position: absolute; border: 2px solid #ffcc00; box-shadow: 0 0 0 1px rgba(0,0,0,.6); }
-img.pixelated { image-rendering: pixelated; }
-.panels { display: grid; grid-template-columns: repeat(auto-fill, minmax(200px, 1fr)); gap: .8rem; }
-.panels img { width: 100%; display: block; }
-.panels figure.wide { grid-column: 1 / -1; } .panels figure.wide img { width: auto; max-width: 100%; }
-figure { margin: 0; } figcaption { font-size: 11px; color: #6b6f75; margin-top: 2px; }
-.legend { display: inline-flex; align-items: center; gap: 3px; font-size: 11px; margin-right: 6px; }
-.legend i { display: inline-block; width: 10px; height: 10px; border: 1px solid #0003; }
-img.filters { image-rendering: pixelated; max-width: 100%; }
-details summary { cursor: pointer; color: #0b5cad; }
-nav.toc a { margin-right: .8rem; }
-"""
-
-
 def _box_style(box: Sequence[int], size: Sequence[int]) -> str:
     y0, x0, y1, x1 = box
     h, w = size
@@ -283,92 +137,62 @@ def rf_text(rf_size: int | None) -> str:
     return "covers the whole image" if rf_size is None else f"{rf_size} px"
 
 
-def _rules_html(explorer: Explorer, session: ImageSession, layer: str, visualize_steps: int = 0) -> str:
+def _rules_context(explorer: Explorer, session: ImageSession, layer: str, visualize_steps: int = 0) -> dict[str, Any]:
     """The strongest unit of ``layer`` (its strongest map's maximum) projected by each rule; with
     ``visualize_steps``, beside them what the unit wants to see (``Explorer.wanted``)."""
-    esc = html.escape
-    maps = explorer.maps(session, layer)
-    channel = maps.order[0]
+    channel = explorer.maps(session, layer).order[0]
     c = explorer.compare_rules(session, layer, channel)
-    style = _box_style(c.box, c.image_size)
-    figures = [
-        f'<figure><div class="frame"><img src="{_jpeg_uri(session.input_png())}" alt="input">'
-        f'<div class="rf" style="{style}"></div></div>'
-        f"<figcaption>input, receptive field ({esc(rf_text(c.rf_size))})</figcaption></figure>"
-    ]
-    for rule, png in c.images.items():
-        figures.append(
-            f'<figure><div class="frame"><img src="{_jpeg_uri(png)}" alt="{esc(rule)} projection">'
-            f'<div class="rf" style="{style}"></div></div>'
-            f"<figcaption><strong>{esc(RULE_TITLES.get(rule, rule))}</strong></figcaption></figure>"
-        )
-    wanted = ""
+    context: dict[str, Any] = {
+        "layer": layer,
+        "channel": channel,
+        "value": f"{c.value:.3g}",
+        "position": c.position,
+        "box": _box_style(c.box, c.image_size),
+        "rf": rf_text(c.rf_size),
+        "input": _jpeg_uri(session.input_png()),
+        "images": [
+            {"rule": rule, "title": RULE_TITLES.get(rule, rule), "src": _jpeg_uri(png)}
+            for rule, png in c.images.items()
+        ],
+        "wanted": None,
+    }
     if visualize_steps:
         vis = explorer.wanted(layer, channel, visualize_steps)
-        figures.append(
-            f'<figure class="wanted"><img src="{_png_uri(vis.image(channel))}" alt="image optimised for the unit">'
-            f"<figcaption><strong>What it wants to see</strong> (map {channel} reaches "
-            f"{vis.rows()[0]['peak']:.3g})</figcaption></figure>"
-        )
-        wanted = (
-            f" Last: an image optimised to excite map {channel}'s centre unit ({vis.steps} steps of "
-            "<code>deconvnet visualize</code>, seed 0; the map's units share their filter, so this is the same "
-            "feature wherever the unit sits) and the map's maximum on it, against this image's maximum above."
-        )
-    panel = "rules five" if wanted else "rules"
-    return (
-        f'<h3>Three rules, one unit <span class="muted small">({esc(layer)} map {channel}, its strongest activation '
-        f'{c.value:.3g} at ({c.position[0]}, {c.position[1]}))</span></h3><div class="{panel}">'
-        + "".join(figures)
-        + "</div>"
-        '<p class="muted small">The same unit sent down by the deconvnet (ReLU on the signal), '
-        "guided backpropagation (ReLU on the signal and the forward pass's mask) "
-        f"and the plain gradient (the forward mask only); each contrast-normalised on its own.{wanted}</p>"
-    )
+        context["wanted"] = {
+            "src": _png_uri(vis.image(channel)),
+            "peak": f"{vis.rows()[0]['peak']:.3g}",
+            "steps": vis.steps,
+        }
+    return context
 
 
-def _scores_html(explorer: Explorer, session: ImageSession, layer: str) -> str:
+def _scores_context(explorer: Explorer, session: ImageSession, layer: str) -> dict[str, Any]:
     """The sanity measures of the rules panel's unit (the layer's strongest map's maximum): its
     similarity to other units' pictures and its deletion/insertion areas per rule, with the curves."""
-    esc = html.escape
     channel = explorer.maps(session, layer).order[0]
     scores = explorer.unit_scores(session, layer, channel)
 
     def cell(v: float | None) -> str:
         return "–" if v is None else f"{v:.2f}"
 
-    rows = "".join(
-        f'<tr data-rule="{esc(r["rule"])}"><td>{esc(r["title"])}</td><td>{cell(r["other_units"])}</td>'
-        f"<td>{cell(r['deletion_auc'])}</td><td>{cell(r['insertion_auc'])}</td></tr>"
+    rows = [
+        {
+            "rule": r["rule"],
+            "title": r["title"],
+            "other_units": cell(r["other_units"]),
+            "deletion_auc": cell(r["deletion_auc"]),
+            "insertion_auc": cell(r["insertion_auc"]),
+        }
         for r in unit_scores_rows(scores)
-    )
-    curves = data_uri(figure_png(scores.figure(), dpi=80))
-    return (
-        f'<h4>How far to trust these pictures <span class="muted small">({esc(layer)} map {channel} against maps '
-        f"{', '.join(str(c) for c in scores.others)})</span></h4>"
-        '<table class="kv scores"><tr><th>rule</th><th>other units</th><th>deletion AUC</th><th>insertion AUC</th></tr>'
-        f'{rows}</table><p class="muted small">{esc(scores.reading)}</p>'
-        f'<img src="{curves}" alt="deletion and insertion curves" style="max-width:560px">'
-    )
-
-
-def _panels_html(panels: list[dict[str, Any]]) -> str:
-    out = ['<div class="panels">']
-    for p in panels:
-        legend = "".join(
-            f'<span class="legend"><i style="background:{html.escape(item["color"])}"></i>'
-            f"{html.escape(item['label'])}</span>"
-            for item in p.get("legend", [])
-        )
-        cls = ' class="pixelated"' if p.get("pixelated") else ""
-        wide = ' class="wide"' if p.get("wide") else ""
-        out.append(
-            f'<figure{wide}><img{cls} src="{p["image"]}" alt="{html.escape(p["title"])}">'
-            f"<figcaption><strong>{html.escape(p['title'])}</strong> "
-            f"{html.escape(p.get('caption', ''))}</figcaption>{legend}</figure>"
-        )
-    out.append("</div>")
-    return "\n".join(out)
+    ]
+    return {
+        "layer": layer,
+        "channel": channel,
+        "others": ", ".join(str(c) for c in scores.others),
+        "rows": rows,
+        "reading": scores.reading,
+        "curves": data_uri(figure_png(scores.figure(), dpi=80)),
+    }
 
 
 def _crop_uri(png: bytes) -> str:
@@ -381,34 +205,24 @@ def _crop_uri(png: bytes) -> str:
 SMALL_CROP = 48
 
 
-def _unit_html(v: MapView) -> str:
+def _unit_context(v: MapView) -> dict[str, Any]:
     """One unit as in the paper's Fig. 2 (its projection cropped to the receptive field, enlarged,
     beside the image patch), with the full frame, the activation map and the whole map one click away."""
     box_h, box_w = v.box[2] - v.box[0], v.box[3] - v.box[1]
-    pixelated = ' class="pixelated"' if max(box_h, box_w) <= SMALL_CROP else ""
-    style = _box_style(v.box, v.image_size)
-    return (
-        f'<div class="unit"><div class="pair">'
-        f'<img{pixelated} src="{_crop_uri(v.crop_png)}" alt="projection, cropped to the receptive field" '
-        f'title="projection of map {v.channel}\'s strongest activation ({box_h}x{box_w} px receptive field)">'
-        f'<img{pixelated} src="{_crop_uri(v.patch_png)}" alt="image patch" title="the image under the field"></div>'
-        f"<div>map {v.channel}: max {v.value:.3g} at ({v.position[0]}, {v.position[1]})</div>"
-        "<details><summary>full frame</summary>"
-        '<div class="row three">'
-        f'<div class="frame"><img src="{_jpeg_uri(v.projection_png)}" alt="projection, full frame" '
-        'title="projection in the whole input"><div class="rf" style="' + style + '"></div></div>'
-        f'<img class="pixelated" src="{_png_uri(v.activation_png)}" alt="activation map" title="activation map">'
-        f'<img src="{_jpeg_uri(v.whole_map_png)}" alt="whole-map projection" title="projection of the whole map">'
-        "</div></details></div>"
-    )
-
-
-def _note_html(session: ImageSession) -> str:
-    """The note beside the top-5 (``explorer.prediction_note``): unsure, or the classes the model knows."""
-    note = session.note
-    if note is None:
-        return ""
-    return f'<p class="note{" unsure" if note.unsure else ""} small">{html.escape(note.text)}</p>'
+    return {
+        "channel": v.channel,
+        "box_h": box_h,
+        "box_w": box_w,
+        "pixelated": max(box_h, box_w) <= SMALL_CROP,
+        "crop": _crop_uri(v.crop_png),
+        "patch": _crop_uri(v.patch_png),
+        "value": f"{v.value:.3g}",
+        "position": v.position,
+        "box": _box_style(v.box, v.image_size),
+        "projection": _jpeg_uri(v.projection_png),
+        "activation": _png_uri(v.activation_png),
+        "whole": _jpeg_uri(v.whole_map_png),
+    }
 
 
 def _image_section(
@@ -425,65 +239,53 @@ def _image_section(
     sanity: bool = False,
     visualize_steps: int = 0,
 ) -> str:
-    esc = html.escape
-    parts = [f'<section id="image-{number}"><h2>{number}. {esc(session.name)}</h2>']
-    top = "".join(
-        f'<li><span class="bar" style="width:{100 * p:.1f}%"></span>'
-        f"<span>{esc(c)}</span><span>{100 * p:.1f} %</span></li>"
-        for c, p in session.top
-    )
-    h, w = session.size
-    parts.append(
-        f'<div class="top"><figure><img class="input" src="{_jpeg_uri(session.input_png())}" alt="input">'
-        f"<figcaption>model input {h}x{w} px (from {session.original_size[1]}x{session.original_size[0]})"
-        "</figcaption></figure>"
-        f'<div><h3>Top-5 classes</h3><ol class="top5">{top}</ol>{_note_html(session)}</div></div>'
-    )
-    parts.append(
-        '<p class="muted small">Per map, as in the paper\'s Fig. 2: the deconvnet projection of its strongest '
-        "activation, <strong>cropped to the unit's receptive field and enlarged</strong>, beside the image patch "
-        "under that field. Each projection is contrast-normalised on its own: zero is mid-grey, its largest "
-        "absolute value black or white (Zeiler &amp; Fergus, Sec. 2.1). <em>full frame</em>: the projection in "
-        "the whole input (receptive field outlined), the activation map (white = its maximum) and the "
-        "projection of the whole map.</p>"
-    )
+    """One image's section of the report (``display/templates/report/image.html``)."""
+    shown = []
     for layer in layers:
         maps = explorer.maps(session, layer)
-        info = explorer.engine.layer(layer)
-        parts.append(
-            f"<h3>{esc(layer)}: the {min(top_maps, maps.channels)} strongest of {maps.channels} maps "
-            f'<span class="muted small">({maps.map_size[0]}x{maps.map_size[1]} maps, '
-            f"receptive field {rf_text(info.rf_size)}; each unit: projection · image patch)</span></h3>"
-            '<div class="maps">'
+        shown.append(
+            {
+                "name": layer,
+                "shown": min(top_maps, maps.channels),
+                "channels": maps.channels,
+                "map_size": maps.map_size,
+                "rf": rf_text(explorer.engine.layer(layer).rf_size),
+                "units": [_unit_context(explorer.project(session, layer, c)) for c in maps.order[:top_maps]],
+            }
         )
-        for channel in maps.order[:top_maps]:
-            parts.append(_unit_html(explorer.project(session, layer, channel)))
-        parts.append("</div>")
+    rules_context = scores_context = occlusion_context = None
+    invariance_panels = None
     if rules:
         log(f"  rules: {session.name} {layers[-1]}")
         if visualize_steps:
             log(f"  visualize: {layers[-1]} ({visualize_steps} steps)")
-        parts.append(_rules_html(explorer, session, layers[-1], visualize_steps))
+        rules_context = _rules_context(explorer, session, layers[-1], visualize_steps)
         if sanity:
             log(f"  sanity: {session.name} {layers[-1]}")
-            parts.append(_scores_html(explorer, session, layers[-1]))
+            scores_context = _scores_context(explorer, session, layers[-1])
     if occlusion:
         log(f"  occlusion: {session.name}")
         result = occlusion_view(explorer.loaded, session.x[0], session.shown)
-        s = result["settings"]
-        parts.append(
-            f'<h3>Occlusion <span class="muted small">'
-            f"(paper Fig. 7: a {s['size']} px grey square moved by {s['stride']} px, "
-            f"{s['positions']} positions)</span></h3>"
-        )
-        parts.append(_panels_html(result["panels"]))
+        occlusion_context = dict(result["settings"], panels=result["panels"])
     if invariance:
         log(f"  invariance: {session.name}")
         original = decode_image(path.read_bytes(), session.name, explorer.max_pixels)
-        parts.append('<h3>Invariance <span class="muted small">(paper Fig. 5)</span></h3>')
-        parts.append(_panels_html(invariance_view(explorer.loaded, original)))
-    parts.append("</section>")
-    return "\n".join(parts)
+        invariance_panels = invariance_view(explorer.loaded, original)
+    return render(
+        "report/image.html",
+        number=number,
+        name=session.name,
+        input=_jpeg_uri(session.input_png()),
+        size=session.size,
+        original_size=session.original_size,
+        top=[(c, f"{100 * p:.1f}") for c, p in session.top],
+        note=session.note,
+        layers=shown,
+        rules=rules_context,
+        scores=scores_context,
+        occlusion=occlusion_context,
+        invariance=invariance_panels,
+    )
 
 
 def build_report(
@@ -539,44 +341,28 @@ def build_report(
         explorer.check_layer(layer)
     started = time.perf_counter()
 
-    esc = html.escape
-    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    head = (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{esc(title or 'deconvnet report')}</title><style>{CSS}</style></head><body>\n"
-        f"<header><h1>{esc(title or 'deconvnet report')}</h1><p>{len(paths)} image(s) · {esc(loaded.source)} · "
-        f"deconvnet {__version__} · {when}</p></header><main>"
-    )
-    toc = " ".join(f'<a href="#image-{i}">{i}. {esc(p.name)}</a>' for i, p in enumerate(paths, start=1))
-
-    # the model
-    rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in model_summary(loaded))
-    model_parts = [f'<section id="model"><h2>The model</h2><table class="kv">{rows}</table>']
-    curve = training_plot(loaded)
-    if curve:
-        model_parts.append(f'<h3>Training</h3><img src="{curve}" alt="training curves" style="max-width:480px">')
     mosaic = layer1_filters(loaded)
-    if mosaic is not None:
-        filters, stats = mosaic
-        model_parts.append(
-            f'<h3>Layer-1 filters</h3><img class="filters" src="{_png_uri(filters)}" alt="layer-1 filters">'
-            f'<p class="muted small">Each filter contrast-normalised on its own (mid-grey = 0). {esc(stats)}</p>'
-        )
     card = _model_card_text(loaded)
-    if card:
-        model_parts.append(f"<details><summary>Model card</summary>{markdown_html(card, MODEL_CARD.parent)}</details>")
-    model_parts.append("</section>")
+    head = render(
+        "report/head.html",
+        title=title or "deconvnet report",
+        images=len(paths),
+        source=loaded.source,
+        version=__version__,
+        when=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        toc=[p.name for p in paths],
+        intro=intro,
+        summary=model_summary(loaded),
+        curve=training_plot(loaded),
+        filters={"src": _png_uri(mosaic[0]), "stats": mosaic[1]} if mosaic is not None else None,
+        card=markdown_html(card, MODEL_CARD.parent) if card else None,
+    )
 
     # Written as it is made, one image at a time (opened, drawn, forgotten): memory is that of one
     # image, whatever their number; the file appears only when complete (atomic rename).
     out = Path(out_dir) / "report.html"
     with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(head + "\n")
-        f.write(f'<nav class="toc small"><a href="#model">the model</a> {toc}</nav>\n')
-        if intro:
-            f.write(f'<section class="intro"><p>{esc(intro)}</p></section>\n')
-        f.write("\n".join(model_parts) + "\n")
         for number, path in enumerate(paths, start=1):
             session = explorer.open_path(path, path.name)
             log(f"report: image {number}/{len(paths)} {session.name}")
@@ -598,11 +384,6 @@ def build_report(
                 + "\n"
             )
             explorer.forget(session.id)
-        f.write(
-            f'<p class="muted small">Made by <code>deconvnet report</code> in {time.perf_counter() - started:.0f} s. '
-            "Projections: zero is mid-grey, each contrast-normalised on its own "
-            "(Zeiler &amp; Fergus, Sec. 2.1).</p></main>\n"
-        )
-        f.write("</body></html>\n")
+        f.write(render("report/foot.html", seconds=f"{time.perf_counter() - started:.0f}") + "\n")
     out.chmod(0o644)
     return out

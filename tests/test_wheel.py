@@ -73,6 +73,8 @@ def test_wheel_holds_the_package_data(wheel: Path) -> None:
         *files("deconvnet/assets/model-card/images"),
         *files("deconvnet/assets/samples"),
         *files("deconvnet/server/static"),
+        *files("deconvnet/display/templates/report"),
+        *files("deconvnet/display/templates/atlas"),
     }
     assert "deconvnet/assets/samples/LICENSES.md" in expected and len(expected) >= 3 + 4 + 5 + 4
     assert expected <= names, sorted(expected - names)

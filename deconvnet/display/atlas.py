@@ -7,7 +7,6 @@ to excite the map's centre unit (what the unit wants to see, beside what it saw)
 
 from __future__ import annotations
 
-import html
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -21,6 +20,7 @@ from ..analysis.atlas import AtlasTiles
 from ..atomic import atomic_path, save_json, save_text
 from ..errors import DeconvnetError
 from .common import new_figure, png_bytes, save_figure
+from .templating import render
 
 if TYPE_CHECKING:
     from ..analysis.visualize import Visualization
@@ -189,42 +189,24 @@ def render_atlas(
 def atlas_index_html(
     tiles: dict[str, AtlasTiles], pages: dict[str, list[Page]], title: str, files: Sequence[str] | None
 ) -> str:
-    """The ``index.html`` of an atlas folder: every layer's sheets (``pages``: per layer, each sheet's
-    relative path and maps), with per map an anchor (``#conv3-m17``) and its k values, images, positions."""
-    esc = html.escape
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>deconvnet atlas {esc(title)}</title>",
-        "<style>body{font-family:sans-serif;margin:1em 2em}img{max-width:100%;border:1px solid #ccc}"
-        "nav a{margin-right:1em}.maps a{margin-right:.4em;font-size:.85em}h2{margin-top:2em}"
-        "details{margin:.5em 0}</style></head><body>",
-        f"<h1>Top-k atlas {esc(title)}</h1>",
-        "<p>For every feature map: its strongest activations over the scanned images, each projected to pixel "
-        "space with the deconvnet and cropped to the unit's receptive field (left grid), beside the image patch "
-        "under that receptive field (right grid); strongest first, row by row. "
-        "Receptive fields are clipped at the image border. "
-        "Zeiler &amp; Fergus 2014, Fig. 2.</p>",
-        "<nav>"
-        + "".join(f"<a href='#{esc(l)}'>{esc(l)} ({len(t.maps)} maps)</a>" for l, t in tiles.items())
-        + "</nav>",
+    """The ``index.html`` of an atlas folder (``display/templates/atlas/index.html``): every layer's sheets
+    (``pages``: per layer, each sheet's relative path and maps), with per map an anchor (``#conv3-m17``)
+    and its k values, images, positions."""
+    layers = [
+        {
+            "name": layer,
+            "field_note": t.field_note,
+            "count": len(t.maps),
+            "pages": [{"src": src, "maps": maps, "rows": _page_rows(t, maps, files)} for src, maps in pages[layer]],
+        }
+        for layer, t in tiles.items()
     ]
-    for layer, t in tiles.items():
-        parts.append(f"<h2 id='{esc(layer)}'>{esc(layer)} - {esc(t.field_note)}, {len(t.maps)} maps</h2>")
-        parts.append(
-            "<p class='maps'>maps: "
-            + "".join(f"<a href='#{esc(layer)}-p{i}'>{m}</a>" for i, (_, ms) in enumerate(pages[layer]) for m in ms)
-            + "</p>"
-        )
-        parts.extend(_page_html(t, i, src, ms, files) for i, (src, ms) in enumerate(pages[layer]))
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return render("atlas/index.html", title=title, layers=layers)
 
 
-def _page_html(t: AtlasTiles, i: int, src: str, maps: list[int], files: Sequence[str] | None) -> str:
-    """One sheet in the index: a collapsible image with the list of its maps' activations."""
-    esc = html.escape
-    layer = t.layer
-    rows = []
+def _page_rows(t: AtlasTiles, maps: list[int], files: Sequence[str] | None) -> list[dict[str, object]]:
+    """One sheet's maps, each with its activations as text: value, image name, position."""
+    rows: list[dict[str, object]] = []
     for m in maps:
         slot = t.maps.index(m)
         cells = []
@@ -233,10 +215,6 @@ def _page_html(t: AtlasTiles, i: int, src: str, maps: list[int], files: Sequence
                 gid = int(t.images[slot, r])
                 name = Path(files[gid]).name if files else str(gid)
                 y, x = t.positions[slot, r]
-                cells.append(f"{t.values[slot, r]:.3g} {esc(name)} ({y},{x})")
-        rows.append(f"<li id='{esc(layer)}-m{m}'>#{m}: " + "; ".join(cells) + "</li>")
-    return (
-        f"<details id='{esc(layer)}-p{i}' {'open' if i == 0 else ''}><summary>maps {maps[0]}-{maps[-1]}</summary>"
-        f"<img loading='lazy' src='{esc(src)}' alt='{esc(layer)} maps {maps[0]}-{maps[-1]}'>"
-        f"<details><summary>values, images, positions</summary><ul>{''.join(rows)}</ul></details></details>"
-    )
+                cells.append(f"{t.values[slot, r]:.3g} {name} ({y},{x})")
+        rows.append({"map": m, "cells": cells})
+    return rows
