@@ -600,3 +600,88 @@ def test_scan_keeps_a_scanned_pre_activation_intact():
     only_post = {post: x}
     chain_forward(engine.chain, x, post, record=False, keep=only_post, inplace_relu=True)  # in place here
     assert torch.equal(only_post[post], keep[post])
+
+
+# --------------------------------------------------------------------------- lazy projections
+
+
+def test_lazy_projections_equal_the_eager_ones_and_are_kept_on_disk(tmp_path):
+    from deconvnet.analysis.atlas import PROJECTIONS_FOLDER, ProjectionStore
+    from deconvnet.server.atlas import atlas_patches, open_atlas
+
+    loaded = tiny_loaded(seed=6, crop=48)
+    write_images(tmp_path / "imgs", 7)
+    eager = build_atlas(
+        loaded, tmp_path / "imgs", tmp_path / "eager", "conv2,conv4", k=2, render=False, project=True, progress=False
+    )
+    chosen = {"conv2": [5, 0, 3], "conv4": [1]}
+    lazy = build_atlas(
+        loaded,
+        tmp_path / "imgs",
+        tmp_path / "lazy",
+        "conv2,conv4",
+        k=2,
+        maps=chosen,
+        projections="lazy",
+        progress=False,
+    )
+    assert lazy.tiles is not None and set(lazy.tiles) == {"conv2", "conv4"}
+    for layer, maps in chosen.items():
+        np.testing.assert_array_equal(lazy.scan.values[layer], eager.scan.values[layer])  # every map scanned
+        got, want = lazy.tiles[layer], eager.tiles[layer]
+        assert got.maps == maps and got.filled.all()
+        np.testing.assert_array_equal(got.tiles, want.tiles[maps])  # same pixels as the eager atlas
+        np.testing.assert_array_equal(got.positions, want.positions[maps])
+    kept = sorted(
+        p.relative_to(tmp_path / "lazy" / PROJECTIONS_FOLDER).as_posix() for p in (tmp_path / "lazy").rglob("map-*.npz")
+    )
+    assert kept == ["conv2/map-0000.npz", "conv2/map-0003.npz", "conv2/map-0005.npz", "conv4/map-0001.npz"]
+    assert len(list((tmp_path / "lazy" / "conv2").glob("maps-*.png"))) == 1  # the chosen maps drawn
+
+    # a new store reads them back without projecting; an unseen map is projected and kept
+    scan = AtlasScan.load(tmp_path / "lazy" / "atlas.npz")
+    store = ProjectionStore(tmp_path / "lazy", scan)
+    again = store.tiles(loaded, "conv2", [3, 7])
+    assert store.projected == 1 and (tmp_path / "lazy" / PROJECTIONS_FOLDER / "conv2" / "map-0007.npz").exists()
+    np.testing.assert_array_equal(again.tiles, eager.tiles["conv2"].tiles[[3, 7]])
+    # a damaged file, or one made with another tile size, is projected again
+    (tmp_path / "lazy" / PROJECTIONS_FOLDER / "conv2" / "map-0003.npz").write_bytes(b"not an npz")
+    store = ProjectionStore(tmp_path / "lazy", scan)
+    np.testing.assert_array_equal(store.tiles(loaded, "conv2", [3]).tiles[0], eager.tiles["conv2"].tiles[3])
+    assert store.projected == 1
+    small = ProjectionStore(tmp_path / "lazy", scan, tile=8)
+    assert small.tiles(loaded, "conv2", [3]).tiles.shape[-2] == 8 and small.projected == 1
+    # the explorer's atlas view goes through the same store: its first view of a map keeps it
+    opened = open_atlas(tmp_path / "lazy", loaded)
+    panels = atlas_patches(opened, loaded, "conv4", 2)
+    assert len(panels) == 2 and (tmp_path / "lazy" / PROJECTIONS_FOLDER / "conv4" / "map-0002.npz").exists()
+    assert opened.store.projected == 1
+
+
+def test_lazy_cli_scans_every_map_and_draws_none_without_a_choice(tmp_path):
+    loaded = tiny_loaded(seed=2)
+    weights = save_weights(loaded.model, tmp_path / "tiny.safetensors", loaded.classes, loaded.preprocessing)
+    write_images(tmp_path / "imgs", 4)
+    out = tmp_path / "o"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deconvnet",
+            "atlas",
+            str(tmp_path / "imgs"),
+            "--out",
+            str(out),
+            "--layers",
+            "conv1,conv3",
+        ]
+        + ["--top", "2", "--weights", str(weights), "--device", "cpu", "--quiet", "--projections", "lazy"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "projections: lazy" in run.stdout and "browse:" not in run.stdout
+    scan = AtlasScan.load(out / "atlas.npz")
+    assert scan.layers == ["conv1", "conv3"] and (scan.images["conv3"] >= 0).all()
+    assert not list(out.rglob("*.png")) and not (out / "projections").exists()

@@ -70,6 +70,13 @@ def add_atlas(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--restart", action="store_true", help="ignore a saved scan in --out and start over")
     p.add_argument("--no-render", dest="render", action="store_false", help="only scan (write atlas.npz)")
     p.add_argument(
+        "--projections",
+        choices=("eager", "lazy"),
+        default="eager",
+        help="eager (default): project and draw every map now; lazy: scan every map, project and draw only "
+        "--maps/--random-maps now, the rest when the explorer (serve --atlas) shows them, kept in OUT/projections/",
+    )
+    p.add_argument(
         "--tile",
         type=positive_int,
         default=64,
@@ -277,6 +284,7 @@ def cmd_atlas(args: argparse.Namespace) -> int:
         include_lrn=args.include_lrn,
         engine=engine,
         visualize_steps=args.visualize,
+        projections=args.projections,
     )
     if rank == 0:
         scan = result.scan
@@ -289,7 +297,13 @@ def cmd_atlas(args: argparse.Namespace) -> int:
         for vis in (result.visualizations or {}).values():
             print(f"visualize: {vis.summary()}")
         index = Path(args.out) / "index.html"
-        print(f"scan results: {Path(args.out) / 'atlas.npz'}" + (f"; browse: {index}" if args.render else ""))
+        drawn = args.render and result.tiles is not None
+        print(f"scan results: {Path(args.out) / 'atlas.npz'}" + (f"; browse: {index}" if drawn else ""))
+        if args.projections == "lazy":
+            print(
+                "projections: lazy; maps are projected when shown (`deconvnet serve --atlas "
+                f"{args.out}` or --maps/--random-maps here) and kept in {Path(args.out) / 'projections'}"
+            )
     return 0
 
 

@@ -1,7 +1,8 @@
 """An atlas folder opened for browsing (``deconvnet serve --atlas DIR``): the scan written by
 ``deconvnet atlas`` (the top-k activations of every map over a dataset), checked against the served
 model; a unit's tiles are projected on first request (reading the k images the scan names, never a
-client-given path), drawn as PNG panels and cached."""
+client-given path), kept in the folder's ``projections/`` (shared with ``deconvnet atlas
+--projections lazy``; nothing kept where the folder cannot be written), drawn as PNG panels and cached."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..analysis.atlas import AtlasScan, project_atlas
+from ..analysis.atlas import AtlasScan, ProjectionStore
 from ..display.panels import tile_panels
 from ..engine import DeconvNet
 from ..errors import DeconvnetError
@@ -30,6 +31,8 @@ class Atlas:
         self.cache: dict[tuple[str, int], list[dict[str, Any]]] = {}
         self.measures: dict[str, dict[int, dict[str, Any]]] = {}  # layer -> channel -> visualize.json's row
         self.lock = threading.Lock()
+        # tiles kept in the folder's projections/ (shared with `deconvnet atlas --projections lazy`)
+        self.store = ProjectionStore(folder, scan)
 
     @property
     def layers(self) -> list[str]:
@@ -81,7 +84,8 @@ def atlas_patches(atlas: Atlas, loaded: LoadedModel, layer: str, channel: int, t
     with atlas.lock:
         if key in atlas.cache:
             return atlas.cache[key]
-        tiles = project_atlas(loaded, atlas.scan, [layer], {layer: [channel]}, tile=tile, progress=False)[layer]
+        store = atlas.store if tile == atlas.store.tile else ProjectionStore(atlas.folder, atlas.scan, tile)
+        tiles = store.tiles(loaded, layer, [channel])
         out = tile_panels(tiles.tiles[0], tiles.filled[0], tiles.values[0], tiles.images[0], atlas.scan.files)
         atlas.cache[key] = out
         if len(atlas.cache) > CACHED_UNITS:

@@ -20,7 +20,8 @@ Three phases, each usable alone, all on one engine (``DeconvNet``) per run:
    windowed deconvnet (:mod:`deconvnet.engine.windowed`; graph models: ``DeconvNet.project``, also
    windowed where that saves work), grouping selections by image, and returns
    display tiles (:class:`AtlasTiles`, ``tiles.py``: projection and image patch, cropped to the
-   receptive field, resized to at most ``tile`` pixels).
+   receptive field, resized to at most ``tile`` pixels). Or lazily (:class:`ProjectionStore`,
+   ``lazy.py``): only the maps a sheet or the explorer shows, each projected once and kept on disk.
 3. :func:`deconvnet.display.atlas.render_atlas` writes per-layer PNG sheets (3x3 projections beside
    the 3x3 patches per map, ``per_page`` maps a sheet) and one ``index.html``.
 
@@ -34,6 +35,7 @@ from ...runtime import dist_info  # moved to deconvnet.runtime; kept importable 
 from .build import AtlasResult, build_atlas
 from .cache import SwitchCache, pools_below
 from .images import ImageShard, keep_as_list, model_view_pixels, source_pixels
+from .lazy import PROJECTIONS_FOLDER, ProjectionStore
 from .manifest import check_manifest
 from .project import project_atlas
 from .scan import scan_atlas
@@ -74,6 +76,8 @@ __all__ = [
     "parse_maps",
     "pools_below",
     "project_atlas",
+    "PROJECTIONS_FOLDER",
+    "ProjectionStore",
     "scan_atlas",
     "scan_fingerprint",
     "select_topk",

@@ -18,6 +18,7 @@ from ...notebook import InlineDisplay
 from ...runtime import all_gather_objects, barrier, dist_info, gather_objects, join_process_group
 from ...weights import LoadedModel
 from .cache import SwitchCache
+from .lazy import ProjectionStore
 from .lock import FolderLock
 from .manifest import MANIFEST, check_manifest, known_shards
 from .project import project_atlas
@@ -108,6 +109,7 @@ def build_atlas(
     max_images: int | None = None,
     engine: DeconvNet | None = None,
     visualize_steps: int = 0,
+    projections: str = "eager",
 ) -> AtlasResult:
     """Scan (resuming ``out_dir/scan*.npz`` if present), merge shards under torchrun, project and render.
 
@@ -124,8 +126,12 @@ def build_atlas(
     the run's one engine (see :func:`atlas_engine`), made here if not given. ``visualize_steps`` > 0:
     each shown map also gets an image optimised (that many steps) to excite its centre unit
     (:func:`~deconvnet.analysis.visualize.visualize`, compared with the scan's best exemplar), drawn at
-    the end of its block (process 0).
+    the end of its block (process 0). ``projections="lazy"``: every map is scanned but only the
+    ``maps`` chosen (none if ``maps`` is None) are projected and drawn now; their tiles, and those the
+    explorer projects later on first view, are kept in ``out_dir/projections/`` (:class:`~.lazy.ProjectionStore`).
     """
+    if projections not in ("eager", "lazy"):
+        raise DeconvnetError(f"projections={projections!r}: choose 'eager' or 'lazy'")
     project = render if project is None else (project or render)
     rank, world = dist_info()
     out_dir = Path(out_dir)
@@ -184,7 +190,10 @@ def build_atlas(
         if not project:
             return AtlasResult(scan, None, [atlas_path], timings)
         t0 = time.perf_counter()
-        tiles = _project_shards(loaded, engine, scan, layers, maps, tile, cache, include_lrn, progress)
+        if projections == "lazy":
+            tiles = _project_lazily(loaded, engine, scan, out_dir, layers, maps, tile, include_lrn, progress)
+        else:
+            tiles = _project_shards(loaded, engine, scan, layers, maps, tile, cache, include_lrn, progress)
         timings["project"] = time.perf_counter() - t0
         visualizations = None
         if tiles is not None and visualize_steps > 0:
@@ -307,6 +316,30 @@ def _save_scan(scan: AtlasScan, out_dir: Path) -> None:
     scan.save(out_dir / "atlas.npz")
     if scan.skipped:
         save_text(out_dir / "skipped.txt", "".join(f"{p}\t{why}\n" for p, why in scan.skipped))
+
+
+def _project_lazily(
+    loaded: LoadedModel,
+    engine: DeconvNet,
+    scan: AtlasScan,
+    out_dir: Path,
+    layers: list[str],
+    maps: Mapping[str, Sequence[int]] | None,
+    tile: int,
+    include_lrn: bool,
+    progress: bool,
+) -> dict[str, AtlasTiles] | None:
+    """Lazy projections: only the chosen ``maps`` (none without a choice), through the folder's
+    projection store, on process 0 (``None`` on the others and when nothing is chosen)."""
+    rank, _ = dist_info()
+    chosen = {layer: list(maps[layer]) for layer in layers if maps and layer in maps}
+    if rank != 0 or not chosen:
+        return None
+    store = ProjectionStore(out_dir, scan, tile)
+    return {
+        layer: store.tiles(loaded, layer, m, engine=engine, include_lrn=include_lrn, progress=progress)
+        for layer, m in chosen.items()
+    }
 
 
 def _project_shards(
