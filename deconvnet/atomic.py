@@ -3,7 +3,7 @@ crash or Ctrl-C never leaves a half-written file behind.
 
 A write that fails for want of space or because the device fails (ENOSPC, EDQUOT, EFBIG, EIO,
 EROFS), whether the writer raised ``OSError`` or wrapped it (safetensors raises its own error with
-the OS error in the text), becomes one :class:`DeconvnetError` naming the file; the temp file is
+the OS error in the text), becomes one ``DeconvnetError`` naming the file; the temp file is
 removed and the previous file at the target, if any, is left as it was."""
 
 from __future__ import annotations

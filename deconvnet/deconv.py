@@ -1,4 +1,4 @@
-"""Compatibility module: the engine lives in :mod:`deconvnet.engine` (``from deconvnet.deconv import
+"""Compatibility module: the engine lives in ``deconvnet.engine`` (``from deconvnet.deconv import
 DeconvNet, Selection`` keeps working)."""
 
 from .engine import DeconvNet, LayerInfo, Projection, Selection, feature_layers, unpool_sum

@@ -1,13 +1,13 @@
 """Process-wide settings: the device to run on, the process layout under ``torchrun`` and opt-in speed
 settings for CPU work.
 
-:func:`resolve_device` turns a device name (``auto``, ``cpu``, ``cuda``, ``cuda:N``) into a
+``resolve_device`` turns a device name (``auto``, ``cpu``, ``cuda``, ``cuda:N``) into a
 ``torch.device``, or a one-line error when the GPU asked for is absent.
 
-:func:`dist_info` reads this process's rank and the world size from torchrun's environment (and
-:func:`local_rank` the rank on this machine); the
-helpers after it (:func:`join_process_group`, :func:`all_gather_objects`, :func:`gather_objects`,
-:func:`barrier`) are the few collective steps the sharded atlas needs, and do nothing in a single
+``dist_info`` reads this process's rank and the world size from torchrun's environment (and
+``local_rank`` the rank on this machine); the
+helpers after it (``join_process_group``, ``all_gather_objects``, ``gather_objects``,
+``barrier``) are the few collective steps the sharded atlas needs, and do nothing in a single
 process.
 
 The speed settings are opt-in: the CLI and the benchmarks turn them on.
@@ -16,7 +16,7 @@ Deconvnet projections and occlusion maps allocate many short-lived tensors of te
 glibc's ``malloc`` serves blocks above its mmap threshold (at most 32 MB, adjusted at run time) with
 fresh ``mmap`` pages and hands them back on ``free``, so every such tensor pays a page fault per 4 KB
 page on first touch: on the 2-core development machine, zero-filling a 97 MB tensor took 67 ms that
-way and 6 ms once freed memory was kept for reuse. :func:`keep_freed_memory` raises the mmap and trim
+way and 6 ms once freed memory was kept for reuse. ``keep_freed_memory`` raises the mmap and trim
 thresholds so that freed blocks stay in the process and are reused (the usual advice is a different
 allocator, e.g. jemalloc through ``LD_PRELOAD``; this needs nothing installed). The cost: the
 process keeps its peak heap size until it exits.

@@ -1,8 +1,8 @@
 """Sheets of the top-k atlas (paper Fig. 2): per map its k strongest activations projected (left grid)
 beside the image patches under them (right grid), ``per_page`` maps a sheet, and the ``index.html``
-that browses them. :func:`atlas_sheet` returns one sheet as a figure; :func:`render_atlas` writes them
-all (through :func:`~deconvnet.display.common.save_figure`) with the index. Given a layer's
-:class:`~deconvnet.analysis.visualize.Visualization`, each map's block ends with the image optimised
+that browses them. ``atlas_sheet`` returns one sheet as a figure; ``render_atlas`` writes them
+all (through ``save_figure``) with the index. Given a layer's
+``Visualization``, each map's block ends with the image optimised
 to excite the map's centre unit (what the unit wants to see, beside what it saw)."""
 
 from __future__ import annotations

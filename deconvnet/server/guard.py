@@ -315,7 +315,7 @@ def split_host(value: str) -> tuple[str, int | None] | None:
 class OriginGuard:
     """ASGI middleware: requests for another host name and cross-site requests refused (403).
 
-    ``names``: the host names served (see :func:`served_names`); ``port``: the port listened on
+    ``names``: the host names served (see ``served_names``); ``port``: the port listened on
     (``None``: any port of those names, for an app mounted by other means). A request without
     ``Origin``, ``Referer`` and ``Sec-Fetch-Site`` (curl, scripts) is not a browser acting for
     another site and is served when its ``Host`` is one of ours."""
