@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import subprocess
 import sys
 import tarfile
@@ -20,6 +21,7 @@ from PIL import Image
 from deconvnet.analysis.atlas import (
     AtlasScan,
     ImageFiles,
+    ImageListing,
     TarShards,
     build_atlas,
     expand_braces,
@@ -79,7 +81,7 @@ def test_tar_shards_and_a_folder_give_the_same_atlas(tmp_path):
     options = {"layers": "conv1,conv3", "k": 3, "batch_size": 4, "progress": False, "render": True, "per_page": 4}
     folder = build_atlas(loaded, tmp_path / "imgs", tmp_path / "a", **options)
     shards = build_atlas(loaded, pattern, tmp_path / "b", **options)
-    assert isinstance(folder.scan.files, ImageFiles) and isinstance(shards.scan.files, TarShards)
+    assert isinstance(folder.scan.files, ImageListing) and isinstance(shards.scan.files, TarShards)
     assert folder.tiles is not None and shards.tiles is not None
     for layer in folder.scan.layers:
         np.testing.assert_array_equal(folder.scan.images[layer], shards.scan.images[layer])
@@ -313,3 +315,49 @@ def test_a_broken_member_is_skipped_and_a_broken_shard_is_one_line(tmp_path):
     (tmp_path / "bad.tar").write_bytes(b"not a tar file at all" * 40)
     with pytest.raises(DeconvnetError, match=r"bad\.tar: cannot read the tar shard"):
         open_source(str(tmp_path / "bad.tar"))
+
+
+def test_folder_and_list_sources_keep_their_paths_in_a_listing_not_in_memory_or_state(tmp_path):
+    """A folder or a .txt list opened for an atlas folder is streamed into ``images-<sha1>.txt`` there
+    (one JSON path a line): same ids, names and fingerprint as the in-memory list; the source holds one
+    offset per 1,024 paths and one block; the scan's state file does not grow with the images (4 vs
+    3,000 paths: same size to the digits of the count, where 3,000 paths would add ~100 KB)."""
+    from deconvnet.analysis.atlas.sources import iter_images
+
+    loaded = tiny_loaded(seed=23)
+    files = write_images(tmp_path / "imgs", 7)
+    os.symlink(tmp_path / "imgs" / "sub", tmp_path / "imgs" / "zlinked")  # not entered, as list_images does not
+    (tmp_path / "imgs" / "a-b").mkdir()  # "a-b" < "img..." but "a-b/x" and "a.jpg" order by parts
+    Image.open(files[0]).save(tmp_path / "imgs" / "a-b" / "x.png")
+    Image.open(files[0]).save(tmp_path / "imgs" / "a.jpg")
+    ordered = [str(p) for p in list_images(tmp_path / "imgs")]
+    assert list(iter_images(tmp_path / "imgs")) == ordered
+    listing = open_source(tmp_path / "imgs", listing_dir=tmp_path / "out")
+    in_memory = open_source(tmp_path / "imgs")
+    assert isinstance(listing, ImageListing) and isinstance(in_memory, ImageFiles)
+    assert list(listing) == list(in_memory) and [listing[g] for g in (8, 0, 5)] == [in_memory[g] for g in (8, 0, 5)]
+    assert listing == in_memory and listing.fingerprint() == in_memory.fingerprint()
+    assert Path(listing.listing).name == f"images-{in_memory.fingerprint()}.txt"
+    # a .txt list gives the same listing file (same paths: same name)
+    (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in ordered))
+    assert open_source(tmp_path / "list.txt", listing_dir=tmp_path / "out").listing == listing.listing
+    # the scan reopens it by path (the state holds its spec, not the paths), atlas unchanged
+    a = scan_atlas(loaded, tmp_path / "imgs", "conv2", k=2, progress=False)
+    b = scan_atlas(loaded, tmp_path / "imgs", "conv2", k=2, progress=False, state_path=tmp_path / "out" / "s.npz")
+    reopened = AtlasScan.load(tmp_path / "out" / "s.npz")
+    assert isinstance(reopened.files, ImageListing) and reopened.files == a.files
+    np.testing.assert_array_equal(a.images["conv2"], b.images["conv2"])
+    np.testing.assert_array_equal(reopened.values["conv2"], a.values["conv2"])
+    # state size flat: 4 images vs 3,000 (the same files listed many times in a list)
+    sizes, pickled = [], []
+    for n in (4, 3000):
+        names = tmp_path / f"list{n}.txt"
+        names.write_text("".join(f"{ordered[i % len(ordered)]}\n" for i in range(n)))
+        source = open_source(names, listing_dir=tmp_path / f"o{n}")
+        assert len(source) == n and source[n - 1] == ordered[(n - 1) % len(ordered)]
+        pickled.append(len(pickle.dumps(source)))  # what a DataLoader worker gets: no path list
+        scan = scan_atlas(loaded, source, "conv2", k=2, progress=False, max_images=4, state_path=tmp_path / f"{n}.npz")
+        assert not scan.complete or n == 4
+        sizes.append((tmp_path / f"{n}.npz").stat().st_size)
+    assert abs(sizes[0] - sizes[1]) <= 16, sizes
+    assert abs(pickled[0] - pickled[1]) <= 64, pickled  # 3,000 paths would add ~100 KB

@@ -40,7 +40,7 @@ from .manifest import check_manifest
 from .project import project_atlas
 from .scan import scan_atlas
 from .scanfile import STATE_VERSION, AtlasScan, combine_layers, merge_scans, model_hash, scan_fingerprint
-from .sources import ImageFiles, ImageSource, TarShards, expand_braces, open_source
+from .sources import ImageFiles, ImageListing, ImageSource, TarShards, expand_braces, open_source
 from .spec import atlas_engine, default_layers, parse_layers, parse_maps
 from .tiles import DISPLAY_QUANTILE, AtlasTiles, display_scale, merge_tiles
 from .topk import candidates, empty_topk, select_topk
@@ -52,6 +52,7 @@ __all__ = [
     "AtlasScan",
     "AtlasTiles",
     "ImageFiles",
+    "ImageListing",
     "ImageShard",
     "ImageSource",
     "SwitchCache",

@@ -135,15 +135,17 @@ def build_atlas(
     project = render if project is None else (project or render)
     rank, world = dist_info()
     out_dir = Path(out_dir)
-    files = open_source(image_dir, known_shards(out_dir))
     engine = atlas_engine(loaded, include_lrn, engine)
     layers = parse_layers(layers, engine)
     join_process_group("gloo")
     folders_before = _folders(out_dir)
+    listings_before = set(out_dir.glob("images-*.txt"))
     lock = FolderLock(out_dir, rank)
     lock.acquire()  # before atlas.npz is read: the merge of layer sets is done under the lock
     new_manifest = not (out_dir / MANIFEST).exists()
     try:
+        # a folder or .txt list: its paths streamed into out_dir/images-<sha1>.txt (memory flat in the images)
+        files = open_source(image_dir, known_shards(out_dir), listing_dir=out_dir)
         # one model and one set of images per folder, refused up front with what differs
         entries = {
             "model": model_hash(loaded, engine),
@@ -227,6 +229,9 @@ def build_atlas(
         lock.release()
         if new_manifest and rank == 0 and not any(out_dir.glob("*.npz")):  # nothing of this run to resume
             (out_dir / MANIFEST).unlink(missing_ok=True)
+        if not any(out_dir.glob("*.npz")):  # no scan refers to the listing this run wrote
+            for listing in set(out_dir.glob("images-*.txt")) - listings_before:
+                listing.unlink(missing_ok=True)
         _remove_new_empty_folders(out_dir, folders_before)  # a failed run leaves no empty folder behind
         raise
     finally:

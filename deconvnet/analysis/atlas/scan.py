@@ -63,7 +63,9 @@ def scan_atlas(
         raise DeconvnetError(f"k must be at least 1, got {k}")
     if not isinstance(files, (str, os.PathLike, ImageSource)) and not len(files):
         raise DeconvnetError("no images to scan")
-    source = open_source(files)  # paths made absolute: the scan is usable from any folder
+    # paths made absolute (the scan is usable from any folder); with a state file, a folder's or list's
+    # paths are kept in a listing beside it, not in memory nor in the state (see sources.ImageListing)
+    source = open_source(files, listing_dir=Path(state_path).parent if state_path is not None else None)
     env_rank, env_world = dist_info()
     rank = env_rank if rank is None else rank
     world = env_world if world is None else world

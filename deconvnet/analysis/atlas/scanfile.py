@@ -200,7 +200,7 @@ def scan_fingerprint(
     shards and their image counts), k, distinctness, LRN."""
     h = hashlib.sha1()
     _hash_model(h, loaded, engine)
-    h.update(open_source(files).identity())
+    open_source(files).hash_into(h)  # streamed: a listing of a million paths is never held whole
     h.update(f"k={k};distinct={distinct};lrn={include_lrn}".encode())
     return h.hexdigest()
 

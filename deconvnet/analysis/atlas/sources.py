@@ -4,6 +4,12 @@ tar shards, each image known by a deterministic global id.
 * :class:`ImageFiles`: a folder (its image files, recursively, sorted), a text file of paths (one a
   line, in the list's order; relative paths are taken from the list's folder) or a list given in
   code. Global id = position in that list.
+* :class:`ImageListing`: the same paths kept in a listing file (one JSON string a line, written once
+  into the atlas's folder as ``images-<sha1>.txt``, named by its content) instead of in memory: the
+  source holds the byte offset of every 1,024th line and the block read last, so memory and the
+  scan's state file do not grow with the number of images (a folder of 1.28 M paths: 72 MB of
+  state before). A folder is listed by a sorted walk (:func:`iter_images`, the order of
+  :func:`~deconvnet.data.list_images`) streamed into the file, a ``.txt`` list line by line.
 * :class:`TarShards`: tar files such as ``train-{000000..001281}.tar`` (a brace pattern, expanded by
   :func:`expand_braces`, or the shard paths themselves). The images are the members with an image
   extension (WebDataset's ``key.jpg``; other members, e.g. ``key.cls``, are ignored). Global id =
@@ -30,6 +36,7 @@ import json
 import os
 import re
 import tarfile
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
@@ -40,7 +47,16 @@ from PIL import Image
 from ...data import IMAGE_EXTENSIONS, decode_image, list_images, load_image
 from ...errors import DeconvnetError
 
-__all__ = ["ImageFiles", "ImageSource", "TarShards", "expand_braces", "open_source", "source_from_spec"]
+__all__ = [
+    "ImageFiles",
+    "ImageListing",
+    "ImageSource",
+    "TarShards",
+    "expand_braces",
+    "iter_images",
+    "open_source",
+    "source_from_spec",
+]
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
@@ -73,9 +89,15 @@ class ImageSource(Sequence[str]):
         """A JSON description to reopen the source from (``None``: the scan stores the file list)."""
         return None
 
+    def hash_into(self, h: Any) -> None:
+        """Feed :meth:`identity` to the hash ``h`` (a listing streams it: it is never held whole)."""
+        h.update(self.identity())
+
     def fingerprint(self) -> str:
         """sha1 of :meth:`identity` (the manifest's ``source`` entry)."""
-        return hashlib.sha1(self.identity()).hexdigest()
+        h = hashlib.sha1()
+        self.hash_into(h)
+        return h.hexdigest()
 
     def missing(self, ids: Ids) -> list[str]:
         """Names of the files holding the images ``ids`` that are no longer there."""
@@ -86,7 +108,7 @@ class ImageSource(Sequence[str]):
         return f"{len(self)} images"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ImageSource) and self.kind == other.kind and self.identity() == other.identity()
+        return isinstance(other, ImageSource) and self.kind == other.kind and self.fingerprint() == other.fingerprint()
 
     __hash__ = None  # type: ignore[assignment]  # mutable-looking sequence: compared by value only
 
@@ -117,6 +139,133 @@ class ImageFiles(ImageSource):
 
     def missing(self, ids: Ids) -> list[str]:
         return [self.paths[int(i)] for i in ids if not os.path.isfile(self.paths[int(i)])]
+
+
+LISTING_BLOCK = 1024  # lines between two kept offsets of a listing file
+
+
+class ImageListing(ImageSource):
+    """Image files by path, kept in ``listing`` (one JSON string a line, ``count`` of them, see
+    :func:`write_listing`); global id = line number. Same ids, names and fingerprint as
+    :class:`ImageFiles` of the same paths (``kind`` "files"): only where the paths are kept differs."""
+
+    kind = "files"
+
+    def __init__(self, listing: str | os.PathLike, count: int, digest: str | None = None) -> None:
+        self.listing, self.length, self.digest = str(listing), int(count), digest
+        self._offsets: np.ndarray | None = None  # byte offset of lines 0, 1024, 2048, ... (read on first use)
+        self._block: tuple[int, list[str]] = (-1, [])  # the block of lines read last
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _index(self) -> np.ndarray:
+        if self._offsets is None:
+            offsets, position = [], 0
+            try:
+                with open(self.listing, "rb") as f:
+                    for line_number, line in enumerate(f):
+                        if line_number % LISTING_BLOCK == 0:
+                            offsets.append(position)
+                        position += len(line)
+            except OSError as e:
+                raise DeconvnetError(f"{self.listing}: cannot read the atlas's image listing ({e})") from None
+            if len(offsets) != -(-self.length // LISTING_BLOCK):
+                raise DeconvnetError(f"{self.listing}: the image listing changed (expected {self.length} lines)")
+            self._offsets = np.asarray(offsets, dtype=np.int64)
+        return self._offsets
+
+    def _line(self, gid: int) -> str:
+        if not 0 <= gid < self.length:
+            raise IndexError(f"image id {gid} out of range (0..{self.length - 1})")
+        block = gid // LISTING_BLOCK
+        if self._block[0] != block:
+            with open(self.listing, "rb") as f:
+                f.seek(int(self._index()[block]))
+                n = min(LISTING_BLOCK, self.length - block * LISTING_BLOCK)
+                lines = [json.loads(f.readline()) for _ in range(n)]
+            self._block = (block, lines)
+        return self._block[1][gid - block * LISTING_BLOCK]
+
+    @overload
+    def __getitem__(self, gid: int) -> str: ...
+    @overload
+    def __getitem__(self, gid: slice) -> Sequence[str]: ...
+    def __getitem__(self, gid: int | slice) -> str | Sequence[str]:
+        if isinstance(gid, slice):
+            return [self._line(i) for i in range(*gid.indices(len(self)))]
+        return self._line(int(gid))
+
+    def __iter__(self) -> Iterator[str]:
+        with open(self.listing, "rb") as f:
+            for _, line in zip(range(self.length), f):
+                yield json.loads(line)
+
+    def read(self, gid: int) -> Image.Image:
+        return load_image(self[int(gid)])
+
+    def hash_into(self, h: Any) -> None:
+        for i, path in enumerate(self):  # the bytes ImageFiles.identity() holds, streamed
+            h.update((f"\n{path}" if i else path).encode())
+
+    def identity(self) -> bytes:
+        return self.fingerprint().encode()
+
+    def fingerprint(self) -> str:
+        if self.digest is None:
+            self.digest = super().fingerprint()
+        return self.digest
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "listing", "listing": self.listing, "count": self.length, "sha1": self.fingerprint()}
+
+    def missing(self, ids: Ids) -> list[str]:
+        return [self[int(i)] for i in sorted(int(i) for i in ids) if not os.path.isfile(self[int(i)])]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_block": (-1, [])}
+
+
+def iter_images(root: str | os.PathLike) -> Iterator[str]:
+    """The image files under the folder ``root`` in the order of :func:`~deconvnet.data.list_images`
+    (paths compared part by part: each folder's entries sorted by name, a sub-folder's files where its
+    name falls), walked lazily: only one folder's entry names are held per level. Sub-folders that are
+    symbolic links are not entered (as ``Path.glob('**/*')`` does)."""
+    try:
+        entries = sorted(os.scandir(os.fspath(root)), key=lambda e: e.name)
+    except OSError as e:
+        raise DeconvnetError(f"{root}: cannot list the folder ({e})") from None
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from iter_images(entry.path)
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+            yield entry.path
+
+
+def write_listing(paths: Iterator[str], folder: str | os.PathLike, empty: str) -> ImageListing:
+    """Stream ``paths`` into ``folder/images-<sha1>.txt`` (sha1: the fingerprint of the paths; written
+    atomically, kept if already there) and return the listing; ``empty``: the error when there are none."""
+    folder = Path(folder).absolute()  # the scan names the listing by this path: usable from any folder
+    folder.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha1()
+    count = 0
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=folder, prefix=".images-", delete=False) as tmp:
+        try:
+            for path in paths:
+                h.update((f"\n{path}" if count else path).encode())
+                tmp.write(json.dumps(path) + "\n")
+                count += 1
+        except BaseException:
+            tmp.close()
+            os.unlink(tmp.name)
+            raise
+    if count == 0:
+        os.unlink(tmp.name)
+        raise DeconvnetError(empty)
+    digest = h.hexdigest()
+    final = folder / f"images-{digest}.txt"
+    os.replace(tmp.name, final)  # same content, same name: a rewrite by another process is harmless
+    return ImageListing(final, count, digest)
 
 
 class TarShards(ImageSource):
@@ -309,12 +458,16 @@ def _is_tar(path: str) -> bool:
 
 
 def open_source(
-    images: str | os.PathLike | Sequence[str | os.PathLike] | ImageSource, known_shards: Mapping[str, Any] | None = None
+    images: str | os.PathLike | Sequence[str | os.PathLike] | ImageSource,
+    known_shards: Mapping[str, Any] | None = None,
+    listing_dir: str | os.PathLike | None = None,
 ) -> ImageSource:
     """The image source ``images`` names: an :class:`ImageSource` (as is); a folder; a ``.txt`` list of
     paths; a tar shard or a brace pattern of shards; or a sequence of image paths or of shards.
     Paths are made absolute (an atlas is usable from any folder). ``known_shards``: image counts of
-    unchanged shards from an earlier run (:meth:`TarShards.shard_stats`), not counted again."""
+    unchanged shards from an earlier run (:meth:`TarShards.shard_stats`), not counted again.
+    ``listing_dir``: a folder or a ``.txt`` list is streamed into an :class:`ImageListing` there
+    (memory flat in the number of images) instead of an in-memory :class:`ImageFiles`."""
     if isinstance(images, ImageSource):
         return images
     if not isinstance(images, (str, os.PathLike)):
@@ -337,9 +490,14 @@ def open_source(
         return _shards([text], text, known_shards)
     root = Path(text)
     if root.suffix.lower() == ".txt" and root.is_file():
+        if listing_dir is not None:
+            return write_listing(_list_lines(root), listing_dir, f"{root}: the file list names no images")
         return _file_list(root)
     if not root.exists():
         raise DeconvnetError(f"no such folder: {root}")
+    if listing_dir is not None and root.is_dir():
+        empty = f"{root}: no image files found (looked for .jpg, .png, .bmp, ..., recursively)"
+        return write_listing((os.path.abspath(p) for p in iter_images(root)), listing_dir, empty)
     files = [os.path.abspath(p) for p in list_images(root)]
     if not files:
         raise DeconvnetError(
@@ -360,19 +518,30 @@ def _shards(paths: list[str], pattern: str, known: Mapping[str, Any] | None) -> 
 
 def _file_list(listing: Path) -> ImageFiles:
     """The paths in a text file, one a line (blank lines and ``#`` comments skipped)."""
-    try:
-        lines = listing.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DeconvnetError(f"{listing}: cannot read the file list ({e})") from None
-    base = listing.resolve().parent
-    paths = [os.path.abspath(base / s) for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+    paths = list(_list_lines(listing))
     if not paths:
         raise DeconvnetError(f"{listing}: the file list names no images")
     return ImageFiles(paths)
+
+
+def _list_lines(listing: Path) -> Iterator[str]:
+    """The absolute paths a text file names, one a line, read line by line (relative paths: from the
+    list's folder; blank lines and ``#`` comments skipped)."""
+    base = listing.resolve().parent
+    try:
+        with open(listing, encoding="utf-8") as f:
+            for line in f:
+                s = line.strip()
+                if s and not s.startswith("#"):
+                    yield os.path.abspath(base / s)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DeconvnetError(f"{listing}: cannot read the file list ({e})") from None
 
 
 def source_from_spec(spec: dict[str, Any]) -> ImageSource:
     """Reopen a source from its :meth:`ImageSource.spec` (counts trusted: no shard is read here)."""
     if spec.get("kind") == "tar":
         return TarShards(spec["shards"], spec["counts"])
+    if spec.get("kind") == "listing":
+        return ImageListing(spec["listing"], spec["count"], spec["sha1"])
     raise ValueError(f"unknown image source kind {spec.get('kind')!r}")
