@@ -100,6 +100,28 @@ class Weights:
 # The name the registry's entries had before they carried preprocessing and categories.
 WeightsSpec = Weights
 
+PYTORCHCV_RELEASES = "https://github.com/osmr/imgclsmob/releases/download"
+
+
+def _pytorchcv(name: str, arch: str, model: str, release: str, filename: str, sha1: str, **errors: float) -> Weights:
+    """An entry of pytorchcv/imgclsmob's ImageNet-1k releases: a zipped ``.pth`` checked by sha1, our
+    default ImageNet preprocessing, the 1000 ImageNet classes; ``errors``: its published error rates (%)."""
+    published = ", ".join(
+        f"{key.replace('_error', '').replace('top', 'top-')} err {value:.2f} %" for key, value in errors.items()
+    )
+    return Weights(
+        arch=arch,
+        description=f"pytorchcv/imgclsmob {model}, ImageNet-1k ({published})",
+        url=f"{PYTORCHCV_RELEASES}/{release}/{filename}.zip",
+        sha1=sha1,
+        filename=filename,
+        preprocessing=Preprocessing(),
+        categories=imagenet_classes,
+        meta={"source": "pytorchcv", **errors},
+        name=name,
+    )
+
+
 REGISTRY: dict[str, Weights] = {
     "zfnet-imagenette": Weights(
         arch="zfnet",
@@ -109,38 +131,33 @@ REGISTRY: dict[str, Weights] = {
         meta={"source": "bundled safetensors"},
         name="zfnet-imagenette",
     ),
-    "zfnet-imagenet": Weights(
-        arch="zfnet",
-        description="pytorchcv/imgclsmob ZFNet, ImageNet-1k (top-1 err 39.79 %, top-5 17.27 %)",
-        url="https://github.com/osmr/imgclsmob/releases/download/v0.0.395/zfnet-1727-d010ddca.pth.zip",
-        sha1="d010ddca1eb32a50a8cceb475c792f53e769b631",
-        filename="zfnet-1727-d010ddca.pth",
-        preprocessing=Preprocessing(),
-        categories=imagenet_classes,
-        meta={"source": "pytorchcv", "top1_error": 39.79, "top5_error": 17.27},
-        name="zfnet-imagenet",
+    "zfnet-imagenet": _pytorchcv(
+        "zfnet-imagenet",
+        "zfnet",
+        "ZFNet",
+        "v0.0.395",
+        "zfnet-1727-d010ddca.pth",
+        "d010ddca1eb32a50a8cceb475c792f53e769b631",
+        top1_error=39.79,
+        top5_error=17.27,
     ),
-    "zfnetb-imagenet": Weights(
-        arch="zfnet-b",
-        description="pytorchcv/imgclsmob ZFNet-b, ImageNet-1k (top-5 err 14.90 %)",
-        url="https://github.com/osmr/imgclsmob/releases/download/v0.0.400/zfnetb-1490-f6bec24e.pth.zip",
-        sha1="f6bec24eba037c8e4956704ed5bafaed29966601",
-        filename="zfnetb-1490-f6bec24e.pth",
-        preprocessing=Preprocessing(),
-        categories=imagenet_classes,
-        meta={"source": "pytorchcv", "top5_error": 14.90},
-        name="zfnetb-imagenet",
+    "zfnetb-imagenet": _pytorchcv(
+        "zfnetb-imagenet",
+        "zfnet-b",
+        "ZFNet-b",
+        "v0.0.400",
+        "zfnetb-1490-f6bec24e.pth",
+        "f6bec24eba037c8e4956704ed5bafaed29966601",
+        top5_error=14.90,
     ),
-    "alexnet-imagenet": Weights(
-        arch="alexnet",
-        description="pytorchcv/imgclsmob single-tower AlexNet, ImageNet-1k (top-5 err 16.64 %)",
-        url="https://github.com/osmr/imgclsmob/releases/download/v0.0.481/alexnet-1664-2768cdb3.pth.zip",
-        sha1="2768cdb312d584e33e93f31b0c569589bb289749",
-        filename="alexnet-1664-2768cdb3.pth",
-        preprocessing=Preprocessing(),
-        categories=imagenet_classes,
-        meta={"source": "pytorchcv", "top5_error": 16.64},
-        name="alexnet-imagenet",
+    "alexnet-imagenet": _pytorchcv(
+        "alexnet-imagenet",
+        "alexnet",
+        "single-tower AlexNet",
+        "v0.0.481",
+        "alexnet-1664-2768cdb3.pth",
+        "2768cdb312d584e33e93f31b0c569589bb289749",
+        top5_error=16.64,
     ),
 }
 
