@@ -150,7 +150,8 @@ def test_the_explorer_opens_an_atlas_of_100k_images_with_the_memory_of_one_of_1k
     projected on demand). The same scan claiming 1,000 or 100,000 images in 10 shards: same file
     size (to the digits of the counts), and the start-up's peak Python allocation within 10 % + 64 KiB
     (tracemalloc; the slack covers interpreter noise, while a per-image list or read would add
-    megabytes at 100,000). The shards hold 4 images each but claim more: reading one would fail."""
+    megabytes at 100,000). The shards hold 4 images each but claim more: reading one would fail. The
+    same for a folder's atlas, whose paths are in a listing file."""
     import tracemalloc
 
     from deconvnet.analysis.atlas import TarShards, scan_atlas
@@ -179,6 +180,24 @@ def test_the_explorer_opens_an_atlas_of_100k_images_with_the_memory_of_one_of_1k
         tracemalloc.stop()
         assert len(opened.scan.files) == n
     assert abs(sizes[0] - sizes[1]) <= 32, sizes
+    assert peaks[1] <= peaks[0] * 1.1 + 65536, peaks
+    # a folder's or list's atlas: its paths in a listing file, read for the offset of every 1,024th line
+    # (time linear in the file, memory flat: the same bound)
+    from deconvnet.analysis.atlas.sources import write_listing
+
+    paths = [str(p) for p in sorted((tmp_path / "imgs").rglob("*.*"))]
+    peaks = []
+    for n in (1_000, 100_000):
+        scan = AtlasScan.load(tmp_path / "tmp.npz")
+        scan.files = write_listing((paths[i % len(paths)] for i in range(n)), tmp_path / f"l{n}", "none")
+        for layer in scan.layers:
+            scan.images[layer] = rng.integers(0, n, scan.images[layer].shape)
+        scan.save(tmp_path / f"l{n}" / "atlas.npz")
+        tracemalloc.start()
+        opened = open_atlas(tmp_path / f"l{n}", loaded)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert len(opened.scan.files) == n
     assert peaks[1] <= peaks[0] * 1.1 + 65536, peaks
 
 
