@@ -204,3 +204,38 @@ def test_the_explorer_opens_an_atlas_of_100k_images_with_the_memory_of_one_of_1k
 def _saved(scan: AtlasScan, path: Path) -> Path:
     scan.save(path)
     return path
+
+
+def test_the_whole_job_counter_counts_every_share_and_a_resumed_finished_one(tmp_path, monkeypatch, capsys):
+    """The counter behind process 0's bar, in a real TCPStore (as torchrun's): process 1 scans its
+    share (adding its images and 'done'); then process 1 resumed from its finished state (a restart
+    after a crash of process 0) still says 'done', else process 0's bar would wait for it forever;
+    process 0's bar ends at every image of the job."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from deconvnet.analysis.atlas import scan_atlas
+
+    port = free_port()
+    timeout = datetime.timedelta(seconds=30)
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timeout, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    loaded = tiny_loaded(seed=24)
+    pattern = write_shards(write_images(tmp_path / "imgs", 7), tmp_path / "shards", per_shard=2)  # 4 shards
+    options = {"layers": "conv2", "k": 2, "batch_size": 2, "rank": 1, "world": 2}
+    one = scan_atlas(loaded, pattern, progress=False, state_path=tmp_path / "s1.npz", **options)
+    assert one.complete and len(one.shard) == 3  # shards 1 and 3: 2 + 1 images
+    prefix = f"deconvnet/atlas/{one.fingerprint[:16]}-conv2/0/"  # the scan, torchrun's restart count
+    assert store.add(prefix + "processed", 0) == 3 and store.add(prefix + "done", 0) == 1
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun restarted the workers
+    again = scan_atlas(loaded, pattern, progress=False, state_path=tmp_path / "s1.npz", **options)
+    assert again.complete
+    restarted = f"deconvnet/atlas/{one.fingerprint[:16]}-conv2/1/"
+    assert store.add(restarted + "processed", 0) == 3 and store.add(restarted + "done", 0) == 1
+    # process 0 (shards 0 and 2: 4 images) draws 7 of 7 and returns once both shares are done
+    zero = scan_atlas(loaded, pattern, progress=True, **{**options, "rank": 0})
+    assert zero.complete and store.add(restarted + "processed", 0) == 7
+    bar = capsys.readouterr().err.replace("\r", "\n")
+    assert "7/7" in bar and "[0/2]" not in bar, bar

@@ -76,6 +76,10 @@ def scan_atlas(
     if state is None:
         state = _empty_state(loaded, engine, source, layers, k, distinct, fingerprint, rank, world)
     if state.complete:
+        if state.world > 1:  # resumed finished: process 0's whole-job bar still waits for this share
+            done = _job_progress(state, False)
+            done.finish()
+            done.close()
         return state
     scanner = _Scanner(loaded, engine, state, cache, channels_last)
     _scan_shard(scanner, batch_size, workers, state_path, checkpoint_every, max_images, progress)
@@ -249,11 +253,7 @@ def _scan_shard(
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=keep_as_list)
     started = time.perf_counter()
     since_checkpoint = 0
-    # under torchrun process 0 draws the whole job's images/s and ETA (see progress.py)
-    name = f"{state.fingerprint[:16]}-{'_'.join(state.layers)}"
-    bar = JobProgress(
-        state.rank, state.world, len(state.files), state.processed, len(shard), name, progress, "atlas scan"
-    )
+    bar = _job_progress(state, progress)
     try:
         for batch in loader:
             scanner.add_batch(batch)
@@ -272,6 +272,14 @@ def _scan_shard(
         state.complete = state.processed >= len(shard)
         if state_path is not None:
             state.save(state_path)
+
+
+def _job_progress(state: AtlasScan, show: bool) -> JobProgress:
+    """The scan's progress bar: under torchrun process 0 draws the whole job's images/s and ETA."""
+    name = f"{state.fingerprint[:16]}-{'_'.join(state.layers)}"
+    return JobProgress(
+        state.rank, state.world, len(state.files), state.processed, len(state.shard), name, show, "atlas scan"
+    )
 
 
 def _warn_skipped(skipped: Sequence[tuple[str, str]]) -> None:
