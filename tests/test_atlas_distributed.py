@@ -68,6 +68,7 @@ def shards_and_weights(tmp_path_factory):
     return weights, pattern, tmp_path / "one"
 
 
+@pytest.mark.slow  # about 15-30 s: two torchrun launches
 def test_two_machines_by_c10d_rendezvous_give_the_one_process_atlas(tmp_path, shards_and_weights):
     """What the README's multi-machine command does, with both "machines" on 127.0.0.1 writing one
     shared output folder: each launch runs one process; the per-rank top-k lists are merged over the
