@@ -57,11 +57,11 @@ def assert_same_atlas(a_dir: Path, b_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def shards_and_weights(tmp_path_factory):
-    """Weights, 9 images in 5 tar shards and their one-process atlas (in ``one``)."""
+    """Weights, 30 images in 5 tar shards and their one-process atlas (in ``one``)."""
     tmp_path = tmp_path_factory.mktemp("atlas27")
     loaded = tiny_loaded(seed=21)
     weights = save_weights(loaded.model, tmp_path / "w.safetensors", loaded.classes, loaded.preprocessing)
-    pattern = write_shards(write_images(tmp_path / "imgs", 9), tmp_path / "shards", per_shard=2)  # 5 shards
+    pattern = write_shards(write_images(tmp_path / "imgs", 30), tmp_path / "shards", per_shard=6)  # 5 shards
     one = subprocess.run(atlas_command(weights, pattern, tmp_path / "one", "--quiet"), capture_output=True, text=True,
                          timeout=300, env=ENV)  # fmt: skip
     assert one.returncode == 0, one.stderr[-2000:]
@@ -106,10 +106,10 @@ def test_two_machines_by_c10d_rendezvous_give_the_one_process_atlas(tmp_path, sh
     outputs = [p.communicate(timeout=300) for p in launches]
     for p, (_, err) in zip(launches, outputs):
         assert p.returncode == 0, err[-3000:]
-    # one progress bar, rank 0's, counting the whole job's 9 images (its own shard holds 3 to 6 of them)
+    # one progress bar, rank 0's, counting the whole job's 30 images (its own shards hold 12 or 18)
     bars = [line for _, err in outputs for line in err.replace("\r", "\n").splitlines() if "atlas scan" in line]
-    assert bars and all("[1/2]" not in line and "/9 " in line for line in bars), bars
-    assert any("9/9 " in line for line in bars), bars
+    assert bars and all("[1/2]" not in line and "/30 " in line for line in bars), bars
+    assert any("30/30 " in line for line in bars), bars
     assert_same_atlas(one, tmp_path / "two")
     assert not list((tmp_path / "two").glob("scan*.npz"))  # the per-rank states are gone once merged
 
@@ -120,7 +120,8 @@ def test_a_rank_killed_after_a_checkpoint_and_a_restart_give_the_same_atlas(tmp_
     command again resumes both ranks from their scan-<rank>of2 states and finishes the same atlas."""
     weights, pattern, one = shards_and_weights
     out = tmp_path / "killed"
-    # one image a batch and a checkpoint after each: rank 1 is still scanning when its first state appears
+    # one image a batch and a checkpoint after each: rank 1 (12 or 18 images) is still scanning when its
+    # first state appears
 
     def command() -> list[str]:
         launcher = torchrun("--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()))
