@@ -146,3 +146,59 @@ def test_concurrent_large_uploads_stay_under_a_memory_bound(served):
     )
     assert growth < 450, growth
     assert proc.poll() is None
+
+
+def _read_all(s: socket.socket, timeout: float) -> bytes:
+    s.settimeout(timeout)
+    chunks = []
+    with contextlib.suppress(OSError):
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_the_head_deadline_holds_on_kept_alive_connections_and_never_cuts_a_request(served):
+    """The head deadline (uvicorn has none) starts again after each response, so a kept-alive connection
+    that then trickles its next head gets 408; a request whose head is in is never cut by it, even when its
+    body takes longer than the deadline and the client names another address (X-Forwarded-For)."""
+    _, url, _ = served
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        host = f"Host: 127.0.0.1:{port}\r\n".encode()
+        s.sendall(b"GET /api/health HTTP/1.1\r\n" + host + b"\r\n")
+        s.settimeout(10)
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200"), first[:200]
+        s.sendall(b"GET /api/health HTTP/1.1\r\n" + host)  # the next head, half sent
+        started = time.monotonic()
+        answer = _read_all(s, HEADER_TIMEOUT + 5)
+        both = first + answer  # the first response (its body may come in a second read), then the 408
+        assert both.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 408 Request Timeout" in answer, both[-300:]
+        assert time.monotonic() - started < HEADER_TIMEOUT + 2
+
+    body = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+    body += photo_bytes(seed=7) + b"\r\n--b--\r\n"
+    head = (
+        f"POST /api/upload HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Forwarded-For: 203.0.113.9\r\n"
+        f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(head)
+        pieces = 8  # the body over about 1.5 x the head deadline
+        for i in range(pieces):
+            s.sendall(body[i * len(body) // pieces : (i + 1) * len(body) // pieces])
+            time.sleep(1.5 * HEADER_TIMEOUT / pieces)
+        answer = _read_all(s, 30)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+def test_the_guard_wraps_uvicorns_protocol_without_subclassing_it():
+    """Only public APIs: the connection is an asyncio.Protocol holding uvicorn's, not a subclass of it."""
+    import asyncio
+
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from deconvnet.server.guard import ConnectionGuard
+
+    protocol = ConnectionGuard(1.0).protocol()
+    assert issubclass(protocol, asyncio.Protocol) and not issubclass(protocol, H11Protocol)

@@ -69,7 +69,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "--max-connections",
         type=positive_int,
         default=512,
-        help="open connections at most; more are closed at once (default 512)",
+        help="open connections at most; a request over it gets 503 (default 512)",
     )
     p.add_argument(
         "--max-requests",
@@ -152,7 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from ..server.app import create_app
-        from ..server.guard import guarded_protocol, served_names
+        from ..server.guard import ConnectionGuard, served_names
 
     # Bind here, before the model loads: a port in use is one clear line, and --port 0 gets a free
     # port whose number is printed (uvicorn serves this very socket).
@@ -218,13 +218,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+        guard = ConnectionGuard(header_timeout=args.header_timeout)  # what uvicorn lacks: a head deadline
         config = uvicorn.Config(
-            app,
+            guard.asgi(app),
             log_level="warning",
             access_log=False,
-            http=guarded_protocol(header_timeout=args.header_timeout, max_connections=args.max_connections),
+            http=guard.protocol(),
             timeout_keep_alive=5,  # idle kept-alive connections are closed after 5 s
-            limit_concurrency=None,  # counted per request by the app (RequestLimits), not per open socket
+            limit_concurrency=args.max_connections,  # open connections; requests in progress: RequestLimits
+            h11_max_incomplete_event_size=16 * 1024,  # a request head of at most 16 KiB
+            proxy_headers=False,  # no proxy in front: scope["client"] is the connection (ConnectionGuard)
         )
         uvicorn.Server(config).run(sockets=[sock])
     finally:

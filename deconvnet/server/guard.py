@@ -1,11 +1,17 @@
 """Connection policy of ``deconvnet serve``: slow or idle clients cannot starve real ones.
 
-* ``guarded_protocol(...)``: uvicorn's h11 protocol with a deadline for the request head (a client
-  that opens a connection and sends its headers a byte at a time is answered 408 and dropped after
-  ``header_timeout`` seconds), a cap on open connections (more are closed at once) and a lingering
-  close (a refused body still being sent is read and dropped, so the client gets the 413). uvicorn's own
-  ``limit_concurrency`` counts open connections, so a few hundred idle sockets would turn every real
-  request into 503; here only requests actually being served count (``RequestLimits``).
+What uvicorn and Starlette offer is used as they offer it (``commands/interfaces.py``): uvicorn's
+``limit_concurrency`` caps open connections (``--max-connections``; a request over the cap is answered
+503), ``timeout_keep_alive`` closes idle kept-alive connections, ``h11_max_incomplete_event_size``
+bounds a request head's size. Here is only what they lack, on public APIs:
+
+* ``ConnectionGuard``: a deadline for each request head (a client that opens a connection and sends
+  its headers a byte at a time is answered 408 and dropped after ``header_timeout`` seconds: uvicorn has
+  no such deadline) and a lingering close (a refused body still being sent is read and dropped, so the
+  client gets the 413). ``ConnectionGuard.protocol()`` is an ``asyncio.Protocol`` (pass it as
+  ``uvicorn.Config(http=...)``) that holds uvicorn's own h11 protocol and passes everything through to
+  it; ``ConnectionGuard.asgi(app)`` is the ASGI middleware that tells it when a request starts (its head
+  is in) and when its response is complete (the next head's deadline starts).
 * ``RequestLimits``: ASGI middleware: at most ``max_in_flight`` requests in progress (more get 503
   with Retry-After at once instead of queueing without bound) and a deadline for reading a request
   body (408 after ``body_timeout`` seconds), so a slow upload holds no worker for long.
@@ -27,18 +33,17 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-import h11
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["guarded_protocol", "OriginGuard", "RequestLimits", "TrackingSend", "LOOPBACK_NAMES", "served_names"]
+__all__ = ["ConnectionGuard", "OriginGuard", "RequestLimits", "TrackingSend", "LOOPBACK_NAMES", "served_names"]
 
 _TIMEOUT_BODY = b'{"error": "request headers not received in time; send them at once", "status": 408}'
 REQUEST_TIMEOUT = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
     b"content-length: " + str(len(_TIMEOUT_BODY)).encode() + b"\r\n\r\n" + _TIMEOUT_BODY
 )
+HEAD_END = b"\r\n\r\n"
 
 
 class _LingeringTransport:
@@ -72,56 +77,124 @@ class _LingeringTransport:
         self._transport.close()
 
 
-def guarded_protocol(header_timeout: float = 10.0, max_connections: int = 512) -> type[H11Protocol]:
-    """An ``H11Protocol`` subclass (pass as ``uvicorn.Config(http=...)``) with a request-head deadline
-    and a connection cap."""
+def _peer(address: Any) -> tuple[str, int] | None:
+    """A connection's key as ASGI's ``scope["client"]`` spells it: (host, port)."""
+    if isinstance(address, (tuple, list)) and len(address) >= 2:
+        return str(address[0]), int(address[1])
+    return None
 
-    class GuardedH11Protocol(H11Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.lingering_transport = _LingeringTransport(transport, self.loop)
-            # a duck-typed proxy: as a subclass of asyncio.Transport, the base's methods would hide the
-            # transport's own (they are reached through __getattr__)
-            super().connection_made(cast(asyncio.Transport, self.lingering_transport))
-            self._head_deadline: asyncio.TimerHandle | None = None
-            if len(self.connections) > max_connections:
-                transport.close()  # over the cap: refuse now rather than let it wait for a slot
+
+class _Connection(asyncio.Protocol):
+    """One client connection: uvicorn's h11 protocol inside, with the request-head deadline around it."""
+
+    def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
+        self.guard, self.inner = guard, inner
+        self.loop = asyncio.get_running_loop()
+        self.transport: _LingeringTransport | None = None
+        self.key: tuple[str, int] | None = None
+        self.deadline: asyncio.TimerHandle | None = None
+        self.busy = False  # a request's head is in and its response not yet complete
+        self.tail = b""  # the last bytes received, to find a head's end split across reads
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = _LingeringTransport(transport, self.loop)
+        self.key = _peer(transport.get_extra_info("peername"))
+        if self.key is not None:
+            self.guard.connections[self.key] = self
+        # a duck-typed proxy: as a subclass of asyncio.Transport, the base's methods would hide the
+        # transport's own (they are reached through __getattr__)
+        self.inner.connection_made(cast(asyncio.Transport, self.transport))
+        self.arm()
+
+    def arm(self) -> None:
+        """Start the next request head's deadline (a new connection, or a response complete)."""
+        self.disarm()
+        self.busy, self.tail = False, b""
+        self.deadline = self.loop.call_later(self.guard.header_timeout, self.timed_out)
+
+    def disarm(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def timed_out(self) -> None:
+        self.deadline = None
+        if not self.busy and self.transport is not None and not self.transport.is_closing():
+            # still waiting for (the rest of) a request head: answer 408 and drop the connection
+            self.transport.write(REQUEST_TIMEOUT)
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is not None and self.transport.lingering:
+            return  # closing: what the client still sends is read and dropped
+        if self.deadline is not None:
+            seen = self.tail + data
+            if HEAD_END in seen:
+                self.disarm()  # the head is complete: the body has its own deadline (RequestLimits)
+            self.tail = seen[-(len(HEAD_END) - 1) :]
+        cast(Any, self.inner).data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return cast(Any, self.inner).eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.disarm()
+        if self.key is not None and self.guard.connections.get(self.key) is self:
+            del self.guard.connections[self.key]
+        self.inner.connection_lost(exc)
+
+
+class ConnectionGuard:
+    """The request-head deadline and lingering close of one server (see the module docstring).
+
+    ``protocol()`` is the class to pass as ``uvicorn.Config(http=...)`` and ``asgi(app)`` the app to
+    serve: both must be used, the middleware marking each connection busy while a request is served
+    (found by ``scope["client"]``, so run uvicorn with ``proxy_headers=False``)."""
+
+    def __init__(self, header_timeout: float = 10.0) -> None:
+        self.header_timeout = header_timeout
+        self.connections: dict[tuple[str, int], _Connection] = {}
+
+    def protocol(self) -> type[asyncio.Protocol]:
+        """An ``asyncio.Protocol`` class for ``uvicorn.Config(http=...)``: uvicorn constructs it with the
+        arguments of its own protocols, which go unchanged to the h11 protocol it wraps."""
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        guard = self
+
+        class GuardedConnection(_Connection):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(guard, H11Protocol(*args, **kwargs))
+
+        return GuardedConnection
+
+    def asgi(self, app: Any) -> Callable[..., Any]:
+        """``app`` with each HTTP request marked on its connection: busy from its start (no 408 can be
+        written into it), the next head's deadline from its response's last byte."""
+        connections = self.connections
+
+        async def guarded(scope: dict, receive: Callable, send: Callable) -> None:
+            connection = connections.get(_peer(scope.get("client"))) if scope["type"] == "http" else None  # type: ignore[arg-type]
+            if connection is None:
+                await app(scope, receive, send)
                 return
-            self._arm()
+            connection.disarm()
+            connection.busy = True
 
-        def _arm(self) -> None:
-            self._disarm()
-            self._head_deadline = self.loop.call_later(header_timeout, self._head_timed_out)
+            async def marking_send(message: dict) -> None:
+                await send(message)
+                if message["type"] == "http.response.body" and not message.get("more_body", False):
+                    connection.arm()
 
-        def _disarm(self) -> None:
-            deadline = getattr(self, "_head_deadline", None)
-            if deadline is not None:
-                deadline.cancel()
-                self._head_deadline = None
+            await app(scope, receive, marking_send)
 
-        def _head_timed_out(self) -> None:
-            self._head_deadline = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                # still waiting for (the rest of) a request head: answer 408 and drop the connection
-                self.transport.write(REQUEST_TIMEOUT)
-                self.transport.close()
-
-        def data_received(self, data: bytes) -> None:
-            if self.lingering_transport.lingering:
-                return  # closing: what the client still sends is read and dropped
-            super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:
-                self._disarm()  # the head is complete: the body has its own deadline (RequestLimits)
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm()  # the next request's head on this kept-alive connection
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-    return GuardedH11Protocol
+        return guarded
 
 
 class _BodyTimeout(StarletteHTTPException):
