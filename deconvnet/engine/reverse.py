@@ -403,7 +403,7 @@ def local_derivative(op: Op, graph: ModelGraph, record: ForwardRecord, channels_
 
 
 def _activation_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tensor]:
-    derivative = None
+    derivative = x.new_ones(())  # read only by rules that look at the forward pass
     if w.rule.looks_at_forward:
         # channels innermost (the transposed convolutions' channels-last output, or a view of it cut
         # by the padding): the derivative in the same order
