@@ -14,7 +14,9 @@ and a backward pass per selection, the peers' way; it is an optional benchmark d
   160 selections). Captum's ``NeuronGuidedBackprop`` hooks only ``nn.ReLU`` modules, so on these
   GELU/SiLU models it returns the plain gradient: under ``--rule guided`` the printed difference is
   ours (guided through GELU/SiLU, gates held) against Captum's gradient, not an equality check;
-  under ``--rule gradient`` the two are the same quantity and must agree.
+  under ``--rule gradient`` the two are the same quantity and must agree. Where the engine takes the
+  windowed way down (EfficientNet-B0's ``features.4`` under deconvnet/guided: squeeze-excitation gates
+  held), it is also timed against whole maps, as for ResNet-50.
 
 For the windowed layers the same selections also go down over whole maps
 (``DeconvNet(model, fast_path=False)``) in the same process: the windowed vs whole-map speed-up and
@@ -230,6 +232,10 @@ def run_families(families: list[str], args: argparse.Namespace, clock) -> None:
                 clock,
                 f"{layer} ({maps} maps x 2)",
             )
+            engine.path_counts.clear()
+            engine.project(x, sels[:1], rule=args.rule)
+            if engine.path_counts["graph-windowed"]:  # the windowed way down against whole maps, as ResNet's
+                windowed_vs_whole(model, x, sels, args.rule, clock, f"{layer} windowed vs whole maps")
 
 
 if __name__ == "__main__":
