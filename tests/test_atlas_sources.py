@@ -361,3 +361,8 @@ def test_folder_and_list_sources_keep_their_paths_in_a_listing_not_in_memory_or_
         sizes.append((tmp_path / f"{n}.npz").stat().st_size)
     assert abs(sizes[0] - sizes[1]) <= 16, sizes
     assert abs(pickled[0] - pickled[1]) <= 64, pickled  # 3,000 paths would add ~100 KB
+    # a listing edited behind the atlas's back is one line, not a wrong image
+    changed = Path(listing.listing).read_text().splitlines(keepends=True)[:-1]
+    Path(listing.listing).write_text("".join(changed))
+    with pytest.raises(DeconvnetError, match="the image listing changed"):
+        AtlasScan.load(tmp_path / "out" / "s.npz").files[0]

@@ -161,16 +161,17 @@ class ImageListing(ImageSource):
 
     def _index(self) -> np.ndarray:
         if self._offsets is None:
-            offsets, position = [], 0
+            offsets, position, lines = [], 0, 0
             try:
                 with open(self.listing, "rb") as f:
-                    for line_number, line in enumerate(f):
-                        if line_number % LISTING_BLOCK == 0:
+                    for line in f:
+                        if lines % LISTING_BLOCK == 0:
                             offsets.append(position)
                         position += len(line)
+                        lines += 1
             except OSError as e:
                 raise DeconvnetError(f"{self.listing}: cannot read the atlas's image listing ({e})") from None
-            if len(offsets) != -(-self.length // LISTING_BLOCK):
+            if lines != self.length:
                 raise DeconvnetError(f"{self.listing}: the image listing changed (expected {self.length} lines)")
             self._offsets = np.asarray(offsets, dtype=np.int64)
         return self._offsets
