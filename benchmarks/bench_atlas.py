@@ -8,8 +8,13 @@
     autograd), one call per selection, on the same top-k selections (a random subset of maps of every
     layer), both from the same preloaded image tensors and both including their forward passes.
     Target: >= 10x, identical results (max relative difference printed).
+(c) Issue 27: a graph model's full atlas vs its plain inference, same loader, same run: ResNet-50
+    (torchvision, seeded random weights: no model hub here; the cost does not depend on the weights'
+    values) at 224 px, layer1-layer4 with ``--resnet50-maps`` (64) random maps per layer, top-9.
+    Target: <= 1.5 (and (a) <= 1.3 for the bundled ZFNet, all 1,376 maps).
 
     python benchmarks/bench_atlas.py IMAGE_DIR [--weights W] [--limit N] [--out DIR] [--hook-maps 8]
+        [--resnet50-maps 64 | --resnet50-maps 0] [--skip-hook]
 
 Prints the numbers and the machine. The page cache is warmed (every file read once) before timing.
 """
@@ -27,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deconvnet.analysis.atlas import AtlasScan, ImageShard, build_atlas, keep_as_list
+from deconvnet.analysis.atlas import AtlasResult, AtlasScan, ImageShard, keep_as_list
 from deconvnet.data import list_images, load_image
 from deconvnet.engine import DeconvNet
 from deconvnet.engine.windowed import WindowedProjector, last_pool_below
@@ -131,6 +136,60 @@ def ours(loaded, scan: AtlasScan, selections, images: dict[int, torch.Tensor], p
     return out
 
 
+def timed_atlas(loaded, files, layers, maps, args, out: Path, render: bool = False) -> AtlasResult:
+    """What ``build_atlas`` runs (scan with the switch cache, projections, optionally the sheets), each
+    phase timed with ``clock`` (process CPU time under ``--threads 1``; build_atlas's own timings are
+    wall-clock); the scan is saved to ``out/atlas.npz`` for (b)."""
+    from deconvnet.analysis.atlas import SwitchCache, project_atlas, scan_atlas
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [str(f) for f in files]
+    cache = SwitchCache(1024.0)
+    t0 = clock()
+    scan = scan_atlas(
+        loaded, paths, layers, k=args.top, batch_size=args.batch_size, workers=args.workers, cache=cache, progress=False
+    )
+    timings = {"scan": clock() - t0}
+    t0 = clock()
+    tiles = project_atlas(loaded, scan, maps=maps, cache=cache, progress=False)
+    timings["project"] = clock() - t0
+    scan.save(out / "atlas.npz")
+    written = []
+    if render:
+        from deconvnet.display.atlas import render_atlas
+
+        t0 = clock()
+        written = render_atlas(tiles, out, files=scan.files, progress=False)
+        timings["render"] = clock() - t0
+    return AtlasResult(scan, tiles, written, timings)
+
+
+def graph_atlas(files, args, out: Path) -> None:
+    """(c) ResNet-50 layer1-layer4, ``args.resnet50_maps`` random maps a layer: full atlas vs inference."""
+    import torchvision
+
+    from deconvnet.data import Preprocessing
+    from deconvnet.weights import wrap_model
+
+    torch.manual_seed(0)
+    loaded = wrap_model(torchvision.models.resnet50(weights=None).eval(), preprocessing=Preprocessing(256, 224))
+    layers = ["layer1", "layer2", "layer3", "layer4"]
+    rng = random.Random(0)
+    channels = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
+    maps = {l: sorted(rng.sample(range(channels[l]), min(args.resnet50_maps, channels[l]))) for l in layers}
+    t_inf = plain_inference(loaded, files, args.batch_size, args.workers, channels_last=True)
+    print(f"(c) ResNet-50 (random weights, 224 px) plain inference: {t_inf:.1f} s ({len(files) / t_inf:.1f} images/s)")
+    res = timed_atlas(loaded, files, layers, maps, args, out)
+    total = res.timings["scan"] + res.timings["project"]
+    t_project = res.timings["project"]
+    shown = sum(int(t.filled.sum()) for t in (res.tiles or {}).values())
+    print(
+        f"    atlas scan: {total - t_project:.1f} s; projections ({shown}, {args.resnet50_maps} maps x {len(layers)} "
+        f"layers x top-{args.top}): {t_project:.1f} s ({shown / max(t_project, 1e-9):.1f}/s)"
+    )
+    print(f"    full atlas (scan + projections): {total:.1f} s  ->  ratio to plain inference {total / t_inf:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images")
@@ -144,7 +203,13 @@ def main() -> None:
     parser.add_argument("--hook-maps", type=int, default=8, help="maps per layer for benchmark (b)")
     parser.add_argument("--skip-full", action="store_true", help="only (b), on the atlas.npz already in --out")
     parser.add_argument("--render", action="store_true", help="also render the sheets (timed separately)")
-    parser.add_argument("--skip-hook", action="store_true", help="only (a)")
+    parser.add_argument("--skip-hook", action="store_true", help="skip (b)")
+    parser.add_argument(
+        "--resnet50-maps",
+        type=int,
+        default=0,
+        help="(c): ResNet-50 layer1-layer4 atlas of N random maps a layer (0: skip)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -195,26 +260,7 @@ def main() -> None:
     if not args.skip_full:
         t_inf = plain_inference(loaded, files, args.batch_size, args.workers, channels_last=True)
         print(f"(a) plain inference: {t_inf:.1f} s ({len(files) / t_inf:.1f} images/s)")
-        t_build = clock()
-        res = build_atlas(
-            loaded,
-            [str(f) for f in files],
-            out,
-            layers=args.layers,
-            k=args.top,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            restart=True,
-            render=args.render,
-            project=True,
-            progress=False,
-        )
-        t_build = clock() - t_build
-        if clock is time.process_time:  # build_atlas's own timings are wall-clock: use the CPU-time total
-            res.timings = {
-                "scan": t_build - sum(v for k, v in res.timings.items() if k != "scan"),
-                **{k: v for k, v in res.timings.items() if k != "scan"},
-            }
+        res = timed_atlas(loaded, files, args.layers, None, args, out, render=args.render)
         maps = sum(v.shape[0] for v in res.scan.values.values())
         t_scan = res.timings["scan"]
         print(f"    atlas scan: {t_scan:.1f} s; layers {','.join(res.scan.layers)}: {maps} maps, top-{res.scan.k}")
@@ -237,6 +283,8 @@ def main() -> None:
                 f"ratio {(t_atlas + res.timings['render']) / t_inf:.2f}"
             )
 
+    if args.resnet50_maps > 0:
+        graph_atlas(files, args, out.parent / (out.name + "-resnet50"))
     if args.skip_hook:
         return
     scan = AtlasScan.load(out / "atlas.npz")

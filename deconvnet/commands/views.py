@@ -77,6 +77,13 @@ def add_atlas(sub: argparse._SubParsersAction) -> None:
         "--maps/--random-maps now, the rest when the explorer (serve --atlas) shows them, kept in OUT/projections/",
     )
     p.add_argument(
+        "--amp",
+        choices=("bf16",),
+        default=None,
+        help="scan in bfloat16 autocast (GPUs), the kept winners re-scored in fp32: stored values and "
+        "projections exact; which images win is decided in bf16 (near-ties may differ)",
+    )
+    p.add_argument(
         "--tile",
         type=positive_int,
         default=64,
@@ -285,6 +292,7 @@ def cmd_atlas(args: argparse.Namespace) -> int:
         engine=engine,
         visualize_steps=args.visualize,
         projections=args.projections,
+        amp=args.amp,
     )
     if rank == 0:
         scan = result.scan

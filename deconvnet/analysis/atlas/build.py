@@ -110,6 +110,7 @@ def build_atlas(
     engine: DeconvNet | None = None,
     visualize_steps: int = 0,
     projections: str = "eager",
+    amp: str | None = None,
 ) -> AtlasResult:
     """Scan (resuming ``out_dir/scan*.npz`` if present), merge shards under torchrun, project and render.
 
@@ -129,6 +130,8 @@ def build_atlas(
     the end of its block (process 0). ``projections="lazy"``: every map is scanned but only the
     ``maps`` chosen (none if ``maps`` is None) are projected and drawn now; their tiles, and those the
     explorer projects later on first view, are kept in ``out_dir/projections/`` (:class:`~.lazy.ProjectionStore`).
+    ``amp="bf16"``: the scan's forward passes under bf16 autocast (a GPU's fast path), the winners
+    re-scored in fp32 (see :func:`~.scan.scan_atlas`).
     """
     if projections not in ("eager", "lazy"):
         raise DeconvnetError(f"projections={projections!r}: choose 'eager' or 'lazy'")
@@ -184,6 +187,7 @@ def build_atlas(
                 cache=cache,
                 max_images=max_images,
                 include_lrn=include_lrn,
+                amp=amp,
             )
             if not scan.complete:
                 return AtlasResult(scan, None, [], {"scan": time.perf_counter() - t0})

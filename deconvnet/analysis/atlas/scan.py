@@ -3,6 +3,7 @@ checkpointed and resumable, one shard of the files per process under torchrun.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -17,14 +18,14 @@ from ...errors import DeconvnetError
 from ...runtime import dist_info
 from ...weights import LoadedModel
 from .cache import SwitchCache, images_per_pass, pools_below
-from .images import ImageShard, keep_as_list
+from .images import ImageShard, keep_as_list, source_pixels
 from .progress import JobProgress
 from .scanfile import AtlasScan, scan_fingerprint
 from .sources import ImageSource, open_source
 from .spec import atlas_engine, parse_layers
-from .topk import TopK, candidates, flat_positions, grid_positions, select_topk
+from .topk import TopK, candidates, empty_topk, flat_positions, grid_positions, select_topk
 
-__all__ = ["scan_atlas"]
+__all__ = ["rescore_fp32", "scan_atlas"]
 
 
 def scan_atlas(
@@ -46,6 +47,7 @@ def scan_atlas(
     include_lrn: bool = False,
     channels_last: bool = True,
     engine: DeconvNet | None = None,
+    amp: str | None = None,
 ) -> AtlasScan:
     """Scan ``files`` (this process's shard of them under torchrun) for the top-``k`` activations of
     every map of ``layers``; ``files``: image paths, or anything :func:`~.sources.open_source` takes (a
@@ -56,7 +58,14 @@ def scan_atlas(
     files of the shard (the state stays resumable): used to test interruption. Returns this shard's
     scan; merge shards with :func:`merge_scans`. With ``channels_last`` (default, CPU) the model's
     parameters are converted to the channels-last memory format in place (same results, faster).
-    ``engine``: the run's engine (see :func:`atlas_engine`), made here if not given."""
+    ``engine``: the run's engine (see :func:`atlas_engine`), made here if not given.
+
+    ``amp="bf16"``: the forward passes of the scan run under ``torch.autocast`` in bfloat16 (a GPU's
+    fast path; CPUs without bf16 units gain nothing), and at the end the kept winners are re-scored in
+    float32 (:func:`rescore_fp32`): the stored values and positions are each winner image's exact fp32
+    ones, and no switches are cached (the projections redo an fp32 forward pass), so the projections are
+    exact too. Which images win is decided on bf16 values: where two images' activations lie within
+    bf16 rounding (about 0.4 %), another image may hold a slot than an fp32 scan would choose."""
     from torchvision.transforms.v2 import functional as TF  # noqa: F401 - imported early for workers
 
     if k < 1:
@@ -75,14 +84,30 @@ def scan_atlas(
     state = _resumed_state(state_path, fingerprint, layers, rank, world) if state_path is not None and resume else None
     if state is None:
         state = _empty_state(loaded, engine, source, layers, k, distinct, fingerprint, rank, world)
-    if state.complete:
+    if amp not in (None, "bf16"):
+        raise DeconvnetError(f"amp={amp!r}: choose None or 'bf16'")
+    # a state begun in bf16 is re-scored at the end even if resumed without amp (its early values are
+    # bf16), and one interrupted between its last save and the re-scoring is re-scored on resume
+    marker = Path(f"{state_path}.bf16") if state_path is not None else None
+    rescore = amp is not None or (marker is not None and marker.exists())
+    if state.complete and not (marker is not None and marker.exists()):
         if state.world > 1:  # resumed finished: process 0's whole-job bar still waits for this share
             done = _job_progress(state, False)
             done.finish()
             done.close()
         return state
-    scanner = _Scanner(loaded, engine, state, cache, channels_last)
-    _scan_shard(scanner, batch_size, workers, state_path, checkpoint_every, max_images, progress)
+    if amp and marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    if not state.complete:
+        scanner = _Scanner(loaded, engine, state, None if amp else cache, channels_last, amp)
+        _scan_shard(scanner, batch_size, workers, state_path, checkpoint_every, max_images, progress)
+    if rescore and state.complete:
+        rescore_fp32(loaded, engine, state, channels_last)
+        if state_path is not None:
+            state.save(state_path)
+        if marker is not None:
+            marker.unlink(missing_ok=True)
     if state.skipped and rank == 0 and state.complete:
         _warn_skipped(state.skipped)
     return state
@@ -136,15 +161,25 @@ class _Scanner:
     chosen layer, and (chain models, with a cache) the switches of the images entering a top-k list."""
 
     def __init__(
-        self, loaded: LoadedModel, engine: DeconvNet, state: AtlasScan, cache: SwitchCache | None, channels_last: bool
+        self,
+        loaded: LoadedModel,
+        engine: DeconvNet,
+        state: AtlasScan,
+        cache: SwitchCache | None,
+        channels_last: bool,
+        amp: str | None = None,
     ) -> None:
         self.loaded, self.engine, self.state, self.channels_last = loaded, engine, state, channels_last
+        self.amp = amp
         self.layers = state.layers
+        self.device = loaded.device
+        # the running top-k lists live on the model's device: a GPU's activations never leave it
+        # (only the lists, k x maps, come back at each checkpoint)
         self.tops: dict[str, TopK] = {
             l: (
-                torch.from_numpy(state.values[l]),
-                torch.from_numpy(state.images[l]),
-                flat_positions(state.positions[l], state.grid[l][1]),
+                torch.from_numpy(state.values[l]).to(self.device),
+                torch.from_numpy(state.images[l]).to(self.device),
+                flat_positions(state.positions[l], state.grid[l][1]).to(self.device),
             )
             for l in self.layers
         }
@@ -153,7 +188,7 @@ class _Scanner:
         self.pools = pools_below(engine, self.upto) if engine.is_chain else []
         # pixels and switches of the images in some top-k list, kept for the projections (chain models)
         self.cache = cache if cache is not None and not engine.include_lrn and engine.is_chain else None
-        if channels_last and loaded.device.type == "cpu":
+        if channels_last and loaded.device.type in ("cpu", "cuda"):
             loaded.model.to(memory_format=torch.channels_last)
         # a batch goes through the model in passes of at most this many images: memory bounded by
         # bytes whatever --batch-size (see cache.images_per_pass)
@@ -168,16 +203,17 @@ class _Scanner:
         passes = -(-len(good) // self.per_pass)
         step = -(-len(good) // max(1, passes))  # even passes: 32 images at 18 a pass go as 16 + 16
         for start in range(0, len(good), max(1, step)):
-            self._add_pass(good[start : start + step])
+            self.add_pass(good[start : start + step])
 
-    def _add_pass(self, good: list[tuple[int, torch.Tensor]]) -> None:
+    def add_pass(self, good: list[tuple[int, torch.Tensor]]) -> None:
         """One forward pass over readable images (exact: the top-k merge is the same in any grouping)."""
         gids = torch.tensor([g for g, _ in good])
         pixels = torch.stack([t for _, t in good])
         outs, rec = self._forward(pixels)
+        gids_here = gids.to(self.device)
         for layer in self.layers:
             gh, gw = self.state.grid[layer]
-            cv, ci, cp = candidates(outs[layer].cpu(), gids, self.state.k, self.state.distinct)
+            cv, ci, cp = candidates(outs[layer], gids_here, self.state.k, self.state.distinct)
             v, i, p = self.tops[layer]
             self.tops[layer] = select_topk(
                 torch.cat([v, cv], 1), torch.cat([i, ci], 1), torch.cat([p, cp], 1), self.state.k, gh * gw
@@ -187,10 +223,15 @@ class _Scanner:
 
     def _forward(self, pixels: torch.Tensor) -> tuple[dict[str, torch.Tensor], ChainRecord | None]:
         """The chosen layers' outputs for uint8 ``pixels``, and the chain record when caching."""
-        x = self.loaded.preprocessing.normalize(pixels.to(self.loaded.device))
+        if self.device.type == "cuda":  # page-locked, so that the copy overlaps the GPU's work
+            pixels = pixels.pin_memory()
+        x = self.loaded.preprocessing.normalize(pixels.to(self.device, non_blocking=True))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp == "bf16" else contextlib.nullcontext()
+        )
+        with torch.no_grad(), autocast:
             chain = self.engine.chain
             if chain is None:
                 return self.engine.outputs(x, self.layers), None
@@ -227,9 +268,9 @@ class _Scanner:
     def store(self, seconds: float) -> None:
         """Write the running top-k lists into the state; add ``seconds`` to its scan time."""
         for layer, (v, i, p) in self.tops.items():
-            self.state.values[layer] = v.numpy().astype(np.float32)
-            self.state.images[layer] = i.numpy().astype(np.int64)
-            self.state.positions[layer] = grid_positions(p, self.state.grid[layer][1])
+            self.state.values[layer] = v.cpu().numpy().astype(np.float32)
+            self.state.images[layer] = i.cpu().numpy().astype(np.int64)
+            self.state.positions[layer] = grid_positions(p.cpu(), self.state.grid[layer][1])
         self.state.seconds += seconds
 
 
@@ -251,6 +292,7 @@ def _scan_shard(
         todo = todo[: max(0, max_images)]
     dataset = ImageShard(state.files, todo, scanner.loaded.preprocessing.geometry())
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=keep_as_list)
+
     started = time.perf_counter()
     since_checkpoint = 0
     bar = _job_progress(state, progress)
@@ -280,6 +322,28 @@ def _job_progress(state: AtlasScan, show: bool) -> JobProgress:
     return JobProgress(
         state.rank, state.world, len(state.files), state.processed, len(state.shard), name, show, "atlas scan"
     )
+
+
+def rescore_fp32(loaded: LoadedModel, engine: DeconvNet, state: AtlasScan, channels_last: bool = True) -> None:
+    """Re-score a scan's kept winners in float32 (after a bf16 scan): one fp32 forward pass over the
+    images in some top-k list; per map, each listed image's candidates are recomputed exactly as the
+    scan computes them (:func:`~.topk.candidates`: its first maximum, or its k best positions) and the
+    k best are chosen again under the scan's total order. Stored values and positions become exact."""
+    listed = sorted({int(g) for l in state.layers for g in state.images[l].ravel() if g >= 0})
+    if not listed:
+        return
+    scanner = _Scanner(loaded, engine, state, None, channels_last)
+    geometry = loaded.preprocessing.geometry()
+    # candidates of the listed images only: empty lists, then the fp32 passes merged in (exact: any grouping)
+    for layer in state.layers:
+        v, i, p = empty_topk(state.values[layer].shape[0], state.k)
+        scanner.tops[layer] = (v.to(scanner.device), i.to(scanner.device), p.to(scanner.device))
+    for start in range(0, len(listed), scanner.per_pass):
+        ids = listed[start : start + scanner.per_pass]
+        scanner.add_pass([(g, source_pixels(state.files, g, geometry)) for g in ids])
+    seconds = state.seconds
+    scanner.store(0.0)
+    state.seconds = seconds
 
 
 def _warn_skipped(skipped: Sequence[tuple[str, str]]) -> None:
