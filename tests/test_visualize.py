@@ -286,3 +286,33 @@ def test_atlas_sheets_show_the_optimised_image_beside_the_top_k(tmp_path):
     assert json.loads((folder / "visualize.json").read_text())["units"][1]["channel"] == 5
     page = Image.open(tmp_path / "atlas" / "conv3" / "maps-0003-0005.png")  # what build_atlas wrote: the same
     assert page.size == Image.open(save_figure(with_image, tmp_path / "with.png", dpi=SHEET_DPI)).size
+
+
+@pytest.mark.slow
+def test_cli_on_a_torchvision_state_dict_file(tmp_path):
+    """`visualize` and `atlas --visualize` on torchvision's ResNet-18 given as a plain state-dict file
+    (random weights: no model hub here) with `--arch`: the optimised images, their JSON, and the sheet
+    beside the top-k. Marked slow: two processes on a 224 px ResNet (20-30 s on 2 idle cores)."""
+    from PIL import Image
+
+    from tests.helpers.images import noise_images
+
+    weights = tmp_path / "resnet18-random.pth"
+    torch.save(torchvision_model("resnet18").state_dict(), weights)
+    model_args = ("--weights", str(weights), "--arch", "resnet18", "--quiet")
+    r = run_deconvnet(
+        "visualize", *model_args, "--layer", "layer2", "--units", "0,7", "--steps", "2", "--out", str(tmp_path / "v")
+    )
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "v" / "visualize.json").read_text())
+    assert [u["channel"] for u in data["units"]] == [0, 7] and data["settings"]["windowed"]
+    assert Image.open(tmp_path / "v" / "layer2-7.png").size == (224, 224)
+    noise_images(tmp_path / "imgs", 3, (240, 250), seed=2)
+    r = run_deconvnet(
+        "atlas", str(tmp_path / "imgs"), *model_args, "--layers", "layer2", "--maps", "5", "--top", "2",
+        "--visualize", "2", "--out", str(tmp_path / "atlas"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    folder = tmp_path / "atlas" / "layer2"
+    assert json.loads((folder / "visualize.json").read_text())["units"][0]["channel"] == 5
+    assert (folder / "optimised-0005.png").exists() and list(folder.glob("maps-*.png"))

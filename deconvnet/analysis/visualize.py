@@ -306,7 +306,10 @@ def _centre_window(
     if module is None:
         return None
     try:
-        info = next((i for i in DeconvNet(model).layers if i.module is module), None)
+        path = next(name for name, m in model.named_modules() if m is module)
+        # a chain's layer is its module; a traced graph's names the module's path (its info.module is
+        # the op at the block's end, e.g. a ResNet block's last ReLU)
+        info = next((i for i in DeconvNet(model).layers if i.module is module or i.path == path), None)
     except DeconvnetError:  # a model the engine does not trace: optimise whole views
         return None
     if info is None or info.rf_size is None:
