@@ -154,6 +154,7 @@ def main() -> None:
                         features_in_step=features, perturb_baseline=0.0, normalise=False, disable_warnings=True
                     )(model=wrapped, x_batch=x, y_batch=y, a_batch=a, softmax=False, device="cpu")
                 differences.append((a, n, li, rule))
+        print(f"  Quantus + Captum up to {layer}: {time.process_time() - start:.1f} s CPU", flush=True)
     theirs = time.process_time() - start
     print(f"Quantus + Captum, per image: {theirs:.1f} s CPU")
     print(f"speed-up: {theirs / ours:.1f}x")
