@@ -770,3 +770,34 @@ def test_small_atlas_on_cuda_equals_the_cpu_atlas(tmp_path):
             assert tiles[layer].filled.all()
             both = np.abs(tiles[layer].tiles.astype(int) - cpu.tiles[layer].tiles.astype(int))[same]
             assert np.percentile(both, 99) <= 2  # uint8 display tiles: rounding may move a level or two
+
+
+# --------------------------------------------------------------------------- graph models, batched
+
+
+def test_graph_projections_batched_equal_one_by_one(tmp_path):
+    """A ResNet's winners of many maps and images in one call of ``DeconvNet.project`` (one forward pass
+    per group of images; windowed and whole-map ways down) give the tiles of one selection per call.
+    Tolerance: one uint8 level (float sums in another batch order)."""
+    import torchvision
+
+    from deconvnet.data import Preprocessing
+    from deconvnet.engine import DeconvNet as Engine
+    from deconvnet.weights import wrap_model
+    from tests.helpers.images import make_image_folder
+
+    torch.manual_seed(0)
+    resnet = wrap_model(
+        torchvision.models.resnet18(weights=None, num_classes=5).eval(), preprocessing=Preprocessing(72, 64)
+    )
+    folder = make_image_folder(tmp_path / "images", classes=2, per_class=3, size=72)
+    scan = scan_atlas(resnet, folder, "layer1,layer3", k=3, progress=False)
+    maps = {"layer1": [0, 7, 30], "layer3": [2, 100, 200]}
+    engine = Engine(resnet.model)
+    batched = project_atlas(resnet, scan, maps=maps, progress=False, engine=engine)
+    assert engine.path_counts["graph-windowed"] > 0 and engine.path_counts["whole-map"] > 0  # both ways down
+    single = project_atlas(resnet, scan, maps=maps, selections_per_batch=1, progress=False)
+    for layer in maps:
+        assert batched[layer].filled.all()
+        diff = np.abs(batched[layer].tiles.astype(int) - single[layer].tiles.astype(int))
+        assert diff.max() <= 1, (layer, diff.max())
