@@ -90,6 +90,8 @@ Pair = tuple[int, int]
 _CAT = (torch.cat, torch.concat)
 _ELEMENTWISE = ("relu", "activation", "bn", "lrn", "identity", "add", "getitem", "split")
 _LAYOUT_CHANGES = ((0, 2, 3, 1), (0, 3, 1, 2))  # maps <-> channels-last
+# recorded windows of passes with at most this many units are copied slice by slice (see _gather)
+GATHER_BY_SLICES = 64
 _MULTIPLY = (operator.mul, torch.mul, "mul")
 _DIVIDE = (operator.truediv, torch.div, torch.true_divide, "div", "true_divide")
 
@@ -414,8 +416,22 @@ def _cells(origins: torch.Tensor, size: tuple[int, int], limit: tuple[int, int])
 
 
 def _gather(t: torch.Tensor, image_index: torch.Tensor, origins: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Each unit's window (S, C, h, w) of its image's recorded map ``t`` (N, C, H, W); clamped indices
-    where the window leaves the map."""
+    """Each unit's window (S, C, h, w) of its image's recorded map ``t`` (N, C, H, W), channels-last;
+    clamped indices where the window leaves the map."""
+    height, width = t.shape[-2:]
+    h, w = size
+    corners = origins.tolist()
+    if len(corners) <= GATHER_BY_SLICES and all(
+        y >= 0 and y + h <= height and x >= 0 and x + w <= width for y, x in corners
+    ):
+        # every window on the map: one slice copy per unit (2 windows of 71 x 71 cells of a channels-last
+        # (2, 96, 112, 112) map: 0.82 ms against 1.14 ms by advanced indexing, 1 thread)
+        out = torch.empty(
+            (len(corners), t.shape[1], h, w), dtype=t.dtype, device=t.device, memory_format=torch.channels_last
+        )
+        for row, (image, (y, x)) in enumerate(zip(image_index.tolist(), corners)):
+            out[row].copy_(t[image, :, y : y + h, x : x + w])
+        return out
     ys, xs = _cells(origins, size, (t.shape[-2], t.shape[-1]))
     out = t[image_index[:, None, None], :, ys[:, :, None], xs[:, None, :]]  # (S, h, w, C)
     return out.permute(0, 3, 1, 2)
@@ -578,7 +594,9 @@ class GraphWindowedProjector:
             elif kind == "activation":  # element-wise: its local derivative at the recorded inputs, gathered
                 derivative = x.new_ones(())  # read only by rules that look at the forward pass
                 if get_rule(rule).looks_at_forward:
-                    recorded = plan.layouts.get(op.name, MAPS).to_maps(local_derivative(op, graph, record))
+                    layout = plan.layouts.get(op.name, MAPS)
+                    # maps: kept channels-last, so that a window's cells are runs of channels
+                    recorded = layout.to_maps(local_derivative(op, graph, record, layout == MAPS))
                     derivative = _gather(recorded, image_index, run.origin(op.name), size)
                 run.send(op, op.inputs[0], get_rule(rule).activation(x, functools.partial(torch.mul, derivative)))
             elif op.name in plan.local:
