@@ -45,6 +45,14 @@ batched convolutions (tested on a small model after 12 steps: pixels within 1 gr
 activations within 1e-4 relative; on the bundled model the 8 units of a 20-unit run, rerun alone,
 reached the same activations to the 3 digits printed).
 
+**Only what the centre unit sees.** The centre unit of a map depends only on the pixels of its
+receptive field, so with ``objective="centre"`` each step warps and sends forward only that part of
+the transformed view, its top-left corner moved back onto the layer's stride grid (so that every
+layer's grid in the part is the view's shifted by whole units): the same values as the whole view,
+checked once on the first batch (else whole views). On ZFNet's conv5 that is a 139-154 px window of
+the 248 px padded view. Its convolutions round differently from the whole view's, which, as batching
+does, can move a weak unit's result (Adam's first steps follow the gradient's sign).
+
 **The sanity measure** (``peak`` vs ``exemplar``): the optimised image, untransformed, at its size
 (default the model's crop) goes through the model once; ``peak`` is the unit's map's strongest value
 (a logit: its value) and ``reached`` the objective's value. ``exemplar`` is the best natural
