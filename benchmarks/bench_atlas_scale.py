@@ -16,8 +16,8 @@ and prints images/s, the ratio atlas / inference, the peak resident memory of ea
 (``ru_maxrss``: 10k vs 100k should agree within 5 %: memory flat in the number of images), the
 1 -> 2 process scaling efficiency ((images/s with 2) / (2 x images/s with 1)), and the time of 1.28 M
 images extrapolated from the measured throughput. Measured: everything but the last lines.
-Extrapolated: 1.28 M images, and GPUs (only when this host has a CUDA device: throughput per device
-is measured there; with none, nothing is said of GPUs).
+Extrapolated: 1.28 M images on this host's CPU processes. GPUs: the passes run on the CPU, so no
+per-device throughput is measured and nothing is extrapolated to GPUs (the last line says so).
 
     python benchmarks/bench_atlas_scale.py --width 0.25 --crop 48 [--sizes 10000,100000] [--processes 1,2]
         [--images /work/shared/data/imagenette-224/val] [--work /tmp/atlas-scale]
@@ -26,8 +26,8 @@ The model: ``--width 1`` (default) is the bundled ZFNet's trained conv layers on
 (the classifier rebuilt for that size with seeded random weights: only plain inference uses it); less is
 ZFNet's layout with that fraction of its maps and seeded random weights. ``--width 0.25 --crop 48``
 (recorded in docs/benchmarks.md) keeps the whole run (220,000 images through inference or the atlas)
-to about 12 minutes on 2 busy cores; the bundled ZFNet at 64 px is about 5x slower per image. Runs on
-the CPU only.
+to about 12 minutes on 2 busy cores; the bundled ZFNet at 64 px was several times slower per image
+in a trial (1,000-2,000 images, busy host: 2-3x for inference, 3-10x for the atlas).
 """
 
 from __future__ import annotations
@@ -137,10 +137,9 @@ def summarise(rows: dict[tuple[int, int], dict], sizes: list[int], processes: li
         rate = large / rows[large, p]["atlas_s"]
         print(f"extrapolated: 1.28 M images ({FULL_IMAGENET}) with {p} CPU process(es) at this input size: "
               f"{FULL_IMAGENET / rate / 3600:.2f} h ({rate:.0f} img/s measured over {large})")  # fmt: skip
-    if torch.cuda.is_available():
-        print("a CUDA device is present: rerun with the device to measure its throughput (not done by this script)")
-    else:
-        print("GPUs: none on this host: no per-device throughput measured, nothing extrapolated to 1 or 8 GPUs")
+    gpus = "a CUDA device is present, but" if torch.cuda.is_available() else "none on this host, and"
+    print(f"GPUs: {gpus} these passes ran on the CPU: no per-device throughput measured, nothing extrapolated "
+          "to 1 or 8 GPUs")  # fmt: skip
 
 
 def launch(args: argparse.Namespace, mode: str, pattern: str, processes: int, out: Path) -> list[dict]:
