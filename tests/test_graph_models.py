@@ -161,3 +161,28 @@ def _vit_tokens(model, x):
     patches = model.conv_proj(x).flatten(2).transpose(1, 2)
     tokens = torch.cat([model.class_token.expand(n, -1, -1), patches], dim=1)
     return tokens + model.encoder.pos_embedding
+
+
+def test_channel_shuffle_keeps_the_receptive_field_and_the_projection_fills_it_exactly():
+    """ShuffleNetV2's channel shuffle (view to (N, g, C/g, H, W), transpose(1, 2), view back) moves
+    channels only: stage2's units keep a local field (conv1 3/2, max pool 3/2, a depthwise 3/2, three
+    depthwise 3/1 at stride 8: 63 px, stride 8), and a unit's gradient is non-zero exactly on it."""
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x0_5(weights=None).eval()
+    engine = DeconvNet(model)
+    info = engine.layer("stage2")
+    assert (info.rf_size, info.rf_stride, info.rf_start) == (63, 8, -31)
+    assert {"stage2", "stage3", "stage4"} <= set(engine.map_layers)
+    image = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    fired = (engine.activations(image, "stage2")[0, :, 8, 8] > 0).nonzero().flatten().tolist()
+    projections = engine.project(image, [Selection(0, "stage2", c, (8, 8)) for c in fired], rule="gradient")
+    top = -31 + 8 * 8  # the field's first pixel of position 8, rows and columns alike
+    support = torch.zeros(128, 128, dtype=torch.bool)
+    for p in projections:  # each map's field: inside the layer's (the largest over all paths)
+        inside = p.image.abs().sum(0) > 0
+        assert not inside[:top].any() and not inside[top + 63 :].any()
+        assert not inside[:, :top].any() and not inside[:, top + 63 :].any()
+        support |= inside
+    # the maps whose path goes through every block's depthwise convolutions reach its edges
+    rows, cols = support.any(1).nonzero().flatten(), support.any(0).nonzero().flatten()
+    assert (int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())) == (top, top + 62, top, top + 62)

@@ -55,6 +55,7 @@ __all__ = [
     "HELD_KINDS",
     "RECORDS_INPUTS",
     "int_pair",
+    "image_axis",
     "eval_mode",
     "restore_modes",
 ]
@@ -204,7 +205,7 @@ _LINEAR_FUNCTIONS = {
 _SCALE_FUNCTIONS = {operator.truediv, operator.itruediv, torch.div}  # linear when the divisor is a constant
 _IDENTITY_FUNCTIONS = {F.dropout, F.dropout2d, F.dropout1d, F.alpha_dropout, torch.clone}
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
-_SPLIT_FUNCTIONS = {torch.split, torch.chunk, torch.tensor_split}
+_SPLIT_FUNCTIONS = {torch.split, torch.chunk, torch.tensor_split, torch.unbind}
 _METHOD_KINDS = {
     "relu": "relu",
     "relu_": "relu",
@@ -218,6 +219,7 @@ _METHOD_KINDS = {
     "split": "split",
     "chunk": "split",
     "tensor_split": "split",
+    "unbind": "split",
     "mean": "linear_op",
     "sum": "linear_op",
     "permute": "linear_op",
@@ -790,13 +792,17 @@ class ModelGraph:
 
     def _keeps_grid(self, op: Op, shapes: dict[str, torch.Size]) -> bool:
         """Channel-wise linear ops (concatenation, channel slices) and adaptive pooling that does not
-        change the grid keep the field."""
+        change the grid keep the field; so do reshapes and transposes of the axes before the grid
+        (ShuffleNet's channel shuffle: (N, C, H, W) -> (N, g, C/g, H, W) -> transposed -> back)."""
         out_shape = shapes.get(op.name)
         in_shape = shapes.get(op.inputs[0]) if op.inputs else None
-        if out_shape is None or in_shape is None or len(out_shape) != 4 or len(in_shape) != 4:
+        if out_shape is None or in_shape is None or len(out_shape) < 4 or len(in_shape) < 4:
             return False
         if op.kind not in ("linear_op", "linear", "norm", "reshape"):
             return False  # attention, products, ops without a rule: every cell may reach every other
+        if len(out_shape) != 4 or len(in_shape) != 4:
+            moves = self._moves_only_axes_before_the_grid(op, in_shape, out_shape)
+            return op.kind in ("linear_op", "reshape") and moves
         if op.node.target in (torch.cat, torch.concat):
             return True
         if _permutation(op.node) in ((0, 2, 3, 1), (0, 3, 1, 2)) or op.kind in ("linear", "norm"):
@@ -810,6 +816,96 @@ class ModelGraph:
             and op.node.target not in (F.pad,)
             and not isinstance(op.module, nn.ZeroPad2d)
         )
+
+    @staticmethod
+    def _moves_only_axes_before_the_grid(op: Op, in_shape: Sequence[int], out_shape: Sequence[int]) -> bool:
+        """A reshape or a transpose/permute that keeps the last two axes (the grid) where they are."""
+        if tuple(out_shape[-2:]) != tuple(in_shape[-2:]):
+            return False
+        if op.kind == "reshape":
+            return True
+        axis_op = _axis_op(op)
+        args: Any = op.node.args
+        if axis_op == "transpose":
+            return all(isinstance(d, int) and d % len(in_shape) < len(in_shape) - 2 for d in args[1:3])
+        if axis_op == "permute":
+            dims = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+            rank = len(in_shape)
+            return all(isinstance(d, int) for d in dims) and [d % rank for d in dims][-2:] == [rank - 2, rank - 1]
+        return False
+
+
+# ops that may move the images' axis (torch functions and tensor methods alike, by name)
+_AXIS_FUNCTIONS: dict[Any, str] = {
+    torch.permute: "permute",
+    torch.transpose: "transpose",
+    torch.swapaxes: "transpose",
+    torch.movedim: "movedim",
+    torch.unbind: "unbind",
+}
+_AXIS_METHODS = {
+    "permute": "permute",
+    "transpose": "transpose",
+    "swapaxes": "transpose",
+    "movedim": "movedim",
+    "unbind": "unbind",
+}
+
+
+def _axis_op(op: Op) -> str | None:
+    node = op.node
+    if node.op == "call_method":
+        return _AXIS_METHODS.get(str(node.target))
+    if node.op == "call_function":
+        return _AXIS_FUNCTIONS.get(node.target)
+    return None
+
+
+def _reshaped_axis(axis: int, before: Sequence[int], after: Sequence[int]) -> int | None:
+    """Where a reshape puts input axis ``axis``: the output axis with the same length and the same
+    number of elements before it (None: the reshape merges or splits that axis)."""
+    prefix = math.prod(before[:axis])
+    for b, size in enumerate(after):
+        if math.prod(after[:b]) == prefix and size == before[axis]:
+            return b
+        if math.prod(after[:b]) > prefix:
+            break
+    return None
+
+
+def image_axis(op: Op, axis: int | None, before: Sequence[int], args: Sequence[Any], out: Any) -> int | None:
+    """The axis of ``op``'s output that holds the images, given that of its first signal input
+    (``axis`` of a tensor shaped ``before``; ``args``: the op's evaluated arguments). Every way down
+    indexes the images on that axis. Permutes, transposes, ``movedim`` and ``unbind`` move it as they
+    move any axis (timm's attention: ``qkv.permute(2, 0, 3, 1, 4).unbind(0)``, images on axis 1 in
+    between); a reshape keeps it where the elements before it are as many; other ops keep it. None:
+    the images are merged with another axis or lost (the way down refuses such an op)."""
+    if axis is None:
+        return None
+    kind = _axis_op(op)
+    rank = len(before)
+    kwargs: dict[str, Any] = dict(op.node.kwargs)
+    if kind == "permute":
+        dims = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+        dims = [int(d) % rank for d in (dims or kwargs.get("dims", ()))]
+        return dims.index(axis) if axis in dims else None
+    if kind == "transpose" or kind == "movedim":
+        a, b = (int(d) % rank for d in args[1:3])
+        if kind == "transpose":
+            return b if axis == a else a if axis == b else axis
+        order = [d for d in range(rank) if d != a]
+        order.insert(b, a)  # the output's axes, each by the input axis it came from
+        return order.index(axis)
+    if kind == "unbind":
+        dim = int(args[1] if len(args) > 1 else kwargs.get("dim", 0)) % rank
+        return None if dim == axis else axis - (dim < axis)
+    if not isinstance(out, torch.Tensor):
+        return axis  # a tuple of pieces (split, chunk): each holds the images where the input did
+    if op.kind == "reshape" or (op.node.op == "call_method" and op.node.target == "unflatten"):
+        return _reshaped_axis(axis, before, out.shape)
+    if axis == 0:
+        return 0
+    return axis if out.dim() == rank and out.shape[axis] == before[axis] else None
 
 
 def eval_mode(model: nn.Module) -> list[tuple[nn.Module, bool]]:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import ModelGraph, Op, eval_mode, restore_modes
+from .graph import ModelGraph, Op, eval_mode, image_axis, restore_modes
 
 __all__ = ["ForwardRecord", "run_forward", "out_of_place", "OUT_OF_PLACE_OPERATORS", "eval_mode", "restore_modes"]
 
@@ -34,6 +34,8 @@ OUT_OF_PLACE_OPERATORS: dict[Any, Any] = {
     operator.isub: operator.sub,
     operator.itruediv: operator.truediv,
 }
+# kinds whose output may hold the images on another axis than their input's (see graph.image_axis)
+_MAY_MOVE_AXES = frozenset({"reshape", "linear_op", "split", "generic"})
 _OUT_OF_PLACE_METHODS = {"relu_": "relu", "add_": "add", "mul_": "mul", "div_": "div", "sub_": "sub"}
 
 
@@ -49,6 +51,8 @@ class ForwardRecord:
     kept: dict[str, Any] = field(default_factory=dict)
     shapes: dict[str, torch.Size] = field(default_factory=dict)
     constants: dict[str, Any] = field(default_factory=dict)
+    # the ops whose output holds the images on another axis than the first (None: merged or lost)
+    image_axes: dict[str, int | None] = field(default_factory=dict)
     # element-wise activations' local derivatives f'(x) at the recorded inputs, made on first use by
     # the way down (reverse.local_derivative): one multiply per pass instead of autograd per pass
     derivatives: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -103,6 +107,8 @@ def run_forward(
                 env[op.name] = out
                 if isinstance(out, torch.Tensor):
                     record.shapes[op.name] = out.shape
+                if op.inputs and op.kind != "input":
+                    _track_image_axis(op, env, record, out)
                 if op.kind == "relu" and keep_masks:
                     record.masks[op.name] = out > 0
                 if op.name in keep:
@@ -118,6 +124,23 @@ def run_forward(
     finally:
         restore_modes(modes)
     return record
+
+
+def _track_image_axis(op: Op, env: dict[str, Any], record: ForwardRecord, out: Any) -> None:
+    """Record where ``op``'s output holds the images when that is not its first axis."""
+    source = op.inputs[0]
+    axis = record.image_axes.get(source, 0)
+    before = record.shapes.get(source)
+    if before is None:  # a piece of a split: where its tuple holds them
+        if axis:
+            record.image_axes[op.name] = axis
+        return
+    if axis == 0 and op.kind not in _MAY_MOVE_AXES:
+        return  # the common case: the images stay first
+    args = fx.node.map_arg(op.node.args, lambda n: env.get(n.name))
+    moved = image_axis(op, axis, before, args, out)
+    if moved != 0:
+        record.image_axes[op.name] = moved
 
 
 def _args(node: fx.Node, env: dict[str, Any]) -> tuple[tuple, dict]:

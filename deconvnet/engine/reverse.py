@@ -238,8 +238,21 @@ def _accumulate(signals: dict[str, Any], name: str, value: torch.Tensor) -> None
         signals[name] = value
 
 
-def _batched_shape(shape: torch.Size, rows: int) -> tuple[int, ...]:
-    return (rows, *shape[1:])
+def _batched_shape(shape: torch.Size, rows: int, axis: int = 0) -> tuple[int, ...]:
+    batched = list(shape)
+    batched[axis] = rows
+    return tuple(batched)
+
+
+def _rows_shape(record: ForwardRecord, name: str, rows: int) -> tuple[int, ...]:
+    """The recorded shape of ``name`` with ``rows`` signal rows on the axis holding its images."""
+    return _batched_shape(record.shapes[name], rows, record.image_axes.get(name, 0) or 0)
+
+
+def _of_images(record: ForwardRecord, name: str, value: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+    """The recorded ``value`` of ``name`` for each signal row: indexed on the axis holding its images."""
+    axis = record.image_axes.get(name, 0) or 0
+    return value.index_select(axis, image_index) if axis else value[image_index]
 
 
 def _call(op: Op, args: Any, kwargs: dict[str, Any]) -> Any:
@@ -296,12 +309,12 @@ def op_vjp(
         if n.name not in op.inputs:
             return _constant(graph, record, n.name, image_index)
         if n.name in held:
-            return record.kept[n.name][image_index]
+            return _of_images(record, n.name, record.kept[n.name], image_index)
         if n.name not in leaves:
             if at_record:
-                start = record.kept[n.name][image_index].detach()
+                start = _of_images(record, n.name, record.kept[n.name], image_index).detach()
             else:
-                start = like.new_zeros(_batched_shape(record.shapes[n.name], rows))  # type: ignore[union-attr]
+                start = like.new_zeros(_rows_shape(record, n.name, rows))  # type: ignore[union-attr]
             leaves[n.name] = start.requires_grad_(True)
         return leaves[n.name]
 
@@ -329,7 +342,7 @@ def _split_back(
     """A split's output pieces (some possibly unused) back to the tensor it split."""
     node = op.node
     source = op.inputs[0]
-    full = like.new_zeros(_batched_shape(record.shapes[source], rows))
+    full = like.new_zeros(_rows_shape(record, source, rows))
     with torch.enable_grad():
         leaf = full.requires_grad_(True)
         args = fx.node.map_arg(node.args, lambda n: leaf if n.name == source else record.constants[n.name])
@@ -442,7 +455,8 @@ def _lrn_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tensor]:
 
 
 def _add_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tensor]:
-    return {name: _sum_to(x, w.record.shapes[name], w.rows) for name in op.inputs}
+    axes = w.record.image_axes
+    return {name: _sum_to(x, w.record.shapes[name], w.rows, axes.get(name, 0) or 0) for name in op.inputs}
 
 
 def _identity_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tensor]:
@@ -450,7 +464,7 @@ def _identity_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tenso
 
 
 def _reshape_step(op: Op, x: torch.Tensor, w: WayDown) -> dict[str, torch.Tensor]:
-    return {op.inputs[0]: x.reshape(_batched_shape(w.record.shapes[op.inputs[0]], w.rows))}
+    return {op.inputs[0]: x.reshape(_rows_shape(w.record, op.inputs[0], w.rows))}
 
 
 def _linear_op_step(op: Op, x: Any, w: WayDown) -> dict[str, torch.Tensor]:
@@ -497,18 +511,30 @@ STEPS: dict[str, Step] = {
 _PIECEWISE = ("split", "attention", "generic")
 
 
-def _check_batch_first(ops: list[Op], record: ForwardRecord) -> None:
-    """Every step takes a recorded tensor's first axis to be the images (timm's ``Attention`` stacks
-    q, k, v on axis 0 and the images on axis 1): a one-line error where a recorded output's first
-    axis does not have the batch's length (an axis of the same length cannot be told apart here)."""
+def _check_image_axes(ops: list[Op], record: ForwardRecord, target: str) -> None:
+    """Every step indexes a recorded value's images on the axis the forward pass tracked
+    (``record.image_axes``: timm's ``Attention`` stacks q, k, v on axis 0 and the images on axis 1 in
+    between): a one-line error where an op merged the images with another axis, or where the tracked
+    axis does not have the batch's length; the selected layer must hold them first (its maps)."""
     images = record.num_images
     for op in ops:
         shape = record.shapes.get(op.name)
-        if shape is not None and len(shape) > 0 and shape[0] != images:
+        axis = record.image_axes.get(op.name, 0)
+        if axis is None:
+            raise DeconvnetError(f"{op.where}: merges the images with another axis, which no way down can undo")
+        if shape is not None and len(shape) > axis and shape[axis] != images:
             raise DeconvnetError(
-                f"{op.where}: its output {tuple(shape)} does not hold the {images} image(s) on its first "
-                "axis, which every way down needs; choose a layer below it"
+                f"{op.where}: its output {tuple(shape)} does not hold the {images} image(s) on axis {axis}, "
+                "which every way down needs; choose a layer below it"
             )
+    if record.image_axes.get(target, 0) != 0:
+        raise DeconvnetError(
+            f"{_where_of(ops, target)}: its output does not hold the images on its first axis; choose another layer"
+        )
+
+
+def _where_of(ops: list[Op], name: str) -> str:
+    return next((op.where for op in ops if op.name == name), name)
 
 
 def run_backward(
@@ -526,7 +552,7 @@ def run_backward(
     ``filters``: the engine's prepared transposed filters (made here if not given)."""
     rule_ = get_rule(rule)
     ops = graph.reached(target, rule_.holds)
-    _check_batch_first(ops, record)
+    _check_image_axes(ops, record, target)
     cl = signal.device.type == "cpu"  # channels-last: faster transposed convolutions on CPU (same sums)
     if cl and signal.dim() == 4:
         signal = signal.contiguous(memory_format=torch.channels_last)
@@ -586,11 +612,11 @@ def _walk_down(
             _accumulate(signals, name, g)
 
 
-def _sum_to(x: torch.Tensor, shape: torch.Size, rows: int) -> torch.Tensor:
+def _sum_to(x: torch.Tensor, shape: torch.Size, rows: int, axis: int = 0) -> torch.Tensor:
     """Undo broadcasting of an addition operand (e.g. a map added to a (N, C, 1, 1) one). Operands are
     on the image's path, so their first axis is the batch: the signal's rows, even when the record
     holds one image (its recorded shape then starts with 1, like a broadcast axis)."""
-    target = _batched_shape(shape, rows) if len(shape) == x.dim() else tuple(shape)
+    target = _batched_shape(shape, rows, axis) if len(shape) == x.dim() else tuple(shape)
     if tuple(x.shape) == tuple(target):
         return x
     while x.dim() > len(target):
