@@ -329,8 +329,10 @@ class Explorer:
             with session.lock, self.compute_lock:
                 if session.record is None or (masks and not session.record_has_masks):
                     # every layer the page shows, in one pass; its record serves the way down from each
+                    # (made for the gradient rule when masks are needed: it keeps what every rule reads,
+                    # the inputs of the ops only the gradient goes down exactly among them)
                     session.record = self.engine.forward(
-                        session.x, self.conv_layers, rule="guided" if masks else "deconvnet"
+                        session.x, self.conv_layers, rule="gradient" if masks else "deconvnet"
                     )
                     session.record_has_masks = masks
                     for name in self.conv_layers:

@@ -405,7 +405,10 @@ def layer_rows(engine: DeconvNet, size: tuple[int, int], names: Sequence[str] | 
     rows = []
     for name in engine.layer_names if names is None else names:
         info = engine.layer(name)
-        shape = " x ".join(map(str, engine.output_shape(name, size)))
+        try:
+            shape = " x ".join(map(str, engine.output_shape(name, size)))
+        except DeconvnetError:  # a module returning several values (attention's output and weights)
+            shape = "several values"
         if name in modules:
             what = type(modules[name]).__name__
         else:

@@ -307,7 +307,11 @@ class DeconvNet:
     def output_shape(self, layer: str, input_size: tuple[int, int]) -> tuple[int, ...]:
         """Shape of one image's output of ``layer`` (without the batch axis); a layer with maps in
         another layout (channels-last, tokens) as its maps, (C, H, W)."""
-        shape = self._shapes(input_size)[self._op_name(layer)]
+        shape = self._shapes(input_size).get(self._op_name(layer))
+        if shape is None:  # nn.MultiheadAttention returns (output, weights)
+            raise DeconvnetError(
+                f"{layer}: its output is not one tensor (it returns several values); choose a layer inside or after it"
+            )
         return tuple(self.layout(layer, input_size).map_shape(shape)[1:])
 
     def min_input_size(self, layers: str | Sequence[str]) -> int:
