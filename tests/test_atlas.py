@@ -656,6 +656,10 @@ def test_lazy_projections_equal_the_eager_ones_and_are_kept_on_disk(tmp_path):
     panels = atlas_patches(opened, loaded, "conv4", 2)
     assert len(panels) == 2 and (tmp_path / "lazy" / PROJECTIONS_FOLDER / "conv4" / "map-0002.npz").exists()
     assert opened.store.projected == 1
+    # an eager atlas's folder is only read: the explorer keeps what it projects in memory
+    opened = open_atlas(tmp_path / "eager", loaded)
+    assert len(atlas_patches(opened, loaded, "conv4", 2)) == 2 and opened.store.projected == 1
+    assert not (tmp_path / "eager" / PROJECTIONS_FOLDER).exists()
 
 
 def test_lazy_cli_scans_every_map_and_draws_none_without_a_choice(tmp_path):
@@ -684,7 +688,9 @@ def test_lazy_cli_scans_every_map_and_draws_none_without_a_choice(tmp_path):
     assert "projections: lazy" in run.stdout and "browse:" not in run.stdout
     scan = AtlasScan.load(out / "atlas.npz")
     assert scan.layers == ["conv1", "conv3"] and (scan.images["conv3"] >= 0).all()
-    assert not list(out.rglob("*.png")) and not (out / "projections").exists()
+    # nothing drawn or projected; the empty projections/ marks the folder lazy for the explorer
+    assert not list(out.rglob("*.png")) and not list((out / "projections").iterdir())
+    assert (out / "projections").is_dir()
 
 
 # --------------------------------------------------------------------------- GPU path: bf16 scan, CUDA

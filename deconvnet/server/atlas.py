@@ -1,8 +1,9 @@
 """An atlas folder opened for browsing (``deconvnet serve --atlas DIR``): the scan written by
 ``deconvnet atlas`` (the top-k activations of every map over a dataset), checked against the served
 model; a unit's tiles are projected on first request (reading the k images the scan names, never a
-client-given path), kept in the folder's ``projections/`` (shared with ``deconvnet atlas
---projections lazy``; nothing kept where the folder cannot be written), drawn as PNG panels and cached."""
+client-given path), kept in the folder's ``projections/`` when the atlas was made with ``deconvnet
+atlas --projections lazy`` (which makes that folder; an eager atlas's folder is only read, and nothing
+is kept where the folder cannot be written), drawn as PNG panels and cached in memory."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..analysis.atlas import AtlasScan, ProjectionStore
+from ..analysis.atlas import PROJECTIONS_FOLDER, AtlasScan, ProjectionStore
 from ..display.panels import tile_panels
 from ..engine import DeconvNet
 from ..errors import DeconvnetError
@@ -31,8 +32,10 @@ class Atlas:
         self.cache: dict[tuple[str, int], list[dict[str, Any]]] = {}
         self.measures: dict[str, dict[int, dict[str, Any]]] = {}  # layer -> channel -> visualize.json's row
         self.lock = threading.Lock()
-        # tiles kept in the folder's projections/ (shared with `deconvnet atlas --projections lazy`)
-        self.store = ProjectionStore(folder, scan)
+        # tiles kept in the folder's projections/ only where a lazy atlas run made it: the explorer
+        # never writes into an eager atlas's folder (the user's results stay as the run left them)
+        self.writable = (folder / PROJECTIONS_FOLDER).is_dir()
+        self.store = ProjectionStore(folder, scan, writable=self.writable)
 
     @property
     def layers(self) -> list[str]:
@@ -84,7 +87,11 @@ def atlas_patches(atlas: Atlas, loaded: LoadedModel, layer: str, channel: int, t
     with atlas.lock:
         if key in atlas.cache:
             return atlas.cache[key]
-        store = atlas.store if tile == atlas.store.tile else ProjectionStore(atlas.folder, atlas.scan, tile)
+        store = (
+            atlas.store
+            if tile == atlas.store.tile
+            else ProjectionStore(atlas.folder, atlas.scan, tile, writable=atlas.writable)
+        )
         tiles = store.tiles(loaded, layer, [channel])
         out = tile_panels(tiles.tiles[0], tiles.filled[0], tiles.values[0], tiles.images[0], atlas.scan.files)
         atlas.cache[key] = out

@@ -18,7 +18,7 @@ from ...notebook import InlineDisplay
 from ...runtime import all_gather_objects, barrier, dist_info, gather_objects, join_process_group
 from ...weights import LoadedModel
 from .cache import SwitchCache
-from .lazy import ProjectionStore
+from .lazy import PROJECTIONS_FOLDER, ProjectionStore
 from .lock import FolderLock
 from .manifest import MANIFEST, check_manifest, known_shards
 from .project import project_atlas
@@ -341,6 +341,8 @@ def _project_lazily(
     """Lazy projections: only the chosen ``maps`` (none without a choice), through the folder's
     projection store, on process 0 (``None`` on the others and when nothing is chosen)."""
     rank, _ = dist_info()
+    if rank == 0:  # marks the folder as lazy: the explorer keeps the maps it projects here
+        (out_dir / PROJECTIONS_FOLDER).mkdir(exist_ok=True)
     chosen = {layer: list(maps[layer]) for layer in layers if maps and layer in maps}
     if rank != 0 or not chosen:
         return None
