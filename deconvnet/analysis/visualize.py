@@ -49,7 +49,7 @@ reached the same activations to the 3 digits printed).
 receptive field, so with ``objective="centre"`` each step warps and sends forward only that part of
 the transformed view, its top-left corner moved back onto the layer's stride grid (so that every
 layer's grid in the part is the view's shifted by whole units): the same values as the whole view,
-checked once on the first batch (else whole views). On ZFNet's conv5 that is a 139-154 px window of
+checked on each batch's first unit (else whole views). On ZFNet's conv5 that is a 139-154 px window of
 the 248 px padded view. Its convolutions round differently from the whole view's, which, as batching
 does, can move a weak unit's result (Adam's first steps follow the gradient's sign).
 
@@ -559,7 +559,7 @@ def visualize(
     :class:`~deconvnet.analysis.atlas.AtlasScan` (or its ``atlas.npz``) with this layer, for the best
     natural exemplars. ``windowed``: with the centre objective, only the part of each transformed view
     that the centre unit sees is warped and sent forward (its receptive field on the layer's stride
-    grid; the same values, checked on the first batch against whole views); ``False``: whole views.
+    grid; the same values, checked on each batch's first unit against whole views); ``False``: whole views.
     Deterministic for a given seed on a given device.
     """
     model = model_of(loaded)
@@ -628,7 +628,10 @@ def visualize(
             with torch.no_grad():
                 first = watch.rectify(watch((param.image(z) - mean) / std))
                 start.append(_objective(first, chan, objective).cpu())
-                if window is not None and not _window_agrees(watch, param.image(z), pad, mean, std, chan, window):
+                # each batch's first unit is checked (the window depends on the layer, not on the unit)
+                if window is not None and not _window_agrees(
+                    watch, param.image(z[:1]), pad, mean, std, chan[:1], window
+                ):
                     window = None
             opt = torch.optim.Adam([z], lr=lr)
             for _ in range(steps):
