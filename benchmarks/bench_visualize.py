@@ -73,6 +73,12 @@ def main() -> int:
     p.add_argument("--whole-views", action="store_true", help="also time ours with windowed=False")
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--size", type=int, default=224)
+    p.add_argument(
+        "--jitter",
+        type=int,
+        default=8,
+        help="our jitter (+-d then +-d/2 px; visualize's default 8). 4 gives lucent's spread (0..7 then 0..3 px)",
+    )
     p.add_argument("--skip-lucent", action="store_true")
     p.add_argument("--atlas", default=None, help="an atlas folder of the bundled model with conv5 (the exemplars)")
     p.add_argument("--units", type=int, default=20, help="random conv5 maps for the exemplar measure")
@@ -96,17 +102,28 @@ def main() -> int:
             print(f"lucent failed: {type(e).__name__}: {e}", file=sys.stderr)
             lucent_s, lucent_images = None, None
         t0 = time.process_time()
-        ours = visualize(loaded, "conv5", channels, steps=args.steps, size=args.size, progress=False)
+        ours = visualize(
+            loaded, "conv5", channels, steps=args.steps, size=args.size, jitter=args.jitter, progress=False
+        )
         ours_s = time.process_time() - t0
         loop_s = float("nan")
         if not args.skip_loop:
             t0 = time.process_time()
             for c in channels:  # our own unbatched loop: the same work one unit at a time
-                visualize(loaded, "conv5", [c], steps=args.steps, size=args.size, progress=False)
+                visualize(loaded, "conv5", [c], steps=args.steps, size=args.size, jitter=args.jitter, progress=False)
             loop_s = time.process_time() - t0
         if args.whole_views:
             t0 = time.process_time()
-            visualize(loaded, "conv5", channels, steps=args.steps, size=args.size, progress=False, windowed=False)
+            visualize(
+                loaded,
+                "conv5",
+                channels,
+                steps=args.steps,
+                size=args.size,
+                jitter=args.jitter,
+                progress=False,
+                windowed=False,
+            )
             whole_s = time.process_time() - t0
             print(
                 f"deconvnet batched, whole views: {whole_s / len(channels):.2f} s/unit "
@@ -116,6 +133,7 @@ def main() -> int:
             "units": channels,
             "steps": args.steps,
             "size": args.size,
+            "jitter": args.jitter,
             "ours_batched_s_per_unit": ours_s / len(channels),
             "ours_unbatched_s_per_unit": loop_s / len(channels),
             "ours_activation": ours.reached.tolist(),
