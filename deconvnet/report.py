@@ -311,7 +311,7 @@ def build_report(
     paragraph (plain text) shown first, e.g. what the images are (``deconvnet demo`` says that its
     sample photos are none of the bundled model's classes). ``sanity``: beside the rules panel, that
     unit's selectivity and deletion/insertion scores per rule (``analysis.sanity.unit_scores``;
-    seconds per image: about 16 s on the bundled model's conv5 on 2 CPU cores). ``visualize_steps``:
+    about 2 s per image on the bundled model's conv5 on 2 CPU cores). ``visualize_steps``:
     in the rules panel, an image optimised for ``visualize_steps`` steps to excite that unit's map
     (``Explorer.wanted``: ``analysis.visualize``'s centre unit, seed 0; once per unit, whatever the
     image); 0 (the default): none, as it costs seconds per unit (about 25 s for 64 steps on the

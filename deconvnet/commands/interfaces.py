@@ -123,7 +123,7 @@ def _report_args(p: argparse.ArgumentParser) -> None:
         "--sanity",
         action="store_true",
         help="beside the three rules, that unit's selectivity and deletion/insertion scores per rule "
-        "(seconds per image: about 16 s on the bundled model on 2 CPU cores)",
+        "(about 2 s per image on the bundled model on 2 CPU cores)",
     )
     p.add_argument(
         "--visualize",
