@@ -21,7 +21,7 @@ where ``|f|`` is a frequency's magnitude in cycles per pixel (so every frequency
 the same energy in the image: natural images' 1/f spectrum, not white noise), and ``M`` is Lucid's
 colour decorrelation: the square root of ImageNet's RGB covariance (its SVD factor, columns scaled
 to a largest norm of 1), so the optimiser steps along decorrelated colour directions. The sigmoid
-keeps ``x`` in [0, 1]; the model's normalisation is applied after it. :meth:`FourierImage.inverse`
+keeps ``x`` in [0, 1]; the model's normalisation is applied after it. ``FourierImage.inverse``
 maps an image back to parameters (``logit``, ``M^-1``, ``rfft2``, ``/ s``): exact up to float
 rounding for any image with values in (0, 1).
 
@@ -556,7 +556,7 @@ def visualize(
     ``"logits"`` (class logits; ``units`` may then be class names). ``units``: channel indices (a list,
     or text like ``"0-15,40"``). ``objective``: ``"centre"`` (the map's centre unit) or ``"map"`` (its
     mean). ``size``: the image's side(s) (default: the model's crop, else 224). ``atlas``: an
-    :class:`~deconvnet.analysis.atlas.AtlasScan` (or its ``atlas.npz``) with this layer, for the best
+    ``AtlasScan`` (or its ``atlas.npz``) with this layer, for the best
     natural exemplars. ``windowed``: with the centre objective, only the part of each transformed view
     that the centre unit sees is warped and sent forward (its receptive field on the layer's stride
     grid; the same values, checked on each batch's first unit against whole views); ``False``: whole views.

@@ -1,13 +1,13 @@
 """The projection engine: any traced CNN, three rules, batched, with a receptive-field fast path.
 
-* :mod:`.graph`    the model as a graph of reversible ops (torch.fx), layer names, receptive fields
-* :mod:`.record`   the forward pass and its public record (switches, ReLU masks, shapes)
-* :mod:`.rules`    the rules as objects (``RULE_TABLE``: deconvnet, guided, gradient) and ``HoldMode``
-* :mod:`.reverse`  the way down: one step per op kind (``STEPS``), shared by every rule
-* :mod:`.chain`    chain models (a `features` nn.Sequential): the paper's layer names, the chain walk
-* :mod:`.windowed` the way down inside a unit's receptive field only (chain models' fast path)
-* :mod:`.graph_windowed` the same on any traced graph (graph models' fast path, and the other rules')
-* :mod:`.core`     ``DeconvNet``: ``project``, ``strongest``, ``forward``/``backward``
+* ``.graph``    the model as a graph of reversible ops (torch.fx), layer names, receptive fields
+* ``.record``   the forward pass and its public record (switches, ReLU masks, shapes)
+* ``.rules``    the rules as objects (``RULE_TABLE``: deconvnet, guided, gradient) and ``HoldMode``
+* ``.reverse``  the way down: one step per op kind (``STEPS``), shared by every rule
+* ``.chain``    chain models (a `features` nn.Sequential): the paper's layer names, the chain walk
+* ``.windowed`` the way down inside a unit's receptive field only (chain models' fast path)
+* ``.graph_windowed`` the same on any traced graph (graph models' fast path, and the other rules')
+* ``.core``     ``DeconvNet``: ``project``, ``strongest``, ``forward``/``backward``
 """
 
 from .chain import ChainRecord, LayerInfo, chain_forward, feature_layers, is_chain

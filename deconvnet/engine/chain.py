@@ -4,7 +4,7 @@ rectified output of the I-th conv, ``poolI``/``normI`` the pooling/LRN after it)
 paths (receptive-field windows, incremental occlusion, the atlas scan) walk them layer by layer.
 
 ``chain_forward`` is the walk those fast paths share: one forward pass to a layer, keeping the
-pooling switches (and LRN inputs) by layer index in a :class:`ChainRecord`.
+pooling switches (and LRN inputs) by layer index in a ``ChainRecord``.
 """
 
 from __future__ import annotations

@@ -2,15 +2,15 @@
 
 One forward pass records what the way down needs (max-pooling switches, ReLU masks); then any number
 of selections (of many images and layers) go down together in batches, each op reversed by the rule of
-:mod:`deconvnet.engine.reverse`. ``Projection.image`` is (3, H, W): the activation value times the
+``deconvnet.engine.reverse``. ``Projection.image`` is (3, H, W): the activation value times the
 rule's backward signal of that unit.
 
 Single units (a ``Selection`` without ``whole_map``) take a fast path where it saves work: the way
 down is computed only inside the unit's receptive field, with results equal to the whole-map path
 to float rounding (tested). Chain models (a ``features`` ``nn.Sequential``: ZFNet, AlexNet, VGG; they
 keep the paper's layer names conv1..conv5, pool1, pool2, pool5) under the deconvnet rule walk their
-chain (:mod:`deconvnet.engine.windowed`); every other model and rule goes down the traced graph on
-windows (:mod:`deconvnet.engine.graph_windowed`) where that needs at most
+chain (``deconvnet.engine.windowed``); every other model and rule goes down the traced graph on
+windows (``deconvnet.engine.graph_windowed``) where that needs at most
 ``GRAPH_WINDOWED_MAX_WORK`` of the whole-map multiply-adds. Whole maps, units of layers without a
 grid (linear layers) and layers with an op below that has no fixed-size window (global pooling,
 reshapes...) take the whole-map way down. ``DeconvNet.path_counts`` counts the projections of each.
@@ -207,7 +207,7 @@ class DeconvNet:
 
     def layouts(self, input_size: tuple[int, int]) -> dict[str, Layout]:
         """The layout of every traced op's output that holds maps, for inputs of ``input_size``
-        (see :class:`deconvnet.engine.graph.Layout`)."""
+        (see ``deconvnet.engine.graph.Layout``)."""
         key = (int(input_size[0]), int(input_size[1]))
         if key not in self._layouts:
             self._layouts[key] = self.graph.layouts(self._shapes(key))
@@ -344,7 +344,7 @@ class DeconvNet:
         return self._min_sizes[ops]
 
     def check_input_size(self, images: torch.Tensor, layers: str | Sequence[str]) -> None:
-        """Refuse ``images`` smaller than :meth:`min_input_size` for ``layers`` with a
+        """Refuse ``images`` smaller than ``min_input_size`` for ``layers`` with a
         ``DeconvnetError`` that gives the smallest size (free for inputs of the model's own size)."""
         if images.dim() < 3:
             return

@@ -2,7 +2,7 @@
 
 ``trace(model)`` runs an fx tracer (``tracer.PathTracer``, torchvision's ``NodePathTracer`` naming: it
 names every node by its module path, e.g. ``layer3.1.relu_1``, ``features.denseblock2.cat``) and
-classifies each node into one of the operation kinds the reverse pass knows (:data:`KINDS`). Nodes
+classifies each node into one of the operation kinds the reverse pass knows (``KINDS``). Nodes
 that do not depend on the input image (parameters, shape queries such as ``x.size(0)``) are constants of the way down.
 
 Shape queries on the image's path (``x.size()``, ``x.shape``, ``x.dim()``) and everything computed
@@ -13,15 +13,15 @@ image's values on the way down.
 Selectable layers: every node's qualified name, and every module path (``layer3``, ``layer4.0``,
 ``features.denseblock2``), which means the last node computed inside that module (torchvision's
 feature-extraction convention). Which kinds a rule can go down is said by
-:meth:`ModelGraph.check_reversible`: under ``gradient`` every traced op (its exact vector-Jacobian
+``ModelGraph.check_reversible``: under ``gradient`` every traced op (its exact vector-Jacobian
 product); under ``deconvnet``/``guided`` every kind but ``product`` (two signals multiplied with no
 gate among them) and ``generic`` (an op with no rule of its own), which are errors naming the op,
 its module path and the rule it would need (see ``docs/rules.md``).
 
-Layouts (:class:`Layout`): an op's output is a stack of maps when it is (N, C, H, W) ("maps"),
+Layouts (``Layout``): an op's output is a stack of maps when it is (N, C, H, W) ("maps"),
 (N, H, W, C) after a ``permute(0, 2, 3, 1)`` of maps and the ops that keep it (Swin's stages,
 ConvNeXt's blocks inside: "channels_last"), or (N, T, C) patch tokens on a square grid, possibly after
-a few class/register tokens ("tokens": ViT's encoder). :meth:`ModelGraph.layouts` says which; a map
+a few class/register tokens ("tokens": ViT's encoder). ``ModelGraph.layouts`` says which; a map
 of any of them is a channel over the grid (``Layout.to_maps`` / ``Layout.from_maps``).
 
 Receptive fields, per axis, as (size, stride, start): a conv/pool of kernel k, stride s, padding p,
@@ -675,7 +675,7 @@ class ModelGraph:
 
     def recorded_values(self, targets: list[str], rule: str) -> set[str]:
         """Names of the values the forward pass must keep for ``rule``'s way down from ``targets``
-        (the inputs of the kinds in :data:`RECORDS_INPUTS`)."""
+        (the inputs of the kinds in ``RECORDS_INPUTS``)."""
         keep: set[str] = set()
         for target in targets:
             for op in self.reached(target, get_rule(rule).holds):
@@ -699,7 +699,7 @@ class ModelGraph:
 
     # ------------------------------------------------------------------ layouts
     def layouts(self, shapes: dict[str, torch.Size]) -> dict[str, Layout]:
-        """The layout of every op whose output holds maps (see :class:`Layout`): (N, C, H, W) from
+        """The layout of every op whose output holds maps (see ``Layout``): (N, C, H, W) from
         the input, convolutions and pooling; a ``permute(0, 2, 3, 1)`` of maps is channels-last and
         ``permute(0, 3, 1, 2)`` of channels-last is maps again; other 4-D ops keep their input's
         layout; (N, T, C) outputs are tokens when T is a square grid plus a few tokens."""
@@ -909,7 +909,7 @@ def image_axis(op: Op, axis: int | None, before: Sequence[int], args: Sequence[A
 
 
 def eval_mode(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    """Put ``model`` in eval mode; returns each module's former mode for :func:`restore_modes` (a
+    """Put ``model`` in eval mode; returns each module's former mode for ``restore_modes`` (a
     model whose modules were in mixed modes gets exactly those back)."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()

@@ -27,11 +27,11 @@ Any other op below the target (a linear layer on (N, C), a reshape, global or ad
 padding, interpolation, a concatenation along a spatial axis, an addition that broadcasts, an average
 pool whose divisor depends on the position, attention, a gate under the ``gradient`` rule, whose
 exact way down goes through the gate's pooled branch to every cell) means the target has no windowed
-path: :func:`plan_windows` returns None and the engine takes the whole-map way down.
+path: ``plan_windows`` returns None and the engine takes the whole-map way down.
 
-The way down on windows (:meth:`GraphWindowedProjector.project`) sends S single units of one
+The way down on windows (``GraphWindowedProjector.project``) sends S single units of one
 target (of any recorded images) together: node n's signal is (S, C_n, h_n, w_n), each row with its
-own origin. It applies the reverse rules of :mod:`deconvnet.engine.reverse` to the windows:
+own origin. It applies the reverse rules of ``deconvnet.engine.reverse`` to the windows:
 
 * conv: the engine's prepared transposed filters WITHOUT padding (``TransposedFilters.apply``, batch
   norm folded in where the whole-map path folds it), whose output is exactly the input window;
@@ -62,7 +62,7 @@ windows leave the image alike. The result, each unit's projection on its input-p
 the whole-map way down to float rounding (``tests/test_graph_windowed.py``).
 
 Cost: the plan estimates the way down's multiply-adds in windows against whole maps
-(:attr:`WindowPlan.work_ratio`); the engine takes this path only where that ratio is small (see
+(``WindowPlan.work_ratio``); the engine takes this path only where that ratio is small (see
 ``deconvnet.engine.core.GRAPH_WINDOWED_MAX_WORK``).
 """
 

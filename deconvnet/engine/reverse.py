@@ -1,4 +1,4 @@
-"""The way down: one reverse rule per operation (see ``KINDS`` in :mod:`deconvnet.engine.graph`).
+"""The way down: one reverse rule per operation (see ``KINDS`` in ``deconvnet.engine.graph``).
 
 A signal of shape (S, ...) at the selected op goes down to the input through every op below it, in
 reverse order; where an op feeds several others (a residual branch, a dense block) the signals coming
@@ -53,7 +53,7 @@ __all__ = [
 
 
 def check_rule(rule: str) -> str:
-    """``rule`` if it names a rule (see :data:`deconvnet.engine.rules.RULE_TABLE`), else a one-line error."""
+    """``rule`` if it names a rule (see ``deconvnet.engine.rules.RULE_TABLE``), else a one-line error."""
     return get_rule(rule).name
 
 
@@ -297,7 +297,7 @@ def op_vjp(
 
     ``at_record``: taken at the recorded inputs (of the images ``image_index`` says); else at zero
     inputs (a linear map's transpose does not depend on where it is taken). ``held`` inputs are fixed
-    at their recorded values (a gate); ``hold``: the op runs under :class:`HoldMode` (1/sigma and
+    at their recorded values (a gate); ``hold``: the op runs under ``HoldMode`` (1/sigma and
     attention weights held)."""
     node = op.node
     pieces = cotangent if isinstance(cotangent, dict) else None
@@ -583,7 +583,7 @@ def _walk_down(
     rows: int,
     signal: torch.Tensor,
 ) -> None:
-    """The loop of :func:`run_backward`: each op's step, in reverse forward order."""
+    """The loop of ``run_backward``: each op's step, in reverse forward order."""
     for op in reversed(ops):
         if op.kind in _PIECEWISE and op.name in pieces_of:
             pieces = pieces_of.pop(op.name)

@@ -1,7 +1,7 @@
 """The projection rules as objects, and what "held at its recorded value" means for the ops that
 multiply signals (see ``docs/rules.md`` for the table and its references).
 
-A :class:`Rule` says what the forward pass must record for it and how it treats the two places
+A ``Rule`` says what the forward pass must record for it and how it treats the two places
 where the rules differ:
 
 * rectifiers: ReLU (``Rule.relu``) and every other element-wise activation f (``Rule.activation``):
@@ -16,7 +16,7 @@ where the rules differ:
   a layer or group norm (centring kept), the attention weights ``softmax(q k^T)`` (Ali et al. 2022);
   ``gradient`` takes their exact vector-Jacobian product.
 
-:class:`HoldMode` is how "held" is computed for ops that are not a plain product (a LayerNorm, a
+``HoldMode`` is how "held" is computed for ops that are not a plain product (a LayerNorm, a
 ``MultiheadAttention``, torchvision's Swin window attention): a ``TorchFunctionMode`` under which the
 op runs with ``layer_norm``/``group_norm`` replaced by versions whose ``1 / sigma`` is detached,
 ``softmax`` outputs detached, and ``scaled_dot_product_attention``/``multi_head_attention_forward``

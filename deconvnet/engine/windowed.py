@@ -7,7 +7,7 @@ window of a unit of layer L is 1x1 at L and grows exactly like the receptive fie
 Windows are not clipped to the maps (cells outside a map are masked to zero), so every selection of a
 layer has the same window sizes and many selections of many images go down in one batch.
 
-Compared with :func:`deconvnet.engine.reverse.run_backward` (same arithmetic, whole maps), this
+Compared with ``deconvnet.engine.reverse.run_backward`` (same arithmetic, whole maps), this
 
 * computes only inside the receptive field (large savings for low layers / large images);
 * needs no forward pass above the highest pooling layer below the selected layer (only the switches
@@ -123,7 +123,7 @@ def _output_size(n: int, kernel: int, stride: int, padding: int, dilation: int, 
 
 
 class WindowedProjector:
-    """Windowed projections of single units for a :class:`DeconvNet` (see module docstring)."""
+    """Windowed projections of single units for a ``DeconvNet`` (see module docstring)."""
 
     def __init__(self, engine: DeconvNet) -> None:
         self.engine = engine
@@ -137,7 +137,7 @@ class WindowedProjector:
         self.channels_last = True  # faster transposed convolutions on CPU (same results to rounding)
 
     def units_per_pass(self, layer: str, input_shape: tuple[int, int], itemsize: int = 4) -> int:
-        """How many single units of ``layer`` to send down together (:data:`WINDOW_PASS_BYTES`): the
+        """How many single units of ``layer`` to send down together (``WINDOW_PASS_BYTES``): the
         largest window map one unit needs on the way down (cut to the maps) sets the count."""
         info = self.engine.layer(layer)
         shapes = self.shapes(input_shape)

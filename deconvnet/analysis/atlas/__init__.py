@@ -4,29 +4,29 @@ the image patch under the unit's receptive field.
 
 Three phases, each usable alone, all on one engine (``DeconvNet``) per run:
 
-1. :func:`scan_atlas` (``scan.py``) streams the images once (a ``DataLoader`` over an
-   :class:`ImageSource`, ``sources.py``: a folder, a ``.txt`` file list or WebDataset-style tar
+1. ``scan_atlas`` (``scan.py``) streams the images once (a ``DataLoader`` over an
+   ``ImageSource``, ``sources.py``: a folder, a ``.txt`` file list or WebDataset-style tar
    shards, each image known by a deterministic global id; memory bounded by k x maps, never by the
    number of images) and keeps, per map, the k strongest
    activations (value, image, position), by default from k distinct images (``topk.py``). Its state,
-   an :class:`AtlasScan` (``scanfile.py``), is saved atomically every ``checkpoint_every`` images, so
+   an ``AtlasScan`` (``scanfile.py``), is saved atomically every ``checkpoint_every`` images, so
    an interrupted scan resumes where it stopped. Under ``torchrun`` each process scans the shard
-   ``files[rank::world]`` and the per-process top-k lists are merged exactly (:func:`merge_scans`;
+   ``files[rank::world]`` and the per-process top-k lists are merged exactly (``merge_scans``;
    ties broken by image index, then position, everywhere). For the images currently in some top-k
-   list the scan keeps their pixels and pooling switches (uint8 codes) in a :class:`SwitchCache`
+   list the scan keeps their pixels and pooling switches (uint8 codes) in a ``SwitchCache``
    (``cache.py``), so the projection phase needs no second forward pass for them (bounded by k x maps
    images and by ``cache_mb``; anything not cached is recomputed).
-2. :func:`project_atlas` (``project.py``) projects every kept activation with the receptive-field-
-   windowed deconvnet (:mod:`deconvnet.engine.windowed`; graph models: ``DeconvNet.project``, also
+2. ``project_atlas`` (``project.py``) projects every kept activation with the receptive-field-
+   windowed deconvnet (``deconvnet.engine.windowed``; graph models: ``DeconvNet.project``, also
    windowed where that saves work), grouping selections by image, and returns
-   display tiles (:class:`AtlasTiles`, ``tiles.py``: projection and image patch, cropped to the
-   receptive field, resized to at most ``tile`` pixels). Or lazily (:class:`ProjectionStore`,
+   display tiles (``AtlasTiles``, ``tiles.py``: projection and image patch, cropped to the
+   receptive field, resized to at most ``tile`` pixels). Or lazily (``ProjectionStore``,
    ``lazy.py``): only the maps a sheet or the explorer shows, each projected once and kept on disk.
-3. :func:`deconvnet.display.atlas.render_atlas` writes per-layer PNG sheets (3x3 projections beside
+3. ``deconvnet.display.atlas.render_atlas`` writes per-layer PNG sheets (3x3 projections beside
    the 3x3 patches per map, ``per_page`` maps a sheet) and one ``index.html``.
 
-:func:`build_atlas` (``build.py``) runs all three and is what ``deconvnet atlas`` calls; which layers
-and maps: :func:`parse_layers`, :func:`parse_maps` (``spec.py``).
+``build_atlas`` (``build.py``) runs all three and is what ``deconvnet atlas`` calls; which layers
+and maps: ``parse_layers``, ``parse_maps`` (``spec.py``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The whole atlas in one call (:func:`build_atlas`, what ``deconvnet atlas`` runs): scan (resumable,
-sharded under torchrun), merge, project, render; and its result (:class:`AtlasResult`)."""
+"""The whole atlas in one call (``build_atlas``, what ``deconvnet atlas`` runs): scan (resumable,
+sharded under torchrun), merge, project, render; and its result (``AtlasResult``)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ __all__ = ["AtlasResult", "build_atlas"]
 
 @dataclass
 class AtlasResult(InlineDisplay):
-    """What :func:`build_atlas` made: the merged ``scan`` (this shard's, while unfinished), the display
+    """What ``build_atlas`` made: the merged ``scan`` (this shard's, while unfinished), the display
     ``tiles`` per layer (``None`` when not projected, and on processes other than 0 under torchrun),
     the ``written`` files and the seconds each phase took (``timings``: scan, project, render); with
     ``visualize_steps``, per layer the images optimised for the shown maps (``visualizations``)."""
@@ -115,7 +115,7 @@ def build_atlas(
     """Scan (resuming ``out_dir/scan*.npz`` if present), merge shards under torchrun, project and render.
 
     ``image_dir``: a folder, a ``.txt`` list of paths, tar shards (``train-{000000..001281}.tar``), a
-    list of paths or an :class:`~.sources.ImageSource` (see :func:`~.sources.open_source`).
+    list of paths or an ``ImageSource`` (see ``open_source``).
     Writes ``out_dir/manifest.json`` (model, images, layers, k, rule: a folder of another model or
     other images is refused, see ``manifest.py``), ``out_dir/atlas.npz`` (the merged scan),
     ``out_dir/skipped.txt`` (unreadable files, if any), ``out_dir/<layer>/maps-*.png`` and
@@ -124,14 +124,14 @@ def build_atlas(
     A completed ``atlas.npz`` is reused: rendering other maps or re-rendering does not rescan, and
     requested layers that it lacks are scanned alone and added to it. ``render=False`` stops after the
     scan unless ``project=True`` (then the tiles are computed and returned, not drawn). ``engine``:
-    the run's one engine (see :func:`atlas_engine`), made here if not given. ``visualize_steps`` > 0:
+    the run's one engine (see ``atlas_engine``), made here if not given. ``visualize_steps`` > 0:
     each shown map also gets an image optimised (that many steps) to excite its centre unit
-    (:func:`~deconvnet.analysis.visualize.visualize`, compared with the scan's best exemplar), drawn at
+    (``visualize``, compared with the scan's best exemplar), drawn at
     the end of its block (process 0). ``projections="lazy"``: every map is scanned but only the
     ``maps`` chosen (none if ``maps`` is None) are projected and drawn now; their tiles, and those the
-    explorer projects later on first view, are kept in ``out_dir/projections/`` (:class:`~.lazy.ProjectionStore`).
+    explorer projects later on first view, are kept in ``out_dir/projections/`` (``ProjectionStore``).
     ``amp="bf16"``: the scan's forward passes under bf16 autocast (a GPU's fast path), the winners
-    re-scored in fp32 (see :func:`~.scan.scan_atlas`).
+    re-scored in fp32 (see ``scan_atlas``).
     """
     if projections not in ("eager", "lazy"):
         raise DeconvnetError(f"projections={projections!r}: choose 'eager' or 'lazy'")

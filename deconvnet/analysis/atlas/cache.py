@@ -1,5 +1,5 @@
 """Pixels and pooling switches kept from the scan's forward pass for the projections, and the
-byte budget of one forward pass (:func:`images_per_pass`).
+byte budget of one forward pass (``images_per_pass``).
 
 Memory of a forward pass over ``n`` images of the model's input size is about ``n`` times a fixed
 per-image cost: the float32 output of every layer up to the deepest one needed, and for each max

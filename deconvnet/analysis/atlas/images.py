@@ -1,4 +1,4 @@
-"""The images of a scan as a ``torch.utils.data.Dataset``: read from their :class:`ImageSource`
+"""The images of a scan as a ``torch.utils.data.Dataset``: read from their ``ImageSource``
 (``sources.py``) and decoded (in ``DataLoader`` workers when asked) to the model's view, unreadable
 files reported instead of raised."""
 
@@ -34,7 +34,7 @@ def source_pixels(source: ImageSource, gid: int, geometry: Callable) -> torch.Te
 
 class ImageShard(torch.utils.data.Dataset):
     """(global index, uint8 (3, H, W) model-view crop or None, why not) for the images ``indices``
-    (a range or an integer array: no Python object per image) of ``files`` (an :class:`ImageSource`
+    (a range or an integer array: no Python object per image) of ``files`` (an ``ImageSource``
     or a list of paths): an unreadable image gives ``None`` and the reason instead of an exception."""
 
     def __init__(self, files: ImageSource | Sequence[str], indices: Ids, geometry: Callable) -> None:
@@ -54,6 +54,6 @@ class ImageShard(torch.utils.data.Dataset):
 
 
 def keep_as_list(items: list[Any]) -> list[Any]:
-    """A ``DataLoader`` ``collate_fn`` that keeps a batch of :class:`ImageShard` items as a list
+    """A ``DataLoader`` ``collate_fn`` that keeps a batch of ``ImageShard`` items as a list
     (the crops may differ in size and some are ``None``)."""
     return items

@@ -1,4 +1,4 @@
-"""Lazy projections (:class:`ProjectionStore`): the scan keeps every map's winners, and a map's display
+"""Lazy projections (``ProjectionStore``): the scan keeps every map's winners, and a map's display
 tiles are projected only when something shows it (a sheet, the explorer), then kept on disk so that
 no map is projected twice.
 
@@ -13,7 +13,7 @@ Layout: ``OUT/projections/<layer>/map-MMMM.npz``, one file per map, written atom
 under: the scan's fingerprint (model, images, k, rule), the tile size and the receptive-field
 display settings. A file made under another key (a rescan with other images, another ``--tile``) is
 ignored and overwritten; a damaged file is projected again. The tiles are those
-:func:`~.project.project_atlas` makes for the same maps (the same code projects them): equal to the
+``project_atlas`` makes for the same maps (the same code projects them): equal to the
 eager atlas's (tested)."""
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class ProjectionStore:
         include_lrn: bool = False,
         progress: bool = False,
     ) -> AtlasTiles:
-        """The tiles of ``maps`` of ``layer`` (as :func:`~.project.project_atlas` makes them): read from
+        """The tiles of ``maps`` of ``layer`` (as ``project_atlas`` makes them): read from
         disk where kept, the others projected together in one call and kept."""
         maps = [int(m) for m in maps]
         engine = atlas_engine(loaded, include_lrn, engine)

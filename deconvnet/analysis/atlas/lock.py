@@ -1,4 +1,4 @@
-"""One writer per atlas output folder (:class:`FolderLock`).
+"""One writer per atlas output folder (``FolderLock``).
 
 Two runs into one ``--out`` (say ``--layers conv1`` and ``--layers conv2`` at once) would each read
 ``atlas.npz``, add their layers and write it back: the later write drops the other run's layers.
@@ -37,7 +37,7 @@ def lock_name(rank: int = 0) -> str:
 class FolderLock:
     """An exclusive, non-blocking lock on ``folder`` (created if needed); a context manager.
 
-    Entering raises :class:`DeconvnetError` naming the holder (pid, host, since when) when another
+    Entering raises ``DeconvnetError`` naming the holder (pid, host, since when) when another
     live process holds it. The lock file is removed on exit."""
 
     def __init__(self, folder: str | os.PathLike, rank: int = 0) -> None:

@@ -1,7 +1,7 @@
-"""What an atlas output folder holds (``manifest.json``): the model (:func:`~.scanfile.model_hash`),
-the images (:meth:`ImageSource.fingerprint`), layers, k, distinctness, LRN and the projection rule.
+"""What an atlas output folder holds (``manifest.json``): the model (``model_hash``),
+the images (``ImageSource.fingerprint``), layers, k, distinctness, LRN and the projection rule.
 
-The scan's fingerprint (:func:`~.scanfile.scan_fingerprint`) already refuses to resume or extend a
+The scan's fingerprint (``scan_fingerprint``) already refuses to resume or extend a
 scan made from anything else, but it is one hash of everything and is only checked where a scan
 file exists. The manifest is written when a run starts, so that a second run into the same folder
 with another model or other images is refused at once, whatever state the first one left, with a
@@ -37,7 +37,7 @@ _MUST_MATCH = {
 def check_manifest(out_dir: str | Path, entries: dict[str, Any], restart: bool = False, write: bool = True) -> None:
     """Refuse (``DeconvnetError``) when ``out_dir`` holds an atlas whose manifest differs from
     ``entries`` (keys: model, source, images, layers, k, distinct, include_lrn, rule; optional:
-    shards, see :func:`known_shards`) in anything but its layers; else write the manifest
+    shards, see ``known_shards``) in anything but its layers; else write the manifest
     (``write``: process 0 only), layers merged."""
     path = Path(out_dir) / MANIFEST
     layers = list(entries["layers"])

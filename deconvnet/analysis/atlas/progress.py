@@ -1,4 +1,4 @@
-"""One progress bar for the whole scan across torchrun's processes and machines (:class:`JobProgress`).
+"""One progress bar for the whole scan across torchrun's processes and machines (``JobProgress``).
 
 Each process adds the images it consumes to one counter in torchrun's key-value store (the
 ``TCPStore`` at ``MASTER_ADDR:MASTER_PORT`` that the process group was made with, reached over the

@@ -1,7 +1,7 @@
-"""Projection of the kept activations into display tiles (:func:`project_atlas`): chain models through
-the receptive-field-windowed way down (:mod:`deconvnet.engine.windowed`), using the switches the scan
+"""Projection of the kept activations into display tiles (``project_atlas``): chain models through
+the receptive-field-windowed way down (``deconvnet.engine.windowed``), using the switches the scan
 kept where it could; graph models through ``DeconvNet.project`` (windowed where that saves work,
-:mod:`deconvnet.engine.graph_windowed`; else over whole maps)."""
+``deconvnet.engine.graph_windowed``; else over whole maps)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def project_atlas(
     models' selections per way down (default 64); graph models' selections per call of
     ``DeconvNet.project`` (default: as many as ``GRAPH_PROJECTION_BYTES`` holds). ``only_images`` restricts the
     work to some images (the distributed path: each process projects its own shard's images).
-    ``engine``: the run's engine (see :func:`atlas_engine`), made here if not given."""
+    ``engine``: the run's engine (see ``atlas_engine``), made here if not given."""
     engine = atlas_engine(loaded, include_lrn, engine)
     layers = list(layers or scan.layers)
     for l in layers:

@@ -1,4 +1,4 @@
-"""The streaming top-k scan (:func:`scan_atlas`): one pass over the images, memory bounded by k x maps,
+"""The streaming top-k scan (``scan_atlas``): one pass over the images, memory bounded by k x maps,
 checkpointed and resumable, one shard of the files per process under torchrun."""
 
 from __future__ import annotations
@@ -50,19 +50,19 @@ def scan_atlas(
     amp: str | None = None,
 ) -> AtlasScan:
     """Scan ``files`` (this process's shard of them under torchrun) for the top-``k`` activations of
-    every map of ``layers``; ``files``: image paths, or anything :func:`~.sources.open_source` takes (a
-    folder, a ``.txt`` list, tar shards or their brace pattern, an :class:`ImageSource`); see the
+    every map of ``layers``; ``files``: image paths, or anything ``open_source`` takes (a
+    folder, a ``.txt`` list, tar shards or their brace pattern, an ``ImageSource``); see the
     package docstring. With ``state_path``, the state is saved there
     every ``checkpoint_every`` images and at the end, and an existing state for the same model, files
     and settings is resumed (``resume=False`` starts over). ``max_images`` stops after that many
     files of the shard (the state stays resumable): used to test interruption. Returns this shard's
-    scan; merge shards with :func:`merge_scans`. With ``channels_last`` (default, CPU) the model's
+    scan; merge shards with ``merge_scans``. With ``channels_last`` (default, CPU) the model's
     parameters are converted to the channels-last memory format in place (same results, faster).
-    ``engine``: the run's engine (see :func:`atlas_engine`), made here if not given.
+    ``engine``: the run's engine (see ``atlas_engine``), made here if not given.
 
     ``amp="bf16"``: the forward passes of the scan run under ``torch.autocast`` in bfloat16 (a GPU's
     fast path; CPUs without bf16 units gain nothing), and at the end the kept winners are re-scored in
-    float32 (:func:`rescore_fp32`): the stored values and positions are each winner image's exact fp32
+    float32 (``rescore_fp32``): the stored values and positions are each winner image's exact fp32
     ones, and no switches are cached (the projections redo an fp32 forward pass), so the projections are
     exact too. Which images win is decided on bf16 values: where two images' activations lie within
     bf16 rounding (about 0.4 %), another image may hold a slot than an fp32 scan would choose."""
@@ -197,7 +197,7 @@ class _Scanner:
         )
 
     def add_batch(self, batch: list[tuple[int, torch.Tensor | None, str]]) -> None:
-        """Update the top-k lists with one batch of :class:`ImageShard` items; list the unreadable."""
+        """Update the top-k lists with one batch of ``ImageShard`` items; list the unreadable."""
         good = [(gid, t) for gid, t, _ in batch if t is not None]
         self.state.skipped.extend((self.state.files[gid], why) for gid, t, why in batch if t is None)
         passes = -(-len(good) // self.per_pass)
@@ -327,7 +327,7 @@ def _job_progress(state: AtlasScan, show: bool) -> JobProgress:
 def rescore_fp32(loaded: LoadedModel, engine: DeconvNet, state: AtlasScan, channels_last: bool = True) -> None:
     """Re-score a scan's kept winners in float32 (after a bf16 scan): one fp32 forward pass over the
     images in some top-k list; per map, each listed image's candidates are recomputed exactly as the
-    scan computes them (:func:`~.topk.candidates`: its first maximum, or its k best positions) and the
+    scan computes them (``candidates``: its first maximum, or its k best positions) and the
     k best are chosen again under the scan's total order. Stored values and positions become exact."""
     listed = sorted({int(g) for l in state.layers for g in state.images[l].ravel() if g >= 0})
     if not listed:

@@ -1,5 +1,5 @@
-"""The scan's result and its file format (:class:`AtlasScan`, one ``.npz``), what a scan depends on
-(:func:`scan_fingerprint`), and the exact merge of the scans of disjoint shards or layer sets."""
+"""The scan's result and its file format (``AtlasScan``, one ``.npz``), what a scan depends on
+(``scan_fingerprint``), and the exact merge of the scans of disjoint shards or layer sets."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ STATE_VERSION = 1
 class AtlasScan:
     """The k strongest activations of every map of ``layers`` over ``files`` (or one shard of them).
 
-    ``files``: the :class:`ImageSource` (a list of paths given here becomes one); ``files[gid]`` names
+    ``files``: the ``ImageSource`` (a list of paths given here becomes one); ``files[gid]`` names
     image ``gid``. Per layer: ``values`` (C, k) float32 (``-inf`` for an empty slot), ``images`` (C, k)
     int64 global ids into ``files`` (-1 empty), ``positions`` (C, k, 2) int32 (y, x) in the layer's grid; each
     row strongest first. ``processed`` counts the files of this shard already consumed (readable or
@@ -115,7 +115,7 @@ class AtlasScan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AtlasScan:
-        """Read a scan written by :meth:`save` (or by older versions with a newline-joined file list)."""
+        """Read a scan written by ``save`` (or by older versions with a newline-joined file list)."""
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta"]).decode())
@@ -206,7 +206,7 @@ def scan_fingerprint(
 
 
 def model_hash(loaded: LoadedModel, engine: DeconvNet) -> str:
-    """sha1 of what the model contributes to :func:`scan_fingerprint`: the weights the atlas's layers
+    """sha1 of what the model contributes to ``scan_fingerprint``: the weights the atlas's layers
     use and the preprocessing."""
     h = hashlib.sha1()
     _hash_model(h, loaded, engine)

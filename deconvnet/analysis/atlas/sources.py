@@ -1,28 +1,28 @@
-"""Where an atlas's images come from (:class:`ImageSource`): a folder, a file list, or WebDataset-style
+"""Where an atlas's images come from (``ImageSource``): a folder, a file list, or WebDataset-style
 tar shards, each image known by a deterministic global id.
 
-* :class:`ImageFiles`: a folder (its image files, recursively, sorted), a text file of paths (one a
+* ``ImageFiles``: a folder (its image files, recursively, sorted), a text file of paths (one a
   line, in the list's order; relative paths are taken from the list's folder) or a list given in
   code. Global id = position in that list.
-* :class:`ImageListing`: the same paths kept in a listing file (one JSON string a line, written once
+* ``ImageListing``: the same paths kept in a listing file (one JSON string a line, written once
   into the atlas's folder as ``images-<sha1>.txt``, named by its content) instead of in memory: the
   source holds the byte offset of every 1,024th line and the block read last, so memory and the
   scan's state file do not grow with the number of images (a folder of 1.28 M paths: 72 MB of
-  state before). A folder is listed by a sorted walk (:func:`iter_images`, the order of
-  :func:`~deconvnet.data.list_images`) streamed into the file, a ``.txt`` list line by line.
-* :class:`TarShards`: tar files such as ``train-{000000..001281}.tar`` (a brace pattern, expanded by
-  :func:`expand_braces`, or the shard paths themselves). The images are the members with an image
+  state before). A folder is listed by a sorted walk (``iter_images``, the order of
+  ``list_images``) streamed into the file, a ``.txt`` list line by line.
+* ``TarShards``: tar files such as ``train-{000000..001281}.tar`` (a brace pattern, expanded by
+  ``expand_braces``, or the shard paths themselves). The images are the members with an image
   extension (WebDataset's ``key.jpg``; other members, e.g. ``key.cls``, are ignored). Global id =
   (images in the shards before it) + the member's order among its shard's images. Opening counts
   each shard's images from the tar headers alone (the reader seeks past the data); only one shard's
   member list is ever held (the one being read), so memory does not grow with the number of images
   and an atlas tile reads its one member on demand.
 
-Plain :mod:`tarfile` rather than the ``webdataset`` package: the atlas needs random access by id
+Plain ``tarfile`` rather than the ``webdataset`` package: the atlas needs random access by id
 (a tile's image, a resumed scan starting inside a shard), which ``webdataset``'s sequential pipelines
 do not offer, and the member-order convention is the same.
 
-Under torchrun (``world`` processes) :meth:`ImageSource.shard_ids` divides the work deterministically:
+Under torchrun (``world`` processes) ``ImageSource.shard_ids`` divides the work deterministically:
 tar shards by shard (``shards[rank::world]``, each process reading whole files) when there are at
 least as many shards as processes, else, like files, images ``rank::world``. The per-process top-k
 lists are merged exactly whatever the division (``merge_scans``).
@@ -65,7 +65,7 @@ Ids = Sequence[int] | np.ndarray  # global image ids: a range, a list or an int6
 
 class ImageSource(Sequence[str]):
     """The images of an atlas as a sequence of names (``source[gid]``: a path, or ``shard.tar/member``);
-    :meth:`read` decodes one image by its id."""
+    ``read`` decodes one image by its id."""
 
     kind = ""
 
@@ -78,7 +78,7 @@ class ImageSource(Sequence[str]):
         return range(rank, len(self), world)
 
     def owner(self, gid: int, world: int) -> int:
-        """The process (of ``world``) whose :meth:`shard_ids` hold image ``gid``."""
+        """The process (of ``world``) whose ``shard_ids`` hold image ``gid``."""
         return gid % world
 
     def identity(self) -> bytes:
@@ -90,11 +90,11 @@ class ImageSource(Sequence[str]):
         return None
 
     def hash_into(self, h: Any) -> None:
-        """Feed :meth:`identity` to the hash ``h`` (a listing streams it: it is never held whole)."""
+        """Feed ``identity`` to the hash ``h`` (a listing streams it: it is never held whole)."""
         h.update(self.identity())
 
     def fingerprint(self) -> str:
-        """sha1 of :meth:`identity` (the manifest's ``source`` entry)."""
+        """sha1 of ``identity`` (the manifest's ``source`` entry)."""
         h = hashlib.sha1()
         self.hash_into(h)
         return h.hexdigest()
@@ -146,8 +146,8 @@ LISTING_BLOCK = 1024  # lines between two kept offsets of a listing file
 
 class ImageListing(ImageSource):
     """Image files by path, kept in ``listing`` (one JSON string a line, ``count`` of them, see
-    :func:`write_listing`); global id = line number. Same ids, names and fingerprint as
-    :class:`ImageFiles` of the same paths (``kind`` "files"): only where the paths are kept differs."""
+    ``write_listing``); global id = line number. Same ids, names and fingerprint as
+    ``ImageFiles`` of the same paths (``kind`` "files"): only where the paths are kept differs."""
 
     kind = "files"
 
@@ -228,7 +228,7 @@ class ImageListing(ImageSource):
 
 
 def iter_images(root: str | os.PathLike) -> Iterator[str]:
-    """The image files under the folder ``root`` in the order of :func:`~deconvnet.data.list_images`
+    """The image files under the folder ``root`` in the order of ``list_images``
     (paths compared part by part: each folder's entries sorted by name, a sub-folder's files where its
     name falls), walked lazily: only one folder's entry names are held per level. Sub-folders that are
     symbolic links are not entered (as ``Path.glob('**/*')`` does)."""
@@ -272,7 +272,7 @@ def write_listing(paths: Iterator[str], folder: str | os.PathLike, empty: str) -
 class TarShards(ImageSource):
     """The image members of tar ``shards`` (in shard order, then member order); ``counts``: images per
     shard, else counted from the headers (about 0.1 ms an image, measured: 2.4 s for 20,000; so
-    ``known`` (``{path: [size, mtime_ns, count]}``, :meth:`shard_stats` of an earlier run, kept in
+    ``known`` (``{path: [size, mtime_ns, count]}``, ``shard_stats`` of an earlier run, kept in
     the atlas manifest) gives the count of each shard whose size and modification time match)."""
 
     kind = "tar"
@@ -463,12 +463,12 @@ def open_source(
     known_shards: Mapping[str, Any] | None = None,
     listing_dir: str | os.PathLike | None = None,
 ) -> ImageSource:
-    """The image source ``images`` names: an :class:`ImageSource` (as is); a folder; a ``.txt`` list of
+    """The image source ``images`` names: an ``ImageSource`` (as is); a folder; a ``.txt`` list of
     paths; a tar shard or a brace pattern of shards; or a sequence of image paths or of shards.
     Paths are made absolute (an atlas is usable from any folder). ``known_shards``: image counts of
-    unchanged shards from an earlier run (:meth:`TarShards.shard_stats`), not counted again.
-    ``listing_dir``: a folder or a ``.txt`` list is streamed into an :class:`ImageListing` there
-    (memory flat in the number of images) instead of an in-memory :class:`ImageFiles`."""
+    unchanged shards from an earlier run (``TarShards.shard_stats``), not counted again.
+    ``listing_dir``: a folder or a ``.txt`` list is streamed into an ``ImageListing`` there
+    (memory flat in the number of images) instead of an in-memory ``ImageFiles``."""
     if isinstance(images, ImageSource):
         return images
     if not isinstance(images, (str, os.PathLike)):
@@ -540,7 +540,7 @@ def _list_lines(listing: Path) -> Iterator[str]:
 
 
 def source_from_spec(spec: dict[str, Any]) -> ImageSource:
-    """Reopen a source from its :meth:`ImageSource.spec` (counts trusted: no shard is read here)."""
+    """Reopen a source from its ``ImageSource.spec`` (counts trusted: no shard is read here)."""
     if spec.get("kind") == "tar":
         return TarShards(spec["shards"], spec["counts"])
     if spec.get("kind") == "listing":

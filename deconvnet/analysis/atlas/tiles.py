@@ -1,5 +1,5 @@
-"""Display tiles (:class:`AtlasTiles`): projections and image patches cropped to the unit's receptive
-field, contrast-scaled (:func:`display_scale`) and fitted into squares."""
+"""Display tiles (``AtlasTiles``): projections and image patches cropped to the unit's receptive
+field, contrast-scaled (``display_scale``) and fitted into squares."""
 
 from __future__ import annotations
 
