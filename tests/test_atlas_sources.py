@@ -366,3 +366,8 @@ def test_folder_and_list_sources_keep_their_paths_in_a_listing_not_in_memory_or_
     Path(listing.listing).write_text("".join(changed))
     with pytest.raises(DeconvnetError, match="the image listing changed"):
         AtlasScan.load(tmp_path / "out" / "s.npz").files[0]
+    # damaged with its line count kept (not JSON, or JSON that is no path): one line naming the fix
+    for damaged in ("garbage\n", "42\n"):
+        Path(listing.listing).write_text("".join(changed) + damaged)
+        with pytest.raises(DeconvnetError, match="image listing is damaged; run `deconvnet atlas`"):
+            AtlasScan.load(tmp_path / "out" / "s.npz").files[len(changed)]

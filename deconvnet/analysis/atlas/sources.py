@@ -181,10 +181,21 @@ class ImageListing(ImageSource):
             raise IndexError(f"image id {gid} out of range (0..{self.length - 1})")
         block = gid // LISTING_BLOCK
         if self._block[0] != block:
-            with open(self.listing, "rb") as f:
-                f.seek(int(self._index()[block]))
-                n = min(LISTING_BLOCK, self.length - block * LISTING_BLOCK)
-                lines = [json.loads(f.readline()) for _ in range(n)]
+            offset = int(self._index()[block])
+            n = min(LISTING_BLOCK, self.length - block * LISTING_BLOCK)
+            try:
+                with open(self.listing, "rb") as f:
+                    f.seek(offset)
+                    lines = [json.loads(f.readline()) for _ in range(n)]
+            except OSError as e:
+                raise DeconvnetError(f"{self.listing}: cannot read the atlas's image listing ({e})") from None
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                lines = []
+            if len(lines) != n or not all(isinstance(line, str) for line in lines):
+                raise DeconvnetError(
+                    f"{self.listing}: the atlas's image listing is damaged; run `deconvnet atlas` over the same "
+                    "images into this folder again to rewrite it"
+                )
             self._block = (block, lines)
         return self._block[1][gid - block * LISTING_BLOCK]
 
