@@ -66,14 +66,30 @@ class Finished:
         return [line for line in self.stderr.splitlines() if line.startswith("deconvnet: error:")]
 
 
+# ``python -m deconvnet`` that writes its own peak RSS (VmHWM) at exit: the high-water mark of the memory
+# exec gave it alone. wait4's ru_maxrss is not that: Linux carries the parent's resident pages at fork
+# into the child's maximum, so it would read the (test-order dependent) size of the pytest process.
+_PEAK_LAUNCHER = """
+import atexit, os, runpy
+def _write_peak():
+    with open("/proc/self/status") as status:
+        kb = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    with open(os.environ["DECONVNET_TEST_PEAK_FILE"], "w") as f:
+        f.write(kb)
+atexit.register(_write_peak)
+runpy.run_module("deconvnet", run_name="__main__", alter_sys=True)
+"""
+
+
 def run_capped(args: list[str], cwd: Path, timeout: float = 300.0, env: dict[str, str] | None = None) -> Finished:
-    """``python -m deconvnet *args`` in ``cwd`` under the cap; waits with ``os.wait4`` to read the
-    child's own peak RSS."""
-    environment = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    """``python -m deconvnet *args`` in ``cwd`` under the cap; the child's own peak RSS (its VmHWM at
+    exit; ``os.wait4``'s maximum only where it died before writing it, e.g. killed)."""
+    peak_file = cwd / ".capped-peak"
+    environment = dict(os.environ, PYTHONPATH=str(ROOT), DECONVNET_TEST_PEAK_FILE=str(peak_file), **(env or {}))
     out, err = cwd / ".capped-stdout", cwd / ".capped-stderr"
     with open(out, "wb") as o, open(err, "wb") as e:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "deconvnet", *args],
+            [sys.executable, "-c", _PEAK_LAUNCHER, *args],
             cwd=cwd,
             env=environment,
             stdout=o,
@@ -91,11 +107,13 @@ def run_capped(args: list[str], cwd: Path, timeout: float = 300.0, env: dict[str
                 break
             time.sleep(0.05)
     proc.returncode = os.waitstatus_to_exitcode(status)  # tell Popen it is reaped
+    peak_kb = int(peak_file.read_text()) if peak_file.exists() else usage.ru_maxrss
     finished = Finished(
-        proc.returncode, out.read_text(errors="replace"), err.read_text(errors="replace"), usage.ru_maxrss / 1024
+        proc.returncode, out.read_text(errors="replace"), err.read_text(errors="replace"), peak_kb / 1024
     )
     out.unlink()
     err.unlink()
+    peak_file.unlink(missing_ok=True)
     return finished
 
 
