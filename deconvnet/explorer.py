@@ -37,7 +37,7 @@ from PIL import Image
 
 from .analysis.invariance import invariance_curves, prepare_uncropped
 from .analysis.layers import LayerTaps
-from .analysis.occlusion import OcclusionMaps, default_grid, occlusion_maps, occlusion_positions, projection_of_map
+from .analysis.occlusion import occlusion_analysis
 from .data import MAX_IMAGE_PIXELS, decode_image, pil_to_tensor
 from .deconv import DeconvNet
 from .display import crop_box, data_uri, png_bytes, to_display
@@ -65,7 +65,6 @@ __all__ = [
     "png_bytes",
     "data_uri",
     "DEFAULT_MAX_PIXELS",
-    "run_occlusion",
     "occlusion_view",
     "invariance_view",
     "unit_scores_rows",
@@ -545,47 +544,21 @@ def _clean_name(name: str) -> str:
 
 # --------------------------------------------------------------------------- analyses beside the maps
 
-# Occluder size and stride are not stated in the paper; the defaults of `deconvnet occlusion` are used:
-# a square of 1/6 of the input side moved by 1/32 of it (37 px / 7 px on a 224 px model such as the
-# bundled one; 21 px / 4 px on a 128 px one).
-
-
-def run_occlusion(
-    loaded: LoadedModel, x: torch.Tensor, progress: Callable[[float, str], None] | None = None
-) -> OcclusionMaps:
-    """``occlusion_maps`` on one (3, H, W) model input with the analysis's default occluder
-    (``occlusion.default_grid``, as ``deconvnet occlusion`` uses it); ``progress`` gets
-    the fraction of occluder positions done after each batch, and what is being done."""
-    height, width = int(x.shape[-2]), int(x.shape[-1])
-    size, stride = default_grid(min(height, width))
-    ys, xs = occlusion_positions(height, width, size, stride)
-    label = f"{len(ys) * len(xs)} occluder positions ({size} px square, stride {stride} px)"
-    if progress is not None:
-        progress(0.0, label)
-
-    def on_progress(done: int, total: int) -> None:
-        if progress is not None:
-            progress(done / max(1, total), f"{done} of {label}")
-
-    return occlusion_maps(loaded.model, x, size, stride, on_progress=on_progress)
-
 
 def occlusion_view(
     loaded: LoadedModel, x: torch.Tensor, shown: Image.Image, progress: Callable[[float, str], None] | None = None
 ) -> dict[str, Any]:
-    """The occlusion analysis of one model input (``shown``: its crop) drawn as the paper's Fig. 7
-    panels (b)-(e): {"panels": [{"title", "caption", "image", "legend"?}], "settings": {...}}."""
-    result = run_occlusion(loaded, x, progress)
+    """The occlusion analysis of one model input (``shown``: its crop) with the analysis's default
+    occluder (``occlusion.default_grid``, as ``deconvnet occlusion`` uses it), drawn as the paper's
+    Fig. 7 panels (b)-(e): {"panels": [{"title", "caption", "image", "legend"?}], "settings": {...}}.
+    ``progress(fraction, message)``: see ``occlusion_analysis``'s ``on_status``."""
+    analysis = occlusion_analysis(loaded, x, on_status=progress)
     if progress is not None:
-        progress(0.98, "drawing")
-    classes = list(loaded.classes)
-    try:
-        projection, box = projection_of_map(loaded.model, x, result.layer, result.channel)
-    except DeconvnetError:  # a layer the engine cannot project on this model: panel (c) is left out
-        projection, box = None, None
+        progress(1.0, "drawing")
+    result, classes = analysis.maps, list(loaded.classes)
     target = classes[result.target] if result.target < len(classes) else str(result.target)
     return {
-        "panels": occlusion_panels(result, shown, classes, projection, box),
+        "panels": occlusion_panels(result, shown, classes, analysis.projection, analysis.box),
         "settings": {
             "size": int(result.size),
             "stride": int(result.stride),

@@ -6,16 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from deconvnet.analysis import occlusion as occlusion_module
 from deconvnet.analysis.occlusion import (
     IncrementalOcclusion,
     default_grid,
     fill_value,
     max_difference,
     occlude,
+    occlusion_analysis,
     occlusion_maps,
     occlusion_positions,
+    projection_of_map,
 )
+from deconvnet.analysis.occlusion import maps as occlusion_verb
 from deconvnet.deconv import DeconvNet
 from deconvnet.errors import DeconvnetError
 from deconvnet.models import build_model
@@ -38,7 +40,7 @@ from tests.helpers.processes import run_cli
 def test_incremental_equals_full_recompute(lrn, pool_style, size, stride, delta, monkeypatch):
     # both ways of updating a conv layer (the change's transposed convolution, the window recompute),
     # forced on every conv, and the default choice per layer
-    monkeypatch.setattr(occlusion_module, "IncrementalOcclusion", functools.partial(IncrementalOcclusion, delta=delta))
+    monkeypatch.setattr(occlusion_verb, "IncrementalOcclusion", functools.partial(IncrementalOcclusion, delta=delta))
     model = tiny_model(64, lrn=lrn, pool_style=pool_style)
     image = torch.randn(3, 64, 64)
     fill = torch.tensor([0.3, -0.2, 0.1])
@@ -176,8 +178,7 @@ def test_positions_and_fill():
 
 def test_default_grid_is_the_commands_and_the_explorers():
     """Without size/stride the analysis uses default_grid of the input (a sixth and a 32nd of the side),
-    as the command and the explorer do."""
-    from deconvnet.explorer import run_occlusion
+    as the command and the explorer (both through occlusion_analysis) do."""
 
     assert default_grid(224) == (37, 7) and default_grid(20) == (3, 1)
     torch.manual_seed(0)
@@ -188,8 +189,31 @@ def test_default_grid_is_the_commands_and_the_explorers():
     assert implicit.size == 10 and implicit.stride == 2
     assert np.array_equal(implicit.probability, explicit.probability)
     loaded = tiny_loaded(crop=64)
-    in_explorer = run_occlusion(loaded, image)
-    assert (in_explorer.size, in_explorer.stride) == default_grid(64)
+    composed = occlusion_analysis(loaded, image).maps
+    assert (composed.size, composed.stride) == default_grid(64)
+
+
+def test_analysis_composes_the_maps_and_the_projection_of_the_watched_map():
+    """occlusion_analysis = occlusion_maps + projection_of_map of the map it watched, exactly (the same
+    computations in the same order: equality, no tolerance)."""
+    loaded = tiny_loaded(crop=64)
+    image = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(3))
+    composed = occlusion_analysis(loaded, image, 16, 8, layer="conv4", target=2)
+    maps = occlusion_maps(loaded, image, 16, 8, layer="conv4", target=2)
+    assert (composed.maps.layer, composed.maps.channel, composed.maps.target) == ("conv4", maps.channel, 2)
+    assert np.array_equal(composed.maps.activation, maps.activation)
+    assert np.array_equal(composed.maps.probability, maps.probability)
+    projection, box = projection_of_map(loaded, image, "conv4", maps.channel)
+    assert composed.projection is not None and torch.equal(composed.projection, projection)
+    assert composed.box == box and composed.projection_note is None
+    d = composed.to_dict(loaded.classes)
+    assert d["projection_box"] == list(box) and d["activation"] == maps.to_dict()["activation"]
+    # the status line counts real positions: 0 first, then after each batch, ending at all of them
+    seen: list[tuple[float, str]] = []
+    occlusion_analysis(loaded, image, 16, 8, batch_size=10, on_status=lambda f, m: seen.append((f, m)))
+    positions = len(maps.ys) * len(maps.xs)
+    assert [f for f, _ in seen] == [0.0] + [min(positions, k) / positions for k in range(10, positions + 10, 10)]
+    assert seen[-1][1].startswith(f"{positions} of {positions} occluder positions (16 px square, stride 8 px)")
 
 
 def test_cli_writes_figure_and_maps(tmp_path, capsys):

@@ -207,9 +207,9 @@ def cmd_occlusion(args: argparse.Namespace) -> int:
         default_grid,
         fill_value,
         max_difference,
+        occlusion_analysis,
         occlusion_maps,
         occlusion_positions,
-        projection_of_map,
     )
     from ..atomic import save_json
     from ..display import save_figure
@@ -236,7 +236,7 @@ def cmd_occlusion(args: argparse.Namespace) -> int:
     target = image_label(loaded, args.image, args.label)
     batch, shown = prepare_images(loaded, [args.image])
     image = batch[0]
-    maps = occlusion_maps(
+    analysis = occlusion_analysis(
         loaded,
         image,
         size,
@@ -249,6 +249,7 @@ def cmd_occlusion(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
+    maps = analysis.maps
     info = {"image": str(args.image), "weights": loaded.source, **maps.to_dict(loaded.classes)}
     if args.check:
         other = "full" if args.method == "incremental" else "incremental"
@@ -272,13 +273,12 @@ def cmd_occlusion(args: argparse.Namespace) -> int:
             f"(relative {diff['activation_relative']:.3g}), "
             f"probability {diff['probability']:.3g}, top-class disagreements {diff['top_class_disagreements']}"
         )
-    projection, box = projection_of_map(loaded, image, maps.layer, maps.channel)
+    if analysis.projection_note:
+        _say(f"{analysis.projection_note}; the figure leaves panel (c) out")
     out = Path(args.out)
     stem = Path(args.image).stem
     figure = save_figure(
-        maps.figure(
-            shown[0], loaded.classes, projection, box, title=f"{Path(args.image).name}: occlusion ({loaded.source})"
-        ),
+        analysis.figure(shown[0], loaded.classes, title=f"{Path(args.image).name}: occlusion ({loaded.source})"),
         out / f"{stem}-occlusion.png",
     )
     data = save_json(out / f"{stem}-occlusion.json", info)
