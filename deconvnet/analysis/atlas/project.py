@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from ...engine import ChainRecord, DeconvNet, Selection
-from ...engine.windowed import last_pool_below
 from ...errors import DeconvnetError
 from ...weights import LoadedModel
 from .cache import SwitchCache, images_per_pass, pools_below
@@ -188,7 +187,7 @@ def _project_chain(
 ) -> None:
     """Chunks of ``images_per_batch`` images: their switches (cached or recomputed), then each layer's
     selections in batches of ``selections_per_batch`` down the windowed way."""
-    needs = {l: last_pool_below(engine, engine.layer(l)) for l in out}
+    needs = {l: engine.forward_depth(l) for l in out}
     image_ids = list(work)
     bar = ProjectionBar(work, progress, smoothing=0.1)
     for start in range(0, len(image_ids), images_per_batch):
