@@ -93,6 +93,42 @@ def test_analyses_draw_only_when_asked(path: Path) -> None:
     assert not eager, f"{path.relative_to(PACKAGE)} imports the display layer at module level: {eager}"
 
 
+def _names_imported_from(path: Path, part: str, root: Path = PACKAGE.parent) -> list[tuple[str, int]]:
+    """(name, line) for every ``from <deconvnet part or a module of it> import name`` in ``path``
+    (a file under ``root``/deconvnet), at module level or inside a function."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            package = path.relative_to(root).parts[: -node.level] if node.level else ()
+            module = ".".join([*package, node.module])
+            if module.startswith("deconvnet.") and _part(module) == part:
+                found += [(alias.name, node.lineno) for alias in node.names]
+    return found
+
+
+# what training re-exports for old callers: devices and torchrun's environment are the runtime's,
+# initialisation is the models'; nothing in the package takes them from training
+NOT_TRAININGS = {"init_weights", "resolve_device", "dist_info", "local_rank"}
+OUTSIDE_TRAINING = [p for p in SOURCES if "training" not in p.relative_to(PACKAGE).parts]
+
+
+@pytest.mark.parametrize("path", OUTSIDE_TRAINING, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_devices_and_initialisation_are_not_imported_through_training(path: Path) -> None:
+    bad = [(name, line) for name, line in _names_imported_from(path, "training") if name in NOT_TRAININGS]
+    assert not bad, f"{path.relative_to(PACKAGE)} imports {bad} from training: import them from runtime / models"
+
+
+def test_the_training_import_check_sees_imports(tmp_path: Path) -> None:
+    """The check above reads ``from ..training import`` inside functions, and only imports of training."""
+    names = {name for name, _ in _names_imported_from(PACKAGE / "commands" / "train.py", "training")}
+    assert {"TrainConfig", "train"} <= names
+    assert not _names_imported_from(PACKAGE / "commands" / "common.py", "training")  # its device: runtime's
+    bad = tmp_path / "deconvnet" / "commands" / "bad.py"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("def device(name):\n    from ..training.run import resolve_device\n")
+    assert _names_imported_from(bad, "training", root=tmp_path) == [("resolve_device", 2)]
+
+
 def test_the_checker_sees_imports() -> None:
     """The checks above read real imports (relative, absolute, inside functions)."""
     report = {t for t, _, _ in _imports(PACKAGE / "report.py")}
