@@ -164,7 +164,7 @@ def launch(args: argparse.Namespace, mode: str, pattern: str, processes: int, ou
 
 def worker(args: argparse.Namespace) -> None:
     """One timed pass of this process (its rank's share under torchrun), written to ``--results``/rank.json."""
-    from deconvnet.analysis.atlas import ImageShard, build_atlas, keep_as_list, open_source
+    from deconvnet.analysis.atlas import ImageShard, ScanOptions, build_atlas, keep_as_list, open_source
     from deconvnet.runtime import dist_info, keep_freed_memory
 
     keep_freed_memory()  # as the CLI does
@@ -188,8 +188,8 @@ def worker(args: argparse.Namespace) -> None:
                 loaded.model(x).argmax(1)
         result["seconds"] = time.perf_counter() - t0
     else:
-        res = build_atlas(loaded, source, args.out, batch_size=args.batch_size, render=False, project=True,
-                          progress=False, checkpoint_every=10_000)  # fmt: skip
+        options = ScanOptions(batch_size=args.batch_size, checkpoint_every=10_000)
+        res = build_atlas(loaded, source, args.out, scan_options=options, progress=False)
         result["seconds"] = time.perf_counter() - t0
         result["timings"] = res.timings
     result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -17,12 +17,14 @@ from torch import nn
 
 from deconvnet.analysis.atlas import (
     AtlasScan,
+    RenderOptions,
+    ScanOptions,
     SwitchCache,
+    atlas_layers,
     build_atlas,
     candidates,
     display_scale,
     merge_scans,
-    parse_layers,
     parse_maps,
     project_atlas,
     scan_atlas,
@@ -155,11 +157,11 @@ def test_windowed_projections_equal_the_generic_engine(lrn):
 
 def test_parse_layers_and_maps():
     engine = DeconvNet(tiny_loaded().model)
-    assert parse_layers("conv1..conv5", engine) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
-    assert parse_layers(None, engine) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
-    assert parse_layers("conv3,pool5,conv1", engine) == ["conv1", "conv3", "pool5"]
+    assert atlas_layers("conv1..conv5", engine) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    assert atlas_layers(None, engine) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    assert atlas_layers("conv3,pool5,conv1", engine) == ["conv1", "conv3", "pool5"]
     with pytest.raises(DeconvnetError, match="unknown layer 'conv9'"):
-        parse_layers("conv1..conv9", engine)
+        atlas_layers("conv1..conv9", engine)
     assert parse_maps("0-2,7", 8) == [0, 1, 2, 7]
     with pytest.raises(DeconvnetError, match="out of range"):
         parse_maps("0,9", 8, "conv1")
@@ -234,17 +236,24 @@ def test_build_atlas_resume_and_reuse(tmp_path):
     write_images(tmp_path / "imgs", 9)
     out = tmp_path / "out"
     first = build_atlas(
-        loaded, tmp_path / "imgs", out, k=2, batch_size=2, checkpoint_every=2, max_images=4, progress=False
+        loaded,
+        tmp_path / "imgs",
+        out,
+        k=2,
+        scan_options=ScanOptions(batch_size=2, checkpoint_every=2, max_images=4),
+        progress=False,
     )
     assert not first.scan.complete and not (out / "atlas.npz").exists()
     assert list(out.glob("scan-*.npz"))  # the interrupted scan's state
-    second = build_atlas(loaded, tmp_path / "imgs", out, k=2, batch_size=2, progress=False, render=False)
+    second = build_atlas(
+        loaded, tmp_path / "imgs", out, k=2, scan_options=ScanOptions(batch_size=2), progress=False, project=False
+    )
     assert second.scan.complete and (out / "atlas.npz").exists() and not list(out.glob("scan-*.npz"))
-    fresh = build_atlas(loaded, tmp_path / "imgs", tmp_path / "fresh", k=2, progress=False, render=False)
+    fresh = build_atlas(loaded, tmp_path / "imgs", tmp_path / "fresh", k=2, progress=False, project=False)
     for layer in fresh.scan.layers:
         np.testing.assert_array_equal(second.scan.images[layer], fresh.scan.images[layer])
     # adding a layer scans only that layer and keeps the others
-    third = build_atlas(loaded, tmp_path / "imgs", out, layers="conv2,pool5", k=2, progress=False, render=False)
+    third = build_atlas(loaded, tmp_path / "imgs", out, layers="conv2,pool5", k=2, progress=False, project=False)
     assert "pool5" in third.scan.layers and "conv1" in third.scan.layers
     np.testing.assert_array_equal(third.scan.images["conv2"], fresh.scan.images["conv2"])
 
@@ -257,7 +266,7 @@ def test_atlas_made_from_a_relative_folder_is_usable_from_elsewhere(tmp_path, mo
     loaded = tiny_loaded(seed=2)
     write_images(tmp_path / "data" / "imgs", 5)
     monkeypatch.chdir(tmp_path / "data")
-    res = build_atlas(loaded, "imgs", tmp_path / "out", layers="conv2", k=2, progress=False, render=False)
+    res = build_atlas(loaded, "imgs", tmp_path / "out", layers="conv2", k=2, progress=False, project=False)
     assert all(Path(f).is_absolute() and Path(f).is_file() for f in res.scan.files)
     monkeypatch.chdir(tmp_path)
     atlas = open_atlas(tmp_path / "out", loaded)
@@ -312,11 +321,11 @@ def test_rendering_writes_the_expected_layout(tmp_path):
         out,
         layers="conv1,conv3",
         k=4,
-        per_page=5,
-        columns=3,
         progress=False,
         maps={"conv1": [0, 1, 2, 3, 4, 5, 6], "conv3": [2, 9]},
     )
+    assert not list(out.rglob("*.png"))  # the sheets are drawn when the caller asks
+    res.render(RenderOptions(per_page=5, columns=3), progress=False)
     sheets = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
     assert sheets == ["conv1/maps-0000-0004.png", "conv1/maps-0005-0006.png", "conv3/maps-0002-0009.png"]
     page = Image.open(out / "conv1/maps-0000-0004.png")
@@ -348,11 +357,10 @@ def test_atlas_result_summary_and_figure(tmp_path):
         out,
         layers="conv1,conv3",
         k=2,
-        per_page=5,
-        columns=3,
         progress=False,
         maps={"conv1": list(range(7)), "conv3": [2, 9]},
     )
+    res.render(RenderOptions(per_page=5, columns=3), progress=False)
     summary = json.loads(json.dumps(res.to_dict()))
     assert summary["layers"] == ["conv1", "conv3"] and summary["k"] == 2 and summary["images"] == 5
     assert summary["maps"] == {"conv1": 8, "conv3": 12} and summary["shown"] == {
@@ -371,9 +379,9 @@ def test_atlas_result_summary_and_figure(tmp_path):
         res.figure(layer="conv2")
     with pytest.raises(DeconvnetError, match="page=2 is out of range"):
         res.figure(layer="conv1", page=2, per_page=5)
-    scan_only = build_atlas(loaded, tmp_path / "imgs", out, layers="conv1", k=2, progress=False, render=False)
+    scan_only = build_atlas(loaded, tmp_path / "imgs", out, layers="conv1", k=2, progress=False, project=False)
     assert scan_only.to_dict()["written"] == [str(out / "atlas.npz")]
-    with pytest.raises(DeconvnetError, match="render=True or project=True"):
+    with pytest.raises(DeconvnetError, match="build it with project=True"):
         scan_only.figure()
 
 
@@ -390,8 +398,6 @@ def test_one_engine_per_run(tmp_path):
         layers="conv2",
         k=2,
         progress=False,
-        render=False,
-        project=True,
         engine=engine,
     )
     assert res.tiles["conv2"].filled.any()
@@ -430,7 +436,7 @@ def test_empty_and_unreadable_input(tmp_path):
     write_images(mixed, 4)
     (mixed / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable image\(s\): .*broken\.jpg"):
-        res = build_atlas(loaded, mixed, tmp_path / "o4", k=2, progress=False, render=False)
+        res = build_atlas(loaded, mixed, tmp_path / "o4", k=2, progress=False, project=False)
     assert [Path(p).name for p, _ in res.scan.skipped] == ["broken.jpg"]
     assert "broken.jpg" in (tmp_path / "o4" / "skipped.txt").read_text()
     assert int(res.scan.images["conv1"].max()) < 5 and len(res.scan.files) == 5
@@ -611,9 +617,7 @@ def test_lazy_projections_equal_the_eager_ones_and_are_kept_on_disk(tmp_path):
 
     loaded = tiny_loaded(seed=6, crop=48)
     write_images(tmp_path / "imgs", 7)
-    eager = build_atlas(
-        loaded, tmp_path / "imgs", tmp_path / "eager", "conv2,conv4", k=2, render=False, project=True, progress=False
-    )
+    eager = build_atlas(loaded, tmp_path / "imgs", tmp_path / "eager", "conv2,conv4", k=2, progress=False)
     chosen = {"conv2": [5, 0, 3], "conv4": [1]}
     lazy = build_atlas(
         loaded,
@@ -625,6 +629,7 @@ def test_lazy_projections_equal_the_eager_ones_and_are_kept_on_disk(tmp_path):
         projections="lazy",
         progress=False,
     )
+    lazy.render(progress=False)
     assert lazy.tiles is not None and set(lazy.tiles) == {"conv2", "conv4"}
     for layer, maps in chosen.items():
         np.testing.assert_array_equal(lazy.scan.values[layer], eager.scan.values[layer])  # every map scanned
@@ -762,9 +767,7 @@ def test_small_atlas_on_cuda_equals_the_cpu_atlas(tmp_path):
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     files = write_images(tmp_path / "imgs", 12)
-    cpu = build_atlas(
-        tiny_loaded(seed=3), files, tmp_path / "cpu", "conv2,conv5", k=3, render=False, project=True, progress=False
-    )
+    cpu = build_atlas(tiny_loaded(seed=3), files, tmp_path / "cpu", "conv2,conv5", k=3, progress=False)
     for amp in (None, "bf16"):
         loaded = tiny_loaded(seed=3).to("cuda")
         scan = scan_atlas(loaded, files, "conv2,conv5", k=3, batch_size=5, progress=False, amp=amp)

@@ -22,6 +22,8 @@ from deconvnet.analysis.atlas import (
     AtlasScan,
     ImageFiles,
     ImageListing,
+    RenderOptions,
+    ScanOptions,
     TarShards,
     build_atlas,
     expand_braces,
@@ -78,9 +80,11 @@ def test_tar_shards_and_a_folder_give_the_same_atlas(tmp_path):
     # ids: shard order, then member order; the label members are not images
     assert source[5].endswith("train-0001.tar/sample000005" + ordered[5].suffix)
     assert [source.locate(g) for g in (0, 3, 4, 10)] == [(0, 0), (0, 3), (1, 0), (2, 2)]
-    options = {"layers": "conv1,conv3", "k": 3, "batch_size": 4, "progress": False, "render": True, "per_page": 4}
+    options = {"layers": "conv1,conv3", "k": 3, "scan_options": ScanOptions(batch_size=4), "progress": False}
     folder = build_atlas(loaded, tmp_path / "imgs", tmp_path / "a", **options)
     shards = build_atlas(loaded, pattern, tmp_path / "b", **options)
+    for atlas in (folder, shards):
+        atlas.render(RenderOptions(per_page=4), progress=False)
     assert isinstance(folder.scan.files, ImageListing) and isinstance(shards.scan.files, TarShards)
     assert folder.tiles is not None and shards.tiles is not None
     for layer in folder.scan.layers:
@@ -199,21 +203,21 @@ def test_the_manifest_refuses_another_model_or_other_images(tmp_path):
     write_images(tmp_path / "imgs", 5)
     write_images(tmp_path / "other", 5, seed=9)
     out = tmp_path / "out"
-    build_atlas(loaded, tmp_path / "imgs", out, layers="conv1", k=2, progress=False, render=False)
+    build_atlas(loaded, tmp_path / "imgs", out, layers="conv1", k=2, progress=False, project=False)
     manifest = (out / "manifest.json").read_text()
     assert '"rule": "deconvnet"' in manifest and '"layers": [\n  "conv1"\n ]' in manifest
     with pytest.raises(DeconvnetError, match=r"another model \(weights or preprocessing\)"):
-        build_atlas(tiny_loaded(seed=8), tmp_path / "imgs", out, layers="conv1", k=2, progress=False, render=False)
+        build_atlas(tiny_loaded(seed=8), tmp_path / "imgs", out, layers="conv1", k=2, progress=False, project=False)
     with pytest.raises(DeconvnetError, match="other images"):
-        build_atlas(loaded, tmp_path / "other", out, layers="conv1", k=2, progress=False, render=False)
+        build_atlas(loaded, tmp_path / "other", out, layers="conv1", k=2, progress=False, project=False)
     with pytest.raises(DeconvnetError, match=r"another k \(--top\)"):
-        build_atlas(loaded, tmp_path / "imgs", out, layers="conv1", k=3, progress=False, render=False)
+        build_atlas(loaded, tmp_path / "imgs", out, layers="conv1", k=3, progress=False, project=False)
     # more layers of the same model and images: welcome, listed
-    build_atlas(loaded, tmp_path / "imgs", out, layers="conv2", k=2, progress=False, render=False)
+    build_atlas(loaded, tmp_path / "imgs", out, layers="conv2", k=2, progress=False, project=False)
     assert '"conv1",\n  "conv2"' in (out / "manifest.json").read_text()
     # --restart starts the folder over with the new model
     res = build_atlas(
-        tiny_loaded(seed=8), tmp_path / "imgs", out, layers="conv1", k=2, progress=False, render=False, restart=True
+        tiny_loaded(seed=8), tmp_path / "imgs", out, layers="conv1", k=2, progress=False, project=False, restart=True
     )
     assert res.scan.layers == ["conv1"] and '"conv2"' not in (out / "manifest.json").read_text()
 
@@ -287,7 +291,7 @@ def test_shard_counts_are_kept_for_reruns(tmp_path):
 
     loaded = tiny_loaded(seed=13)
     pattern = write_shards(write_images(tmp_path / "imgs", 5), tmp_path / "shards", per_shard=3)
-    build_atlas(loaded, pattern, tmp_path / "o", layers="conv1", k=2, progress=False, render=False)
+    build_atlas(loaded, pattern, tmp_path / "o", layers="conv1", k=2, progress=False, project=False)
     known = known_shards(tmp_path / "o")
     shards = open_source(pattern).shards
     assert [known[s][2] for s in shards] == [3, 2]

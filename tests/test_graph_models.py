@@ -38,6 +38,7 @@ def test_atlas_of_a_resnet_keeps_the_true_top_activations_and_projects_them(resn
         maps={"layer2": [0, 1, 2], "layer4": [5, 6]},
         progress=False,
     )
+    result.render(progress=False)
     scan = result.scan
     engine = DeconvNet(resnet.model)
     files = [str(p) for p in list_images(folder)]

@@ -276,12 +276,12 @@ def test_atlas_reads_gif_and_survives_a_newline_in_a_file_name(served_weights_fi
     for name in ("a.png", "b.gif", "odd\nname.png"):
         Image.fromarray(rng.integers(0, 255, (70, 80, 3), dtype=np.uint8)).save(images / name)
     loaded = load_model(served_weights_file)
-    first = build_atlas(loaded, images, tmp_path / "atlas", layers="conv1", k=2, render=False, progress=False)
+    first = build_atlas(loaded, images, tmp_path / "atlas", layers="conv1", k=2, project=False, progress=False)
     assert len(first.scan.files) == 3 and any(f.endswith("b.gif") for f in first.scan.files)
     again = AtlasScan.load(tmp_path / "atlas" / "atlas.npz")
     assert again.files == first.scan.files  # the newline survives the round trip
     # re-using the saved scan (what re-rendering does) accepts it as the same file list
-    second = build_atlas(loaded, images, tmp_path / "atlas", layers="conv1", k=2, render=False, progress=False)
+    second = build_atlas(loaded, images, tmp_path / "atlas", layers="conv1", k=2, project=False, progress=False)
     assert second.scan.files == first.scan.files
 
 
@@ -294,7 +294,7 @@ def test_old_atlas_files_with_newline_joined_lists_still_load(served_weights_fil
     for i in range(2):
         Image.new("RGB", (70, 70), (40 * i, 90, 200)).save(images / f"{i}.png")
     result = build_atlas(
-        load_model(served_weights_file), images, tmp_path / "atlas", layers="conv1", k=1, render=False, progress=False
+        load_model(served_weights_file), images, tmp_path / "atlas", layers="conv1", k=1, project=False, progress=False
     )
     path = tmp_path / "atlas" / "atlas.npz"
     with np.load(path) as z:  # rewrite as the earlier format: "files" newline-joined, no "files_json"

@@ -99,10 +99,10 @@ def test_analysis_results_show_themselves(loaded: LoadedModel, files: dict[str, 
 
 
 def test_atlas_and_evolution_show_themselves(loaded: LoadedModel, files: dict[str, Path], tmp_path: Path) -> None:
-    atlas = build_atlas(loaded, files["images"], tmp_path / "atlas", layers="conv1", k=2, per_page=4, progress=False)
+    atlas = build_atlas(loaded, files["images"], tmp_path / "atlas", layers="conv1", k=2, progress=False)
     _picture(atlas._repr_png_())
     scan_only = build_atlas(
-        loaded, files["images"], tmp_path / "scan", layers="conv1", k=2, progress=False, render=False
+        loaded, files["images"], tmp_path / "scan", layers="conv1", k=2, progress=False, project=False
     )
     assert scan_only._repr_png_() is None  # nothing to draw: the notebook falls back to the text repr
     snapshots = [tmp_path / f"epoch-00{e}.safetensors" for e in (1, 2)]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deconvnet.analysis.atlas import AtlasScan, build_atlas
+from deconvnet.analysis.atlas import AtlasScan, ScanOptions, build_atlas
 from deconvnet.analysis.atlas.lock import lock_name
 from deconvnet.errors import DeconvnetError
 from deconvnet.weights import save_weights
@@ -70,13 +70,13 @@ def test_a_held_atlas_folder_is_refused_and_a_killed_holder_is_taken_over(tmp_pa
     holder = _hold_lock(out)
     try:
         with pytest.raises(DeconvnetError, match=rf"another atlas run \(pid {holder.pid} on host .*--out"):
-            build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, render=False)
+            build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, project=False)
         assert not (out / "atlas.npz").exists()
     finally:
         holder.send_signal(signal.SIGKILL)  # as kill -9: no clean-up of its own
         holder.wait()
     assert (out / lock_name()).exists() and str(holder.pid) in (out / lock_name()).read_text()
-    res = build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, render=False)
+    res = build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, project=False)
     assert res.scan.layers == ["conv1"] and (out / "atlas.npz").exists()
     assert not (out / lock_name()).exists()  # released and removed at the end
 
@@ -133,7 +133,7 @@ def test_a_damaged_atlas_file_says_what_to_do(tmp_path, damage):
     loaded = tiny_loaded()
     images = _images(tmp_path / "images", 6)
     out = tmp_path / "out"
-    build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, render=False)
+    build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, project=False)
     path = out / "atlas.npz"
     data = bytearray(path.read_bytes())
     if damage == "truncate":
@@ -145,8 +145,8 @@ def test_a_damaged_atlas_file_says_what_to_do(tmp_path, damage):
     with pytest.raises(DeconvnetError, match=r"atlas\.npz: damaged atlas scan .*--restart"):
         AtlasScan.load(path)
     with pytest.raises(DeconvnetError, match=r"atlas\.npz: damaged atlas scan .*--restart"):
-        build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, render=False)
-    res = build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, render=False, restart=True)
+        build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, project=False)
+    res = build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, project=False, restart=True)
     assert AtlasScan.load(path).layers == res.scan.layers == ["conv1"]
 
 
@@ -154,12 +154,21 @@ def test_a_damaged_scan_state_says_what_to_do(tmp_path):
     loaded = tiny_loaded()
     images = _images(tmp_path / "images", 8)
     out = tmp_path / "out"
-    build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, render=False, max_images=4)
+    build_atlas(
+        loaded,
+        images,
+        out,
+        layers=["conv1"],
+        k=2,
+        progress=False,
+        project=False,
+        scan_options=ScanOptions(max_images=4),
+    )
     (state,) = out.glob("scan*.npz")
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(DeconvnetError, match=rf"{state.name}: damaged atlas scan .*--restart"):
-        build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, render=False)
-    res = build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, render=False, restart=True)
+        build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, project=False)
+    res = build_atlas(loaded, images, out, layers=["conv1"], k=2, progress=False, project=False, restart=True)
     assert res.scan.complete and not list(out.glob("scan*.npz"))
 
 

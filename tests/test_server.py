@@ -79,7 +79,7 @@ def _tiny_atlas(weights: Path, base: Path) -> Path:
     for i in range(12):
         (folder / f"photo-{i:02d}.png").write_bytes(photo_bytes("PNG", (90, 80), seed=10 + i))
     build_atlas(
-        load_model(str(weights)), folder, base / "atlas", layers=["conv2", "conv5"], k=9, render=False, progress=False
+        load_model(str(weights)), folder, base / "atlas", layers=["conv2", "conv5"], k=9, project=False, progress=False
     )
     # conv5 map 3 also gets its optimised image (`deconvnet atlas --visualize`; 4 steps: only its presence is tested)
     build_atlas(
@@ -91,7 +91,7 @@ def _tiny_atlas(weights: Path, base: Path) -> Path:
         k=9,
         visualize_steps=4,
         progress=False,
-    )
+    ).render(progress=False)
     return base / "atlas"
 
 

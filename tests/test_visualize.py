@@ -271,20 +271,21 @@ def test_atlas_sheets_show_the_optimised_image_beside_the_top_k(tmp_path):
         visualize_steps=4,
         progress=False,
     )
+    res.render(progress=False)
     assert res.visualizations is not None
     vis = res.visualizations["conv3"]
     assert vis.channels == [3, 5] and vis.steps == 4
     assert vis.exemplar.tolist() == pytest.approx(res.scan.values["conv3"][[3, 5], 0].tolist())  # the scan's top-1
     assert res.to_dict()["visualizations"]["conv3"]["units"][0]["channel"] == 3
     tiles = res.tiles["conv3"]
-    title = str(loaded.source)  # what build_atlas titles the sheets with
+    title = str(loaded.source)  # what render titles the sheets with
     with_image, without = atlas_sheet(tiles, [0, 1], 2, title, vis=vis), atlas_sheet(tiles, [0, 1], 2, title)
     assert with_image.get_figwidth() > without.get_figwidth()  # a third panel per block
     assert "optimised" in " ".join(t.get_text() for t in with_image.axes[0].texts)
     folder = tmp_path / "atlas" / "conv3"  # the optimised images and their measures, for the report / explorer
     assert np.array_equal(np.asarray(Image.open(folder / "optimised-0005.png")), vis.image(5))
     assert json.loads((folder / "visualize.json").read_text())["units"][1]["channel"] == 5
-    page = Image.open(tmp_path / "atlas" / "conv3" / "maps-0003-0005.png")  # what build_atlas wrote: the same
+    page = Image.open(tmp_path / "atlas" / "conv3" / "maps-0003-0005.png")  # what render wrote: the same
     assert page.size == Image.open(save_figure(with_image, tmp_path / "with.png", dpi=SHEET_DPI)).size
 
 

@@ -121,7 +121,7 @@ def feature_evolution(
     chosen maps. Maps default to, per layer, the ``maps_per_layer`` maps whose strongest activation is
     largest under the LAST snapshot (the trained features), so every column shows the same maps;
     ``maps`` (per layer) or ``explicit_maps`` (the same indices for every layer) choose them instead."""
-    from .atlas import parse_layers, project_atlas, scan_atlas
+    from .atlas import atlas_layers, project_atlas, scan_atlas
 
     if not snapshots:
         raise DeconvnetError("give at least one snapshot")
@@ -140,7 +140,7 @@ def feature_evolution(
     for path in paths:
         loaded = load_model(path, arch=arch, device=device, progress=progress)
         engine = DeconvNet(loaded.model)
-        names = parse_layers(layers, engine)  # the one grammar, then the atlas's checks
+        names = atlas_layers(layers, engine)  # the one grammar, then the atlas's checks
         if layer_names is not None and names != layer_names:
             raise DeconvnetError(f"{path}: its layers differ from the other snapshots'; they must come from one run")
         layer_names = names

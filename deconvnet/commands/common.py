@@ -69,8 +69,32 @@ LAYERS_GRAMMAR = (
 
 
 def add_layers(p: argparse.ArgumentParser, default: str) -> None:
-    """--layers, in the one grammar of ``deconvnet.analysis.layers.parse_layers``."""
-    p.add_argument("--layers", default=None, help=f"{LAYERS_GRAMMAR}; default: {default}")
+    """--layers, in the one grammar of ``deconvnet.analysis.layers.parse_layers``, read once by
+    ``LayersAction``: ``args.layers`` is the grammar's items (``None``: the command's default)."""
+    p.add_argument("--layers", default=None, action=LayersAction, help=f"{LAYERS_GRAMMAR}; default: {default}")
+
+
+class LayersAction(argparse.Action):
+    """Parses --layers when argparse reads it, the one time its text is parsed: the grammar's items
+    (``deconvnet.analysis.layers.layer_items``; no model needed), ``None`` for ``all``; a malformed text is
+    the parser's one-line error before any model loads. The library resolves the items to a model's
+    layer names (``parse_layers`` and the analyses take the items as they take text)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        from ..analysis.layers import layer_items  # only when --layers is given: the command loads torch anyway
+        from ..errors import DeconvnetError
+
+        try:
+            items = layer_items(str(values))
+        except DeconvnetError as e:
+            parser.error(str(e))
+        setattr(namespace, self.dest, items or None)
 
 
 def load_from_args(

@@ -244,8 +244,7 @@ def _image_files(folder: str) -> list:
 
 
 def cmd_atlas(args: argparse.Namespace) -> int:
-    from ..analysis.atlas import build_atlas, parse_maps
-    from ..analysis.layers import layer_items, parse_layers
+    from ..analysis.atlas import RenderOptions, ScanOptions, atlas_layers, build_atlas, parse_maps
     from ..deconv import DeconvNet
     from ..errors import DeconvnetError
     from ..outputs import output_dir
@@ -255,11 +254,10 @@ def cmd_atlas(args: argparse.Namespace) -> int:
 
     if args.maps and args.random_maps:
         raise DeconvnetError("choose --maps or --random-maps, not both")
-    layer_items(args.layers)  # the text's form, before loading the model
     rank, world = dist_info()
     loaded = load_from_args(args, lrn=lrn_choice(args), announce=rank == 0)
     engine = DeconvNet(loaded.model, include_lrn=args.include_lrn)
-    layers = parse_layers(args.layers, engine)
+    layers = atlas_layers(args.layers, engine)  # --layers' items (read by argparse) to names, once
     maps = None
     if args.maps or args.random_maps:
         maps = {}
@@ -270,6 +268,13 @@ def cmd_atlas(args: argparse.Namespace) -> int:
                 maps[layer] = parse_maps(args.maps, channels, layer)
             else:
                 maps[layer] = sorted(rng.sample(range(channels), min(args.random_maps, channels)))
+    scan_options = ScanOptions(
+        batch_size=args.batch_size,
+        workers=args.workers,
+        checkpoint_every=args.checkpoint_every,
+        cache_mb=args.cache_mb,
+        amp=args.amp,
+    )
     result = build_atlas(
         loaded,
         args.images[0] if len(args.images) == 1 else args.images,
@@ -278,22 +283,18 @@ def cmd_atlas(args: argparse.Namespace) -> int:
         k=args.top,
         distinct=not args.allow_repeats,
         maps=maps,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        checkpoint_every=args.checkpoint_every,
-        restart=args.restart,
-        tile=args.tile,
-        per_page=args.per_page,
-        columns=args.columns,
-        render=args.render,
-        progress=not args.quiet,
-        cache_mb=args.cache_mb,
-        include_lrn=args.include_lrn,
-        engine=engine,
-        visualize_steps=args.visualize,
+        scan_options=scan_options,
+        project=args.render,
         projections=args.projections,
-        amp=args.amp,
+        tile=args.tile,
+        include_lrn=args.include_lrn,
+        visualize_steps=args.visualize,
+        restart=args.restart,
+        progress=not args.quiet,
+        engine=engine,
     )
+    if args.render:  # the sheets and index.html (process 0: the others have no tiles)
+        result.render(RenderOptions(per_page=args.per_page, columns=args.columns), progress=not args.quiet)
     if rank == 0:
         scan = result.scan
         times = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
@@ -412,7 +413,6 @@ def cmd_filters(args: argparse.Namespace) -> int:
 
 def cmd_evolution(args: argparse.Namespace) -> int:
     from ..analysis.evolution import feature_evolution
-    from ..analysis.layers import layer_items
     from ..atomic import save_json
     from ..display import save_figure
     from ..errors import DeconvnetError
@@ -421,7 +421,6 @@ def cmd_evolution(args: argparse.Namespace) -> int:
 
     output_dir(args.out)
 
-    layer_items(args.layers)  # the text's form, before any snapshot loads
     files = _subset(_image_files(args.images), args.max_images)
     maps = None
     if args.maps:

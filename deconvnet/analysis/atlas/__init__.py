@@ -22,17 +22,18 @@ Three phases, each usable alone, all on one engine (``DeconvNet``) per run:
    display tiles (``AtlasTiles``, ``tiles.py``: projection and image patch, cropped to the
    receptive field, resized to at most ``tile`` pixels). Or lazily (``ProjectionStore``,
    ``lazy.py``): only the maps a sheet or the explorer shows, each projected once and kept on disk.
-3. ``deconvnet.display.atlas.render_atlas`` writes per-layer PNG sheets (3x3 projections beside
-   the 3x3 patches per map, ``per_page`` maps a sheet) and one ``index.html``.
+3. ``AtlasResult.render`` (``deconvnet.display.atlas.render_atlas``) writes per-layer PNG sheets
+   (3x3 projections beside the 3x3 patches per map, ``per_page`` maps a sheet) and one ``index.html``.
 
-``build_atlas`` (``build.py``) runs all three and is what ``deconvnet atlas`` calls; which layers
-and maps: ``parse_layers``, ``parse_maps`` (``spec.py``).
+``build_atlas`` (``build.py``) runs the first two (its scan's knobs in ``ScanOptions``) and is what
+``deconvnet atlas`` calls, which then renders (``RenderOptions``): ``build_atlas(...).render()``; which
+layers and maps: ``atlas_layers``, ``parse_maps`` (``spec.py``).
 """
 
 from __future__ import annotations
 
 from ...runtime import dist_info  # moved to deconvnet.runtime; kept importable from here for old callers
-from .build import AtlasResult, build_atlas
+from .build import AtlasResult, RenderOptions, ScanOptions, build_atlas
 from .cache import SwitchCache, pools_below
 from .images import ImageShard, keep_as_list, model_view_pixels, source_pixels
 from .lazy import PROJECTIONS_FOLDER, ProjectionStore
@@ -41,7 +42,7 @@ from .project import project_atlas
 from .scan import scan_atlas
 from .scanfile import STATE_VERSION, AtlasScan, combine_layers, merge_scans, model_hash, scan_fingerprint
 from .sources import ImageFiles, ImageListing, ImageSource, TarShards, expand_braces, open_source
-from .spec import atlas_engine, default_layers, parse_layers, parse_maps
+from .spec import atlas_engine, atlas_layers, default_layers, parse_maps
 from .tiles import DISPLAY_QUANTILE, AtlasTiles, display_scale, merge_tiles
 from .topk import candidates, empty_topk, select_topk
 
@@ -58,6 +59,7 @@ __all__ = [
     "SwitchCache",
     "TarShards",
     "atlas_engine",
+    "atlas_layers",
     "build_atlas",
     "candidates",
     "check_manifest",
@@ -73,12 +75,13 @@ __all__ = [
     "model_hash",
     "model_view_pixels",
     "open_source",
-    "parse_layers",
     "parse_maps",
     "pools_below",
     "project_atlas",
     "PROJECTIONS_FOLDER",
     "ProjectionStore",
+    "RenderOptions",
+    "ScanOptions",
     "scan_atlas",
     "scan_fingerprint",
     "select_topk",

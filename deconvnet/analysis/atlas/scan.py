@@ -22,7 +22,7 @@ from .images import ImageShard, keep_as_list, source_pixels
 from .progress import JobProgress
 from .scanfile import AtlasScan, scan_fingerprint
 from .sources import ImageSource, open_source
-from .spec import atlas_engine, parse_layers
+from .spec import atlas_engine, atlas_layers
 from .topk import TopK, candidates, empty_topk, flat_positions, grid_positions, select_topk
 
 __all__ = ["rescore_fp32", "scan_atlas"]
@@ -79,7 +79,7 @@ def scan_atlas(
     rank = env_rank if rank is None else rank
     world = env_world if world is None else world
     engine = atlas_engine(loaded, include_lrn, engine)
-    layers = parse_layers(layers, engine)
+    layers = atlas_layers(layers, engine)
     fingerprint = scan_fingerprint(loaded, engine, source, k, distinct, include_lrn)
     state = _resumed_state(state_path, fingerprint, layers, rank, world) if state_path is not None and resume else None
     if state is None:

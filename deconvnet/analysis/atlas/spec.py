@@ -1,6 +1,6 @@
-"""Which layers and maps an atlas covers (layers in the one grammar of ``analysis.layers``: ``"conv1..conv5"``,
-``"conv1,conv3,pool5"``, ``"all"``);
-``"0-15,20,31"``; and the one engine a run uses for them."""
+"""Which layers and maps an atlas covers: layers in the one grammar of ``analysis.layers`` (``"conv1..conv5"``,
+``"conv1,conv3,pool5"``, ``"all"``) resolved by ``atlas_layers``; maps as ``"0-15,20,31"`` (``parse_maps``);
+and the one engine a run uses for them."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from collections.abc import Sequence
 from ...engine import DeconvNet
 from ...errors import DeconvnetError
 from ...weights import LoadedModel
-from ..layers import main_layers
-from ..layers import parse_layers as grammar_layers
+from ..layers import main_layers, parse_layers
 
-__all__ = ["atlas_engine", "default_layers", "parse_layers", "parse_maps"]
+__all__ = ["atlas_engine", "atlas_layers", "default_layers", "parse_maps"]
 
 
 def atlas_engine(loaded: LoadedModel, include_lrn: bool = False, engine: DeconvNet | None = None) -> DeconvNet:
@@ -35,11 +34,13 @@ def default_layers(engine: DeconvNet) -> list[str]:
     return main_layers(engine)
 
 
-def parse_layers(spec: str | Sequence[str] | None, engine: DeconvNet) -> list[str]:
-    """The layers ``spec`` names in the one layers grammar (``deconvnet.analysis.layers.parse_layers``:
-    ``"conv1..conv5"``, ``"conv1,conv3,pool5"``, paper numbers on chain models, ``"all"``), in forward
-    order, each checked to be a layer the atlas can use (one with maps)."""
-    return _checked_in_order(grammar_layers(spec, engine, default=default_layers(engine)), engine)
+def atlas_layers(spec: str | Sequence[str] | None, engine: DeconvNet) -> list[str]:
+    """The layers of an atlas: ``spec`` (names, or text in the one layers grammar,
+    ``deconvnet.analysis.layers.parse_layers``: ``"conv1..conv5"``, ``"conv1,conv3,pool5"``, paper numbers
+    on chain models, ``"all"``/``None`` for ``default_layers``) resolved on ``engine``, in forward order,
+    each checked to be a layer the atlas can use (one with maps). Was ``atlas.parse_layers`` (renamed:
+    one function of the package is called ``parse_layers``)."""
+    return _checked_in_order(parse_layers(spec, engine, default=default_layers(engine)), engine)
 
 
 def _checked_in_order(parts: list[str], engine: DeconvNet) -> list[str]:
