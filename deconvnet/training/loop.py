@@ -17,6 +17,7 @@ from torch import nn
 
 from ..data import AugmentedView, mixed_seed
 from ..errors import DeconvnetError
+from ..runtime import barrier
 from .config import TrainConfig, check_config
 from .evaluation import evaluate_model, prepare_batch, topk_correct
 from .recipe import renormalize_filters
@@ -60,8 +61,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
             save_epoch(run, epoch + 1)
     if run.is_main:
         save_final_weights(run)
-    if run.world > 1:
-        dist.barrier()
+    barrier()  # the other processes wait for rank 0's final weights
     return run.history[-1] if run.history else {}
 
 

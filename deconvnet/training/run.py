@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ..data import ImageFolderCache, Preprocessing
 from ..errors import DeconvnetError
 from ..models import ConvNet, init_weights
-from ..runtime import dist_info, local_rank, resolve_device
+from ..runtime import dist_info, join_process_group, local_rank, resolve_device
 from ..wnids import english_names
 from .config import TrainConfig, build_run_model
 from .recipe import LRSchedule, init_from_weights, parameter_groups, renormalize_filters
@@ -110,11 +110,10 @@ def _start_process(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     (NCCL with one GPU a process, by local rank, else Gloo)."""
     rank, world = dist_info()
     device = resolve_device(cfg.device)
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank())
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world > 1 and not dist.is_initialized() and device.type == "cuda":
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+    join_process_group("nccl" if device.type == "cuda" else "gloo")  # once, and only under torchrun
     return rank, world, device
 
 
