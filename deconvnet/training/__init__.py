@@ -2,9 +2,9 @@
 
 Every piece of the recipe is a field of ``TrainConfig`` (defaults = the paper), plus the options that
 make small-data training work (random-resized crops, weight decay, cosine/step schedules, warm-up,
-label smoothing, Kaiming init). A run directory holds::
+label smoothing, Kaiming init). A run directory holds:
 
-    checkpoint.pt        full state, rewritten atomically after every epoch (``resume=True`` continues)
+    checkpoint.pt        full state, rewritten atomically after every epoch (resume=True continues)
     metrics.jsonl        one JSON line per epoch: loss, top-1/top-5 (train and val), lr, time
     curves.png           the training curves
     snapshots/epoch-NNN.safetensors   weights at the chosen epochs (feature-evolution view)
