@@ -14,11 +14,22 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from PIL import Image
 
 from ..atomic import atomic_path
 
-__all__ = ["new_figure", "save_figure", "figure_png", "to_display", "crop_box", "png_bytes", "data_uri"]
+__all__ = [
+    "new_figure",
+    "save_figure",
+    "figure_png",
+    "to_display",
+    "crop_box",
+    "png_bytes",
+    "data_uri",
+    "clean_axes",
+    "outline_box",
+]
 
 
 def new_figure(figsize: tuple[float, float], dpi: float = 110) -> Figure:
@@ -74,3 +85,27 @@ def png_bytes(image: np.ndarray | Image.Image) -> bytes:
 
 def data_uri(png: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(png).decode('ascii')}"
+
+
+def clean_axes(ax: Any) -> None:
+    """No ticks on ``ax`` (pictures, not plots)."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def outline_box(
+    ax: Any, box: tuple[int, int, int, int], color: str = "#ffcc00", linewidth: float = 1.2, linestyle: str = "-"
+) -> None:
+    """An end-exclusive (y0, x0, y1, x1) box drawn around its pixels."""
+    y0, x0, y1, x1 = box
+    ax.add_patch(
+        Rectangle(
+            (x0 - 0.5, y0 - 0.5),
+            x1 - x0,
+            y1 - y0,
+            fill=False,
+            edgecolor=color,
+            linewidth=linewidth,
+            linestyle=linestyle,
+        )
+    )

@@ -215,7 +215,7 @@ def occlusion_panels(
 def invariance_panel(curves: Sequence[InvarianceCurves], name: str) -> dict[str, Any]:
     """The invariance figure (``display.figures.invariance_figure``) of one image as a wide panel:
     one row per transformation; ``name``: the class whose probability is shown (its top class)."""
-    from .figures import invariance_figure
+    from .analysis_figures import invariance_figure
 
     layers = curves[0].layers
     fig = invariance_figure(curves, names=[name], label_kind="top class")
