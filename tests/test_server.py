@@ -575,7 +575,7 @@ def test_decode_animated_gif_uses_first_frame() -> None:
 def test_occlusion_progress_reports_real_positions() -> None:
     """The job's progress comes from occlusion_maps' on_progress (positions done after each batch),
     not from a time estimate: increasing fractions, ending at exactly 1."""
-    from deconvnet.explorer import run_occlusion
+    from deconvnet.analysis.occlusion import occlusion_analysis
     from deconvnet.weights import load_model
 
     loaded = load_model(None)
@@ -583,7 +583,7 @@ def test_occlusion_progress_reports_real_positions() -> None:
 
     x, _ = loaded.preprocessing.load(sample_paths(["coffee"])[0])
     seen: list[tuple[float, str]] = []
-    result = run_occlusion(loaded, x, lambda fraction, message: seen.append((fraction, message)))
+    result = occlusion_analysis(loaded, x, on_status=lambda fraction, message: seen.append((fraction, message))).maps
     fractions = [f for f, _ in seen]
     positions = result.activation.size
     assert fractions[0] == 0.0 and fractions[-1] == 1.0

@@ -112,6 +112,31 @@ def test_slow_connections_do_not_starve_real_requests(served):
     assert proc.poll() is None
 
 
+def test_multipart_over_starlettes_form_limits_is_refused_with_its_reason(served):
+    """The upload's multipart body is parsed under Starlette's form limits (server/images.py: one
+    file, at most 8 text fields of at most 64 KiB): over any of them, a JSON 400 naming the limit,
+    and the server keeps serving."""
+    from deconvnet.server.images import UPLOAD_MAX_FIELD_BYTES, UPLOAD_MAX_FIELDS, UPLOAD_MAX_FILES
+
+    proc, url, _ = served
+    photo = photo_bytes("PNG", seed=5)
+    over = {
+        "files": ([("file", ("a.png", photo, "image/png"))] * (UPLOAD_MAX_FILES + 1), {}),
+        "fields": ([("file", ("a.png", photo, "image/png"))], {f"f{i}": "x" for i in range(UPLOAD_MAX_FIELDS + 1)}),
+        "size": ([("file", ("a.png", photo, "image/png"))], {"note": "x" * (UPLOAD_MAX_FIELD_BYTES + 1)}),
+    }
+    for limit, (files, data) in over.items():
+        r = httpx.post(f"{url}/api/upload", files=files, data=data, timeout=30)
+        assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), (limit, r.text)
+        error = r.json()["error"]
+        assert limit in error.lower() and "maximum" in error.lower(), error  # "Too many files. Maximum ..."
+    # at the limits: accepted
+    at = {f"f{i}": "x" * 100 for i in range(UPLOAD_MAX_FIELDS)}
+    r = httpx.post(f"{url}/api/upload", files={"file": ("a.png", photo, "image/png")}, data=at, timeout=30)
+    assert r.status_code == 200, r.text
+    assert proc.poll() is None
+
+
 def _deep_png(side: int, seed: int) -> bytes:
     """A 16-bit greyscale PNG: a few kB on disk, side x side pixels decoded."""
     arr = np.zeros((side, side), np.uint16)

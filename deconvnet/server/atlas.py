@@ -3,7 +3,8 @@
 model; a unit's tiles are projected on first request (reading the k images the scan names, never a
 client-given path), kept in the folder's ``projections/`` when the atlas was made with ``deconvnet
 atlas --projections lazy`` (which makes that folder; an eager atlas's folder is only read, and nothing
-is kept where the folder cannot be written), drawn as PNG panels and cached in memory."""
+is kept where the folder cannot be written), drawn as PNG panels and cached in memory. ``router``:
+``GET /api/atlas/{layer}/{index}``, a unit's panels."""
 
 from __future__ import annotations
 
@@ -12,13 +13,19 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from fastapi import APIRouter, HTTPException
+from fastapi import Path as PathParam
+
 from ..analysis.atlas import PROJECTIONS_FOLDER, AtlasScan, ProjectionStore
+from ..display import data_uri
 from ..display.panels import tile_panels
 from ..engine import DeconvNet
 from ..errors import DeconvnetError
 from ..weights import LoadedModel
+from .schemas import ERRORS, AtlasInfo, AtlasPatch
+from .state import LAYER_PATTERN, State, check_layer
 
-__all__ = ["Atlas", "open_atlas", "atlas_patches", "atlas_optimised"]
+__all__ = ["Atlas", "open_atlas", "atlas_patches", "atlas_optimised", "router"]
 
 CACHED_UNITS = 2048  # units whose panels are kept (oldest dropped first)
 
@@ -121,3 +128,41 @@ def atlas_optimised(atlas: Atlas, layer: str, channel: int) -> tuple[bytes, dict
                 atlas.measures[layer] = {}
         row = atlas.measures[layer].get(channel, {})
     return data, row
+
+
+# --------------------------------------------------------------------------- the route
+
+router = APIRouter()
+
+
+@router.get(
+    "/api/atlas/{layer}/{index}",
+    response_model=AtlasInfo,
+    tags=["layers"],
+    responses=ERRORS,
+    summary="A unit's top-9 patches over the dataset the atlas was computed on (needs --atlas)",
+)
+def atlas_view(
+    state: State, layer: str = PathParam(pattern=LAYER_PATTERN), index: int = PathParam(ge=0, le=1_000_000)
+) -> AtlasInfo:
+    atlas = state.atlas
+    if atlas is None:
+        raise HTTPException(404, "no atlas: start the server with --atlas DIR (made by `deconvnet atlas`)")
+    check_layer(state, layer)
+    if layer not in atlas.layers:
+        raise HTTPException(404, f"the atlas does not cover {layer} (it has {', '.join(atlas.layers)})")
+    channels = atlas.scan.values[layer].shape[0]
+    if index >= channels:
+        raise HTTPException(404, f"map {index} out of range: {layer} has {channels} maps (0..{channels - 1})")
+    with state.explorer.compute_lock:
+        patches = atlas_patches(atlas, state.loaded, layer, index)
+    optimised = atlas_optimised(atlas, layer, index)
+    png, measures = optimised if optimised is not None else (None, {})
+    return AtlasInfo(
+        layer=layer,
+        index=index,
+        patches=[AtlasPatch(**p) for p in patches],
+        optimised=data_uri(png) if png is not None else None,
+        optimised_peak=measures.get("peak"),
+        exemplar=measures.get("exemplar"),
+    )
