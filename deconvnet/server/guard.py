@@ -3,7 +3,8 @@
 What uvicorn and Starlette offer is used as they offer it (``commands/interfaces.py``): uvicorn's
 ``limit_concurrency`` caps open connections (``--max-connections``; a request over the cap is answered
 503), ``timeout_keep_alive`` closes idle kept-alive connections, ``h11_max_incomplete_event_size``
-bounds a request head's size. Here is only what they lack, on public APIs:
+bounds a request head's size; Starlette's multipart limits (files, fields, a field's size) bound an
+upload's form where it is parsed (``server/images.py``). Here is only what they lack, on public APIs:
 
 * ``ConnectionGuard``: a deadline for each request head (a client that opens a connection and sends
   its headers a byte at a time is answered 408 and dropped after ``header_timeout`` seconds: uvicorn has
@@ -292,7 +293,10 @@ class _TooLarge(StarletteHTTPException):
 
 class BodySizeLimit:
     """ASGI middleware: refuse request bodies over ``limit`` bytes with 413, whether announced by
-    Content-Length or streamed (chunked), before they are parsed or spooled."""
+    Content-Length or streamed (chunked), before they are parsed or spooled. Starlette's form limits
+    do not bound a file's size; its ``RequestBodyLimitMiddleware`` (FastAPI's ``max_body_size``) does,
+    but answers a plain "Content Too Large" without the limit, and only once the body is read: this one
+    refuses an announced oversized body at once, in the API's JSON, naming the limit."""
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app = app
