@@ -150,6 +150,7 @@ _AXIS_METHODS = {
 
 
 def axis_op(op: Op) -> str | None:
+    """What ``op`` does to its input's axes: "permute", "transpose", "movedim", "unbind", or None (keeps them)."""
     node = op.node
     if node.op == "call_method":
         return _AXIS_METHODS.get(str(node.target))
