@@ -296,7 +296,6 @@ def cmd_occlusion(args: argparse.Namespace) -> int:
 
 def cmd_invariance(args: argparse.Namespace) -> int:
     from ..analysis.invariance import TRANSFORMS, invariance_from_files
-    from ..analysis.layers import layer_items
     from ..atomic import save_json
     from ..display import save_figure
     from ..errors import DeconvnetError
@@ -313,7 +312,6 @@ def cmd_invariance(args: argparse.Namespace) -> int:
         raise DeconvnetError(
             f"{len(args.images)} images but {len(args.label)} labels: give one --label per image, in order"
         )
-    layer_items(args.layers)  # the text's form, before loading the model
     loaded = load_from_args(args)
     study = invariance_from_files(
         loaded, args.images, args.label, transforms, layers=args.layers, progress=not args.quiet
@@ -332,7 +330,6 @@ def cmd_invariance(args: argparse.Namespace) -> int:
 
 def cmd_correspondence(args: argparse.Namespace) -> int:
     from ..analysis.correspondence import correspondence_from_files, load_boxes
-    from ..analysis.layers import layer_items
     from ..atomic import save_json, save_text
     from ..display import save_figure
     from ..outputs import output_dir
@@ -341,7 +338,6 @@ def cmd_correspondence(args: argparse.Namespace) -> int:
 
     parts = [p.strip() for p in args.parts.split(",") if p.strip()] if args.parts else None
     load_boxes(args.images, args.boxes, parts)  # the images and boxes are checked before the model loads
-    layer_items(args.layers)  # and the layers' form
     loaded = load_from_args(args)
     result = correspondence_from_files(
         loaded, args.images, args.boxes, parts, layers=args.layers, draws=args.draws, seed=args.seed
@@ -366,14 +362,12 @@ def cmd_correspondence(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from ..analysis.layers import layer_items
     from ..analysis.probes import probe_layers
     from ..atomic import save_json, save_text
     from ..display import save_figure
     from ..outputs import output_dir
 
     output_dir(args.out)
-    layer_items(args.layers)  # the text's form, before loading the model
     loaded = load_from_args(args)
     result = probe_layers(
         loaded,
@@ -410,7 +404,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_sanity(args: argparse.Namespace) -> int:
-    from ..analysis.layers import layer_items
     from ..analysis.sanity import sanity_checks
     from ..atomic import save_json, save_text
     from ..display import save_figure
@@ -429,7 +422,6 @@ def cmd_sanity(args: argparse.Namespace) -> int:
         raise DeconvnetError("the sanity checks compare images with each other: give at least 2 images")
     if args.units < 2:
         raise DeconvnetError("--units must be at least 2 (selectivity compares different units)")
-    layer_items(args.layers)
     loaded = load_from_args(args)
     report = sanity_checks(
         loaded,

@@ -243,14 +243,13 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``report`` on the given images; ``demo`` (``args.images`` None) on the bundled sample photos."""
-    from ..analysis.layers import layer_items, parse_layers
+    from ..analysis.layers import parse_layers
     from ..deconv import DeconvNet
     from ..outputs import output_dir
     from ..report import build_report
     from ..samples import sample_paths
 
     output_dir(args.out)
-    layer_items(args.layers)  # the text's form, before loading the model
     demo = args.images is None
     loaded = load_from_args(args)
     path = build_report(
