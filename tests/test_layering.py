@@ -198,3 +198,75 @@ def test_the_circle_check_finds_a_circle() -> None:
         graph, "deconvnet.engine.core"
     )
     assert "deconvnet.engine.core" in _reaches(graph, "deconvnet.engine")
+
+
+# The engine's own modules, bottom to top (docs/design.md, Layout): at module level each imports only
+# engine modules of a lower rank (a type-only import, e.g. ``windowed``'s ``DeconvNet``, may point up).
+# The catalogue of layers sits below every way down; the projector below ``DeconvNet`` alone.
+ENGINE_RANKS = {
+    "rules": 0,
+    "tracer": 0,
+    "kinds": 0,
+    "layout": 1,
+    "graph": 2,
+    "filters": 2,
+    "record": 3,
+    "chain": 3,
+    "window_plan": 3,
+    "catalogue": 4,
+    "reverse": 4,
+    "windowed": 5,
+    "graph_windowed": 6,
+    "projector": 7,
+    "core": 8,
+    "__init__": 9,
+}
+ENGINE_SOURCES = sorted((PACKAGE / "engine").glob("*.py"))
+
+
+def _engine_imports_upwards(path: Path) -> list[tuple[str, int]]:
+    rank = ENGINE_RANKS[path.stem]
+    upwards = []
+    for target, line, top in _imports(path):
+        parts = target.split(".")
+        if top and parts[:2] == ["deconvnet", "engine"] and len(parts) > 2 and ENGINE_RANKS[parts[2]] >= rank:
+            upwards.append((target, line))
+    return upwards
+
+
+@pytest.mark.parametrize("path", ENGINE_SOURCES, ids=lambda p: p.name)
+def test_engine_modules_import_only_below_them(path: Path) -> None:
+    assert path.stem in ENGINE_RANKS, f"engine/{path.name}: give it a rank in ENGINE_RANKS"
+    bad = _engine_imports_upwards(path)
+    assert not bad, f"engine/{path.name} (rank {ENGINE_RANKS[path.stem]}) imports {bad} at module level"
+
+
+def test_the_engine_rank_check_sees_imports() -> None:
+    """The check above reads the engine's relative imports: the projector imports the catalogue, and
+    would be refused at the catalogue's rank."""
+    projector = {t for t, _, top in _imports(PACKAGE / "engine" / "projector.py") if top}
+    assert "deconvnet.engine.catalogue" in projector
+    saved = ENGINE_RANKS["projector"]
+    try:
+        ENGINE_RANKS["projector"] = ENGINE_RANKS["catalogue"]
+        refused = {t for t, _ in _engine_imports_upwards(PACKAGE / "engine" / "projector.py")}
+        assert "deconvnet.engine.catalogue" in refused
+    finally:
+        ENGINE_RANKS["projector"] = saved
+
+
+MAX_MODULE_LINES = 600  # #30: a module longer than this says why in its docstring
+MAX_FUNCTION_LINES = 120  # its docstring counted
+
+
+@pytest.mark.parametrize("path", ENGINE_SOURCES, ids=lambda p: p.name)
+def test_engine_modules_and_functions_stay_short(path: Path) -> None:
+    text = path.read_text()
+    assert len(text.splitlines()) <= MAX_MODULE_LINES, f"engine/{path.name}: {len(text.splitlines())} lines"
+    long = [
+        (node.name, node.end_lineno - node.lineno + 1)  # type: ignore[operator]
+        for node in ast.walk(ast.parse(text))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES  # type: ignore[operator]
+    ]
+    assert not long, f"engine/{path.name}: functions over {MAX_FUNCTION_LINES} lines: {long}"
