@@ -270,3 +270,30 @@ def test_engine_modules_and_functions_stay_short(path: Path) -> None:
         and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES  # type: ignore[operator]
     ]
     assert not long, f"engine/{path.name}: functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+# The same bounds on the analyses (but occlusion and visualize, checked by their owners' rows), the display
+# layer, the CLI, the report and the image loading (#30).
+SHORT_SOURCES = sorted(
+    [
+        *(p for p in (PACKAGE / "analysis").rglob("*.py") if not {"occlusion", "visualize"} & set(p.parts)),
+        *(PACKAGE / "display").glob("*.py"),
+        *(PACKAGE / "commands").glob("*.py"),
+        PACKAGE / "report.py",
+        PACKAGE / "data.py",
+    ]
+)
+
+
+@pytest.mark.parametrize("path", SHORT_SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_analyses_display_and_commands_stay_short(path: Path) -> None:
+    text = path.read_text()
+    lines = len(text.splitlines())
+    assert lines <= MAX_MODULE_LINES, f"{path.relative_to(PACKAGE)}: {lines} lines"
+    long = [
+        (node.name, node.end_lineno - node.lineno + 1)  # type: ignore[operator]
+        for node in ast.walk(ast.parse(text))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES  # type: ignore[operator]
+    ]
+    assert not long, f"{path.relative_to(PACKAGE)}: functions over {MAX_FUNCTION_LINES} lines: {long}"
