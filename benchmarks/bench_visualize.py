@@ -8,8 +8,8 @@ optimiser (Adam, lr 0.05), parameterisation (Fourier, decorrelated colour) and t
 jitter 8, scale 0.9-1.1, rotation -10..10 degrees, jitter 4: the steps and ranges of lucent's
 ``standard_transforms``; its jitter is a one-sided 0..d-1 px shift, ours symmetric, +-d).
 Both final images go through the model once, untransformed; the activation compared is the centre
-unit of the rectified ``conv5`` map. Ours sends forward only the part of each transformed view that
-the centre unit sees (``visualize(windowed=True)``, the default: the same values); ``--whole-views``
+unit of the rectified ``conv5`` map. Ours computes only the centre unit's cone (``visualize(windowed=True)``,
+the default: each layer over the cells the layer above needs, the same values); ``--whole-views``
 times it without. Process CPU time at ``--threads`` (default 1: the ratio then does not depend on how
 many cores other jobs leave free); all runs in this process, one after the other.
 

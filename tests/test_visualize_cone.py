@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from deconvnet.analysis.visualize import visualize
-from deconvnet.analysis.visualize.cone import CentreCone
+from deconvnet.analysis.visualize.cone import CentreCone, FewChannelConv
 from tests.helpers.models import tiny_loaded, torchvision_model
 
 
@@ -45,6 +45,8 @@ def assert_cone_is_exact(model: nn.Module, layer: str, pre_activation: bool, vie
     different order, so they agree to float64 rounding (1e-10 relative here) and any wrong cell, missing
     padding or misplaced crop shows as an O(1) difference."""
     model = model.double().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)  # as visualize runs it (and the image layer's convolution is FewChannelConv)
     module = model.get_submodule(layer)
     cone = CentreCone.build(model, module, pre_activation, view)
     assert cone is not None
@@ -107,3 +109,22 @@ def test_no_cone_through_an_average_pooling():
     assert CentreCone.build(model, model[3], True, (32, 32)) is None
     vis = visualize(model, "3", [0, 1], steps=2, size=24, progress=False)
     assert not vis.settings["windowed"]
+
+
+@pytest.mark.parametrize("stride,dilation", [((2, 2), (1, 1)), ((1, 3), (2, 1))])
+def test_few_channel_convolution_gradient(stride, dilation):
+    """The image layer's convolution with its col2im backward: torch.autograd.gradcheck (finite
+    differences in float64, its default tolerances) on a small input, and the same input gradient as
+    F.conv2d's own backward (float64 rounding)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 11, 13, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 2, generator=g, dtype=torch.float64)
+    bias = torch.randn(4, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: FewChannelConv.apply(t, weight, bias, stride, dilation), (x,))
+    y = FewChannelConv.apply(x, weight, bias, stride, dilation)
+    reference = torch.nn.functional.conv2d(x, weight, bias, stride, 0, dilation)
+    upstream = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    (ours,) = torch.autograd.grad(y, x, upstream)
+    (theirs,) = torch.autograd.grad(reference, x, upstream)
+    torch.testing.assert_close(y, reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
