@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi import Path as PathParam
+from starlette.concurrency import run_in_threadpool
 
 from ..explorer import Explorer, ImageSession
 from ..weights import LoadedModel
@@ -61,8 +62,9 @@ class ServerState:
     thumbnails: dict[str, bytes] = field(default_factory=dict)  # source id -> JPEG
 
 
-def server_state(request: Request) -> ServerState:
-    """The app's ``ServerState``."""
+async def server_state(request: Request) -> ServerState:
+    """The app's ``ServerState`` (the dependencies that only read are ``async def``: FastAPI runs a
+    plain ``def`` on a worker thread, a hop that costs more than the lookup)."""
     return request.app.state.server
 
 
@@ -126,15 +128,17 @@ async def map_index(index: int = PathParam(ge=0, le=1_000_000)) -> int:
     return index
 
 
-def map_unit(
+async def map_unit(
     state: State,
     image: Annotated[ImageSession, Depends(session)],
     layer: Annotated[str, Depends(known_layer)],
     index: Annotated[int, Depends(map_index)],
 ) -> MapUnit:
-    """A known layer's map ``index`` of the image (404 past the layer's maps). A plain ``def``: the
-    layer's maps may be computed here (a forward pass), on FastAPI's worker threads."""
-    maps = state.explorer.maps(image, layer)
+    """A known layer's map ``index`` of the image (404 past the layer's maps). The layer's maps are
+    computed on first use (a forward pass): then on a worker thread, not on the event loop."""
+    maps = image.maps.get(layer)
+    if maps is None:
+        maps = await run_in_threadpool(state.explorer.maps, image, layer)
     if index >= maps.channels:
         raise HTTPException(404, f"map {index} out of range: {layer} has {maps.channels} maps (0..{maps.channels - 1})")
     return MapUnit(image, layer, index)
