@@ -522,6 +522,52 @@ def test_nothing_written_outside_temp(server: Server, served: Served, client: ht
     assert [p.name for p in server.tmpdir.iterdir() if not p.name.startswith("deconvnet-serve-")] == []
 
 
+def test_two_apps_in_one_process_share_nothing() -> None:
+    """Each app holds its own state (app.state.server: model, images, jobs): two apps served by uvicorn
+    from one process on 127.0.0.1 answer for their own model and never see the other's images."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from deconvnet.server.app import create_app
+    from tests.helpers.models import tiny_loaded
+
+    apps = [create_app(tiny_loaded(seed=1), cache_size=2), create_app(tiny_loaded(seed=2, crop=64), samples=False)]
+    servers, urls = [], []
+    for app in apps:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+        servers.append(server)
+        urls.append(f"http://127.0.0.1:{sock.getsockname()[1]}")
+    try:
+        deadline = time.monotonic() + 30
+        while not all(s.started for s in servers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first, second = (httpx.Client(base_url=url, timeout=60) for url in urls)
+        assert [m["source"] for m in (first.get("/api/model").json(), second.get("/api/model").json())] == [
+            "tiny-1",
+            "tiny-2",
+        ]
+        assert second.get("/api/model").json()["input_size"] == [64, 64]
+        assert first.get("/api/sources").json() and second.get("/api/sources").json() == []
+        opened = first.post("/api/sources/sample-chelsea/open").json()
+        assert first.get(f"/api/images/{opened['id']}/layers/conv5/maps/0").status_code == 200
+        assert "no open image" in _json_error(second.get(f"/api/images/{opened['id']}"), 404)
+        assert (
+            first.get("/api/health").json()["open_images"] == 1 and second.get("/api/health").json()["open_images"] == 0
+        )
+        assert (
+            first.get("/api/model").json()["cache_images"] == 2
+            and second.get("/api/model").json()["cache_images"] == 32
+        )
+    finally:
+        for server in servers:
+            server.should_exit = True
+
+
 def test_jobs_are_deduplicated_and_bounded() -> None:
     """In-process: the same analysis of the same image is one job; too many pending ones get 429."""
     import threading
