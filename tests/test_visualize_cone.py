@@ -128,3 +128,32 @@ def test_few_channel_convolution_gradient(stride, dilation):
     (theirs,) = torch.autograd.grad(reference, x, upstream)
     torch.testing.assert_close(y, reference, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("size,pad,layer", [(224, 12, "features.relu5"), (104, 5, "features.relu3")])
+def test_the_view_is_shifted_onto_the_images_centre_unit(size, pad, layer):
+    """visualize optimises the padded view's centre unit and reads the result at the image's centre
+    unit; view_cone's shift makes them the same unit: the view, padded and shifted by it (no other
+    transformation), holds over the view cone's box exactly the image's pixels over the image cone's
+    box (both fields inside the image here, to 1e-4: the warp's coordinate rounding), so the two
+    cones' values agree (1e-3 relative: that rounding carried through the layers; a shift one pixel
+    off changes them at O(1)). On ZFNet's conv5 with pad 12 the shift is
+    4 px (0.75 of the 16 px stride)."""
+    from deconvnet.analysis.visualize.cone import view_cone
+    from deconvnet.analysis.visualize.transforms import warp
+
+    model = tiny_loaded(crop=size).model.eval()
+    module = model.get_submodule(layer)
+    cone, shift = view_cone(model, module, True, (size, size), pad)
+    image_cone = CentreCone.build(model, module, True, (size, size))
+    assert cone is not None and shift is not None and image_cone is not None
+    if size == 224:
+        assert shift.tolist() == [4.0, 4.0]
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    view = warp(image, pad, torch.zeros(1), torch.ones(1), shift.view(1, 2), window=cone.box)
+    y0, x0, y1, x1 = image_cone.box
+    # affine_grid's normalised coordinates carry float32 rounding (a few 1e-5 of a pixel), so the
+    # bilinear reads are the pixels to 1e-4; a one-pixel error on this noise image is O(0.1-1)
+    torch.testing.assert_close(view, image[:, :, y0:y1, x0:x1], rtol=0, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(cone(view), image_cone(image[:, :, y0:y1, x0:x1]), rtol=1e-3, atol=1e-4)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["CentreCone", "FewChannelConv", "Rows"]
+__all__ = ["CentreCone", "FewChannelConv", "Rows", "view_cone"]
 
 Rows = tuple[int, int, int, int]  # (y0, y1, x0, x1): rows [y0, y1) and columns [x0, x1) of a map
 
@@ -157,6 +157,12 @@ class CentreCone:
         self.cell = cell
         y0, y1, x0, x1 = rows[order[0].name]
         self.box = (y0, x0, y1, x1)
+        reads = [need for (_, source), need in needs.items() if source == order[0].name]
+        # the receptive field's centre in input pixels (its unclipped rows' middle)
+        self.centre = (
+            (min(r[0] for r in reads) + max(r[1] for r in reads) - 1) / 2,
+            (min(r[2] for r in reads) + max(r[3] for r in reads) - 1) / 2,
+        )
 
     @classmethod
     def build(
@@ -328,6 +334,21 @@ class CentreCone:
         part = value[:, :, top - y0 : min(need[1], y1) - y0, left - x0 : min(need[3], x1) - x0]
         padding = (left - need[2], need[3] - min(need[3], x1), top - need[0], need[1] - min(need[1], y1))
         return F.pad(part, padding, value=pad) if any(padding) else part
+
+
+def view_cone(
+    model: nn.Module, module: nn.Module, pre_activation: bool, size: tuple[int, int], pad: int
+) -> tuple[CentreCone | None, torch.Tensor | None]:
+    """The cone of the centre unit of a ``size`` image padded by ``pad`` on each side (a view), and
+    the shift (dy, dx) in pixels that puts its receptive field's centre over the centre unit's of the
+    image itself: the view's centre cell need not be the image's (on ZFNet's conv5 with ``pad=12``
+    they are 0.75 of the 16 px stride apart, a 4 px shift), and the unit optimised should be the one
+    the result is read at. (None, None) where the model has no cone."""
+    view = CentreCone.build(model, module, pre_activation, (size[0] + 2 * pad, size[1] + 2 * pad))
+    image = CentreCone.build(model, module, pre_activation, size)
+    if view is None or image is None:
+        return None, None
+    return view, torch.tensor([view.centre[0] - image.centre[0] - pad, view.centre[1] - image.centre[1] - pad])
 
 
 def _elementwise(graph_module: fx.GraphModule, node: fx.Node) -> bool:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ...errors import DeconvnetError
 from ...weights import LoadedModel
 from ..layers import ModelLike, model_of
-from .cone import CentreCone
+from .cone import CentreCone, view_cone
 from .parameterisation import FourierImage
 from .result import Visualization
 from .transforms import DEFAULT_ANGLES, DEFAULT_SCALES, UnitRandomness, total_variation, warp
@@ -213,6 +213,7 @@ class _Problem:
     jitter: int
     scales: Sequence[float]
     angles: Sequence[float]
+    offset: torch.Tensor | None = None
 
     def objective_of(self, x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
         """(N,) the objective on images ``x`` as they are (untransformed), rectified."""
@@ -222,6 +223,8 @@ class _Problem:
         """(N,) the objective (a ReLU layer's pre-activation) on one random transformation of ``x``: over
         the centre unit's cone only when there is one."""
         angle, scale, shift = (t.to(x.device) for t in rand.step())
+        if self.offset is not None:
+            shift = shift + self.offset.to(shift)
         if self.cone is not None:
             view = warp(x, self.pad, angle, scale, shift, window=self.cone.box)
             return self.cone((view - self.mean) / self.std)[torch.arange(len(channels)), channels]
@@ -350,12 +353,12 @@ def visualize(
         count = probe.shape[1] if probe.dim() >= 2 else None
         channels = _channels(_class_units(units, classes) if is_logits and classes else units, count, layer)
         exemplar = _exemplars(atlas, layer, channels)
-        cone = None
-        if windowed and objective == "centre" and watch.module is not None and probe.dim() == 4:
-            cone = CentreCone.build(model, watch.module, watch.pre_activation, (size[0] + 2 * pad, size[1] + 2 * pad))
+        cone = offset = None
+        if objective == "centre" and watch.module is not None and probe.dim() == 4:
+            cone, offset = view_cone(model, watch.module, watch.pre_activation, size, pad)
         problem = _Problem(
             watch, FourierImage(size, fourier=fourier, decorrelate=decorrelate), mean, std, objective, size,
-            is_logits, cone, steps, lr, tv, pad, jitter, scales, angles,
+            is_logits, cone if windowed else None, steps, lr, tv, pad, jitter, scales, angles, offset,
         )  # fmt: skip
         seeds = [unit_seed(seed, layer, kind, c) for c in channels]
         chunks = [range(i, min(i + batch_size, len(channels))) for i in range(0, len(channels), batch_size)]
