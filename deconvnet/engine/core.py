@@ -32,8 +32,9 @@ __all__ = ["Selection", "Projection", "DeconvNet", "RULES", "CPU_PASS_BYTES", "G
 
 
 class DeconvNet:
-    """Projection engine attached to a model: its layer catalogue (``catalogue``) plus its projector
-    (``ways_down``); see the module docstring.
+    """Projection engine attached to a model: its layer catalogue (``catalogue``, a ``LayerCatalogue``)
+    plus its projector (``ways_down``, a ``Projector``), see the module docstring; ``projector()`` is
+    the chain models' receptive-field-windowed way down, one of the three ``ways_down`` chooses from.
 
     ``rule``: ``"deconvnet"`` (the paper, default), ``"guided"`` (guided backpropagation) or
     ``"gradient"`` (plain backpropagation); every method takes ``rule=`` to override it per call.
