@@ -139,10 +139,16 @@ def main() -> int:
             "ours_activation": ours.reached.tolist(),
             "windowed": ours.settings["windowed"],
         }
+        loop_text = (
+            ""
+            if args.skip_loop
+            else (
+                f", deconvnet one unit at a time {loop_s / len(channels):.2f} s/unit (batching x{loop_s / ours_s:.2f})"
+            )
+        )
         print(
             f"{len(channels)} conv5 centre units, {args.steps} steps, {args.size} px: deconvnet batched "
-            f"{ours_s / len(channels):.2f} s/unit, deconvnet one unit at a time {loop_s / len(channels):.2f} s/unit "
-            f"(batching x{loop_s / ours_s:.2f})"
+            f"{ours_s / len(channels):.2f} s/unit{loop_text}"
         )
         if lucent_s is not None:
             lucent_act = centre_activation(loaded, lucent_images, channels)

@@ -157,3 +157,20 @@ def test_the_view_is_shifted_onto_the_images_centre_unit(size, pad, layer):
     torch.testing.assert_close(view, image[:, :, y0:y1, x0:x1], rtol=0, atol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(cone(view), image_cone(image[:, :, y0:y1, x0:x1]), rtol=1e-3, atol=1e-4)
+
+
+def test_the_package_stays_short():
+    """#30's bounds (tests/test_layering.py) on the visualize package: modules of at most 600 lines,
+    functions of at most 120."""
+    import ast
+    from pathlib import Path
+
+    import deconvnet.analysis.visualize as package
+    from tests.test_layering import MAX_FUNCTION_LINES, MAX_MODULE_LINES
+
+    for path in Path(package.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        assert len(text.splitlines()) <= MAX_MODULE_LINES, path.name
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno + 1 <= MAX_FUNCTION_LINES, (path.name, node.name)
