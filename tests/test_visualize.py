@@ -135,10 +135,10 @@ def test_batched_equals_unit_by_unit():
 
 
 def test_the_centre_units_window_equals_whole_views():
-    """With the centre objective only the part of each transformed view the centre unit sees (its
-    receptive field on the layer's stride grid) is warped and sent forward: the same images as whole
-    views after 12 steps, to the tolerance of the batching test (1 grey level, 1e-4 relative: the
-    window's convolutions are smaller, so they round differently)."""
+    """With the centre objective each step computes only the centre unit's cone (each layer over the
+    cells the layer above needs; tests/test_visualize_cone.py): the same images as whole views after
+    12 steps, to the tolerance of the batching test (1 grey level, 1e-4 relative: the cone's
+    convolutions are smaller, so they round differently)."""
     loaded = tiny_loaded(crop=64)
     units = [0, 3, 5, 7]
     part = visualize(loaded, "conv2", units, steps=12, size=64, progress=False)
