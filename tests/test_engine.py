@@ -426,3 +426,31 @@ def test_in_place_activations_gates_and_norms_leave_the_model_as_it_was():
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert torch.equal(image, original)
     assert all(p.grad is None for p in model.parameters())  # the way down's autograd leaves no gradients
+
+
+@pytest.mark.parametrize("include_lrn", [False, True])
+def test_forward_depth_is_exactly_how_far_the_chain_windows_need_the_forward_pass(include_lrn):
+    """``DeconvNet.forward_depth`` (what the atlas walks the chain to): a chain record that far gives the
+    windowed way down the same windows as a record of the whole chain; one layer less lacks a switch."""
+    torch.manual_seed(0)
+    engine = DeconvNet(build_model("zfnet").eval(), include_lrn=include_lrn)
+    images = torch.randn(2, 3, 96, 96)
+    projector = engine.projector()
+    whole = projector.forward(images, len(engine.layers) - 1)
+    depths = {}
+    for layer in engine.layer_names:
+        depth = depths[layer] = engine.forward_depth(layer)
+        acts = engine.activations(images, layer)
+        units = (torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([[1, 1], [1, 0]]))
+        args = ((96, 96), layer, *units, acts[[0, 1], [0, 1], [1, 1], [1, 0]])
+        assert torch.equal(
+            projector.project(projector.forward(images, depth), *args).windows, projector.project(whole, *args).windows
+        )
+        if depth >= 0:
+            with pytest.raises(KeyError):
+                projector.project(projector.forward(images, depth - 1), *args)
+    pools = {i.name: i.index for i in engine.layers if i.name.startswith(("pool", "norm"))}
+    assert depths["conv1"] == -1 and depths["conv2"] == pools["pool1"] and depths["conv5"] == pools["pool2"]
+    assert depths["norm1"] == (pools["norm1"] if include_lrn else -1)  # its own LRN input, with include_lrn
+    with pytest.raises(DeconvnetError, match="chain model"):
+        DeconvNet(torchvision.models.resnet18()).forward_depth("layer1")
