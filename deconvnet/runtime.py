@@ -7,8 +7,8 @@ settings for CPU work.
 ``dist_info`` reads this process's rank and the world size from torchrun's environment (and
 ``local_rank`` the rank on this machine); the
 helpers after it (``join_process_group``, ``all_gather_objects``, ``gather_objects``,
-``barrier``) are the few collective steps the sharded atlas needs, and do nothing in a single
-process.
+``barrier``) are the few collective steps the sharded atlas and DDP training need (training
+joins the group and waits at the end through them), and do nothing in a single process.
 
 The speed settings are opt-in: the CLI and the benchmarks turn them on.
 

@@ -261,9 +261,10 @@ def test_layers_grammar_is_the_same_in_every_command(weights, tmp_path, capsys):
         "report": ["report", photo],
         "demo": ["demo"],
     }
-    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    # argparse has no public accessor for a parser's actions (its help text is wrapped)
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices  # noqa: SLF001
     for name, argv in commands.items():
-        layers = next(a for a in sub[name]._actions if a.dest == "layers")
+        layers = next(a for a in sub[name]._actions if a.dest == "layers")  # noqa: SLF001
         assert LAYERS_GRAMMAR in layers.help, name
         extra = [] if name == "evolution" else ["--weights", weights]
         assert main([*argv, "--layers", "conv2, 7..1", "--out", out, "--device", "cpu", *extra]) == 2, name

@@ -147,7 +147,8 @@ def test_the_model_is_left_as_it_was():
     model.train()
     inplace = {n: m.inplace for n, m in model.named_modules() if isinstance(m, nn.ReLU)}
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+    # torch has no public way to list a module's hooks: its own attributes are the only witness
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())  # noqa: SLF001
     image = torch.randn(2, 3, 64, 64)
     original = image.clone()
     engine = DeconvNet(model)
@@ -158,7 +159,7 @@ def test_the_model_is_left_as_it_was():
     assert {n: m.inplace for n, m in model.named_modules() if isinstance(m, nn.ReLU)} == inplace
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # running stats untouched
     assert (
-        sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+        sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())  # noqa: SLF001
         == hooks
     )
     assert torch.equal(image, original)
@@ -239,6 +240,57 @@ def test_prepared_transposed_filters_equal_conv_transpose2d(cin, cout, k, s, p):
         with torch.no_grad():
             ref = conv_transpose(x * batchnorm_scale(bn).view(1, -1, 1, 1), conv, input_shape)
         assert got.shape == ref.shape == input_shape and _close(got, ref) < 1e-6
+
+
+def test_prepared_filters_follow_in_place_changes_of_the_weights_and_batch_norm():
+    """A cached filter is rebuilt when the values it was made from change in place (an optimiser step,
+    ``load_state_dict``, a batch norm's running variance), and kept while they do not; the values are
+    read again at each ``refresh`` (every way down calls it at the start of a projection call)."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(3, 8, 5, 2, 2)  # few outputs on the way down: the polyphase form is cached too
+    bn = nn.BatchNorm2d(8).eval()
+    randomize_batchnorm(bn)
+    filters = TransposedFilters()
+    x = torch.relu(torch.randn(2, 8, 6, 6))
+    shape = (2, 3, 12, 12)
+
+    def reference():
+        with torch.no_grad():
+            return conv_transpose(x * batchnorm_scale(bn).view(1, -1, 1, 1), conv, shape)
+
+    for cl in (False, True):
+        assert _close(filters.to_input(x, conv, shape, cl, bn), reference()) < 1e-6
+    kept = filters.weight(conv, False, bn)
+    assert filters.weight(conv, False, bn) is kept  # unchanged values: the cached copy is reused
+    with torch.no_grad():
+        conv.weight.mul_(-2.0)
+    filters.refresh()
+    assert _close(filters.to_input(x, conv, shape, True, bn), reference()) < 1e-6
+    bn.running_var.mul_(9.0)
+    filters.refresh()
+    assert _close(filters.to_input(x, conv, shape, False, bn), reference()) < 1e-6
+    conv.load_state_dict({"weight": torch.randn_like(conv.weight), "bias": conv.bias.detach()})
+    filters.refresh()
+    for cl in (False, True):
+        assert _close(filters.to_input(x, conv, shape, cl, bn), reference()) < 1e-6
+
+
+def test_projections_follow_a_training_step_of_the_model():
+    """An engine kept across training steps projects with the current weights (equal to a new engine's)."""
+    torch.manual_seed(0)
+    model = build_model("zfnet", lrn=False, input_size=128).eval()
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(7))
+    engine = DeconvNet(model)
+    sels = engine.strongest(images, "conv3", k=3)
+    before = engine.project(images, sels)
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if name.endswith("weight") and w.dim() == 4:
+                w.add_(torch.randn_like(w) * w.std())
+    after = engine.project(images, sels)
+    fresh = DeconvNet(model).project(images, sels)
+    assert all(_close(a.image, f.image) < TOLERANCE for a, f in zip(after, fresh, strict=True))
+    assert any(_close(a.image, b.image) > 0.1 for a, b in zip(after, before, strict=True))
 
 
 def test_fast_path_projections_keep_their_window_and_do_not_share_memory_between_calls():

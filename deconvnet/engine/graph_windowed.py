@@ -226,6 +226,7 @@ class GraphWindowedProjector:
         projection on its input window (origins in input pixels, may be negative; where
         ``cut_to_maps``, the part of the plan's window that lies on the image for some unit)."""
         graph = self.graph
+        self.filters.refresh()  # the weights as they are now
         n = int(channels.shape[0])
         device = values.device
         run = _Pass(plan, positions.to(device=device, dtype=torch.long), self.cut_to_maps)

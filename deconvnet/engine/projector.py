@@ -203,6 +203,7 @@ class Projector:
             by_layer.setdefault(sel.layer, []).append(i)
         if not selections:
             return []
+        self.filters.refresh()  # the weights as they are now (see TransposedFilters.refresh)
         results: list[Projection | None] = [None] * len(selections)
         record: ForwardRecord | None = None
         chain_record: ChainRecord | None = None

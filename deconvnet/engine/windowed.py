@@ -176,6 +176,7 @@ class WindowedProjector:
         """Project S single units of ``layer`` (``channels[s]`` at ``positions[s]`` = (y, x), seeded
         with ``values[s]``) of the recorded images ``image_index[s]``."""
         engine = self.engine
+        engine.filters.refresh()  # the weights as they are now
         info = engine.layer(layer)
         n = int(channels.shape[0])
         device = values.device
