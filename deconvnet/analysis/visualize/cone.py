@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ...engine.layout import int_pair
+
 __all__ = ["CentreCone", "FewChannelConv", "Rows", "view_cone"]
 
 Rows = tuple[int, int, int, int]  # (y0, y1, x0, x1): rows [y0, y1) and columns [x0, x1) of a map
@@ -116,7 +118,7 @@ class _NoCone(Exception):
 def _pair(value: Any) -> tuple[int, int]:
     if isinstance(value, str):
         raise _NoCone(f"string padding {value!r}")
-    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+    return int_pair(value)
 
 
 def _windowed(module: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]:
