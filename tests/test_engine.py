@@ -275,14 +275,20 @@ def test_prepared_filters_follow_in_place_changes_of_the_weights_and_batch_norm(
         assert _close(filters.to_input(x, conv, shape, cl, bn), reference()) < 1e-6
 
 
-def test_projections_follow_a_training_step_of_the_model():
-    """An engine kept across training steps projects with the current weights (equal to a new engine's)."""
+@pytest.mark.parametrize(
+    "arch,layer,way", [("zfnet", "conv3", "chain-windowed"), ("resnet18", "layer1", "graph-windowed")]
+)
+def test_projections_follow_a_training_step_of_the_model(arch, layer, way):
+    """An engine kept across training steps projects with the current weights (equal to a new engine's),
+    on the chain models' and the graph models' windowed ways down."""
     torch.manual_seed(0)
-    model = build_model("zfnet", lrn=False, input_size=128).eval()
+    model = build_model("zfnet", lrn=False, input_size=128) if arch == "zfnet" else torchvision_model(arch)
+    model.eval()
     images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(7))
     engine = DeconvNet(model)
-    sels = engine.strongest(images, "conv3", k=3)
+    sels = engine.strongest(images, layer, k=3)
     before = engine.project(images, sels)
+    assert engine.path_counts[way] == len(sels)
     with torch.no_grad():
         for name, w in model.named_parameters():
             if name.endswith("weight") and w.dim() == 4:

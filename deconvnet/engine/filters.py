@@ -72,8 +72,9 @@ class TransposedFilters:
         self._checked: set[tuple] = set()  # sources compared since the last ``refresh``
 
     def refresh(self) -> None:
-        """Compare every source with its copy again at its next use: each way down calls this once at
-        the start of a projection call, so the weights are read as they are now (not changed during one
+        """Compare every source with its copy again at its next use: ``Projector.project`` (behind
+        ``DeconvNet.project``, all its ways and passes) and the chain models' ``WindowedProjector.project``
+        call this once at the start of a call, so the weights are read as they are now (not changed during one
         call), and a call's many lookups cost one comparison per filter bank (ResNet-50: 18 ms)."""
         self._checked.clear()
 

@@ -224,9 +224,10 @@ class GraphWindowedProjector:
         """Project S single units of the plan's target (``channels[s]`` at ``positions[s]`` = (y, x),
         seeded with ``values[s]``) of the recorded images ``image_index[s]``; returns each unit's
         projection on its input window (origins in input pixels, may be negative; where
-        ``cut_to_maps``, the part of the plan's window that lies on the image for some unit)."""
+        ``cut_to_maps``, the part of the plan's window that lies on the image for some unit). The caller
+        has the filters read the weights (``TransposedFilters.refresh``: ``Projector.project`` does, once
+        before all its passes)."""
         graph = self.graph
-        self.filters.refresh()  # the weights as they are now
         n = int(channels.shape[0])
         device = values.device
         run = _Pass(plan, positions.to(device=device, dtype=torch.long), self.cut_to_maps)
