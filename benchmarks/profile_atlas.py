@@ -6,8 +6,8 @@ broken down by part, and a graph model's projections per second by layer.
 One thread, process CPU time (robust to other jobs on the machine). ZFNet part: ``scan_atlas`` with a
 ``SwitchCache`` over the first ``--limit`` images (every map of conv1-conv5, top-9), then
 ``project_atlas`` of all 12,384 winners, timed by wrapping public methods (the engine's transposed
-filters of each conv, the windowed projector's window fitting, the tile maker); the rest is mostly
-the unpooling. The
+filters of each conv, the windowed projector's window fitting and the unpooling's gather of switch
+codes, the tile maker); the rest is mostly the unpooling's scatter. The
 projection stage is a fixed cost (maps x k), so ``--limit`` changes only the scan's figures. ResNet-50
 part (``--resnet50 N``, torchvision, seeded random weights at 224 px): projections a second per layer,
 8 maps x top-9 over N images, and the engine's way down used (graph-windowed or whole-map).
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,7 +47,8 @@ def timed(owner: Any, name: str, label: Callable[..., str]) -> None:
         finally:
             spent[label(*args)] += time.process_time() - t0
 
-    setattr(owner, name, wrapper)
+    static = isinstance(inspect.getattr_static(owner, name), staticmethod)  # called without self
+    setattr(owner, name, staticmethod(wrapper) if static else wrapper)
 
 
 def zfnet(files: list[str], layers: str) -> None:
@@ -64,6 +66,7 @@ def zfnet(files: list[str], layers: str) -> None:
     timed(TransposedFilters, "apply", lambda self, x, conv, *a: f"transposed {names.get(id(conv), '?')}")
     timed(WindowedProjector, "fit_to_map", lambda *a: "fit windows to the maps")
     timed(project_module, "projection_and_patch_tiles", lambda *a: "display tiles")
+    timed(WindowedProjector, "window_codes", lambda *a: "unpooling: switch-code gather")
     t0 = time.process_time()
     tiles = project_atlas(loaded, scan, cache=cache, progress=False)
     t_project = time.process_time() - t0

@@ -87,39 +87,58 @@ def display_scale(windows: torch.Tensor, boxes: Sequence[Box], quantile: float =
     order statistics, as ``torch.quantile``); the maximum if that is 0."""
     scales = windows.new_zeros(len(windows))
     for (h, w), idx in _same_size_groups(boxes).items():
-        if h <= 0 or w <= 0:
-            continue
-        a = _crops(windows, boxes, idx).abs().flatten(1)  # (G, L)
-        n = a.shape[1]
-        pos = quantile * (n - 1)
-        lo = int(pos)
-        # the two order statistics around pos, from the top (a partial sort: far cheaper than a full one)
-        top = torch.topk(a, n - lo, dim=1).values  # descending; top[:, n - 1 - j] is the j-th smallest
-        below = top[:, n - 1 - lo]
-        above = top[:, n - 2 - lo] if lo + 1 < n else below
-        q = torch.lerp(below, above, pos - lo)
-        scales[idx] = torch.where(q > 0, q, a.max(1).values)
+        if h > 0 and w > 0:
+            scales[idx] = _crop_scales(_crops(windows, boxes, idx), quantile)
     return scales.clamp_min(1e-30)
+
+
+def _crop_scales(crops: torch.Tensor, quantile: float) -> torch.Tensor:
+    """``display_scale`` of same-size crops (G, C, h, w), before the clamp away from 0."""
+    a = crops.abs().flatten(1)  # (G, L)
+    n = a.shape[1]
+    pos = quantile * (n - 1)
+    lo = int(pos)
+    # the two order statistics around pos, from the top (a partial sort: far cheaper than a full one)
+    top = torch.topk(a, n - lo, dim=1).values  # descending; top[:, n - 1 - j] is the j-th smallest
+    below = top[:, n - 1 - lo]
+    above = top[:, n - 2 - lo] if lo + 1 < n else below
+    q = torch.lerp(below, above, pos - lo)
+    return torch.where(q > 0, q, top[:, 0])  # top[:, 0]: the maximum
 
 
 def fit_tiles(x: torch.Tensor, boxes: Sequence[Box], tile: int) -> np.ndarray:
     """Crop each (3, R, R) float image in [0, 1] to its box (the receptive field clipped at the image
     border) and fit it, aspect kept, into a ``tile`` square (centred, white around it): uint8 HWC."""
     out = np.full((len(x), tile, tile, 3), 255, dtype=np.uint8)
-    rf = x.shape[-1]
     for (h, w), idx in _same_size_groups(boxes).items():
-        if h <= 0 or w <= 0:
-            continue
-        crops = _crops(x, boxes, idx)
-        scale = tile / rf if rf <= tile else tile / max(h, w)  # small fields keep their pixel size
-        nh, nw = max(1, min(tile, round(h * scale))), max(1, min(tile, round(w * scale)))
-        if (nh, nw) != (h, w):
-            crops = F.interpolate(crops, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-        oy, ox = (tile - nh) // 2, (tile - nw) // 2
-        out[idx, oy : oy + nh, ox : ox + nw] = (
-            (crops.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        )
+        if h > 0 and w > 0:
+            _fit_into(out, idx, _crops(x, boxes, idx), x.shape[-1])
     return out
+
+
+def _fitted_size(h: int, w: int, rf: int, tile: int) -> tuple[int, int]:
+    """The size a (h, w) crop of an ``rf`` window takes in a ``tile`` square."""
+    scale = tile / rf if rf <= tile else tile / max(h, w)  # small fields keep their pixel size
+    return max(1, min(tile, round(h * scale))), max(1, min(tile, round(w * scale)))
+
+
+def _fit_into(out: np.ndarray, idx: list[int], crops: torch.Tensor, rf: int) -> None:
+    """Write same-size crops (G, 3, h, w) of ``rf`` windows, float in [0, 1] or uint8 pixels (the
+    same as ``pixels / 255``), fitted and centred into ``out[idx]`` (uint8 (S, t, t, 3))."""
+    tile = out.shape[1]
+    h, w = crops.shape[-2:]
+    nh, nw = _fitted_size(h, w, rf, tile)
+    oy, ox = (tile - nh) // 2, (tile - nw) // 2
+    if crops.dtype == torch.uint8 and (nh, nw) == (h, w):
+        # unscaled pixels: (p / 255 * 255 + 0.5) truncates back to p for every uint8 p (float32
+        # rounding is far below 0.5; tested exhaustively), so the float round trip is skipped
+        out[idx, oy : oy + nh, ox : ox + nw] = crops.permute(0, 2, 3, 1).numpy()
+        return
+    if crops.dtype == torch.uint8:
+        crops = crops.float() / 255.0
+    if (nh, nw) != (h, w):
+        crops = F.interpolate(crops, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    out[idx, oy : oy + nh, ox : ox + nw] = (crops.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def window_boxes(origins: torch.Tensor, size: int, height: int, width: int) -> list[Box]:
@@ -162,13 +181,36 @@ def projection_and_patch_tiles(
     tile: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The display tiles of projection windows (S, 3, R, R) at ``origins`` and of the image patches under
-    them (``pixels[which[s]]``), both cropped to the part inside the image: uint8 (S, tile, tile, 3) each."""
+    them (``pixels[which[s]]``), both cropped to the part inside the image: uint8 (S, tile, tile, 3) each.
+
+    The same as ``fit_tiles`` of ``0.5 + windows / (2 * display_scale(...))`` and of ``image_patches``,
+    but only the cropped parts are scaled and read (the patches straight from ``pixels``)."""
     size = windows.shape[-1]
     boxes = window_boxes(origins, size, *input_size)
-    scale = display_scale(windows, boxes).view(-1, 1, 1, 1)
-    projections = fit_tiles(0.5 + windows / (2 * scale), boxes, tile)
-    patches = fit_tiles(image_patches(pixels, which, origins, size), boxes, tile)
+    projections = np.full((len(windows), tile, tile, 3), 255, dtype=np.uint8)
+    patches = projections.copy()
+    for (h, w), idx in _same_size_groups(boxes).items():
+        if h <= 0 or w <= 0:
+            continue
+        crops = _crops(windows, boxes, idx)
+        scale = _crop_scales(crops, DISPLAY_QUANTILE).clamp_min(1e-30).view(-1, 1, 1, 1)
+        _fit_into(projections, idx, 0.5 + crops / (2 * scale), size)
+        _fit_into(patches, idx, _pixel_crops(pixels, which, origins, boxes, idx), size)
     return projections, patches
+
+
+def _pixel_crops(
+    pixels: torch.Tensor, which: torch.Tensor, origins: torch.Tensor, boxes: Sequence[Box], idx: list[int]
+) -> torch.Tensor:
+    """uint8 (G, 3, h, w): the image pixels under the same-size, inside-the-image ``boxes[idx]`` of
+    the windows at ``origins`` (``image_patches`` cropped to the boxes, without its clamped border)."""
+    images = which.tolist()
+    corners = origins.tolist()
+    parts = []
+    for i in idx:
+        (oy, ox), (y0, x0, y1, x1) = corners[i], boxes[i]
+        parts.append(pixels[images[i], :, oy + y0 : oy + y1, ox + x0 : ox + x1])
+    return torch.stack(parts)
 
 
 def merge_tiles(parts: Sequence[dict[str, AtlasTiles]]) -> dict[str, AtlasTiles]:
