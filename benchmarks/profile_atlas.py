@@ -54,13 +54,15 @@ def timed(owner: Any, name: str, label: Callable[..., str]) -> None:
 def zfnet(files: list[str], layers: str) -> None:
     loaded = load_model(None, device="cpu")
     cache = SwitchCache(1024)
-    timed(WindowedProjector, "switch_codes", lambda *a: "scan: switch codes for the cache")
+    codes_label = ["scan: switch codes for the cache"]  # the same wrapper times the projections' calls
+    timed(WindowedProjector, "switch_codes", lambda *a: codes_label[0])
     t0 = time.process_time()
     scan = scan_atlas(loaded, files, layers, cache=cache, progress=False)
     t_scan = time.process_time() - t0
     codes = spent.pop("scan: switch codes for the cache", 0.0)
     print(f"ZFNet scan of {len(files)} images: {t_scan:.1f} s (switch codes for the cache {codes:.1f} s)")
     spent.clear()
+    codes_label[0] = "switch codes: cached, as rows"  # stacked per chunk, made channels-last
     engine = DeconvNet(loaded.model)
     names = {id(i.module): i.name for i in engine.layers}
     timed(TransposedFilters, "apply", lambda self, x, conv, *a: f"transposed {names.get(id(conv), '?')}")
