@@ -211,6 +211,7 @@ ENGINE_RANKS = {
     "graph": 2,
     "filters": 2,
     "record": 3,
+    "shallow": 4,
     "chain": 3,
     "window_plan": 3,
     "catalogue": 4,

@@ -211,6 +211,9 @@ class DeconvNet:
 
         ``images`` is a (N, C, H, W) batch of model inputs; ``Selection.image`` indexes it. Returns one
         ``Projection`` per selection, in order; ``Projection.image`` is (C, H, W) on the model's device.
+        When every selection gives its ``position`` and ``value`` (an atlas scan's), the forward pass
+        stops where the way down stops reading it (``deconvnet.engine.shallow``; under deconvnet a
+        ResNet's stem) and the projections use those values.
         """
         return self.ways_down.project(images, selections, batch_size, check_rule(rule or self.rule))
 

@@ -39,6 +39,7 @@ from .graph_windowed import GraphWindowedProjector, WindowPlan
 from .record import ForwardRecord, run_forward
 from .reverse import TransposedFilters, run_backward
 from .rules import get_rule
+from .shallow import ShapeTemplates, shallow_forward
 from .windowed import WindowedProjector
 
 __all__ = ["Selection", "Projection", "Projector", "CPU_PASS_BYTES", "GRAPH_WINDOWED_MAX_WORK"]
@@ -66,6 +67,9 @@ class Selection:
     channel: int
     position: tuple[int, int] | None = None
     whole_map: bool = False
+    # the activation's value at ``position`` where the caller knows it (an atlas scan): when every
+    # selection of a call gives one, the forward pass may stop below the layers (engine.shallow)
+    value: float | None = None
 
 
 @dataclass
@@ -136,6 +140,7 @@ class Projector:
         self.fast_path = fast_path
         self.graph_projector = GraphWindowedProjector(self.graph, filters, include_lrn)
         self.path_counts: Counter[str] = Counter()
+        self.shape_templates = ShapeTemplates(self.graph)
 
     # ------------------------------------------------------------------ forward and backward
     def forward(self, images: torch.Tensor, layers: str | Sequence[str], rule: str) -> ForwardRecord:
@@ -208,6 +213,7 @@ class Projector:
         record: ForwardRecord | None = None
         chain_record: ChainRecord | None = None
         chain = self.catalogue.chain
+        acts_by_layer: dict[str, torch.Tensor | None]
         if (
             self.fast_path
             and chain is not None
@@ -219,27 +225,76 @@ class Projector:
             _, chain_record = chain_forward(chain, images, max(keep), include_lrn=self.include_lrn, keep=keep)
             acts_by_layer = {n: keep[self._chain_index(n)] for n in by_layer}
         else:
-            record = self.forward(images, list(by_layer), rule)
-            acts_by_layer = {n: record.values[n] for n in by_layer}
+            record = self._shallow_record(images, selections, by_layer, rule)
+            if record is None:
+                record = self.forward(images, list(by_layer), rule)
+            acts_by_layer = {n: record.values.get(n) for n in by_layer}
         for layer, members in by_layer.items():
             acts = acts_by_layer[layer]
-            seeds = dict(zip(members, self._seeds(acts, [selections[i] for i in members], layer)))
+            chosen = [selections[i] for i in members]
+            if acts is None:  # a shallow record: the values are the selections'
+                assert record is not None
+                map_shape = tuple(record.shapes[self.catalogue.op_name(layer)][1:])
+                seeds = dict(zip(members, self._given_seeds(map_shape, chosen, layer)))
+            else:
+                map_shape = tuple(acts.shape[1:])
+                seeds = dict(zip(members, self._seeds(acts, chosen, layer)))
             units = [i for i in members if not selections[i].whole_map]
             if chain_record is not None and units:
                 self._project_windowed(images, chain_record, layer, units, selections, seeds, results)
                 self.path_counts["chain-windowed"] += len(units)
-            elif self.fast_path and record is not None and units and acts.dim() == 4:
+            elif self.fast_path and record is not None and units and len(map_shape) == 3:
                 self._try_graph_windowed(images, record, layer, units, selections, seeds, rule, batch_size, results)
             slow = [i for i in members if results[i] is None]
             self.path_counts["whole-map"] += len(slow)
             if slow and record is None:
                 record = self.forward(images, list(by_layer), rule)
+                acts = record.values[layer]
             if slow:
                 assert record is not None
                 self._project_whole_maps(
-                    images, record, acts, layer, slow, selections, seeds, rule, batch_size, results
+                    images, record, acts, map_shape, layer, slow, selections, seeds, rule, batch_size, results
                 )
         return [r for r in results if r is not None]
+
+    def _shallow_record(
+        self, images: torch.Tensor, selections: Sequence[Selection], by_layer: dict[str, list[int]], rule: str
+    ) -> ForwardRecord | None:
+        """The shallow forward pass (``engine.shallow``) where every selection gives its position and
+        value and every layer holds plain maps; None where the full pass is needed."""
+        if any(s.value is None or s.position is None or s.whole_map for s in selections):
+            return None
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        names = list(by_layer)
+        ops = [self.catalogue.op_name(n) for n in names]
+        self.catalogue.check_input_size(images, names)
+        for name, op in zip(names, ops):
+            self.graph.check_reversible(op, name, rule)
+        try:
+            if any(self.catalogue.layout(n, size).kind != "maps" for n in names):
+                return None
+            return shallow_forward(self.graph, images, ops, rule, self.include_lrn, self.shape_templates)
+        except (RuntimeError, AssertionError):
+            return None  # the model's own checks of the input's size: the full pass says what they are
+
+    @staticmethod
+    def _given_seeds(
+        map_shape: tuple[int, ...], sels: list[Selection], layer: str
+    ) -> list[tuple[float, tuple[int, int]]]:
+        """The selections' own (value, position), with the range checks of ``_seeds``."""
+        channels, h, w = map_shape
+        out: list[tuple[float, tuple[int, int]]] = []
+        for sel in sels:
+            assert sel.value is not None and sel.position is not None  # checked by _shallow_record
+            if not 0 <= sel.channel < channels:
+                raise DeconvnetError(
+                    f"feature {sel.channel} out of range: {layer} has {channels} maps (0..{channels - 1})"
+                )
+            y, x = sel.position
+            if not (0 <= y < h and 0 <= x < w):
+                raise DeconvnetError(f"position ({y}, {x}) outside {layer}'s {h}x{w} maps")
+            out.append((float(sel.value), (int(y), int(x))))
+        return out
 
     def _chain_index(self, layer: str) -> int:
         info = self.catalogue.chain_layer(layer)
@@ -250,7 +305,8 @@ class Projector:
         self,
         images: torch.Tensor,
         record: ForwardRecord,
-        acts: torch.Tensor,
+        acts: torch.Tensor | None,
+        map_shape: tuple[int, ...],
         layer: str,
         slow: list[int],
         selections: Sequence[Selection],
@@ -267,17 +323,18 @@ class Projector:
         rows = self._rows_per_pass(record, layer, batch_size, images.device)
         for start in range(0, len(slow), rows):
             chunk = slow[start : start + rows]
-            signal = acts.new_zeros((len(chunk), *acts.shape[1:]))
+            signal = images.new_zeros((len(chunk), *map_shape))
             for r, i in enumerate(chunk):
                 value, pos = seeds[i]
                 sel = selections[i]
-                if acts.dim() == 2:
+                if len(map_shape) == 1:
                     signal[r, sel.channel] = value
                 elif sel.whole_map:
+                    assert acts is not None  # whole maps come with the full forward pass
                     signal[r, sel.channel] = acts[sel.image, sel.channel]
                 else:
                     signal[r, sel.channel, pos[0], pos[1]] = value
-            image_index = torch.tensor([selections[i].image for i in chunk], device=acts.device)
+            image_index = torch.tensor([selections[i].image for i in chunk], device=images.device)
             down = run_backward(
                 self.graph,
                 record,

@@ -333,7 +333,9 @@ def _project_graph(
     kept activation of a few images at a time, ``selections_per_pass`` full-size projections at most in
     memory, cut to the unit's receptive field (the whole image where the field covers it). Each pass
     redoes the forward pass of its few images: cheap beside ways down over whole maps, a large part of
-    the pass where the units go down on small windows (a ResNet's layer1)."""
+    the pass where the units go down on small windows (a ResNet's layer1). With the scan's values given,
+    that pass stops where the way down stops reading it (``deconvnet.engine.shallow``: under deconvnet
+    a ResNet's stem, about 3 % of a forward pass)."""
     geometry = loaded.preprocessing.geometry()
     image_ids = list(work)
     bar = ProjectionBar(work, progress)
@@ -344,8 +346,16 @@ def _project_graph(
         items = [(b, layer, slot, r) for b, gid in enumerate(chunk) for layer, slot, r in work[gid]]
         for p0 in range(0, len(items), selections_per_pass):
             part = items[p0 : p0 + selections_per_pass]
+            # the scan's values come with the selections: the engine's forward pass then stops where
+            # the way down stops reading it (engine.shallow: a ResNet's stem under deconvnet)
             selections = [
-                Selection(b, layer, out[layer].maps[slot], _yx(out[layer].positions[slot, r]))
+                Selection(
+                    b,
+                    layer,
+                    out[layer].maps[slot],
+                    _yx(out[layer].positions[slot, r]),
+                    value=float(out[layer].values[slot, r]),
+                )
                 for b, layer, slot, r in part
             ]
             projections = engine.project(x, selections)
