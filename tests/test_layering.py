@@ -212,6 +212,7 @@ ENGINE_RANKS = {
     "filters": 2,
     "record": 3,
     "shallow": 4,
+    "outputs": 3,
     "chain": 3,
     "window_plan": 3,
     "catalogue": 4,

@@ -23,6 +23,7 @@ from .catalogue import LayerCatalogue
 from .chain import LayerInfo, chain_forward
 from .graph import Field, Layout, ModelGraph, trace
 from .graph_windowed import GraphWindowedProjector
+from .outputs import OutputsModules
 from .projector import CPU_PASS_BYTES, GRAPH_WINDOWED_MAX_WORK, Projection, Projector, Selection
 from .record import ForwardRecord, run_forward
 from .reverse import RULES, TransposedFilters, check_rule
@@ -55,6 +56,7 @@ class DeconvNet:
         self.filters = TransposedFilters()  # prepared transposed filters, shared by all ways down
         self._windowed: WindowedProjector | None = None
         self.ways_down = Projector(self.catalogue, self.filters, self.projector, include_lrn, fast_path)
+        self.layer_outputs = OutputsModules(self.graph)  # features read at the model's own speed
 
     # ------------------------------------------------------------------ the projector's settings
     @property
@@ -169,11 +171,11 @@ class DeconvNet:
             if self.graph.output_name is None:
                 raise DeconvnetError(f"{type(self.model).__name__} does not return one tensor of logits")
             ops.append(self.graph.output_name)
-        record = run_forward(self.graph, images, ops)
+        values = self.layer_outputs.run(images, list(dict.fromkeys(ops)))
         size = (int(images.shape[-2]), int(images.shape[-1]))
-        out = {name: self.layout(name, size).to_maps(record.values[op]) for name, op in zip(layers, ops)}
+        out = {name: self.layout(name, size).to_maps(values[op]) for name, op in zip(layers, ops)}
         if logits:
-            out["logits"] = record.values[self.graph.output_name]  # type: ignore[index]
+            out["logits"] = values[self.graph.output_name]  # type: ignore[index]
         return out
 
     def activations(self, images: torch.Tensor, layer: str | int) -> torch.Tensor:
