@@ -5,6 +5,7 @@
 * ``.layout``   where an op's output sits on the image: ``Layout``, ``Field``, the images' axis
 * ``.record``   the forward pass and its public record (switches, ReLU masks, shapes)
 * ``.shallow``  the forward pass stopped where the way down stops reading it (values given by the caller)
+* ``.outputs``  layer outputs at the model's own speed (the traced graph cut after the chosen layers)
 * ``.rules``    the rules as objects (``RULE_TABLE``: deconvnet, guided, gradient) and ``HoldMode``
 * ``.reverse``  the way down: one step per op kind (``STEPS``), shared by every rule
 * ``.filters``  the transposed filters of the way down, prepared once per weight version
