@@ -25,7 +25,7 @@ from .graph import Field, Layout, ModelGraph, trace
 from .graph_windowed import GraphWindowedProjector
 from .outputs import OutputsModules
 from .projector import CPU_PASS_BYTES, GRAPH_WINDOWED_MAX_WORK, Projection, Projector, Selection
-from .record import ForwardRecord, run_forward
+from .record import ForwardRecord
 from .reverse import RULES, TransposedFilters, check_rule
 from .windowed import WindowedProjector, last_pool_below
 
@@ -180,16 +180,13 @@ class DeconvNet:
 
     def activations(self, images: torch.Tensor, layer: str | int) -> torch.Tensor:
         """The output of ``layer`` for ``images`` (chain models also take a chain index)."""
-        if not isinstance(layer, int):
-            self.check_input_size(images, str(layer))
         if self.chain is not None and isinstance(layer, int):
             return chain_forward(self.chain, images, layer, record=False)[0]
         info = self.catalogue.chain_layer(str(layer)) if self.chain is not None else None
         if self.chain is not None and info is not None:
+            self.check_input_size(images, str(layer))
             return chain_forward(self.chain, images, info.index, record=False)[0]
-        op = self.catalogue.op_name(str(layer))
-        layout = self.layout(str(layer), (int(images.shape[-2]), int(images.shape[-1])))
-        return layout.to_maps(run_forward(self.graph, images, [op]).values[op])
+        return self.outputs(images, [str(layer)])[str(layer)]  # which checks the input's size
 
     # ------------------------------------------------------------------ backward
     def backward(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import fx
@@ -71,7 +70,7 @@ class OutputsModules:
             if node.op == "output" or wanted <= set(copies):
                 break
             env[node] = cut.node_copy(node, lambda n: env[n])
-            if node.op == "placeholder" and input_written and not copies and node.name == self.graph.input_name:
+            if node.op == "placeholder" and input_written and node.name == self.graph.input_name:
                 env[node] = cut.call_method("clone", (env[node],))
             if node.name in wanted:
                 copies[node.name] = cut.call_method("clone", (env[node],))
@@ -81,13 +80,13 @@ class OutputsModules:
         cut.output(tuple(copies[t] for t in targets))
         return fx.GraphModule(source, cut, "LayerOutputs")
 
-    def run(self, images: torch.Tensor, targets: Sequence[str], *extra: Any) -> dict[str, torch.Tensor]:
-        """The outputs of the ops ``targets`` for ``images`` (the model's other inputs: ``extra``)."""
+    def run(self, images: torch.Tensor, targets: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The outputs of the ops ``targets`` for ``images``."""
         module = self.module(targets)
         modes = eval_mode(self.graph.model)
         try:
             with torch.no_grad():
-                values = module(images, *extra)
+                values = module(images)
         finally:
             restore_modes(modes)
         return dict(zip(targets, values))

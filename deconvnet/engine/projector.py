@@ -147,10 +147,19 @@ class Projector:
         """One forward pass up to ``layers`` recording what ``rule``'s way down reads; the record's
         ``values`` hold their outputs (as maps) by the names given."""
         names = [layers] if isinstance(layers, str) else list(layers)
+        ops = self._checked_ops(images, names, rule)
+        return self._full_record(images, names, ops, rule)
+
+    def _checked_ops(self, images: torch.Tensor, names: list[str], rule: str) -> list[str]:
+        """The ops of layers ``names``, after checking that ``images`` fit them and ``rule`` goes down them."""
         ops = [self.catalogue.op_name(n) for n in names]
         self.catalogue.check_input_size(images, names)
         for name, op in zip(names, ops):
             self.graph.check_reversible(op, name, rule)
+        return ops
+
+    def _full_record(self, images: torch.Tensor, names: list[str], ops: list[str], rule: str) -> ForwardRecord:
+        """``forward`` of checked layers: the whole pass up to them, their outputs as maps by name."""
         try:
             record = run_forward(
                 self.graph,
@@ -225,9 +234,11 @@ class Projector:
             _, chain_record = chain_forward(chain, images, max(keep), include_lrn=self.include_lrn, keep=keep)
             acts_by_layer = {n: keep[self._chain_index(n)] for n in by_layer}
         else:
-            record = self._shallow_record(images, selections, by_layer, rule)
+            names = list(by_layer)
+            ops = self._checked_ops(images, names, rule)
+            record = self._shallow_record(images, selections, names, ops, rule)
             if record is None:
-                record = self.forward(images, list(by_layer), rule)
+                record = self._full_record(images, names, ops, rule)
             acts_by_layer = {n: record.values.get(n) for n in by_layer}
         for layer, members in by_layer.items():
             acts = acts_by_layer[layer]
@@ -249,7 +260,6 @@ class Projector:
             self.path_counts["whole-map"] += len(slow)
             if slow and record is None:
                 record = self.forward(images, list(by_layer), rule)
-                acts = record.values[layer]
             if slow:
                 assert record is not None
                 self._project_whole_maps(
@@ -258,18 +268,13 @@ class Projector:
         return [r for r in results if r is not None]
 
     def _shallow_record(
-        self, images: torch.Tensor, selections: Sequence[Selection], by_layer: dict[str, list[int]], rule: str
+        self, images: torch.Tensor, selections: Sequence[Selection], names: list[str], ops: list[str], rule: str
     ) -> ForwardRecord | None:
-        """The shallow forward pass (``engine.shallow``) where every selection gives its position and
-        value and every layer holds plain maps; None where the full pass is needed."""
+        """The shallow forward pass (``engine.shallow``) of checked layers where every selection gives
+        its position and value and every layer holds plain maps; None where the full pass is needed."""
         if any(s.value is None or s.position is None or s.whole_map for s in selections):
             return None
         size = (int(images.shape[-2]), int(images.shape[-1]))
-        names = list(by_layer)
-        ops = [self.catalogue.op_name(n) for n in names]
-        self.catalogue.check_input_size(images, names)
-        for name, op in zip(names, ops):
-            self.graph.check_reversible(op, name, rule)
         try:
             if any(self.catalogue.layout(n, size).kind != "maps" for n in names):
                 return None
@@ -278,23 +283,36 @@ class Projector:
             return None  # the model's own checks of the input's size: the full pass says what they are
 
     @staticmethod
-    def _given_seeds(
-        map_shape: tuple[int, ...], sels: list[Selection], layer: str
-    ) -> list[tuple[float, tuple[int, int]]]:
-        """The selections' own (value, position), with the range checks of ``_seeds``."""
-        channels, h, w = map_shape
-        out: list[tuple[float, tuple[int, int]]] = []
+    def _check_ranges(map_shape: tuple[int, ...], sels: list[Selection], layer: str) -> None:
+        """Each selection's channel (and position) inside a layer whose outputs are ``map_shape``."""
+        if len(map_shape) not in (1, 3):
+            raise DeconvnetError(
+                f"layer {layer!r} outputs shape {map_shape}; projections start from maps (C, H, W) or units (F)"
+            )
+        channels = map_shape[0]
+        h, w = map_shape[1:] if len(map_shape) == 3 else (1, 1)
         for sel in sels:
-            assert sel.value is not None and sel.position is not None  # checked by _shallow_record
             if not 0 <= sel.channel < channels:
                 raise DeconvnetError(
                     f"feature {sel.channel} out of range: {layer} has {channels} maps (0..{channels - 1})"
                 )
-            y, x = sel.position
-            if not (0 <= y < h and 0 <= x < w):
-                raise DeconvnetError(f"position ({y}, {x}) outside {layer}'s {h}x{w} maps")
-            out.append((float(sel.value), (int(y), int(x))))
-        return out
+            if len(map_shape) == 1 and (sel.position is not None or sel.whole_map):
+                raise DeconvnetError(f"layer {layer!r} has no spatial grid: select a unit by channel only")
+            if len(map_shape) == 3 and sel.position is not None:
+                y, x = sel.position
+                if not (0 <= y < h and 0 <= x < w):
+                    raise DeconvnetError(f"position ({y}, {x}) outside {layer}'s {h}x{w} maps")
+
+    def _given_seeds(
+        self, map_shape: tuple[int, ...], sels: list[Selection], layer: str
+    ) -> list[tuple[float, tuple[int, int]]]:
+        """The selections' own (value, position), with the range checks of ``_seeds``."""
+        self._check_ranges(map_shape, sels, layer)
+        seeds = []
+        for sel in sels:
+            assert sel.value is not None and sel.position is not None  # _shallow_record takes only these
+            seeds.append((float(sel.value), (int(sel.position[0]), int(sel.position[1]))))
+        return seeds
 
     def _chain_index(self, layer: str) -> int:
         info = self.catalogue.chain_layer(layer)
@@ -437,24 +455,8 @@ class Projector:
         """(value, position) of each selection's seed, with the range checks; the values and the
         strongest positions are gathered in one indexing operation (a loop of tensor reads cost a
         third of a second per 768 selections)."""
-        channels = acts.shape[1]
-        if acts.dim() not in (2, 4):
-            raise DeconvnetError(
-                f"layer {layer!r} outputs shape {tuple(acts.shape[1:])}; projections start from maps (C, H, W) or "
-                "units (F)"
-            )
-        h, w = acts.shape[-2:] if acts.dim() == 4 else (1, 1)
-        for sel in sels:
-            if not 0 <= sel.channel < channels:
-                raise DeconvnetError(
-                    f"feature {sel.channel} out of range: {layer} has {channels} maps (0..{channels - 1})"
-                )
-            if acts.dim() == 2 and (sel.position is not None or sel.whole_map):
-                raise DeconvnetError(f"layer {layer!r} has no spatial grid: select a unit by channel only")
-            if acts.dim() == 4 and sel.position is not None:
-                y, x = sel.position
-                if not (0 <= y < h and 0 <= x < w):
-                    raise DeconvnetError(f"position ({y}, {x}) outside {layer}'s {h}x{w} maps")
+        self._check_ranges(tuple(acts.shape[1:]), sels, layer)
+        w = acts.shape[-1]
         if not sels:
             return []
         image_index = torch.tensor([s.image for s in sels], device=acts.device)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .graph import RECORDS_INPUTS, ModelGraph, Op
+from .graph import ModelGraph, Op
 from .record import ForwardRecord, run_forward
 from .rules import get_rule
 
@@ -33,7 +33,7 @@ __all__ = ["SHAPE_ONLY_KINDS", "reads_forward", "record_readers", "ShapeTemplate
 SHAPE_ONLY_KINDS = frozenset({"input", "conv", "linear", "bn", "add", "identity", "reshape"})
 
 
-def reads_forward(graph: ModelGraph, op: Op, rule: str, include_lrn: bool) -> bool:
+def reads_forward(op: Op, rule: str, include_lrn: bool) -> bool:
     """Whether ``op``'s step of ``rule``'s way down reads the forward pass beyond shapes."""
     kind = op.kind
     if kind in SHAPE_ONLY_KINDS:
@@ -52,15 +52,11 @@ def reads_forward(graph: ModelGraph, op: Op, rule: str, include_lrn: bool) -> bo
 def record_readers(graph: ModelGraph, targets: list[str], rule: str, include_lrn: bool) -> list[str]:
     """The ops (names) whose outputs a shallow pass must compute for ``rule``'s way down from
     ``targets``: each op that reads the forward pass, and the recorded values it reads."""
-    readers: list[str] = []
     holds = get_rule(rule).holds
-    for target in targets:
-        for op in graph.reached(target, holds):
-            if reads_forward(graph, op, rule, include_lrn):
-                readers.append(op.name)
-                if rule in RECORDS_INPUTS.get(op.kind, ()):
-                    readers.extend(op.inputs)
-    return list(dict.fromkeys(readers))
+    readers = [
+        op.name for target in targets for op in graph.reached(target, holds) if reads_forward(op, rule, include_lrn)
+    ]
+    return list(dict.fromkeys([*readers, *sorted(graph.recorded_values(targets, rule))]))
 
 
 class ShapeTemplates:

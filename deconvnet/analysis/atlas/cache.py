@@ -5,8 +5,8 @@ Memory of a forward pass over ``n`` images of the model's input size is about ``
 per-image cost: for chain models the float32 output of every layer up to the deepest one needed, and
 for each max pool whose switches are kept its int64 indices plus the two int64 working copies made
 when they are turned into codes; for graph models three times the largest layer output (a block's
-input, inner tensors and output alive at once). The scan and the projections split their batches into passes of at most
-``budget / per-image cost`` images, so their peak memory is bounded whatever ``batch_size`` and
+input, inner tensors and output alive at once). The scan and the projections split their batches
+into passes of at most ``budget / per-image cost`` images, so their peak memory is bounded whatever ``batch_size`` and
 whatever the images (every image is cut to the model's input size before the pass).
 """
 
@@ -84,8 +84,8 @@ def forward_bytes_per_image(engine: DeconvNet, upto: int | None, input_size: tup
     else:
         # the model's own forward pass (engine.outputs) frees each tensor after its last use: at any
         # time about a block's input, its inner tensors and its output are alive, ~3x the largest
-        # layer output (counting every layer, as before, gave a ResNet-50 passes of 3 images at 224 px,
-        # 12 % slower per image than 13 and more than passes of 32)
+        # layer output (summing every named layer gave a ResNet-50 passes of 3 images at 224 px, and
+        # passes of 13 already cost 12 % more per image than passes of 32)
         largest = max((math.prod(engine.output_shape(name, input_size)) for name in engine.map_layers), default=1)
         total = 3 * 4 * largest
     return max(1, total)
