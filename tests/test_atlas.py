@@ -195,6 +195,44 @@ def test_streaming_topk_equals_a_naive_scan(tmp_path, distinct):
         np.testing.assert_array_equal(merged.positions[layer], scan.positions[layer])
 
 
+@pytest.mark.parametrize("pool_style", ["ceil", "blog"])
+def test_maxima_read_from_the_following_pool_equal_the_whole_maps(tmp_path, monkeypatch, pool_style):
+    """Layers followed by a covering max pool take their maxima from its output and the positions
+    of the entries that make a list from the maps (``candidates_from_pooled``, ``first_maxima``):
+    the same lists as reading every cell, ties included (flat images: many equal maxima)."""
+    import deconvnet.analysis.atlas.scan as scan_module
+
+    loaded = tiny_loaded(seed=7, pool_style=pool_style, crop=64)
+    files = write_images(tmp_path / "imgs", 10)
+    for i, colour in enumerate([(0, 0, 0), (128, 128, 128), (128, 128, 128)]):  # equal maxima everywhere
+        path = tmp_path / "imgs" / f"flat{i}.png"
+        Image.new("RGB", (60, 60), colour).save(path)
+        files.append(path)
+    engine = DeconvNet(loaded.model)
+    assert [l for l in ("conv1", "conv2") if scan_module.covering_pool(engine, engine.layer(l).index + 1, (64, 64))]
+    fast = scan_atlas(loaded, files, None, k=3, batch_size=5, progress=False, cache=SwitchCache())
+    monkeypatch.setattr(scan_module, "covering_pool", lambda *args: False)
+    slow = scan_atlas(loaded, files, None, k=3, batch_size=5, progress=False, cache=SwitchCache())
+    for layer in fast.layers:
+        np.testing.assert_array_equal(fast.images[layer], slow.images[layer])
+        np.testing.assert_array_equal(fast.positions[layer], slow.positions[layer])
+        np.testing.assert_array_equal(fast.values[layer], slow.values[layer])
+
+
+def test_covering_pool_knows_which_pools_see_every_cell():
+    from deconvnet.analysis.atlas.cache import covering_pool
+
+    def engine_with(pool: nn.Module) -> DeconvNet:
+        return DeconvNet(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), pool))
+
+    assert covering_pool(engine_with(nn.MaxPool2d(3, 2, ceil_mode=True)), 2, (13, 13))  # 11 -> 5, reaches 10
+    assert not covering_pool(engine_with(nn.MaxPool2d(3, 2)), 2, (12, 12))  # 10 -> 4 windows: cell 9 unseen
+    assert not covering_pool(engine_with(nn.MaxPool2d(2, 3)), 2, (13, 13))  # stride past the kernel: gaps
+    assert not covering_pool(engine_with(nn.MaxPool2d(3, 1, dilation=2)), 2, (13, 13))
+    assert covering_pool(engine_with(nn.MaxPool2d(3, 2, padding=1)), 2, (12, 12))
+    assert not covering_pool(engine_with(nn.MaxPool2d(3, 2)), 1, (12, 12))  # not a pool
+
+
 def test_scan_memory_is_bounded_by_k_times_maps(tmp_path):
     loaded = tiny_loaded(seed=2)
     files = write_images(tmp_path / "imgs", 16)
@@ -207,6 +245,40 @@ def test_scan_memory_is_bounded_by_k_times_maps(tmp_path):
         assert set(cache.entries) <= referenced  # only images still in some top-k list are kept
         assert len(cache) <= 2 * (8 + 12 + 12)
     assert sizes[0] == sizes[1]  # the state does not grow with the number of images
+
+
+@pytest.mark.parametrize("channels,top", [(96, 9), (5, 16), (4, 15)])
+def test_switch_cache_packs_codes_two_to_a_byte_and_gives_them_back(channels, top):
+    """Codes below 16 are kept two to a byte (odd channel counts padded); larger ones a byte each;
+    what comes back equals what went in, laid out channels-last like the scan's codes."""
+    from deconvnet.analysis.atlas.cache import pack_codes, unpack_codes
+
+    g = torch.Generator().manual_seed(channels)
+    codes = torch.randint(0, top, (2, channels, 7, 5), generator=g, dtype=torch.uint8)
+    codes = codes.contiguous(memory_format=torch.channels_last)
+    for one in codes:
+        packed = pack_codes(one)
+        assert packed[2] == (int(one.max()) < 16)
+        assert packed[0].numel() == (-(-channels // 2) if packed[2] else channels) * 35
+        back = unpack_codes(packed)
+        torch.testing.assert_close(back, one, rtol=0, atol=0)
+        assert back.permute(1, 2, 0).is_contiguous()
+
+
+def test_switch_cache_makes_room_by_dropping_unreferenced_images_only_when_needed():
+    cache = SwitchCache(limit_mb=3 * 40 / 2**20)  # room for three entries of 40 bytes
+    codes = {2: torch.zeros(4, 4, 5, dtype=torch.uint8)}  # 4 channels x 20 cells: 40 bytes packed
+    assert SwitchCache.entry_bytes({2: torch.zeros(1, 4, 4, 5)}) == 40
+    for gid in (1, 2):
+        cache.add(gid, codes)
+    assert cache.room(1, 40, referenced=[1]) == 1 and set(cache.entries) == {1, 2}  # fits: nothing dropped
+    assert cache.room(2, 40, referenced=[1]) == 2 and set(cache.entries) == {1}  # 2 no longer listed: dropped
+    assert cache.room(3, 40, referenced=[1]) == 2 and cache.full  # only two more fit
+    for gid in (3, 4, 5):
+        cache.add(gid, codes)
+    assert set(cache.entries) == {1, 3, 4} and cache.bytes == 120
+    torch.testing.assert_close(cache.get(3)[2], codes[2], rtol=0, atol=0)
+    assert cache.get(5) is None
 
 
 def test_interrupted_scan_resumes_to_the_same_atlas(tmp_path):

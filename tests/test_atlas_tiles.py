@@ -87,3 +87,46 @@ def test_window_codes_equal_a_cell_by_cell_gather(channels_last):
             for j in range(4):
                 for c in range(5):
                     assert got[s, i, j, c] == codes[image_index[s], c, ys[s, i], xs[s, j]]
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,padding,dilation,ceil_mode,size",
+    [(3, 2, 0, 1, True, (110, 110)), (3, 2, 1, 1, False, (27, 31)), (2, 2, 0, 1, False, (8, 9)),
+     (3, 1, 1, 2, False, (12, 10)), (5, 3, 2, 1, True, (40, 33))],
+)  # fmt: skip
+def test_switch_codes_are_offsets_inside_the_pooling_window(kernel, stride, padding, dilation, ceil_mode, size):
+    """``switch_codes`` (float arithmetic, see ``window_offsets``) against the switch's (y, x) recovered
+    by integer division: code = (y - window top) * span + (x - window left)."""
+    from deconvnet.engine import DeconvNet
+    from deconvnet.engine.chain import ChainRecord
+
+    pool = torch.nn.MaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil_mode)
+    engine = DeconvNet(torch.nn.Sequential(torch.nn.Conv2d(3, 5, 1), torch.nn.ReLU(), pool))
+    projector = WindowedProjector(engine)
+    g = torch.Generator().manual_seed(sum(size))
+    x = torch.randn(2, 3, *size, generator=g)
+    maps = engine.layers[1].module(engine.layers[0].module(x))
+    _, idx = F.max_pool2d(maps, kernel, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
+    rec = ChainRecord()
+    rec.switches[2] = idx
+    codes = projector.switch_codes(rec, engine.layers[2], size)
+    span = dilation * (kernel - 1) + 1
+    hp, wp = idx.shape[-2:]
+    top = (torch.arange(hp) * stride - padding).view(-1, 1)
+    left = torch.arange(wp) * stride - padding
+    expected = (torch.div(idx, size[1], rounding_mode="floor") - top) * span + (idx % size[1] - left)
+    assert codes.dtype == torch.uint8
+    torch.testing.assert_close(codes.long(), expected, rtol=0, atol=0)
+
+
+def test_window_offsets_large_maps_use_the_table():
+    """Past the float path's exactness bound ((span_y + 1) * in_w >= 2**21) the lookup table answers."""
+    from deconvnet.engine.windowed import window_offsets
+
+    in_w, span_y, span = 2**20, 3, 3
+    dy = torch.tensor([0, 1, 2, 2, 1])
+    dx = torch.tensor([0, 2, 1, 2, 0])
+    out = window_offsets(dy * in_w + dx, in_w, span_y, span)
+    torch.testing.assert_close(out, dy * span + dx, rtol=0, atol=0)
+    exact_bound = window_offsets(dy * 1000 + dx, 1000, span_y, span)  # the float path, same answer
+    torch.testing.assert_close(exact_bound.long(), dy * span + dx, rtol=0, atol=0)

@@ -103,7 +103,7 @@ def add_atlas(sub: argparse._SubParsersAction) -> None:
         "--cache-mb",
         type=nonnegative_float,
         default=1024,
-        help="memory for the pixels/switches of images in the top-k lists (saves a second forward pass)",
+        help="memory for the pooling switches of images in the top-k lists (saves a second forward pass)",
     )
     add_lrn_args(p)
     add_quiet(p)

@@ -13,9 +13,9 @@ Three phases, each usable alone, all on one engine (``DeconvNet``) per run:
    an interrupted scan resumes where it stopped. Under ``torchrun`` each process scans the shard
    ``files[rank::world]`` and the per-process top-k lists are merged exactly (``merge_scans``;
    ties broken by image index, then position, everywhere). For the images currently in some top-k
-   list the scan keeps their pixels and pooling switches (uint8 codes) in a ``SwitchCache``
-   (``cache.py``), so the projection phase needs no second forward pass for them (bounded by k x maps
-   images and by ``cache_mb``; anything not cached is recomputed).
+   list the scan keeps their pooling switches (codes of the offset inside the window, two to a byte)
+   in a ``SwitchCache`` (``cache.py``), so the projection phase needs no second forward pass for them
+   (bounded by k x maps images and by ``cache_mb``; anything not cached is recomputed).
 2. ``project_atlas`` (``project.py``) projects every kept activation with the receptive-field-
    windowed deconvnet (``deconvnet.engine.windowed``; graph models: ``DeconvNet.project``, also
    windowed where that saves work), grouping selections by image, and returns

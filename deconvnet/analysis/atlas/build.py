@@ -46,7 +46,7 @@ __all__ = ["AtlasResult", "RenderOptions", "ScanOptions", "build_atlas"]
 class ScanOptions:
     """How the scan reads the images: none of these changes what it finds (``k`` and ``distinct``, which
     do, are ``build_atlas``'s own arguments). ``batch_size`` images a forward pass, ``workers`` decoding
-    processes, the state saved every ``checkpoint_every`` images, ``cache_mb`` for the pixels and
+    processes, the state saved every ``checkpoint_every`` images, ``cache_mb`` for the pooling
     switches of the images in the top-k lists (saves a second forward pass), ``max_images``: stop after
     that many files of the shard (the state stays resumable; used to test interruption), ``amp="bf16"``:
     the forward passes under bf16 autocast (a GPU's fast path), the winners re-scored in fp32 (see
@@ -250,7 +250,7 @@ class _Run:
     cache: SwitchCache | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        # pixels and switches kept from the scan for the projections (not with LRN's Jacobian: recomputed)
+        # switches kept from the scan for the projections (not with LRN's Jacobian: recomputed)
         self.cache = SwitchCache(self.options.cache_mb) if not self.include_lrn else None
 
 

@@ -1,4 +1,4 @@
-"""Pixels and pooling switches kept from the scan's forward pass for the projections, and the
+"""Pooling switches kept from the scan's forward pass for the projections (``SwitchCache``), and the
 byte budget of one forward pass (``images_per_pass``).
 
 Memory of a forward pass over ``n`` images of the model's input size is about ``n`` times a fixed
@@ -8,6 +8,12 @@ when they are turned into codes; for graph models three times the largest layer 
 input, inner tensors and output alive at once). The scan and the projections split their batches
 into passes of at most ``budget / per-image cost`` images, so their peak memory is bounded whatever ``batch_size`` and
 whatever the images (every image is cut to the model's input size before the pass).
+
+The cache holds switch codes only (the pixels are read again at projection time: decoding one image
+costs a few percent of the forward pass the codes save), two to a byte where they fit in four bits
+(a 3x3 pool's 9 offsets): ZFNet at 224 px costs 167 KB an image, so the default 1 GB holds about
+6,300 images (the pixels and one code a byte held 2,200, and at 100,000 images most of the
+projected images then needed a second forward pass).
 """
 
 from __future__ import annotations
@@ -20,38 +26,82 @@ from torch import nn
 
 from ...engine import DeconvNet
 
-__all__ = ["FORWARD_BUDGET_BYTES", "SwitchCache", "images_per_pass", "pools_below"]
+__all__ = ["FORWARD_BUDGET_BYTES", "SwitchCache", "covering_pool", "images_per_pass", "pools_below"]
 
 FORWARD_BUDGET_BYTES = 384 * 2**20  # one pass of the bundled ZFNet at 224 px: 14 images, peak about 1.3 GB
 
-CacheEntry = tuple[torch.Tensor, dict[int, torch.Tensor]]  # uint8 pixels, {pool index: switch codes}
+PackedCodes = tuple[torch.Tensor, int, bool]  # (H, W, bytes) uint8, channels, two codes a byte
+
+
+def pack_codes(codes: torch.Tensor) -> PackedCodes:
+    """One image's (C, H, W) switch codes as (H, W, C) rows, two codes a byte when they fit in four
+    bits (channel 2i in the high half, 2i + 1 in the low half of byte i)."""
+    rows = codes.permute(1, 2, 0)  # a free view of the scan's channels-last codes
+    c = rows.shape[-1]
+    if codes.dtype != torch.uint8 or int(codes.max()) > 15:
+        return rows.clone(), c, False
+    if c % 2:
+        rows = torch.nn.functional.pad(rows, (0, 1))
+    return (rows[..., 0::2] << 4) | rows[..., 1::2], c, True
+
+
+def unpack_codes(packed: PackedCodes) -> torch.Tensor:
+    """``pack_codes``' inverse: (C, H, W) codes laid out channels-last."""
+    data, c, halves = packed
+    if not halves:
+        return data.permute(2, 0, 1)
+    rows = torch.stack([data >> 4, data & 15], -1).flatten(-2)
+    if rows.shape[-1] != c:
+        rows = rows[..., :c].contiguous()
+    return rows.permute(2, 0, 1)
 
 
 class SwitchCache:
-    """Pixels (uint8) and pooling-switch codes of the images currently in some top-k list, so that the
-    projections need no second forward pass. Bounded by k x maps images and ``limit_mb``."""
+    """Switch codes of the images currently in some top-k list, so that the projections need no
+    second forward pass for them. Bounded by k x maps images and ``limit_mb``."""
 
     def __init__(self, limit_mb: float = 1024.0) -> None:
         self.limit = int(limit_mb * 2**20)
-        self.entries: dict[int, CacheEntry] = {}
+        self.entries: dict[int, dict[int, PackedCodes]] = {}
         self.bytes = 0
         self.full = False
 
     @staticmethod
-    def _size(entry: CacheEntry) -> int:
-        return entry[0].numel() * entry[0].element_size() + sum(t.numel() * t.element_size() for t in entry[1].values())
+    def _size(entry: dict[int, PackedCodes]) -> int:
+        return sum(data.numel() for data, _, _ in entry.values())
 
-    def add(self, gid: int, pixels: torch.Tensor, codes: dict[int, torch.Tensor]) -> None:
-        """Keep image ``gid``'s pixels and switch codes (copies), unless that would pass the limit."""
+    @staticmethod
+    def entry_bytes(codes: dict[int, torch.Tensor]) -> int:
+        """The bytes one image's entry takes (codes two to a byte), from one batch of (N, C, H, W)
+        codes or switches: a lower bound where codes need a byte each (``add`` then refuses the rest)."""
+        return sum(-(-c.shape[1] // 2) * math.prod(c.shape[2:]) for c in codes.values())
+
+    def room(self, count: int, entry_bytes: int, referenced: Iterable[int]) -> int:
+        """How many of ``count`` new entries of ``entry_bytes`` fit, after dropping the images no
+        longer ``referenced`` if they do not all fit as it is (so that dropping, a pass over the
+        entries, happens only when space is needed)."""
+        if self.bytes + count * entry_bytes > self.limit:
+            self.keep_only(referenced)
+        fit = max(0, min(count, (self.limit - self.bytes) // max(1, entry_bytes)))
+        self.full = self.full or fit < count
+        return fit
+
+    def add(self, gid: int, codes: dict[int, torch.Tensor]) -> None:
+        """Keep image ``gid``'s (C, H, W) switch codes (packed copies), unless that would pass the limit."""
         if gid in self.entries:
             return
-        entry = (pixels.clone(), {i: c.clone() for i, c in codes.items()})
+        entry = {i: pack_codes(c) for i, c in codes.items()}
         size = self._size(entry)
         if self.bytes + size > self.limit:
             self.full = True
             return
         self.entries[gid] = entry
         self.bytes += size
+
+    def get(self, gid: int) -> dict[int, torch.Tensor] | None:
+        """Image ``gid``'s codes per pool index, or None."""
+        entry = self.entries.get(gid)
+        return None if entry is None else {i: unpack_codes(p) for i, p in entry.items()}
 
     def keep_only(self, referenced: Iterable[int]) -> None:
         """Drop every image not in ``referenced``."""
@@ -69,6 +119,26 @@ class SwitchCache:
 def pools_below(engine: DeconvNet, upto: int) -> list[int]:
     """Chain indices of the max pools among layers ``0..upto`` (their switches make the way down)."""
     return [i.index for i in engine.layers[: upto + 1] if isinstance(i.module, nn.MaxPool2d)]
+
+
+def covering_pool(engine: DeconvNet, index: int, input_size: tuple[int, int]) -> bool:
+    """Whether chain layer ``index`` is a max pool whose windows cover every cell of its input (no
+    dilation, stride at most the kernel, the last window reaching the last cell): the maximum of each
+    input map is then the maximum of its pooled map."""
+    m = engine.layers[index].module if index < len(engine.layers) else None
+    if not isinstance(m, nn.MaxPool2d):
+        return False
+    k, s, p, d = (_pair(v) for v in (m.kernel_size, m.stride, m.padding, m.dilation))
+    size_in = engine.output_shape(engine.layers[index - 1].name, input_size)[-2:] if index else input_size
+    size_out = engine.output_shape(engine.layers[index].name, input_size)[-2:]
+    return all(
+        d[a] == 1 and s[a] <= k[a] and p[a] < k[a] and (size_out[a] - 1) * s[a] - p[a] + k[a] >= size_in[a]
+        for a in (0, 1)
+    )
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def forward_bytes_per_image(engine: DeconvNet, upto: int | None, input_size: tuple[int, int], switches: bool) -> int:

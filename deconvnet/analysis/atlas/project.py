@@ -216,20 +216,16 @@ def _chunk_record(
     forward_batch: int,
     channels_last: bool,
 ) -> tuple[torch.Tensor, ChainRecord]:
-    """uint8 pixels (N, 3, H, W) of the chunk's images and the record of the way down: switch codes of
-    the pools up to chain index ``upto``, from the cache or from a new forward pass."""
+    """uint8 pixels (N, 3, H, W) of the chunk's images (read again) and the record of the way down:
+    switch codes of the pools up to chain index ``upto``, from the cache or from a new forward pass."""
     pools = pools_below(engine, upto) if upto >= 0 else []
     pixels: list[torch.Tensor] = []
     codes: list[dict[int, torch.Tensor] | None] = []
     geometry = loaded.preprocessing.geometry()
     for gid in chunk:
-        entry = cache.entries.get(gid) if cache is not None else None
-        if entry is not None and all(pi in entry[1] for pi in pools):
-            pixels.append(entry[0])
-            codes.append(entry[1])
-        else:
-            pixels.append(source_pixels(scan.files, gid, geometry))
-            codes.append(None)
+        entry = cache.get(gid) if cache is not None else None
+        pixels.append(source_pixels(scan.files, gid, geometry))
+        codes.append(entry if entry is not None and all(pi in entry for pi in pools) else None)
     pix = torch.stack(pixels)
     missing = [b for b, c in enumerate(codes) if c is None]
     rec = ChainRecord()

@@ -17,13 +17,22 @@ from ...engine import ChainRecord, DeconvNet, chain_forward
 from ...errors import DeconvnetError
 from ...runtime import dist_info
 from ...weights import LoadedModel
-from .cache import SwitchCache, images_per_pass, pools_below
+from .cache import SwitchCache, covering_pool, images_per_pass, pools_below
 from .images import ImageShard, keep_as_list, source_pixels
 from .progress import JobProgress
 from .scanfile import AtlasScan, scan_fingerprint
 from .sources import ImageSource, open_source
 from .spec import atlas_engine, atlas_layers
-from .topk import TopK, candidates, empty_topk, flat_positions, grid_positions, select_topk
+from .topk import (
+    TopK,
+    candidates,
+    candidates_from_pooled,
+    empty_topk,
+    first_maxima,
+    flat_positions,
+    grid_positions,
+    select_topk,
+)
 
 __all__ = ["rescore_fp32", "scan_atlas"]
 
@@ -186,7 +195,14 @@ class _Scanner:
         self.wanted = {engine.layer(l).index: l for l in self.layers}
         self.upto = max(self.wanted)
         self.pools = pools_below(engine, self.upto) if engine.is_chain else []
-        # pixels and switches of the images in some top-k list, kept for the projections (chain models)
+        # layers whose maxima are read from the max pool that follows them (see candidates_from_pooled)
+        self.pooled = (
+            {l: i + 1 for i, l in self.wanted.items() if covering_pool(engine, i + 1, state.input_size)}
+            if engine.is_chain and state.distinct
+            else {}
+        )
+        self.pooled = {l: pi for l, pi in self.pooled.items() if pi <= self.upto}
+        # switches of the images in some top-k list, kept for the projections (chain models)
         self.cache = cache if cache is not None and not engine.include_lrn and engine.is_chain else None
         if channels_last and loaded.device.type in ("cpu", "cuda"):
             loaded.model.to(memory_format=torch.channels_last)
@@ -209,20 +225,28 @@ class _Scanner:
         """One forward pass over readable images (exact: the top-k merge is the same in any grouping)."""
         gids = torch.tensor([g for g, _ in good])
         pixels = torch.stack([t for _, t in good])
-        outs, rec = self._forward(pixels)
+        outs, pooled, rec = self._forward(pixels)
         gids_here = gids.to(self.device)
         for layer in self.layers:
             gh, gw = self.state.grid[layer]
-            cv, ci, cp = candidates(outs[layer], gids_here, self.state.k, self.state.distinct)
+            if layer in self.pooled:
+                cv, ci, cp = candidates_from_pooled(pooled[self.pooled[layer]], gids_here)
+            else:
+                cv, ci, cp = candidates(outs[layer], gids_here, self.state.k, self.state.distinct)
             v, i, p = self.tops[layer]
             self.tops[layer] = select_topk(
                 torch.cat([v, cv], 1), torch.cat([i, ci], 1), torch.cat([p, cp], 1), self.state.k, gh * gw
             )
+            if layer in self.pooled:
+                self.tops[layer] = first_maxima(self.tops[layer], outs[layer], gids_here)
         if self.cache is not None:
-            self._keep_switches(gids, pixels, rec)
+            self._keep_switches(gids, rec)
 
-    def _forward(self, pixels: torch.Tensor) -> tuple[dict[str, torch.Tensor], ChainRecord | None]:
-        """The chosen layers' outputs for uint8 ``pixels``, and the chain record when caching."""
+    def _forward(
+        self, pixels: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor], ChainRecord | None]:
+        """The chosen layers' outputs for uint8 ``pixels``, the outputs of the pools in ``self.pooled``
+        (by chain index), and the chain record when caching."""
         if self.device.type == "cuda":  # page-locked, so that the copy overlaps the GPU's work
             pixels = pixels.pin_memory()
         x = self.loaded.preprocessing.normalize(pixels.to(self.device, non_blocking=True))
@@ -234,8 +258,8 @@ class _Scanner:
         with torch.no_grad(), autocast:
             chain = self.engine.chain
             if chain is None:
-                return self.engine.outputs(x, self.layers), None
-            keep: dict[int, torch.Tensor] = dict.fromkeys(self.wanted, x)
+                return self.engine.outputs(x, self.layers), {}, None
+            keep: dict[int, torch.Tensor] = dict.fromkeys([*self.wanted, *self.pooled.values()], x)
             _, rec = chain_forward(
                 chain,
                 x,
@@ -245,25 +269,35 @@ class _Scanner:
                 keep=keep,
                 inplace_relu=True,
             )
-        return {self.wanted[i]: keep[i] for i in self.wanted}, rec
+        return {self.wanted[i]: keep[i] for i in self.wanted}, {i: keep[i] for i in self.pooled.values()}, rec
 
-    def _keep_switches(self, gids: torch.Tensor, pixels: torch.Tensor, rec: ChainRecord | None) -> None:
-        """Cache the pixels and switch codes of the batch's images now in a top-k list; drop the
-        images no list refers to any more."""
+    def _keep_switches(self, gids: torch.Tensor, rec: ChainRecord | None) -> None:
+        """Cache the switch codes of the batch's images now in a top-k list, as many as fit (images
+        no list refers to any more are dropped when space is needed); codes are made only for those."""
         assert self.cache is not None and rec is not None
-        referenced = torch.unique(torch.cat([self.tops[l][1].flatten() for l in self.layers]))
-        entering = set(referenced.tolist()) & set(gids.tolist())
-        if entering:
-            rows = [b for b, gid in enumerate(gids.tolist()) if gid in entering]
+        referenced = torch.unique(torch.cat([self.tops[l][1].flatten() for l in self.layers])).cpu()
+        listed = torch.isin(gids, referenced).nonzero().flatten().tolist()
+        rows = [b for b in listed if int(gids[b]) not in self.cache]
+        if not rows:
+            return
+        switches = {pi: rec.switches[pi] for pi in self.pools}
+        rows = rows[: self.cache.room(len(rows), self.cache.entry_bytes(switches), referenced.tolist())]
+        if rows:
+            index = torch.tensor(rows, device=gids.device)
             sub = ChainRecord()
-            sub.switches = {pi: rec.switches[pi][rows] for pi in self.pools}
+            sub.switches = {pi: s.index_select(0, index.to(s.device)) for pi, s in switches.items()}
             projector = self.engine.projector()
             codes = {
-                pi: projector.switch_codes(sub, self.engine.layers[pi], self.state.input_size) for pi in self.pools
+                pi: projector.switch_codes(sub, self.engine.layers[pi], self.state.input_size).cpu()
+                for pi in self.pools
             }
             for j, b in enumerate(rows):
-                self.cache.add(int(gids[b]), pixels[b], {pi: c[j] for pi, c in codes.items()})
-        self.cache.keep_only(referenced.tolist())
+                self.cache.add(int(gids[b]), {pi: c[j] for pi, c in codes.items()})
+
+    def finish(self) -> None:
+        """At the end of the shard: the cache keeps only the images some top-k list refers to."""
+        if self.cache is not None:
+            self.cache.keep_only(torch.cat([self.tops[l][1].flatten() for l in self.layers]).tolist())
 
     def store(self, seconds: float) -> None:
         """Write the running top-k lists into the state; add ``seconds`` to its scan time."""
@@ -310,6 +344,7 @@ def _scan_shard(
         bar.finish()
     finally:
         bar.close()
+        scanner.finish()
         scanner.store(time.perf_counter() - started)
         state.complete = state.processed >= len(shard)
         if state_path is not None:

@@ -10,7 +10,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TopK", "candidates", "empty_topk", "flat_positions", "grid_positions", "select_topk"]
+__all__ = [
+    "TopK",
+    "candidates",
+    "candidates_from_pooled",
+    "empty_topk",
+    "first_maxima",
+    "flat_positions",
+    "grid_positions",
+    "select_topk",
+]
 
 TopK = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """(values, image indices, flat positions), each (C, k)."""
@@ -56,6 +65,30 @@ def candidates(acts: torch.Tensor, gids: torch.Tensor, k: int, distinct: bool) -
         gids.view(1, b, 1).expand(c, b, kk).reshape(c, b * kk),
         order.permute(1, 0, 2).reshape(c, b * kk),
     )
+
+
+def candidates_from_pooled(pooled: torch.Tensor, gids: torch.Tensor) -> TopK:
+    """``candidates(acts, gids, k, distinct=True)`` without positions (0), from ``pooled``: the output
+    of a max pool whose windows cover every cell of ``acts`` (a map's maximum is then its pooled
+    output's, read from a quarter of the cells for a 3x3/2 pool). With one candidate per image and
+    map, positions never decide the order of ``select_topk``; ``first_maxima`` fills in those of
+    the candidates that make a list."""
+    b, c = pooled.shape[:2]
+    val = F.adaptive_max_pool2d(pooled.float(), 1)
+    return val.view(b, c).t(), gids.view(1, b).expand(c, b), torch.zeros((c, b), dtype=torch.long, device=pooled.device)
+
+
+def first_maxima(tops: TopK, acts: torch.Tensor, gids: torch.Tensor) -> TopK:
+    """``tops`` with the positions of its entries of images ``gids`` (rows of ``acts``) set to each
+    map's first maximum (lowest flat position among equal values, like ``candidates``)."""
+    values, images, flat = tops
+    hit = images.unsqueeze(-1) == gids.view(1, 1, -1)  # (C, k, B): which entries came from this pass
+    channel, slot, row = hit.nonzero(as_tuple=True)
+    if len(channel):
+        maps = acts[row, channel].reshape(len(channel), -1)
+        flat = flat.clone()
+        flat[channel, slot] = maps.argmax(1)
+    return values, images, flat
 
 
 def flat_positions(positions: np.ndarray, width: int) -> torch.Tensor:
