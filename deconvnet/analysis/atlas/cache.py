@@ -33,16 +33,18 @@ FORWARD_BUDGET_BYTES = 384 * 2**20  # one pass of the bundled ZFNet at 224 px: 1
 PackedCodes = tuple[torch.Tensor, int, bool]  # (H, W, bytes) uint8, channels, two codes a byte
 
 
-def pack_codes(codes: torch.Tensor) -> PackedCodes:
-    """One image's (C, H, W) switch codes as (H, W, C) rows, two codes a byte when they fit in four
-    bits (channel 2i in the high half, 2i + 1 in the low half of byte i)."""
-    rows = codes.permute(1, 2, 0)  # a free view of the scan's channels-last codes
+def pack_codes(codes: torch.Tensor) -> list[PackedCodes]:
+    """Each image's (C, H, W) switch codes of a batch (N, C, H, W) as (H, W, C) rows, two codes a
+    byte when they fit in four bits (channel 2i in the high half, 2i + 1 in the low half of byte
+    i); one copy an image, so that each entry owns its memory."""
+    rows = codes.permute(0, 2, 3, 1)  # a free view of the scan's channels-last codes
     c = rows.shape[-1]
-    if codes.dtype != torch.uint8 or int(codes.max()) > 15:
-        return rows.clone(), c, False
+    if codes.dtype != torch.uint8 or not len(codes) or int(codes.max()) > 15:
+        return [(r.clone(), c, False) for r in rows]
     if c % 2:
         rows = torch.nn.functional.pad(rows, (0, 1))
-    return (rows[..., 0::2] << 4) | rows[..., 1::2], c, True
+    packed = (rows[..., 0::2] << 4) | rows[..., 1::2]
+    return [(r.clone(), c, True) for r in packed]
 
 
 def unpack_codes(packed: PackedCodes) -> torch.Tensor:
@@ -86,17 +88,20 @@ class SwitchCache:
         self.full = self.full or fit < count
         return fit
 
-    def add(self, gid: int, codes: dict[int, torch.Tensor]) -> None:
-        """Keep image ``gid``'s (C, H, W) switch codes (packed copies), unless that would pass the limit."""
-        if gid in self.entries:
-            return
-        entry = {i: pack_codes(c) for i, c in codes.items()}
-        size = self._size(entry)
-        if self.bytes + size > self.limit:
-            self.full = True
-            return
-        self.entries[gid] = entry
-        self.bytes += size
+    def add(self, gids: list[int], codes: dict[int, torch.Tensor]) -> None:
+        """Keep images ``gids``' switch codes (packed copies; ``codes``: per pool, (N, C, H, W), row
+        ``j`` for ``gids[j]``), those that fit within the limit."""
+        packed = {i: pack_codes(c) for i, c in codes.items()}
+        for j, gid in enumerate(gids):
+            if gid in self.entries:
+                continue
+            entry = {i: p[j] for i, p in packed.items()}
+            size = self._size(entry)
+            if self.bytes + size > self.limit:
+                self.full = True
+                return
+            self.entries[gid] = entry
+            self.bytes += size
 
     def get(self, gid: int) -> dict[int, torch.Tensor] | None:
         """Image ``gid``'s codes per pool index, or None."""

@@ -285,14 +285,14 @@ class _Scanner:
         if rows:
             index = torch.tensor(rows, device=gids.device)
             sub = ChainRecord()
-            sub.switches = {pi: s.index_select(0, index.to(s.device)) for pi, s in switches.items()}
+            # advanced indexing: twice as fast as index_select on channels-last int64 switches
+            sub.switches = {pi: s[index.to(s.device)] for pi, s in switches.items()}
             projector = self.engine.projector()
             codes = {
                 pi: projector.switch_codes(sub, self.engine.layers[pi], self.state.input_size).cpu()
                 for pi in self.pools
             }
-            for j, b in enumerate(rows):
-                self.cache.add(int(gids[b]), {pi: c[j] for pi, c in codes.items()})
+            self.cache.add([int(gids[b]) for b in rows], codes)
 
     def finish(self) -> None:
         """At the end of the shard: the cache keeps only the images some top-k list refers to."""
