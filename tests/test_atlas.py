@@ -256,6 +256,7 @@ def test_switch_cache_packs_codes_two_to_a_byte_and_gives_them_back(channels, to
     g = torch.Generator().manual_seed(channels)
     codes = torch.randint(0, top, (2, channels, 7, 5), generator=g, dtype=torch.uint8)
     codes = codes.contiguous(memory_format=torch.channels_last)
+    assert [p[2] for p in pack_codes(codes, window_cells=9)] == [True, True]  # 3x3 window: no need to look
     for one, packed in zip(codes, pack_codes(codes), strict=True):
         assert packed[2] == (int(codes.max()) < 16)
         assert packed[0].numel() == (-(-channels // 2) if packed[2] else channels) * 35

@@ -26,20 +26,22 @@ from torch import nn
 
 from ...engine import DeconvNet
 
-__all__ = ["FORWARD_BUDGET_BYTES", "SwitchCache", "covering_pool", "images_per_pass", "pools_below"]
+__all__ = ["FORWARD_BUDGET_BYTES", "SwitchCache", "covering_pool", "images_per_pass", "pools_below", "window_cells"]
 
 FORWARD_BUDGET_BYTES = 384 * 2**20  # one pass of the bundled ZFNet at 224 px: 14 images, peak about 1.3 GB
 
 PackedCodes = tuple[torch.Tensor, int, bool]  # (H, W, bytes) uint8, channels, two codes a byte
 
 
-def pack_codes(codes: torch.Tensor) -> list[PackedCodes]:
+def pack_codes(codes: torch.Tensor, window_cells: int | None = None) -> list[PackedCodes]:
     """Each image's (C, H, W) switch codes of a batch (N, C, H, W) as (H, W, C) rows, two codes a
     byte when they fit in four bits (channel 2i in the high half, 2i + 1 in the low half of byte
-    i); one copy an image, so that each entry owns its memory."""
+    i); one copy an image, so that each entry owns its memory. ``window_cells``: the pooling
+    window's cells (codes lie below it), if known; otherwise the codes are read to decide."""
     rows = codes.permute(0, 2, 3, 1)  # a free view of the scan's channels-last codes
     c = rows.shape[-1]
-    if codes.dtype != torch.uint8 or not len(codes) or int(codes.max()) > 15:
+    small = window_cells <= 16 if window_cells is not None else bool(len(codes)) and int(codes.max()) <= 15
+    if codes.dtype != torch.uint8 or not small:
         return [(r.clone(), c, False) for r in rows]
     if c % 2:
         rows = torch.nn.functional.pad(rows, (0, 1))
@@ -88,10 +90,11 @@ class SwitchCache:
         self.full = self.full or fit < count
         return fit
 
-    def add(self, gids: list[int], codes: dict[int, torch.Tensor]) -> None:
+    def add(self, gids: list[int], codes: dict[int, torch.Tensor], window_cells: dict[int, int] | None = None) -> None:
         """Keep images ``gids``' switch codes (packed copies; ``codes``: per pool, (N, C, H, W), row
-        ``j`` for ``gids[j]``), those that fit within the limit."""
-        packed = {i: pack_codes(c) for i, c in codes.items()}
+        ``j`` for ``gids[j]``; ``window_cells``: per pool, its window's cells), those that fit
+        within the limit."""
+        packed = {i: pack_codes(c, (window_cells or {}).get(i)) for i, c in codes.items()}
         for j, gid in enumerate(gids):
             if gid in self.entries:
                 continue
@@ -144,6 +147,12 @@ def covering_pool(engine: DeconvNet, index: int, input_size: tuple[int, int]) ->
 
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def window_cells(pool: nn.MaxPool2d) -> int:
+    """The cells of ``pool``'s window span (dilation included): its switch codes lie below this."""
+    k, d = _pair(pool.kernel_size), _pair(pool.dilation)
+    return (d[0] * (k[0] - 1) + 1) * (d[1] * (k[1] - 1) + 1)
 
 
 def forward_bytes_per_image(engine: DeconvNet, upto: int | None, input_size: tuple[int, int], switches: bool) -> int:

@@ -9,15 +9,17 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
+from torch import nn
 
 from ...engine import ChainRecord, DeconvNet, chain_forward
 from ...errors import DeconvnetError
 from ...runtime import dist_info
 from ...weights import LoadedModel
-from .cache import SwitchCache, covering_pool, images_per_pass, pools_below
+from .cache import SwitchCache, covering_pool, images_per_pass, pools_below, window_cells
 from .images import ImageShard, keep_as_list, source_pixels
 from .progress import JobProgress
 from .scanfile import AtlasScan, scan_fingerprint
@@ -195,6 +197,7 @@ class _Scanner:
         self.wanted = {engine.layer(l).index: l for l in self.layers}
         self.upto = max(self.wanted)
         self.pools = pools_below(engine, self.upto) if engine.is_chain else []
+        self.window_cells = {pi: window_cells(cast(nn.MaxPool2d, engine.layers[pi].module)) for pi in self.pools}
         # layers whose maxima are read from the max pool that follows them (see candidates_from_pooled)
         self.pooled = (
             {l: i + 1 for i, l in self.wanted.items() if covering_pool(engine, i + 1, state.input_size)}
@@ -292,7 +295,7 @@ class _Scanner:
                 pi: projector.switch_codes(sub, self.engine.layers[pi], self.state.input_size).cpu()
                 for pi in self.pools
             }
-            self.cache.add([int(gids[b]) for b in rows], codes)
+            self.cache.add([int(gids[b]) for b in rows], codes, self.window_cells)
 
     def finish(self) -> None:
         """At the end of the shard: the cache keeps only the images some top-k list refers to."""
