@@ -36,7 +36,7 @@ from .topk import (
     select_topk,
 )
 
-__all__ = ["rescore_fp32", "scan_atlas"]
+__all__ = ["Scanner", "empty_state", "rescore_fp32", "scan_atlas"]
 
 
 def scan_atlas(
@@ -94,7 +94,7 @@ def scan_atlas(
     fingerprint = scan_fingerprint(loaded, engine, source, k, distinct, include_lrn)
     state = _resumed_state(state_path, fingerprint, layers, rank, world) if state_path is not None and resume else None
     if state is None:
-        state = _empty_state(loaded, engine, source, layers, k, distinct, fingerprint, rank, world)
+        state = empty_state(loaded, engine, source, layers, k, distinct, fingerprint, rank, world)
     if amp not in (None, "bf16"):
         raise DeconvnetError(f"amp={amp!r}: choose None or 'bf16'")
     # a state begun in bf16 is re-scored at the end even if resumed without amp (its early values are
@@ -111,7 +111,7 @@ def scan_atlas(
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
     if not state.complete:
-        scanner = _Scanner(loaded, engine, state, None if amp else cache, channels_last, amp)
+        scanner = Scanner(loaded, engine, state, None if amp else cache, channels_last, amp)
         _scan_shard(scanner, batch_size, workers, state_path, checkpoint_every, max_images, progress)
     if rescore and state.complete:
         rescore_fp32(loaded, engine, state, channels_last)
@@ -140,7 +140,7 @@ def _resumed_state(
     return state
 
 
-def _empty_state(
+def empty_state(
     loaded: LoadedModel,
     engine: DeconvNet,
     files: ImageSource,
@@ -167,7 +167,7 @@ def _empty_state(
     )
 
 
-class _Scanner:
+class Scanner:
     """What one scan keeps between batches: the running top-k lists, the forward pass to the deepest
     chosen layer, and (chain models, with a cache) the switches of the images entering a top-k list."""
 
@@ -228,7 +228,7 @@ class _Scanner:
         """One forward pass over readable images (exact: the top-k merge is the same in any grouping)."""
         gids = torch.tensor([g for g, _ in good])
         pixels = torch.stack([t for _, t in good])
-        outs, pooled, rec = self._forward(pixels)
+        outs, pooled, rec = self.forward(pixels)
         gids_here = gids.to(self.device)
         for layer in self.layers:
             gh, gw = self.state.grid[layer]
@@ -243,9 +243,9 @@ class _Scanner:
             if layer in self.pooled:
                 self.tops[layer] = first_maxima(self.tops[layer], outs[layer], gids_here)
         if self.cache is not None:
-            self._keep_switches(gids, rec)
+            self.keep_switches(gids, rec)
 
-    def _forward(
+    def forward(
         self, pixels: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor], ChainRecord | None]:
         """The chosen layers' outputs for uint8 ``pixels``, the outputs of the pools in ``self.pooled``
@@ -274,7 +274,7 @@ class _Scanner:
             )
         return {self.wanted[i]: keep[i] for i in self.wanted}, {i: keep[i] for i in self.pooled.values()}, rec
 
-    def _keep_switches(self, gids: torch.Tensor, rec: ChainRecord | None) -> None:
+    def keep_switches(self, gids: torch.Tensor, rec: ChainRecord | None) -> None:
         """Cache the switch codes of the batch's images now in a top-k list, as many as fit (images
         no list refers to any more are dropped when space is needed); codes are made only for those."""
         assert self.cache is not None and rec is not None
@@ -312,7 +312,7 @@ class _Scanner:
 
 
 def _scan_shard(
-    scanner: _Scanner,
+    scanner: Scanner,
     batch_size: int,
     workers: int,
     state_path: str | os.PathLike | None,
@@ -370,7 +370,7 @@ def rescore_fp32(loaded: LoadedModel, engine: DeconvNet, state: AtlasScan, chann
     listed = sorted({int(g) for l in state.layers for g in state.images[l].ravel() if g >= 0})
     if not listed:
         return
-    scanner = _Scanner(loaded, engine, state, None, channels_last)
+    scanner = Scanner(loaded, engine, state, None, channels_last)
     geometry = loaded.preprocessing.geometry()
     # candidates of the listed images only: empty lists, then the fp32 passes merged in (exact: any grouping)
     for layer in state.layers:
