@@ -247,18 +247,18 @@ def test_scan_memory_is_bounded_by_k_times_maps(tmp_path):
     assert sizes[0] == sizes[1]  # the state does not grow with the number of images
 
 
-@pytest.mark.parametrize("channels,top", [(96, 9), (5, 16), (4, 15)])
-def test_switch_cache_packs_codes_two_to_a_byte_and_gives_them_back(channels, top):
-    """Codes below 16 are kept two to a byte (odd channel counts padded); larger ones a byte each;
-    what comes back equals what went in, laid out channels-last like the scan's codes."""
+@pytest.mark.parametrize("channels,window", [(96, 9), (5, 16), (4, 25)])
+def test_switch_cache_packs_codes_two_to_a_byte_and_gives_them_back(channels, window):
+    """Codes of windows of at most 16 cells are kept two to a byte (odd channel counts padded); of
+    larger windows a byte each; what comes back equals what went in, laid out channels-last like the
+    scan's codes."""
     from deconvnet.analysis.atlas.cache import pack_codes, unpack_codes
 
     g = torch.Generator().manual_seed(channels)
-    codes = torch.randint(0, top, (2, channels, 7, 5), generator=g, dtype=torch.uint8)
+    codes = torch.randint(0, window, (2, channels, 7, 5), generator=g, dtype=torch.uint8)
     codes = codes.contiguous(memory_format=torch.channels_last)
-    assert [p[2] for p in pack_codes(codes, window_cells=9)] == [True, True]  # 3x3 window: no need to look
-    for one, packed in zip(codes, pack_codes(codes), strict=True):
-        assert packed[2] == (int(codes.max()) < 16)
+    for one, packed in zip(codes, pack_codes(codes, window), strict=True):
+        assert packed[2] == (window <= 16)
         assert packed[0].numel() == (-(-channels // 2) if packed[2] else channels) * 35
         back = unpack_codes(packed)
         torch.testing.assert_close(back, one, rtol=0, atol=0)
@@ -269,11 +269,11 @@ def test_switch_cache_makes_room_by_dropping_unreferenced_images_only_when_neede
     cache = SwitchCache(limit_mb=3 * 40 / 2**20)  # room for three entries of 40 bytes
     codes = {2: torch.zeros(4, 4, 5, dtype=torch.uint8)}  # 4 channels x 20 cells: 40 bytes packed
     assert SwitchCache.entry_bytes({2: torch.zeros(1, 4, 4, 5)}) == 40
-    cache.add([1, 2], {2: torch.stack([codes[2]] * 2)})
+    cache.add([1, 2], {2: torch.stack([codes[2]] * 2)}, {2: 9})
     assert cache.room(1, 40, referenced=[1]) == 1 and set(cache.entries) == {1, 2}  # fits: nothing dropped
     assert cache.room(2, 40, referenced=[1]) == 2 and set(cache.entries) == {1}  # 2 no longer listed: dropped
     assert cache.room(3, 40, referenced=[1]) == 2 and cache.full  # only two more fit
-    cache.add([3, 4, 5], {2: torch.stack([codes[2]] * 3)})
+    cache.add([3, 4, 5], {2: torch.stack([codes[2]] * 3)}, {2: 9})
     assert set(cache.entries) == {1, 3, 4} and cache.bytes == 120
     torch.testing.assert_close(cache.get(3)[2], codes[2], rtol=0, atol=0)
     assert cache.get(5) is None

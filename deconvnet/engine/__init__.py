@@ -21,7 +21,7 @@
 from .catalogue import LayerCatalogue
 from .chain import ChainRecord, LayerInfo, chain_forward, feature_layers, is_chain
 from .core import DeconvNet, Projection, Selection
-from .graph import KINDS, Field, ModelGraph, trace
+from .graph import KINDS, Field, ModelGraph, int_pair, trace
 from .projector import Projector
 from .record import ForwardRecord
 from .reverse import unpool_sum
@@ -47,5 +47,6 @@ __all__ = [
     "feature_layers",
     "is_chain",
     "trace",
+    "int_pair",
     "unpool_sum",
 ]

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ...engine import DeconvNet
+from ...engine import DeconvNet, int_pair
 
 __all__ = ["FORWARD_BUDGET_BYTES", "SwitchCache", "covering_pool", "images_per_pass", "pools_below", "window_cells"]
 
@@ -33,15 +33,14 @@ FORWARD_BUDGET_BYTES = 384 * 2**20  # one pass of the bundled ZFNet at 224 px: 1
 PackedCodes = tuple[torch.Tensor, int, bool]  # (H, W, bytes) uint8, channels, two codes a byte
 
 
-def pack_codes(codes: torch.Tensor, window_cells: int | None = None) -> list[PackedCodes]:
+def pack_codes(codes: torch.Tensor, window_cells: int) -> list[PackedCodes]:
     """Each image's (C, H, W) switch codes of a batch (N, C, H, W) as (H, W, C) rows, two codes a
-    byte when they fit in four bits (channel 2i in the high half, 2i + 1 in the low half of byte
-    i); one copy an image, so that each entry owns its memory. ``window_cells``: the pooling
-    window's cells (codes lie below it), if known; otherwise the codes are read to decide."""
+    byte when they fit in four bits, i.e. the pooling window has at most 16 ``window_cells`` (channel
+    2i in the high half, 2i + 1 in the low half of byte i); one copy an image, so that each entry
+    owns its memory."""
     rows = codes.permute(0, 2, 3, 1)  # a free view of the scan's channels-last codes
     c = rows.shape[-1]
-    small = window_cells <= 16 if window_cells is not None else bool(len(codes)) and int(codes.max()) <= 15
-    if codes.dtype != torch.uint8 or not small:
+    if codes.dtype != torch.uint8 or window_cells > 16:
         return [(r.clone(), c, False) for r in rows]
     if c % 2:
         rows = torch.nn.functional.pad(rows, (0, 1))
@@ -90,11 +89,11 @@ class SwitchCache:
         self.full = self.full or fit < count
         return fit
 
-    def add(self, gids: list[int], codes: dict[int, torch.Tensor], window_cells: dict[int, int] | None = None) -> None:
+    def add(self, gids: list[int], codes: dict[int, torch.Tensor], window_cells: dict[int, int]) -> None:
         """Keep images ``gids``' switch codes (packed copies; ``codes``: per pool, (N, C, H, W), row
         ``j`` for ``gids[j]``; ``window_cells``: per pool, its window's cells), those that fit
         within the limit."""
-        packed = {i: pack_codes(c, (window_cells or {}).get(i)) for i, c in codes.items()}
+        packed = {i: pack_codes(c, window_cells[i]) for i, c in codes.items()}
         for j, gid in enumerate(gids):
             if gid in self.entries:
                 continue
@@ -136,7 +135,7 @@ def covering_pool(engine: DeconvNet, index: int, input_size: tuple[int, int]) ->
     m = engine.layers[index].module if index < len(engine.layers) else None
     if not isinstance(m, nn.MaxPool2d):
         return False
-    k, s, p, d = (_pair(v) for v in (m.kernel_size, m.stride, m.padding, m.dilation))
+    k, s, p, d = (int_pair(v) for v in (m.kernel_size, m.stride, m.padding, m.dilation))
     size_in = engine.output_shape(engine.layers[index - 1].name, input_size)[-2:] if index else input_size
     size_out = engine.output_shape(engine.layers[index].name, input_size)[-2:]
     return all(
@@ -145,13 +144,9 @@ def covering_pool(engine: DeconvNet, index: int, input_size: tuple[int, int]) ->
     )
 
 
-def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
 def window_cells(pool: nn.MaxPool2d) -> int:
     """The cells of ``pool``'s window span (dilation included): its switch codes lie below this."""
-    k, d = _pair(pool.kernel_size), _pair(pool.dilation)
+    k, d = int_pair(pool.kernel_size), int_pair(pool.dilation)
     return (d[0] * (k[0] - 1) + 1) * (d[1] * (k[1] - 1) + 1)
 
 

@@ -200,11 +200,14 @@ class Scanner:
         self.window_cells = {pi: window_cells(cast(nn.MaxPool2d, engine.layers[pi].module)) for pi in self.pools}
         # layers whose maxima are read from the max pool that follows them (see candidates_from_pooled)
         self.pooled = (
-            {l: i + 1 for i, l in self.wanted.items() if covering_pool(engine, i + 1, state.input_size)}
+            {
+                l: i + 1
+                for i, l in self.wanted.items()
+                if i + 1 <= self.upto and covering_pool(engine, i + 1, state.input_size)
+            }
             if engine.is_chain and state.distinct
             else {}
         )
-        self.pooled = {l: pi for l, pi in self.pooled.items() if pi <= self.upto}
         # switches of the images in some top-k list, kept for the projections (chain models)
         self.cache = cache if cache is not None and not engine.include_lrn and engine.is_chain else None
         if channels_last and loaded.device.type in ("cpu", "cuda"):
@@ -278,7 +281,7 @@ class Scanner:
         """Cache the switch codes of the batch's images now in a top-k list, as many as fit (images
         no list refers to any more are dropped when space is needed); codes are made only for those."""
         assert self.cache is not None and rec is not None
-        referenced = torch.unique(torch.cat([self.tops[l][1].flatten() for l in self.layers])).cpu()
+        referenced = torch.unique(self.listed_images()).cpu()
         listed = torch.isin(gids, referenced).nonzero().flatten().tolist()
         rows = [b for b in listed if int(gids[b]) not in self.cache]
         if not rows:
@@ -297,10 +300,14 @@ class Scanner:
             }
             self.cache.add([int(gids[b]) for b in rows], codes, self.window_cells)
 
+    def listed_images(self) -> torch.Tensor:
+        """The image indices in the running top-k lists (every slot of every layer, -1 for empty)."""
+        return torch.cat([self.tops[l][1].flatten() for l in self.layers])
+
     def finish(self) -> None:
         """At the end of the shard: the cache keeps only the images some top-k list refers to."""
         if self.cache is not None:
-            self.cache.keep_only(torch.cat([self.tops[l][1].flatten() for l in self.layers]).tolist())
+            self.cache.keep_only(self.listed_images().tolist())
 
     def store(self, seconds: float) -> None:
         """Write the running top-k lists into the state; add ``seconds`` to its scan time."""
